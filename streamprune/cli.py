@@ -1,0 +1,170 @@
+"""Command line: a click group whose commands parse options and call one library function each."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from streamprune import __version__
+from streamprune.errors import StreamPruneError
+
+
+class _Group(click.Group):
+    """Turns user-facing errors into one clear line (exit 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except StreamPruneError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; re-run the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="streamprune")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Prune datasets too big to train on twice: score a subset, extrapolate to every sample."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "tornado", "asyncio", "fsspec", "s3fs", "botocore", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR if verbose == 0 else level))
+
+
+def workspace_options(fn):
+    """-w/--workspace and --storage-options, shared by every stage command."""
+
+    @click.option("-w", "--workspace", required=True, help="Job workspace: local dir or s3://bucket/prefix.")
+    @click.option("--storage-options", default=None, metavar="JSON",
+                  help='fsspec options for s3:// paths, e.g. \'{"endpoint_url": "http://host:8333"}\'. '
+                       "Credentials are best left to the AWS environment/config.")
+    @functools.wraps(fn)
+    def wrapper(*args, storage_options, **kwargs):
+        from streamprune.storage import parse_storage_options
+
+        return fn(*args, storage_options=parse_storage_options(storage_options), **kwargs)
+
+    return wrapper
+
+
+def run_options(fn):
+    """--scheduler, --on-error and --force, shared by chunked stages."""
+    fn = click.option("--force", is_flag=True, help="Replace results made with another configuration.")(fn)
+    fn = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+                      help="Stop at the first bad sample, or skip it and record it in errors.jsonl.")(fn)
+    fn = click.option("--scheduler", default="local", show_default=True,
+                      help="dask scheduler: local (worker processes), threads, sync, or tcp://host:8786.")(fn)
+    return fn
+
+
+def _report(marker: dict, what: str) -> None:
+    if marker.get("skipped"):
+        click.echo(f"{what}: already done with this configuration; nothing to do")
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True)
+@workspace_options
+@run_options
+@click.option("--max-member-bytes", type=int, default=1 << 30, show_default=True,
+              help="Reject tar members larger than this.")
+def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_member_bytes):
+    """Index SHARDS (paths, globs, {000..009} patterns, s3:// prefixes): rows, keys, byte offsets."""
+    from streamprune.shards import catalog as run
+
+    t0 = time.time()
+    m = run(shards, workspace, storage_options=storage_options, on_error=on_error, scheduler=scheduler,
+            force=force, max_member_bytes=max_member_bytes)
+    _report(m, "catalog")
+    c = m["counts"]
+    click.echo(f"catalog: {c['n_shards']} shards, {c['n_samples']} samples, {c['bytes'] / 1e6:.1f} MB "
+               f"in {time.time() - t0:.1f}s" + (f"; {c['errors']} errors recorded in errors.jsonl" if c["errors"] else ""))
+
+
+@cli.command()
+@workspace_options
+@click.option("--fraction", type=float, default=0.2, show_default=True, help="Expected subset fraction.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a subset made with another fraction or seed.")
+def subset(workspace, storage_options, fraction, seed, force):
+    """Choose the seed subset: rows whose hash(key, seed) < fraction."""
+    from streamprune.subset import subset as run
+
+    m = run(workspace, fraction=fraction, seed=seed, storage_options=storage_options, force=force)
+    _report(m, "subset")
+    c = m["counts"]
+    click.echo(f"subset: {c['n_subset']} of {c['n_samples']} rows ({c['realised_fraction']:.4f}, target {fraction})")
+
+
+@cli.command()
+@workspace_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(workspace, storage_options, as_json):
+    """Stages done, counts, artifact locations and errors of a workspace."""
+    from streamprune.status import format_status, status as run
+
+    info = run(workspace, storage_options)
+    click.echo(json.dumps(info, indent=1) if as_json else format_status(info))
+
+
+@cli.command()
+@click.argument("directory", default="streamprune-demo")
+@click.option("--scheduler", default="threads", show_default=True, help="dask scheduler for the stages.")
+def demo(directory, scheduler):
+    """Write a demo dataset (digits with 10% flipped labels) to DIRECTORY and run the pipeline on it."""
+    from streamprune.demo import make_demo
+    from streamprune.shards import catalog as run_catalog
+    from streamprune.subset import subset as run_subset
+
+    data_dir = os.path.join(directory, "data")
+    ws = os.path.join(directory, "ws")
+    info = make_demo(data_dir)
+    click.echo(f"demo data: {info['n_train']} training samples ({info['n_noisy']} with flipped labels) "
+               f"in {len(info['train'])} shards, {info['n_test']} test samples: {data_dir}")
+    m = run_catalog([info["train_pattern"]], ws, scheduler=scheduler)
+    click.echo(f"catalog: {m['counts']['n_shards']} shards, {m['counts']['n_samples']} samples")
+    m = run_subset(ws, fraction=0.2, seed=0)
+    click.echo(f"subset: {m['counts']['n_subset']} seed rows")
+    click.echo(f"workspace: {ws}  (see `streamprune status -w {ws}`)")
+
+
+def _not_implemented(name: str, summary: str):
+    @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 help=f"{summary} (not implemented yet).")
+    @click.pass_context
+    def _cmd(ctx):
+        click.echo(f"streamprune {name}: not implemented yet", err=True)
+        ctx.exit(2)
+
+    return _cmd
+
+
+for _name, _summary in [
+    ("score", "Train on the subset and compute seed scores"),
+    ("embed", "Embed every sample into embeddings.zarr"),
+    ("index", "Build the kNN index and neighbour graphs"),
+    ("extrapolate", "Predict scores for every row"),
+    ("prune", "Select samples and write shard lists or new shards"),
+    ("scores", "Export scores as parquet/csv"),
+    ("evaluate", "Fidelity and pruning curves against full-data scores"),
+    ("report", "Plots and a markdown summary"),
+    ("run", "Run every stage, skipping those already done"),
+]:
+    _not_implemented(_name, _summary)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="streamprune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Workspace status: stages done, counts, artifact locations, errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from streamprune import storage
+from streamprune.workspace import STAGES, Workspace
+
+
+def status(workspace: str | Workspace, storage_options: dict | None = None) -> dict:
+    """Summary of a workspace as a JSON-able dict (keys: n_samples, n_shards, stages, errors, ...)."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    meta = ws.read_json("streamprune.json") or {}
+    stages: dict[str, dict] = {}
+    for name in sorted(set(storage.listdir(ws.path("_stages"), ws.storage_options))):
+        if not name.endswith(".json") or name.startswith(".tmp"):
+            continue
+        m = ws.read_json("_stages", name) or {}
+        stages[name[:-5]] = {"done": True, "stage": m.get("stage"), "counts": m.get("counts", {}),
+                             "wall_s": m.get("timings", {}).get("wall_s"), "outputs": {
+                                 k: ws.path(v) for k, v in m.get("outputs", {}).items()},
+                             "finished": m.get("finished")}
+    cat = stages.get("catalog", {}).get("counts", {})
+    errors = ws.errors()
+    by_stage = Counter(e.get("stage_key", e.get("stage", "?")) for e in errors)
+    return {
+        "workspace": ws.url,
+        "version": meta.get("version"),
+        "n_samples": cat.get("n_samples"),
+        "n_shards": cat.get("n_shards"),
+        "stages": stages,
+        "pending": [s for s in STAGES if s not in {v.get("stage") for v in stages.values()}],
+        "errors": {"total": len(errors), "by_stage": dict(by_stage), "file": ws.path("errors.jsonl")},
+    }
+
+
+def format_status(info: dict) -> str:
+    """Human-readable status lines."""
+    lines = [f"workspace  {info['workspace']}  (streamprune {info.get('version') or '-'})",
+             f"samples    {info.get('n_samples') if info.get('n_samples') is not None else '-'} in "
+             f"{info.get('n_shards') if info.get('n_shards') is not None else '-'} shards"]
+    for name, st in info["stages"].items():
+        counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items())
+        lines.append(f"  done     {name:<24} {st['wall_s'] or 0:8.1f}s  {counts}")
+        for label, url in st["outputs"].items():
+            lines.append(f"           {'':<24} {label}: {url}")
+    for name in info["pending"]:
+        lines.append(f"  pending  {name}")
+    err = info["errors"]
+    lines.append(f"errors     {err['total']}" + (f" ({err['file']})" if err["total"] else ""))
+    return "\n".join(lines)

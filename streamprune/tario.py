@@ -1,0 +1,204 @@
+"""A small, fast tar member reader (ustar, GNU long names, pax headers).
+
+Python's ``tarfile`` costs ~100 us per member in stream mode; cataloguing a billion samples needs
+better.  This reader parses headers directly, seeks over payloads it does not need on seekable
+files, and reports truncation and corruption with the byte offset where it happened.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
+
+BLOCK = 512
+
+
+class TarError(Exception):
+    """Corrupt or truncated tar data; ``offset`` is where reading failed."""
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(f"{message} at byte {offset}")
+        self.offset = offset
+
+
+@dataclass
+class RawMember:
+    """A regular file in a tar: name, offset of its first header, end after padding, size, payload."""
+
+    name: str
+    offset: int
+    data_offset: int
+    end: int
+    size: int
+    data: bytes | None
+
+
+def _octal(field: bytes, what: str, offset: int) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for large values
+        value = int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
+        return value
+    text = field.split(b"\0", 1)[0].strip(b" \0")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarError(f"bad {what} field in tar header", offset) from None
+
+
+def _checksum_ok(hdr: bytes, offset: int) -> bool:
+    stored = _octal(hdr[148:156], "checksum", offset)
+    unsigned = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    if stored == unsigned:
+        return True
+    signed = sum((b - 256 if b > 127 else b) for b in hdr[:148] + hdr[156:]) + 8 * 32
+    return stored == signed
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            break
+        if length <= 0:
+            break
+        record = data[sp + 1:pos + length - 1]
+        key, _, value = record.partition(b"=")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, base: int):
+        self.f = f
+        self.pos = base
+        self.seekable = False
+        self.size: int | None = None
+        try:
+            if f.seekable():
+                here = f.tell()
+                self.size = f.seek(0, 2) - here + base
+                f.seek(here)
+                self.seekable = True
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> bool:
+        """Skip n bytes; False when the data ends first."""
+        if self.seekable and self.size is not None:
+            if self.pos + n > self.size:
+                self.f.seek(0, 2)
+                self.pos = self.size
+                return False
+            self.f.seek(n, 1)
+            self.pos += n
+            return True
+        remaining = n
+        while remaining:
+            chunk = self.f.read(min(remaining, 1 << 20))
+            if not chunk:
+                return False
+            self.pos += len(chunk)
+            remaining -= len(chunk)
+        return True
+
+
+def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
+             max_member_bytes: int | None = None) -> Iterator[RawMember]:
+    """Regular-file members of a tar stream in order.
+
+    Raises ``TarError`` on corruption or truncation (after yielding every complete member before
+    it).  Members over ``max_member_bytes`` are yielded with ``data=None`` and never read.
+    """
+    r = _Reader(f, base_offset)
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    global_pax: dict[str, str] = {}
+    first_offset: int | None = None
+    while True:
+        start = r.pos
+        hdr = r.read(BLOCK)
+        if not hdr:
+            if long_name is not None or pax:
+                raise TarError("truncated tar (extended header without its member)", start)
+            return
+        if len(hdr) < BLOCK:
+            raise TarError("truncated tar header", start)
+        if hdr.count(0) == BLOCK:
+            return  # end-of-archive marker
+        if not _checksum_ok(hdr, start):
+            raise TarError("bad tar header checksum (corrupt or not a tar file)", start)
+        size = _octal(hdr[124:136], "size", start)
+        kind = hdr[156:157]
+        name = hdr[0:100].split(b"\0", 1)[0]
+        if hdr[257:262] == b"ustar":
+            prefix = hdr[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if first_offset is None:
+            first_offset = start
+        if kind in (b"L", b"x", b"g", b"K"):
+            data = r.read(padded)
+            if len(data) < padded:
+                raise TarError("truncated tar (inside an extended header)", r.pos)
+            data = data[:size]
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax.update(_pax_records(data))
+            elif kind == b"g":
+                global_pax.update(_pax_records(data))
+            continue
+        fields = {**global_pax, **pax}
+        if "size" in fields:
+            try:
+                size = int(fields["size"])
+            except ValueError:
+                raise TarError("bad pax size record", start) from None
+            padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        full_name = fields.get("path") or long_name or name.decode("utf-8", "surrogateescape")
+        offset, data_offset = first_offset, r.pos
+        long_name, pax, first_offset = None, {}, None
+        regular = kind in (b"0", b"\0", b"7")
+        if regular and read_data and (max_member_bytes is None or size <= max_member_bytes):
+            data = r.read(padded)
+            if len(data) < size:
+                raise TarError(f"truncated tar inside member {full_name}", r.pos)
+            yield RawMember(full_name, offset, data_offset, data_offset + padded, size, data[:size])
+            continue
+        if not r.skip(padded):
+            if r.pos - data_offset < size:
+                raise TarError(f"truncated tar inside member {full_name}", r.pos)
+        if regular:
+            yield RawMember(full_name, offset, data_offset, data_offset + padded, size, None)
+
+
+def write_tar(path: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> None:
+    """Write (key, {ext: bytes}) samples to a local tar deterministically (fixed mtime/owner).
+
+    Written under a temporary name and moved into place, so a reader never sees a partial tar.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)

@@ -1,0 +1,231 @@
+"""The job workspace: paths, stage markers written last, chunk records for resume, errors.jsonl.
+
+Layout (see docs/artifacts.md)::
+
+    WS/streamprune.json          version, per-stage config, input fingerprints
+    WS/_stages/<stage>.json      commit marker of a finished stage (written last, atomically)
+    WS/_stages/<stage>/<fp>/     chunk records and per-chunk error lists of a run in progress
+    WS/errors.jsonl              every skipped or rejected sample of committed stages
+
+A stage's *fingerprint* hashes its config and the fingerprints of its inputs.  A marker with the
+same fingerprint means "done, skip".  A marker with the same config but other inputs is stale
+and the stage re-runs.  A marker with another config is refused unless ``force`` is given, so
+results of two configs are never mixed.  Chunk records live under the fingerprint, so a resumed
+run only trusts chunks written by the same config and inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from streamprune import __version__, storage
+from streamprune.errors import StreamPruneError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune")
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable sha256 of a JSON-able object."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _compatible(version_a: str, version_b: str) -> bool:
+    """Workspaces are compatible across patch releases (same major.minor)."""
+    return version_a.split(".")[:2] == version_b.split(".")[:2]
+
+
+class Workspace:
+    """A job directory, local or on object storage."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        if not url:
+            raise StreamPruneError("a workspace is required (-w/--workspace)")
+        self.url = storage.normalize(url)
+        self.storage_options = dict(storage_options or {})
+
+    def __repr__(self) -> str:
+        return f"Workspace({self.url!r})"
+
+    # paths and documents -------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """URL of a path inside the workspace."""
+        return storage.join(self.url, *parts)
+
+    def read_json(self, *parts: str) -> Any | None:
+        """A JSON document inside the workspace, or None."""
+        return storage.read_json(self.path(*parts), self.storage_options)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        """Atomically write a JSON document inside the workspace."""
+        storage.write_json_atomic(self.path(*parts), obj, self.storage_options)
+
+    def exists(self, *parts: str) -> bool:
+        """Whether a path exists inside the workspace."""
+        return storage.exists(self.path(*parts), self.storage_options)
+
+    # metadata --------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        """Contents of streamprune.json (empty skeleton for a new workspace)."""
+        meta = self.read_json("streamprune.json")
+        if meta is None:
+            return {"version": __version__, "stages": {}, "inputs": {}}
+        if not isinstance(meta, dict) or "version" not in meta:
+            raise StreamPruneError(f"{self.path('streamprune.json')} is not a streamprune workspace file")
+        return meta
+
+    def check_version(self, force: bool = False) -> None:
+        """Refuse a workspace written by an incompatible streamprune version."""
+        meta = self.read_json("streamprune.json")
+        if meta and not _compatible(str(meta.get("version", "")), __version__) and not force:
+            raise StreamPruneError(
+                f"workspace {self.url} was made by streamprune {meta.get('version')}, this is {__version__}; "
+                "use a new workspace or --force to overwrite")
+
+    def update_metadata(self, stage: str, config: dict, inputs: dict | None = None) -> None:
+        """Record a stage's config (and, for catalog, the input fingerprints) in streamprune.json."""
+        meta = self.metadata()
+        meta["version"] = __version__
+        meta.setdefault("stages", {})[stage] = config
+        if inputs is not None:
+            meta["inputs"] = inputs
+        self.write_json(meta, "streamprune.json")
+
+    # markers ---------------------------------------------------------------------------------
+    def marker(self, stage: str) -> dict | None:
+        """The commit marker of ``stage`` or None when it has not finished."""
+        return self.read_json("_stages", f"{stage}.json")
+
+    def require(self, stage: str, for_stage: str) -> dict:
+        """The marker of an upstream stage, or a clear error saying which command to run first."""
+        m = self.marker(stage)
+        if m is None:
+            raise StreamPruneError(f"{for_stage}: stage '{stage}' has not run in {self.url}; run `streamprune {stage}` first")
+        return m
+
+    def begin(self, stage: str, config: dict, inputs: dict, force: bool = False, key: str | None = None) -> "StageRun":
+        """Start (or resume, or skip) a stage run for ``config`` over ``inputs``.
+
+        ``key`` names the marker when a stage has several independent outputs (e.g. one per
+        score); it defaults to the stage name.
+        """
+        self.check_version(force)
+        name = key or stage
+        fp = fingerprint({"stage": stage, "config": config, "inputs": inputs})
+        old = self.marker(name)
+        if old is not None and old.get("fingerprint") != fp and old.get("config") != config and not force:
+            changed = sorted(k for k in set(old.get("config", {})) | set(config)
+                             if old.get("config", {}).get(k) != config.get(k))
+            raise StreamPruneError(
+                f"{name}: workspace {self.url} already holds results of another configuration "
+                f"(changed: {', '.join(changed) or 'config'}); use --force to replace them")
+        run = StageRun(self, stage, name, fp, config, inputs)
+        if old is not None and old.get("fingerprint") == fp:
+            run.already_done = True
+            run.previous = old
+            return run
+        if old is not None:
+            log.info("%s: config or inputs changed, re-running", name)
+            storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
+        # Drop records of interrupted runs under other fingerprints: never mix configs.
+        for entry in storage.listdir(self.path("_stages", name), self.storage_options):
+            if entry != fp[:16]:
+                storage.remove(self.path("_stages", name, entry), self.storage_options, recursive=True)
+        return run
+
+    # errors ----------------------------------------------------------------------------------
+    def errors(self) -> list[dict]:
+        """All entries of errors.jsonl."""
+        url = self.path("errors.jsonl")
+        if not storage.exists(url, self.storage_options):
+            return []
+        text = storage.read_bytes(url, self.storage_options).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def _replace_errors(self, stage_key: str, records: list[dict]) -> None:
+        kept = [e for e in self.errors() if e.get("stage_key", e.get("stage")) != stage_key]
+        body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept + records)
+        storage.write_bytes_atomic(self.path("errors.jsonl"), body.encode(), self.storage_options)
+
+
+@dataclass
+class StageRun:
+    """One run of a stage: chunk records for resume, per-chunk errors, and the final commit."""
+
+    ws: Workspace
+    stage: str
+    key: str
+    fingerprint: str
+    config: dict
+    inputs: dict
+    already_done: bool = False
+    previous: dict | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def _dir(self) -> str:
+        return self.ws.path("_stages", self.key, self.fingerprint[:16])
+
+    def chunk_done(self, chunk: str | int) -> dict | None:
+        """The record of a finished chunk, or None."""
+        return storage.read_json(storage.join(self._dir, "chunks", f"{chunk}.json"), self.ws.storage_options)
+
+    def done_chunks(self) -> set[str]:
+        """Ids of all finished chunks."""
+        names = storage.listdir(storage.join(self._dir, "chunks"), self.ws.storage_options)
+        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".tmp")}
+
+    def mark_chunk(self, chunk: str | int, info: dict | None = None, errors: Iterable[dict] = ()) -> None:
+        """Record a chunk as finished; call only after its outputs are fully written."""
+        errors = list(errors)
+        if errors:
+            body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors)
+            storage.write_bytes_atomic(storage.join(self._dir, "errors", f"{chunk}.jsonl"), body.encode(),
+                                       self.ws.storage_options)
+        storage.write_json_atomic(storage.join(self._dir, "chunks", f"{chunk}.json"),
+                                  {"chunk": str(chunk), "n_errors": len(errors), **(info or {})},
+                                  self.ws.storage_options)
+
+    def chunk_errors(self) -> list[dict]:
+        """Errors recorded by the finished chunks of this run, in chunk order."""
+        out: list[dict] = []
+        err_dir = storage.join(self._dir, "errors")
+        for name in storage.listdir(err_dir, self.ws.storage_options):
+            if name.endswith(".jsonl") and not name.startswith(".tmp"):
+                text = storage.read_bytes(storage.join(err_dir, name), self.ws.storage_options).decode()
+                out.extend(json.loads(line) for line in text.splitlines() if line.strip())
+        return out
+
+    def commit(self, outputs: dict, counts: dict, errors: list[dict] | None = None,
+               timings: dict | None = None) -> dict:
+        """Write errors.jsonl entries and then the stage marker, last and atomically."""
+        errors = self.chunk_errors() if errors is None else errors
+        for e in errors:
+            e.setdefault("stage", self.stage)
+            e["stage_key"] = self.key
+        self.ws._replace_errors(self.key, errors)
+        wall = time.time() - self.started
+        marker = {
+            "stage": self.stage,
+            "key": self.key,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": self.inputs,
+            "outputs": outputs,
+            "counts": {**counts, "errors": len(errors)},
+            "timings": {"wall_s": round(wall, 3), **(timings or {})},
+            "version": __version__,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.ws.update_metadata(self.key, self.config)
+        self.ws.write_json(marker, "_stages", f"{self.key}.json")
+        # Chunk records are only needed until the marker exists.
+        storage.remove(self.ws.path("_stages", self.key), self.ws.storage_options, recursive=True)
+        return marker

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny shard sets, a real SeaweedFS S3 server, a dask LocalCluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shardgen import write_shards
+
+os.environ.setdefault("STREAMPRUNE_PROGRESS", "0")
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """10 shards x 20 png samples."""
+    return write_shards(str(tmp_path / "data"), 10, 20)
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on a free loopback port for the whole test session."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3bucket(s3server, request):
+    """A fresh bucket named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    s3server.make_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask LocalCluster with 2 worker processes; yields its scheduler address."""
+    from dask.distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    yield cluster.scheduler_address
+    cluster.close()

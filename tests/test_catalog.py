@@ -1,0 +1,184 @@
+"""Catalog: rows, keys and offsets from local disk and S3; bad input; crash-then-resume."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.shards import Catalog, catalog, read_sample_range
+from streamprune.workspace import Workspace
+from helpers import count_files, kill_when, run_cli
+from shardgen import make_samples, write_shards
+from streamprune.tario import write_tar
+
+
+def _table(ws_url, storage_options=None):
+    ws = Workspace(ws_url, storage_options)
+    cat = Catalog(ws)
+    parts = pd.concat([p for _, p in cat.iter_parts()], ignore_index=True)
+    return cat, parts
+
+
+def test_catalog_rows_keys_offsets(shards, tmp_path):
+    m = catalog(shards, str(tmp_path / "ws"), scheduler="sync")
+    assert m["counts"] == {"n_shards": 10, "n_samples": 200, "bytes": sum(os.path.getsize(s) for s in shards),
+                           "errors": 0}
+    cat, parts = _table(str(tmp_path / "ws"))
+    assert list(cat.shards.url) == sorted(shards)
+    assert list(cat.shards.row_start) == list(range(0, 200, 20))
+    assert list(parts.key) == [f"s{i:07d}" for i in range(200)]
+    rows = np.array([0, 19, 20, 137, 199])
+    assert list(cat.keys(rows)) == [f"s{i:07d}" for i in rows]
+    # Offsets reproduce each sample by a ranged read.
+    for row in rows:
+        shard = int(cat.shard_of([row])[0])
+        rec = cat.part(shard).iloc[row - cat.row_start[shard]]
+        got = read_sample_range(cat.shards.url[shard], int(rec.offset), int(rec.end))
+        assert [s.key for s in got] == [rec.key]
+
+
+def test_catalog_patterns(shards, tmp_path):
+    d = os.path.dirname(shards[0])
+    brace = os.path.join(d, "shard-{000000..000009}.tar")
+    a = catalog([brace], str(tmp_path / "a"), scheduler="sync")
+    b = catalog([os.path.join(d, "*.tar")], str(tmp_path / "b"), scheduler="sync")
+    c = catalog([d], str(tmp_path / "c"), scheduler="sync")
+    assert a["counts"] == b["counts"] == c["counts"]
+    with pytest.raises(StreamPruneError, match="no shards match"):
+        catalog([os.path.join(d, "nothing-*.tar")], str(tmp_path / "d"), scheduler="sync")
+
+
+def test_catalog_skip_when_done_and_append(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    again = catalog(shards, ws, scheduler="sync")
+    assert again.get("skipped")
+    more = write_shards(os.path.dirname(shards[0]), 2, 20, first=10)
+    parts_before = set(os.listdir(os.path.join(ws, "catalog", "parts")))
+    m = catalog(shards + more, ws, scheduler="sync")
+    assert m["counts"]["n_samples"] == 240 and not m.get("skipped")
+    parts_after = set(os.listdir(os.path.join(ws, "catalog", "parts")))
+    assert parts_before < parts_after and len(parts_after - parts_before) == 2  # old parts re-used
+
+
+def test_catalog_on_dask_cluster_equals_local(shards, tmp_path, dask_cluster):
+    catalog(shards, str(tmp_path / "a"), scheduler="sync")
+    catalog(shards, str(tmp_path / "b"), scheduler=dask_cluster)
+    ca, pa = _table(str(tmp_path / "a"))
+    cb, pb = _table(str(tmp_path / "b"))
+    pd.testing.assert_frame_equal(pa, pb)
+    pd.testing.assert_frame_equal(ca.shards, cb.shards)
+
+
+def test_catalog_from_s3_equals_local(shards, tmp_path, s3server, s3bucket):
+    fs = s3server.fs()
+    for s in shards:
+        fs.put_file(s, f"{s3bucket}/data/{os.path.basename(s)}")
+    opts = s3server.storage_options
+    catalog(shards, str(tmp_path / "local"), scheduler="sync")
+    catalog([f"s3://{s3bucket}/data/"], f"s3://{s3bucket}/ws", storage_options=opts, scheduler="threads")
+    cl, pl = _table(str(tmp_path / "local"))
+    cs, ps = _table(f"s3://{s3bucket}/ws", opts)
+    pd.testing.assert_frame_equal(pl, ps)
+    assert list(cs.shards.n_samples) == list(cl.shards.n_samples)
+    assert list(cs.shards.url) == [f"s3://{s3bucket}/data/{os.path.basename(s)}" for s in sorted(shards)]
+    # Brace patterns and globs work on S3 too, through the CLI with credentials from the environment.
+    out = run_cli("catalog", f"s3://{s3bucket}/data/shard-{{000000..000004}}.tar", "-w", str(tmp_path / "cli"),
+                  "--scheduler", "sync", env=s3server.env)
+    assert "5 shards, 100 samples" in out.stdout
+    # Keys and secret never reach the workspace.
+    for root, _, files in os.walk(tmp_path / "cli"):
+        for f in files:
+            blob = open(os.path.join(root, f), "rb").read()
+            assert s3server.secret_key.encode() not in blob and s3server.access_key.encode() not in blob
+
+
+def test_missing_bucket_is_one_line(s3server, tmp_path):
+    out = run_cli("catalog", "s3://no-such-bucket-xyz/data/", "-w", str(tmp_path / "ws"), "--scheduler", "sync",
+                  env=s3server.env, check=False)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-bucket-xyz" in lines[0] and "Traceback" not in out.stderr
+
+
+def _bad_shards(d):
+    os.makedirs(d, exist_ok=True)
+    good = os.path.join(d, "a-good.tar")
+    write_tar(good, make_samples(5, start=0))
+    trunc = os.path.join(d, "b-trunc.tar")
+    write_tar(trunc, make_samples(5, start=100))
+    data = open(trunc, "rb").read()
+    open(trunc, "wb").write(data[: len(data) // 2 + 100])
+    notar = os.path.join(d, "c-notar.tar")
+    open(notar, "wb").write(b"just some text, not a tar\n" * 40)
+    empty = os.path.join(d, "d-empty.tar")
+    write_tar(empty, [])
+    dup = os.path.join(d, "e-dup.tar")
+    s = make_samples(3, start=200)
+    write_tar(dup, s + [s[1]])
+    return good, trunc, notar, empty, dup
+
+
+@pytest.mark.parametrize("which,expect", [
+    (1, r"shard .*b-trunc\.tar, key s0000103: corrupt or truncated tar"),
+    (2, r"shard .*c-notar\.tar: not a tar file"),
+    (3, r"shard .*d-empty\.tar: empty shard"),
+    (4, r"shard .*e-dup\.tar, key s0000201: duplicate key"),
+])
+def test_bad_input_one_clear_line(tmp_path, which, expect):
+    import re
+
+    bad = _bad_shards(str(tmp_path / "data"))
+    out = run_cli("catalog", bad[0], bad[which], "-w", str(tmp_path / "ws"), "--scheduler", "sync", check=False)
+    assert out.returncode == 1, out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert re.search(expect, lines[0]), lines[0]
+    assert not os.path.exists(tmp_path / "ws" / "_stages" / "catalog.json")
+
+
+def test_bad_glob_one_line(tmp_path):
+    out = run_cli("catalog", str(tmp_path / "nope-*.tar"), "-w", str(tmp_path / "ws"), check=False)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0 and "no shards match" in out.stderr
+
+
+def test_skip_records_every_problem(tmp_path):
+    bad = _bad_shards(str(tmp_path / "data"))
+    out = run_cli("catalog", *bad, "-w", str(tmp_path / "ws"), "--scheduler", "sync", "--on-error", "skip")
+    assert "errors recorded" in out.stdout
+    errors = [json.loads(line) for line in open(tmp_path / "ws" / "errors.jsonl")]
+    got = {(os.path.basename(e["shard"]), e["key"], e["reason"]) for e in errors}
+    assert got == {("b-trunc.tar", "s0000103", "corrupt_tar"), ("c-notar.tar", None, "corrupt_tar"),
+                   ("d-empty.tar", None, "empty_shard"), ("e-dup.tar", "s0000201", "duplicate_key")}
+    assert len(errors) == 4
+    cat, parts = _table(str(tmp_path / "ws"))
+    # good: 5, truncated: the complete samples before the damage (3), dup: 3 (second copy dropped).
+    assert dict(zip(cat.shards.url.map(os.path.basename), cat.shards.n_samples)) == {
+        "a-good.tar": 5, "b-trunc.tar": 3, "c-notar.tar": 0, "d-empty.tar": 0, "e-dup.tar": 3}
+    st = json.loads(run_cli("status", "-w", str(tmp_path / "ws"), "--json").stdout)
+    assert st["errors"]["total"] == len(errors) and st["n_samples"] == 11
+
+
+def test_catalog_killed_then_resumed_is_identical(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 12, 30)
+    ref = str(tmp_path / "ref")
+    catalog(shards, ref, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    parts = os.path.join(ws, "catalog", "parts")
+    kill_when(["catalog", *shards, "-w", ws, "--scheduler", "sync"], lambda: count_files(parts, ".parquet") >= 4,
+              env={"STREAMPRUNE_TASK_DELAY": "0.3"})
+    assert not os.path.exists(os.path.join(ws, "_stages", "catalog.json"))
+    done_before = count_files(parts, ".parquet")
+    assert 4 <= done_before < 12
+    run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync")
+    a, pa = _table(ref)
+    b, pb = _table(ws)
+    pd.testing.assert_frame_equal(a.shards, b.shards)
+    pd.testing.assert_frame_equal(pa, pb)
+    assert not [f for f in os.listdir(parts) if f.startswith(".tmp")]

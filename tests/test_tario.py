@@ -1,0 +1,101 @@
+"""The tar reader against Python's tarfile and webdataset, and on broken input."""
+
+import io
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from streamprune.shards import ErrorPolicy, iter_samples, read_sample_range
+from streamprune.errors import SampleError
+from streamprune.tario import TarError, iter_tar, write_tar
+from shardgen import make_samples
+
+
+def _tar_bytes(entries, fmt=tarfile.GNU_FORMAT):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_matches_tarfile_including_long_names(fmt):
+    long = "a/" + "x" * 150 + "/sample.png" if fmt != tarfile.USTAR_FORMAT else "dir/sample.png"
+    entries = [(long, b"1" * 700), ("k1.cls", b"3"), ("k1.json", b"{}"), ("ünï.txt", b"")]
+    data = _tar_bytes(entries, fmt)
+    ours = list(iter_tar(io.BytesIO(data)))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        ref = [(m.name, tar.extractfile(m).read(), m.offset, m.offset_data) for m in tar.getmembers()]
+    assert [(m.name, m.data, m.data_offset) for m in ours] == [(n, d, od) for n, d, _, od in ref]
+    # Offsets point at the first header of each member (extended headers included).
+    assert [m.offset for m in ours] == [o for _, _, o, _ in ref]
+
+
+def test_skip_payloads_on_non_seekable_stream():
+    data = _tar_bytes([("a.bin", b"x" * 5000), ("b.bin", b"y")])
+
+    class Stream(io.RawIOBase):
+        def __init__(self):
+            self.b = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            chunk = self.b.read(min(len(buf), 777))
+            buf[:len(chunk)] = chunk
+            return len(chunk)
+
+    ms = list(iter_tar(Stream(), read_data=False))
+    assert [(m.name, m.size, m.data) for m in ms] == [("a.bin", 5000, None), ("b.bin", 1, None)]
+
+
+def test_truncated_and_garbage():
+    data = _tar_bytes([("a.bin", b"x" * 3000), ("b.bin", b"y" * 3000)])
+    with pytest.raises(TarError, match="truncated"):
+        list(iter_tar(io.BytesIO(data[:3000])))
+    got = []
+    with pytest.raises(TarError):
+        for m in iter_tar(io.BytesIO(data[:4500])):
+            got.append(m.name)
+    assert got == ["a.bin"]  # complete members before the damage are still delivered
+    with pytest.raises(TarError, match="checksum"):
+        list(iter_tar(io.BytesIO(b"this is not a tar file" * 100)))
+
+
+def test_samples_equal_webdataset(tmp_path):
+    path = str(tmp_path / "s.tar")
+    write_tar(path, make_samples(30))
+    ours = list(iter_samples(path, ErrorPolicy()))
+    ref = list(wds.WebDataset(path, shardshuffle=False))
+    assert [s.key for s in ours] == [r["__key__"] for r in ref]
+    assert all(s.members["png"] == r["png"] and s.members["cls"] == r["cls"] for s, r in zip(ours, ref))
+    # A byte range from the catalog offsets decodes to exactly that sample.
+    s = ours[17]
+    got = read_sample_range(path, s.offset, s.end)
+    assert len(got) == 1 and got[0].key == s.key and got[0].members == s.members
+
+
+def test_duplicate_and_unsafe_keys(tmp_path):
+    path = str(tmp_path / "d.tar")
+    samples = make_samples(3)
+    write_tar(path, samples + [samples[0], ("../evil", {"cls": b"1"}), ("/abs", {"cls": b"2"})])
+    with pytest.raises(SampleError, match=r"shard .*d\.tar, key s0000000: duplicate key"):
+        list(iter_samples(path, ErrorPolicy("fail")))
+    policy = ErrorPolicy("skip")
+    keys = [s.key for s in iter_samples(path, policy)]
+    assert keys == ["s0000000", "s0000001", "s0000002"]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [
+        ("s0000000", "duplicate_key"), ("../evil", "unsafe_name"), ("/abs", "unsafe_name")]
+
+
+def test_oversized_member_rejected(tmp_path):
+    path = str(tmp_path / "big.tar")
+    write_tar(path, [("a", {"bin": b"x" * 10}), ("b", {"bin": b"y" * 5000, "cls": b"1"}), ("c", {"bin": b"z"})])
+    policy = ErrorPolicy("skip")
+    assert [s.key for s in iter_samples(path, policy, max_member_bytes=1000)] == ["a", "c"]
+    assert policy.records[0]["key"] == "b" and policy.records[0]["reason"] == "too_large"

@@ -1,0 +1,72 @@
+"""Workspace: markers written last, skip when done, refuse another config, chunk records."""
+
+import json
+import os
+
+import pytest
+
+from streamprune import __version__
+from streamprune.errors import StreamPruneError
+from streamprune.shards import catalog
+from streamprune.subset import subset
+from streamprune.workspace import Workspace
+from helpers import run_cli
+
+
+def test_refuses_other_config_unless_forced(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.2, seed=0)
+    with pytest.raises(StreamPruneError, match=r"another configuration \(changed: fraction\).*--force"):
+        subset(ws, fraction=0.5, seed=0)
+    m = subset(ws, fraction=0.5, seed=0, force=True)
+    assert m["config"]["fraction"] == 0.5
+    meta = json.load(open(os.path.join(ws, "streamprune.json")))
+    assert meta["stages"]["subset"]["fraction"] == 0.5 and meta["version"] == __version__
+    assert len(meta["inputs"]["shards"]) == 10 and {"url", "size", "etag"} <= set(meta["inputs"]["shards"][0])
+
+
+def test_refuses_other_version(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    meta_path = os.path.join(ws, "streamprune.json")
+    meta = json.load(open(meta_path))
+    meta["version"] = "9.9.0"
+    json.dump(meta, open(meta_path, "w"))
+    out = run_cli("subset", "-w", ws, check=False)
+    assert out.returncode == 1 and "made by streamprune 9.9.0" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_stage_needs_its_input(tmp_path):
+    out = run_cli("subset", "-w", str(tmp_path / "empty"), check=False)
+    assert out.returncode == 1 and "run `streamprune catalog` first" in out.stderr
+
+
+def test_chunk_records_are_per_fingerprint(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    run = ws.begin("embed", {"a": 1}, {"x": "1"})
+    run.mark_chunk(0, {"rows": 5})
+    run.mark_chunk(1, errors=[{"shard": "s", "key": "k", "reason": "bad"}])
+    assert run.done_chunks() == {"0", "1"}
+    # A resumed run with the same config sees the chunks; another config does not.
+    assert ws.begin("embed", {"a": 1}, {"x": "1"}).done_chunks() == {"0", "1"}
+    other = ws.begin("embed", {"a": 1}, {"x": "2"})
+    assert other.done_chunks() == set()
+    assert ws.begin("embed", {"a": 1}, {"x": "1"}).done_chunks() == set()  # the stale run was dropped
+    run = ws.begin("embed", {"a": 1}, {"x": "1"})
+    run.mark_chunk(3, errors=[{"shard": "s", "key": "k2", "reason": "bad"}])
+    marker = run.commit({"out": "x"}, {"n": 1})
+    assert marker["counts"]["errors"] == 1 and ws.errors()[0]["key"] == "k2"
+    assert ws.begin("embed", {"a": 1}, {"x": "1"}).already_done
+    assert not os.path.exists(tmp_path / "ws" / "_stages" / "embed")
+
+
+def test_status_json(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync")
+    st = json.loads(run_cli("status", "-w", ws, "--json").stdout)
+    assert st["n_samples"] == 200 and st["n_shards"] == 10
+    assert st["stages"]["catalog"]["done"] and "subset" in st["pending"]
+    assert st["stages"]["catalog"]["outputs"]["shards"].endswith("catalog/shards.parquet")
+    text = run_cli("status", "-w", ws).stdout
+    assert "200 in 10 shards" in text
