@@ -104,6 +104,78 @@ def subset(workspace, storage_options, fraction, seed, force):
     click.echo(f"subset: {c['n_subset']} of {c['n_samples']} rows ({c['realised_fraction']:.4f}, target {fraction})")
 
 
+def decode_options(fn):
+    """How samples are decoded: label source, input kind, image size."""
+    fn = click.option("--image-size", type=int, default=None, help="Resize images to this square size.")(fn)
+    fn = click.option("--input", "input_kind", type=click.Choice(["auto", "image", "vector"]), default="auto",
+                      show_default=True, help="Model input: an image member or an .npy vector.")(fn)
+    fn = click.option("--label-key", default="cls", show_default=True,
+                      help="Where the label is: cls, json.<field>, or none.")(fn)
+    return fn
+
+
+@cli.command()
+@workspace_options
+@run_options
+@decode_options
+@click.option("--score", "score_names", default="du", show_default=True,
+              help="Comma-separated scores: du, tdds, el2n, forgetting, aum, entropy, margin, influence.")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--model", default="cnn", show_default=True, help="resnet18, cnn, mlp or package.module:factory.")
+@click.option("--model-kwargs", default="{}", metavar="JSON", help="Extra model arguments, e.g. '{\"width\": 0.5}'.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate (default 0.05 sgd, 1e-3 adamw).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--augment", type=click.Choice(["none", "crop", "crop-flip"]), default="none", show_default=True)
+@click.option("--dynamics", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
+              help="Record dynamics from an eval pass after each epoch, or from the training pass.")
+@click.option("--labels", default="supervised", show_default=True, help="supervised, or pseudo:K (k-means).")
+@click.option("--adversarial", default=None, help="Adversarial training, e.g. linf:8/255 or l2:0.5.")
+@click.option("--pgd-steps", type=int, default=5, show_default=True)
+@click.option("--pgd-step-size", type=float, default=None)
+@click.option("--num-classes", type=int, default=None, help="Default: max label + 1.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--window", type=int, default=10, show_default=True, help="DU/TDDS window (epochs).")
+@click.option("--decay", type=float, default=0.9, show_default=True, help="TDDS decay.")
+@click.option("--full", is_flag=True, help="Train on all rows: full-data scores (ground truth for evaluate).")
+@click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
+@click.option("--subset-seed", type=int, default=0, show_default=True)
+def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
+          epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, fraction, subset_seed):
+    """Train on the subset (or all rows with --full) and compute seed scores."""
+    from streamprune.decode import DecodeConfig
+    from streamprune.scoring import compute_scores
+    from streamprune.subset import subset as run_subset
+    from streamprune.train import TrainConfig, train
+
+    try:
+        kwargs = json.loads(model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise StreamPruneError(f"--model-kwargs is not valid JSON: {exc.msg}") from None
+    if fraction is not None and not full:
+        run_subset(workspace, fraction=fraction, seed=subset_seed, storage_options=storage_options, force=force)
+    cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                      lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, dynamics=dynamics, labels=labels,
+                      adversarial=adversarial, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
+                      num_classes=num_classes, device=device)
+    decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
+    m = train(workspace, cfg, decode, full=full, on_error=on_error, scheduler=scheduler, force=force,
+              storage_options=storage_options)
+    _report(m, "train")
+    t = m["timings"]
+    click.echo(f"train: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on {t.get('device')}, "
+               f"{t.get('samples_per_s', 0):.0f} samples/s")
+    names = [n.strip() for n in score_names.split(",") if n.strip()]
+    for sm in compute_scores(workspace, names, full=full, params={"window": window, "decay": decay},
+                             force=force, storage_options=storage_options):
+        c = sm["counts"]
+        click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}: {c['n_valid']} rows, "
+                   f"mean {c['mean']:.4f}, std {c['std']:.4f} -> {sm['outputs']['score']}")
+
+
 @cli.command()
 @workspace_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -148,7 +220,6 @@ def _not_implemented(name: str, summary: str):
 
 
 for _name, _summary in [
-    ("score", "Train on the subset and compute seed scores"),
     ("embed", "Embed every sample into embeddings.zarr"),
     ("index", "Build the kNN index and neighbour graphs"),
     ("extrapolate", "Predict scores for every row"),

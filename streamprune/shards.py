@@ -184,6 +184,46 @@ def read_sample_range(url: str, start: int, end: int, shard_label: str | None = 
     return list(group_samples(members, shard_label or url, handler))
 
 
+def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
+              coalesce_gap: int = 1 << 20) -> Iterator[tuple[int, Sample]]:
+    """Samples of the given (sorted) rows, read by byte ranges from the catalog offsets.
+
+    Requested samples of one shard whose gaps are under ``coalesce_gap`` bytes are fetched in
+    one ranged read (one request per run of nearby samples on object storage).  A sample whose
+    bytes no longer parse, or whose key differs from the catalog (the shard changed since it
+    was catalogued), goes to ``handler``.
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return
+    shard_idx = cat.shard_of(rows)
+    bounds = np.flatnonzero(np.diff(shard_idx)) + 1
+    for group in np.split(np.arange(len(rows)), bounds):
+        s = int(shard_idx[group[0]])
+        url = cat.shards.url.iloc[s]
+        part = cat.part(s)
+        local = rows[group] - cat.row_start[s]
+        offs = part.offset.to_numpy()[local]
+        ends = part.end.to_numpy()[local]
+        keys = part.key.to_numpy(object)[local]
+        runs = np.split(np.arange(len(local)), np.flatnonzero(offs[1:] - ends[:-1] > coalesce_gap) + 1)
+        for run in runs:
+            start, stop = int(offs[run[0]]), int(ends[run[-1]])
+            blob = storage.read_range(url, start, stop, cat.ws.storage_options)
+            if len(blob) != stop - start:
+                handler.handle(SampleError(f"shard is shorter than catalogued (wanted bytes {start}-{stop})", url,
+                                           keys[run[0]], reason="changed_shard"))
+                continue
+            for j in run:
+                o, e = int(offs[j]) - start, int(ends[j]) - start
+                got = read_sample_range(url, int(offs[j]), int(ends[j]), handler=handler, data=blob[o:e])
+                if len(got) != 1 or got[0].key != keys[j]:
+                    handler.handle(SampleError("sample bytes do not match the catalog (shard changed since "
+                                               "`catalog`?)", url, keys[j], reason="changed_shard"))
+                    continue
+                yield int(rows[group[j]]), got[0]
+
+
 # catalog -------------------------------------------------------------------------------------
 def shard_id(url: str, size: int, etag: str) -> str:
     """Content-addressed id of a shard version: its catalog part is reused while this holds."""

@@ -1,0 +1,166 @@
+"""Turning samples into model inputs and labels: images, feature vectors, labels.
+
+Images (``png/jpg/jpeg/webp``) decode to uint8 arrays (C, H, W) and feature vectors (``.npy``)
+to float32 arrays; the model sees images scaled to [0, 1].  Labels come from ``.cls`` (an
+integer as text) or a JSON field (``json.label``), or are absent (``none``, unsupervised).
+Every failure is a ``SampleError`` naming shard and key, handled by the caller's policy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from streamprune.errors import SampleError, StreamPruneError
+from streamprune.shards import Sample
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+VECTOR_EXTS = ("npy",)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode a sample: input kind, image mode/size, where the label is."""
+
+    input: str = "auto"  # auto | image | vector
+    label_key: str = "cls"  # cls | json.<field> | none
+    image_mode: str = "auto"  # auto (as stored: L or RGB) | L | RGB
+    image_size: int | None = None  # resize square images to this size (None: keep)
+
+    def __post_init__(self) -> None:
+        if self.input not in ("auto", "image", "vector"):
+            raise StreamPruneError(f"input kind must be auto, image or vector, not {self.input!r}")
+        if not (self.label_key in ("cls", "none") or self.label_key.startswith("json.")):
+            raise StreamPruneError(f"--label-key must be 'cls', 'json.<field>' or 'none', not {self.label_key!r}")
+        if self.image_mode not in ("auto", "L", "RGB"):
+            raise StreamPruneError(f"image mode must be auto, L or RGB, not {self.image_mode!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _find(sample: Sample, exts: tuple[str, ...]) -> tuple[str, bytes] | None:
+    for ext in exts:
+        data = sample.members.get(ext)
+        if data is not None:
+            return ext, data
+    return None
+
+
+def decode_input(sample: Sample, cfg: DecodeConfig, shard: str) -> np.ndarray:
+    """The model input of one sample: uint8 (C, H, W) image or float32 vector."""
+    want_image = cfg.input in ("auto", "image")
+    want_vector = cfg.input in ("auto", "vector")
+    found = _find(sample, IMAGE_EXTS) if want_image else None
+    if found is not None:
+        return _decode_image(found[1], cfg, shard, sample.key)
+    found = _find(sample, VECTOR_EXTS) if want_vector else None
+    if found is not None:
+        return _decode_vector(found[1], shard, sample.key)
+    kinds = ", ".join(f".{e}" for e in (IMAGE_EXTS if want_image else ()) + (VECTOR_EXTS if want_vector else ()))
+    raise SampleError(f"no input member (looked for {kinds}; has {', '.join(sorted(sample.members)) or 'nothing'})",
+                      shard, sample.key, reason="missing_input")
+
+
+def _decode_image(data: bytes, cfg: DecodeConfig, shard: str, key: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = cfg.image_mode if cfg.image_mode != "auto" else ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")
+            img = img.convert(mode)
+            if cfg.image_size is not None and img.size != (cfg.image_size, cfg.image_size):
+                img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds
+        raise SampleError(f"undecodable image ({type(exc).__name__}: {exc})", shard, key, reason="undecodable") from None
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _decode_vector(data: bytes, shard: str, key: str) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        raise SampleError(f"undecodable .npy ({type(exc).__name__}: {exc})", shard, key, reason="undecodable") from None
+    if arr.dtype.kind not in "fiu":
+        raise SampleError(f".npy has dtype {arr.dtype}, expected numbers", shard, key, reason="undecodable")
+    arr = np.asarray(arr, np.float32).reshape(-1)
+    if not np.isfinite(arr).all():
+        raise SampleError("feature vector contains NaN/inf", shard, key, reason="nan")
+    return arr
+
+
+def decode_label(sample: Sample, cfg: DecodeConfig, shard: str) -> int:
+    """The integer label of a sample (-1 when ``label_key`` is 'none')."""
+    if cfg.label_key == "none":
+        return -1
+    if cfg.label_key == "cls":
+        data = sample.members.get("cls")
+        if data is None:
+            raise SampleError("missing label (no .cls member)", shard, sample.key, reason="missing_label")
+        try:
+            return int(data.decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            raise SampleError(f"label {data[:20]!r} is not an integer", shard, sample.key, reason="bad_label") from None
+    field = cfg.label_key[len("json."):]
+    data = sample.members.get("json")
+    if data is None:
+        raise SampleError("missing label (no .json member)", shard, sample.key, reason="missing_label")
+    try:
+        value = json.loads(data)[field]
+        return int(value)
+    except (KeyError, TypeError):
+        raise SampleError(f"missing label (no field {field!r} in .json)", shard, sample.key,
+                          reason="missing_label") from None
+    except (ValueError, UnicodeDecodeError):
+        raise SampleError(f"label field {field!r} is not an integer", shard, sample.key, reason="bad_label") from None
+
+
+def check_label(label: int, num_classes: int | None, shard: str, key: str) -> None:
+    """Reject a label outside [0, num_classes)."""
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        raise SampleError(f"label {label} out of range [0, {num_classes})", shard, key, reason="label_range")
+
+
+def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: tuple[int, ...] | None,
+                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode the given sorted rows: inputs (n, *shape), labels (n,), valid (n,) bool.
+
+    Rows that fail (read, decode, label, shape) are zero-filled, marked invalid and reported to
+    ``handler`` (which raises in ``fail`` mode).  ``input_shape`` None means "take it from the
+    first valid sample" (used to probe).
+    """
+    from streamprune.shards import read_rows
+
+    rows = np.asarray(rows, np.int64)
+    pos = {int(r): i for i, r in enumerate(rows)}
+    xs: np.ndarray | None = None
+    labels = np.full(len(rows), -1, np.int64)
+    valid = np.zeros(len(rows), bool)
+    for row, sample in read_rows(cat, rows, handler):
+        shard = cat.shards.url.iloc[int(cat.shard_of([row])[0])]
+        try:
+            x = decode_input(sample, cfg, shard)
+            y = decode_label(sample, cfg, shard)
+            if cfg.label_key != "none":
+                check_label(y, num_classes, shard, sample.key)
+            if input_shape is None:
+                input_shape = tuple(x.shape)
+            if tuple(x.shape) != tuple(input_shape):
+                raise SampleError(f"input shape {tuple(x.shape)} differs from the dataset's {tuple(input_shape)}"
+                                  + (" (set --image-size)" if x.ndim == 3 else ""), shard, sample.key,
+                                  reason="shape")
+        except SampleError as err:
+            handler.handle(err)
+            continue
+        if xs is None:
+            xs = np.zeros((len(rows), *input_shape), x.dtype)
+        i = pos[row]
+        xs[i], labels[i], valid[i] = x, y, True
+    if xs is None:
+        xs = np.zeros((len(rows), *(input_shape or (0,))), np.float32)
+    return xs, labels, valid

@@ -1,0 +1,107 @@
+"""The ``score`` stage: seed scores from recorded training dynamics.
+
+One marker per score (``_stages/score-<name>[-full].json``) so that asking for another score later
+re-uses the training run.  Scores are computed over column chunks of the dynamics (every score is
+per-sample), so memory is bounded by ``chunk`` x epochs x classes, not by the subset size.
+Rows whose sample could not be decoded (skipped under ``--on-error skip``) get NaN.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import numpy as np
+import torch
+import zarr
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.scores import get_score
+from streamprune.workspace import Workspace
+
+SCORE_PARAMS = ("window", "decay", "ddof", "damping")
+
+
+def score_array_path(name: str, full: bool) -> str:
+    """Workspace-relative path of a seed (or full-data) score array."""
+    return f"scores/{name}-full.zarr" if full else f"scores/{name}.zarr"
+
+
+def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, params: dict | None = None,
+                   force: bool = False, storage_options: dict | None = None, chunk: int = 65536) -> list[dict]:
+    """Compute each named score from the dynamics of the ``train`` (or ``train-full``) stage."""
+    from streamprune.train import load_labels
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    train_key = "train-full" if full else "train"
+    tm = ws.require(train_key, "score")
+    markers = []
+    for name in names:
+        try:
+            spec = get_score(name)
+        except ValueError as exc:
+            raise StreamPruneError(str(exc)) from None
+        accepted = inspect.signature(spec.fn).parameters
+        kwargs = {k: v for k, v in (params or {}).items() if k in accepted and v is not None}
+        key = f"score-{name}" + ("-full" if full else "")
+        run = ws.begin("score", {"score": name, "params": kwargs}, {"train": tm["fingerprint"]}, force=force, key=key)
+        if run.already_done:
+            markers.append(run.previous | {"skipped": True})
+            continue
+        t0 = time.time()
+        labels = load_labels(ws, train_key)
+        m = len(labels)
+        valid = labels >= 0
+        out = np.full(m, np.nan, np.float32)
+        try:
+            if "features" in spec.needs:
+                out[valid] = _influence(ws, train_key, labels, valid, spec, kwargs)
+            else:
+                dyn = zarr.open_group(storage.zarr_store(ws.path(train_key, "dynamics.zarr"), ws.storage_options), mode="r")
+                for i0 in range(0, m, chunk):
+                    sl = slice(i0, min(m, i0 + chunk))
+                    v = valid[sl]
+                    if not v.any():
+                        continue
+                    arrays = {"labels": labels[sl][v]}
+                    for need in spec.needs:
+                        if need != "labels":
+                            arrays[need] = dyn[need][:, sl][:, v]
+                    out[sl][v] = spec.fn(*(arrays[n] for n in spec.needs), **kwargs)
+        except ValueError as exc:
+            raise StreamPruneError(f"score {name}: {exc}") from None
+        path = score_array_path(name, full)
+        arr = zarr.create_array(storage.zarr_store(ws.path(path), ws.storage_options), shape=(m,),
+                                chunks=(min(m, 1 << 20),), dtype="float32", fill_value=np.nan, overwrite=True)
+        arr[:] = out
+        arr.attrs.update({"score": name, "rows": "all" if full else "subset", "higher_is_harder": spec.higher_is_harder})
+        markers.append(run.commit(outputs={"score": path},
+                                  counts={"n": m, "n_valid": int(valid.sum()), "mean": float(np.nanmean(out)),
+                                          "std": float(np.nanstd(out))},
+                                  timings={"score_s": round(time.time() - t0, 3)}))
+    return markers
+
+
+def _influence(ws: Workspace, train_key: str, labels: np.ndarray, valid: np.ndarray, spec, kwargs: dict) -> np.ndarray:
+    """Influence needs penultimate features of the trained rows (m x D floats held in memory)."""
+    from streamprune.train import SubsetData, load_model
+
+    model, _ = load_model(ws, train_key)
+    data = SubsetData(ws, train_key, memory_budget=1 << 62)
+    feats = []
+    with torch.no_grad():
+        for b in range(0, data.m, 1024):
+            idx = np.arange(b, min(data.m, b + 1024))
+            idx = idx[valid[idx]]
+            if len(idx):
+                feats.append(model.embed(data.to_float(data.x[torch.from_numpy(idx)])).numpy())
+    features = np.concatenate(feats).astype(np.float64)
+    head = model.head
+    return spec.fn(features, labels[valid], head.weight.detach().double().numpy(),
+                   head.bias.detach().double().numpy(), **kwargs)
+
+
+def read_score(ws: Workspace, name: str, full: bool = False) -> np.ndarray:
+    """A seed or full-data score array (NaN for invalid rows)."""
+    return zarr.open_array(storage.zarr_store(ws.path(score_array_path(name, full)), ws.storage_options), mode="r")[:]

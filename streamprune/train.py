@@ -1,0 +1,481 @@
+"""Subset training with recorded dynamics, resumable per epoch.
+
+Flow of the ``train`` stage (marker ``_stages/train.json``, or ``train-full`` with ``full``):
+
+1. **cache** — the rows to train on are read by byte range from the shards and decoded once into
+   ``train[-full]/cache.zarr`` (inputs as stored: uint8 images or float32 vectors; labels; a valid
+   mask), one dask task per chunk of rows, each owning its zarr chunks.  Measured on the demo
+   data, an epoch over the decoded cache is far faster than re-reading and re-decoding the tars
+   (see scripts/bench_train.py), so the trainer always reads the cache.
+2. **train** — K epochs of SGD+cosine (or AdamW), CUDA+AMP (bf16) when available, deterministic
+   for a seed on CPU.  The cache is held in memory when it fits ``memory_budget``; otherwise
+   batches are streamed with a block shuffle (random chunk order, shuffled within a window of
+   chunks).
+3. **dynamics** — after every epoch an eval pass (default; ``dynamics="train"`` records the
+   training pass instead) writes logits, true-class probability, correctness and loss of every
+   subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then the epoch's
+   checkpoint is written; a killed run resumes after the last checkpoint and reproduces the
+   same dynamics.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from tqdm.auto import tqdm
+
+from streamprune import storage
+from streamprune.adversarial import parse_attack, pgd
+from streamprune.compute import map_tasks
+from streamprune.decode import DecodeConfig, decode_rows
+from streamprune.errors import StreamPruneError
+from streamprune.models import build_from_spec, build_model, model_spec
+from streamprune.shards import Catalog, ErrorPolicy
+from streamprune.workspace import StageRun, Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Options of subset training (see docs/guide.md, `streamprune score`)."""
+
+    model: str = "cnn"
+    model_kwargs: dict = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (momentum, cosine) | adamw (cosine)
+    lr: float | None = None  # default 0.05 for sgd, 1e-3 for adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: str = "none"  # none | crop | crop-flip (images only)
+    dynamics: str = "eval"  # eval | train
+    labels: str = "supervised"  # supervised | pseudo:K
+    adversarial: str | None = None  # e.g. linf:8/255 or l2:0.5
+    pgd_steps: int = 5
+    pgd_step_size: float | None = None
+    num_classes: int | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    chunk_rows: int = 2048
+    memory_budget: int = 2 << 30  # bytes of decoded cache held in memory before streaming
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise StreamPruneError(f"--optimizer must be sgd or adamw, not {self.optimizer!r}")
+        if self.augment not in ("none", "crop", "crop-flip"):
+            raise StreamPruneError(f"--augment must be none, crop or crop-flip, not {self.augment!r}")
+        if self.dynamics not in ("eval", "train"):
+            raise StreamPruneError(f"--dynamics must be eval or train, not {self.dynamics!r}")
+        if self.epochs < 1:
+            raise StreamPruneError("--epochs must be at least 1")
+        if not (self.labels == "supervised" or _pseudo_k(self.labels)):
+            raise StreamPruneError(f"--labels must be 'supervised' or 'pseudo:K', not {self.labels!r}")
+        parse_attack(self.adversarial)  # validates
+
+    def fingerprint_dict(self) -> dict:
+        """Options that change results (device and memory budget do not on CPU)."""
+        d = asdict(self)
+        d.pop("memory_budget")
+        return d
+
+
+def _pseudo_k(labels: str) -> int | None:
+    if labels.startswith("pseudo:"):
+        try:
+            k = int(labels.split(":", 1)[1])
+        except ValueError:
+            return None
+        return k if k >= 2 else None
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StreamPruneError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+# cache ---------------------------------------------------------------------------------------
+def _cache_task(ws: Workspace, key: str, rows: np.ndarray, i0: int, decode: dict, on_error: str,
+                input_shape: tuple, num_classes: int | None) -> dict:
+    cat = Catalog(ws)
+    handler = ErrorPolicy(on_error, stage=key)
+    xs, labels, valid = decode_rows(cat, rows, DecodeConfig(**decode), handler, input_shape, num_classes)
+    group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r+")
+    group["x"][i0:i0 + len(rows)] = xs
+    group["labels"][i0:i0 + len(rows)] = labels
+    group["valid"][i0:i0 + len(rows)] = valid
+    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records}
+
+
+def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode: DecodeConfig, on_error: str,
+                scheduler: str | None, chunk_rows: int, num_classes: int | None) -> dict:
+    """Decode ``rows`` into ``<key>/cache.zarr``, one task per chunk of rows (resumable)."""
+    cat = Catalog(ws)
+    m = len(rows)
+    probe_handler = ErrorPolicy(on_error, stage=key)
+    shape = None
+    for start in range(0, m, 64):  # the first decodable sample fixes the input shape and dtype
+        xs, _, valid = decode_rows(cat, rows[start:start + 64], decode, probe_handler, None, num_classes)
+        if valid.any():
+            shape, dtype = tuple(xs.shape[1:]), xs.dtype
+            break
+    if shape is None:
+        raise StreamPruneError(f"{key}: no decodable sample among {m} rows")
+    url = ws.path(key, "cache.zarr")
+    info = run.chunk_done("cache-layout")
+    if info is None or tuple(info["shape"]) != shape:
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
+        item = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        rows_per_chunk = chunk_rows
+        group.create_array("x", shape=(m, *shape), chunks=(rows_per_chunk, *shape), dtype=dtype, fill_value=0,
+                           compressors=None)
+        group.create_array("labels", shape=(m,), chunks=(rows_per_chunk,), dtype="int64", fill_value=-1)
+        group.create_array("valid", shape=(m,), chunks=(rows_per_chunk,), dtype="bool", fill_value=False)
+        group.attrs.update({"input_shape": list(shape), "dtype": str(np.dtype(dtype)), "item_bytes": item})
+        run.mark_chunk("cache-layout", {"shape": list(shape), "dtype": str(np.dtype(dtype))})
+    done = run.done_chunks()
+    starts = [s for s in range(0, m, chunk_rows) if f"cache-{s // chunk_rows}" not in done]
+    decode_d = decode.to_dict()
+
+    def _record(i: int, result: dict) -> None:
+        s = starts[i]
+        run.mark_chunk(f"cache-{s // chunk_rows}", {"n": result["n"], "n_valid": result["n_valid"]},
+                       errors=result["errors"])
+
+    map_tasks(_cache_task, [(ws, key, rows[s:s + chunk_rows], s, decode_d, on_error, shape, num_classes)
+                            for s in starts], scheduler=scheduler, desc=f"decode {key}", unit="row",
+              weights=[min(chunk_rows, m - s) for s in starts], on_result=_record)
+    return {"input_shape": list(shape), "dtype": str(np.dtype(dtype))}
+
+
+# data ------------------------------------------------------------------------------------------
+class SubsetData:
+    """The decoded cache as batches: in memory when it fits the budget, else block-shuffled."""
+
+    def __init__(self, ws: Workspace, key: str, memory_budget: int, labels: np.ndarray | None = None):
+        self.group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r")
+        self.x_arr = self.group["x"]
+        self.m = self.x_arr.shape[0]
+        self.shape = tuple(self.x_arr.shape[1:])
+        self.is_image = len(self.shape) == 3
+        self.valid = self.group["valid"][:]
+        self.labels = labels if labels is not None else self.group["labels"][:]
+        self.chunk = self.x_arr.chunks[0]
+        nbytes = self.m * int(np.prod(self.shape)) * self.x_arr.dtype.itemsize
+        self.in_memory = nbytes <= memory_budget
+        self.x = torch.from_numpy(self.x_arr[:]) if self.in_memory else None
+
+    def _load(self, idx: np.ndarray) -> torch.Tensor:
+        if self.x is not None:
+            return self.x[torch.from_numpy(idx)]
+        return torch.from_numpy(self.x_arr.get_orthogonal_selection((idx,)) if len(idx) else
+                                np.zeros((0, *self.shape), self.x_arr.dtype))
+
+    def to_float(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input: images scaled to [0, 1], vectors as float32."""
+        return x.float().div_(255.0) if self.is_image else x.float()
+
+    def train_order(self, gen: torch.Generator) -> Iterator[np.ndarray]:
+        """Positions of valid rows, shuffled: a full permutation, or block-shuffled when streaming."""
+        valid_pos = np.flatnonzero(self.valid)
+        if self.in_memory:
+            yield valid_pos[torch.randperm(len(valid_pos), generator=gen).numpy()]
+            return
+        n_chunks = math.ceil(self.m / self.chunk)
+        order = torch.randperm(n_chunks, generator=gen).numpy()
+        window = 4
+        for w in range(0, n_chunks, window):
+            pos = np.concatenate([np.arange(c * self.chunk, min(self.m, (c + 1) * self.chunk)) for c in order[w:w + window]])
+            pos = pos[self.valid[pos]]
+            yield pos[torch.randperm(len(pos), generator=gen).numpy()]
+
+    def batches(self, order: Iterator[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(positions, uint8/float inputs) batches following ``order``."""
+        for block in order:
+            if self.in_memory:
+                for b in range(0, len(block), batch_size):
+                    idx = block[b:b + batch_size]
+                    yield idx, self._load(idx)
+            else:
+                srt = np.sort(block)
+                data = self._load(srt)
+                where = np.searchsorted(srt, block)
+                for b in range(0, len(block), batch_size):
+                    sel = where[b:b + batch_size]
+                    yield block[b:b + batch_size], data[torch.from_numpy(sel)]
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with padding (1/8 of the size) and optional horizontal flip, per sample."""
+    if mode == "none" or x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    if mode == "crop-flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip.to(x.device)] = out[flip.to(x.device)].flip(-1)
+    return out
+
+
+# training ----------------------------------------------------------------------------------------
+@dataclass
+class _Dyn:
+    logits: np.ndarray
+    loss: np.ndarray
+
+
+def _dyn_group(ws: Workspace, key: str, m: int, c: int, epochs: int, create: bool) -> zarr.Group:
+    url = ws.path(key, "dynamics.zarr")
+    store = storage.zarr_store(url, ws.storage_options)
+    if not create:
+        return zarr.open_group(store, mode="r+")
+    g = zarr.open_group(store, mode="w")
+    cm = max(1, min(m, (8 << 20) // max(1, 4 * c)))
+    g.create_array("logits", shape=(epochs, m, c), chunks=(1, cm, c), dtype="float32", fill_value=np.nan)
+    g.create_array("true_prob", shape=(epochs, m), chunks=(1, min(m, 1 << 20)), dtype="float32", fill_value=np.nan)
+    g.create_array("correct", shape=(epochs, m), chunks=(1, min(m, 1 << 20)), dtype="bool", fill_value=False)
+    g.create_array("loss", shape=(epochs, m), chunks=(1, min(m, 1 << 20)), dtype="float32", fill_value=np.nan)
+    return g
+
+
+def _write_epoch(g: zarr.Group, epoch: int, dyn: _Dyn, labels: np.ndarray, valid: np.ndarray) -> None:
+    logits = dyn.logits
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    safe = np.where(valid, labels, 0)
+    tp = np.where(valid, p[np.arange(len(labels)), safe], np.nan).astype(np.float32)
+    correct = valid & (logits.argmax(axis=1) == labels)
+    g["logits"][epoch] = np.where(valid[:, None], logits, np.nan).astype(np.float32)
+    g["true_prob"][epoch] = tp
+    g["correct"][epoch] = correct
+    g["loss"][epoch] = np.where(valid, dyn.loss, np.nan).astype(np.float32)
+
+
+def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, gen, amp: bool,
+               batch_size: int = 1024) -> _Dyn:
+    c = model.head.out_features
+    logits = np.full((data.m, c), np.nan, np.float32)
+    loss = np.full(data.m, np.nan, np.float32)
+    model.eval()
+    order = iter([np.arange(data.m)]) if data.in_memory else iter(
+        [np.arange(s, min(data.m, s + data.chunk)) for s in range(0, data.m, data.chunk)])
+    for idx, xb in data.batches(order, batch_size):
+        keep = data.valid[idx]
+        if not keep.any():
+            continue
+        idx = idx[keep]
+        xb = data.to_float(xb[torch.from_numpy(keep)]).to(device, non_blocking=True)
+        yb = labels_t[torch.from_numpy(idx)].to(device)
+        if attack is not None:
+            xb = pgd(model, xb, yb, attack, generator=gen)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(_layout(xb, device)).float()
+        logits[idx] = out.cpu().numpy()
+        loss[idx] = F.cross_entropy(out, yb, reduction="none").cpu().numpy()
+    return _Dyn(logits, loss)
+
+
+def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
+
+
+def _ckpt_name(epoch: int) -> str:
+    return f"ckpt-{epoch:04d}.pt"
+
+
+def _save(url: str, obj: dict, storage_options: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(url, buf.getvalue(), storage_options)
+
+
+def _load(url: str, storage_options: dict) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
+
+
+def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *, full: bool = False,
+          on_error: str = "fail", scheduler: str | None = "local", force: bool = False,
+          storage_options: dict | None = None) -> dict:
+    """Train on the subset (or on all rows with ``full``) and record per-epoch dynamics."""
+    from streamprune.subset import subset_rows
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    key = "train-full" if full else "train"
+    cat_m = ws.require("catalog", key)
+    inputs = {"catalog": cat_m["fingerprint"]}
+    if not full:
+        inputs["subset"] = ws.require("subset", key)["fingerprint"]
+    config = {"train": cfg.fingerprint_dict(), "decode": decode.to_dict(), "on_error": on_error}
+    run = ws.begin("train", config, inputs, force=force, key=key)
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    t0 = time.time()
+    rows = np.arange(cat_m["counts"]["n_samples"], dtype=np.int64) if full else subset_rows(ws)
+    if len(rows) == 0:
+        raise StreamPruneError(f"{key}: no rows to train on")
+    pseudo_k = _pseudo_k(cfg.labels)
+    if pseudo_k and decode.label_key != "none":
+        decode = DecodeConfig(**{**decode.to_dict(), "label_key": "none"})
+    layout = build_cache(ws, run, key, rows, decode, on_error, scheduler, cfg.chunk_rows,
+                         None if pseudo_k else cfg.num_classes)
+    t_cache = time.time() - t0
+
+    data = SubsetData(ws, key, cfg.memory_budget)
+    labels = data.labels.copy()
+    extra: dict = {}
+    if pseudo_k:
+        from streamprune.pseudo import kmeans
+
+        vecs = data.to_float(torch.from_numpy(data.x_arr[:])).reshape(data.m, -1).numpy()
+        plabels, centroids = kmeans(vecs[data.valid], pseudo_k, seed=cfg.seed)
+        labels = np.full(data.m, -1, np.int64)
+        labels[data.valid] = plabels
+        _save(ws.path(key, "pseudo.pt"), {"centroids": torch.from_numpy(centroids), "k": pseudo_k}, ws.storage_options)
+        data.labels = labels
+        extra["pseudo_k"] = pseudo_k
+    num_classes = cfg.num_classes or int(labels[data.valid].max()) + 1
+    if num_classes < 2:
+        raise StreamPruneError(f"{key}: found only {num_classes} class among the labels; need at least 2")
+    result = _fit(ws, run, key, cfg, data, labels, num_classes)
+    n_valid = int(data.valid.sum())
+    return run.commit(
+        outputs={"cache": f"{key}/cache.zarr", "dynamics": f"{key}/dynamics.zarr", "model": f"{key}/model.pt"},
+        counts={"n_rows": len(rows), "n_valid": n_valid, "epochs": cfg.epochs, "num_classes": num_classes,
+                "sample_epochs": n_valid * cfg.epochs, **extra},
+        timings={"cache_s": round(t_cache, 3), "train_s": round(result["train_s"], 3),
+                 "samples_per_s": round(n_valid * cfg.epochs / max(result["train_s"], 1e-9), 1),
+                 "device": result["device"], "in_memory": data.in_memory})
+
+
+def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetData, labels: np.ndarray,
+         num_classes: int) -> dict:
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    model = build_model(cfg.model, data.shape, num_classes, **cfg.model_kwargs).to(device)
+    if device.type == "cuda" and data.is_image:
+        model = model.to(memory_format=torch.channels_last)
+    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    n_valid = int(data.valid.sum())
+    steps_per_epoch = max(1, math.ceil(n_valid / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    attack = parse_attack(cfg.adversarial, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size,
+                          clamp=(0.0, 1.0) if data.is_image else None)
+    labels_t = torch.from_numpy(np.where(labels < 0, 0, labels))
+    ckpt_dir = storage.join(ws.path("_stages", key, run.fingerprint[:16]), "ckpt")
+
+    start_epoch = 0
+    ckpts = sorted(n for n in storage.listdir(ckpt_dir, ws.storage_options) if n.startswith("ckpt-"))
+    if ckpts:
+        state = _load(storage.join(ckpt_dir, ckpts[-1]), ws.storage_options)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        g = _dyn_group(ws, key, data.m, num_classes, cfg.epochs, create=False)
+        log.info("%s: resuming after epoch %d", key, start_epoch - 1)
+    else:
+        g = _dyn_group(ws, key, data.m, num_classes, cfg.epochs, create=True)
+
+    t0 = time.time()
+    bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{key} epochs", unit="epoch",
+               disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
+    for epoch in range(start_epoch, cfg.epochs):
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        model.train()
+        train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
+        train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None
+        seen = 0
+        for idx, xb in data.batches(data.train_order(gen), cfg.batch_size):
+            xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
+            yb = labels_t[torch.from_numpy(idx)].to(device, non_blocking=True)
+            if attack is not None:
+                xb = pgd(model, xb, yb, attack, generator=gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(_layout(xb, device))
+            loss_each = F.cross_entropy(out.float(), yb, reduction="none")
+            opt.zero_grad(set_to_none=True)
+            loss_each.mean().backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+            if train_logits is not None:
+                train_logits[idx] = out.detach().float().cpu().numpy()
+                train_loss[idx] = loss_each.detach().cpu().numpy()
+        if cfg.dynamics == "train":
+            dyn = _Dyn(train_logits, train_loss)
+        else:
+            dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
+        _write_epoch(g, epoch, dyn, labels, data.valid)
+        _save(storage.join(ckpt_dir, _ckpt_name(epoch)),
+              {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+               "rng": torch.get_rng_state(), "epoch": epoch}, ws.storage_options)
+        for old in ckpts_before(ckpt_dir, epoch, ws.storage_options):
+            storage.remove(storage.join(ckpt_dir, old), ws.storage_options)
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.nanmean(dyn.loss):.3f}", acc=f"{float((dyn.logits.argmax(1) == labels)[data.valid].mean()):.3f}")
+    bar.close()
+    train_s = time.time() - t0
+    _save(ws.path(key, "model.pt"), {"spec": model_spec(model), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                                     "input_shape": list(data.shape), "num_classes": num_classes,
+                                     "is_image": data.is_image}, ws.storage_options)
+    storage.write_bytes_atomic(ws.path(key, "labels.npy"), _npy(labels), ws.storage_options)
+    return {"train_s": train_s, "device": str(device)}
+
+
+def ckpts_before(ckpt_dir: str, epoch: int, storage_options: dict) -> list[str]:
+    """Checkpoints older than ``epoch`` (only the latest is kept)."""
+    return [n for n in storage.listdir(ckpt_dir, storage_options)
+            if n.startswith("ckpt-") and n.endswith(".pt") and int(n[5:9]) < epoch]
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def load_model(ws: Workspace, key: str = "train") -> tuple[torch.nn.Module, dict]:
+    """The trained model of stage ``key`` (eval mode, CPU) and its metadata."""
+    ws.require(key, "load model")
+    state = _load(ws.path(key, "model.pt"), ws.storage_options)
+    model = build_from_spec(state["spec"])
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model, state
+
+
+def load_labels(ws: Workspace, key: str = "train") -> np.ndarray:
+    """Labels used for training (true or pseudo), aligned with the trained rows; -1 = invalid."""
+    return np.load(io.BytesIO(storage.read_bytes(ws.path(key, "labels.npy"), ws.storage_options)))

@@ -1,0 +1,173 @@
+"""Subset training and seed scores: dynamics, resume after SIGKILL, bad input, paradigms."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from streamprune.decode import DecodeConfig
+from streamprune.scoring import compute_scores, read_score
+from streamprune.shards import Catalog, ErrorPolicy, catalog, read_rows
+from streamprune.subset import subset, subset_rows
+from streamprune.train import TrainConfig, load_labels, train
+from streamprune.workspace import Workspace
+from helpers import kill_when, run_cli
+from shardgen import make_samples, write_shards
+from streamprune.tario import write_tar
+
+
+@pytest.fixture
+def vec_ws(tmp_path):
+    """A catalogued 8-shard set of 16-d feature vectors (4 classes) with a 50 % subset."""
+    shards = write_shards(str(tmp_path / "data"), 8, 60, kind="npy", dim=16)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    return ws
+
+
+def _dyn(ws, key="train"):
+    return zarr.open_group(os.path.join(ws, key, "dynamics.zarr"), mode="r")
+
+
+def test_train_records_dynamics_and_scores(vec_ws):
+    cfg = TrainConfig(model="mlp", epochs=6, batch_size=32, lr=0.05)
+    m = train(vec_ws, cfg, DecodeConfig(), scheduler="sync")
+    n = len(subset_rows(Workspace(vec_ws)))
+    assert m["counts"]["n_valid"] == n and m["counts"]["num_classes"] == 4
+    assert m["counts"]["sample_epochs"] == 6 * n
+    g = _dyn(vec_ws)
+    assert g["logits"].shape == (6, n, 4) and g["true_prob"].shape == (6, n)
+    tp = g["true_prob"][:]
+    assert np.isfinite(tp).all() and tp[-1].mean() > 0.8  # the model learns the separable classes
+    markers = compute_scores(vec_ws, ["du", "el2n", "forgetting", "aum"], params={"window": 3})
+    du = read_score(Workspace(vec_ws), "du")
+    assert du.shape == (n,) and np.isfinite(du).all() and markers[0]["config"]["params"] == {"window": 3}
+    # A second request re-uses training and the finished scores.
+    again = compute_scores(vec_ws, ["du", "tdds"], params={"window": 3})
+    assert again[0].get("skipped") and not again[1].get("skipped")
+    assert train(vec_ws, cfg, DecodeConfig(), scheduler="sync").get("skipped")
+
+
+def test_streaming_cache_and_train_pass_dynamics(vec_ws):
+    cfg = TrainConfig(model="mlp", epochs=4, batch_size=32, lr=0.05, memory_budget=1000, chunk_rows=32,
+                      dynamics="train")
+    m = train(vec_ws, cfg, DecodeConfig(), scheduler="threads")
+    assert m["timings"]["in_memory"] is False
+    tp = _dyn(vec_ws)["true_prob"][:]
+    assert np.isfinite(tp).all() and tp[-1].mean() > 0.7
+
+
+def test_full_training_writes_full_scores(vec_ws):
+    cfg = TrainConfig(model="mlp", epochs=3, batch_size=64)
+    train(vec_ws, cfg, DecodeConfig(), full=True, scheduler="sync")
+    compute_scores(vec_ws, ["el2n"], full=True)
+    full = read_score(Workspace(vec_ws), "el2n", full=True)
+    assert full.shape == (480,) and np.isfinite(full).all()
+
+
+def test_pseudo_labels(vec_ws):
+    cfg = TrainConfig(model="mlp", epochs=3, labels="pseudo:4")
+    m = train(vec_ws, cfg, DecodeConfig(label_key="cls"), scheduler="sync")
+    labels = load_labels(Workspace(vec_ws))
+    assert m["counts"]["pseudo_k"] == 4 and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert len(np.unique(labels)) == 4
+
+
+def test_adversarial_training_changes_dynamics(vec_ws, tmp_path):
+    base = TrainConfig(model="mlp", epochs=3, batch_size=64)
+    train(vec_ws, base, DecodeConfig(), scheduler="sync")
+    clean = _dyn(vec_ws)["true_prob"][:]
+    adv = TrainConfig(model="mlp", epochs=3, batch_size=64, adversarial="l2:1.0", pgd_steps=2)
+    m = train(vec_ws, adv, DecodeConfig(), scheduler="sync", force=True)
+    robust = _dyn(vec_ws)["true_prob"][:]
+    assert m["config"]["train"]["adversarial"] == "l2:1.0"
+    assert np.isfinite(robust).all() and robust[-1].mean() < clean[-1].mean()  # recorded on attacked inputs
+
+
+def test_mislabelled_demo_samples_stand_out(tmp_path):
+    from streamprune.demo import make_demo
+
+    info = make_demo(str(tmp_path / "demo"), n_shards=4, augment=1)
+    ws = str(tmp_path / "ws")
+    catalog(info["train"], ws, scheduler="sync")
+    subset(ws, fraction=0.6, seed=0)
+    train(ws, TrainConfig(model="cnn", epochs=10, batch_size=64, lr=0.05), DecodeConfig(), scheduler="sync")
+    compute_scores(ws, ["el2n", "aum", "forgetting", "du"], params={"window": 5})
+    w = Workspace(ws)
+    rows = subset_rows(w)
+    noisy = np.array([json.loads(s.members["json"])["noisy"] for _, s in read_rows(Catalog(w), rows, ErrorPolicy())])
+    assert 0.05 < noisy.mean() < 0.15
+    el2n, aum, forg = read_score(w, "el2n"), read_score(w, "aum"), read_score(w, "forgetting")
+
+    def auc(score, positive):  # probability that a noisy sample scores higher than a clean one
+        from scipy.stats import mannwhitneyu
+
+        return mannwhitneyu(score[positive], score[~positive]).statistic / (positive.sum() * (~positive).sum())
+
+    assert auc(el2n, noisy) > 0.85
+    assert auc(-aum, noisy) > 0.85  # AUM lowest for mislabelled samples
+    assert forg[noisy].mean() > forg[~noisy].mean()
+
+
+def test_training_killed_mid_epoch_resumes_identically(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 4, 100, kind="npy", dim=16)
+    args = ["--score", "du,el2n", "--epochs", "6", "--model", "mlp", "--batch-size", "16", "--window", "3",
+            "--scheduler", "sync", "--fraction", "0.8"]
+    ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
+    for w in (ref, ws):
+        run_cli("catalog", *shards, "-w", w, "--scheduler", "sync")
+    run_cli("score", "-w", ref, *args)
+
+    def mid_training():
+        ck = [f for d, _, fs in os.walk(os.path.join(ws, "_stages", "train")) for f in fs if f.startswith("ckpt-")]
+        return any(f >= "ckpt-0002.pt" for f in ck)
+
+    kill_when(["score", "-w", ws, *args], mid_training)
+    assert not os.path.exists(os.path.join(ws, "_stages", "train.json"))
+    run_cli("score", "-w", ws, *args)
+    for name in ("logits", "true_prob", "correct", "loss"):
+        np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
+    for s in ("du", "el2n"):
+        np.testing.assert_array_equal(read_score(Workspace(ref), s), read_score(Workspace(ws), s))
+
+
+def _bad_label_shards(d):
+    os.makedirs(d, exist_ok=True)
+    good = make_samples(20, kind="npy", dim=8)
+    nolabel = make_samples(5, start=20, kind="npy", dim=8)
+    del nolabel[2][1]["cls"]
+    broken = make_samples(5, start=40, kind="png")
+    broken[3][1]["png"] = b"\x89PNG not really"
+    write_tar(os.path.join(d, "a.tar"), good)
+    write_tar(os.path.join(d, "b.tar"), nolabel)
+    write_tar(os.path.join(d, "c.tar"), broken)
+    return [os.path.join(d, n) for n in ("a.tar", "b.tar", "c.tar")]
+
+
+def test_missing_label_is_one_clear_line(tmp_path):
+    shards = _bad_label_shards(str(tmp_path / "data"))
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync")
+    out = run_cli("score", "-w", ws, "--fraction", "1.0", "--epochs", "2", "--model", "mlp", "--scheduler", "sync",
+                  "--window", "2", check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "b.tar, key s0000022: missing label" in out.stderr
+
+
+def test_label_out_of_range_and_undecodable_skipped(tmp_path):
+    shards = _bad_label_shards(str(tmp_path / "data"))
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", shards[0], shards[2], "-w", ws, "--scheduler", "sync")
+    out = run_cli("score", "-w", ws, "--fraction", "1.0", "--epochs", "2", "--model", "mlp", "--num-classes", "3",
+                  "--scheduler", "sync", "--window", "2", "--input", "vector", check=False)
+    assert out.returncode == 1 and "label 3 out of range [0, 3)" in out.stderr and out.stderr.count("\n") == 1
+    # The png shard has no .npy vectors: with skip, each of its samples is recorded, none dropped silently.
+    out = run_cli("score", "-w", ws, "--fraction", "1.0", "--epochs", "2", "--model", "mlp", "--scheduler", "sync",
+                  "--window", "2", "--input", "vector", "--on-error", "skip", "--force")
+    errors = [json.loads(line) for line in open(os.path.join(ws, "errors.jsonl"))]
+    assert sorted(e["key"] for e in errors if e["stage"] == "train") == [f"s{i:07d}" for i in range(40, 45)]
+    du = read_score(Workspace(ws), "du")
+    assert np.isnan(du).sum() == 5 and np.isfinite(du).sum() == 20
