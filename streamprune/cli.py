@@ -178,6 +178,36 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
 
 @cli.command()
 @workspace_options
+@run_options
+@decode_options
+@click.option("--encoder", default="subset", show_default=True,
+              help="subset (the subset-trained model), features (the sample's .npy), or package.module:factory.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--chunk-rows", type=int, default=None, help="Rows per task and zarr chunk (default: >= 1 MB).")
+@click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task.")
+def embed(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, encoder, dtype,
+          batch_size, chunk_rows, normalize, device, threads):
+    """Embed every sample into embeddings.zarr (N, D), with labels and a valid mask."""
+    from streamprune.decode import DecodeConfig
+    from streamprune.embed import embed as run
+
+    decode = None
+    if encoder != "subset" or image_size is not None or input_kind != "auto" or label_key != "cls":
+        decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
+    m = run(workspace, encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, normalize=normalize,
+            decode=decode, device=device, threads=threads, on_error=on_error, scheduler=scheduler, force=force,
+            storage_options=storage_options)
+    _report(m, "embed")
+    c, t = m["counts"], m["timings"]
+    click.echo(f"embed: {c['n_valid']} of {c['n']} rows -> {c['dim']}-d vectors in {t['embed_s']:.1f}s "
+               f"({t['rows_per_s']:.0f} rows/s)" + (f"; {c['errors']} errors recorded" if c["errors"] else ""))
+
+
+@cli.command()
+@workspace_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(workspace, storage_options, as_json):
     """Stages done, counts, artifact locations and errors of a workspace."""
@@ -220,7 +250,6 @@ def _not_implemented(name: str, summary: str):
 
 
 for _name, _summary in [
-    ("embed", "Embed every sample into embeddings.zarr"),
     ("index", "Build the kNN index and neighbour graphs"),
     ("extrapolate", "Predict scores for every row"),
     ("prune", "Select samples and write shard lists or new shards"),

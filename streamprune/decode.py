@@ -70,9 +70,9 @@ def _decode_image(data: bytes, cfg: DecodeConfig, shard: str, key: str) -> np.nd
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
             mode = cfg.image_mode if cfg.image_mode != "auto" else ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")
-            img = img.convert(mode)
+            if img.mode != mode:
+                img = img.convert(mode)
             if cfg.image_size is not None and img.size != (cfg.image_size, cfg.image_size):
                 img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
@@ -138,11 +138,12 @@ def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: 
 
     rows = np.asarray(rows, np.int64)
     pos = {int(r): i for i, r in enumerate(rows)}
+    shard_of = dict(zip(rows.tolist(), cat.shard_of(rows).tolist()))
     xs: np.ndarray | None = None
     labels = np.full(len(rows), -1, np.int64)
     valid = np.zeros(len(rows), bool)
     for row, sample in read_rows(cat, rows, handler):
-        shard = cat.shards.url.iloc[int(cat.shard_of([row])[0])]
+        shard = cat.urls[shard_of[row]]
         try:
             x = decode_input(sample, cfg, shard)
             y = decode_label(sample, cfg, shard)

@@ -200,7 +200,7 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
     bounds = np.flatnonzero(np.diff(shard_idx)) + 1
     for group in np.split(np.arange(len(rows)), bounds):
         s = int(shard_idx[group[0]])
-        url = cat.shards.url.iloc[s]
+        url = cat.urls[s]
         part = cat.part(s)
         local = rows[group] - cat.row_start[s]
         offs = part.offset.to_numpy()[local]
@@ -322,6 +322,7 @@ class Catalog:
         self.shards = pd.read_parquet(io.BytesIO(data))
         self.n_samples = int(self.shards.n_samples.sum())
         self.row_start = self.shards.row_start.to_numpy(np.int64)
+        self.urls: list[str] = self.shards.url.tolist()
         self._parts: dict[int, pd.DataFrame] = {}
 
     @property

@@ -37,6 +37,21 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def command_for(stage: str) -> str:
+    """The CLI command that produces a stage marker (e.g. 'train-full' -> 'score --full')."""
+    if stage == "train":
+        return "score"
+    if stage == "train-full":
+        return "score --full"
+    if stage.startswith("score-"):
+        name = stage[len("score-"):]
+        return f"score --score {name[:-5]} --full" if name.endswith("-full") else f"score --score {name}"
+    for prefix in ("index", "extrapolate", "prune"):
+        if stage.startswith(prefix + "-"):
+            return prefix
+    return stage
+
+
 def _compatible(version_a: str, version_b: str) -> bool:
     """Workspaces are compatible across patch releases (same major.minor)."""
     return version_a.split(".")[:2] == version_b.split(".")[:2]
@@ -107,7 +122,8 @@ class Workspace:
         """The marker of an upstream stage, or a clear error saying which command to run first."""
         m = self.marker(stage)
         if m is None:
-            raise StreamPruneError(f"{for_stage}: stage '{stage}' has not run in {self.url}; run `streamprune {stage}` first")
+            raise StreamPruneError(f"{for_stage}: stage '{stage}' has not run in {self.url}; "
+                                   f"run `streamprune {command_for(stage)}` first")
         return m
 
     def begin(self, stage: str, config: dict, inputs: dict, force: bool = False, key: str | None = None) -> "StageRun":

@@ -1,0 +1,221 @@
+"""The chunked embedding pass: every sample to ``embeddings.zarr``, in parallel and resumable.
+
+Built as four pieces (after clip-retrieval's ``clip_inference``):
+
+* **reader** — :func:`streamprune.decode.decode_rows` reads a chunk's rows by byte range (catalog
+  offsets) and decodes them, so any chunk can be recomputed alone;
+* **mapper** — :class:`Encoder` turns decoded inputs into vectors (the subset-trained model's
+  penultimate layer, the sample's own ``.npy`` features, or a user factory);
+* **writer** — :func:`write_chunk` stores a chunk's rows of ``emb``, ``labels`` and ``valid``;
+* **runner** — :func:`embed` plans one task per chunk of ``chunk_rows`` rows (the zarr chunk
+  size, so each task owns whole chunks), runs them with dask and records finished chunks.
+
+Batches always start at chunk boundaries and have a fixed size, and torch runs with a fixed
+thread count, so float32 embeddings on CPU are bitwise identical whatever the number of workers
+and across a kill and resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import zarr
+
+from streamprune import storage
+from streamprune.compute import map_tasks
+from streamprune.decode import DecodeConfig, decode_rows
+from streamprune.errors import StreamPruneError
+from streamprune.shards import Catalog, ErrorPolicy
+from streamprune.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+_ENCODERS: dict[tuple, "Encoder"] = {}  # one loaded model per worker process and configuration
+
+
+class Encoder:
+    """Maps decoded inputs (uint8 images or float vectors) to embedding vectors."""
+
+    def __init__(self, ws: Workspace, kind: str, normalize: bool, device: str, threads: int,
+                 input_shape: tuple[int, ...]):
+        from streamprune.train import load_model, resolve_device
+
+        self.kind = kind
+        self.normalize = normalize
+        self.device = resolve_device(device)
+        self.threads = threads
+        self.model = None
+        if kind == "subset":
+            self.model, meta = load_model(ws, "train")
+            if tuple(meta["input_shape"]) != tuple(input_shape):
+                raise StreamPruneError(f"embed: samples decode to shape {tuple(input_shape)} but the subset model "
+                                       f"was trained on {tuple(meta['input_shape'])}")
+        elif kind != "features":
+            from streamprune.models import build_model
+
+            self.model = build_model(kind, input_shape, num_classes=2)
+            self.model.eval()
+        if self.model is not None:
+            self.model.to(self.device)
+
+    def __call__(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """Embeddings (n, D) float32 of inputs (n, ...)."""
+        if self.kind == "features":
+            out = x.reshape(len(x), -1).astype(np.float32)
+        else:
+            torch.set_num_threads(self.threads)
+            parts = []
+            amp = self.device.type == "cuda"
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                for b in range(0, len(x), batch_size):
+                    xb = torch.from_numpy(x[b:b + batch_size])
+                    xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
+                    parts.append(self.model.embed(xb.to(self.device)).float().cpu().numpy())
+            out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        if self.normalize and len(out):
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.embed_dim) if self.model is not None else -1
+
+
+def _encoder(ws: Workspace, fp: str, kind: str, normalize: bool, device: str, threads: int,
+             input_shape: tuple) -> Encoder:
+    key = (ws.url, fp, kind, normalize, device, threads, tuple(input_shape))
+    if key not in _ENCODERS:
+        _ENCODERS.clear()
+        _ENCODERS[key] = Encoder(ws, kind, normalize, device, threads, input_shape)
+    return _ENCODERS[key]
+
+
+def write_chunk(group: zarr.Group, r0: int, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> None:
+    """Writer: one chunk's rows of emb/labels/valid (the caller owns these chunks)."""
+    group["emb"][r0:r0 + len(labels)] = emb
+    group["labels"][r0:r0 + len(labels)] = labels
+    group["valid"][r0:r0 + len(labels)] = valid
+
+
+def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
+    cat = Catalog(ws)
+    handler = ErrorPolicy(spec["on_error"], stage="embed")
+    rows = np.arange(r0, r1, dtype=np.int64)
+    x, labels, valid = decode_rows(cat, rows, DecodeConfig(**spec["decode"]), handler, tuple(spec["input_shape"]))
+    enc = _encoder(ws, fp, spec["encoder"], spec["normalize"], spec["device"], spec["threads"],
+                   tuple(spec["input_shape"]))
+    emb = np.zeros((len(rows), spec["dim"]), np.float32)
+    if valid.any():
+        emb[valid] = enc(x[valid], spec["batch_size"])
+    bad = valid & ~np.isfinite(emb).all(axis=1)
+    for i in np.flatnonzero(bad):
+        from streamprune.errors import SampleError
+
+        shard = cat.shards.url.iloc[int(cat.shard_of([rows[i]])[0])]
+        handler.handle(SampleError("embedding contains NaN/inf", shard, str(cat.keys([rows[i]])[0]), reason="nan"))
+    valid &= ~bad
+    emb[~valid] = 0
+    if spec["pseudo"] is not None:
+        from streamprune.pseudo import assign
+
+        centroids = np.asarray(spec["pseudo"], np.float32)
+        flat = x.reshape(len(x), -1).astype(np.float32)
+        if flat.dtype == np.float32 and x.dtype == np.uint8:
+            flat /= 255.0
+        labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r+")
+    write_chunk(group, r0, emb.astype(spec["dtype"]), labels, valid)
+    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records}
+
+
+def _probe(cat: Catalog, decode: DecodeConfig, on_error: str, n: int) -> tuple[tuple, np.dtype]:
+    handler = ErrorPolicy(on_error, stage="embed")
+    for start in range(0, n, 64):
+        x, _, valid = decode_rows(cat, np.arange(start, min(n, start + 64)), decode, handler, None)
+        if valid.any():
+            return tuple(x.shape[1:]), x.dtype
+    raise StreamPruneError("embed: no decodable sample in the catalog")
+
+
+def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "float32", batch_size: int = 256,
+          chunk_rows: int | None = None, normalize: bool = False, decode: DecodeConfig | None = None,
+          device: str = "auto", threads: int = 1, on_error: str = "fail", scheduler: str | None = "local",
+          force: bool = False, storage_options: dict | None = None) -> dict:
+    """Embed every catalogued sample into ``embeddings.zarr`` (N, D) with labels and a valid mask."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    if dtype not in ("float16", "float32"):
+        raise StreamPruneError(f"--dtype must be float16 or float32, not {dtype!r}")
+    ErrorPolicy(on_error)
+    cat_m = ws.require("catalog", "embed")
+    inputs = {"catalog": cat_m["fingerprint"]}
+    pseudo = None
+    if encoder == "subset":
+        train_m = ws.require("train", "embed")
+        inputs["train"] = train_m["fingerprint"]
+        if decode is None:
+            decode = DecodeConfig(**train_m["config"]["decode"])
+        if train_m["counts"].get("pseudo_k"):
+            pseudo = _load_pseudo(ws)
+    decode = decode or DecodeConfig()
+    n = int(cat_m["counts"]["n_samples"])
+    cat = Catalog(ws)
+    input_shape, in_dtype = _probe(cat, decode, on_error, n)
+    probe_enc = Encoder(ws, encoder, normalize, device, threads, input_shape)
+    dim = probe_enc.dim if probe_enc.dim > 0 else int(np.prod(input_shape))
+    if encoder == "features" and len(input_shape) != 1:
+        raise StreamPruneError("embed --encoder features needs samples with an .npy vector (use --input vector)")
+    itemsize = np.dtype(dtype).itemsize
+    if chunk_rows is None:  # >= ~1 MB per chunk, and at least 4096 rows per task
+        chunk_rows = max(4096, 1 << math.ceil(math.log2(max(1, (1 << 20) // (dim * itemsize)))))
+    config = {"encoder": encoder, "dtype": dtype, "normalize": normalize, "decode": decode.to_dict(),
+              "chunk_rows": chunk_rows, "batch_size": batch_size, "threads": threads, "on_error": on_error}
+    run = ws.begin("embed", config, inputs, force=force)
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    t0 = time.time()
+    url = ws.path("embeddings.zarr")
+    layout = run.chunk_done("layout")
+    if layout is None:
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
+        group.create_array("emb", shape=(n, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0,
+                           compressors=None)
+        group.create_array("labels", shape=(n,), chunks=(chunk_rows,), dtype="int64", fill_value=-1)
+        group.create_array("valid", shape=(n,), chunks=(chunk_rows,), dtype="bool", fill_value=False)
+        group.attrs.update({"encoder": encoder, "dim": dim, "input_shape": list(input_shape)})
+        run.mark_chunk("layout", {"dim": dim})
+    done = run.done_chunks()
+    todo = [c for c in range(math.ceil(n / chunk_rows)) if str(c) not in done]
+    spec = {"on_error": on_error, "decode": decode.to_dict(), "input_shape": list(input_shape), "encoder": encoder,
+            "normalize": normalize, "device": device, "threads": threads, "dim": dim, "batch_size": batch_size,
+            "dtype": dtype, "pseudo": pseudo}
+
+    def _record(i: int, result: dict) -> None:
+        run.mark_chunk(todo[i], {"n": result["n"], "n_valid": result["n_valid"]}, errors=result["errors"])
+
+    map_tasks(_embed_task, [(ws, run.fingerprint, c * chunk_rows, min(n, (c + 1) * chunk_rows), spec) for c in todo],
+              scheduler=scheduler, desc="embed", unit="row",
+              weights=[min(n, (c + 1) * chunk_rows) - c * chunk_rows for c in todo], on_result=_record)
+    group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r")
+    n_valid = sum(int(group["valid"][s:s + chunk_rows].sum()) for s in range(0, n, chunk_rows))
+    wall = time.time() - t0
+    return run.commit(outputs={"embeddings": "embeddings.zarr"},
+                      counts={"n": n, "n_valid": n_valid, "dim": dim},
+                      timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1)})
+
+
+def _load_pseudo(ws: Workspace) -> list:
+    import io
+
+    state = torch.load(io.BytesIO(storage.read_bytes(ws.path("train", "pseudo.pt"), ws.storage_options)),
+                       map_location="cpu", weights_only=False)
+    return state["centroids"].numpy().tolist()
+
+
+def open_embeddings(ws: Workspace) -> zarr.Group:
+    """The embeddings group (emb, labels, valid), read-only."""
+    ws.require("embed", "read embeddings")
+    return zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")

@@ -1,0 +1,143 @@
+"""Embedding pass: identical across schedulers and after SIGKILL + resume; bad input; encoders."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from streamprune.decode import DecodeConfig
+from streamprune.embed import embed, open_embeddings
+from streamprune.errors import StreamPruneError
+from streamprune.shards import catalog
+from streamprune.subset import subset
+from streamprune.train import TrainConfig, train
+from streamprune.workspace import Workspace
+from helpers import count_files, kill_when, run_cli
+from shardgen import make_samples, write_shards
+from streamprune.tario import write_tar
+
+
+def _trained(tmp_path, name="ws", shards=None):
+    shards = shards or write_shards(str(tmp_path / "data"), 6, 40)
+    ws = str(tmp_path / name)
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    train(ws, TrainConfig(model="cnn", epochs=2, batch_size=32), DecodeConfig(), scheduler="sync")
+    return ws, shards
+
+
+def _emb(ws):
+    g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
+    return g["emb"][:], g["labels"][:], g["valid"][:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("embed-ref")
+    ws, shards = _trained(tmp)
+    m = embed(ws, chunk_rows=32, scheduler="sync")
+    return ws, shards, m, _emb(ws)
+
+
+def test_embeddings_shape_labels_and_chunks(reference):
+    ws, _, m, (emb, labels, valid) = reference
+    assert emb.shape == (240, 128) and emb.dtype == np.float32 and valid.all()
+    assert np.array_equal(labels, np.arange(240) % 4)
+    assert m["counts"] == {"n": 240, "n_valid": 240, "dim": 128, "errors": 0}
+    assert zarr.open_group(os.path.join(ws, "embeddings.zarr"))["emb"].chunks == (32, 128)
+    # The penultimate layer of the trained model, eval mode, inputs scaled to [0, 1].
+    from streamprune.train import SubsetData, load_model
+
+    model, _ = load_model(Workspace(ws))
+    data = SubsetData(Workspace(ws), "train", 1 << 30)
+    rows = zarr.open_array(os.path.join(ws, "subset", "rows.zarr"))[:]
+    import torch
+
+    with torch.no_grad():
+        direct = model.embed(data.to_float(data.x[:5])).numpy()
+    np.testing.assert_allclose(emb[rows[:5]], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_identical_on_dask_worker_processes(reference, tmp_path, dask_cluster):
+    ws, _, _, ref = reference
+    ws2 = str(tmp_path / "copy")
+    import shutil
+
+    shutil.copytree(ws, ws2, ignore=shutil.ignore_patterns("embeddings.zarr", "embed.json"))
+    embed(ws2, chunk_rows=32, scheduler=dask_cluster)
+    for a, b in zip(ref, _emb(ws2)):
+        assert np.array_equal(a, b)  # bitwise
+
+
+def test_killed_and_resumed_is_identical(reference, tmp_path):
+    ws, _, _, ref = reference
+    ws2 = str(tmp_path / "copy")
+    import shutil
+
+    shutil.copytree(ws, ws2, ignore=shutil.ignore_patterns("embeddings.zarr", "embed.json"))
+    chunks = os.path.join(ws2, "_stages", "embed")
+    kill_when(["embed", "-w", ws2, "--chunk-rows", "32", "--scheduler", "sync"],
+              lambda: count_files(chunks, ".json") >= 4, env={"STREAMPRUNE_TASK_DELAY": "0.3"})
+    assert not os.path.exists(os.path.join(ws2, "_stages", "embed.json"))
+    out = run_cli("embed", "-w", ws2, "--chunk-rows", "32", "--scheduler", "sync")
+    assert "240 of 240 rows" in out.stdout
+    for a, b in zip(ref, _emb(ws2)):
+        assert np.array_equal(a, b)
+
+
+def test_features_encoder_float16_and_normalize(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 3, 30, kind="npy", dim=12)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    embed(ws, encoder="features", dtype="float16", normalize=True, scheduler="threads",
+          decode=DecodeConfig(input="vector"))
+    g = open_embeddings(Workspace(ws))
+    emb = g["emb"][:]
+    assert emb.dtype == np.float16 and emb.shape == (90, 12)
+    np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_user_factory_encoder(tmp_path, monkeypatch):
+    (tmp_path / "myenc.py").write_text(
+        "import torch\n"
+        "def make(input_shape, num_classes):\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7), torch.nn.ReLU(),\n"
+        "                               torch.nn.Linear(7, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shards = write_shards(str(tmp_path / "data"), 2, 20)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    m = embed(ws, encoder="myenc:make", scheduler="sync", decode=DecodeConfig())
+    assert m["counts"]["dim"] == 7 and open_embeddings(Workspace(ws))["emb"].shape == (40, 7)
+
+
+def test_undecodable_rows_flagged_invalid(tmp_path):
+    d = tmp_path / "data"
+    shards = write_shards(str(d), 3, 20)
+    bad = make_samples(10, start=500)
+    bad[4][1]["png"] = b"garbage"
+    write_tar(str(d / "shard-000003.tar"), bad)
+    ws = str(tmp_path / "ws")
+    catalog(shards + [str(d / "shard-000003.tar")], ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    train(ws, TrainConfig(model="cnn", epochs=1, batch_size=32), DecodeConfig(), scheduler="sync", on_error="skip")
+    with pytest.raises(StreamPruneError, match=r"shard-000003\.tar, key s0000504: undecodable image"):
+        embed(ws, scheduler="sync")
+    embed(ws, scheduler="sync", on_error="skip")
+    emb, labels, valid = _emb(ws)
+    assert valid.sum() == 69 and not valid[64] and labels[64] == -1 and (emb[64] == 0).all()
+    errors = [json.loads(line) for line in open(os.path.join(ws, "errors.jsonl"))]
+    assert any(e["stage"] == "embed" and e["key"] == "s0000504" for e in errors)
+    st = json.loads(run_cli("status", "-w", ws, "--json").stdout)
+    assert st["errors"]["by_stage"]["embed"] == 1
+
+
+def test_embed_needs_training(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 1, 5)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    out = run_cli("embed", "-w", ws, check=False)
+    assert out.returncode == 1 and "run `streamprune score` first" in out.stderr and out.stderr.count("\n") == 1
