@@ -206,6 +206,17 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
                f"({t['rows_per_s']:.0f} rows/s)" + (f"; {c['errors']} errors recorded" if c["errors"] else ""))
 
 
+@cli.command("scores")
+@workspace_options
+@click.option("-o", "--output", required=True, help="FILE.parquet or FILE.csv (local or s3://).")
+def scores_cmd(workspace, storage_options, output):
+    """Export url, key, row, label and every score column (seed, full, extrapolated)."""
+    from streamprune.export import export_scores
+
+    info = export_scores(workspace, output, storage_options=storage_options)
+    click.echo(f"scores: {info['rows']} rows, columns {', '.join(info['columns'])} -> {output}")
+
+
 @cli.command()
 @workspace_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -253,7 +264,6 @@ for _name, _summary in [
     ("index", "Build the kNN index and neighbour graphs"),
     ("extrapolate", "Predict scores for every row"),
     ("prune", "Select samples and write shard lists or new shards"),
-    ("scores", "Export scores as parquet/csv"),
     ("evaluate", "Fidelity and pruning curves against full-data scores"),
     ("report", "Plots and a markdown summary"),
     ("run", "Run every stage, skipping those already done"),

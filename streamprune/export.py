@@ -1,0 +1,126 @@
+"""`streamprune scores`: one row per sample with every score array of the workspace.
+
+Columns: ``url, key, row, label`` then, for each score, ``<score>_seed`` (measured on the subset),
+``<score>_full`` (full-data run) and ``<score>_<method>`` for each extrapolation
+(``du_knn``, ``du_gcn``, ``du_label_aware``, ...), empty (null) where not available.  Written
+shard by shard (parquet row groups or appended CSV), so memory holds one shard plus per-row
+score arrays of a few bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import zarr
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.shards import Catalog
+from streamprune.workspace import Workspace
+
+
+def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
+    """Every score array of the workspace as a dense (N,) float32 column (NaN = not available)."""
+    cat_n = ws.require("catalog", "scores")["counts"]["n_samples"]
+    cols: dict[str, np.ndarray] = {}
+    stages = [n[:-5] for n in storage.listdir(ws.path("_stages"), ws.storage_options) if n.endswith(".json")]
+    seed_rows = None
+    for st in sorted(stages):
+        if not st.startswith("score-"):
+            continue
+        marker = ws.read_json("_stages", f"{st}.json")
+        name = marker["config"]["score"]
+        full = st.endswith("-full")
+        arr = zarr.open_array(storage.zarr_store(ws.path(marker["outputs"]["score"]), ws.storage_options), mode="r")[:]
+        if full:
+            cols[f"{name}_full"] = arr.astype(np.float32)
+        else:
+            if seed_rows is None:
+                from streamprune.subset import subset_rows
+
+                seed_rows = subset_rows(ws)
+            col = np.full(cat_n, np.nan, np.float32)
+            col[seed_rows] = arr
+            cols[f"{name}_seed"] = col
+    for st in sorted(stages):
+        if st.startswith("extrapolate-"):
+            marker = ws.read_json("_stages", f"{st}.json")
+            out = marker.get("outputs", {}).get("extrapolated") or marker.get("outputs", {}).get("score")
+            if out is None:
+                continue
+            col = _column_name(out)
+            g = zarr.open_group(storage.zarr_store(ws.path(out), ws.storage_options), mode="r")
+            cols[col] = g["score"][:].astype(np.float32)
+    return cols
+
+
+METHODS = ("label-aware", "propagate", "kernel", "knn", "gcn")
+
+
+def _column_name(path: str) -> str:
+    """'extrapolated/du-label-aware.zarr' -> 'du_label_aware'."""
+    stem = path.rsplit("/", 1)[-1].removesuffix(".zarr")
+    for method in METHODS:
+        if stem.endswith("-" + method):
+            return f"{stem[:-len(method) - 1]}_{method.replace('-', '_')}"
+    return stem.replace("-", "_")
+
+
+def row_labels(ws: Workspace, n: int) -> np.ndarray:
+    """Best-known label per row: embeddings, else full training, else the subset's (-1 unknown)."""
+    if ws.marker("embed") is not None:
+        return zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")["labels"][:]
+    if ws.marker("train-full") is not None:
+        from streamprune.train import load_labels
+
+        return load_labels(ws, "train-full")
+    labels = np.full(n, -1, np.int64)
+    if ws.marker("train") is not None:
+        from streamprune.subset import subset_rows
+        from streamprune.train import load_labels
+
+        labels[subset_rows(ws)] = load_labels(ws, "train")
+    return labels
+
+
+def export_scores(workspace: str | Workspace, output: str, *, storage_options: dict | None = None) -> dict:
+    """Write the per-sample score table to ``output`` (.parquet or .csv, local or s3://)."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    fmt = "parquet" if output.endswith(".parquet") else "csv" if output.endswith(".csv") else None
+    if fmt is None:
+        raise StreamPruneError(f"--output must end with .parquet or .csv: {output}")
+    cat = Catalog(ws)
+    cols = score_columns(ws)
+    labels = row_labels(ws, cat.n_samples)
+    fields = [pa.field("url", pa.string()), pa.field("key", pa.string()), pa.field("row", pa.int64()),
+              pa.field("label", pa.int64())] + [pa.field(c, pa.float32()) for c in cols]
+    schema = pa.schema(fields)
+    sink = io.BytesIO() if storage.is_remote(output) else None
+    target = sink if sink is not None else _local_tmp(output)
+    writer = pq.ParquetWriter(target, schema) if fmt == "parquet" else pacsv.CSVWriter(target, schema)
+    try:
+        for i, part in cat.iter_parts():
+            r0, n = int(cat.row_start[i]), len(part)
+            sl = slice(r0, r0 + n)
+            data = {"url": pa.array([cat.urls[i]] * n, pa.string()), "key": pa.array(part.key.tolist(), pa.string()),
+                    "row": pa.array(np.arange(r0, r0 + n)), "label": pa.array(labels[sl], mask=labels[sl] < 0)}
+            for c, arr in cols.items():
+                data[c] = pa.array(arr[sl], mask=np.isnan(arr[sl]))
+            writer.write_table(pa.table(data, schema=schema))
+    finally:
+        writer.close()
+    if sink is not None:
+        storage.write_bytes_atomic(output, sink.getvalue(), ws.storage_options)
+    else:
+        os.replace(target, output)
+    return {"output": output, "rows": cat.n_samples, "columns": [f.name for f in fields]}
+
+
+def _local_tmp(output: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    return f"{output}.tmp-{os.getpid()}"

@@ -1,0 +1,52 @@
+"""`streamprune scores` export: one row per sample, every score column, parquet and csv."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from streamprune.decode import DecodeConfig
+from streamprune.export import _column_name, export_scores
+from streamprune.scoring import compute_scores, read_score
+from streamprune.shards import catalog
+from streamprune.subset import subset, subset_rows
+from streamprune.train import TrainConfig, train
+from streamprune.workspace import Workspace
+from helpers import run_cli
+from shardgen import write_shards
+
+
+@pytest.mark.parametrize("path,col", [("extrapolated/du-knn.zarr", "du_knn"), ("extrapolated/du-gcn.zarr", "du_gcn"),
+                                      ("extrapolated/el2n-label-aware.zarr", "el2n_label_aware")])
+def test_column_names(path, col):
+    assert _column_name(path) == col
+
+
+def test_export_seed_and_full_columns(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 3, 20, kind="npy", dim=8)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    cfg = TrainConfig(model="mlp", epochs=3, batch_size=16)
+    train(ws, cfg, DecodeConfig(), scheduler="sync")
+    train(ws, cfg, DecodeConfig(), full=True, scheduler="sync")
+    compute_scores(ws, ["du"], params={"window": 2})
+    compute_scores(ws, ["du"], full=True, params={"window": 2})
+    # An extrapolated array as the extrapolate stage writes it.
+    g = zarr.open_group(os.path.join(ws, "extrapolated", "du-knn.zarr"), mode="w")
+    g.create_array("score", shape=(60,), dtype="float32")[:] = np.arange(60, dtype=np.float32)
+    w = Workspace(ws)
+    w.begin("extrapolate", {"score": "du", "method": "knn"}, {}, key="extrapolate-du-knn").commit(
+        {"extrapolated": "extrapolated/du-knn.zarr"}, {"n": 60})
+    run_cli("scores", "-w", ws, "-o", str(tmp_path / "s.parquet"))
+    export_scores(ws, str(tmp_path / "s.csv"))
+    for df in (pd.read_parquet(tmp_path / "s.parquet"), pd.read_csv(tmp_path / "s.csv")):
+        assert list(df.columns) == ["url", "key", "row", "label", "du_seed", "du_full", "du_knn"]
+        assert list(df.row) == list(range(60)) and list(df.key) == [f"s{i:07d}" for i in range(60)]
+        rows = subset_rows(w)
+        np.testing.assert_allclose(df.du_seed.to_numpy()[rows], read_score(w, "du"), rtol=1e-6)
+        assert df.du_seed.isna().sum() == 60 - len(rows)
+        np.testing.assert_allclose(df.du_full.to_numpy(), read_score(w, "du", full=True), rtol=1e-6)
+        assert list(df.du_knn) == list(range(60)) and list(df.label) == [i % 4 for i in range(60)]
