@@ -372,6 +372,50 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
                  "device": result["device"], "in_memory": data.in_memory})
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, n_train: int):
+    """SGD (Nesterov) or AdamW with a cosine schedule over all steps of the run."""
+    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+
+
+def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, num_classes: int,
+                    seed: int) -> np.ndarray:
+    """Train a fresh model on in-memory (x, y) and return its test-set logits (evaluation runs)."""
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda"
+    torch.manual_seed(seed)
+    is_image = x.dim() == 4
+    scale = (lambda t: t.float().div_(255.0)) if x.dtype == torch.uint8 else (lambda t: t.float())
+    model = build_model(cfg.model, tuple(x.shape[1:]), num_classes, **cfg.model_kwargs).to(device)
+    opt, sched = make_optimizer(model, cfg, len(x))
+    for epoch in range(cfg.epochs):
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for b in range(0, len(x), cfg.batch_size):
+            idx = perm[b:b + cfg.batch_size]
+            xb = augment_batch(scale(x[idx]), cfg.augment if is_image else "none", gen).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(_layout(xb, device))
+            loss = F.cross_entropy(out.float(), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    outs = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for b in range(0, len(x_test), 1024):
+            outs.append(model(_layout(scale(x_test[b:b + 1024]).to(device), device)).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, num_classes), np.float32)
+
+
 def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetData, labels: np.ndarray,
          num_classes: int) -> dict:
     device = resolve_device(cfg.device)
@@ -382,15 +426,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     model = build_model(cfg.model, data.shape, num_classes, **cfg.model_kwargs).to(device)
     if device.type == "cuda" and data.is_image:
         model = model.to(memory_format=torch.channels_last)
-    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              nesterov=True)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    n_valid = int(data.valid.sum())
-    steps_per_epoch = max(1, math.ceil(n_valid / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    opt, sched = make_optimizer(model, cfg, int(data.valid.sum()))
     attack = parse_attack(cfg.adversarial, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size,
                           clamp=(0.0, 1.0) if data.is_image else None)
     labels_t = torch.from_numpy(np.where(labels < 0, 0, labels))

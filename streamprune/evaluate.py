@@ -1,0 +1,302 @@
+"""Evaluation against full-data scores: fidelity, selection quality, pruning curves, cost.
+
+Pure metrics (no I/O) come first and are tested on hand-computed cases; :func:`evaluate` gathers
+the workspace's arrays, trains fresh models on pruned sets (cached per run in ``eval/runs/`` so
+adding a seed or a keep fraction re-uses what exists) and writes ``eval/<score>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.workspace import Workspace, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+# pure metrics ----------------------------------------------------------------------------------
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation over rows where both are finite (NaN when undefined)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3 or a[ok].std() == 0 or b[ok].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation over rows where both are finite."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    return pearson(_ranks(a[ok]), _ranks(b[ok]))
+
+
+def retained_recall(kept: np.ndarray, kept_ref: np.ndarray) -> float:
+    """|kept ∩ kept_ref| / |kept_ref|: how much of the reference selection a method keeps."""
+    kept, kept_ref = np.asarray(kept, bool), np.asarray(kept_ref, bool)
+    return float((kept & kept_ref).sum() / max(1, kept_ref.sum()))
+
+
+def tail_spearman(pred: np.ndarray, ref: np.ndarray, tail: float = 0.1) -> dict:
+    """Spearman of pred vs ref within the top and the bottom ``tail`` fraction of ref."""
+    ok = np.isfinite(pred) & np.isfinite(ref)
+    p, r = pred[ok], ref[ok]
+    lo, hi = np.quantile(r, [tail, 1 - tail])
+    return {"top": spearman(p[r >= hi], r[r >= hi]), "bottom": spearman(p[r <= lo], r[r <= lo])}
+
+
+def error_jaccard(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray) -> float:
+    """Jaccard index of the misclassified test samples of two models (1.0 when both are perfect)."""
+    ea, eb = pred_a != truth, pred_b != truth
+    union = (ea | eb).sum()
+    return 1.0 if union == 0 else float((ea & eb).sum() / union)
+
+
+def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> float:
+    """Fraction of test samples on which two models predict the same class."""
+    return float((np.asarray(pred_a) == np.asarray(pred_b)).mean())
+
+
+def per_class_accuracy(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
+    """Test accuracy of each class (NaN for a class absent from the test set)."""
+    return [float((pred[truth == c] == c).mean()) if (truth == c).any() else float("nan") for c in range(num_classes)]
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample std (0 for one value) of a list of accuracies."""
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+# workspace gathering -----------------------------------------------------------------------------
+def score_sources(ws: Workspace, score: str) -> dict[str, np.ndarray]:
+    """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation."""
+    from streamprune.export import score_columns
+
+    cols = score_columns(ws)
+    out = {}
+    for col, arr in cols.items():
+        if not col.startswith(score + "_"):
+            continue
+        out[col[len(score) + 1:].replace("_", "-")] = arr
+    return out
+
+
+def _marker_s(ws: Workspace, key: str) -> float | None:
+    m = ws.marker(key)
+    return float(m["timings"]["wall_s"]) if m else None
+
+
+def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
+    """Measured wall time of each extrapolation path vs full-data scoring, and the speedup."""
+    full = [_marker_s(ws, "train-full"), _marker_s(ws, f"score-{score}-full")]
+    full_s = sum(x for x in full if x is not None) if full[0] is not None else None
+    base = {"train": _marker_s(ws, "train"), "score": _marker_s(ws, f"score-{score}"), "embed": _marker_s(ws, "embed")}
+    rows = {}
+    for method in methods:
+        graph = "index-seeds" if method in ("knn", "kernel") else "index-all"
+        parts = dict(base, index=_marker_s(ws, graph), extrapolate=_marker_s(ws, f"extrapolate-{score}-{method}"))
+        known = {k: v for k, v in parts.items() if v is not None}
+        total = sum(known.values())
+        rows[method] = {"parts_s": known, "total_s": round(total, 3),
+                        "speedup": round(full_s / total, 3) if full_s and total else None}
+    return {"full_s": full_s, "methods": rows}
+
+
+def _rows_data(ws: Workspace):
+    """Decoded inputs and labels of all rows: the full-training cache, or a cache built for evaluation."""
+    from streamprune.train import SubsetData
+
+    key = "train-full" if ws.marker("train-full") is not None else "cache-all"
+    if key == "cache-all" and ws.marker("cache-all") is None:
+        raise StreamPruneError("evaluate --pruning-curve needs decoded inputs of all rows: run "
+                               "`streamprune score --full` first")
+    return SubsetData(ws, key, memory_budget=1 << 62)
+
+
+def _test_data(test_shards: list[str], decode, storage_options: dict):
+    from streamprune.decode import decode_input, decode_label
+    from streamprune.shards import ErrorPolicy, iter_samples
+
+    xs, ys = [], []
+    for url in storage.expand_shards(test_shards, storage_options):
+        for s in iter_samples(url, ErrorPolicy("fail"), storage_options):
+            xs.append(decode_input(s, decode, url))
+            ys.append(decode_label(s, decode, url))
+    if not xs:
+        raise StreamPruneError("evaluate: the test shards hold no samples")
+    return np.stack(xs), np.asarray(ys, np.int64)
+
+
+def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, test_shards: list[str], *,
+                  seeds: int = 1, strategies: tuple[str, ...] = ("hard",), sources: list[str] | None = None) -> dict:
+    """Test accuracy of fresh models trained on each pruned set (cached runs, mean ± std over seeds)."""
+    import torch
+
+    from streamprune.decode import DecodeConfig
+    from streamprune.scores import get_score
+    from streamprune.select import keep_count_from, select
+    from streamprune.train import TrainConfig, fit_and_predict
+
+    train_m = ws.require("train", "evaluate")
+    cfg_d = dict(train_m["config"]["train"], epochs=epochs)
+    cfg_d.pop("memory_budget", None)
+    cfg = TrainConfig(**cfg_d)
+    decode = DecodeConfig(**train_m["config"]["decode"])
+    data = _rows_data(ws)
+    labels = data.labels
+    valid = data.valid & (labels >= 0)
+    num_classes = int(labels[valid].max()) + 1
+    x_test, y_test = _test_data(test_shards, decode, ws.storage_options)
+    x_test_t = torch.from_numpy(x_test)
+    arrays = score_sources(ws, score)
+    sources = sources or [s for s in ("full", "knn", "gcn", "label-aware", "propagate", "kernel") if s in arrays]
+    higher = get_score(score).higher_is_harder
+    results: dict = {"keeps": keeps, "seeds": seeds, "epochs": epochs, "runs": {}, "selection": {}}
+    preds: dict = {}
+
+    def run(label: str, mask: np.ndarray, seed: int, keep: float) -> dict:
+        key = fingerprint({"label": label, "rows": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
+                           "cfg": cfg_d, "seed": seed, "test": hashlib.sha256(x_test.tobytes()).hexdigest()})[:24]
+        cached = ws.read_json("eval", "runs", f"{key}.json")
+        if cached is None:
+            idx = np.flatnonzero(mask)
+            logits = fit_and_predict(data.x[torch.from_numpy(idx)], torch.from_numpy(labels[idx]), x_test_t, cfg,
+                                     num_classes, seed)
+            pred = logits.argmax(1)
+            cached = {"label": label, "keep": keep, "seed": seed, "n_train": int(mask.sum()),
+                      "accuracy": float((pred == y_test).mean()), "pred": pred.tolist()}
+            ws.write_json(cached, "eval", "runs", f"{key}.json")
+        return cached
+
+    for keep in keeps:
+        n_keep = keep_count_from(int(valid.sum()), keep_fraction=keep)
+        masks = {}
+        for strategy in strategies:
+            for src in sources:
+                s = np.where(valid, arrays[src], np.nan)
+                if np.isfinite(s).sum() < n_keep:
+                    continue
+                masks[f"{src}/{strategy}"] = select(strategy, s, labels, n_keep, seed=0, higher_is_harder=higher)
+        masks["random"] = None
+        for label, mask in masks.items():
+            accs = []
+            for seed in range(seeds):
+                m = mask if mask is not None else select("random", None, labels, n_keep, seed=seed, eligible=valid)
+                r = run(label, m, seed, keep)
+                accs.append(r["accuracy"])
+                preds[(label, keep, seed)] = np.asarray(r["pred"])
+            entry = {"accuracy": mean_std(accs), "n_train": int(n_keep)}
+            if mask is not None:
+                entry["kept_per_class"] = [float(mask[valid & (labels == c)].mean()) for c in range(num_classes)]
+            results["runs"].setdefault(label, {})[str(keep)] = entry
+        # selection quality and behaviour preservation against the full-score selection
+        for strategy in strategies:
+            ref = masks.get(f"full/{strategy}")
+            if ref is None:
+                continue
+            for label, mask in masks.items():
+                if mask is None or label == f"full/{strategy}" or not label.endswith("/" + strategy):
+                    continue
+                jac = [error_jaccard(preds[(label, keep, s)], preds[(f"full/{strategy}", keep, s)], y_test)
+                       for s in range(seeds)]
+                agr = [agreement(preds[(label, keep, s)], preds[(f"full/{strategy}", keep, s)]) for s in range(seeds)]
+                results["selection"].setdefault(label, {})[str(keep)] = {
+                    "retained_recall": retained_recall(mask, ref), "error_jaccard": mean_std(jac),
+                    "agreement": mean_std(agr)}
+    results["per_class_accuracy"] = {
+        label: per_class_accuracy(preds[(label, keeps[-1], 0)], y_test, num_classes)
+        for label in results["runs"] if (label, keeps[-1], 0) in preds}
+    return results
+
+
+def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_keeps: list[float] | None = None,
+             epochs: int = 10, test_shards: list[str] | None = None, seeds: int = 1,
+             strategies: tuple[str, ...] = ("hard",), storage_options: dict | None = None) -> dict:
+    """Fidelity, selection quality and cost of every extrapolation; optional pruning curve."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    t0 = time.time()
+    arrays = score_sources(ws, score)
+    if "full" not in arrays:
+        raise StreamPruneError(f"evaluate: no full-data scores for {score}; run "
+                               f"`streamprune score --full --score {score}` first")
+    full = arrays["full"]
+    seed_mask = np.isfinite(arrays["seed"]) if "seed" in arrays else np.zeros(len(full), bool)
+    valid = np.isfinite(full)
+    out: dict = {"score": score, "n": int(len(full)), "n_seed": int(seed_mask.sum()), "fidelity": {},
+                 "selection_quality": {}}
+    if "seed" in arrays:
+        out["fidelity"]["seed"] = {"pearson_seed_rows": pearson(arrays["seed"][seed_mask], full[seed_mask]),
+                                   "spearman_seed_rows": spearman(arrays["seed"][seed_mask], full[seed_mask])}
+    methods = [m for m in arrays if m not in ("seed", "full")]
+    from streamprune.scores import get_score
+    from streamprune.select import keep_count_from, select
+
+    higher = get_score(score).higher_is_harder
+    for m in methods:
+        pred = arrays[m]
+        non_seed = valid & ~seed_mask
+        out["fidelity"][m] = {
+            "pearson_nonseed": pearson(pred[non_seed], full[non_seed]),
+            "spearman_nonseed": spearman(pred[non_seed], full[non_seed]),
+            "pearson_all": pearson(pred[valid], full[valid]), "spearman_all": spearman(pred[valid], full[valid]),
+            "n_nonseed": int(non_seed.sum())}
+        sq = {"tail_spearman": tail_spearman(pred[valid], full[valid]), "retained_recall": {}}
+        both = valid & np.isfinite(pred)
+        for keep in (0.3, 0.5, 0.7, 0.9):
+            k = keep_count_from(int(both.sum()), keep_fraction=keep)
+            a = select("hard", np.where(both, pred, np.nan), None, k, higher_is_harder=higher)
+            b = select("hard", np.where(both, full, np.nan), None, k, higher_is_harder=higher)
+            sq["retained_recall"][str(keep)] = retained_recall(a, b)
+        out["selection_quality"][m] = sq
+    out["cost"] = cost_table(ws, score, methods)
+    if pruning_curve_keeps:
+        if not test_shards:
+            raise StreamPruneError("evaluate --pruning-curve needs --test SHARDS (held-out test shards)")
+        out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
+                                             strategies=strategies)
+    out["wall_s"] = round(time.time() - t0, 3)
+    ws.write_json(out, "eval", f"{score}.json")
+    return out
+
+
+def format_evaluation(out: dict) -> str:
+    """Human-readable evaluation tables."""
+    lines = [f"evaluation of {out['score']}: {out['n']} rows, {out['n_seed']} seed rows"]
+    lines.append(f"{'method':<14}{'pearson':>10}{'spearman':>10}  (non-seed rows vs full-data scores)")
+    for m, f in out["fidelity"].items():
+        if m == "seed":
+            lines.append(f"{'seed':<14}{f['pearson_seed_rows']:>10.3f}{f['spearman_seed_rows']:>10.3f}  (seed rows)")
+        else:
+            lines.append(f"{m:<14}{f['pearson_nonseed']:>10.3f}{f['spearman_nonseed']:>10.3f}")
+    cost = out.get("cost", {})
+    if cost.get("full_s"):
+        lines.append(f"cost: full-data scoring {cost['full_s']:.1f}s")
+        for m, c in cost["methods"].items():
+            sp = f"{c['speedup']:.2f}x" if c["speedup"] else "-"
+            lines.append(f"  {m:<12} {c['total_s']:8.1f}s  speedup {sp}")
+    pc = out.get("pruning_curve")
+    if pc:
+        lines.append("pruned test accuracy (mean ± std over %d seeds)" % pc["seeds"])
+        lines.append(f"{'selection':<20}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
+        for label, by_keep in pc["runs"].items():
+            cells = []
+            for k in pc["keeps"]:
+                a = by_keep.get(str(k), {}).get("accuracy")
+                cells.append(f"{a['mean']:.4f}±{a['std']:.4f}" if a else "-")
+            lines.append(f"{label:<20}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Evaluation metrics against hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from streamprune.evaluate import (agreement, error_jaccard, mean_std, pearson, per_class_accuracy, retained_recall,
+                                  spearman, tail_spearman)
+
+
+def test_pearson_spearman_hand_cases():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # x = [1,2,3,4], y = [1,3,2,4]: cov 1.0 (sample 4/3), var 1.25 each -> 0.8
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 10, 100, 1000], [1, 2, 3, 4]) == pytest.approx(1.0)  # monotone, nonlinear
+    assert pearson([1, np.nan, 3, 4], [1, 5, 3, 4]) == pytest.approx(1.0)  # NaN rows ignored
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_retained_recall():
+    kept = np.array([1, 1, 0, 0, 1], bool)
+    ref = np.array([1, 0, 1, 0, 1], bool)
+    assert retained_recall(kept, ref) == pytest.approx(2 / 3)
+
+
+def test_tail_spearman():
+    ref = np.arange(100, dtype=float)
+    pred = ref.copy()
+    pred[90:] = pred[90:][::-1]  # top decile reversed, bottom intact
+    t = tail_spearman(pred, ref)
+    assert t["top"] == pytest.approx(-1.0) and t["bottom"] == pytest.approx(1.0)
+
+
+def test_error_jaccard_agreement_per_class():
+    truth = np.array([0, 1, 1, 2, 2, 2])
+    a = np.array([0, 0, 1, 2, 1, 2])  # errors at 1, 4
+    b = np.array([0, 0, 0, 2, 2, 2])  # errors at 1, 2
+    assert error_jaccard(a, b, truth) == pytest.approx(1 / 3)
+    assert error_jaccard(truth, truth, truth) == 1.0
+    assert agreement(a, b) == pytest.approx(4 / 6)
+    assert per_class_accuracy(a, truth, 4)[:3] == [1.0, 0.5, pytest.approx(2 / 3)]
+    assert math.isnan(per_class_accuracy(a, truth, 4)[3])
+
+
+def test_mean_std():
+    assert mean_std([0.9, 0.92, 0.94]) == {"mean": pytest.approx(0.92), "std": pytest.approx(0.02), "n": 3}
+    assert mean_std([0.5])["std"] == 0.0
