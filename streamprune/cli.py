@@ -219,6 +219,75 @@ def scores_cmd(workspace, storage_options, output):
 
 @cli.command()
 @workspace_options
+@click.option("--score", "score_name", default="du", show_default=True)
+@click.option("--pruning-curve", default=None, metavar="F1,F2,...",
+              help="Keep fractions at which to train fresh models on pruned sets, e.g. 0.1,0.3,0.5,0.7.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of each pruning-curve model.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Training seeds per pruning-curve point.")
+@click.option("--strategy", "strategies", default="hard", show_default=True, help="Comma-separated strategies.")
+@click.option("--test", "test_shards", multiple=True, help="Held-out test shards (for --pruning-curve).")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(workspace, storage_options, score_name, pruning_curve, epochs, seeds, strategies, test_shards, as_json):
+    """Fidelity of every extrapolation against full-data scores, cost, and pruning curves."""
+    from streamprune.evaluate import evaluate as run, format_evaluation
+
+    keeps = [float(k) for k in pruning_curve.split(",")] if pruning_curve else None
+    out = run(workspace, score_name, pruning_curve_keeps=keeps, epochs=epochs, test_shards=list(test_shards),
+              seeds=seeds, strategies=tuple(x.strip() for x in strategies.split(",")), storage_options=storage_options)
+    click.echo(json.dumps(out, indent=1) if as_json else format_evaluation(out))
+
+
+@cli.command()
+@workspace_options
+@click.option("-o", "--output", default=None, help="Directory for the plots and report.md (default WS/report).")
+@click.option("--score", "score_name", default="du", show_default=True)
+def report(workspace, storage_options, output, score_name):
+    """PNG plots (score distributions, scatter vs full, pruning curve, per-class kept) and report.md."""
+    from streamprune.report import report as run
+
+    out = run(workspace, output, score=score_name, storage_options=storage_options)
+    click.echo(f"report: {out['report']} ({len(out['files'])} files)")
+
+
+@cli.command("run")
+@click.argument("shards", nargs=-1, required=True)
+@workspace_options
+@click.option("--config", "config_path", default=None, help="TOML file with one table per stage.")
+@click.option("--until", default="prune", show_default=True,
+              type=click.Choice(["catalog", "subset", "score", "embed", "index", "extrapolate", "prune"]))
+@click.option("--scheduler", default=None, help="dask scheduler (default local).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None)
+@click.option("--force", is_flag=True)
+@click.option("--fraction", type=float, default=None)
+@click.option("--score", "score_names", default=None, help="Comma-separated scores.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--model", default=None)
+@click.option("--full", is_flag=True, default=None, help="Also train on all rows (ground truth for evaluate).")
+@click.option("--methods", default=None, help="Comma-separated extrapolation methods, e.g. knn,gcn.")
+@click.option("--strategy", default=None)
+@click.option("--keep-fraction", type=float, default=None)
+@click.option("--reshard", default=None, help="Write kept samples to new shards here.")
+def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, on_error, force, fraction, score_names,
+            epochs, model, full, methods, strategy, keep_fraction, reshard):
+    """Run every stage (catalog ... prune), skipping those already done; prints a timing table."""
+    from streamprune.pipeline import RunConfig, run_pipeline
+
+    overrides = {
+        "subset": {"fraction": fraction},
+        "score": {"scores": score_names.split(",") if score_names else None, "epochs": epochs, "model": model,
+                  "full": full},
+        "extrapolate": {"methods": methods.split(",") if methods else None},
+        "prune": {"strategy": strategy, "keep_fraction": keep_fraction, "reshard": reshard},
+    }
+    cfg = RunConfig.load(config_path, overrides, scheduler=scheduler, on_error=on_error, force=force or None)
+    out = run_pipeline(list(shards), workspace, cfg, until=until, storage_options=storage_options, echo=click.echo)
+    prune_m = out["outputs"].get("prune")
+    if prune_m:
+        click.echo(f"shards.txt: {prune_m['outputs'].get('shards_txt', prune_m['outputs'])}")
+
+
+@cli.command()
+@workspace_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(workspace, storage_options, as_json):
     """Stages done, counts, artifact locations and errors of a workspace."""
@@ -264,9 +333,6 @@ for _name, _summary in [
     ("index", "Build the kNN index and neighbour graphs"),
     ("extrapolate", "Predict scores for every row"),
     ("prune", "Select samples and write shard lists or new shards"),
-    ("evaluate", "Fidelity and pruning curves against full-data scores"),
-    ("report", "Plots and a markdown summary"),
-    ("run", "Run every stage, skipping those already done"),
 ]:
     _not_implemented(_name, _summary)
 

@@ -1,0 +1,165 @@
+"""`streamprune report`: PNG plots and a markdown summary of a workspace."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.evaluate import format_evaluation, score_sources
+from streamprune.workspace import Workspace
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_histograms(arrays: dict[str, np.ndarray], path: str, score: str) -> None:
+    """Score distributions: seed vs each extrapolation (and full-data when known)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()])
+    bins = np.linspace(np.quantile(finite, 0.001), np.quantile(finite, 0.999), 60)
+    seed = arrays.get("seed")
+    for name, arr in arrays.items():
+        vals = arr[np.isfinite(arr)]
+        if name not in ("seed", "full") and seed is not None:
+            vals = arr[np.isfinite(arr) & ~np.isfinite(seed)]  # extrapolated rows only
+        ax.hist(vals, bins=bins, density=True, histtype="step", linewidth=1.6,
+                label=f"{name} ({len(vals)} rows)")
+    ax.set_xlabel(score)
+    ax.set_ylabel("density")
+    ax.set_title(f"{score}: measured seed scores vs extrapolated rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scatter(arrays: dict[str, np.ndarray], path: str, score: str, max_points: int = 4000) -> None:
+    """Extrapolated vs full-data scores on non-seed rows, one panel per method."""
+    plt = _plt()
+    methods = [m for m in arrays if m not in ("seed", "full")]
+    full, seed = arrays["full"], arrays.get("seed")
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    from streamprune.evaluate import pearson
+
+    for ax, m in zip(axes[0], methods):
+        ok = np.isfinite(arrays[m]) & np.isfinite(full) & (~np.isfinite(seed) if seed is not None else True)
+        idx = np.flatnonzero(ok)
+        if len(idx) > max_points:
+            idx = rng.choice(idx, max_points, replace=False)
+        ax.scatter(full[idx], arrays[m][idx], s=3, alpha=0.4)
+        ax.set_xlabel(f"full-data {score}")
+        ax.set_ylabel(f"{m} {score}")
+        ax.set_title(f"{m}: Pearson {pearson(arrays[m][ok], full[ok]):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pruning_curve(pc: dict, path: str) -> None:
+    """Test accuracy vs keep fraction per selection, with std error bars over seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keeps = pc["keeps"]
+    for label, by_keep in pc["runs"].items():
+        ks = [k for k in keeps if str(k) in by_keep]
+        mean = [by_keep[str(k)]["accuracy"]["mean"] for k in ks]
+        std = [by_keep[str(k)]["accuracy"]["std"] for k in ks]
+        style = dict(linestyle="--", color="black") if label == "random" else {}
+        ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3, label=label, **style)
+    ax.set_xlabel("keep fraction")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"pruning curve ({pc['seeds']} seed(s), {pc['epochs']} epochs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kept_per_class(per_class: dict[str, list[float]], path: str) -> None:
+    """Fraction of each class kept by each selection."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = list(per_class)
+    n_classes = max(len(v) for v in per_class.values())
+    width = 0.8 / max(1, len(labels))
+    for i, name in enumerate(labels):
+        ax.bar(np.arange(n_classes) + i * width, per_class[name], width=width, label=name)
+    ax.set_xlabel("class")
+    ax.set_ylabel("fraction kept")
+    ax.set_xticks(np.arange(n_classes) + 0.4 - width / 2, [str(c) for c in range(n_classes)])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _prune_stats(ws: Workspace) -> dict[str, dict]:
+    out = {}
+    for name in storage.listdir(ws.path("prune"), ws.storage_options):
+        stats = ws.read_json("prune", name, "stats.json")
+        if stats:
+            out[name] = stats
+    return out
+
+
+def report(workspace: str | Workspace, output: str | None = None, score: str = "du",
+           storage_options: dict | None = None) -> dict:
+    """Write PNG plots and report.md to ``output`` (default WS/report); returns their paths."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    out_dir = output or ws.path("report")
+    remote = storage.is_remote(out_dir)
+    local_dir = tempfile.mkdtemp(prefix="streamprune-report-") if remote else out_dir
+    os.makedirs(local_dir, exist_ok=True)
+    arrays = score_sources(ws, score)
+    if not arrays:
+        raise StreamPruneError(f"report: no {score} scores in {ws.url}; run `streamprune score` first")
+    files, md = [], [f"# streamprune report: {score}", "", f"Workspace: `{ws.url}`", ""]
+    plot_histograms(arrays, os.path.join(local_dir, "scores_hist.png"), score)
+    files.append("scores_hist.png")
+    md += ["## Score distributions", "", "Measured seed scores against the extrapolated rows: an extrapolator that "
+           "averages neighbours narrows the distribution (over-smoothing).", "", "![](scores_hist.png)", ""]
+    evaluation = ws.read_json("eval", f"{score}.json")
+    if "full" in arrays and any(m not in ("seed", "full") for m in arrays):
+        plot_scatter(arrays, os.path.join(local_dir, "scatter.png"), score)
+        files.append("scatter.png")
+        md += ["## Extrapolated vs full-data scores (non-seed rows)", "", "![](scatter.png)", ""]
+    if evaluation:
+        md += ["## Evaluation", "", "```", format_evaluation(evaluation), "```", ""]
+        pc = evaluation.get("pruning_curve")
+        if pc:
+            plot_pruning_curve(pc, os.path.join(local_dir, "pruning_curve.png"))
+            files.append("pruning_curve.png")
+            md += ["## Pruning curve", "", "![](pruning_curve.png)", ""]
+            per_class = {k: v[str(pc["keeps"][0])]["kept_per_class"] for k, v in pc["runs"].items()
+                         if "kept_per_class" in v.get(str(pc["keeps"][0]), {})}
+            if per_class:
+                plot_kept_per_class(per_class, os.path.join(local_dir, "kept_per_class.png"))
+                files.append("kept_per_class.png")
+                md += [f"## Kept fraction per class (keep {pc['keeps'][0]})", "", "![](kept_per_class.png)", ""]
+    stats = _prune_stats(ws)
+    if stats:
+        md += ["## Pruned sets", ""]
+        for name, st in stats.items():
+            md += [f"### {name}", "", "```json", json.dumps(st, indent=1, default=str)[:3000], "```", ""]
+    with open(os.path.join(local_dir, "report.md"), "w") as f:
+        f.write("\n".join(md))
+    files.append("report.md")
+    if remote:
+        for name in files:
+            with open(os.path.join(local_dir, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(out_dir, name), f.read(), ws.storage_options)
+    return {"dir": out_dir, "files": [storage.join(out_dir, f) for f in files],
+            "report": storage.join(out_dir, "report.md")}
