@@ -1,0 +1,173 @@
+"""Label-aware extrapolation: neighbour label disagreement, quantile-mapped onto the seed scores.
+
+**Disagreement** of row i: the exp(−(d − d_min))-weighted fraction of its k nearest neighbours
+among *all* rows (``graph/all.zarr``) whose label differs from its own.  Hard and ambiguous
+samples sit where classes meet, and mislabelled samples sit among another class, so the signal
+tracks training-dynamics scores (DU, EL2N, forgetting) without any extra training and without the
+in-sample/out-of-sample shift of regressors fitted on seed rows (the subset model memorised its
+seed rows, mislabelled ones included).
+
+**Label-aware scores** for a seed score S: seed rows keep their measured S; every other valid row
+gets its disagreement *rank* mapped onto the distribution of measured seed scores (quantile
+mapping), so seed and extrapolated rows share one scale and one ranking.  For scores where low
+means hard (AUM, margin) the mapping is reversed.
+
+It helps when the score reflects label ambiguity (DU, EL2N, forgetting, AUM on supervised data).
+It cannot help for scores unrelated to labels, nor for unsupervised runs whose pseudo-labels come
+from the same embedding (neighbours then agree by construction).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zarr
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.workspace import Workspace
+
+SOURCE_LABEL_AWARE = 3
+
+
+# pure functions --------------------------------------------------------------------------------
+def neighbour_weights(distances: np.ndarray) -> np.ndarray:
+    """exp(−(d − d_min)) per row; missing neighbours (inf/NaN distance) weigh 0."""
+    d = np.asarray(distances, np.float64)
+    ok = np.isfinite(d)
+    dmin = np.min(np.where(ok, d, np.inf), axis=1, keepdims=True)
+    dmin = np.where(np.isfinite(dmin), dmin, 0.0)
+    return np.where(ok, np.exp(-(np.where(ok, d, 0.0) - dmin)), 0.0)
+
+
+def label_disagreement(own: np.ndarray, neighbour_labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Weighted fraction of neighbours whose label differs from the row's own (NaN when undefined).
+
+    Neighbours with label −1 (unknown/invalid) are ignored; a row with label −1 or no usable
+    neighbour gets NaN.
+    """
+    own = np.asarray(own)
+    nl = np.asarray(neighbour_labels)
+    w = neighbour_weights(distances) * (nl >= 0)
+    total = w.sum(axis=1)
+    diff = (w * (nl != own[:, None])).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = diff / total
+    out[(total <= 0) | (own < 0)] = np.nan
+    return out
+
+
+def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances: np.ndarray,
+                       num_classes: int) -> np.ndarray:
+    """True where the weighted neighbour majority label is not the row's own label."""
+    nl = np.asarray(neighbour_labels)
+    w = neighbour_weights(distances) * (nl >= 0)
+    votes = np.zeros((len(own), num_classes))
+    rows = np.repeat(np.arange(len(own)), nl.shape[1])
+    np.add.at(votes, (rows, np.clip(nl.reshape(-1), 0, None)), w.reshape(-1))
+    has = votes.sum(axis=1) > 0
+    return has & (np.asarray(own) >= 0) & (votes.argmax(axis=1) != np.asarray(own))
+
+
+def quantile_map(values: np.ndarray, reference: np.ndarray, reverse: bool = False) -> np.ndarray:
+    """Map each value's rank onto the quantiles of ``reference`` (monotone; NaN stays NaN).
+
+    Ties share their average rank, so equal inputs get equal outputs; the result lies within
+    [min(reference), max(reference)].  ``reverse`` maps high values onto low quantiles.
+    """
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, np.float64)
+    ref = np.sort(np.asarray(reference, np.float64)[np.isfinite(reference)])
+    if len(ref) == 0:
+        raise ValueError("quantile_map: no finite reference values")
+    out = np.full(len(values), np.nan)
+    ok = np.isfinite(values)
+    n = int(ok.sum())
+    if n == 0:
+        return out
+    q = (rankdata(values[ok]) - 0.5) / n
+    if reverse:
+        q = 1.0 - q
+    out[ok] = np.quantile(ref, q)
+    return out
+
+
+# stages ------------------------------------------------------------------------------------------
+def _labels_valid(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
+    labels, valid = g["labels"][:], g["valid"][:]
+    if not (labels[valid] >= 0).any():
+        raise StreamPruneError("label disagreement needs labels: the embeddings have none (label key 'none'?); "
+                               "use --label-key or --labels pseudo:K")
+    return labels, valid
+
+
+def disagreement_path() -> str:
+    """Workspace-relative path of the label-disagreement array."""
+    return "scores/label_disagreement.zarr"
+
+
+def compute_disagreement(workspace: str | Workspace, *, k: int = 20, chunk_rows: int = 1 << 16, force: bool = False,
+                         storage_options: dict | None = None) -> dict:
+    """Label disagreement of every row from ``graph/all.zarr``; chunked, resumable, (N,) float32."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    emb_m = ws.require("embed", "label disagreement")
+    graph_m = ws.require("index-all", "label disagreement")
+    run = ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": k},
+                   {"embed": emb_m["fingerprint"], "graph": graph_m["fingerprint"]}, force=force,
+                   key="score-label_disagreement")
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    t0 = time.time()
+    labels, valid = _labels_valid(ws)
+    n = len(labels)
+    graph = zarr.open_group(storage.zarr_store(ws.path("graph", "all.zarr"), ws.storage_options), mode="r")
+    if graph["neighbors"].shape[1] < k:
+        raise StreamPruneError(f"label disagreement: k={k} but the all-rows graph has only "
+                               f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k}`")
+    url = ws.path(disagreement_path())
+    if run.chunk_done("layout") is None:
+        zarr.create_array(storage.zarr_store(url, ws.storage_options), shape=(n,), chunks=(chunk_rows,),
+                          dtype="float32", fill_value=np.nan, overwrite=True)
+        run.mark_chunk("layout")
+    arr = zarr.open_array(storage.zarr_store(url, ws.storage_options), mode="r+")
+    done = run.done_chunks()
+    for c, r0 in enumerate(range(0, n, chunk_rows)):
+        if str(c) in done:
+            continue
+        r1 = min(n, r0 + chunk_rows)
+        nb = graph["neighbors"][r0:r1, :k]
+        dist = graph["distances"][r0:r1, :k]
+        nl = np.where(nb >= 0, labels[np.clip(nb, 0, None)], -1)
+        nl = np.where((nb >= 0) & valid[np.clip(nb, 0, None)], nl, -1)
+        own = np.where(valid[r0:r1], labels[r0:r1], -1)
+        arr[r0:r1] = label_disagreement(own, nl, dist).astype(np.float32)
+        run.mark_chunk(c, {"rows": r1 - r0})
+    vals = arr[:]
+    arr.attrs.update({"score": "label_disagreement", "rows": "all", "k": k})
+    return run.commit(outputs={"score": disagreement_path()},
+                      counts={"n": n, "n_valid": int(np.isfinite(vals).sum()), "mean": float(np.nanmean(vals))},
+                      timings={"compute_s": round(time.time() - t0, 3)})
+
+
+def read_disagreement(ws: Workspace) -> np.ndarray:
+    """The (N,) label-disagreement array."""
+    ws.require("score-label_disagreement", "read label disagreement")
+    return zarr.open_array(storage.zarr_store(ws.path(disagreement_path()), ws.storage_options), mode="r")[:]
+
+
+def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Rows whose weighted neighbour majority carries another label (likely mislabelled), (N,) bool."""
+    labels, valid = _labels_valid(ws)
+    num_classes = int(labels[valid].max()) + 1
+    graph = zarr.open_group(storage.zarr_store(ws.path("graph", "all.zarr"), ws.storage_options), mode="r")
+    out = np.zeros(len(labels), bool)
+    for r0 in range(0, len(labels), chunk_rows):
+        r1 = min(len(labels), r0 + chunk_rows)
+        nb = graph["neighbors"][r0:r1, :k]
+        nl = np.where((nb >= 0) & valid[np.clip(nb, 0, None)], labels[np.clip(nb, 0, None)], -1)
+        own = np.where(valid[r0:r1], labels[r0:r1], -1)
+        out[r0:r1] = majority_disagrees(own, nl, graph["distances"][r0:r1, :k], num_classes)
+    return out
