@@ -206,6 +206,100 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
                f"({t['rows_per_s']:.0f} rows/s)" + (f"; {c['errors']} errors recorded" if c["errors"] else ""))
 
 
+@cli.command("index")
+@workspace_options
+@click.option("--graph", type=click.Choice(["seeds", "all", "both"]), default="both", show_default=True,
+              help="Neighbours among seed rows (kNN extrapolation), among all rows (GCN, label-aware), or both.")
+@click.option("--k", type=int, default=20, show_default=True)
+@click.option("--factory", default="auto", show_default=True, help='faiss factory string, e.g. "IVF4096,PQ32".')
+@click.option("--nprobe", type=int, default=None)
+@click.option("--refine", type=int, default=None, help="Re-rank the top R*k candidates exactly.")
+@click.option("--chunk-rows", type=int, default=None)
+@click.option("--scheduler", default="local", show_default=True)
+@click.option("--force", is_flag=True)
+def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chunk_rows, scheduler, force):
+    """Build the faiss index(es) and write kNN graphs to graph/<seeds|all>.zarr."""
+    from streamprune.index import build_index
+
+    out = build_index(workspace, graph=graph, k=k, factory=factory, nprobe=nprobe, refine=refine,
+                      chunk_rows=chunk_rows, scheduler=scheduler, force=force, storage_options=storage_options)
+    for name, m in out.items():
+        _report(m, f"index {name}")
+        c = m["counts"]
+        click.echo(f"index {name}: {c['n_index']} rows indexed ({c['factory']}), {c['n']} queries, "
+                   f"recall@{c['k']} {c['recall_at_k']:.4f} -> {m['outputs']['graph']}")
+
+
+@cli.command()
+@workspace_options
+@click.option("--score", "score_name", default="du", show_default=True)
+@click.option("--method", "methods", default="knn", show_default=True,
+              help="Comma-separated: knn, gcn, label-aware, propagate, kernel.")
+@click.option("--k", default=None, help="Neighbours: an integer, or 'auto' (knn: chosen on held-out seeds).")
+@click.option("--epochs", type=int, default=None, help="GCN training epochs (default 25).")
+@click.option("--hidden", default=None, help="GCN hidden widths, e.g. 512,256.")
+@click.option("--scheduler", default="sync", show_default=True)
+@click.option("--force", is_flag=True)
+def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, scheduler, force):
+    """Predict the score of every row from the seed rows: knn, gcn, label-aware, ..."""
+    from streamprune.extrapolate import extrapolate as run
+
+    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+        opts: dict = {}
+        if k is not None:
+            opts["k"] = k if k == "auto" else int(k)
+        if method == "gcn":
+            if epochs is not None:
+                opts["epochs"] = epochs
+            if hidden:
+                opts["hidden"] = tuple(int(h) for h in hidden.split(","))
+        m = run(workspace, score_name, method, scheduler=scheduler, force=force, storage_options=storage_options,
+                **opts)
+        _report(m, f"extrapolate {method}")
+        c = m["counts"]
+        click.echo(f"extrapolate {score_name} ({method}): {c.get('n_predicted', '?')} rows predicted, "
+                   f"{c.get('n_seed', '?')} seed rows kept -> {m['outputs']['extrapolated']}")
+
+
+@cli.command("prune")
+@workspace_options
+@click.option("--score", "score_name", default="du", show_default=True)
+@click.option("--from", "source", default="knn", show_default=True,
+              help="Score source: knn, gcn, label-aware, propagate, kernel, seed or full.")
+@click.option("--strategy", default="hard", show_default=True,
+              help="hard, easy, ccs, balanced, random, influence-budget, hard-clean.")
+@click.option("--keep-fraction", type=float, default=None)
+@click.option("--keep-count", type=int, default=None)
+@click.option("--name", default=None, help="Name of the pruned view (prune/<name>/).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--reshard", default=None, help="Write kept samples to new tars here (local dir or s3://).")
+@click.option("--shard-size", default=None, help="Target bytes per output shard, e.g. 1GB.")
+@click.option("--max-count", type=int, default=None, help="At most this many samples per output shard.")
+@click.option("--eps", type=float, default=None, help="influence-budget: budget on the removed influence.")
+@click.option("--noise-fraction", default=None, help="hard-clean: 'auto' or a fraction to drop first.")
+@click.option("--scheduler", default="local", show_default=True)
+@click.option("--force", is_flag=True)
+def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fraction, keep_count, name, seed, reshard,
+              shard_size, max_count, eps, noise_fraction, scheduler, force):
+    """Select samples and write shards.txt, kept keys, stats.json, optionally new shards."""
+    from streamprune.prune import prune
+
+    opts = {}
+    if eps is not None:
+        opts["eps"] = eps
+    if noise_fraction is not None:
+        opts["noise_fraction"] = noise_fraction if noise_fraction == "auto" else float(noise_fraction)
+    m = prune(workspace, score=score_name, source=source, strategy=strategy, keep_fraction=keep_fraction,
+              keep_count=keep_count, name=name, seed=seed, reshard=reshard, shard_size=shard_size, max_count=max_count,
+              scheduler=scheduler, force=force, storage_options=storage_options, **opts)
+    _report(m, "prune")
+    c = m["counts"]
+    click.echo(f"prune: kept {c['n_kept']} of {c['n_eligible']} eligible rows ({c['keep_fraction']:.3f}) in "
+               f"{c['n_shards']} shards -> {workspace.rstrip('/')}/{m['outputs']['shards']}")
+    if m["outputs"].get("reshard"):
+        click.echo(f"prune: re-written shards -> {m['outputs']['reshard']}")
+
+
 @cli.command("scores")
 @workspace_options
 @click.option("-o", "--output", required=True, help="FILE.parquet or FILE.csv (local or s3://).")
@@ -283,7 +377,7 @@ def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, o
     out = run_pipeline(list(shards), workspace, cfg, until=until, storage_options=storage_options, echo=click.echo)
     prune_m = out["outputs"].get("prune")
     if prune_m:
-        click.echo(f"shards.txt: {prune_m['outputs'].get('shards_txt', prune_m['outputs'])}")
+        click.echo(f"shards.txt: {workspace.rstrip('/')}/{prune_m['outputs']['shards']}")
 
 
 @cli.command()
@@ -316,25 +410,6 @@ def demo(directory, scheduler):
     m = run_subset(ws, fraction=0.2, seed=0)
     click.echo(f"subset: {m['counts']['n_subset']} seed rows")
     click.echo(f"workspace: {ws}  (see `streamprune status -w {ws}`)")
-
-
-def _not_implemented(name: str, summary: str):
-    @cli.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 help=f"{summary} (not implemented yet).")
-    @click.pass_context
-    def _cmd(ctx):
-        click.echo(f"streamprune {name}: not implemented yet", err=True)
-        ctx.exit(2)
-
-    return _cmd
-
-
-for _name, _summary in [
-    ("index", "Build the kNN index and neighbour graphs"),
-    ("extrapolate", "Predict scores for every row"),
-    ("prune", "Select samples and write shard lists or new shards"),
-]:
-    _not_implemented(_name, _summary)
 
 
 def main() -> None:

@@ -37,7 +37,9 @@ def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
         name = marker["config"]["score"]
         full = st.endswith("-full")
         arr = zarr.open_array(storage.zarr_store(ws.path(marker["outputs"]["score"]), ws.storage_options), mode="r")[:]
-        if full:
+        if marker["config"].get("rows") == "all":  # a score defined on every row (label_disagreement)
+            cols[name] = arr.astype(np.float32)
+        elif full:
             cols[f"{name}_full"] = arr.astype(np.float32)
         else:
             if seed_rows is None:

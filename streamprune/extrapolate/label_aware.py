@@ -171,3 +171,52 @@ def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int = 1 << 16) -> np.
         own = np.where(valid[r0:r1], labels[r0:r1], -1)
         out[r0:r1] = majority_disagrees(own, nl, graph["distances"][r0:r1, :k], num_classes)
     return out
+
+
+def _predict_mapped(ws: Workspace, start: int, stop: int, mapped_url: str) -> np.ndarray:
+    return zarr.open_array(storage.zarr_store(mapped_url, ws.storage_options), mode="r")[start:stop]
+
+
+def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int = 20, chunk_rows: int = 1 << 16,
+                            scheduler: str | None = "sync", force: bool = False,
+                            storage_options: dict | None = None) -> dict:
+    """Seed rows keep their scores; other rows get their disagreement rank on the seed-score scale."""
+    from streamprune.extrapolate import common
+    from streamprune.scores import get_score
+
+    ws = common.as_workspace(ws, storage_options)
+    dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, storage_options=storage_options)
+    seeds = common.seed_scores(ws, score)
+    try:
+        higher = get_score(score).higher_is_harder
+    except ValueError:
+        higher = True
+    run = ws.begin("extrapolate", {"score": score, "method": "label-aware", "k": k, "predictor": "disagreement"},
+                   {"disagreement": dm["fingerprint"], "score": seeds.fingerprint}, force=force,
+                   key=common.marker_key(score, "label-aware"))
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    t0 = time.time()
+    dis = read_disagreement(ws)  # (N,) float32: a few bytes per row
+    n = len(dis)
+    is_seed = np.zeros(n, bool)
+    is_seed[seeds.rows[np.isfinite(seeds.values)]] = True
+    target = np.where(is_seed, np.nan, dis)
+    mapped = quantile_map(target, seeds.values, reverse=not higher).astype(np.float32)
+    mapped_url = storage.join(ws.path("_stages", run.key, run.fingerprint[:16]), "mapped.zarr")
+    arr = zarr.create_array(storage.zarr_store(mapped_url, ws.storage_options), shape=(n,), chunks=(chunk_rows,),
+                            dtype="float32", fill_value=np.nan, overwrite=True)
+    arr[:] = mapped
+    counts = common.write_chunks(ws, run, score, "label-aware", n, _predict_mapped, (mapped_url,),
+                                 chunk_rows=chunk_rows, scheduler=scheduler)
+    return run.commit(outputs={"extrapolated": common.output_path(score, "label-aware")},
+                      counts=counts, timings={"extrapolate_s": round(time.time() - t0, 3)})
+
+
+def _register() -> None:
+    from streamprune.extrapolate.common import register_method
+
+    register_method("label-aware", extrapolate_label_aware)
+
+
+_register()
