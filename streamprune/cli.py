@@ -394,22 +394,45 @@ def status(workspace, storage_options, as_json):
 @cli.command()
 @click.argument("directory", default="streamprune-demo")
 @click.option("--scheduler", default="threads", show_default=True, help="dask scheduler for the stages.")
-def demo(directory, scheduler):
-    """Write a demo dataset (digits with 10% flipped labels) to DIRECTORY and run the pipeline on it."""
-    from streamprune.demo import make_demo
-    from streamprune.shards import catalog as run_catalog
-    from streamprune.subset import subset as run_subset
+@click.option("--fraction", type=float, default=0.2, show_default=True, help="Seed subset fraction.")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Training epochs (subset and full).")
+@click.option("--pruning-curve", default="0.3,0.5,0.7", show_default=True,
+              help="Keep fractions for the evaluation's pruning curve ('' to skip).")
+@click.option("--curve-epochs", type=int, default=15, show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer epochs everywhere (a smoke run, not for the figures).")
+def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, quick):
+    """Write a demo dataset (digits, 10% flipped labels) to DIRECTORY and run the whole pipeline on it.
 
+    Runs catalog, subset, score (subset and full data, DU), embed, index, extrapolate (knn, gcn,
+    label-aware), prune, then evaluate and report; prints where shards.txt and the report are.
+    """
+    from streamprune.demo import make_demo
+    from streamprune.evaluate import evaluate as run_evaluate, format_evaluation
+    from streamprune.pipeline import RunConfig, run_pipeline
+    from streamprune.report import report as run_report
+
+    if quick:
+        epochs, curve_epochs = min(epochs, 12), min(curve_epochs, 4)
     data_dir = os.path.join(directory, "data")
     ws = os.path.join(directory, "ws")
     info = make_demo(data_dir)
     click.echo(f"demo data: {info['n_train']} training samples ({info['n_noisy']} with flipped labels) "
                f"in {len(info['train'])} shards, {info['n_test']} test samples: {data_dir}")
-    m = run_catalog([info["train_pattern"]], ws, scheduler=scheduler)
-    click.echo(f"catalog: {m['counts']['n_shards']} shards, {m['counts']['n_samples']} samples")
-    m = run_subset(ws, fraction=0.2, seed=0)
-    click.echo(f"subset: {m['counts']['n_subset']} seed rows")
-    click.echo(f"workspace: {ws}  (see `streamprune status -w {ws}`)")
+    cfg = RunConfig.load(None, {
+        "subset": {"fraction": fraction},
+        "score": {"scores": ["du"], "epochs": epochs, "model": "cnn", "full": True, "window": 10},
+        "index": {"k": 20},
+        "extrapolate": {"methods": ["knn", "gcn", "label-aware"], "gcn_epochs": 10 if quick else 25},
+        "prune": {"source": "label-aware", "strategy": "hard", "keep_fraction": 0.7, "name": "demo"},
+    }, scheduler=scheduler)
+    out = run_pipeline([info["train_pattern"]], ws, cfg, storage_options=None, echo=click.echo)
+    keeps = [float(k) for k in pruning_curve.split(",") if k.strip()]
+    evaluation = run_evaluate(ws, "du", pruning_curve_keeps=keeps or None, epochs=curve_epochs,
+                              test_shards=info["test"])
+    click.echo(format_evaluation(evaluation))
+    rep = run_report(ws, score="du")
+    click.echo(f"shards.txt: {os.path.join(ws, out['outputs']['prune']['outputs']['shards'])}")
+    click.echo(f"report: {rep['report']}")
 
 
 def main() -> None:

@@ -73,3 +73,137 @@ def test_quantile_map_reproduces_reference_distribution():
     out = quantile_map(np.random.default_rng(1).normal(size=1000), ref)
     np.testing.assert_allclose(np.sort(out), np.quantile(np.sort(ref), (np.arange(1000) + 0.5) / 1000))
     assert math.isnan(quantile_map(np.array([np.nan, 1.0]), ref)[0])
+
+
+def test_hard_clean_drops_noise_then_keeps_hardest():
+    from streamprune.select import hard_clean, select
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, np.nan])
+    noise = np.array([0.9, 0.1, 0.8, 0.0, 0.0, 1.0])
+    keep = hard_clean(scores, noise, keep_count=2, drop_count=2)  # drops rows 0 and 2, keeps 1 and 3
+    assert list(np.flatnonzero(keep)) == [1, 3]
+    capped = hard_clean(scores, noise, keep_count=4, drop_count=3)  # only 1 may go: the noisiest
+    assert keep.sum() == 2 and capped.sum() == 4 and not capped[0]
+    assert np.array_equal(select("hard-clean", scores, None, 2, noise=noise, drop_count=2), keep)
+
+
+def _vector_workspace(tmp_path, flip=0.0, labels=True):
+    from shardgen import npy_bytes
+    from streamprune.embed import embed
+    from streamprune.index import build_index
+    from streamprune.shards import catalog
+    from streamprune.tario import write_tar
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    truth, paths = [], []
+    for s in range(4):
+        samples = []
+        for i in range(100):
+            y = int(rng.integers(0, 3))
+            vec = rng.normal(size=8).astype(np.float32) * 0.6
+            vec[y] += 3.0
+            noisy = rng.random() < flip
+            lab = (y + 1) % 3 if noisy else y
+            truth.append(noisy)
+            members = {"npy": npy_bytes(vec)}
+            if labels:
+                members["cls"] = str(lab).encode()
+            samples.append((f"k{s}_{i:03d}", members))
+        paths.append(str(d / f"v-{s}.tar"))
+        write_tar(paths[-1], samples)
+    ws = str(tmp_path / "ws")
+    catalog(paths, ws, scheduler="sync")
+    from streamprune.decode import DecodeConfig
+
+    embed(ws, encoder="features", scheduler="sync",
+          decode=DecodeConfig(input="vector", label_key="cls" if labels else "none"))
+    build_index(ws, graph="all", k=20, scheduler="sync")
+    return ws, np.array(truth)
+
+
+def test_disagreement_stage_matches_graph_brute_force_and_finds_flips(tmp_path):
+    import zarr
+
+    from streamprune.extrapolate.label_aware import compute_disagreement, noise_estimate, read_disagreement
+    from streamprune.workspace import Workspace
+
+    ws, noisy = _vector_workspace(tmp_path, flip=0.1)
+    compute_disagreement(ws, k=20, chunk_rows=64)
+    w = Workspace(ws)
+    dis = read_disagreement(w)
+    g = zarr.open_group(f"{ws}/graph/all.zarr")
+    labels = zarr.open_group(f"{ws}/embeddings.zarr")["labels"][:]
+    nb, dist = g["neighbors"][:], g["distances"][:]
+    np.testing.assert_allclose(dis, _brute(labels, labels[nb], dist), rtol=1e-6)
+    from scipy.stats import mannwhitneyu
+
+    auc = mannwhitneyu(dis[noisy], dis[~noisy]).statistic / (noisy.sum() * (~noisy).sum())
+    assert auc > 0.9
+    est = noise_estimate(w, k=20)
+    assert abs(est.mean() - noisy.mean()) < 0.05 and (est & noisy).sum() > 0.7 * noisy.sum()
+
+
+def test_disagreement_killed_then_resumed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import count_files
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    from streamprune.extrapolate.label_aware import compute_disagreement, read_disagreement
+    from streamprune.workspace import Workspace
+
+    code = ("import time, streamprune.extrapolate.label_aware as la\n"
+            "orig = la.label_disagreement\n"
+            "def slow(*a):\n    time.sleep(0.3)\n    return orig(*a)\n"
+            "la.label_disagreement = slow\n"
+            f"la.compute_disagreement({ws!r}, k=20, chunk_rows=32)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    chunks = os.path.join(ws, "_stages", "score-label_disagreement")
+    import time
+
+    deadline = time.time() + 120
+    while count_files(chunks, ".json") < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    assert proc.returncode == -9 and not os.path.exists(os.path.join(ws, "_stages", "score-label_disagreement.json"))
+    compute_disagreement(ws, k=20, chunk_rows=32)
+    resumed = read_disagreement(Workspace(ws))
+    compute_disagreement(ws, k=20, chunk_rows=32, force=True)
+    np.testing.assert_array_equal(resumed, read_disagreement(Workspace(ws)))
+
+
+def test_disagreement_needs_labels(tmp_path):
+    from streamprune.errors import StreamPruneError
+    from streamprune.extrapolate.label_aware import compute_disagreement
+
+    ws, _ = _vector_workspace(tmp_path, labels=False)
+    with pytest.raises(StreamPruneError, match="label disagreement needs labels"):
+        compute_disagreement(ws)
+
+
+def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
+    from streamprune.decode import DecodeConfig
+    from streamprune.extrapolate import extrapolate, read_extrapolated
+    from streamprune.scoring import compute_scores, read_score
+    from streamprune.subset import subset, subset_rows
+    from streamprune.train import TrainConfig, train
+    from streamprune.workspace import Workspace
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    subset(ws, fraction=0.3, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=4, batch_size=32), DecodeConfig(input="vector"), scheduler="sync")
+    compute_scores(ws, ["du"], params={"window": 3})
+    m = extrapolate(ws, "du", "label-aware", k=20)
+    w = Workspace(ws)
+    score, source = (a[:] for a in read_extrapolated(w, "du", "label-aware"))
+    rows, seed = subset_rows(w), read_score(w, "du")
+    np.testing.assert_array_equal(score[rows], seed)  # seeds unchanged
+    assert (source[rows] == 0).all() and (np.delete(source, rows) == 3).all()
+    others = np.delete(score, rows)
+    assert others.min() >= seed.min() and others.max() <= seed.max()  # on the seed scale
+    assert m["counts"]["n_predicted"] == 400 - len(rows)

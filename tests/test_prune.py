@@ -1,0 +1,455 @@
+"""The prune stage: outputs, the pruned-view helper, resharding (local, S3, killed and resumed), bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import count_files
+from shardgen import make_samples, write_shards
+from streamprune import select as sel
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.prune import (ShardPlanner, _bytes_members, _file_members, atomic_output, check_members, load_scores,
+                               prune, pruned_dataset, reshard)
+from streamprune.shards import catalog
+from streamprune.tario import iter_tar, write_tar
+from streamprune.workspace import Workspace
+
+NAME = "du-knn-hard-0.5"
+
+
+# workspace builders -------------------------------------------------------------------------------
+def fake_upstream(ws: Workspace, n: int, *, seed: int = 0, invalid=(), nan=(), labels: bool = True,
+                  embed: bool = True, scores: np.ndarray | None = None) -> dict:
+    """Write embeddings.zarr (+ embed marker) and extrapolated/du-knn.zarr (+ marker) as the real stages would."""
+    rng = np.random.default_rng(seed)
+    score = rng.random(n).astype(np.float32) if scores is None else scores.astype(np.float32)
+    score[list(nan)] = np.nan
+    valid = np.ones(n, bool)
+    valid[list(invalid)] = False
+    lab = (np.arange(n) % 4).astype(np.int64)
+    so = ws.storage_options
+    if embed:
+        g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), so), mode="w")
+        g.create_array("emb", shape=(n, 4), dtype="float32", chunks=(64, 4))[:] = rng.normal(size=(n, 4))
+        if labels:
+            g.create_array("labels", shape=(n,), dtype="int64", chunks=(64,))[:] = lab
+        g.create_array("valid", shape=(n,), dtype="bool", chunks=(64,))[:] = valid
+        ws.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
+    e = zarr.open_group(storage.zarr_store(ws.path("extrapolated", "du-knn.zarr"), so), mode="w")
+    e.create_array("score", shape=(n,), dtype="float32", chunks=(64,), fill_value=np.nan)[:] = score
+    src = np.where(np.isnan(score) | ~valid, 255, 1).astype(np.uint8)
+    e.create_array("source", shape=(n,), dtype="uint8", chunks=(64,))[:] = src
+    ws.begin("extrapolate", {"test": 1}, {}, key="extrapolate-du-knn").commit(
+        {"score": "extrapolated/du-knn.zarr"}, {"n": n})
+    return {"score": score, "valid": valid, "labels": lab}
+
+
+def build(root, n_shards: int = 6, per_shard: int = 20, **kw) -> tuple[str, list[str], dict]:
+    shards = write_shards(os.path.join(root, "data"), n_shards, per_shard)
+    ws = os.path.join(root, "ws")
+    catalog(shards, ws, scheduler="sync")
+    up = fake_upstream(Workspace(ws), n_shards * per_shard, **kw)
+    return ws, shards, up
+
+
+def originals(urls) -> dict:
+    """key -> {ext: bytes} of every sample of the given shards (plain webdataset, no decoding)."""
+    return {s["__key__"]: _payload(s) for s in wds.WebDataset(list(urls), shardshuffle=False)}
+
+
+def _payload(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def expected_hardest(up: dict, fraction: float) -> np.ndarray:
+    s = np.where(up["valid"], up["score"], np.nan)
+    k = sel.keep_count_from(int((~np.isnan(s)).sum()), keep_fraction=fraction)
+    return np.flatnonzero(sel.keep_hardest(s, k))
+
+
+def keys_of(rows) -> list[str]:
+    return [f"s{int(r):07d}" for r in rows]
+
+
+def assert_same_samples(samples, want_keys, orig):
+    got = [s["__key__"] for s in samples]
+    assert len(got) == len(set(got)), "duplicate samples"
+    assert sorted(got) == sorted(want_keys)
+    for s in samples:
+        assert _payload(s) == orig[s["__key__"]], f"bytes differ for {s['__key__']}"
+
+
+# end to end ---------------------------------------------------------------------------------------
+def test_prune_local_end_to_end(tmp_path):
+    ws, shards, up = build(str(tmp_path), invalid=(3, 50, 51), nan=(7, 90))
+    # Rows 40..59 (shard 2) are all easy: that shard keeps nothing and leaves shards.txt.
+    up["score"][40:60] = np.where(np.isnan(up["score"][40:60]), np.nan, -1.0)
+    fake_upstream(Workspace(ws), 120, scores=up["score"], invalid=(3, 50, 51), nan=(7, 90))
+    out = str(tmp_path / "out")
+    m = prune(ws, keep_fraction=0.5, reshard=out, shard_size=20_000, scheduler="sync")
+    want = expected_hardest(up, 0.5)
+    assert m["counts"]["n_kept"] == len(want) == 58 and m["reshard"]["counts"]["n_samples"] == 58  # 0.5 * 115
+    assert m["outputs"]["reshard"] == os.path.join(out, "shards.txt")
+    pdir = tmp_path / "ws" / "prune" / NAME
+
+    # shards.txt: the shards keeping at least one sample, in catalog order.
+    urls = open(pdir / "shards.txt").read().split()
+    assert urls == [s for i, s in enumerate(sorted(shards)) if i != 2]
+    # keys.parquet: sorted by row, shard = line of shards.txt.
+    table = pd.read_parquet(pdir / "keys.parquet")
+    assert table.row.tolist() == want.tolist()
+    assert table.key.tolist() == keys_of(want)
+    assert [urls[i] for i in table.shard] == [sorted(shards)[r // 20] for r in want]
+    # stats.json
+    stats = json.loads(open(pdir / "stats.json").read())
+    assert stats["n_kept"] == 58 and stats["n_eligible"] == 115 and stats["n_invalid"] == 3
+    assert sum(stats["per_shard"]["kept"]) == 58 and len(stats["per_shard"]["kept"]) == len(urls)
+    assert sum(c["kept"] for c in stats["per_class"].values()) == 58
+    assert stats["realised_keep_fraction"] == pytest.approx(58 / 115)
+    assert stats["kept_score_range"][0] >= stats["score_quantiles"]["0.25"]
+    assert os.path.exists(tmp_path / "ws" / "_stages" / f"prune-{NAME}.json")
+
+    orig = originals(shards)
+    # The helper over the original shards yields exactly the kept samples, bytes untouched.
+    assert_same_samples(list(pruned_dataset(str(pdir))), keys_of(want), orig)
+    assert_same_samples(list(pruned_dataset(ws, name=NAME)), keys_of(want), orig)
+    # Plain webdataset over the re-written shards yields the same.
+    new_urls = open(tmp_path / "out" / "shards.txt").read().split()
+    assert len(new_urls) == m["reshard"]["counts"]["n_shards"] > 3
+    assert_same_samples(list(wds.WebDataset(new_urls, shardshuffle=False)), keys_of(want), orig)
+    assert_same_samples(list(pruned_dataset(out)), keys_of(want), orig)
+    for u in new_urls:
+        with tarfile.open(u) as tar:  # a complete tar, members intact
+            names = tar.getnames()
+        assert names and all(not n.startswith(("/", "..")) for n in names)
+        assert os.path.getsize(u) <= 20_000 + 1024 or len({n.split(".")[0] for n in names}) == 1
+    assert count_files(out) == len(new_urls) + 1 and not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+    # Small row groups: the helper reads only the row groups of the shard it opens.
+    prune(ws, keep_fraction=0.5, name="small-groups", row_group_rows=5)
+    small = tmp_path / "ws" / "prune" / "small-groups"
+    assert pq.ParquetFile(small / "keys.parquet").num_row_groups == len(urls)
+    assert_same_samples(list(pruned_dataset(str(small))), keys_of(want), orig)
+
+    again = prune(ws, keep_fraction=0.5, reshard=out, shard_size=20_000, scheduler="sync")
+    assert again.get("skipped") and again["reshard"].get("skipped")
+
+
+def test_reshard_max_count_and_repeated_keys(tmp_path):
+    # Two shards with the same keys: an output tar never holds one key twice.
+    d = tmp_path / "data"
+    d.mkdir()
+    shards = []
+    for name in ("a", "b"):
+        path = str(d / f"{name}.tar")
+        write_tar(path, make_samples(10, start=0, seed=ord(name)))
+        shards.append(path)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    fake_upstream(Workspace(ws), 20)
+    out = str(tmp_path / "out")
+    m = prune(ws, keep_fraction=1.0, reshard=out, max_count=7, scheduler="threads")
+    assert m["reshard"]["counts"]["n_samples"] == 20
+    seen = []
+    for u in open(os.path.join(out, "shards.txt")).read().split():
+        samples = list(wds.WebDataset(u, shardshuffle=False))
+        keys = [s["__key__"] for s in samples]
+        assert len(keys) == len(set(keys)) and len(keys) <= 7
+        seen += [(s["__key__"], s["json"], s["png"]) for s in samples]
+    want = [(k, p["json"], p["png"]) for path in shards for k, p in originals([path]).items()]
+    assert sorted(seen) == sorted(want)
+
+
+@pytest.mark.slow
+def test_reshard_on_a_dask_cluster_equals_local(tmp_path, dask_cluster):
+    ws, shards, up = build(str(tmp_path), 4, 20)
+    prune(ws, keep_fraction=0.6, reshard=str(tmp_path / "a"), shard_size=15_000, scheduler="sync")
+    reshard(ws, "du-knn-hard-0.6", str(tmp_path / "b"), shard_size=15_000, scheduler=dask_cluster, force=True)
+    names = open(tmp_path / "a" / "shards.txt").read().split()
+    assert len(names) >= 3
+    for u in names:
+        assert open(u, "rb").read() == open(u.replace(str(tmp_path / "a"), str(tmp_path / "b")), "rb").read()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 50), min_size=1, max_size=8), min_size=1, max_size=6),
+       st.integers(1, 120), st.one_of(st.none(), st.integers(1, 6)), st.booleans())
+def test_shard_planner_cuts(sources, shard_size, max_count, repeat_keys):
+    planner = ShardPlanner(shard_size, max_count)
+    sizes, keys, src = [], [], []
+    for s, sz in enumerate(sources):
+        ks = np.array([f"k{j}" if repeat_keys else f"k{s}-{j}" for j in range(len(sz))], object)
+        planner.feed(len(sizes), np.array(sz), ks)
+        sizes += sz
+        keys += list(ks)
+        src += [s] * len(sz)
+    starts = planner.starts + [len(sizes)]
+    assert starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:]))
+    for a, b in zip(starts, starts[1:]):
+        total = sum(sizes[a:b])
+        assert total <= shard_size or b - a == 1
+        assert max_count is None or b - a <= max_count
+        assert len(set(keys[a:b])) == b - a
+        if b < len(sizes):  # greedy: the next sample had a reason not to join
+            assert (total + sizes[b] > shard_size or (max_count is not None and b - a >= max_count)
+                    or keys[b] in keys[a:b])
+
+
+# invalid rows, sources, labels ----------------------------------------------------------------------
+@pytest.mark.parametrize("strategy,opts", [("hard", {}), ("easy", {}), ("random", {}), ("balanced", {}),
+                                           ("ccs", {"beta": 0.0, "n_strata": 5})])
+def test_invalid_rows_never_kept(tmp_path, strategy, opts):
+    n = 60
+    invalid, nan = (1, 2, 30, 59), (5, 6)
+    score = np.random.default_rng(1).random(n).astype(np.float32)
+    score[list(invalid)] = 1e6 if strategy != "easy" else -1e6  # most attractive to the strategy
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(write_shards(str(tmp_path / "data"), 3, 20), ws, scheduler="sync")
+    fake_upstream(ws, n, scores=score, invalid=invalid, nan=nan)
+    m = prune(ws, strategy=strategy, keep_fraction=1.0, name="all", **opts)
+    kept = pd.read_parquet(os.path.join(ws.url, "prune", "all", "keys.parquet")).row.to_numpy()
+    assert m["counts"]["n_kept"] == n - 6
+    assert not set(kept) & set(invalid + nan)
+    m = prune(ws, strategy=strategy, keep_count=10, name="ten", **opts)
+    kept = pd.read_parquet(os.path.join(ws.url, "prune", "ten", "keys.parquet")).row.to_numpy()
+    assert len(kept) == 10 and not set(kept) & set(invalid + nan)
+
+
+def test_clear_errors(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 2, 10)
+    ws = Workspace(str(tmp_path / "ws"))
+    with pytest.raises(StreamPruneError, match="stage 'catalog' has not run"):
+        prune(ws, keep_fraction=0.5)
+    catalog(shards, ws, scheduler="sync")
+    with pytest.raises(StreamPruneError, match=r"run `streamprune extrapolate -w .* --score du --method knn` first"):
+        prune(ws, keep_fraction=0.5)
+    with pytest.raises(StreamPruneError, match=r"run `streamprune score -w .* --score du` first"):
+        load_scores(ws, "du", "seed")
+    with pytest.raises(StreamPruneError, match="unknown score source"):
+        prune(ws, source="magic", keep_fraction=0.5)
+    fake_upstream(ws, 20, invalid=(0, 1), labels=False)
+    with pytest.raises(StreamPruneError, match=r"cannot keep 19 rows: only 18 eligible .*2 invalid"):
+        prune(ws, keep_count=19)
+    with pytest.raises(StreamPruneError, match="exactly one of"):
+        prune(ws)
+    with pytest.raises(StreamPruneError, match="balanced needs labels"):
+        prune(ws, strategy="balanced", keep_fraction=0.5)
+    with pytest.raises(StreamPruneError, match="does not take beta"):
+        prune(ws, strategy="hard", keep_fraction=0.5, beta=0.3)
+    with pytest.raises(StreamPruneError, match="name"):
+        prune(ws, keep_fraction=0.5, name="../evil")
+    with pytest.raises(StreamPruneError, match="apply to --reshard"):
+        prune(ws, keep_fraction=0.5, max_count=3)
+    prune(ws, keep_fraction=0.5, name="x")
+    with pytest.raises(StreamPruneError, match="another configuration"):
+        prune(ws, keep_fraction=0.6, name="x")
+    assert prune(ws, keep_fraction=0.6, name="x", force=True)["counts"]["n_kept"] == 11
+    with pytest.raises(StreamPruneError, match="stage 'prune-nope' has not run"):
+        reshard(ws, "nope", str(tmp_path / "out"))
+
+
+def test_seed_source_random_without_scores_and_influence(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 2, 10)
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws, scheduler="sync")
+    rows = np.array([1, 4, 9, 12, 17], np.int64)
+    zarr.create_array(storage.zarr_store(ws.path("subset", "rows.zarr")), shape=(5,), dtype="int64",
+                      chunks=(5,))[:] = rows
+    ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": 5})
+    zarr.create_array(storage.zarr_store(ws.path("scores", "du.zarr")), shape=(5,), dtype="float32",
+                      chunks=(5,))[:] = [0.5, np.nan, 0.1, 0.9, 0.3]
+    ws.begin("score", {"test": 1}, {}, key="score-du").commit({"score": "scores/du.zarr"}, {"n": 5})
+    s = load_scores(ws, "du", "seed")
+    assert np.flatnonzero(~np.isnan(s)).tolist() == [1, 9, 12, 17] and s[12] == pytest.approx(0.9)
+    full = np.arange(20, dtype=np.float32)
+    zarr.create_array(storage.zarr_store(ws.path("scores", "du-full.zarr")), shape=(20,), dtype="float32",
+                      chunks=(8,))[:] = full
+    ws.begin("score", {"test": 1}, {}, key="score-du-full").commit({"score": "scores/du-full.zarr"}, {"n": 20})
+    np.testing.assert_array_equal(load_scores(ws, "du", "full"), full)
+    m = prune(ws, source="seed", keep_count=2)
+    assert pd.read_parquet(os.path.join(ws.url, "prune", "du-seed-hard-n2", "keys.parquet")).row.tolist() == [1, 12]
+    assert m["counts"]["n_eligible"] == 4
+    # random needs no score array: every valid row is eligible.
+    m = prune(ws, source="gcn", strategy="random", keep_count=20)
+    assert m["counts"]["n_kept"] == 20
+    stats = json.load(open(os.path.join(ws.url, "prune", "du-gcn-random-n20", "stats.json")))
+    assert not stats["scores_used"] and stats["score_quantiles"] == {}
+    # influence-budget: remove the smallest norms while their sum stays <= eps.
+    m = prune(ws, source="seed", strategy="influence-budget", eps=0.45)
+    kept = pd.read_parquet(os.path.join(ws.url, "prune", "du-seed-influence-budget-eps0.45", "keys.parquet"))
+    assert kept.row.tolist() == [1, 12] and m["counts"]["keep_fraction"] == pytest.approx(0.5)
+
+
+def test_balanced_keeps_the_same_fraction_per_class(tmp_path):
+    ws, _, up = build(str(tmp_path), 4, 25, invalid=(0, 4, 8))
+    prune(ws, strategy="balanced", keep_fraction=0.3, name="bal")
+    stats = json.load(open(os.path.join(ws, "prune", "bal", "stats.json")))
+    per = stats["per_class"]
+    assert sum(c["kept"] for c in per.values()) == stats["n_kept"] == 29  # 0.3 * 97 = 29.1
+    for c in per.values():
+        assert abs(c["kept"] - c["eligible"] * 29 / 97) < 1
+
+
+# tar checks ----------------------------------------------------------------------------------------
+def _raw_tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    return data[: list(iter_tar(io.BytesIO(data), read_data=False))[-1].end]  # without the end-of-archive blocks
+
+
+def _check(data: bytes, key: str, end: int | None = None, via_file: str | None = None) -> None:
+    end = len(data) if end is None else end
+    if via_file:
+        with open(via_file, "wb") as f:
+            f.write(data)
+        with open(via_file, "rb", buffering=0) as f:
+            check_members(_file_members(f, 0, end), 0, end, np.array([0]), np.array([end]), np.array([key], object),
+                          "s.tar")
+        return
+    check_members(_bytes_members(data, 0), 0, end, np.array([0]), np.array([end]), np.array([key], object), "s.tar")
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_check_members_rejects_unsafe_names_and_changed_bytes(tmp_path, from_file):
+    via_file = str(tmp_path / "s.tar") if from_file else None
+    good = _raw_tar([("a.png", b"x" * 10), ("a.cls", b"1")])
+    _check(good, "a", via_file=via_file)
+    long = _raw_tar([("d/" + "x" * 150 + ".png", b"x"), ("d/" + "x" * 150 + ".cls", b"1")])  # GNU long names
+    _check(long, "d/" + "x" * 150, via_file=via_file)
+    with pytest.raises(StreamPruneError, match="catalog has key"):
+        _check(long, "d/" + "x" * 149, via_file=via_file)
+    corrupt = bytearray(good)
+    corrupt[600] ^= 0xFF  # payload bytes are not checked (etag is), header bytes are
+    _check(bytes(corrupt), "a", via_file=via_file)
+    corrupt[5] ^= 0xFF
+    with pytest.raises(StreamPruneError, match="do not parse"):
+        _check(bytes(corrupt), "a", via_file=via_file)
+    with pytest.raises(StreamPruneError, match="catalog has key b"):
+        _check(good, "b", via_file=via_file)
+    evil = _raw_tar([("../a.png", b"x")])
+    with pytest.raises(StreamPruneError, match="unsafe member name"):
+        _check(evil, "../a", via_file=via_file)
+    with pytest.raises(StreamPruneError, match="do not parse"):
+        _check(b"\1" * 1024, "a", via_file=via_file)
+    with pytest.raises(StreamPruneError, match="member boundary"):
+        _check(good, "a", end=len(good) - 512, via_file=via_file)
+
+
+def test_reshard_refuses_a_changed_shard(tmp_path):
+    ws, shards, _ = build(str(tmp_path), 2, 10)
+    prune(ws, keep_fraction=0.5, name="p")
+    write_tar(sorted(shards)[0], make_samples(10, start=500))
+    with pytest.raises(StreamPruneError, match="holds input shards"):
+        reshard(ws, "p", str(tmp_path / "data"), scheduler="sync")
+    with pytest.raises(StreamPruneError, match="changed since `streamprune catalog`"):
+        reshard(ws, "p", str(tmp_path / "out"), scheduler="sync")
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar") or f.startswith(".tmp")]
+
+
+# crash and resume -----------------------------------------------------------------------------------
+def test_reshard_killed_then_resumed_is_identical(tmp_path):
+    ref_ws, shards, _ = build(str(tmp_path / "ref"), 6, 20)
+    ref_out = str(tmp_path / "ref_out")
+    prune(ref_ws, keep_fraction=0.5, reshard=ref_out, shard_size=12_000, scheduler="sync")
+    ref_tars = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(os.path.join(ref_out, "shards.txt")).read().split()}
+    assert len(ref_tars) >= 8
+
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    fake_upstream(Workspace(ws), 120)
+    out = str(tmp_path / "out")
+    code = (f"from streamprune.prune import prune; prune({ws!r}, keep_fraction=0.5, reshard={out!r}, "
+            f"shard_size=12_000, scheduler='sync')")
+    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.3", "STREAMPRUNE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks = os.path.join(ws, "_stages", f"reshard-{NAME}")
+    deadline = time.time() + 120
+    try:
+        while count_files(chunks, ".json") < 3:
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(ws, "_stages", f"reshard-{NAME}.json"))
+    assert not os.path.exists(os.path.join(out, "shards.txt"))
+    finals = [f for f in os.listdir(out) if f.startswith("pruned-")]
+    assert 3 <= len(finals) < len(ref_tars)
+    for f in finals:  # nothing partial under a final name
+        assert open(os.path.join(out, f), "rb").read() == ref_tars[f]
+
+    m = prune(ws, keep_fraction=0.5, reshard=out, shard_size=12_000, scheduler="sync")
+    assert m.get("skipped") and not m["reshard"].get("skipped")
+    got = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(os.path.join(out, "shards.txt")).read().split()}
+    assert got == ref_tars
+    assert sorted(os.listdir(out)) == sorted([*ref_tars, "shards.txt"])  # no temp files, no extras
+    keys = [s["__key__"] for s in wds.WebDataset(open(os.path.join(out, "shards.txt")).read().split(),
+                                                 shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 60
+
+
+# object storage ------------------------------------------------------------------------------------
+def test_prune_on_s3(tmp_path, s3server, s3bucket):
+    fs = s3server.fs()
+    local = write_shards(str(tmp_path / "data"), 4, 15)
+    for p in local:
+        fs.put_file(p, f"{s3bucket}/data/{os.path.basename(p)}")
+    so = s3server.storage_options
+    ws = Workspace(f"s3://{s3bucket}/ws", so)
+    catalog([f"s3://{s3bucket}/data/"], ws, scheduler="threads")
+    up = fake_upstream(ws, 60, invalid=(2,), nan=(9,))
+    out = f"s3://{s3bucket}/pruned"
+    m = prune(ws, keep_fraction=0.5, reshard=out, shard_size=40_000, scheduler="threads")
+    want = keys_of(expected_hardest(up, 0.5))
+    assert m["reshard"]["counts"]["n_samples"] == len(want) == 29
+    orig = originals(local)
+
+    # Helper over the original s3:// shards.
+    ds = pruned_dataset(f"s3://{s3bucket}/ws/prune/{NAME}", storage_options=so)
+    assert_same_samples(list(ds), want, orig)
+    # Plain webdataset over the re-written objects, through presigned http urls (curl).
+    new = fs.cat_file(f"{s3bucket}/pruned/shards.txt").decode().split()
+    assert len(new) == m["reshard"]["counts"]["n_shards"] >= 2 and all(u.startswith(f"s3://{s3bucket}/pruned/pruned-") for u in new)
+    signed = [fs.sign(u, expiration=600) for u in new]
+    assert_same_samples(list(wds.WebDataset(signed, shardshuffle=False)), want, orig)
+    assert_same_samples(list(pruned_dataset(out, storage_options=so)), want, orig)
+    assert not [k for k in fs.ls(f"{s3bucket}/pruned") if ".tmp" in k]
+
+    # An output that fails half-way (single PUT or multipart) never appears under its name.
+    for size in (1000, 6 << 20):
+        url = f"s3://{s3bucket}/pruned/pruned-999999.tar"
+        with pytest.raises(RuntimeError):
+            with atomic_output(url, so, block_size=5 << 20) as f:
+                f.write(b"x" * size)
+                raise RuntimeError("killed")
+        assert not s3server.fs().exists(url)
+    with atomic_output(url, so, block_size=5 << 20) as f:
+        f.write(b"y" * (6 << 20))
+    assert s3server.fs().size(url) == 6 << 20
