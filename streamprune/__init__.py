@@ -6,18 +6,13 @@ __version__ = "0.1.0"
 
 from streamprune.errors import StreamPruneError  # noqa: E402
 
+# Only names that are not also submodules (streamprune.embed etc. are modules; call
+# streamprune.embed.embed, streamprune.prune.prune, ...).
 _LAZY = {
     "catalog": "streamprune.shards",
-    "subset": "streamprune.subset",
-    "train": "streamprune.train",
     "compute_scores": "streamprune.scoring",
-    "embed": "streamprune.embed",
     "build_index": "streamprune.index",
-    "extrapolate": "streamprune.extrapolate",
-    "prune": "streamprune.prune",
     "pruned_dataset": "streamprune.prune",
-    "evaluate": "streamprune.evaluate",
-    "report": "streamprune.report",
     "run_pipeline": "streamprune.pipeline",
 }
 
