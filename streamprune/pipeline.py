@@ -86,7 +86,12 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
     def stage(name: str, fn):
         t0 = time.time()
         result = fn()
-        results = result if isinstance(result, list) else [result]
+        if isinstance(result, list):
+            results = result
+        elif isinstance(result, dict) and "fingerprint" not in result and "skipped" not in result:
+            results = list(result.values())  # several markers by name (index: seeds and all)
+        else:
+            results = [result]
         skipped = all(r.get("skipped") for r in results if isinstance(r, dict))
         timings.append((name, time.time() - t0, skipped))
         echo(f"{name:<22} {'skipped (done)' if skipped else 'done'} in {time.time() - t0:.1f}s")

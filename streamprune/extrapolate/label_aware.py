@@ -109,12 +109,17 @@ def disagreement_path() -> str:
     return "scores/label_disagreement.zarr"
 
 
-def compute_disagreement(workspace: str | Workspace, *, k: int = 20, chunk_rows: int = 1 << 16, force: bool = False,
+def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, chunk_rows: int = 1 << 16, force: bool = False,
                          storage_options: dict | None = None) -> dict:
-    """Label disagreement of every row from ``graph/all.zarr``; chunked, resumable, (N,) float32."""
+    """Label disagreement of every row from ``graph/all.zarr``; chunked, resumable, (N,) float32.
+
+    ``k`` defaults to min(20, the graph's k).
+    """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     emb_m = ws.require("embed", "label disagreement")
     graph_m = ws.require("index-all", "label disagreement")
+    if k is None:
+        k = min(20, int(graph_m["counts"]["k"]))
     run = ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": k},
                    {"embed": emb_m["fingerprint"], "graph": graph_m["fingerprint"]}, force=force,
                    key="score-label_disagreement")
@@ -177,7 +182,7 @@ def _predict_mapped(ws: Workspace, start: int, stop: int, mapped_url: str) -> np
     return zarr.open_array(storage.zarr_store(mapped_url, ws.storage_options), mode="r")[start:stop]
 
 
-def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int = 20, chunk_rows: int = 1 << 16,
+def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | None = None, chunk_rows: int = 1 << 16,
                             scheduler: str | None = "sync", force: bool = False,
                             storage_options: dict | None = None) -> dict:
     """Seed rows keep their scores; other rows get their disagreement rank on the seed-score scale."""
@@ -191,7 +196,8 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int = 
         higher = get_score(score).higher_is_harder
     except ValueError:
         higher = True
-    run = ws.begin("extrapolate", {"score": score, "method": "label-aware", "k": k, "predictor": "disagreement"},
+    run = ws.begin("extrapolate", {"score": score, "method": "label-aware", "k": dm["config"]["k"],
+                                   "predictor": "disagreement"},
                    {"disagreement": dm["fingerprint"], "score": seeds.fingerprint}, force=force,
                    key=common.marker_key(score, "label-aware"))
     if run.already_done:

@@ -1,0 +1,106 @@
+"""`streamprune run`: all stages, skip when done, resume after SIGKILL with identical outputs."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from streamprune.errors import StreamPruneError
+from streamprune.pipeline import RunConfig
+from helpers import kill_when, run_cli
+from shardgen import write_shards
+
+CONFIG = """
+[subset]
+fraction = 0.4
+[score]
+scores = ["du"]
+epochs = 4
+model = "mlp"
+window = 3
+input = "vector"
+[embed]
+chunk_rows = 64
+[index]
+k = 10
+[extrapolate]
+methods = ["knn", "label-aware"]
+[prune]
+keep_fraction = 0.5
+name = "p"
+"""
+
+
+def _outputs(ws):
+    out = {}
+    for m in ("knn", "label-aware"):
+        g = zarr.open_group(os.path.join(ws, "extrapolated", f"du-{m}.zarr"), mode="r")
+        out[m] = g["score"][:]
+    out["emb"] = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")["emb"][:]
+    out["keys"] = pd.read_parquet(os.path.join(ws, "prune", "p", "keys.parquet"))
+    out["shards"] = open(os.path.join(ws, "prune", "p", "shards.txt")).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    shards = write_shards(str(tmp / "data"), 6, 50, kind="npy", dim=16)
+    cfg = tmp / "run.toml"
+    cfg.write_text(CONFIG)
+    ref = str(tmp / "ref")
+    first = run_cli("run", *shards, "-w", ref, "--config", str(cfg), "--scheduler", "sync")
+    return tmp, shards, str(cfg), ref, first
+
+
+def test_run_all_stages_then_nothing_to_do(setup):
+    tmp, shards, cfg, ref, first = setup
+    assert "prune" in first.stdout and "shards.txt: " in first.stdout
+    kept = _outputs(ref)["keys"]
+    assert len(kept) == 150  # keep 0.5 of 300 valid rows
+    again = run_cli("run", *shards, "-w", ref, "--config", cfg, "--scheduler", "sync")
+    assert "nothing to do" in again.stdout and " ran" not in again.stdout
+
+
+def test_cli_overrides_config_and_until(setup, tmp_path):
+    _, shards, cfg, _, _ = setup
+    ws = str(tmp_path / "ws")
+    out = run_cli("run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync", "--fraction", "0.5",
+                  "--until", "subset")
+    assert "subset" in out.stdout and not os.path.exists(os.path.join(ws, "_stages", "train.json"))
+    rows = zarr.open_array(os.path.join(ws, "subset", "rows.zarr"))[:]
+    assert 110 < len(rows) < 190  # fraction 0.5 from the command line, not 0.4 from the file
+
+
+def test_bad_config_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[subset]\nfractoin = 0.3\n")
+    with pytest.raises(StreamPruneError, match=r"\[subset\] has unknown option\(s\) fractoin"):
+        RunConfig.load(str(bad))
+
+
+@pytest.mark.parametrize("stage_dir,threshold", [("train", None), ("embed", 2)])
+def test_killed_run_resumes_to_identical_outputs(setup, tmp_path, stage_dir, threshold):
+    _, shards, cfg, ref, _ = setup
+    ws = str(tmp_path / "ws")
+
+    def ready():
+        d = os.path.join(ws, "_stages", stage_dir)
+        if not os.path.isdir(d):
+            return False
+        files = [f for _, _, fs in os.walk(d) for f in fs]
+        if threshold is None:  # training: kill once an epoch checkpoint exists (mid-way through training)
+            return any(f.startswith("ckpt-0001") for f in files)
+        return sum(f.endswith(".json") and f[0].isdigit() for f in files) >= threshold
+
+    kill_when(["run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync"], ready,
+              env={"STREAMPRUNE_TASK_DELAY": "0.2"})
+    assert not os.path.exists(os.path.join(ws, "_stages", "prune-p.json"))
+    run_cli("run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync")
+    a, b = _outputs(ref), _outputs(ws)
+    for k in ("knn", "label-aware", "emb"):
+        np.testing.assert_array_equal(a[k], b[k])
+    pd.testing.assert_frame_equal(a["keys"], b["keys"])
+    assert a["shards"] == b["shards"]
