@@ -191,7 +191,14 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
                 s = np.where(valid, arrays[src], np.nan)
                 if np.isfinite(s).sum() < n_keep:
                     continue
-                masks[f"{src}/{strategy}"] = select(strategy, s, labels, n_keep, seed=0, higher_is_harder=higher)
+                opts = {}
+                if strategy == "hard-clean":
+                    from streamprune.prune import _noise_for_hard_clean
+
+                    noise, drop, _ = _noise_for_hard_clean(ws, s, "auto")
+                    opts = {"noise": noise, "drop_count": drop}
+                masks[f"{src}/{strategy}"] = select(strategy, s, labels, n_keep, seed=0, higher_is_harder=higher,
+                                                    **opts)
         masks["random"] = None
         for label, mask in masks.items():
             accs = []
@@ -218,6 +225,8 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
                 results["selection"].setdefault(label, {})[str(keep)] = {
                     "retained_recall": retained_recall(mask, ref), "error_jaccard": mean_std(jac),
                     "agreement": mean_std(agr)}
+    all_accs = [run("all rows", valid, seed, 1.0)["accuracy"] for seed in range(seeds)]
+    results["all_rows"] = {"accuracy": mean_std(all_accs), "n_train": int(valid.sum())}
     results["per_class_accuracy"] = {
         label: per_class_accuracy(preds[(label, keeps[-1], 0)], y_test, num_classes)
         for label in results["runs"] if (label, keeps[-1], 0) in preds}
@@ -292,11 +301,14 @@ def format_evaluation(out: dict) -> str:
     pc = out.get("pruning_curve")
     if pc:
         lines.append("pruned test accuracy (mean ± std over %d seeds)" % pc["seeds"])
-        lines.append(f"{'selection':<20}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
+        lines.append(f"{"selection":<26}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
+        if "all_rows" in pc:
+            a = pc["all_rows"]["accuracy"]
+            lines.append(f"{"all rows (no pruning)":<26}{a['mean']:.4f}±{a['std']:.4f}")
         for label, by_keep in pc["runs"].items():
             cells = []
             for k in pc["keeps"]:
                 a = by_keep.get(str(k), {}).get("accuracy")
                 cells.append(f"{a['mean']:.4f}±{a['std']:.4f}" if a else "-")
-            lines.append(f"{label:<20}" + "".join(f"{c:>16}" for c in cells))
+            lines.append(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
