@@ -301,10 +301,10 @@ def format_evaluation(out: dict) -> str:
     pc = out.get("pruning_curve")
     if pc:
         lines.append("pruned test accuracy (mean ± std over %d seeds)" % pc["seeds"])
-        lines.append(f"{"selection":<26}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
+        lines.append(f"{'selection':<26}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
         if "all_rows" in pc:
             a = pc["all_rows"]["accuracy"]
-            lines.append(f"{"all rows (no pruning)":<26}{a['mean']:.4f}±{a['std']:.4f}")
+            lines.append(f"{'all rows (no pruning)':<26}{a['mean']:.4f}±{a['std']:.4f}")
         for label, by_keep in pc["runs"].items():
             cells = []
             for k in pc["keeps"]:
