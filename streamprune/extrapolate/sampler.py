@@ -211,21 +211,39 @@ def parse_fanout(fanout: int | Sequence[int | None] | None, n_layers: int, k: in
 
 
 # ------------------------------------------------------------------------------------- zarr I/O
-def gather_rows(arr, rows: np.ndarray) -> np.ndarray:
-    """``arr[rows]`` for a zarr (or numpy) array, reading each touched chunk once in row order.
+GATHER_BYTES = 64 << 20  # zarr chunk bytes one gather step may have in flight
 
-    ``rows`` may be unsorted and repeat; the gather reads the sorted unique rows with one
-    orthogonal selection (zarr fetches the touched chunks concurrently) and scatters back.
+
+def gather_rows(arr, rows: np.ndarray, out: np.ndarray | None = None, max_bytes: int = GATHER_BYTES) -> np.ndarray:
+    """``arr[rows]`` for a zarr (or numpy) array, reading each touched zarr chunk once.
+
+    Sorted unique ``rows`` are read in groups of whole zarr chunks of at most ``max_bytes``
+    (each group one orthogonal selection: zarr fetches its chunks concurrently), written into
+    ``out`` when given.  Memory: the result plus one group, whatever the array's size.  Unsorted
+    or repeated ``rows`` are gathered as sorted unique rows, then scattered back.
     """
     rows = np.asarray(rows, np.int64)
+    shape = (len(rows),) + tuple(arr.shape[1:])
+    if out is None:
+        out = np.empty(shape, arr.dtype)
     if isinstance(arr, np.ndarray):
-        return arr[rows]
+        np.take(arr, rows, axis=0, out=out)
+        return out
     if len(rows) == 0:
-        return np.zeros((0,) + tuple(arr.shape[1:]), arr.dtype)
-    uniq, inv = np.unique(rows, return_inverse=True)
-    sel = (uniq,) + (slice(None),) * (len(arr.shape) - 1)
-    got = arr.get_orthogonal_selection(sel)
-    return got[inv.reshape(-1)]
+        return out
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+        uniq, inv = np.unique(rows, return_inverse=True)
+        out[...] = gather_rows(arr, uniq, max_bytes=max_bytes)[inv.reshape(-1)]
+        return out
+    chunk = int(arr.chunks[0])
+    chunk_bytes = chunk * int(np.prod(arr.chunks[1:], dtype=np.int64)) * arr.dtype.itemsize
+    per_group = max(1, max_bytes // max(chunk_bytes, 1))
+    group = (rows // chunk) // per_group
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    tail = (slice(None),) * (len(arr.shape) - 1)
+    for i0, i1 in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+        out[i0:i1] = arr.get_orthogonal_selection((rows[i0:i1],) + tail)
+    return out
 
 
 class RowSource:
@@ -243,11 +261,17 @@ class RowSource:
         """Shape of the whole array."""
         return tuple(self.arr.shape)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (any order, repeats allowed)."""
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed), into ``out`` when given."""
         if self.data is not None:
-            return self.data[rows]
-        return gather_rows(self.arr, rows).astype(self.dtype, copy=False)
+            return gather_rows(self.data, rows, out)
+        if out is not None and np.dtype(self.arr.dtype) == self.dtype:
+            return gather_rows(self.arr, rows, out)
+        got = gather_rows(self.arr, rows).astype(self.dtype, copy=False)
+        if out is None:
+            return got
+        out[...] = got
+        return out
 
     def span(self, r0: int, r1: int) -> np.ndarray:
         """Contiguous rows ``[r0, r1)``."""
@@ -320,8 +344,10 @@ class Features:
         """Feature width: classes + embedding dimension."""
         return self.num_classes + self.emb.shape[1]
 
-    def _build(self, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(emb), self.dim), np.float32)
+    def _build(self, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty((len(emb), self.dim), np.float32)
+        out[:, :self.num_classes] = 0.0
         out[:, self.num_classes:] = emb
         lab = np.asarray(labels, np.int64)
         hot = (lab >= 0) & (lab < self.num_classes)
@@ -329,9 +355,9 @@ class Features:
         out[~np.asarray(valid, bool)] = 0.0
         return out
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Features of ``rows`` (any order)."""
-        return self._build(self.emb.take(rows), self.labels.take(rows), self.valid.take(rows))
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of ``rows`` (any order), into ``out`` when given."""
+        return self._build(self.emb.take(rows), self.labels.take(rows), self.valid.take(rows), out)
 
     def span(self, r0: int, r1: int) -> np.ndarray:
         """Features of rows ``[r0, r1)``."""

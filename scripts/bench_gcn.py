@@ -1,0 +1,168 @@
+"""Benchmark GCN layer-wise inference: peak RSS and rows/s, previous layer in memory vs streamed.
+
+For each N a synthetic workspace is built (random embeddings, a random fixed-degree graph with k
+neighbours per row, a small seed subset with random scores), the model is trained once (a short
+run, killed as soon as its checkpoint is recorded: the benchmark measures inference), and then
+inference runs in a fresh subprocess per path, which reports its peak RSS (VmHWM) and the
+per-layer rows/s recorded in the stage marker.  A random graph is the worst case for locality:
+every chunk's neighbours are spread over the whole previous layer.
+
+    .venv/bin/python scripts/bench_gcn.py --sizes 200000 800000 --out bench_gcn.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zarr
+
+from streamprune.workspace import Workspace
+
+CHILD = r"""
+import json, resource, sys, time
+import torch_geometric.nn  # noqa: F401  (import cost is not inference)
+from streamprune.extrapolate.gcn import extrapolate_gcn
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+args = json.loads(sys.argv[1])
+base = hwm()
+t = time.time()
+m = extrapolate_gcn(args.pop("ws"), "du", **args)
+print(json.dumps({"wall_s": time.time() - t, "base_rss": base, "peak_rss": hwm(), "timings": m["timings"],
+                  "counts": {k: v for k, v in m["counts"].items() if k != "history"}}))
+"""
+
+
+def build(path: str, n: int, dim: int, k: int, classes: int, seeds: int, seed: int = 0, block: int = 1 << 16) -> None:
+    """Write a synthetic workspace with N rows, block by block."""
+    rng = np.random.default_rng(seed)
+    ws = Workspace(path)
+    g = zarr.open_group(os.path.join(path, "embeddings.zarr"), mode="w")
+    emb = g.create_array("emb", shape=(n, dim), chunks=(block, dim), dtype="float32")
+    lab = g.create_array("labels", shape=(n,), chunks=(block,), dtype="int64")
+    val = g.create_array("valid", shape=(n,), chunks=(block,), dtype="bool")
+    gg = zarr.open_group(os.path.join(path, "graph", "all.zarr"), mode="w")
+    nb = gg.create_array("neighbors", shape=(n, k), chunks=(block, k), dtype="int64")
+    di = gg.create_array("distances", shape=(n, k), chunks=(block, k), dtype="float32")
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        m = r1 - r0
+        emb[r0:r1] = rng.normal(size=(m, dim)).astype(np.float32)
+        lab[r0:r1] = rng.integers(0, classes, m)
+        val[r0:r1] = rng.random(m) > 0.001
+        rows = np.arange(r0, r1)[:, None]
+        nb[r0:r1] = (rows + rng.integers(1, n, (m, k))) % n  # random, never the row itself
+        di[r0:r1] = np.sort(rng.uniform(0.5, 2.0, (m, k)).astype(np.float32), axis=1)
+    ws.begin("embed", {"bench": n}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
+    ws.begin("index", {"bench": n}, {}, key="index-all").commit({"graph": "graph/all.zarr"}, {"n": n})
+    rows = np.sort(rng.choice(n, seeds, replace=False)).astype(np.int64)
+    zarr.create_array(os.path.join(path, "subset", "rows.zarr"), data=rows, chunks=(1 << 20,))
+    ws.begin("subset", {"bench": n}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": seeds})
+    zarr.create_array(os.path.join(path, "scores", "du.zarr"), data=rng.normal(size=seeds).astype(np.float32),
+                      chunks=(1 << 20,))
+    ws.begin("score", {"score": "du"}, {}, key="score-du").commit({"score": "scores/du.zarr"}, {"n": seeds})
+
+
+def train_only(path: str, args: dict) -> float:
+    """Run the stage until its model checkpoint is recorded, then SIGKILL it (before any inference chunk)."""
+    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "600", "STREAMPRUNE_PROGRESS": "0"}
+    code = ("import json, sys; from streamprune.extrapolate.gcn import extrapolate_gcn; "
+            "a = json.loads(sys.argv[1]); extrapolate_gcn(a.pop('ws'), 'du', **a)")
+    t = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps({"ws": path, **args})], env=env,
+                            start_new_session=True)
+    stages = os.path.join(path, "_stages", "extrapolate-du-gcn")
+    try:
+        while not any("train.json" in fs for _, _, fs in os.walk(stages)):
+            if proc.poll() is not None:
+                raise SystemExit(f"training run exited with {proc.returncode}")
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return time.time() - t
+
+
+def infer(path: str, args: dict) -> dict:
+    """Run (resume) the stage in a fresh process: inference only; returns its report."""
+    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0"}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"ws": path, **args})], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[200_000, 800_000])
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--hidden", type=int, nargs="+", default=[512, 256])
+    p.add_argument("--seeds", type=int, default=2000, help="seed rows (training is not what is measured)")
+    p.add_argument("--chunk-rows", type=int, default=None)
+    p.add_argument("--memory-limit", type=float, default=4.0, help="GiB for the in-memory path")
+    p.add_argument("--paths", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed"])
+    p.add_argument("--scheduler", default="sync")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and in-process inference)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    work = a.workdir or tempfile.mkdtemp(prefix="bench_gcn_")
+    common = {"k": a.k, "hidden": a.hidden, "epochs": 1, "batch_size": 128, "fanout": [2, 2, 2],
+              "chunk_rows": a.chunk_rows, "scheduler": a.scheduler, "device": a.device}
+    results = []
+    try:
+        for n in a.sizes:
+            base = os.path.join(work, f"n{n}")
+            t = time.time()
+            build(base, n, a.dim, a.k, a.classes, a.seeds)
+            build_s = time.time() - t
+            train_s = train_only(base, {**common, "memory_limit": 0})
+            for path in a.paths:
+                ws = base + "-" + path
+                shutil.copytree(base, ws)
+                limit = int(a.memory_limit * (1 << 30)) if path == "memory" else 0
+                rep = infer(ws, {**common, "memory_limit": limit})
+                layers = {name: v for name, v in rep["timings"].items() if name.startswith("layer")}
+                infer_s = sum(v["s"] for v in layers.values())
+                row = {"n": n, "path": path, "rows_per_s": round(n / infer_s, 1), "infer_s": round(infer_s, 2),
+                       "layers": layers, "peak_rss_gib": round(rep["peak_rss"] / 2**30, 3),
+                       "base_rss_gib": round(rep["base_rss"] / 2**30, 3),
+                       "inference_rss_gib": round((rep["peak_rss"] - rep["base_rss"]) / 2**30, 3),
+                       "build_s": round(build_s, 1), "train_s": round(train_s, 1)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(ws)
+            shutil.rmtree(base)
+    finally:
+        if a.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'N':>9} {'path':>9} {'rows/s':>9} {'infer s':>8} {'peak RSS GiB':>13} {'above import':>13}")
+    for r in results:
+        print(f"{r['n']:>9} {r['path']:>9} {r['rows_per_s']:>9.0f} {r['infer_s']:>8.1f} {r['peak_rss_gib']:>13.3f} "
+              f"{r['inference_rss_gib']:>13.3f}")
+    for path in a.paths:
+        rs = [r for r in results if r["path"] == path]
+        if len(rs) >= 2:
+            print(f"{path}: peak RSS ratio {rs[-1]['n']}/{rs[0]['n']} rows = {rs[-1]['peak_rss_gib'] / rs[0]['peak_rss_gib']:.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

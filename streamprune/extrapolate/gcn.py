@@ -1,0 +1,548 @@
+"""GCN score extrapolation: trained on seed rows with sampled neighbourhoods, inferred layer-wise.
+
+Model: ``L`` x ``torch_geometric.nn.GCNConv`` (widths ``hidden + (1,)``), ReLU and dropout between
+layers, over node features one-hot(label) ⊕ embedding and the kNN graph ``graph/all.zarr``.
+
+* Aggregation is one sparse CSR x dense product per layer: GCNConv gets a ``torch.sparse_csr``
+  adjacency, so its ``message_and_aggregate`` calls ``torch.sparse.mm`` and no E x width message
+  tensor is ever built.  The convs run with ``normalize=False`` over the precomputed row-local
+  weights of :mod:`streamprune.extrapolate.sampler` (``D^-1 (A + I)``), which are identical in
+  training minibatches, chunked inference and a whole-graph forward.
+* Training: seed rows (valid, finite score) split 90/10 (seeded); batches of seed nodes with
+  their sampled ``L``-hop neighbourhood; MSE on standardised scores; Adam; the checkpoint with the
+  best validation Pearson (full fan-out, eval mode) is kept in ``gcn/<score>/model.pt``.
+* Inference: layer by layer over all rows, chunk by chunk.  Layer ``l`` of a chunk reads layer
+  ``l - 1`` of the chunk's rows and their neighbours (from memory when the whole layer fits
+  ``memory_limit``, else by sorted chunk-coalesced gathers from ``gcn/<score>/h{l-1}.zarr``) and
+  writes its own rows, so memory is O(chunk x (k + 1) x width) whatever N.  Each (layer, chunk)
+  is a map_tasks task with its own chunk record; a layer starts when the previous one is complete.
+  The last layer de-standardises and writes ``extrapolated/<score>-gcn.zarr``.
+
+See docs/gcn.md for the normalisation, the sampler, the memory bound and locality.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from streamprune import storage
+from streamprune.compute import map_tasks
+from streamprune.errors import StreamPruneError
+from streamprune.evaluate import pearson
+from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method,
+                                            score_fingerprint, seed_scores, write_chunks)
+from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
+                                             sample_subgraph)
+from streamprune.workspace import StageRun, Workspace
+
+log = logging.getLogger(__name__)
+
+IN_PROCESS = ("sync", "threads")
+_CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) for the default chunk_rows
+
+
+# --------------------------------------------------------------------------------------- model
+class GCN(nn.Module):
+    """``len(widths)`` GCNConv layers over precomputed CSR adjacencies; ReLU + dropout between."""
+
+    def __init__(self, in_dim: int, widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5):
+        super().__init__()
+        from torch_geometric.nn import GCNConv
+
+        dims = [int(in_dim), *map(int, widths)]
+        self.convs = nn.ModuleList(GCNConv(a, b, normalize=False, add_self_loops=False)
+                                   for a, b in zip(dims[:-1], dims[1:]))
+        self.dropout = float(dropout)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of graph convolutions."""
+        return len(self.convs)
+
+    def layer(self, i: int, x: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` (0-based) on source rows ``x`` and a (targets x sources) CSR adjacency."""
+        return apply_conv(self.convs[i], x, adj, relu=i < self.n_layers - 1)
+
+    def forward(self, x: torch.Tensor, adjs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Outputs of the first ``adjs[-1].shape[0]`` nodes; ``adjs[i]`` is layer i's adjacency."""
+        for i, adj in enumerate(adjs):
+            x = self.layer(i, x[:adj.shape[1]], adj)
+            if i < self.n_layers - 1 and self.dropout > 0:
+                x = nn.functional.dropout(x, self.dropout, self.training)
+        return x
+
+
+def apply_conv(conv: nn.Module, x: torch.Tensor, adj: torch.Tensor, relu: bool) -> torch.Tensor:
+    """One GCNConv over a (targets x sources) CSR adjacency and source rows ``x``, then ReLU if asked.
+
+    GCNConv computes ``A (X W)``: the dense matmul runs over every source row.  When that costs
+    more than ``(A X) W`` (more sources than targets, as in every chunk and sampled minibatch),
+    the same map is taken in that order with the conv's own weights and bias.
+    """
+    n_out, n_in = adj.shape
+    nnz = adj.values().numel() if adj.layout == torch.sparse_csr else n_in
+    a, b = conv.in_channels, conv.out_channels
+    if n_out * a * b + nnz * a < n_in * a * b + nnz * b:
+        h = conv.lin(torch.sparse.mm(adj, x))
+        if conv.bias is not None:
+            h = h + conv.bias
+    else:
+        h = conv(x, adj)
+    return torch.relu(h) if relu else h
+
+
+def split_seeds(n: int, seed: int, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of a seeded ``1 - val_fraction`` / ``val_fraction`` split of ``n`` items."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction))) if n >= 2 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def subgraph_forward(model: GCN, sub: Subgraph, features: Features, device: torch.device) -> torch.Tensor:
+    """Model outputs (n_seeds,) of a sampled subgraph, features gathered for its nodes."""
+    x = torch.from_numpy(features.take(sub.nodes)).to(device)
+    adjs = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
+    return model(x, adjs)[:, 0]
+
+
+def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
+                      ) -> np.ndarray:
+    """Standardised predictions of every row from one whole-graph forward (small graphs, tests)."""
+    n = table.n
+    sub = sample_subgraph(np.arange(n, dtype=np.int64), table, (None,) * model.n_layers)
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(features.span(0, n)).to(device)
+        out = model(x, [sub.adjacency(i + 1, device) for i in range(model.n_layers)])
+    return out[:, 0].cpu().numpy()
+
+
+@dataclass
+class TrainResult:
+    """A trained model, its standardisation and per-epoch history."""
+
+    model: GCN
+    mean: float
+    std: float
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_pearson: float = float("nan")
+    n_train: int = 0
+    n_val: int = 0
+
+
+def _predict_seeds(model: GCN, rows: np.ndarray, features: Features, table: GraphTable, batch_size: int,
+                   device: torch.device) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(rows), batch_size):
+            sub = sample_subgraph(rows[b:b + batch_size], table, (None,) * model.n_layers)
+            out.append(subgraph_forward(model, sub, features, device).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_scores: np.ndarray, *,
+            widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5, epochs: int = 25, batch_size: int = 128,
+            lr: float = 1e-3, fanout: Sequence[int | None] | None = None, seed: int = 0,
+            device: torch.device | str = "cpu") -> TrainResult:
+    """Train a GCN on seed rows (unique, valid, finite scores); keep the best validation-Pearson weights."""
+    device = torch.device(device)
+    seed_rows = np.asarray(seed_rows, np.int64)
+    y_all = np.asarray(seed_scores, np.float64)
+    tr, va = split_seeds(len(seed_rows), seed)
+    mean = float(y_all[tr].mean())
+    std = float(y_all[tr].std()) or 1.0
+    y = torch.from_numpy(((y_all - mean) / std).astype(np.float32))
+    torch.manual_seed(seed)
+    model = GCN(features.dim, widths, dropout).to(device)
+    fanouts = tuple(fanout) if fanout is not None else (None,) * model.n_layers
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng(seed + 1)
+    res = TrainResult(model, mean, std, n_train=len(tr), n_val=len(va))
+
+    def _val() -> float:
+        return pearson(_predict_seeds(model, seed_rows[va], features, table, batch_size, device), y_all[va])
+
+    best, best_state = _val(), copy.deepcopy(model.state_dict())
+    best = best if np.isfinite(best) else -np.inf
+    res.history.append({"epoch": 0, "train_loss": None, "val_pearson": _finite(best)})
+    for epoch in range(1, epochs + 1):
+        t0 = time.time()
+        model.train()
+        order = tr[rng.permutation(len(tr))]
+        total, count = 0.0, 0
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            sub = sample_subgraph(seed_rows[idx], table, fanouts, rng)
+            pred = subgraph_forward(model, sub, features, device)
+            loss = nn.functional.mse_loss(pred, y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        val = _val()
+        res.history.append({"epoch": epoch, "train_loss": round(total / max(count, 1), 6),
+                            "val_pearson": _finite(val), "seconds": round(time.time() - t0, 3)})
+        log.info("gcn epoch %d: train loss %.4f, val pearson %.4f", epoch, total / max(count, 1), val)
+        if np.isfinite(val) and val > best:
+            best, best_state, res.best_epoch = val, copy.deepcopy(model.state_dict()), epoch
+    model.load_state_dict(best_state)
+    model.eval()
+    res.best_val_pearson = _finite(best)
+    return res
+
+
+def _finite(x: float) -> float | None:
+    return round(float(x), 6) if np.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------- workspace I/O
+def _inputs(ws: Workspace, key: str) -> tuple:
+    """(embeddings group, graph/all.zarr arrays, N), checked for shape agreement."""
+    from streamprune.index import open_embeddings, read_graph
+
+    emb, _, _ = open_embeddings(ws, key)
+    emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
+    if "labels" not in emb_g:
+        raise StreamPruneError(f"{key}: {ws.path('embeddings.zarr')} has no 'labels' array; re-run `streamprune embed`")
+    nbrs, dists = read_graph(ws, "all")
+    n = emb.shape[0]
+    for arr, what in ((emb_g["labels"], "embeddings.zarr/labels"), (nbrs, "graph/all.zarr/neighbors"),
+                      (dists, "graph/all.zarr/distances")):
+        if arr.shape[0] != n:
+            raise StreamPruneError(f"{key}: {what} has {arr.shape[0]} rows but embeddings.zarr/emb has {n}")
+    if nbrs.ndim != 2 or nbrs.shape != dists.shape:
+        raise StreamPruneError(f"{key}: graph/all.zarr neighbors {nbrs.shape} and distances {dists.shape} differ")
+    return emb_g, {"neighbors": nbrs, "distances": dists}, n
+
+
+def _num_classes(labels, chunk: int = 1 << 20) -> int:
+    top = -1
+    for r0 in range(0, labels.shape[0], chunk):
+        part = np.asarray(labels[r0:r0 + chunk])
+        if len(part):
+            top = max(top, int(part.max()))
+    return top + 1
+
+
+def default_chunk_rows(in_dim: int, widths: Sequence[int], k: int) -> int:
+    """Rows per inference chunk: a power of two keeping chunk x (k + 1) x width x 4 near 256 MiB."""
+    width = max(in_dim, *widths)
+    rows = _CHUNK_BUDGET // (4 * (k + 1) * max(width, 1))
+    return int(min(1 << 16, max(256, 1 << max(0, int(rows).bit_length() - 1))))
+
+
+def activation_chunk_rows(n: int, chunk_rows: int, k: int, width: int, overhead_s: float = 2e-4,
+                          bandwidth: float = 1e9) -> int:
+    """Rows per zarr chunk of an activation array, minimising the expected gather time of one task.
+
+    A task gathers about ``u = chunk_rows * k`` random rows.  With ``c`` rows per zarr chunk it
+    touches ``(n / c) * (1 - exp(-u c / n))`` chunks, each costing a fixed ``overhead_s`` plus
+    its bytes over ``bandwidth``.  Candidates are powers of two dividing ``chunk_rows`` (so every
+    task owns whole chunks), from 8 rows up.  Small graphs get big chunks (read everything
+    once), huge graphs small ones (read little more than the needed rows); chunks smaller than a
+    task are grouped into one zarr shard per task, so files stay one per task.
+    """
+    n, chunk_rows = max(int(n), 1), max(int(chunk_rows), 1)
+    u = min(chunk_rows * max(k, 1), n)
+    candidates = [c for c in (1 << i for i in range(3, chunk_rows.bit_length())) if chunk_rows % c == 0]
+    best, best_cost = chunk_rows, math.inf
+    for c in candidates + [chunk_rows]:
+        touched = (n / c) * -math.expm1(-u * c / n)
+        cost = touched * (overhead_s + c * 4 * width / bandwidth)
+        if cost < best_cost * 0.999:
+            best, best_cost = c, cost
+    return min(best, n)
+
+
+# ---------------------------------------------------------------------------------- inference
+@dataclass
+class _LayerJob:
+    """What one (layer, chunk) task needs; picklable for distributed schedulers."""
+
+    ws_url: str
+    storage_options: dict
+    score: str
+    layer: int  # 1-based
+    n_layers: int
+    k: int
+    kind: str
+    num_classes: int
+    in_dim: int
+    out_dim: int
+    state: dict  # this layer's GCNConv parameters as numpy arrays
+    mean: float = 0.0
+    std: float = 1.0
+    device: str = "cpu"
+    sources: dict | None = None  # in-memory row sources shared by in-process tasks; None = open per task
+
+
+def _act_path(score: str, layer: int) -> str:
+    return f"gcn/{score}/h{layer}.zarr"
+
+
+def _open_array(ws: Workspace, rel: str, mode: str = "r"):
+    return zarr.open_array(storage.zarr_store(ws.path(rel), ws.storage_options), mode=mode)
+
+
+def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_classes: int,
+                  memory_limit: int) -> dict:
+    """Row sources of a layer: ``prev`` (layer input rows), ``table`` (graph rows) and ``valid``.
+
+    The previous layer (node features for layer 1) is read into memory when it fits
+    ``memory_limit`` bytes, else gathered from zarr per chunk; graph rows are read as spans.
+    """
+    emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
+    graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
+    n = emb_g["emb"].shape[0]
+    valid = RowSource(emb_g["valid"], memory_limit, bool)
+    src: dict = {"valid": valid, "table": GraphTable(graph_g, k, valid, kind, 0)}
+    if layer == 1:
+        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 8) <= memory_limit else 0
+        src["prev"] = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
+                               valid, num_classes)
+        src["in_memory"] = bool(lim)
+    else:
+        src["prev"] = RowSource(_open_array(ws, _act_path(score, layer - 1)), memory_limit, np.float32)
+        src["in_memory"] = src["prev"].in_memory
+    return src
+
+
+def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
+    """Layer ``job.layer`` (eval mode) of rows [r0, r1) from the previous layer of them and their neighbours."""
+    from torch_geometric.nn import GCNConv
+
+    ws = Workspace(job.ws_url, job.storage_options)
+    src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0)
+    span = src["table"].span(r0, r1)
+    sub = sample_subgraph(np.arange(r0, r1, dtype=np.int64), lambda _rows: span, (None,))
+    n_t = r1 - r0
+    prev = src["prev"]
+    # Source rows: the chunk's own rows, then its other neighbours (sorted, unique), gathered in place.
+    x = np.empty((len(sub.nodes), job.in_dim), np.float32)
+    x[:n_t] = prev.span(r0, r1)
+    prev.take(sub.nodes[n_t:], out=x[n_t:])
+    device = torch.device(job.device)
+    conv = GCNConv(job.in_dim, job.out_dim, normalize=False, add_self_loops=False)
+    conv.load_state_dict({name: torch.from_numpy(v) for name, v in job.state.items()})
+    conv = conv.to(device).eval()
+    with torch.no_grad():
+        out = apply_conv(conv, torch.from_numpy(x).to(device), sub.adjacency(1, device),
+                         relu=job.layer < job.n_layers)
+    return out.cpu().numpy()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads; without
+    trimming, arena fragmentation lets the peak RSS creep up with the number of tasks run (so
+    with N), breaking the O(chunk) memory bound.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
+    """Compute a hidden layer for rows [r0, r1) and write them to ``gcn/<score>/h{layer}.zarr``."""
+    t0 = time.time()
+    out = _compute_layer(job, r0, r1)
+    ws = Workspace(job.ws_url, job.storage_options)
+    _open_array(ws, _act_path(job.score, job.layer), "r+")[r0:r1] = out
+    del out
+    _trim_heap()
+    return {"rows": r1 - r0, "s": round(time.time() - t0, 3)}
+
+
+def _predict_last(ws: Workspace, start: int, stop: int, job: _LayerJob) -> np.ndarray:
+    """De-standardised outputs of the last layer for rows [start, stop) (common.write_chunks predict)."""
+    out = _compute_layer(job, start, stop)[:, 0]
+    _trim_heap()
+    return (out.astype(np.float64) * job.std + job.mean).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------- stage
+def _save_bytes(ws: Workspace, rel: str, obj: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(ws.path(rel), buf.getvalue(), ws.storage_options)
+
+
+def load_checkpoint(ws: str | Workspace, score: str = "du") -> tuple[GCN, dict]:
+    """The trained GCN of ``score`` (eval mode, CPU) and its checkpoint dict (mean, std, history)."""
+    ws = as_workspace(ws)
+    url = ws.path(f"gcn/{score}/model.pt")
+    if not storage.exists(url, ws.storage_options):
+        raise StreamPruneError(f"no trained GCN for score '{score}' in {ws.url}")
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)), map_location="cpu", weights_only=False)
+    model = GCN(ckpt["in_dim"], ckpt["widths"], ckpt["dropout"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def _check_params(k: int, hidden: Sequence[int], dropout: float, epochs: int, batch_size: int, lr: float,
+                  weight: str, chunk_rows: int | None) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise StreamPruneError(f"--k must be an integer >= 1, got {k!r}")
+    if not hidden or any(int(h) < 1 for h in hidden):
+        raise StreamPruneError(f"hidden widths must be positive integers, got {list(hidden)}")
+    if not 0.0 <= dropout < 1.0:
+        raise StreamPruneError(f"dropout must be in [0, 1), got {dropout}")
+    if epochs < 1 or batch_size < 1:
+        raise StreamPruneError("epochs and batch size must be >= 1")
+    if not lr > 0:
+        raise StreamPruneError(f"learning rate must be > 0, got {lr}")
+    if weight not in WEIGHTS:
+        raise StreamPruneError(f"edge weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
+        raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
+
+
+def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidden: Sequence[int] = (512, 256),
+                    dropout: float = 0.5, epochs: int = 25, batch_size: int = 128, lr: float = 1e-3,
+                    fanout: int | Sequence[int | None] | None = None, weight: str = "exp", seed: int = 0,
+                    chunk_rows: int | None = None, memory_limit: int = 2 << 30, scheduler: str | None = "sync",
+                    force: bool = False, storage_options: dict | None = None, device: str = "auto") -> dict:
+    """Train a GCN on the seed scores and predict ``score`` for every row into extrapolated/<score>-gcn.zarr."""
+    ws = as_workspace(ws, storage_options)
+    key = marker_key(score, "gcn")
+    _check_params(k, hidden, dropout, epochs, batch_size, lr, weight, chunk_rows)
+    inputs = {"embed": ws.require("embed", key)["fingerprint"], "index-all": ws.require("index-all", key)["fingerprint"],
+              "score": score_fingerprint(ws, score, key)}
+    emb_g, graph, n = _inputs(ws, key)
+    if k > graph["neighbors"].shape[1]:
+        raise StreamPruneError(f"{key}: k={k} but graph/all.zarr holds {graph['neighbors'].shape[1]} neighbours per "
+                               f"row; rebuild it with `streamprune index --k {k}`")
+    widths = tuple(int(h) for h in hidden) + (1,)
+    fanouts = parse_fanout(fanout, len(widths), k)
+    num_classes = _num_classes(emb_g["labels"])
+    in_dim = num_classes + emb_g["emb"].shape[1]
+    chunk_rows = int(chunk_rows or default_chunk_rows(in_dim, widths, k))
+    config = {"method": "gcn", "score": score, "k": k, "hidden": list(widths[:-1]), "dropout": float(dropout),
+              "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "fanout": list(fanouts),
+              "weight": weight, "seed": int(seed), "chunk_rows": chunk_rows}
+    run = ws.begin("extrapolate", config, inputs, force=force, key=key)
+    if run.already_done:
+        _remove_activations(ws, score, len(widths))
+        return run.previous | {"skipped": True}
+    from streamprune.train import resolve_device
+
+    dev = resolve_device(device)
+    timings: dict = {}
+    ckpt_rel = f"gcn/{score}/model.pt"
+    seeds = seed_scores(ws, score)
+    if len(seeds.rows) and (seeds.rows[0] < 0 or seeds.rows[-1] >= n):
+        raise StreamPruneError(f"{key}: subset rows reach {int(seeds.rows[-1])} but embeddings.zarr has {n} rows")
+    if run.chunk_done("train") is not None:
+        model, ckpt = load_checkpoint(ws, score)
+    else:
+        t0 = time.time()
+        valid = RowSource(emb_g["valid"], memory_limit, bool)
+        use = np.isfinite(seeds.values) & valid.take(seeds.rows)
+        if use.sum() < 10:
+            raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
+                                   f"score; at least 10 are needed to train a GCN")
+        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 8) <= memory_limit else 0
+        features = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
+                            valid, num_classes)
+        table = GraphTable(graph, k, valid, weight, memory_limit)
+        res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
+                      epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev)
+        model = res.model.cpu()
+        ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
+                "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
+                "best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson, "n_train": res.n_train,
+                "n_val": res.n_val, "fingerprint": run.fingerprint, "device": str(dev),
+                "features_in_memory": bool(lim)}
+        _save_bytes(ws, ckpt_rel, ckpt)
+        run.mark_chunk("train", {"best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson,
+                                 "train_s": round(time.time() - t0, 3)})
+        timings["train_s"] = round(time.time() - t0, 3)
+    layer_timings, counts = _infer(ws, run, model, ckpt, score=score, n=n, k=k, kind=weight, num_classes=num_classes,
+                                   chunk_rows=chunk_rows, memory_limit=memory_limit, scheduler=scheduler, device=dev)
+    timings.update(layer_timings)
+    counts.update({"n_train": ckpt["n_train"], "n_val": ckpt["n_val"], "best_epoch": ckpt["best_epoch"],
+                   "best_val_pearson": ckpt["best_val_pearson"], "history": ckpt["history"]})
+    marker = run.commit(outputs={"extrapolated": output_path(score, "gcn"), "model": ckpt_rel}, counts=counts,
+                        timings=timings)
+    _remove_activations(ws, score, len(widths))
+    return marker
+
+
+def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, n: int, k: int, kind: str,
+           num_classes: int, chunk_rows: int, memory_limit: int, scheduler: str | None,
+           device: torch.device) -> tuple[dict, dict]:
+    """Layer-wise chunked inference, resumable per (layer, chunk); returns (per-layer timings, output counts)."""
+    starts = list(range(0, n, chunk_rows))
+    in_process = scheduler in IN_PROCESS
+    done = run.done_chunks()
+    timings: dict = {}
+    counts: dict = {}
+    n_layers = model.n_layers
+    for layer in range(1, n_layers + 1):
+        last = layer == n_layers
+        ids = [f"rows-{i}" if last else f"h{layer}-{i}" for i in range(len(starts))]
+        todo = [i for i, cid in enumerate(ids) if cid not in done]
+        conv = model.convs[layer - 1]
+        t0 = time.time()
+        sources = None
+        if todo:
+            if not last and len(todo) == len(starts):
+                _create_activations(ws, score, layer, n, conv.out_channels, chunk_rows, k)
+            sources = layer_sources(ws, score, layer, k, kind, num_classes, memory_limit) if in_process else None
+        job = _LayerJob(ws.url, ws.storage_options, score, layer, n_layers, k, kind, num_classes,
+                        conv.in_channels, conv.out_channels,
+                        {name: v.detach().cpu().numpy() for name, v in conv.state_dict().items()},
+                        mean=float(ckpt["mean"]), std=float(ckpt["std"]),
+                        device=str(device) if in_process else "cpu", sources=sources)
+        if last:
+            counts = write_chunks(ws, run, score, "gcn", n, _predict_last, (job,), chunk_rows=chunk_rows,
+                                  scheduler=scheduler)
+        elif todo:
+            args = [(job, starts[i], min(n, starts[i] + chunk_rows)) for i in todo]
+            map_tasks(_layer_task, args, scheduler=scheduler, desc=f"gcn layer {layer}/{n_layers}", unit="row",
+                      weights=[a[2] - a[1] for a in args],
+                      on_result=lambda j, res, ids=ids, todo=todo: run.mark_chunk(ids[todo[j]], res))
+        if todo:
+            wall = time.time() - t0
+            rows = sum(min(n, starts[i] + chunk_rows) - starts[i] for i in todo)
+            timings[f"layer{layer}"] = {"s": round(wall, 3), "rows_per_s": round(rows / max(wall, 1e-9), 1),
+                                        "in_memory": bool(sources and sources.get("in_memory"))}
+        del sources, job
+        if layer >= 2:  # layer-1 activations are no longer needed once this layer is complete
+            storage.remove(ws.path(_act_path(score, layer - 1)), ws.storage_options, recursive=True)
+    return timings, counts
+
+
+def _create_activations(ws: Workspace, score: str, layer: int, n: int, width: int, chunk_rows: int, k: int) -> None:
+    # Activations are transient (deleted once the next layer is complete) and gathered at random:
+    # stored uncompressed, in chunks sized by activation_chunk_rows (one shard per task when smaller).
+    rows = activation_chunk_rows(n, chunk_rows, k, width)
+    shards = {"shards": (chunk_rows, width)} if rows < min(chunk_rows, n) else {}
+    zarr.create_array(storage.zarr_store(ws.path(_act_path(score, layer)), ws.storage_options), shape=(n, width),
+                      chunks=(rows, width), dtype="float32", fill_value=0.0, compressors=None, overwrite=True,
+                      **shards)
+
+
+def _remove_activations(ws: Workspace, score: str, n_layers: int) -> None:
+    for layer in range(1, n_layers + 1):
+        storage.remove(ws.path(_act_path(score, layer)), ws.storage_options, recursive=True)
+
+
+register_method("gcn", extrapolate_gcn)

@@ -1,0 +1,907 @@
+"""The ``index`` stage: a faiss index over the embeddings and a batched kNN search into a graph.
+
+Two graphs (see docs/index.md):
+
+* ``seeds`` — for every row, its k nearest *seed* rows (valid subset rows; a seed excludes
+  itself). kNN extrapolation reads it.
+* ``all`` — for every row, its k nearest valid rows, the row itself excluded. The GCN reads it.
+
+Each graph has its own index (``index/<name>.faissindex``) built from ``embeddings.zarr``:
+
+1. *plan* — ``Flat`` (exact) up to ``FLAT_MAX_ROWS`` indexed rows, else IVF-PQ with parameters
+   from N and D (:func:`auto_params`); ``factory`` overrides.
+2. *train* — on a random sample of valid rows gathered from zarr (30–64 points per centroid).
+3. *add* — streamed in chunks.  Above ``ondisk_threshold`` rows the rows are added by range tasks
+   into shard indexes that share the trained quantizer and merged on disk
+   (``faiss.contrib.ondisk.merge_ondisk``) into ``index/<name>.ivfdata``.
+4. *tune* — exact ground truth for a sample of queries (one streaming pass); ``nprobe`` is the
+   smallest of 16, 32, ... reaching ``TARGET_RECALL`` on a separate tuning sample.
+5. *search* — one task per chunk of ``chunk_rows`` rows; each task reads its rows' embeddings,
+   searches, optionally re-ranks ``refine * k`` candidates with exact distances from the stored
+   embeddings, and writes its own chunk of ``graph/<name>.zarr`` (so each writer owns whole zarr
+   chunks), then the chunk is recorded as done.  The index is loaded once per worker process.
+6. *recall* — recall@k of the written graph against the exact ground truth, in
+   ``index/params.json`` and the stage marker ``_stages/index-<name>.json``.
+
+Memory: the candidate mask (one byte per row), the training sample (bounded by
+``TRAIN_BYTES``), one chunk of queries and results, and the index itself (PQ codes + ids: about
+``m + 8`` bytes per indexed row, on disk above the threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import zarr
+
+from streamprune import storage
+from streamprune.compute import map_tasks
+from streamprune.errors import StreamPruneError
+from streamprune.workspace import StageRun, Workspace
+
+log = logging.getLogger(__name__)
+
+GRAPHS = ("seeds", "all")
+FLAT_MAX_ROWS = 50_000  # exact search below: N queries x N rows x D flops stay in seconds to minutes
+HNSW_MIN_NLIST = 1 << 14  # from here the coarse quantizer is an HNSW graph (assignment in O(log nlist))
+TWO_LEVEL_MIN_NLIST = 1 << 10  # from here CPU k-means is two-level: sqrt(nlist) clusters, then sub-clusters
+MIN_POINTS_PER_CENTROID = 30
+POINTS_PER_CENTROID = 64  # training sample target (faiss: 30-256); 256 with a GPU
+MAX_PQ_BYTES = 64
+TRAIN_BYTES = 1 << 30  # training sample budget (float32), unless 30 points per centroid need more
+INDEX_MEMORY_BUDGET = 4 << 30  # in-memory index above this (codes + ids) is built on disk
+TARGET_RECALL = 0.95
+NPROBE_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
+DEFAULT_NPROBE = 32  # when no tuning queries are available
+DEFAULT_REFINE = 4
+TUNE_QUERIES = 500
+GRAPH_CHUNK_ROWS = 1 << 16
+TASK_CANDIDATES = 1 << 22
+SLAB_BYTES = 64 << 20  # rows of embeddings.zarr read at once by gathers and streaming passes
+KMEANS_NITER = 10  # CPU; 20 with a GPU
+
+
+# --------------------------------------------------------------------------- pure parameter choice
+
+
+def auto_nlist(n: int) -> int:
+    """Inverted lists for ``n`` rows: ~4·sqrt(n) below 1M, 2^16 to 10M, 2^18 beyond (>= 30 points each)."""
+    if n < 1_000_000:
+        return max(1, min(int(round(4 * math.sqrt(n))), n // MIN_POINTS_PER_CENTROID))
+    nlist = 1 << 16 if n < 10_000_000 else 1 << 18
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist
+
+
+def auto_pq_bytes(d: int) -> int:
+    """PQ code bytes for width ``d``: about d/4, a divisor of d, at most 64."""
+    target = max(1, min(MAX_PQ_BYTES, d // 4))
+    return max(m for m in range(1, target + 1) if d % m == 0)
+
+
+def auto_params(n: int, d: int) -> dict:
+    """The factory string and its parameters for ``n`` indexed rows of width ``d``."""
+    if n < 1 or d < 1:
+        raise ValueError(f"cannot index {n} rows of width {d}")
+    if n <= FLAT_MAX_ROWS:
+        return {"factory": "Flat", "nlist": 0, "m": 0}
+    nlist, m = auto_nlist(n), auto_pq_bytes(d)
+    quantizer = "_HNSW32" if nlist >= HNSW_MIN_NLIST else ""
+    return {"factory": f"IVF{nlist}{quantizer},PQ{m}", "nlist": nlist, "m": m}
+
+
+def train_size(n: int, nlist: int, d: int, points_per_centroid: int = POINTS_PER_CENTROID) -> int:
+    """Training sample rows: ``points_per_centroid`` per list within ``TRAIN_BYTES``, never under 30."""
+    if nlist <= 0:
+        return min(n, 1 << 16)
+    budget_rows = TRAIN_BYTES // (4 * d)
+    return int(min(n, max(MIN_POINTS_PER_CENTROID * nlist, min(points_per_centroid * nlist, budget_rows))))
+
+
+def ondisk_rows(code_size: int, budget: int = INDEX_MEMORY_BUDGET) -> int:
+    """Indexed rows above which an IVF index goes on disk: codes + 8-byte ids exceed ``budget``."""
+    return budget // (code_size + 8)
+
+
+def default_chunk_rows(emb_chunk_rows: int, candidates: int = 21) -> int:
+    """Graph rows per task: up to 65536, fewer when each query keeps many candidates (k·refine).
+
+    A task holds ``rows x candidates`` ids and distances (about 40 bytes each with the re-rank's
+    bookkeeping): at most 2^22 candidates, ~160 MiB.  Whole chunks of embeddings.zarr.
+    """
+    rows = min(GRAPH_CHUNK_ROWS, TASK_CANDIDATES // max(1, candidates))
+    return emb_chunk_rows * max(1, rows // emb_chunk_rows)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / |truth| (ids < 0 ignored; empty truths skipped)."""
+    scores = []
+    for f, t in zip(found, truth):
+        t = set(t[t >= 0].tolist())
+        if t:
+            scores.append(len(t & set(f[f >= 0].tolist())) / len(t))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def select_neighbors(ids: np.ndarray, sq_dists: np.ndarray, query_rows: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of each candidate row, the query row itself and missing ids (-1) dropped.
+
+    Returns ids (q, k) int64 (-1 = none) and Euclidean distances (q, k) float32 (inf = none),
+    ascending; equal distances keep the candidates' order.
+    """
+    ids = np.array(ids, dtype=np.int64, copy=True)
+    sq = np.array(sq_dists, dtype=np.float32, copy=True)
+    bad = (ids < 0) | (ids == np.asarray(query_rows, np.int64)[:, None]) | ~np.isfinite(sq)
+    ids[bad] = -1
+    sq[bad] = np.inf
+    order = np.argsort(sq, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(ids, order, axis=1)
+    sq = np.take_along_axis(sq, order, axis=1)
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        sq = np.pad(sq, ((0, 0), (0, pad)), constant_values=np.inf)
+    dist = np.sqrt(np.maximum(sq, 0.0, dtype=np.float32))
+    dist[ids < 0] = np.inf
+    return ids, dist
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def open_embeddings(ws: Workspace, for_stage: str) -> tuple[zarr.Array, zarr.Array, dict]:
+    """The ``emb`` and ``valid`` arrays of embeddings.zarr (checked) and the embed marker."""
+    marker = ws.require("embed", for_stage)
+    url = ws.path("embeddings.zarr")
+    try:
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r")
+        emb, valid = group["emb"], group["valid"]
+    except (FileNotFoundError, KeyError) as exc:
+        raise StreamPruneError(f"{for_stage}: {url} is missing or incomplete ({exc}); "
+                               "re-run `streamprune embed`") from None
+    if emb.ndim != 2 or emb.shape[1] < 1:
+        raise StreamPruneError(f"{for_stage}: {url}/emb must be (N, D), got shape {emb.shape}")
+    if emb.dtype not in (np.float16, np.float32):
+        raise StreamPruneError(f"{for_stage}: {url}/emb must be float16 or float32, got {emb.dtype}")
+    if valid.shape != (emb.shape[0],):
+        raise StreamPruneError(f"{for_stage}: {url}/valid has shape {valid.shape} but emb has {emb.shape[0]} rows")
+    return emb, valid, marker
+
+
+def candidate_mask(ws: Workspace, name: str, valid: np.ndarray) -> np.ndarray:
+    """Rows the ``name`` index holds: valid rows, or valid subset rows for ``seeds`` (N bools)."""
+    if name == "all":
+        return np.asarray(valid, bool)
+    from streamprune.subset import subset_rows
+
+    rows = subset_rows(ws)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= len(valid)):
+        raise StreamPruneError(f"index-seeds: subset rows reach {rows[-1]} but embeddings.zarr has "
+                               f"{len(valid)} rows; re-run `streamprune embed`")
+    mask = np.zeros(len(valid), bool)
+    mask[rows] = True
+    mask &= valid
+    return mask
+
+
+def sample_rows(mask: np.ndarray, size: int, seed: int, block: int = 1 << 22) -> np.ndarray:
+    """``size`` distinct rows where ``mask`` is true, uniformly at random, sorted."""
+    n_true = int(np.count_nonzero(mask))
+    size = min(size, n_true)
+    if size == n_true:
+        return np.flatnonzero(mask).astype(np.int64)
+    pick = np.sort(np.random.default_rng(seed).choice(n_true, size, replace=False))
+    out, seen = [], 0
+    for s in range(0, len(mask), block):
+        m = mask[s:s + block]
+        c = int(np.count_nonzero(m))
+        lo, hi = np.searchsorted(pick, [seen, seen + c])
+        if hi > lo:
+            out.append(np.flatnonzero(m)[pick[lo:hi] - seen] + s)
+        seen += c
+    return np.concatenate(out).astype(np.int64)
+
+
+def _slab_rows(emb: zarr.Array) -> int:
+    """Rows of embeddings read at once: whole zarr chunks within ``SLAB_BYTES``."""
+    chunk = emb.chunks[0]
+    return chunk * max(1, SLAB_BYTES // (4 * emb.shape[1] * chunk))
+
+
+def gather_rows(emb: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Float32 embeddings of sorted ``rows``, read slab by slab (only touched chunks)."""
+    out = np.empty((len(rows), emb.shape[1]), np.float32)
+    slab = _slab_rows(emb)
+    bounds = np.searchsorted(rows, np.arange(0, emb.shape[0] + slab, slab))
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            out[lo:hi] = emb.get_orthogonal_selection((rows[lo:hi],))
+    return out
+
+
+def gather_sq_distances(queries: np.ndarray, ids: np.ndarray, emb: zarr.Array) -> np.ndarray:
+    """Exact squared L2 between each query and its candidate rows (inf for ids < 0).
+
+    Candidate pairs are grouped by slab of rows (a radix sort on the slab number); each slab is
+    read once (whole when a quarter of its rows are wanted, else only the wanted rows) and faiss
+    computes the pairs' distances in place.  Memory: one slab plus a few arrays of the pairs.
+    """
+    faiss = _faiss()
+    q, kc = ids.shape
+    out = np.full(q * kc, np.inf, np.float32)
+    flat = np.ascontiguousarray(ids, np.int64).ravel()
+    pos = np.flatnonzero(flat >= 0)
+    if not len(pos):
+        return out.reshape(q, kc)
+    queries = np.ascontiguousarray(queries, np.float32)
+    n, d, slab = emb.shape[0], emb.shape[1], _slab_rows(emb)
+    n_slabs = -(-n // slab)
+    slab_of = (flat[pos] // slab).astype(np.uint16 if n_slabs <= 1 << 16 else np.int64)
+    pos = pos[np.argsort(slab_of, kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(slab_of, minlength=n_slabs))])
+    for j in np.flatnonzero(np.diff(bounds)):
+        sel = pos[bounds[j]:bounds[j + 1]]
+        s, e = j * slab, min(n, (j + 1) * slab)
+        local = flat[sel] - s
+        present = np.zeros(e - s, bool)
+        present[local] = True
+        if np.count_nonzero(present) * 4 >= e - s:
+            vecs = emb[s:e]
+        else:
+            vecs = emb.get_orthogonal_selection((np.flatnonzero(present) + s,))
+            local = (np.cumsum(present) - 1)[local]
+        vecs = np.ascontiguousarray(vecs, np.float32)
+        qi = np.ascontiguousarray(sel // kc, np.int64)
+        local = np.ascontiguousarray(local, np.int64)
+        dis = np.empty(len(sel), np.float32)
+        faiss.pairwise_indexed_L2sqr(d, len(sel), faiss.swig_ptr(queries), faiss.swig_ptr(qi), faiss.swig_ptr(vecs),
+                                     faiss.swig_ptr(local), faiss.swig_ptr(dis))
+        out[sel] = dis
+    return out.reshape(q, kc)
+
+
+def iter_blocks(emb: zarr.Array, mask: np.ndarray, bar=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, float32 vectors) of the masked rows, slab by slab (``bar`` advanced by rows scanned)."""
+    slab = _slab_rows(emb)
+    for s in range(0, emb.shape[0], slab):
+        m = mask[s:s + slab]
+        if m.any():
+            rows = np.flatnonzero(m) + s
+            yield rows.astype(np.int64), emb[s:s + len(m)][m].astype(np.float32, copy=False)
+        if bar is not None:
+            bar.update(len(m))
+
+
+def _progress(total: int, desc: str):
+    """A progress bar for a loop in this process (map_tasks draws its own)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, mininterval=1.0,
+                disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
+
+
+# --------------------------------------------------------------------------- faiss helpers
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def use_gpu() -> bool:
+    """Whether faiss can use a GPU here (faiss-gpu installed and a device visible)."""
+    faiss = _faiss()
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def _ivf(index):
+    faiss = _faiss()
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def make_index(d: int, factory: str):
+    """An empty faiss index for ``factory`` that accepts row ids (IVF directly, others via IDMap2)."""
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(d, factory)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise StreamPruneError(f"index: faiss cannot build {factory!r} for width {d}: {first}") from None
+    if index.metric_type != faiss.METRIC_L2:
+        raise StreamPruneError(f"index: factory {factory!r} must use L2 distance")
+    if _ivf(index) is None and not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def describe_index(index) -> dict:
+    """nlist, PQ bytes and code size of an index (0 where they do not apply)."""
+    faiss = _faiss()
+    ivf = _ivf(index)
+    if ivf is None:
+        return {"nlist": 0, "m": 0, "code_size": 4 * index.d}
+    inner = faiss.downcast_index(ivf)
+    m = int(getattr(getattr(inner, "pq", None), "M", 0) or 0)
+    return {"nlist": int(ivf.nlist), "m": m, "code_size": int(ivf.code_size)}
+
+
+def two_level_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
+    """``nlist`` centroids by two-level k-means: sqrt(nlist) clusters, then sub-clusters in each.
+
+    About sqrt(nlist)/2 times cheaper than flat k-means; faiss's contrib.clustering does the same.
+    """
+    faiss = _faiss()
+    d = x.shape[1]
+    nc1 = max(1, int(math.sqrt(nlist)))
+    km = faiss.Kmeans(d, nc1, niter=niter, seed=seed, max_points_per_centroid=2000)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    assign = assign.ravel()
+    sizes = np.bincount(assign, minlength=nc1)
+    alloc = np.cumsum(sizes) * nlist // len(x)
+    alloc[1:] -= alloc[:-1].copy()
+    order = np.argsort(assign, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for c in range(nc1):
+        sub = x[order[starts[c]:starts[c + 1]]]
+        kc = int(alloc[c])
+        if kc == 0:
+            continue
+        if len(sub) <= kc:  # degenerate: fewer points than sub-clusters, use the points themselves
+            out.append(np.resize(sub, (kc, d)))
+            continue
+        sub_km = faiss.Kmeans(d, kc, niter=niter, seed=seed + 1 + c, max_points_per_centroid=256,
+                              min_points_per_centroid=1)  # sizes follow the 1st level: ~30+ points each
+        sub_km.train(sub)
+        out.append(sub_km.centroids)
+    return np.ascontiguousarray(np.vstack(out), dtype=np.float32)
+
+
+def train_index(index, x: np.ndarray, *, seed: int = 0, gpu: bool = False) -> None:
+    """Train ``index`` on ``x``: GPU k-means when available, two-level k-means for large nlist on CPU."""
+    faiss = _faiss()
+    if index.is_trained:
+        return
+    ivf = _ivf(index)
+    niter = 2 * KMEANS_NITER if gpu else KMEANS_NITER
+    for part in (faiss.downcast_index(index), faiss.downcast_index(ivf) if ivf is not None else None):
+        if part is not None and hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False  # on by default for PQ factories; 10x the training time
+        if part is not None and hasattr(part, "use_precomputed_table"):
+            part.use_precomputed_table = -1  # nlist x m x 256 floats (1 GiB at 2^15 x 32): not worth it
+    if ivf is not None:
+        ivf.cp.niter = niter
+        ivf.cp.seed = seed
+        direct = faiss.downcast_index(index)
+        if gpu:
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        elif isinstance(direct, faiss.IndexIVF) and ivf.nlist >= TWO_LEVEL_MIN_NLIST and len(x) > ivf.nlist:
+            centroids = two_level_kmeans(x, ivf.nlist, niter, seed)
+            ivf.quantizer.train(centroids)
+            ivf.quantizer.add(centroids)
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise StreamPruneError(f"index: training failed on {len(x)} rows: {reason}") from None
+
+
+def set_search_params(index, params: dict) -> None:
+    """Apply nprobe (and the HNSW quantizer's efSearch) to a loaded index."""
+    faiss = _faiss()
+    if params.get("nprobe") and _ivf(index) is not None:
+        ps = faiss.ParameterSpace()
+        ps.set_index_parameter(index, "nprobe", int(params["nprobe"]))
+        if isinstance(faiss.downcast_index(_ivf(index).quantizer), faiss.IndexHNSW):
+            ps.set_index_parameter(index, "quantizer_efSearch", max(64, 2 * int(params["nprobe"])))
+
+
+def search_rows(index, x: np.ndarray, rows: np.ndarray, k: int, refine: int, emb: zarr.Array | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest indexed rows of queries ``x`` (ids ``rows``, excluded from their own results).
+
+    With ``refine`` R >= 1, the top R·k candidates are re-ranked by exact distances computed
+    from ``emb``; otherwise distances are the index's (approximate for PQ).
+    """
+    kc = k * max(1, refine) + 1
+    sq, ids = index.search(np.ascontiguousarray(x, np.float32), kc)
+    if refine:
+        ids = np.where(ids == rows[:, None], -1, ids)
+        sq = gather_sq_distances(x, ids, emb)
+    return select_neighbors(ids, sq, rows, k)
+
+
+def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows (self excluded) of ``queries`` over (rows, vectors) ``blocks``."""
+    faiss = _faiss()
+    heap = faiss.ResultHeap(len(queries), k + 1)
+    for rows, xb in blocks:
+        sq, local = faiss.knn(queries, xb, min(k + 1, len(xb)))
+        heap.add_result(sq, np.where(local >= 0, rows[np.maximum(local, 0)], -1))
+    heap.finalize()
+    return select_neighbors(heap.I, heap.D, query_rows, k)
+
+
+# --------------------------------------------------------------------------- index files and the cache
+
+_CACHE: dict[str, tuple[str, object]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _local_dir(ws: Workspace, fingerprint: str) -> str:
+    """A local directory for index files of a remote workspace (faiss needs files to mmap)."""
+    base = os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
+    path = os.path.join(base, fingerprint[:16])
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
+    """A local path holding workspace file ``rel`` (the file itself for a local workspace)."""
+    url = ws.path(rel)
+    if not storage.is_remote(url):
+        if not os.path.exists(url):
+            raise StreamPruneError(f"index: {url} is missing; re-run with --force")
+        return url
+    local = os.path.join(_local_dir(ws, fingerprint), os.path.basename(rel))
+    version = json.dumps(storage.stat(url, ws.storage_options), sort_keys=True)
+    tag = local + ".version"
+    if not (os.path.exists(local) and os.path.exists(tag) and open(tag).read() == version):
+        fs = storage.get_fs(url, ws.storage_options)
+        tmp = f"{local}.tmp-{os.getpid()}"
+        storage.retry(lambda: fs.get_file(url, tmp), url)
+        os.replace(tmp, local)
+        with open(tag, "w") as f:
+            f.write(version)
+    return local
+
+
+def _upload(ws: Workspace, local: str, rel: str) -> None:
+    """Publish a local file as workspace file ``rel`` (atomic rename locally, one upload remotely)."""
+    url = ws.path(rel)
+    if not storage.is_remote(url):
+        if os.path.abspath(local) != url:
+            os.makedirs(os.path.dirname(url), exist_ok=True)
+            os.replace(local, url)
+        return
+    fs = storage.get_fs(url, ws.storage_options)
+    storage.retry(lambda: fs.put_file(local, url), url)
+
+
+def write_index(ws: Workspace, index, rel: str) -> None:
+    """Serialize an in-memory index to workspace file ``rel`` atomically."""
+    faiss = _faiss()
+    storage.write_bytes_atomic(ws.path(rel), faiss.serialize_index(index).tobytes(), ws.storage_options)
+
+
+def read_index(ws: Workspace, rel: str, fingerprint: str, ondisk: bool = False):
+    """Load a workspace index file (inverted lists memory-mapped for on-disk indexes)."""
+    faiss = _faiss()
+    # IVF-PQ's precomputed tables (nlist x m x 256 floats per process) are skipped: search computes
+    # the distance tables per probed list instead, at about the same speed here.
+    flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
+    if ondisk:
+        ivfdata = rel.rsplit(".", 1)[0] + ".ivfdata"
+        _local_file(ws, ivfdata, fingerprint)  # beside the index file, where ONDISK_SAME_DIR looks
+        return faiss.read_index(_local_file(ws, rel, fingerprint), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
+    url = ws.path(rel)
+    if not storage.is_remote(url):
+        if not os.path.exists(url):
+            raise StreamPruneError(f"index: {url} is missing; re-run with --force")
+        return faiss.read_index(url, flags)
+    return faiss.deserialize_index(np.frombuffer(storage.read_bytes(url, ws.storage_options), np.uint8), flags)
+
+
+def cached_index(ws: Workspace, name: str, fingerprint: str, ondisk: bool, params: dict):
+    """The searchable index of graph ``name``, loaded once per process (per file version).
+
+    The accepted exception to "no global state": a worker process keeps the index it loaded
+    for the next chunk.  Keyed by path, stage fingerprint and the file's version tag.
+    """
+    rel = f"index/{name}.faissindex"
+    key = ws.path(rel)
+    tag = f"{fingerprint}:{storage.stat(key, ws.storage_options)['etag']}:{sorted(params.items())}"
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == tag:
+            return hit[1]
+        _CACHE.pop(key, None)
+        index = read_index(ws, rel, fingerprint, ondisk)
+        set_search_params(index, params)
+        if use_gpu() and not ondisk:
+            index = _to_gpu(index)
+        _CACHE[key] = (tag, index)
+        return index
+
+
+def clear_cache() -> None:
+    """Forget every index loaded by this process."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _to_gpu(index):
+    faiss = _faiss()
+    try:
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = True
+        return faiss.index_cpu_to_all_gpus(index, co)
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("index: cannot move the index to the GPU (%s); searching on CPU", exc)
+        return index
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Plan:
+    name: str
+    factory: str
+    nlist: int
+    m: int
+    code_size: int
+    n: int
+    d: int
+    n_index: int
+    k: int
+    refine: int
+    ondisk: bool
+    ondisk_threshold: int
+    chunk_rows: int
+    gpu: bool
+
+
+def _workspace(ws: str | Workspace, storage_options: dict | None) -> Workspace:
+    return ws if isinstance(ws, Workspace) else Workspace(ws, storage_options)
+
+
+def build_index(ws: str | Workspace, *, graph: str = "both", k: int = 20, factory: str = "auto",
+                nprobe: int | None = None, refine: int | None = None, chunk_rows: int | None = None,
+                scheduler: str | None = "local", force: bool = False, recall_queries: int = 1000,
+                ondisk_threshold: int | None = None, storage_options: dict | None = None,
+                seed: int = 0) -> dict:
+    """Build the ``seeds`` and/or ``all`` index and write graph/<name>.zarr; returns markers by name.
+
+    ``refine``: None = 4 for PQ indexes, 0 otherwise; R >= 1 re-ranks R·k candidates exactly.
+    ``nprobe``: None = tuned to reach ``TARGET_RECALL`` on a sample.  ``ondisk_threshold``: indexed
+    rows above which IVF lists are merged on disk (None = codes + ids over 4 GiB).
+    """
+    ws = _workspace(ws, storage_options)
+    names = {"both": GRAPHS, "seeds": ("seeds",), "all": ("all",)}.get(graph)
+    if names is None:
+        raise StreamPruneError(f"--graph must be one of both, seeds, all; got {graph!r}")
+    for label, value, lo in (("k", k, 1), ("nprobe", nprobe, 1), ("refine", refine, 0),
+                             ("chunk-rows", chunk_rows, 1), ("recall-queries", recall_queries, 0),
+                             ("ondisk-threshold", ondisk_threshold, 1)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < lo):
+            raise StreamPruneError(f"--{label} must be an integer >= {lo}, got {value!r}")
+    return {name: _build_graph(ws, name, k=k, factory=factory, nprobe=nprobe, refine=refine,
+                               chunk_rows=chunk_rows, scheduler=scheduler, force=force,
+                               recall_queries=recall_queries, ondisk_threshold=ondisk_threshold, seed=seed)
+            for name in names}
+
+
+def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int | None, refine: int | None,
+                 chunk_rows: int | None, scheduler: str | None, force: bool, recall_queries: int,
+                 ondisk_threshold: int | None, seed: int) -> dict:
+    key = f"index-{name}"
+    emb, valid_arr, embed_marker = open_embeddings(ws, key)
+    inputs = {"embed": embed_marker["fingerprint"]}
+    if name == "seeds":
+        inputs["subset"] = ws.require("subset", key)["fingerprint"]
+    config = {"graph": name, "k": int(k), "factory": factory, "nprobe": nprobe, "refine": refine,
+              "chunk_rows": chunk_rows, "recall_queries": int(recall_queries),
+              "ondisk_threshold": ondisk_threshold, "seed": int(seed)}
+    run = ws.begin("index", config, inputs, force=force, key=key)
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    n, d = emb.shape
+    mask = candidate_mask(ws, name, valid_arr[:])
+    n_index = int(np.count_nonzero(mask))
+    if n_index == 0:
+        raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
+    plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0])
+    log.info("%s: %s over %d rows of width %d (refine %d, %s)", key, plan.factory, n_index, d, plan.refine,
+             "on disk" if plan.ondisk else "in memory")
+    timings: dict = {}
+    _train_phase(ws, run, plan, emb, mask, seed, timings)
+    _add_phase(ws, run, plan, emb, mask, scheduler, timings)
+    tuned = _tune_phase(ws, run, plan, emb, mask, nprobe, recall_queries, seed, timings)
+    params = {"nprobe": tuned["nprobe"]} if plan.nlist else {}
+    _search_phase(ws, run, plan, params, scheduler, timings)
+    recall = _recall(ws, plan)
+    clear_cache()
+    info = {**{k_: v for k_, v in asdict(plan).items() if k_ not in ("name",)},
+            "nprobe": tuned["nprobe"], "nprobe_table": tuned["table"], "recall_at_k": recall,
+            "recall_queries": tuned["n_queries"], "timings": timings}
+    all_params = ws.read_json("index", "params.json") or {}
+    all_params[name] = info
+    ws.write_json(all_params, "index", "params.json")
+    return run.commit(
+        outputs={"graph": f"graph/{name}.zarr", "index": f"index/{name}.faissindex", "params": "index/params.json"},
+        counts={"n": n, "d": d, "n_index": n_index, "k": k, "factory": plan.factory, "nlist": plan.nlist,
+                "m": plan.m, "nprobe": tuned["nprobe"], "refine": plan.refine, "ondisk": plan.ondisk,
+                "recall_at_k": recall, "recall_queries": tuned["n_queries"]},
+        timings=timings)
+
+
+def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine: int | None,
+          ondisk_threshold: int | None, chunk_rows: int | None, emb_chunk_rows: int) -> _Plan:
+    if factory == "auto":
+        factory = auto_params(n_index, d)["factory"]
+    desc = describe_index(make_index(d, factory))
+    if refine is None:
+        refine = DEFAULT_REFINE if "PQ" in factory.upper() else 0
+    chunk_rows = chunk_rows or default_chunk_rows(emb_chunk_rows, k * max(1, refine) + 1)
+    threshold = ondisk_threshold if ondisk_threshold is not None else ondisk_rows(desc["code_size"])
+    ondisk = n_index > threshold
+    if ondisk and not desc["nlist"]:
+        raise StreamPruneError(f"index-{name}: {n_index} rows exceed the on-disk threshold ({threshold}) but "
+                               f"factory {factory!r} has no inverted lists to put on disk; use an IVF factory "
+                               "or raise --ondisk-threshold")
+    return _Plan(name=name, factory=factory, nlist=desc["nlist"], m=desc["m"], code_size=desc["code_size"],
+                 n=n, d=d, n_index=n_index, k=int(k), refine=int(refine), ondisk=ondisk,
+                 ondisk_threshold=int(threshold), chunk_rows=int(chunk_rows), gpu=use_gpu())
+
+
+def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> None:
+    rec = run.chunk_done("trained")
+    if rec is not None:
+        timings["train_s"] = rec["train_s"]
+        return
+    t0 = time.time()
+    index = make_index(plan.d, plan.factory)
+    n_train = 0
+    if not index.is_trained:
+        ppc = 256 if plan.gpu else POINTS_PER_CENTROID
+        rows = sample_rows(mask, train_size(plan.n_index, plan.nlist, plan.d, ppc), seed)
+        n_train = len(rows)
+        train_index(index, gather_rows(emb, rows), seed=seed + 1234, gpu=plan.gpu)
+    _check_width(index, plan)
+    write_index(ws, index, f"index/{plan.name}.trained")
+    timings["train_s"] = round(time.time() - t0, 3)
+    run.mark_chunk("trained", {"train_s": timings["train_s"], "n_train": n_train})
+
+
+def _check_width(index, plan: _Plan) -> None:
+    if index.d != plan.d:
+        raise StreamPruneError(f"index-{plan.name}: the index has width {index.d} but embeddings.zarr has "
+                               f"width {plan.d}; re-run `streamprune index --force`")
+
+
+def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, timings: dict) -> None:
+    rec = run.chunk_done("built")
+    if rec is not None:
+        timings["add_s"] = rec["add_s"]
+        return
+    t0 = time.time()
+    fp = run.fingerprint
+    trained = read_index(ws, f"index/{plan.name}.trained", fp)
+    _check_width(trained, plan)
+    if not plan.ondisk:
+        with _progress(plan.n, f"index {plan.name} (add)") as bar:
+            for rows, x in iter_blocks(emb, mask, bar):
+                trained.add_with_ids(x, rows)
+        write_index(ws, trained, f"index/{plan.name}.faissindex")
+    else:
+        _add_ondisk(ws, run, plan, trained, mask, scheduler)
+    timings["add_s"] = round(time.time() - t0, 3)
+    run.mark_chunk("built", {"add_s": timings["add_s"]})
+
+
+def _shard_ranges(plan: _Plan) -> list[tuple[int, int]]:
+    """Row ranges of the on-disk shards: whole graph chunks, at most ~threshold (and 2^24) rows each."""
+    per = max(plan.chunk_rows, min(plan.ondisk_threshold, 1 << 24) // plan.chunk_rows * plan.chunk_rows)
+    return [(s, min(plan.n, s + per)) for s in range(0, plan.n, per)]
+
+
+def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, scheduler) -> None:
+    from faiss.contrib.ondisk import merge_ondisk
+
+    fp = run.fingerprint
+    ranges = _shard_ranges(plan)
+    shard_rel = [f"index/{plan.name}.shards/{i:05d}.faissindex" for i in range(len(ranges))]
+    done = run.done_chunks()
+    todo = [i for i in range(len(ranges)) if f"shard-{i}" not in done]
+
+    def _record(j: int, result: dict) -> None:
+        run.mark_chunk(f"shard-{todo[j]}", result)
+
+    map_tasks(_add_shard_task, [(ws, plan.name, fp, ranges[i][0], mask[ranges[i][0]:ranges[i][1]], shard_rel[i])
+                                for i in todo],
+              scheduler=scheduler, desc=f"index {plan.name} (add)", unit="row",
+              weights=[ranges[i][1] - ranges[i][0] for i in todo], on_result=_record)
+    locals_ = [_local_file(ws, rel, fp) for rel in shard_rel]
+    index_url = ws.path(f"index/{plan.name}.faissindex")
+    out_dir = os.path.dirname(index_url) if not storage.is_remote(index_url) else _local_dir(ws, fp)
+    os.makedirs(out_dir, exist_ok=True)
+    ivfdata = os.path.join(out_dir, f"{plan.name}.ivfdata")
+    if os.path.exists(ivfdata):
+        os.unlink(ivfdata)
+    merge_ondisk(trained, locals_, ivfdata)
+    faiss = _faiss()
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{plan.name}.faissindex")
+    faiss.write_index(trained, tmp)
+    del trained
+    if storage.is_remote(index_url):  # the next _local_file calls download them again, once
+        _upload(ws, ivfdata, f"index/{plan.name}.ivfdata")
+        _upload(ws, tmp, f"index/{plan.name}.faissindex")
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, index_url)
+    storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
+
+
+def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask: np.ndarray, rel: str) -> dict:
+    """Add rows [start, start + len(mask)) where ``mask`` to a copy of the trained index; write it."""
+    emb, _, _ = open_embeddings(ws, f"index-{name}")
+    index = read_index(ws, f"index/{name}.trained", fingerprint)
+    if index.d != emb.shape[1]:
+        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
+                               f"{emb.shape[1]}; re-run `streamprune index --force`")
+    slab = _slab_rows(emb)
+    n_added = 0
+    for off in range(0, len(mask), slab):
+        m = mask[off:off + slab]
+        if m.any():
+            rows = np.flatnonzero(m).astype(np.int64) + start + off
+            x = emb[start + off:start + off + len(m)][m].astype(np.float32, copy=False)
+            index.add_with_ids(x, rows)
+            n_added += len(rows)
+    write_index(ws, index, rel)
+    return {"n_added": n_added}
+
+
+def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: int | None, recall_queries: int,
+                seed: int, timings: dict) -> dict:
+    rec = run.chunk_done("tuned")
+    if rec is not None:
+        timings.update(rec["timings"])
+        return rec
+    t0 = time.time()
+    valid = _valid_mask(ws, plan.name, mask)
+    must_tune = plan.nlist > 0 and nprobe is None
+    n_tune = min(TUNE_QUERIES, recall_queries) if must_tune else 0
+    rows = sample_rows(valid, n_tune + recall_queries, seed + 7)
+    n_tune = min(n_tune, len(rows) // 2)
+    rng = np.random.default_rng(seed + 8)
+    perm = rng.permutation(len(rows))
+    tune_rows = np.sort(rows[perm[:n_tune]])
+    recall_rows = np.sort(rows[perm[n_tune:]])
+    table: dict = {}
+    chosen = nprobe or (DEFAULT_NPROBE if plan.nlist else None)
+    if len(rows):
+        both = np.concatenate([tune_rows, recall_rows])
+        order = np.argsort(both, kind="stable")
+        q = np.empty((len(both), plan.d), np.float32)
+        q[order] = gather_rows(emb, both[order])
+        with _progress(plan.n, f"index {plan.name} (exact search, {len(both)} queries)") as bar:
+            gt_ids, gt_dist = exact_knn(q, both, iter_blocks(emb, mask, bar), plan.k)
+        timings["groundtruth_s"] = round(time.time() - t0, 3)
+        buf = _npz_bytes(rows=recall_rows, ids=gt_ids[n_tune:], dist=gt_dist[n_tune:])
+        storage.write_bytes_atomic(ws.path(f"index/{plan.name}.groundtruth.npz"), buf, ws.storage_options)
+        if must_tune and n_tune:
+            t1 = time.time()
+            index = cached_index(ws, plan.name, run.fingerprint, plan.ondisk, {})
+            chosen = None
+            for p in [p for p in NPROBE_CANDIDATES if p <= plan.nlist] or [plan.nlist]:
+                set_search_params(index, {"nprobe": p})
+                ids, _ = search_rows(index, q[:n_tune], tune_rows, plan.k, plan.refine, emb)
+                table[str(p)] = round(recall_at_k(ids, gt_ids[:n_tune]), 4)
+                chosen = p
+                if table[str(p)] >= TARGET_RECALL:
+                    break
+            clear_cache()
+            timings["tune_s"] = round(time.time() - t1, 3)
+    timings["tune_total_s"] = round(time.time() - t0, 3)
+    rec = {"nprobe": chosen, "table": table, "n_queries": int(len(recall_rows)), "timings": dict(timings)}
+    run.mark_chunk("tuned", rec)
+    return rec
+
+
+def _valid_mask(ws: Workspace, name: str, mask: np.ndarray) -> np.ndarray:
+    """Valid rows (queries): the index mask of ``all``, re-read for ``seeds``."""
+    if name == "all":
+        return mask
+    emb, valid, _ = open_embeddings(ws, f"index-{name}")
+    return valid[:]
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, scheduler, timings: dict) -> None:
+    t0 = time.time()
+    url = ws.path("graph", f"{plan.name}.zarr")
+    n, k, cr = plan.n, plan.k, plan.chunk_rows
+    if run.chunk_done("graph-layout") is None:
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
+        group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1)
+        group.create_array("distances", shape=(n, k), chunks=(cr, k), dtype="float32", fill_value=np.inf)
+        group.attrs.update({"graph": plan.name, "k": k, "metric": "euclidean", "factory": plan.factory,
+                            "self_excluded": True})
+        run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr})
+    done = run.done_chunks()
+    starts = [s for s in range(0, n, cr) if f"search-{s // cr}" not in done]
+
+    def _record(i: int, result: dict) -> None:
+        run.mark_chunk(f"search-{starts[i] // cr}", result)
+
+    map_tasks(_search_task, [(ws, plan.name, run.fingerprint, plan.ondisk, params, s, min(n, s + cr), k, plan.refine)
+                             for s in starts],
+              scheduler=scheduler, desc=f"index {plan.name} (search)", unit="row",
+              weights=[min(cr, n - s) for s in starts], on_result=_record)
+    timings["search_s"] = round(time.time() - t0, 3)
+
+
+def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, params: dict, start: int, stop: int,
+                 k: int, refine: int) -> dict:
+    """Search rows [start, stop) and write their chunk of graph/<name>.zarr."""
+    emb, valid_arr, _ = open_embeddings(ws, f"index-{name}")
+    index = cached_index(ws, name, fingerprint, ondisk, params)
+    if index.d != emb.shape[1]:
+        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
+                               f"{emb.shape[1]}; re-run `streamprune index --force`")
+    valid = valid_arr[start:stop]
+    rows = np.flatnonzero(valid).astype(np.int64) + start
+    nbr = np.full((stop - start, k), -1, np.int64)
+    dist = np.full((stop - start, k), np.inf, np.float32)
+    if len(rows):
+        x = emb[start:stop][valid].astype(np.float32, copy=False)
+        nbr[valid], dist[valid] = search_rows(index, x, rows, k, refine, emb)
+    group = zarr.open_group(storage.zarr_store(ws.path("graph", f"{name}.zarr"), ws.storage_options), mode="r+")
+    group["neighbors"][start:stop] = nbr
+    group["distances"][start:stop] = dist
+    return {"n": stop - start, "n_valid": int(len(rows))}
+
+
+def _recall(ws: Workspace, plan: _Plan) -> float | None:
+    url = ws.path(f"index/{plan.name}.groundtruth.npz")
+    if not storage.exists(url, ws.storage_options):
+        return None
+    import io
+
+    gt = np.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)))
+    if not len(gt["rows"]):
+        return None
+    nbr, _ = read_graph(ws, plan.name, require=False)
+    found = nbr.get_orthogonal_selection((gt["rows"],))
+    return round(recall_at_k(found, gt["ids"]), 4)
+
+
+def read_graph(ws: str | Workspace, name: str, require: bool = True,
+               storage_options: dict | None = None) -> tuple[zarr.Array, zarr.Array]:
+    """The (neighbors, distances) arrays of graph/<name>.zarr."""
+    ws = _workspace(ws, storage_options)
+    if name not in GRAPHS:
+        raise StreamPruneError(f"graph must be one of {', '.join(GRAPHS)}; got {name!r}")
+    if require and ws.marker(f"index-{name}") is None:
+        raise StreamPruneError(f"graph '{name}' has not been built in {ws.url}; run `streamprune index` first")
+    url = ws.path("graph", f"{name}.zarr")
+    try:
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r")
+        return group["neighbors"], group["distances"]
+    except (FileNotFoundError, KeyError):
+        raise StreamPruneError(f"graph {url} is missing or incomplete; re-run `streamprune index --force`") from None

@@ -1,0 +1,363 @@
+"""GCN extrapolation: sampler, normalisation, training, layer-wise out-of-core inference, resume."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamprune.errors import StreamPruneError
+from streamprune.extrapolate import extrapolate, methods
+from streamprune.evaluate import pearson
+from streamprune.extrapolate.gcn import (GCN, activation_chunk_rows, extrapolate_gcn, load_checkpoint,
+                                         predict_in_memory, split_seeds)
+from streamprune.extrapolate.sampler import (Features, GraphTable, RowSource, choose_neighbours, edge_weights,
+                                             gather_rows, parse_fanout, sample_subgraph)
+from streamprune.workspace import Workspace
+
+SMALL = dict(hidden=(32, 16), dropout=0.1, epochs=6, batch_size=32, lr=5e-3)
+QUICK = {**SMALL, "epochs": 1, "fanout": (6, 3, 3)}  # where only the inference path matters
+
+
+# ------------------------------------------------------------------------------ synthetic data
+def true_score(emb: np.ndarray) -> np.ndarray:
+    """A smooth function of the embedding."""
+    return np.sin(emb[:, 0]) + 0.5 * emb[:, 1] ** 2 - 0.3 * emb[:, 2]
+
+
+def knn(emb: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN among valid rows (self excluded), Euclidean distances ascending."""
+    d2 = ((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1)
+    d2[:, ~valid] = np.inf
+    np.fill_diagonal(d2, np.inf)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    dist = np.sqrt(np.take_along_axis(d2, idx, axis=1)).astype(np.float32)
+    return idx.astype(np.int64), dist
+
+
+def make_ws(path, n=500, d=6, k=12, n_classes=3, fraction=0.3, invalid=(3, 77, 250), seed=0, chunk=64) -> dict:
+    """A workspace with embeddings.zarr, graph/all.zarr, a subset and seed scores 'du', plus markers."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    labels = rng.integers(0, n_classes, n)
+    labels[rng.random(n) < 0.1] = -1
+    valid = np.ones(n, bool)
+    valid[list(invalid)] = False
+    emb[~valid] = np.nan  # undecodable rows carry garbage; nothing may read them
+    nbrs, dist = knn(np.nan_to_num(emb), valid, k)
+    ws = Workspace(str(path))
+    g = zarr.open_group(str(path / "embeddings.zarr"), mode="w")
+    g.create_array("emb", data=emb, chunks=(chunk, d))
+    g.create_array("labels", data=labels.astype(np.int64), chunks=(chunk,))
+    g.create_array("valid", data=valid, chunks=(chunk,))
+    ws.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
+    gg = zarr.open_group(str(path / "graph" / "all.zarr"), mode="w")
+    gg.create_array("neighbors", data=nbrs, chunks=(chunk, k))
+    gg.create_array("distances", data=dist, chunks=(chunk, k))
+    ws.begin("index", {"test": 1}, {}, key="index-all").commit({"graph": "graph/all.zarr"}, {"n": n})
+    rows = np.sort(rng.choice(n, int(n * fraction), replace=False)).astype(np.int64)
+    zarr.create_array(str(path / "subset" / "rows.zarr"), data=rows, chunks=(1024,))
+    ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": len(rows)})
+    truth = true_score(np.nan_to_num(emb)).astype(np.float32)
+    scores = truth[rows] + 0.05 * rng.normal(size=len(rows)).astype(np.float32)
+    scores[~valid[rows]] = np.nan
+    zarr.create_array(str(path / "scores" / "du.zarr"), data=scores.astype(np.float32), chunks=(1024,))
+    ws.begin("score", {"score": "du"}, {}, key="score-du").commit({"score": "scores/du.zarr"}, {"n": len(rows)})
+    return {"ws": str(path), "emb": emb, "labels": labels, "valid": valid, "nbrs": nbrs, "dist": dist,
+            "rows": rows, "scores": scores, "truth": truth, "k": k}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_ws(tmp_path_factory.mktemp("gcn") / "base")
+
+
+def clone(base, tmp_path, name="ws") -> str:
+    dst = str(tmp_path / name)
+    shutil.copytree(base["ws"], dst)
+    return dst
+
+
+def read_out(ws):
+    g = zarr.open_group(os.path.join(ws, "extrapolated", "du-gcn.zarr"), mode="r")
+    return g["score"][:], g["source"][:]
+
+
+# ------------------------------------------------------------------------------- pure math
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 8), st.integers(0, 2**31 - 1), st.sampled_from(["exp", "sqrt"]))
+def test_edge_weights_rows_are_stochastic(n, k, seed, kind):
+    rng = np.random.default_rng(seed)
+    rows = np.arange(n)
+    nbrs = rng.integers(-1, 3 * n, (n, k))
+    dist = np.sort(rng.random((n, k)).astype(np.float32) * rng.choice([1.0, 1e3]), axis=1)
+    nv = rng.random((n, k)) < 0.8
+    self_w, w = edge_weights(rows, nbrs, dist, nv, kind)
+    edge = (nbrs >= 0) & (nbrs != rows[:, None]) & nv
+    assert np.allclose(self_w + w.sum(1), 1.0, atol=1e-5)
+    has = edge.any(1)
+    assert (w[~edge] == 0).all() and (w[has].max(1) > 0).all()  # no row underflows, even at distance 1000
+    # The nearest edge weighs as much as the self-loop.
+    assert np.allclose(w[has].max(1), self_w[has], rtol=1e-5)
+    assert np.allclose(self_w[~has], 1.0)
+
+
+def test_edge_weights_sqrt_variant_and_bad_kind():
+    d = np.array([[1.0, 4.0]], np.float32)
+    _, w_exp = edge_weights(np.array([5]), np.array([[0, 1]]), d, np.ones((1, 2), bool), "exp")
+    _, w_sqrt = edge_weights(np.array([5]), np.array([[0, 1]]), d, np.ones((1, 2), bool), "sqrt")
+    assert np.isclose(w_exp[0, 1] / w_exp[0, 0], np.exp(-3.0))
+    assert np.isclose(w_sqrt[0, 1] / w_sqrt[0, 0], np.exp(-1.0))
+    with pytest.raises(StreamPruneError, match="edge weight"):
+        edge_weights(np.array([0]), np.array([[1]]), d[:, :1], np.ones((1, 1), bool), "cosine")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 10), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_choose_neighbours_is_unbiased_subset(n, k, fanout, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.random((n, k)).astype(np.float32) * (rng.random((n, k)) < 0.7)
+    got = choose_neighbours(w, fanout, rng)
+    taken = got > 0
+    assert not (taken & (w == 0)).any()
+    assert (taken.sum(1) == np.minimum(fanout, (w > 0).sum(1))).all()
+    scale = (w > 0).sum(1) / np.maximum(taken.sum(1), 1)
+    assert np.allclose(got[taken], (w * scale[:, None])[taken])
+
+
+def _random_table(n, k, seed):
+    rng = np.random.default_rng(seed)
+    nbrs = rng.integers(-1, n, (n, k))
+    dist = np.sort(rng.random((n, k)).astype(np.float32) * 3, axis=1)
+    valid = rng.random(n) < 0.9
+    table = GraphTable({"neighbors": nbrs, "distances": dist}, k, RowSource(valid), "exp", 1 << 30)
+    return nbrs, valid, table
+
+
+def _bfs(seeds, nbrs, valid, hops):
+    level = [set(seeds.tolist())]
+    seen = set(level[0])
+    for _ in range(hops):
+        nxt = set()
+        for r in level[-1]:
+            for c in nbrs[r]:
+                if c >= 0 and c != r and valid[c] and c not in seen:
+                    nxt.add(int(c))
+        seen |= nxt
+        level.append(nxt)
+    return level
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(5, 60), st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**31 - 1), st.booleans())
+def test_sampler_edges_relabel_and_exact_khop(n, k, hops, seed, full):
+    nbrs, valid, table = _random_table(n, k, seed)
+    rng = np.random.default_rng(seed + 1)
+    seeds = rng.choice(n, min(n, 4), replace=False)
+    fanouts = (None,) * hops if full else tuple(int(f) for f in rng.integers(1, k + 1, hops))
+    sub = sample_subgraph(seeds, table, fanouts, rng)
+    # Relabelling: unique nodes, seeds first, hop prefixes nested, CSR columns inside each layer's sources.
+    assert len(np.unique(sub.nodes)) == len(sub.nodes) and (sub.nodes[:len(seeds)] == seeds).all()
+    assert (np.diff(sub.prefix) >= 0).all() and sub.prefix[-1] == len(sub.nodes)
+    for layer in range(1, hops + 1):
+        crow, col, val, (n_out, n_in) = sub.edges(layer)
+        assert len(crow) == n_out + 1 and (col < n_in).all() and (val > 0).all()
+        assert np.allclose(sub.adjacency(layer).to_dense().numpy(), _dense(crow, col, val, (n_out, n_in)))
+    # Every edge is a graph edge (or the self-loop) between valid rows.
+    crow, col, val, _ = sub.edges(1)
+    tgt = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    g_t, g_s = sub.nodes[tgt], sub.nodes[col]
+    is_self = g_t == g_s
+    assert (is_self.sum() == len(crow) - 1)
+    assert all(s in set(nbrs[t].tolist()) and valid[s] for t, s in zip(g_t[~is_self], g_s[~is_self]))
+    if full:
+        # Full fan-out: hop h nodes are exactly the BFS level h, with the exact normalised weights.
+        levels = _bfs(seeds, nbrs, valid, hops)
+        for h in range(1, hops + 1):
+            assert set(sub.nodes[sub.prefix[h - 1]:sub.prefix[h]].tolist()) == levels[h]
+        _, self_w, w = table(sub.nodes[:len(crow) - 1])
+        assert np.allclose(np.diff(crow), 1 + (w > 0).sum(1))
+        assert np.allclose(val[is_self], self_w)
+
+
+def _dense(crow, col, val, shape):
+    out = np.zeros(shape, np.float32)
+    for i in range(shape[0]):
+        np.add.at(out[i], col[crow[i]:crow[i + 1]], val[crow[i]:crow[i + 1]])
+    return out
+
+
+def test_gather_rows_matches_numpy(tmp_path):
+    data = np.arange(1000 * 3, dtype=np.float32).reshape(1000, 3)
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(64, 3))
+    rows = np.random.default_rng(0).integers(0, 1000, 777)
+    assert np.array_equal(gather_rows(arr, rows), data[rows])
+    assert gather_rows(arr, np.zeros(0, np.int64)).shape == (0, 3)
+    # Groups of whole chunks bounded in bytes, written in place; sharded arrays (8-row inner chunks).
+    out = np.zeros((len(np.unique(rows)), 3), np.float32)
+    assert np.array_equal(gather_rows(arr, np.unique(rows), out=out, max_bytes=1), data[np.unique(rows)])
+    sharded = zarr.create_array(str(tmp_path / "s.zarr"), shape=(1000, 3), chunks=(8, 3), shards=(200, 3),
+                                dtype="float32", compressors=None)
+    sharded[:] = data
+    assert np.array_equal(gather_rows(sharded, rows, max_bytes=500), data[rows])
+    src = RowSource(arr, memory_limit=0)
+    assert not src.in_memory and np.array_equal(src.take(rows), data[rows])
+    assert RowSource(arr, memory_limit=1 << 20).in_memory
+
+
+def test_small_helpers():
+    assert parse_fanout(None, 3, 10) == (10, 10, 10)
+    assert parse_fanout((5, None, 99), 3, 10) == (5, 10, 10)
+    with pytest.raises(StreamPruneError, match="one value per layer"):
+        parse_fanout((5, 5), 3, 10)
+    tr, va = split_seeds(100, 0)
+    assert len(va) == 10 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 100
+    assert np.isclose(pearson([1, 2, 3], [2, 4, 6.5]), 0.99, atol=0.01) and np.isnan(pearson([1, 1], [1, 2]))
+    # Activation chunks divide the task's rows; small graphs get whole-task chunks, huge ones small.
+    for n, rows in ((500, 64), (200_000, 8192), (10**9, 8192), (10**6, 1000)):
+        c = activation_chunk_rows(n, rows, 10, 512)
+        assert rows % c == 0 or c == n
+    assert activation_chunk_rows(200_000, 8192, 10, 512) == 8192
+    assert activation_chunk_rows(10**9, 8192, 10, 512) == 8
+
+
+# ------------------------------------------------------------------------------- the stage
+def test_layerwise_equals_full_graph_both_paths(base, tmp_path):
+    results = {}
+    for name, limit in (("mem", 1 << 30), ("stream", 0)):
+        ws = clone(base, tmp_path, name)
+        m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, memory_limit=limit, **QUICK)
+        t = m["timings"]
+        assert t["layer1"]["in_memory"] == (limit > 0) and t["layer2"]["in_memory"] == (limit > 0)
+        model, ckpt = load_checkpoint(Workspace(ws), "du")
+        emb_g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
+        graph_g = zarr.open_group(os.path.join(ws, "graph", "all.zarr"), mode="r")
+        valid = RowSource(emb_g["valid"], 1 << 30)
+        feats = Features(RowSource(emb_g["emb"], 1 << 30), RowSource(emb_g["labels"], 1 << 30, np.int64), valid,
+                         ckpt["num_classes"])
+        full = predict_in_memory(model, feats, GraphTable(graph_g, 8, valid, "exp", 1 << 30)) * ckpt["std"] + ckpt["mean"]
+        score, source = read_out(ws)
+        v = base["valid"]
+        seed = np.zeros(len(v), bool)
+        seed[base["rows"]] = True
+        pred = v & ~seed
+        assert np.allclose(score[pred], full[pred], atol=1e-4, rtol=1e-4)
+        # Seeds keep their measured scores, invalid rows are NaN / 255.
+        s_ok = v[base["rows"]]
+        assert np.array_equal(score[base["rows"][s_ok]], base["scores"][s_ok])
+        assert (source[base["rows"][s_ok]] == 0).all() and (source[pred] == 2).all()
+        assert np.isnan(score[~v]).all() and (source[~v] == 255).all()
+        assert m["counts"]["n_seed"] == s_ok.sum() and m["counts"]["n_invalid"] == (~v).sum()
+        # Activations are gone after the commit; the model stays.
+        assert not os.path.exists(os.path.join(ws, "gcn", "du", "h1.zarr"))
+        assert os.path.exists(os.path.join(ws, "gcn", "du", "model.pt"))
+        results[name] = score
+    assert np.allclose(results["mem"], results["stream"], atol=1e-5, equal_nan=True)
+    assert extrapolate_gcn(str(tmp_path / "mem"), "du", k=8, chunk_rows=64, **QUICK).get("skipped")
+
+
+def test_training_learns_the_smooth_score(base, tmp_path):
+    ws = clone(base, tmp_path)
+    assert "gcn" in methods()
+    m = extrapolate(ws, "du", "gcn", k=8, chunk_rows=128, scheduler="threads", fanout=(8, 4, 4), **SMALL)
+    hist = m["counts"]["history"]
+    assert [h["epoch"] for h in hist] == list(range(SMALL["epochs"] + 1))
+    assert hist[0]["train_loss"] is None and all(h["train_loss"] > 0 for h in hist[1:])
+    best = m["counts"]["best_val_pearson"]
+    assert best == max(h["val_pearson"] for h in hist) and best > hist[0]["val_pearson"] + 0.1
+    score, source = read_out(ws)
+    rest = source == 2
+    assert rest.sum() > 300
+    assert pearson(score[rest], base["truth"][rest]) > 0.5
+    assert m["config"]["fanout"] == [8, 4, 4] and m["counts"]["n_train"] + m["counts"]["n_val"] == (
+        base["valid"][base["rows"]].sum())
+
+
+def test_killed_inference_resumes_to_same_scores(base, tmp_path):
+    ref_ws = clone(base, tmp_path, "ref")
+    extrapolate_gcn(ref_ws, "du", k=8, chunk_rows=64, **QUICK)
+    ws = clone(base, tmp_path, "killed")
+    code = (f"from streamprune.extrapolate.gcn import extrapolate_gcn; "
+            f"extrapolate_gcn({ws!r}, 'du', k=8, chunk_rows=64, **{QUICK!r})")
+    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.1", "STREAMPRUNE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks = None
+    deadline = time.time() + 120
+    try:
+        while True:
+            found = [f for r, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs
+                     if f.startswith("h2-") and f.endswith(".json")]
+            if len(found) >= 2:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"finished before the kill: {proc.communicate()[1].decode()[-2000:]}")
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.killpg(proc.pid, 9)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        proc.wait()
+    chunks = sorted(f for r, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs if f.endswith(".json"))
+    assert "train.json" in chunks and not any(c.startswith("rows-") for c in chunks)
+    assert not os.path.exists(os.path.join(ws, "_stages", "extrapolate-du-gcn.json"))
+    m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, **QUICK)
+    assert "train_s" not in m["timings"]  # the checkpoint of the killed run was reused
+    assert m["timings"]["layer2"]["rows_per_s"] > 0
+    a, sa = read_out(ws)
+    b, sb = read_out(ref_ws)
+    assert np.array_equal(sa, sb)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_distributed_scheduler_streams(base, tmp_path, dask_cluster):
+    ws = clone(base, tmp_path)
+    m = extrapolate_gcn(ws, "du", k=8, chunk_rows=128, scheduler=dask_cluster, **QUICK)
+    assert m["timings"]["layer1"]["in_memory"] is False
+    ref = clone(base, tmp_path, "ref")
+    extrapolate_gcn(ref, "du", k=8, chunk_rows=128, **QUICK)
+    np.testing.assert_allclose(read_out(ws)[0], read_out(ref)[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_missing_graph_and_bad_parameters(base, tmp_path):
+    ws = clone(base, tmp_path)
+    with pytest.raises(StreamPruneError, match="k=20 but graph/all.zarr holds 12"):
+        extrapolate_gcn(ws, "du", k=20, **SMALL)
+    with pytest.raises(StreamPruneError, match="edge weight"):
+        extrapolate_gcn(ws, "du", weight="cosine", **SMALL)
+    with pytest.raises(StreamPruneError, match="score 'tdds' has not been computed"):
+        extrapolate_gcn(ws, "tdds", **SMALL)
+    shutil.rmtree(os.path.join(ws, "graph", "all.zarr"))
+    with pytest.raises(StreamPruneError, match=r"graph .*graph/all.zarr is missing"):
+        extrapolate_gcn(ws, "du", **SMALL)
+    os.remove(os.path.join(ws, "_stages", "index-all.json"))
+    with pytest.raises(StreamPruneError, match="stage 'index-all' has not run"):
+        extrapolate_gcn(ws, "du", **SMALL)
+
+
+def test_too_few_seed_scores(tmp_path):
+    d = make_ws(tmp_path / "ws", n=60, fraction=0.1, k=5, invalid=(3,))
+    zarr.create_array(str(tmp_path / "ws" / "scores" / "du.zarr"), data=np.full(len(d["rows"]), np.nan, np.float32),
+                      overwrite=True)
+    with pytest.raises(StreamPruneError, match="finite score"):
+        extrapolate_gcn(d["ws"], "du", k=5, **SMALL)
+
+
+def test_gcn_module_forward_shapes():
+    import torch
+
+    model = GCN(5, (4, 3, 1), dropout=0.0)
+    nbrs, valid, table = _random_table(30, 4, 0)
+    sub = sample_subgraph(np.array([0, 1, 2]), table, (None, None, None))
+    x = torch.randn(len(sub.nodes), 5)
+    out = model(x, [sub.adjacency(i + 1) for i in range(3)])
+    assert out.shape == (3, 1)

@@ -1,0 +1,382 @@
+"""Tests for streamprune.index: parameter choice, exact and approximate graphs, on-disk merge, resume."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.index import (
+    auto_nlist,
+    auto_params,
+    auto_pq_bytes,
+    build_index,
+    cached_index,
+    clear_cache,
+    default_chunk_rows,
+    ondisk_rows,
+    read_graph,
+    recall_at_k,
+    sample_rows,
+    search_rows,
+    select_neighbors,
+    train_size,
+)
+from streamprune.workspace import Workspace
+
+# --------------------------------------------------------------------------- workspace helpers
+
+
+def clustered(n: int, d: int, n_clusters: int = 50, intrinsic: int = 4, seed: int = 0) -> np.ndarray:
+    """Gaussian blobs on random low-dimensional patches: the local structure of real embeddings."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, d)) * 4
+    bases = rng.standard_normal((n_clusters, intrinsic, d)) / np.sqrt(intrinsic)
+    c = rng.integers(0, n_clusters, n)
+    z = rng.standard_normal((n, intrinsic))
+    x = centers[c] + np.einsum("ni,nid->nd", z, bases[c]) + 0.05 * rng.standard_normal((n, d))
+    return x.astype(np.float32)
+
+
+def make_workspace(root, x: np.ndarray, *, valid: np.ndarray | None = None, subset: np.ndarray | None = None,
+                   chunk: int = 100, embed_config: dict | None = None) -> Workspace:
+    """A workspace holding embeddings.zarr (+ embed marker) and a subset (+ subset marker)."""
+    ws = Workspace(str(root))
+    n = len(x)
+    valid = np.ones(n, bool) if valid is None else valid
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="w")
+    group.create_array("emb", data=x, chunks=(chunk, x.shape[1]))
+    group.create_array("labels", data=np.zeros(n, np.int64), chunks=(chunk,))
+    group.create_array("valid", data=valid, chunks=(chunk,))
+    ws.begin("embed", embed_config or {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
+    if subset is not None:
+        arr = zarr.create_array(storage.zarr_store(ws.path("subset", "rows.zarr")), shape=(len(subset),),
+                                dtype="int64", chunks=(max(1, len(subset)),), fill_value=-1)
+        arr[:] = np.sort(subset)
+        ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": len(subset)})
+    return ws
+
+
+def brute_force(x: np.ndarray, query_ok: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference graph by explicit loops: per valid query, the k nearest ``base`` rows other than itself."""
+    n = len(x)
+    nbr = np.full((n, k), -1, np.int64)
+    dist = np.full((n, k), np.inf, np.float32)
+    xb = x.astype(np.float64)
+    for i in range(n):
+        if not query_ok[i]:
+            continue
+        cand = [j for j in np.flatnonzero(base) if j != i]
+        d = np.sqrt(((xb[cand] - xb[i]) ** 2).sum(axis=1))
+        order = np.argsort(d, kind="stable")[:k]
+        nbr[i, :len(order)] = np.asarray(cand)[order]
+        dist[i, :len(order)] = d[order]
+    return nbr, dist
+
+
+def graph_arrays(ws: Workspace, name: str) -> tuple[np.ndarray, np.ndarray]:
+    nbr, dist = read_graph(ws, name)
+    return nbr[:], dist[:]
+
+
+# --------------------------------------------------------------------------- pure parameter choice
+
+
+@pytest.mark.parametrize("n, d, factory", [
+    (1_000, 32, "Flat"),
+    (50_000, 128, "Flat"),
+    (50_001, 128, "IVF894,PQ32"),
+    (100_000, 3, "IVF1265,PQ1"),
+    (250_000, 128, "IVF2000,PQ32"),
+    (999_999, 128, "IVF4000,PQ32"),
+    (1_000_000, 128, "IVF32768_HNSW32,PQ32"),  # 2^16 capped so that each list gets >= 30 training points
+    (2_000_000, 768, "IVF65536_HNSW32,PQ64"),
+    (9_999_999, 100, "IVF65536_HNSW32,PQ25"),
+    (20_000_000, 512, "IVF262144_HNSW32,PQ64"),
+    (1_000_000_000, 1000, "IVF262144_HNSW32,PQ50"),
+])
+def test_auto_params_table(n, d, factory):
+    assert auto_params(n, d)["factory"] == factory
+
+
+@pytest.mark.parametrize("d, m", [(128, 32), (100, 25), (768, 64), (2048, 64), (1000, 50), (12, 3), (7, 1), (3, 1)])
+def test_pq_bytes_table(d, m):
+    assert auto_pq_bytes(d) == m
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(50_001, 10**10), st.integers(1, 4096))
+def test_auto_params_properties(n, d):
+    p = auto_params(n, d)
+    assert 30 * p["nlist"] <= n
+    assert d % p["m"] == 0 and 1 <= p["m"] <= 64
+    t = train_size(n, p["nlist"], d)
+    assert min(n, 30 * p["nlist"]) <= t <= max(min(n, 256 * p["nlist"]), 30 * p["nlist"])
+
+
+def test_sizes():
+    assert auto_nlist(250_000) == 2000
+    assert ondisk_rows(32) == (4 << 30) // 40
+    assert default_chunk_rows(4096) == 65536 and default_chunk_rows(100_000) == 100_000
+    assert default_chunk_rows(4096, 20 * 4 + 1) == 49152 and default_chunk_rows(1000, 401) == 10_000
+    assert train_size(250_000, 2000, 128) == 128_000  # 64 per list
+    assert train_size(10**8, 1 << 16, 128) == (1 << 30) // 512  # the 1 GiB sample budget
+    assert train_size(10**9, 1 << 18, 128) == 30 << 18  # never under 30 points per list
+
+
+def test_select_neighbors_drops_self_and_missing():
+    ids = np.array([[3, 0, 7, -1], [5, 2, 9, 4]])
+    sq = np.array([[0.0, 1.0, 4.0, np.inf], [9.0, 1.0, 0.25, 16.0]], np.float32)
+    nbr, dist = select_neighbors(ids, sq, np.array([3, 9]), 3)
+    assert nbr.tolist() == [[0, 7, -1], [2, 5, 4]]
+    np.testing.assert_allclose(dist, [[1, 2, np.inf], [1, 3, 4]])
+    nbr, dist = select_neighbors(ids[:, :1], sq[:, :1], np.array([3, 0]), 2)  # fewer candidates than k: padded
+    assert nbr.tolist() == [[-1, -1], [5, -1]]
+
+
+def test_recall_and_sampling():
+    found, truth = np.array([[1, 2, 3], [4, 5, -1]]), np.array([[3, 2, 9], [4, 6, 7]])
+    assert recall_at_k(found, truth) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    mask = np.zeros(10_000, bool)
+    mask[::7] = True
+    rows = sample_rows(mask, 300, seed=1, block=1000)
+    assert len(rows) == 300 and len(set(rows)) == 300 and mask[rows].all() and (np.diff(rows) > 0).all()
+    np.testing.assert_array_equal(rows, sample_rows(mask, 300, seed=1, block=4096))
+    assert len(sample_rows(mask, 10**6, seed=1)) == mask.sum()
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def test_flat_graph_equals_brute_force(tmp_path):
+    rng = np.random.default_rng(3)
+    n, k = 600, 7
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    valid = rng.random(n) > 0.1
+    subset = np.sort(rng.choice(n, 150, replace=False))
+    ws = make_workspace(tmp_path / "ws", x, valid=valid, subset=subset)
+    markers = build_index(ws, k=k, scheduler="sync", chunk_rows=128)
+    in_subset = np.zeros(n, bool)
+    in_subset[subset] = True
+    for name, base in (("all", valid), ("seeds", valid & in_subset)):
+        m = markers[name]
+        assert m["counts"]["factory"] == "Flat" and m["counts"]["recall_at_k"] == 1.0
+        nbr, dist = graph_arrays(ws, name)
+        ref_nbr, ref_dist = brute_force(x, valid, base, k)
+        np.testing.assert_array_equal(nbr, ref_nbr)
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
+        assert not (nbr == np.arange(n)[:, None]).any()  # never itself
+        assert (nbr[~valid] == -1).all() and np.isinf(dist[~valid]).all()
+        assert not np.isin(nbr, np.flatnonzero(~base)).any()  # only indexed rows as neighbours
+    params = json.loads((tmp_path / "ws" / "index" / "params.json").read_text())
+    assert params["seeds"]["recall_at_k"] == 1.0 and params["all"]["k"] == k
+    # done: a second call is skipped
+    assert build_index(ws, k=k, scheduler="sync", chunk_rows=128)["all"]["skipped"]
+
+
+def test_duplicates_and_fewer_rows_than_k(tmp_path):
+    base = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    x = np.concatenate([base, base])  # row i and i + 20 are identical
+    ws = make_workspace(tmp_path / "ws", x, subset=np.array([0, 3, 20]), chunk=8)
+    build_index(ws, k=5, scheduler="sync", chunk_rows=16)
+    nbr, dist = graph_arrays(ws, "all")
+    assert (nbr[:20, 0] == np.arange(20, 40)).all() and (nbr[20:, 0] == np.arange(20)).all()
+    assert (dist[:, 0] < 1e-3).all() and not (nbr == np.arange(40)[:, None]).any()
+    nbr, dist = graph_arrays(ws, "seeds")
+    assert nbr[0].tolist()[:2] == [20, 3] and nbr[0, 2:].tolist() == [-1, -1, -1]  # 2 other seeds, then none
+    assert np.isinf(dist[0, 2:]).all()
+    assert sorted(nbr[5, :3].tolist()) == [0, 3, 20] and (nbr[5, 3:] == -1).all()
+
+
+def test_ivfpq_refine_reaches_recall(tmp_path):
+    n, d, k = 20_000, 32, 10
+    x = clustered(n, d, intrinsic=8)
+    ws = make_workspace(tmp_path / "ws", x, chunk=2500)
+    m = build_index(ws, graph="all", k=k, factory="IVF256,PQ8", scheduler="sync", chunk_rows=5000,
+                    recall_queries=500)["all"]
+    c = m["counts"]
+    assert c["refine"] == 4 and c["nprobe"] in (16, 32, 64, 128, 256)
+    assert c["recall_at_k"] >= 0.95
+    # independent check on other rows against numpy
+    nbr, _ = read_graph(ws, "all")
+    rows = np.arange(7, n, 97)
+    truth = np.stack([np.argsort(((x - x[i]) ** 2).sum(1))[1:k + 1] for i in rows])
+    assert recall_at_k(nbr.get_orthogonal_selection((rows,)), truth) >= 0.95
+    # refine recovers what PQ loses: the same index without re-ranking is clearly worse
+    index = cached_index(ws, "all", m["fingerprint"], False, {"nprobe": c["nprobe"]})
+    raw, _ = search_rows(index, x[rows], rows, k, 0, None)
+    clear_cache()
+    assert recall_at_k(raw, truth) < c["recall_at_k"] - 0.1
+
+
+def test_ondisk_merge_equals_in_memory(tmp_path):
+    n, d = 6000, 16
+    x = clustered(n, d, seed=5)
+    opts = dict(graph="all", k=8, factory="IVF32,PQ4", refine=0, nprobe=8, scheduler="sync", chunk_rows=1000,
+                recall_queries=200)
+    mem = make_workspace(tmp_path / "mem", x, chunk=500)
+    disk = make_workspace(tmp_path / "disk", x, chunk=500)
+    m_mem = build_index(mem, **opts)["all"]
+    m_disk = build_index(disk, ondisk_threshold=1000, **opts)["all"]
+    assert not m_mem["counts"]["ondisk"] and m_disk["counts"]["ondisk"]
+    assert (tmp_path / "disk" / "index" / "all.ivfdata").stat().st_size > 0
+    assert not (tmp_path / "disk" / "index" / "all.shards").exists()
+    a_nbr, a_dist = graph_arrays(mem, "all")
+    b_nbr, b_dist = graph_arrays(disk, "all")
+    np.testing.assert_array_equal(a_nbr, b_nbr)
+    np.testing.assert_array_equal(a_dist, b_dist)
+    assert m_disk["counts"]["recall_at_k"] == m_mem["counts"]["recall_at_k"]
+
+
+def test_dask_cluster_matches_sync(tmp_path, dask_cluster):
+    x = clustered(3000, 16, seed=2)
+    subset = np.arange(0, 3000, 4)
+    a = make_workspace(tmp_path / "a", x, subset=subset, chunk=250)
+    b = make_workspace(tmp_path / "b", x, subset=subset, chunk=250)
+    build_index(a, k=6, scheduler="sync", chunk_rows=500)
+    build_index(b, k=6, scheduler=dask_cluster, chunk_rows=500)
+    for name in ("seeds", "all"):
+        for u, v in zip(graph_arrays(a, name), graph_arrays(b, name)):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_s3_workspace_ondisk(tmp_path, s3server, s3bucket, monkeypatch):
+    x = clustered(3000, 8, seed=4)
+    opts = dict(graph="all", k=5, factory="IVF16,PQ2", nprobe=4, refine=2, scheduler="sync", chunk_rows=1000,
+                recall_queries=100, ondisk_threshold=1000)
+    local = make_workspace(tmp_path / "local", x, chunk=500)
+    build_index(local, **opts)
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    group = zarr.open_group(storage.zarr_store(remote.path("embeddings.zarr"), remote.storage_options), mode="w")
+    group.create_array("emb", data=x, chunks=(500, 8))
+    group.create_array("valid", data=np.ones(len(x), bool), chunks=(500,))
+    remote.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": len(x)})
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    m = build_index(remote, **opts)["all"]
+    assert m["counts"]["ondisk"] and remote.exists("index", "all.ivfdata")
+    for u, v in zip(graph_arrays(local, "all"), graph_arrays(remote, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+
+def _records(root, key: str, prefix: str) -> int:
+    return len(glob.glob(os.path.join(str(root), "_stages", key, "*", "chunks", f"{prefix}*.json")))
+
+
+def test_killed_search_resumes_identically_and_width_change_is_refused(tmp_path):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    valid = rng.random(3000) > 0.05
+    killed = make_workspace(tmp_path / "killed", x, valid=valid, chunk=100)
+    clean = make_workspace(tmp_path / "clean", x, valid=valid, chunk=100)
+    call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
+    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_PROGRESS": "0"}
+    code = "from streamprune.index import build_index; " + call % str(killed.url)
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while _records(killed.url, "index-all", "search-") < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert killed.marker("index-all") is None
+    done_before = _records(killed.url, "index-all", "search-")
+    assert 3 <= done_before < 15
+    shutil.copytree(killed.url, tmp_path / "widened")
+
+    m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
+    build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
+    assert m["counts"]["recall_at_k"] == 1.0
+    for u, v in zip(graph_arrays(killed, "all"), graph_arrays(clean, "all")):
+        np.testing.assert_array_equal(u, v)
+
+    # the embeddings were replaced by wider ones behind the marker's back: a clear error, not a crash
+    widened = Workspace(str(tmp_path / "widened"))
+    group = zarr.open_group(storage.zarr_store(widened.path("embeddings.zarr")), mode="r+")
+    del group["emb"]
+    group.create_array("emb", data=np.concatenate([x, x[:, :1]], axis=1), chunks=(100, 9))
+    with pytest.raises(StreamPruneError, match="width 8 but embeddings.zarr has width 9"):
+        build_index(widened, graph="all", k=6, scheduler="sync", chunk_rows=200)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_embeddings_and_bad_options(tmp_path):
+    ws = Workspace(str(tmp_path / "empty"))
+    with pytest.raises(StreamPruneError, match="stage 'embed' has not run"):
+        build_index(ws, scheduler="sync")
+    ws.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": 10})
+    with pytest.raises(StreamPruneError, match="embeddings.zarr is missing"):
+        build_index(ws, graph="all", scheduler="sync")
+
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    ws = make_workspace(tmp_path / "ws", x, chunk=50)
+    with pytest.raises(StreamPruneError, match="stage 'subset' has not run"):
+        build_index(ws, graph="seeds", scheduler="sync")
+    with pytest.raises(StreamPruneError, match="--graph must be"):
+        build_index(ws, graph="some", scheduler="sync")
+    with pytest.raises(StreamPruneError, match="--k must be"):
+        build_index(ws, graph="all", k=0, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="faiss cannot build 'IVF10,PQ7' for width 16"):
+        build_index(ws, graph="all", factory="IVF10,PQ7", scheduler="sync")
+    with pytest.raises(StreamPruneError, match="no inverted lists to put on disk"):
+        build_index(ws, graph="all", ondisk_threshold=10, scheduler="sync", force=True)
+    with pytest.raises(StreamPruneError, match="has not been built"):
+        read_graph(ws, "all")
+
+    bad = make_workspace(tmp_path / "bad", x, chunk=50)
+    group = zarr.open_group(storage.zarr_store(bad.path("embeddings.zarr")), mode="r+")
+    del group["valid"]
+    group.create_array("valid", data=np.ones(199, bool), chunks=(50,))
+    with pytest.raises(StreamPruneError, match="valid has shape"):
+        build_index(bad, graph="all", scheduler="sync")
+
+    none_valid = make_workspace(tmp_path / "nv", x, valid=np.zeros(200, bool), chunk=50)
+    with pytest.raises(StreamPruneError, match="no valid rows to index"):
+        build_index(none_valid, graph="all", scheduler="sync")
+
+
+# --------------------------------------------------------------------------- gathers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gather_sq_distances_matches_numpy(monkeypatch, dtype):
+    import streamprune.index as index_mod
+
+    monkeypatch.setattr(index_mod, "SLAB_BYTES", 4096)  # slabs of 60 rows: many slabs, dense and sparse
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 16)).astype(dtype)
+    arr = zarr.create_array(zarr.storage.MemoryStore(), shape=x.shape, chunks=(10, 16), dtype=dtype)
+    arr[:] = x
+    q = rng.standard_normal((50, 16)).astype(np.float32)
+    ids = rng.integers(-1, 1000, (50, 9))
+    ids[:25, :] = rng.integers(0, 120, (25, 9))  # the first slabs densely, the rest sparsely
+    ids[3] = -1
+    got = index_mod.gather_sq_distances(q, ids, arr)
+    want = ((q[:, None, :].astype(np.float64) - x.astype(np.float64)[ids]) ** 2).sum(-1)
+    want[ids < 0] = np.inf
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    rows = np.sort(rng.choice(1000, 77, replace=False))
+    np.testing.assert_array_equal(index_mod.gather_rows(arr, rows), x[rows].astype(np.float32))

@@ -1,0 +1,283 @@
+"""Tests for kNN extrapolation (streamprune.extrapolate.knn) and the shared extrapolation I/O (common)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.extrapolate import SOURCES, extrapolate, read_extrapolated, register_method
+from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores
+from streamprune.extrapolate.knn import choose_k, extrapolate_knn, k_candidates, knn_predict, knn_weights, pearson
+from streamprune.index import build_index
+from streamprune.workspace import Workspace
+from test_index import clustered, make_workspace
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def add_scores(ws: Workspace, name: str, values: np.ndarray, *, full: bool = False) -> None:
+    """Write scores/<name>.zarr (seed scores aligned with the subset rows) and its marker."""
+    path = f"scores/{name}-full.zarr" if full else f"scores/{name}.zarr"
+    arr = zarr.create_array(storage.zarr_store(ws.path(path)), shape=values.shape, dtype="float32",
+                            chunks=(max(1, len(values)),), fill_value=np.nan)
+    arr[:] = values
+    ws.begin("score", {"score": name, "full": full}, {}, key=f"score-{name}" + ("-full" if full else "")).commit(
+        {"score": path}, {"n": len(values)})
+
+
+def smooth_score(x: np.ndarray) -> np.ndarray:
+    return (np.sin(x[:, 0]) + 0.5 * x[:, 1]).astype(np.float32)
+
+
+def knn_reference(x, valid, seeds, seed_values, k):
+    """Explicit loops: each row's k nearest valid seeds (itself excluded), exp(-d)-weighted mean."""
+    n = len(x)
+    value_of = dict(zip(seeds.tolist(), seed_values.tolist()))
+    base = [s for s in seeds if valid[s]]
+    score = np.full(n, np.nan)
+    source = np.full(n, 255)
+    for i in range(n):
+        if not valid[i]:
+            continue
+        if i in value_of and np.isfinite(value_of[i]):
+            score[i], source[i] = value_of[i], 0
+            continue
+        cand = [s for s in base if s != i]
+        d = [float(np.sqrt(((x[s].astype(np.float64) - x[i]) ** 2).sum())) for s in cand]
+        order = np.argsort(d, kind="stable")[:k]
+        num = den = 0.0
+        for j in order:
+            v = value_of[cand[j]]
+            if np.isfinite(v):
+                num += np.exp(-d[j]) * v
+                den += np.exp(-d[j])
+        score[i] = num / den if den > 0 else np.nan
+        source[i] = 1
+    return score, source
+
+
+def scored_workspace(root, n=500, d=6, seed=0, chunk=50):
+    """Embeddings with some invalid rows, a 30 % subset, seed scores (two NaN), the seeds graph."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * 0.7).astype(np.float32)
+    valid = rng.random(n) > 0.08
+    subset = np.sort(rng.choice(n, int(0.3 * n), replace=False))
+    ws = make_workspace(root, x, valid=valid, subset=subset, chunk=chunk)
+    values = smooth_score(x[subset]) + 0.05 * rng.standard_normal(len(subset)).astype(np.float32)
+    values[[3, 17]] = np.nan
+    values[~valid[subset]] = np.nan
+    add_scores(ws, "du", values.astype(np.float32))
+    build_index(ws, graph="seeds", k=20, scheduler="sync", chunk_rows=chunk * 2)
+    return ws, x, valid, subset, values
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+@FAST
+@given(hnp.arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 8)),
+                  elements=st.one_of(st.floats(0, 1e4), st.just(np.inf))))
+def test_knn_weights_properties(d):
+    w = knn_weights(d)
+    assert w.shape == d.shape and (w >= 0).all() and (w <= 1).all()
+    finite = np.isfinite(d)
+    assert (w[~finite] == 0).all()
+    for row_w, row_d, row_ok in zip(w, d, finite):
+        if row_ok.any():
+            assert row_w[row_ok].max() == pytest.approx(1.0)  # no underflow, however large the distances
+            ratio = np.exp(-(row_d[row_ok] - row_d[row_ok].min()))
+            np.testing.assert_allclose(row_w[row_ok], ratio, rtol=1e-5, atol=1e-30)
+
+
+def _predict_loop(scores, dists, k):
+    out = []
+    for s_row, d_row in zip(scores, dists):
+        pairs = [(s, d) for s, d in zip(s_row[:k], d_row[:k]) if np.isfinite(s) and np.isfinite(d)]
+        if not pairs:
+            out.append(np.nan)
+            continue
+        dmin = min(d for _, d in pairs)
+        w = [np.exp(-(d - dmin)) for _, d in pairs]
+        out.append(sum(wi * s for wi, (s, _) in zip(w, pairs)) / sum(w))
+    return np.array(out)
+
+
+@FAST
+@given(st.data())
+def test_knn_predict_matches_loop(data):
+    n, kk = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 7))
+    scores = data.draw(hnp.arrays(np.float64, (n, kk), elements=st.one_of(st.floats(-5, 5), st.just(np.nan))))
+    dists = data.draw(hnp.arrays(np.float64, (n, kk), elements=st.one_of(st.floats(0, 50), st.just(np.inf))))
+    k = data.draw(st.integers(1, kk))
+    np.testing.assert_allclose(knn_predict(scores, dists, k), _predict_loop(scores, dists, k), rtol=1e-5, atol=1e-6)
+
+
+def test_knn_predict_far_neighbours_do_not_underflow():
+    got = knn_predict(np.array([[1.0, 3.0]]), np.array([[1000.0, 1000.0]]), 2)
+    assert got[0] == pytest.approx(2.0)
+
+
+def test_choose_k_picks_the_informative_neighbourhood():
+    rng = np.random.default_rng(0)
+    m = 3000
+    target = rng.standard_normal(m)
+    scores = rng.standard_normal((m, 100)) * 3  # uninformative neighbours beyond the 20th
+    scores[:, :20] = target[:, None] + rng.standard_normal((m, 20)) * 2
+    dist = np.ones((m, 100))
+    k, table = choose_k(scores, dist, target)
+    assert k == 20 and sorted(table) == [10, 20, 50, 100]
+    assert table[20] > table[10] > table[100] and table[20] > table[50]
+    # capped by the graph's k
+    k, table = choose_k(scores[:, :30], dist[:, :30], target)
+    assert sorted(table) == [10, 20, 30] and k == 20
+    assert k_candidates(5) == [5] and k_candidates(100) == [10, 20, 50, 100]
+
+
+def test_choose_k_ties_go_to_the_smaller_k():
+    rng = np.random.default_rng(1)
+    target = rng.standard_normal(500)
+    scores = np.full((500, 50), np.nan)
+    scores[:, :10] = target[:, None] + rng.standard_normal((500, 10))  # beyond 10: no usable score
+    k, table = choose_k(scores, np.ones((500, 50)), target)
+    assert table[10] == table[20] == table[50] and k == 10
+    k, table = choose_k(np.full((5, 20), np.nan), np.ones((5, 20)), np.arange(5.0))  # undefined everywhere
+    assert k == 10 and all(np.isnan(v) for v in table.values())
+
+
+def test_pearson_and_lookup():
+    assert pearson(np.array([1, 2, 3, np.nan]), np.array([2, 4, 6.5, 1])) == pytest.approx(0.9986, abs=1e-3)
+    assert np.isnan(pearson(np.ones(4), np.arange(4.0)))
+    rows, values = np.array([2, 5, 9]), np.array([0.5, np.nan, 1.5], np.float32)
+    np.testing.assert_array_equal(lookup(rows, values, np.array([[9, -1], [2, 3], [10, 5]])),
+                                  [[1.5, np.nan], [0.5, np.nan], [np.nan, np.nan]])
+    assert np.isnan(lookup(np.array([], np.int64), np.array([], np.float32), np.array([1]))).all()
+
+
+def test_finalize_chunk_keeps_seeds_and_marks_invalid():
+    seeds = SeedScores(np.array([1, 4, 12]), np.array([7.0, np.nan, 9.0], np.float32), "fp")
+    score, source = finalize_chunk(0, np.arange(6, dtype=np.float32), np.array([1, 1, 0, 1, 1, 1], bool), seeds, "knn")
+    np.testing.assert_array_equal(score, [0, 7, np.nan, 3, 4, 5])  # seed 4 has no measured score: predicted
+    assert source.tolist() == [1, 0, 255, 1, 1, 1]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_knn_stage_equals_brute_force_reference(tmp_path):
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws")
+    for k in (5, 20):
+        m = extrapolate_knn(ws, "du", k=k, force=True, chunk_rows=64)
+        assert m["counts"]["k"] == k
+        score, source = (a[:] for a in read_extrapolated(ws, "du", "knn"))
+        ref_score, ref_source = knn_reference(x, valid, subset, values, k)
+        np.testing.assert_array_equal(source, ref_source)
+        np.testing.assert_allclose(score, ref_score, rtol=1e-5, atol=1e-5)
+    # seed rows keep their measured scores exactly
+    seed_pos = np.flatnonzero(np.isfinite(values))
+    np.testing.assert_array_equal(score[subset[seed_pos]], values[seed_pos])
+    assert m["counts"]["n_seed"] == len(seed_pos) and m["counts"]["n_invalid"] == int((~valid).sum())
+
+
+def test_auto_k_uses_seed_scores_only(tmp_path):
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=1500)
+    # full-data scores exist but are unreadable: choose_k must not touch them
+    add_scores(ws, "du", np.zeros(1500, np.float32), full=True)
+    with open(os.path.join(ws.path("scores", "du-full.zarr"), "zarr.json"), "w") as f:
+        f.write("not json")
+    m = extrapolate_knn(ws, "du", k="auto", chunk_rows=100)
+    c = m["counts"]
+    assert c["k"] in (10, 20) and set(c["validation_pearson"]) == {"10", "20"}
+    assert c["validation_pearson"][str(c["k"])] == max(c["validation_pearson"].values())
+    assert c["validation_pearson"][str(c["k"])] > 0.8  # a smooth score is predictable from neighbours
+    assert c["n_validation"] == int(np.isfinite(values).sum())
+    ref_score, _ = knn_reference(x, valid, subset, values, c["k"])
+    np.testing.assert_allclose(read_extrapolated(ws, "du", "knn")[0][:], ref_score, rtol=1e-5, atol=1e-5)
+    assert extrapolate_knn(ws, "du", k="auto", chunk_rows=100)["skipped"]
+
+
+def test_killed_extrapolation_resumes_identically(tmp_path):
+    ws, *_ = scored_workspace(tmp_path / "killed", n=1200, chunk=50)
+    clean, *_ = scored_workspace(tmp_path / "clean", n=1200, chunk=50)
+    code = (f"from streamprune.extrapolate.knn import extrapolate_knn; "
+            f"extrapolate_knn({ws.url!r}, 'du', k='auto', chunk_rows=50)")
+    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stderr=subprocess.PIPE)
+    pattern = os.path.join(ws.url, "_stages", "extrapolate-du-knn", "*", "chunks", "rows-*.json")
+    deadline = time.time() + 120
+    try:
+        while len(glob.glob(pattern)) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert ws.marker("extrapolate-du-knn") is None and 3 <= len(glob.glob(pattern)) < 24
+    resumed = extrapolate_knn(ws, "du", k="auto", chunk_rows=50)
+    expected = extrapolate_knn(clean, "du", k="auto", chunk_rows=50)
+    assert resumed["counts"] == expected["counts"]
+    for got, want in zip(read_extrapolated(ws, "du", "knn"), read_extrapolated(clean, "du", "knn")):
+        np.testing.assert_array_equal(got[:], want[:])
+
+
+def test_dispatch_and_registry(tmp_path):
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
+    m = extrapolate(ws, "du", "knn", k=5)
+    assert m["key"] == "extrapolate-du-knn"
+    with pytest.raises(StreamPruneError, match="unknown extrapolation method 'nope'"):
+        extrapolate(ws, "du", "nope")
+    calls = []
+    register_method("test-dummy", lambda w, score, **opts: calls.append((score, opts)) or {"ok": True})
+    assert extrapolate(ws, "du", "test-dummy", a=1) == {"ok": True} and calls == [("du", {"a": 1})]
+    assert SOURCES["knn"] == 1 and SOURCES["gcn"] == 2
+    seeds = seed_scores(ws, "du")
+    np.testing.assert_array_equal(seeds.rows, subset)
+
+
+def test_bad_input(tmp_path):
+    x = clustered(300, 4)
+    ws = make_workspace(tmp_path / "ws", x, subset=np.arange(0, 300, 3), chunk=50)
+    with pytest.raises(StreamPruneError, match="graph 'seeds' has not been built"):
+        extrapolate_knn(ws, "du")
+    build_index(ws, graph="seeds", k=10, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="score 'du' has not been computed"):
+        extrapolate_knn(ws, "du")
+    add_scores(ws, "du", np.full(100, np.inf, np.float32))
+    with pytest.raises(StreamPruneError, match="infinite values"):
+        extrapolate_knn(ws, "du")
+    add_scores(ws, "el2n", np.zeros(99, np.float32))
+    with pytest.raises(StreamPruneError, match="99 values but the subset has 100 rows"):
+        extrapolate_knn(ws, "el2n", k=5)
+    add_scores(ws, "aum", np.zeros(100, np.float32))
+    with pytest.raises(StreamPruneError, match="k=20 exceeds the graph's k=10"):
+        extrapolate_knn(ws, "aum", k=20)
+    with pytest.raises(StreamPruneError, match="--k must be"):
+        extrapolate_knn(ws, "aum", k=0)
+    with pytest.raises(StreamPruneError, match="no knn extrapolation"):
+        read_extrapolated(ws, "aum", "knn")
+    # embeddings replaced by a different row count behind the graph's back
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="r+")
+    del group["emb"], group["valid"]
+    group.create_array("emb", data=x[:250], chunks=(50, 4))
+    group.create_array("valid", data=np.ones(250, bool), chunks=(50,))
+    with pytest.raises(StreamPruneError, match="the graph has 300 rows but embeddings.zarr has 250"):
+        extrapolate_knn(ws, "aum", k=5)
