@@ -20,11 +20,10 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     return proc
 
 
-def kill_when(args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
-    """Start the CLI, SIGKILL it as soon as ``ready()`` is true, and assert it had not finished."""
+def kill_process_when(argv: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
+    """Start ``argv`` in its own session, SIGKILL it as soon as ``ready()`` is true, assert it had not finished."""
     full_env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "streamprune.cli", *args], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -40,6 +39,16 @@ def kill_when(args: list[str], ready, env: dict | None = None, timeout: float = 
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def kill_when(args: list[str], ready, env: dict | None = None, timeout: float = 300) -> None:
+    """Run the CLI with ``args`` and SIGKILL it as soon as ``ready()`` is true."""
+    kill_process_when([sys.executable, "-m", "streamprune.cli", *args], ready, env, timeout)
+
+
+def kill_python_when(code: str, ready, env: dict | None = None, timeout: float = 300) -> None:
+    """Run ``python -c code`` and SIGKILL it as soon as ``ready()`` is true."""
+    kill_process_when([sys.executable, "-c", code], ready, env, timeout)
 
 
 def count_files(directory: str | Path, suffix: str = "") -> int:

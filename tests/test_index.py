@@ -6,10 +6,6 @@ import glob
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import kill_python_when
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.index import (
@@ -285,21 +282,9 @@ def test_killed_search_resumes_identically_and_width_change_is_refused(tmp_path)
     killed = make_workspace(tmp_path / "killed", x, valid=valid, chunk=100)
     clean = make_workspace(tmp_path / "clean", x, valid=valid, chunk=100)
     call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
-    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_PROGRESS": "0"}
     code = "from streamprune.index import build_index; " + call % str(killed.url)
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while _records(killed.url, "index-all", "search-") < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "timed out waiting for the kill point"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_python_when(code, lambda: _records(killed.url, "index-all", "search-") >= 3,
+                     env={"STREAMPRUNE_TASK_DELAY": "0.2"}, timeout=120)
     assert killed.marker("index-all") is None
     done_before = _records(killed.url, "index-all", "search-")
     assert 3 <= done_before < 15

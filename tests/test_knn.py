@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +19,7 @@ from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, s
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, k_candidates, knn_predict, knn_weights, pearson
 from streamprune.index import build_index
 from streamprune.workspace import Workspace
+from helpers import kill_python_when
 from test_index import clustered, make_workspace
 
 FAST = settings(max_examples=60, deadline=None)
@@ -216,21 +213,9 @@ def test_killed_extrapolation_resumes_identically(tmp_path):
     clean, *_ = scored_workspace(tmp_path / "clean", n=1200, chunk=50)
     code = (f"from streamprune.extrapolate.knn import extrapolate_knn; "
             f"extrapolate_knn({ws.url!r}, 'du', k='auto', chunk_rows=50)")
-    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stderr=subprocess.PIPE)
+    env = {"STREAMPRUNE_TASK_DELAY": "0.2"}
     pattern = os.path.join(ws.url, "_stages", "extrapolate-du-knn", "*", "chunks", "rows-*.json")
-    deadline = time.time() + 120
-    try:
-        while len(glob.glob(pattern)) < 3:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "timed out waiting for the kill point"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_python_when(code, lambda: len(glob.glob(pattern)) >= 3, env=env, timeout=120)
     assert ws.marker("extrapolate-du-knn") is None and 3 <= len(glob.glob(pattern)) < 24
     resumed = extrapolate_knn(ws, "du", k="auto", chunk_rows=50)
     expected = extrapolate_knn(clean, "du", k="auto", chunk_rows=50)

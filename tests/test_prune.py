@@ -5,11 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import pandas as pd
@@ -20,7 +16,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import count_files
+from helpers import count_files, kill_python_when
 from shardgen import make_samples, write_shards
 from streamprune import select as sel
 from streamprune import storage
@@ -382,22 +378,9 @@ def test_reshard_killed_then_resumed_is_identical(tmp_path):
     out = str(tmp_path / "out")
     code = (f"from streamprune.prune import prune; prune({ws!r}, keep_fraction=0.5, reshard={out!r}, "
             f"shard_size=12_000, scheduler='sync')")
-    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.3", "STREAMPRUNE_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chunks = os.path.join(ws, "_stages", f"reshard-{NAME}")
-    deadline = time.time() + 120
-    try:
-        while count_files(chunks, ".json") < 3:
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "timed out waiting for the kill point"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_python_when(code, lambda: count_files(chunks, ".json") >= 3, env={"STREAMPRUNE_TASK_DELAY": "0.3"},
+                     timeout=120)
     assert not os.path.exists(os.path.join(ws, "_stages", f"reshard-{NAME}.json"))
     assert not os.path.exists(os.path.join(out, "shards.txt"))
     finals = [f for f in os.listdir(out) if f.startswith("pruned-")]

@@ -326,6 +326,7 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     """Layer ``job.layer`` (eval mode) of rows [r0, r1) from the previous layer of them and their neighbours."""
     from torch_geometric.nn import GCNConv
 
+    _bound_heap()
     ws = Workspace(job.ws_url, job.storage_options)
     src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0)
     span = src["table"].span(r0, r1)
@@ -346,17 +347,34 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     return out.cpu().numpy()
 
 
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
-    Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads; without
-    trimming, arena fragmentation lets the peak RSS creep up with the number of tasks run (so
-    with N), breaking the O(chunk) memory bound.
-    """
+
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def _bound_heap() -> None:
+    """Serve allocations above 256 KiB with mmap (glibc), so freed chunk buffers go back to the OS.
+
+    Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads.  With
+    glibc's default *dynamic* mmap threshold those buffers end up in fragmented heap arenas and
+    the resident size creeps up with the number of tasks run (so with N), breaking the O(chunk)
+    bound; a fixed threshold keeps it flat.  Process-wide, set by inference tasks only.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
