@@ -58,7 +58,7 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | None
 
     if scheduler in (None, "local", "processes"):
         cluster = LocalCluster(n_workers=worker_count(n_tasks), threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit or "auto", dashboard_address=None,
+                               memory_limit=memory_limit or "auto", dashboard_address=":0",
                                silence_logs=logging.ERROR)
         client = Client(cluster)
         try:
