@@ -326,9 +326,10 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     """Layer ``job.layer`` (eval mode) of rows [r0, r1) from the previous layer of them and their neighbours."""
     from torch_geometric.nn import GCNConv
 
-    _bound_heap()
     ws = Workspace(job.ws_url, job.storage_options)
     src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0)
+    if not src["in_memory"]:
+        _bound_heap()
     span = src["table"].span(r0, r1)
     sub = sample_subgraph(np.arange(r0, r1, dtype=np.int64), lambda _rows: span, (None,))
     n_t = r1 - r0
@@ -363,7 +364,9 @@ def _bound_heap() -> None:
     Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads.  With
     glibc's default *dynamic* mmap threshold those buffers end up in fragmented heap arenas and
     the resident size creeps up with the number of tasks run (so with N), breaking the O(chunk)
-    bound; a fixed threshold keeps it flat.  Process-wide, set by inference tasks only.
+    bound; a fixed threshold keeps it flat, at the price of fresh (zero-filled) pages for every
+    large buffer (~40 % longer streamed tasks in scripts/bench_gcn.py).  Process-wide; set by
+    streamed inference tasks only (the in-memory path holds O(N) anyway).
     """
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):

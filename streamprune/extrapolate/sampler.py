@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from streamprune.errors import StreamPruneError
+from streamprune.extrapolate.knn import knn_weights
 
 WEIGHTS = ("exp", "sqrt")
 
@@ -53,10 +54,7 @@ def edge_weights(rows: np.ndarray, neighbors: np.ndarray, distances: np.ndarray,
     d = np.asarray(distances, np.float64)
     mask = (neighbors >= 0) & (neighbors != np.asarray(rows)[:, None]) & np.isfinite(d) & np.asarray(nbr_valid, bool)
     t = np.sqrt(np.maximum(d, 0.0)) if kind == "sqrt" else d
-    t = np.where(mask, t, np.inf)
-    t_min = t.min(axis=1, keepdims=True) if t.shape[1] else np.zeros((len(t), 1))
-    with np.errstate(invalid="ignore"):
-        w = np.where(mask, np.exp(-(t - np.where(np.isfinite(t_min), t_min, 0.0))), 0.0)
+    w = knn_weights(np.where(mask, t, np.inf)).astype(np.float64)  # exp(-(t - t_min)), 0 off the mask
     denom = 1.0 + w.sum(axis=1)
     return (1.0 / denom).astype(np.float32), (w / denom[:, None]).astype(np.float32)
 
