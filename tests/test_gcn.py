@@ -2,9 +2,6 @@
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from streamprune.extrapolate.gcn import (GCN, activation_chunk_rows, extrapolate
 from streamprune.extrapolate.sampler import (Features, GraphTable, RowSource, choose_neighbours, edge_weights,
                                              gather_rows, parse_fanout, sample_subgraph)
 from streamprune.workspace import Workspace
+from helpers import kill_python_when
 
 SMALL = dict(hidden=(32, 16), dropout=0.1, epochs=6, batch_size=32, lr=5e-3)
 QUICK = {**SMALL, "epochs": 1, "fanout": (6, 3, 3)}  # where only the inference path matters
@@ -285,27 +283,14 @@ def test_killed_inference_resumes_to_same_scores(base, tmp_path):
     ws = clone(base, tmp_path, "killed")
     code = (f"from streamprune.extrapolate.gcn import extrapolate_gcn; "
             f"extrapolate_gcn({ws!r}, 'du', k=8, chunk_rows=64, **{QUICK!r})")
-    env = {**os.environ, "STREAMPRUNE_TASK_DELAY": "0.1", "STREAMPRUNE_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    chunks = None
-    deadline = time.time() + 120
-    try:
-        while True:
-            found = [f for r, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs
-                     if f.startswith("h2-") and f.endswith(".json")]
-            if len(found) >= 2:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"finished before the kill: {proc.communicate()[1].decode()[-2000:]}")
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.killpg(proc.pid, 9)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        proc.wait()
-    chunks = sorted(f for r, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs if f.endswith(".json"))
+
+    def records(prefix: str = "") -> list[str]:
+        return sorted(f for _, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs
+                      if f.startswith(prefix) and f.endswith(".json"))
+
+    # Killed once two chunks of layer 2 are recorded: training and layer 1 are done, layer 3 is not.
+    kill_python_when(code, lambda: len(records("h2-")) >= 2, env={"STREAMPRUNE_TASK_DELAY": "0.1"}, timeout=120)
+    chunks = records()
     assert "train.json" in chunks and not any(c.startswith("rows-") for c in chunks)
     assert not os.path.exists(os.path.join(ws, "_stages", "extrapolate-du-gcn.json"))
     m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, **QUICK)
