@@ -27,7 +27,14 @@ def one_setting(root: str, noise: float, data_seed: int, fraction: float, args) 
     from streamprune.pipeline import RunConfig, run_pipeline
 
     data = os.path.join(root, f"data-n{noise}-s{data_seed}")
-    info = make_demo(data, noise=noise, seed=data_seed)
+    info_path = os.path.join(data, "bench-info.json")
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+    else:
+        info = make_demo(data, noise=noise, seed=data_seed)
+        with open(info_path, "w") as f:
+            json.dump(info, f)
     ws = os.path.join(root, f"ws-n{noise}-s{data_seed}-f{fraction}")
     cfg = RunConfig.load(None, {
         "subset": {"fraction": fraction, "seed": data_seed},
@@ -61,8 +68,10 @@ def main() -> None:
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--methods", default="knn,gcn,label-aware")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--root", default=None, help="work directory; re-using one re-uses finished stages and runs")
     args = ap.parse_args()
-    root = tempfile.mkdtemp(prefix="bench-extrap-")
+    root = args.root or tempfile.mkdtemp(prefix="bench-extrap-")
+    os.makedirs(root, exist_ok=True)
     results = []
     for noise in [float(x) for x in args.noise.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:

@@ -238,27 +238,81 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--k", default=None, help="Neighbours: an integer, or 'auto' (knn: chosen on held-out seeds).")
 @click.option("--epochs", type=int, default=None, help="GCN training epochs (default 25).")
 @click.option("--hidden", default=None, help="GCN hidden widths, e.g. 512,256.")
+@click.option("--dropout", type=float, default=None, help="GCN dropout (default 0.5).")
+@click.option("--batch-size", type=int, default=None, help="GCN seed nodes per training batch (default 128).")
+@click.option("--lr", type=float, default=None, help="GCN learning rate (default 1e-3).")
+@click.option("--fanout", default=None, help="GCN neighbours sampled per hop in training, e.g. 10 or 10,5,5.")
+@click.option("--weight", type=click.Choice(["exp", "sqrt"]), default=None,
+              help="GCN edge weight: exp(-d) row-stabilised, or its symmetric sqrt variant.")
+@click.option("--gcn-seed", type=int, default=None, help="GCN split/initialisation seed (default 0).")
+@click.option("--chunk-rows", type=int, default=None, help="Rows per inference task.")
+@click.option("--memory-limit", default=None,
+              help="GCN: hold a layer's inputs in memory below this size (e.g. 4GiB), else stream them.")
+@click.option("--device", default=None, help="GCN device: auto, cpu, cuda.")
+@click.option("--tol", type=float, default=None, help="propagate: stop when the change is below this.")
+@click.option("--max-iter", type=int, default=None, help="propagate: at most this many iterations.")
+@click.option("--bandwidth", default=None, help="kernel: 'auto' (chosen on held-out seeds) or a distance.")
 @click.option("--scheduler", default="sync", show_default=True)
 @click.option("--force", is_flag=True)
-def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, scheduler, force):
-    """Predict the score of every row from the seed rows: knn, gcn, label-aware, ..."""
+def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, dropout, batch_size, lr, fanout,
+                weight, gcn_seed, chunk_rows, memory_limit, device, tol, max_iter, bandwidth, scheduler, force):
+    """Predict the score of every row from the seed rows: knn, gcn, label-aware, propagate, kernel."""
     from streamprune.extrapolate import extrapolate as run
 
     for method in [m.strip() for m in methods.split(",") if m.strip()]:
-        opts: dict = {}
-        if k is not None:
-            opts["k"] = k if k == "auto" else int(k)
-        if method == "gcn":
-            if epochs is not None:
-                opts["epochs"] = epochs
-            if hidden:
-                opts["hidden"] = tuple(int(h) for h in hidden.split(","))
+        opts = extrapolate_options(method, k=k, epochs=epochs, hidden=hidden, dropout=dropout, batch_size=batch_size,
+                                   lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, chunk_rows=chunk_rows,
+                                   memory_limit=memory_limit, device=device, tol=tol, max_iter=max_iter,
+                                   bandwidth=bandwidth)
         m = run(workspace, score_name, method, scheduler=scheduler, force=force, storage_options=storage_options,
                 **opts)
         _report(m, f"extrapolate {method}")
         c = m["counts"]
         click.echo(f"extrapolate {score_name} ({method}): {c.get('n_predicted', '?')} rows predicted, "
                    f"{c.get('n_seed', '?')} seed rows kept -> {m['outputs']['extrapolated']}")
+
+
+def extrapolate_options(method: str, **given) -> dict:
+    """The options of ``extrapolate`` that apply to ``method``, parsed (None = the method's default)."""
+    from dask.utils import parse_bytes
+
+    applies = {"knn": ("k", "chunk_rows"),
+               "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
+                       "chunk_rows", "memory_limit", "device"),
+               "propagate": ("tol", "max_iter", "chunk_rows"),
+               "kernel": ("bandwidth", "chunk_rows"),
+               "label-aware": ("k", "chunk_rows")}.get(method, ())
+    opts = {}
+    for name in applies:
+        v = given.get(name)
+        if v is None:
+            continue
+        if name == "k":
+            v = v if v == "auto" else _int_option("--k", v)
+        elif name == "hidden":
+            v = tuple(_int_option("--hidden", h) for h in str(v).split(","))
+        elif name == "fanout":
+            parts = [_int_option("--fanout", f) for f in str(v).split(",")]
+            v = parts[0] if len(parts) == 1 else tuple(parts)
+        elif name == "memory_limit":
+            try:
+                v = parse_bytes(v)
+            except ValueError:
+                raise StreamPruneError(f"--memory-limit must be a size like 4GiB, got {v!r}") from None
+        elif name == "bandwidth" and v != "auto":
+            try:
+                v = float(v)
+            except ValueError:
+                raise StreamPruneError(f"--bandwidth must be 'auto' or a number, got {v!r}") from None
+        opts[name] = v
+    return opts
+
+
+def _int_option(flag: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StreamPruneError(f"{flag} must be an integer, got {value!r}") from None
 
 
 @cli.command("prune")
@@ -423,12 +477,13 @@ def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, qu
         "score": {"scores": ["du"], "epochs": epochs, "model": "cnn", "full": True, "window": 10},
         "index": {"k": 20},
         "extrapolate": {"methods": ["knn", "gcn", "label-aware"], "gcn_epochs": 10 if quick else 25},
-        "prune": {"source": "label-aware", "strategy": "hard", "keep_fraction": 0.7, "name": "demo"},
+        # the demo data carries flipped labels: drop the likely-mislabelled rows, then keep the hardest
+        "prune": {"source": "label-aware", "strategy": "hard-clean", "keep_fraction": 0.7, "name": "demo"},
     }, scheduler=scheduler)
     out = run_pipeline([info["train_pattern"]], ws, cfg, storage_options=None, echo=click.echo)
     keeps = [float(k) for k in pruning_curve.split(",") if k.strip()]
     evaluation = run_evaluate(ws, "du", pruning_curve_keeps=keeps or None, epochs=curve_epochs,
-                              test_shards=info["test"])
+                              test_shards=info["test"], strategies=("hard", "hard-clean"))
     click.echo(format_evaluation(evaluation))
     rep = run_report(ws, score="du")
     click.echo(f"shards.txt: {os.path.join(ws, out['outputs']['prune']['outputs']['shards'])}")

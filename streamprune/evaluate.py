@@ -117,6 +117,47 @@ def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
     return {"full_s": full_s, "methods": rows}
 
 
+def oracle_gap(chosen: float, table_chosen: dict, table_oracle: dict) -> dict:
+    """The parameter chosen on held-out seeds vs the one the full-data scores would pick, and the gap."""
+    finite = {c: v for c, v in table_oracle.items() if np.isfinite(v)}
+    if not finite:
+        return {"chosen": chosen, "oracle": None, "gap": None, "oracle_table": table_oracle,
+                "seed_table": table_chosen}
+    oracle = max(finite, key=lambda c: (finite[c], -float(c)))
+    at_chosen = table_oracle.get(chosen, float("nan"))
+    return {"chosen": chosen, "pearson_at_chosen": at_chosen, "oracle": oracle, "pearson_at_oracle": finite[oracle],
+            "gap": float(finite[oracle] - at_chosen) if np.isfinite(at_chosen) else None,
+            "oracle_table": table_oracle, "seed_table": table_chosen}
+
+
+def knn_k_oracle(ws: Workspace, score: str, full: np.ndarray, non_seed: np.ndarray, chunk_rows: int = 1 << 16) -> dict:
+    """kNN's k as chosen on seeds (from its marker) against the k that maximises Pearson with full-data scores.
+
+    Reads the seeds graph chunk by chunk; holds one (N,) prediction per candidate k.
+    """
+    from streamprune.extrapolate.common import marker_key, seed_scores
+    from streamprune.extrapolate.knn import _open_graph, k_candidates, knn_predict
+
+    marker = ws.marker(marker_key(score, "knn"))
+    if marker is None:
+        return {}
+    graph = marker["config"].get("graph", "seeds")
+    nbr_arr, dist_arr = _open_graph(ws, graph)
+    ks = k_candidates(nbr_arr.shape[1])
+    seeds = seed_scores(ws, score)
+    n = nbr_arr.shape[0]
+    preds = {k: np.full(n, np.nan, np.float32) for k in ks}
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        nbr, dist = nbr_arr[start:stop], dist_arr[start:stop]
+        vals = seeds.lookup(nbr)
+        for k in ks:
+            preds[k][start:stop] = knn_predict(vals[:, :k], dist[:, :k], k)
+    table = {k: pearson(preds[k][non_seed], full[non_seed]) for k in ks}
+    seed_table = {int(c): v for c, v in marker["counts"].get("validation_pearson", {}).items()}
+    return oracle_gap(int(marker["counts"]["k"]), seed_table, table)
+
+
 def _rows_data(ws: Workspace):
     """Decoded inputs and labels of all rows: the full-training cache, or a cache built for evaluation."""
     from streamprune.train import SubsetData
@@ -273,6 +314,8 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
             sq["retained_recall"][str(keep)] = retained_recall(a, b)
         out["selection_quality"][m] = sq
     out["cost"] = cost_table(ws, score, methods)
+    if "knn" in methods:
+        out["oracle"] = {"knn_k": knn_k_oracle(ws, score, full, valid & ~seed_mask)}
     if pruning_curve_keeps:
         if not test_shards:
             raise StreamPruneError("evaluate --pruning-curve needs --test SHARDS (held-out test shards)")
@@ -298,6 +341,12 @@ def format_evaluation(out: dict) -> str:
         for m, c in cost["methods"].items():
             sp = f"{c['speedup']:.2f}x" if c["speedup"] else "-"
             lines.append(f"  {m:<12} {c['total_s']:8.1f}s  speedup {sp}")
+    k_or = out.get("oracle", {}).get("knn_k")
+    if k_or and k_or.get("oracle") is not None:
+        gap = f"{k_or['gap']:.3f}" if k_or["gap"] is not None else "-"
+        lines.append(f"knn k chosen on seeds: {k_or['chosen']} (Pearson {k_or['pearson_at_chosen']:.3f}); "
+                     f"oracle k from full-data scores: {k_or['oracle']} (Pearson {k_or['pearson_at_oracle']:.3f}); "
+                     f"gap {gap}")
     pc = out.get("pruning_curve")
     if pc:
         lines.append("pruned test accuracy (mean ± std over %d seeds)" % pc["seeds"])

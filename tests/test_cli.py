@@ -36,3 +36,30 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert urls and all(u.endswith(".tar") and os.path.exists(u) for u in urls)
     report = [l for l in out.stdout.splitlines() if l.startswith("report: ")][0].split(": ", 1)[1]
     assert os.path.exists(report) and os.path.exists(os.path.join(os.path.dirname(report), "pruning_curve.png"))
+
+
+def test_extrapolate_options_apply_per_method():
+    from streamprune.cli import extrapolate_options
+
+    given = dict(k="7", epochs=3, hidden="64,32", dropout=0.1, batch_size=64, lr=0.01, fanout="10,5,5", weight="sqrt",
+                 seed=3, chunk_rows=100, memory_limit="1MiB", device="cpu", tol=1e-4, max_iter=9, bandwidth="auto")
+    gcn = extrapolate_options("gcn", **given)
+    assert gcn == {"k": 7, "epochs": 3, "hidden": (64, 32), "dropout": 0.1, "batch_size": 64, "lr": 0.01,
+                   "fanout": (10, 5, 5), "weight": "sqrt", "seed": 3, "chunk_rows": 100, "memory_limit": 1 << 20,
+                   "device": "cpu"}
+    assert extrapolate_options("knn", **given) == {"k": 7, "chunk_rows": 100}
+    assert extrapolate_options("propagate", **given) == {"tol": 1e-4, "max_iter": 9, "chunk_rows": 100}
+    assert extrapolate_options("kernel", **dict(given, bandwidth="0.5")) == {"bandwidth": 0.5, "chunk_rows": 100}
+    assert extrapolate_options("gcn", fanout="8") == {"fanout": 8}
+    assert extrapolate_options("knn", k="auto") == {"k": "auto"}
+
+
+@pytest.mark.parametrize("opt,value,flag", [("memory_limit", "lots", "--memory-limit"), ("k", "x", "--k"),
+                                            ("bandwidth", "wide", "--bandwidth"), ("fanout", "3,a", "--fanout")])
+def test_extrapolate_options_bad_values_are_one_line(opt, value, flag):
+    from streamprune.cli import extrapolate_options
+    from streamprune.errors import StreamPruneError
+
+    method = {"bandwidth": "kernel"}.get(opt, "gcn")
+    with pytest.raises(StreamPruneError, match=flag):
+        extrapolate_options(method, **{opt: value})

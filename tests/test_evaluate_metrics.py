@@ -47,3 +47,12 @@ def test_error_jaccard_agreement_per_class():
 def test_mean_std():
     assert mean_std([0.9, 0.92, 0.94]) == {"mean": pytest.approx(0.92), "std": pytest.approx(0.02), "n": 3}
     assert mean_std([0.5])["std"] == 0.0
+
+
+def test_oracle_gap_hand_case():
+    from streamprune.evaluate import oracle_gap
+
+    g = oracle_gap(10, {10: 0.9, 20: 0.8}, {10: 0.5, 20: 0.7, 50: 0.7})
+    assert g["oracle"] == 20 and g["pearson_at_chosen"] == 0.5 and g["gap"] == pytest.approx(0.2)  # tie -> smaller
+    assert oracle_gap(20, {}, {10: 0.5, 20: 0.7})["gap"] == pytest.approx(0.0)
+    assert oracle_gap(10, {}, {10: float("nan")})["oracle"] is None

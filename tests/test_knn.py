@@ -266,3 +266,22 @@ def test_bad_input(tmp_path):
     group.create_array("valid", data=np.ones(250, bool), chunks=(50,))
     with pytest.raises(StreamPruneError, match="the graph has 300 rows but embeddings.zarr has 250"):
         extrapolate_knn(ws, "aum", k=5)
+
+
+def test_evaluate_reports_the_oracle_k_and_gap(tmp_path):
+    from streamprune.evaluate import knn_k_oracle
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=800)
+    m = extrapolate_knn(ws, "du", k="auto", chunk_rows=100)
+    full = np.where(valid, smooth_score(x) ** 3, np.nan)  # a different target: the oracle may pick another k
+    non_seed = valid.copy()
+    non_seed[subset] = False
+    out = knn_k_oracle(ws, "du", full, non_seed, chunk_rows=64)
+    table = {}
+    for k in (10, 20):
+        ref, _ = knn_reference(x, valid, subset, values, k)
+        table[k] = pearson(ref[non_seed], full[non_seed])
+        assert out["oracle_table"][k] == pytest.approx(table[k], abs=1e-5)
+    best = max(table, key=lambda k: (table[k], -k))
+    assert out["chosen"] == m["counts"]["k"] and out["oracle"] == best
+    assert out["gap"] == pytest.approx(table[best] - table[out["chosen"]], abs=1e-5) and out["gap"] >= 0

@@ -511,6 +511,10 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
            device: torch.device) -> tuple[dict, dict]:
     """Layer-wise chunked inference, resumable per (layer, chunk); returns (per-layer timings, output counts)."""
     starts = list(range(0, n, chunk_rows))
+    # One machine: layer inputs are held in memory (below memory_limit) and shared by threads, which
+    # beats streaming them to worker processes; a remote cluster gets streamed, picklable tasks.
+    if scheduler == "local":
+        scheduler = "threads"
     in_process = scheduler in IN_PROCESS
     done = run.done_chunks()
     timings: dict = {}
