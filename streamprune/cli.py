@@ -279,7 +279,7 @@ def extrapolate_options(method: str, **given) -> dict:
     applies = {"knn": ("k", "chunk_rows"),
                "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
                        "chunk_rows", "memory_limit", "device"),
-               "propagate": ("tol", "max_iter", "chunk_rows"),
+               "propagate": ("k", "tol", "max_iter", "chunk_rows"),
                "kernel": ("bandwidth", "chunk_rows"),
                "label-aware": ("k", "chunk_rows")}.get(method, ())
     opts = {}

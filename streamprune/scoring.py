@@ -12,7 +12,6 @@ import inspect
 import time
 
 import numpy as np
-import torch
 import zarr
 
 from streamprune import storage
@@ -85,6 +84,8 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
 
 def _influence(ws: Workspace, train_key: str, labels: np.ndarray, valid: np.ndarray, spec, kwargs: dict) -> np.ndarray:
     """Influence needs penultimate features of the trained rows (m x D floats held in memory)."""
+    import torch
+
     from streamprune.train import SubsetData, load_model
 
     model, _ = load_model(ws, train_key)

@@ -48,7 +48,7 @@ def test_extrapolate_options_apply_per_method():
                    "fanout": (10, 5, 5), "weight": "sqrt", "seed": 3, "chunk_rows": 100, "memory_limit": 1 << 20,
                    "device": "cpu"}
     assert extrapolate_options("knn", **given) == {"k": 7, "chunk_rows": 100}
-    assert extrapolate_options("propagate", **given) == {"tol": 1e-4, "max_iter": 9, "chunk_rows": 100}
+    assert extrapolate_options("propagate", **given) == {"k": 7, "tol": 1e-4, "max_iter": 9, "chunk_rows": 100}
     assert extrapolate_options("kernel", **dict(given, bandwidth="0.5")) == {"bandwidth": 0.5, "chunk_rows": 100}
     assert extrapolate_options("gcn", fanout="8") == {"fanout": 8}
     assert extrapolate_options("knn", k="auto") == {"k": "auto"}

@@ -13,7 +13,11 @@ from streamprune.extrapolate.common import (
     read_extrapolated,
     register_method,
 )
+from streamprune.extrapolate.kernel import choose_bandwidth, extrapolate_kernel, kernel_predict
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, knn_predict, knn_weights
+from streamprune.extrapolate.propagate import extrapolate_propagate, propagate_block, propagate_in_memory
 
-__all__ = ["INVALID", "SOURCES", "choose_k", "extrapolate", "extrapolate_knn", "knn_predict", "knn_weights",
-           "methods", "read_extrapolated", "register_method"]
+# gcn (torch) and label-aware register themselves when `extrapolate` first imports them by name.
+__all__ = ["INVALID", "SOURCES", "choose_bandwidth", "choose_k", "extrapolate", "extrapolate_kernel",
+           "extrapolate_knn", "extrapolate_propagate", "kernel_predict", "knn_predict", "knn_weights", "methods",
+           "propagate_block", "propagate_in_memory", "read_extrapolated", "register_method"]
