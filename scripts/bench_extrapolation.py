@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--methods", default="knn,gcn,label-aware,propagate,kernel")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fidelity-first", action="store_true",
+                    help="run every setting without curves first, then again with them")
     ap.add_argument("--root", default=None, help="work directory; re-using one re-uses finished stages and runs")
     args = ap.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="bench-extrap-")
@@ -157,24 +159,31 @@ def main() -> None:
     fractions = [float(x) for x in args.fractions.split(",")]
     curve_fr = fractions if args.curve_fractions is None else [float(x) for x in args.curve_fractions.split(",") if x]
     results = []
-    for noise in [float(x) for x in args.noise.split(",")]:
-        for seed in [int(x) for x in args.seeds.split(",")]:
-            first = None
-            for fraction in fractions:
-                r = one_setting(root, noise, seed, fraction, fraction in curve_fr, args, first)
-                first = first or r["ws"]
-                results.append(r)
-                ev = r["evaluation"]
-                fid = {m: round(v.get("pearson_nonseed", v.get("pearson_seed_rows", float("nan"))), 3)
-                       for m, v in ev["fidelity"].items()}
-                acc = {label: {k: round(v["accuracy"]["mean"], 4) for k, v in by_keep.items()}
-                       for label, by_keep in ev.get("pruning_curve", {}).get("runs", {}).items()}
-                print(json.dumps({"noise": noise, "seed": seed, "fraction": fraction, "pearson": fid,
-                                  "pruned_acc": acc, "wall_s": r["wall_s"]}), flush=True)
-                if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump(results, f, indent=1)
-    print(summary(results))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    noises = [float(x) for x in args.noise.split(",")]
+    # fidelity of every setting first (cheap), then the pruning curves (many training runs)
+    passes = [False, True] if args.fidelity_first else [None]
+    for curve_pass in passes:
+        results = []
+        for seed in seeds:
+            for noise in noises:
+                first = None
+                for fraction in fractions:
+                    curve = fraction in curve_fr and curve_pass is not False
+                    r = one_setting(root, noise, seed, fraction, curve, args, first)
+                    first = first or r["ws"]
+                    results.append(r)
+                    ev = r["evaluation"]
+                    fid = {m: round(v.get("pearson_nonseed", v.get("pearson_seed_rows", float("nan"))), 3)
+                           for m, v in ev["fidelity"].items()}
+                    acc = {label: {k: round(v["accuracy"]["mean"], 4) for k, v in by_keep.items()}
+                           for label, by_keep in ev.get("pruning_curve", {}).get("runs", {}).items()}
+                    print(json.dumps({"noise": noise, "seed": seed, "fraction": fraction, "pearson": fid,
+                                      "pruned_acc": acc, "wall_s": r["wall_s"]}), flush=True)
+                    if args.out:
+                        with open(args.out, "w") as f:
+                            json.dump(results, f, indent=1)
+        print(summary(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import click
 
 from streamprune import __version__
 from streamprune.errors import StreamPruneError
+from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 
 
 class _Group(click.Group):
@@ -23,6 +24,17 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except StreamPruneError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            # storage failures raised inside zarr/s3fs, and a full disk anywhere: one line, no traceback
+            from streamprune import storage
+            from streamprune.compute import disk_full_message
+
+            line = disk_full_message(exc) or storage.error_line(exc)
+            if line is None:
+                raise
+            raise click.ClickException(storage.redact(line)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
@@ -74,7 +86,7 @@ def _report(marker: dict, what: str) -> None:
 @click.argument("shards", nargs=-1, required=True)
 @workspace_options
 @run_options
-@click.option("--max-member-bytes", type=int, default=1 << 30, show_default=True,
+@click.option("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES, show_default=True,
               help="Reject tar members larger than this.")
 def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_member_bytes):
     """Index SHARDS (paths, globs, {000..009} patterns, s3:// prefixes): rows, keys, byte offsets."""
@@ -188,8 +200,9 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
 @click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task.")
+@click.option("--memory-limit", default=None, help="Memory per dask worker, e.g. 4GiB: sizes chunks and local workers.")
 def embed(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, encoder, dtype,
-          batch_size, chunk_rows, normalize, device, threads):
+          batch_size, chunk_rows, normalize, device, threads, memory_limit):
     """Embed every sample into embeddings.zarr (N, D), with labels and a valid mask."""
     from streamprune.decode import DecodeConfig
     from streamprune.embed import embed as run
@@ -199,7 +212,7 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
         decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
     m = run(workspace, encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, normalize=normalize,
             decode=decode, device=device, threads=threads, on_error=on_error, scheduler=scheduler, force=force,
-            storage_options=storage_options)
+            storage_options=storage_options, memory_limit=memory_limit)
     _report(m, "embed")
     c, t = m["counts"], m["timings"]
     click.echo(f"embed: {c['n_valid']} of {c['n']} rows -> {c['dim']}-d vectors in {t['embed_s']:.1f}s "

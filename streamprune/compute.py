@@ -8,13 +8,25 @@
 
 Tasks return their result or raise.  User-facing errors (``StreamPruneError``) are carried back
 as values so that dask's retries only repeat tasks whose worker died or crashed, never tasks
-that failed on bad input.
+that failed on bad input.  A full disk (ENOSPC, EDQUOT) or a file-size limit (EFBIG) is such a
+user-facing error too: one line, never a retry.
+
+Faults (see docs/scaling.md): a task whose worker process dies is re-run by the scheduler; after
+``distributed.scheduler.allowed-failures`` (default 3) such re-runs the next death stops the stage
+with one line.  A result is released as soon as the client has recorded it, so a worker lost
+later does not make the cluster recompute finished chunks.
+
+Memory: ``memory_limit`` is the limit of one worker process (one task at a time); stages size
+their chunks with :func:`chunk_rows_for` so that a task's working set stays within
+``MEMORY_SHARE`` of it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -26,6 +38,8 @@ from streamprune.errors import StreamPruneError
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("local", "threads", "sync", "processes")
+MEMORY_SHARE = 0.25  # of a worker's memory limit that one task's chunk-sized arrays may take
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class _Failed:
@@ -35,9 +49,10 @@ class _Failed:
         self.exc = exc
 
 
-def _call(fn: Callable, args: tuple) -> Any:
+def _call(fn: Callable, args: tuple, what: str = "") -> Any:
     try:
-        result = fn(*args)
+        with disk_errors(what):
+            result = fn(*args)
     except StreamPruneError as exc:
         return _Failed(exc)
     delay = float(os.environ.get("STREAMPRUNE_TASK_DELAY", "0") or 0)
@@ -46,19 +61,120 @@ def _call(fn: Callable, args: tuple) -> Any:
     return result
 
 
-def worker_count(n_tasks: int) -> int:
-    """Local worker processes for ``n_tasks`` tasks: one per core, at most one per task."""
-    return max(1, min(os.cpu_count() or 1, n_tasks))
+# --------------------------------------------------------------------------- disk full
+
+
+def _disk_full_cause(exc: BaseException) -> OSError | None:
+    """The full-disk / file-size OSError in ``exc``'s cause chain, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(exc: BaseException, what: str = "") -> str | None:
+    """One line for a full disk, quota or file-size limit anywhere in ``exc``'s chain; else None."""
+    err = _disk_full_cause(exc)
+    if err is None:
+        return None
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    where = f" writing {_target_path(str(err.filename))}" if err.filename else ""
+    prefix = f"{what}: " if what else ""
+    return (f"{prefix}{os.strerror(err.errno).lower()} ({name}){where}; free space (or raise the limit), "
+            "then re-run the same command to resume")
+
+
+def _target_path(path: str) -> str:
+    """The file an atomic write was producing, not its temporary name (ours or zarr's)."""
+    head, base = os.path.split(path)
+    base = re.sub(r"^\.tmp-[0-9a-f]{32}-", "", base)
+    base = re.sub(r"\.[0-9a-f]{32}\.partial$", "", base)
+    return os.path.join(head, base) if head else base
 
 
 @contextmanager
-def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | None = None) -> Iterator[Any]:
-    """A dask.distributed Client for ``scheduler`` (an address or "local"), closed on exit."""
+def disk_errors(what: str = "") -> Iterator[None]:
+    """Re-raise a full disk (ENOSPC, EDQUOT) or file-size limit (EFBIG) as one clear StreamPruneError."""
+    try:
+        yield
+    except StreamPruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only disk-full errors are translated, the rest re-raised
+        msg = disk_full_message(exc, what)
+        if msg is None:
+            raise
+        raise StreamPruneError(msg) from None
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def parse_memory(value: str | int | None) -> int | None:
+    """Bytes of a memory size such as ``"4GiB"``, ``"500MB"`` or an int; None stays None."""
+    if value is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        nbytes = int(value) if isinstance(value, int) else int(parse_bytes(str(value)))
+    except (ValueError, TypeError, KeyError):
+        raise StreamPruneError(f"--memory-limit must be a size such as 4GiB or 500MB, not {value!r}") from None
+    if nbytes <= 0:
+        raise StreamPruneError(f"--memory-limit must be positive, not {value!r}")
+    return nbytes
+
+
+def chunk_rows_for(memory_limit_bytes: int, bytes_per_row: int, floor: int = 1, cap: int | None = None,
+                   share: float = MEMORY_SHARE) -> int:
+    """Rows per task whose working set (``bytes_per_row`` each) fits ``share`` of a worker's memory.
+
+    The largest power of two within the budget, clamped to ``[floor, cap]``: at ``floor`` the
+    budget may be exceeded (the caller warns).  The rest of the limit is for the process itself
+    (interpreter, torch, the model, an index), batch activations and dask's own headroom (it
+    pauses a worker at 80 % and restarts it at 95 %).
+    """
+    if memory_limit_bytes <= 0 or bytes_per_row <= 0 or floor < 1 or (cap is not None and cap < floor):
+        raise ValueError(f"chunk_rows_for({memory_limit_bytes}, {bytes_per_row}, {floor}, {cap}): "
+                         "sizes must be positive and floor <= cap")
+    budget = int(memory_limit_bytes * share) // int(bytes_per_row)
+    rows = 1 << (budget.bit_length() - 1) if budget >= 1 else 0
+    if cap is not None:
+        rows = min(rows, int(cap))
+    return max(int(floor), rows)
+
+
+def system_memory() -> int:
+    """Memory available to this machine or container (cgroup limits included), in bytes."""
+    from distributed.system import MEMORY_LIMIT
+
+    return int(MEMORY_LIMIT)
+
+
+def worker_count(n_tasks: int, memory_limit: int | None = None, total_memory: int | None = None,
+                 cores: int | None = None) -> int:
+    """Local worker processes: one per core, at most one per task, and as many limits as fit in memory."""
+    n = min(cores or os.cpu_count() or 1, n_tasks)
+    if memory_limit:
+        n = min(n, (total_memory or system_memory()) // memory_limit)
+    return max(1, n)
+
+
+@contextmanager
+def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int | None = None) -> Iterator[Any]:
+    """A dask.distributed Client for ``scheduler`` (an address or "local"), closed on exit.
+
+    ``memory_limit`` (per worker, e.g. "4GiB") applies to the local cluster this starts; an
+    existing cluster keeps the limits its workers were started with.
+    """
     from dask.distributed import Client, LocalCluster
 
     if scheduler in (None, "local", "processes"):
-        cluster = LocalCluster(n_workers=worker_count(n_tasks), threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit or "auto", dashboard_address=":0",
+        limit = parse_memory(memory_limit)
+        cluster = LocalCluster(n_workers=worker_count(n_tasks, limit), threads_per_worker=1, processes=True,
+                               memory_limit=limit or "auto", dashboard_address=":0",
                                silence_logs=logging.ERROR)
         client = Client(cluster)
         try:
@@ -79,12 +195,14 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | None
 
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
-              memory_limit: str | None = None, on_result: Callable[[int, Any], None] | None = None) -> list:
+              memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None) -> list:
     """Run ``fn(*args)`` for each args tuple under ``scheduler``, with a progress bar.
 
     Results come back in input order.  ``weights`` (e.g. samples per task) drive the progress
     bar so that it shows samples/s; ``on_result(i, result)`` is called on the client as each
-    task finishes (in completion order).
+    task finishes (in completion order), exactly once per task even when a worker died and the
+    task ran again.  ``retries``: re-runs of a task that raised something other than a
+    ``StreamPruneError``; ``memory_limit``: per worker of the local cluster this starts.
     """
     n = len(args_list)
     results: list[Any] = [None] * n
@@ -100,27 +218,28 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
         results[i] = value
         bar.update(weights[i])
         if on_result is not None:
-            on_result(i, value)
+            with disk_errors(desc):
+                on_result(i, value)
 
     try:
         if scheduler in ("threads", "sync"):
-            _run_local(fn, args_list, scheduler, _done)
+            _run_local(fn, args_list, scheduler, _done, desc)
         else:
-            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit)
+            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc)
     finally:
         bar.close()
     return results
 
 
-def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable) -> None:
+def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable, what: str) -> None:
     if scheduler == "sync":
         for i, args in enumerate(args_list):
-            done(i, _call(fn, args))
+            done(i, _call(fn, args, what))
         return
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {pool.submit(_call, fn, args): i for i, args in enumerate(args_list)}
+        futures = {pool.submit(_call, fn, args, what): i for i, args in enumerate(args_list)}
         try:
             for fut in as_completed(futures):
                 done(futures[fut], fut.result())
@@ -131,17 +250,35 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
 
 
 def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | None, done: Callable,
-                     retries: int, memory_limit: str | None) -> None:
+                     retries: int, memory_limit: str | int | None, what: str) -> None:
     from dask.distributed import as_completed
 
     with client_for(scheduler, len(args_list), memory_limit) as client:
-        futures = [client.submit(_call, fn, args, pure=False, retries=retries) for args in args_list]
-        index = {f.key: i for i, f in enumerate(futures)}
+        futures = {}
+        for i, args in enumerate(args_list):
+            fut = client.submit(_call, fn, args, what, pure=False, retries=retries)
+            futures[fut.key] = (i, fut)
         try:
-            for fut in as_completed(futures):
+            for fut in as_completed([f for _, f in futures.values()]):
+                i = futures[fut.key][0]
                 if fut.status == "error":
-                    exc = fut.exception()
-                    raise StreamPruneError(f"task failed on a dask worker: {type(exc).__name__}: {exc}") from exc
-                done(index[fut.key], fut.result())
+                    raise StreamPruneError(_task_failure(fut.exception(), what)) from None
+                done(i, fut.result())
+                # Release the result: a worker lost later must not make the cluster recompute it.
+                del futures[fut.key]
+                fut.release()
         finally:
-            client.cancel(futures)
+            client.cancel([f for _, f in futures.values()])
+
+
+def _task_failure(exc: BaseException, what: str) -> str:
+    """One line for a task that failed on a worker (crashed it repeatedly, or raised)."""
+    prefix = f"{what}: " if what else ""
+    if type(exc).__name__ == "KilledWorker":
+        n = getattr(exc, "allowed_failures", 3) + 1
+        return (f"{prefix}a dask worker died each of the {n} times a task ran (out of memory? raise --memory-limit "
+                "or lower --chunk-rows); finished chunks are kept, re-run to resume")
+    from streamprune.storage import redact
+
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return redact(f"{prefix}task failed on a dask worker: {type(exc).__name__}: {first}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,6 +21,11 @@ from streamprune.shards import Sample
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 VECTOR_EXTS = ("npy",)
+# Without --num-classes a label sets the number of classes (max + 1): one corrupt huge label would
+# size the model's output layer and the GCN's one-hot features by it.
+MAX_LABEL = (1 << 20) - 1
+MAX_IMAGE_PIXELS = 1 << 26  # checked from the header, before anything is decoded
+_INT_RE = re.compile(r"[+-]?[0-9]{1,100}")  # ASCII only; int() would take '1_0', other scripts' digits
 
 
 @dataclass(frozen=True)
@@ -70,25 +77,48 @@ def _decode_image(data: bytes, cfg: DecodeConfig, shard: str, key: str) -> np.nd
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
+                raise SampleError(f"image of {img.size[0]}x{img.size[1]} pixels is over the limit of "
+                                  f"{MAX_IMAGE_PIXELS}; not decoded", shard, key, reason="too_large")
             mode = cfg.image_mode if cfg.image_mode != "auto" else ("L" if img.mode in ("L", "1", "I;16", "I") else "RGB")
             if img.mode != mode:
                 img = img.convert(mode)
             if cfg.image_size is not None and img.size != (cfg.image_size, cfg.image_size):
                 img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
+    except SampleError:
+        raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds
         raise SampleError(f"undecodable image ({type(exc).__name__}: {exc})", shard, key, reason="undecodable") from None
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def _npy_size_ok(data: bytes) -> bool:
+    """Whether a .npy header's shape fits the bytes that follow it (checked before numpy allocates)."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(data)
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = npy.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, _, dtype = npy.read_array_header_2_0(f)
+    else:  # 3.0 (utf-8 field names) has no public reader
+        shape, _, dtype = npy._read_array_header(f, version)
+    return math.prod(shape) * dtype.itemsize <= len(data) - f.tell()
+
+
 def _decode_vector(data: bytes, shard: str, key: str) -> np.ndarray:
     try:
+        if not _npy_size_ok(data):
+            raise ValueError("header shape is larger than the data")
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
         raise SampleError(f"undecodable .npy ({type(exc).__name__}: {exc})", shard, key, reason="undecodable") from None
     if arr.dtype.kind not in "fiu":
         raise SampleError(f".npy has dtype {arr.dtype}, expected numbers", shard, key, reason="undecodable")
-    arr = np.asarray(arr, np.float32).reshape(-1)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, rejected below
+        arr = np.asarray(arr, np.float32).reshape(-1)
     if not np.isfinite(arr).all():
         raise SampleError("feature vector contains NaN/inf", shard, key, reason="nan")
     return arr
@@ -103,25 +133,40 @@ def decode_label(sample: Sample, cfg: DecodeConfig, shard: str) -> int:
         if data is None:
             raise SampleError("missing label (no .cls member)", shard, sample.key, reason="missing_label")
         try:
-            return int(data.decode().strip())
-        except (ValueError, UnicodeDecodeError):
-            raise SampleError(f"label {data[:20]!r} is not an integer", shard, sample.key, reason="bad_label") from None
+            text = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            text = None
+        if text is None or not _INT_RE.fullmatch(text):
+            raise SampleError(f"label {data[:20]!r} is not an integer", shard, sample.key, reason="bad_label")
+        return int(text)
     field = cfg.label_key[len("json."):]
     data = sample.members.get("json")
     if data is None:
         raise SampleError("missing label (no .json member)", shard, sample.key, reason="missing_label")
     try:
-        value = json.loads(data)[field]
-        return int(value)
-    except (KeyError, TypeError):
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SampleError(f"undecodable .json ({type(exc).__name__})", shard, sample.key,
+                          reason="undecodable") from None
+    if not isinstance(doc, dict) or field not in doc:
         raise SampleError(f"missing label (no field {field!r} in .json)", shard, sample.key,
-                          reason="missing_label") from None
-    except (ValueError, UnicodeDecodeError):
-        raise SampleError(f"label field {field!r} is not an integer", shard, sample.key, reason="bad_label") from None
+                          reason="missing_label")
+    value = doc[field]
+    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise SampleError(f"label field {field!r} is {str(value)[:20]!r}, not an integer", shard, sample.key,
+                      reason="bad_label")
 
 
 def check_label(label: int, num_classes: int | None, shard: str, key: str) -> None:
-    """Reject a label outside [0, num_classes)."""
+    """Reject a label outside [0, num_classes) (``num_classes`` None: [0, MAX_LABEL])."""
+    if num_classes is None and label > MAX_LABEL:
+        raise SampleError(f"label {label} is implausibly large (over {MAX_LABEL}); pass --num-classes if the "
+                          "dataset really has that many classes", shard, key, reason="label_range")
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise SampleError(f"label {label} out of range [0, {num_classes})", shard, key, reason="label_range")
 

@@ -10,9 +10,15 @@ Built as four pieces (after clip-retrieval's ``clip_inference``):
 * **runner** — :func:`embed` plans one task per chunk of ``chunk_rows`` rows (the zarr chunk
   size, so each task owns whole chunks), runs them with dask and records finished chunks.
 
+``chunk_rows`` defaults to :func:`default_chunk_rows`: at least ~1 MB of output and 4096 rows per
+task, fewer when a ``memory_limit`` per worker says a task's working set would not fit.  A task
+killed with its worker is re-run by dask (a retry rewrites whole chunks, so it cannot corrupt
+them); a full disk stops the stage with one line and leaves the failed chunk unrecorded.
+
 Batches always start at chunk boundaries and have a fixed size, and torch runs with a fixed
 thread count, so float32 embeddings on CPU are bitwise identical whatever the number of workers
-and across a kill and resume.
+and across a kill and resume.  On CUDA the encoder runs in bf16 autocast with channels_last
+images, batches of at least ``GPU_MIN_BATCH`` rows, and uint8 images are scaled on the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 import zarr
 
 from streamprune import storage
-from streamprune.compute import map_tasks
+from streamprune.compute import chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.errors import StreamPruneError
 from streamprune.shards import Catalog, ErrorPolicy
@@ -34,7 +40,10 @@ from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+MIN_CHUNK_ROWS = 64  # a memory limit never shrinks a task below this
+
 _ENCODERS: dict[tuple, "Encoder"] = {}  # one loaded model per worker process and configuration
+GPU_MIN_BATCH = 1024  # rows per forward pass on CUDA (small batches leave the GPU idle)
 
 
 class Encoder:
@@ -61,6 +70,8 @@ class Encoder:
             self.model.eval()
         if self.model is not None:
             self.model.to(self.device)
+            if self.device.type == "cuda" and len(input_shape) == 3:
+                self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """Embeddings (n, D) float32 of inputs (n, ...)."""
@@ -69,11 +80,17 @@ class Encoder:
         else:
             torch.set_num_threads(self.threads)
             parts = []
-            amp = self.device.type == "cuda"
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            cuda = self.device.type == "cuda"
+            if cuda:
+                batch_size = max(batch_size, GPU_MIN_BATCH)
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
                 for b in range(0, len(x), batch_size):
-                    xb = torch.from_numpy(x[b:b + batch_size])
+                    xb = torch.from_numpy(np.ascontiguousarray(x[b:b + batch_size]))
+                    if cuda:  # copy as stored (uint8: a quarter of float32), convert on the GPU
+                        xb = xb.to(self.device, non_blocking=True)
                     xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
+                    if cuda and xb.dim() == 4:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
                     parts.append(self.model.embed(xb.to(self.device)).float().cpu().numpy())
             out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
         if self.normalize and len(out):
@@ -127,9 +144,24 @@ def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
         if flat.dtype == np.float32 and x.dtype == np.uint8:
             flat /= 255.0
         labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
-    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r+")
-    write_chunk(group, r0, emb.astype(spec["dtype"]), labels, valid)
+    url = ws.path("embeddings.zarr")
+    with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
+        group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
+        write_chunk(group, r0, emb.astype(spec["dtype"]), labels, valid)
     return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records}
+
+
+def task_row_bytes(input_bytes: int, raw_bytes: int, dim: int) -> int:
+    """Working-set bytes per row of an embed task: encoded sample, decoded input twice, ~4 float32 rows."""
+    return int(raw_bytes) + 2 * int(input_bytes) + 16 * int(dim)
+
+
+def default_chunk_rows(dim: int, itemsize: int, row_bytes: int = 0, memory_limit: int | None = None) -> int:
+    """Rows per embed task: a power of two with >= ~1 MB of output and >= 4096 rows, shrunk to a memory limit."""
+    rows = max(4096, 1 << math.ceil(math.log2(max(1, (1 << 20) // max(1, dim * itemsize)))))
+    if memory_limit:
+        rows = chunk_rows_for(memory_limit, max(1, row_bytes), floor=min(MIN_CHUNK_ROWS, rows), cap=rows)
+    return rows
 
 
 def _probe(cat: Catalog, decode: DecodeConfig, on_error: str, n: int) -> tuple[tuple, np.dtype]:
@@ -144,9 +176,22 @@ def _probe(cat: Catalog, decode: DecodeConfig, on_error: str, n: int) -> tuple[t
 def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "float32", batch_size: int = 256,
           chunk_rows: int | None = None, normalize: bool = False, decode: DecodeConfig | None = None,
           device: str = "auto", threads: int = 1, on_error: str = "fail", scheduler: str | None = "local",
-          force: bool = False, storage_options: dict | None = None) -> dict:
-    """Embed every catalogued sample into ``embeddings.zarr`` (N, D) with labels and a valid mask."""
+          force: bool = False, storage_options: dict | None = None, memory_limit: str | int | None = None) -> dict:
+    """Embed every catalogued sample into ``embeddings.zarr`` (N, D) with labels and a valid mask.
+
+    ``memory_limit`` (per worker, e.g. "4GiB") caps the local cluster's workers and, when
+    ``chunk_rows`` is not given, shrinks the default chunk so that a task fits it.
+    """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    with disk_errors("embed"):
+        return _embed(ws, encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows,
+                      normalize=normalize, decode=decode, device=device, threads=threads, on_error=on_error,
+                      scheduler=scheduler, force=force, memory_limit=parse_memory(memory_limit))
+
+
+def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_rows: int | None, normalize: bool,
+           decode: DecodeConfig | None, device: str, threads: int, on_error: str, scheduler: str | None,
+           force: bool, memory_limit: int | None) -> dict:
     if dtype not in ("float16", "float32"):
         raise StreamPruneError(f"--dtype must be float16 or float32, not {dtype!r}")
     ErrorPolicy(on_error)
@@ -168,11 +213,18 @@ def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "
     dim = probe_enc.dim if probe_enc.dim > 0 else int(np.prod(input_shape))
     if encoder == "features" and len(input_shape) != 1:
         raise StreamPruneError("embed --encoder features needs samples with an .npy vector (use --input vector)")
-    itemsize = np.dtype(dtype).itemsize
-    if chunk_rows is None:  # >= ~1 MB per chunk, and at least 4096 rows per task
-        chunk_rows = max(4096, 1 << math.ceil(math.log2(max(1, (1 << 20) // (dim * itemsize)))))
     config = {"encoder": encoder, "dtype": dtype, "normalize": normalize, "decode": decode.to_dict(),
               "chunk_rows": chunk_rows, "batch_size": batch_size, "threads": threads, "on_error": on_error}
+    if chunk_rows is None:
+        input_bytes = int(np.prod(input_shape)) * np.dtype(in_dtype).itemsize
+        raw_bytes = int(cat.shards["size"].sum()) // max(1, n)
+        row_bytes = task_row_bytes(input_bytes, raw_bytes, dim)
+        config["chunk_rows"] = _kept_chunk_rows(ws, config) or default_chunk_rows(
+            dim, np.dtype(dtype).itemsize, row_bytes, memory_limit)
+        if memory_limit and config["chunk_rows"] * row_bytes > memory_limit:
+            log.warning("embed: %d rows of ~%d bytes per task exceed --memory-limit %d bytes",
+                        config["chunk_rows"], row_bytes, memory_limit)
+    chunk_rows = int(config["chunk_rows"])
     run = ws.begin("embed", config, inputs, force=force)
     if run.already_done:
         return run.previous | {"skipped": True}
@@ -197,7 +249,7 @@ def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "
         run.mark_chunk(todo[i], {"n": result["n"], "n_valid": result["n_valid"]}, errors=result["errors"])
 
     map_tasks(_embed_task, [(ws, run.fingerprint, c * chunk_rows, min(n, (c + 1) * chunk_rows), spec) for c in todo],
-              scheduler=scheduler, desc="embed", unit="row",
+              scheduler=scheduler, desc="embed", unit="row", memory_limit=memory_limit,
               weights=[min(n, (c + 1) * chunk_rows) - c * chunk_rows for c in todo], on_result=_record)
     group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r")
     n_valid = sum(int(group["valid"][s:s + chunk_rows].sum()) for s in range(0, n, chunk_rows))
@@ -205,6 +257,16 @@ def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "
     return run.commit(outputs={"embeddings": "embeddings.zarr"},
                       counts={"n": n, "n_valid": n_valid, "dim": dim},
                       timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1)})
+
+
+def _kept_chunk_rows(ws: Workspace, config: dict) -> int | None:
+    """The chunk size of a finished embed with the same options: a resource knob never invalidates it."""
+    old = ws.marker("embed")
+    if not old:
+        return None
+    same = {k: v for k, v in old.get("config", {}).items() if k != "chunk_rows"} == \
+        {k: v for k, v in config.items() if k != "chunk_rows"}
+    return int(old["config"]["chunk_rows"]) if same and old["config"].get("chunk_rows") else None
 
 
 def _load_pseudo(ws: Workspace) -> list:

@@ -9,7 +9,10 @@ Two graphs (see docs/index.md):
 Each graph has its own index (``index/<name>.faissindex``) built from ``embeddings.zarr``:
 
 1. *plan* — ``Flat`` (exact) up to ``FLAT_MAX_ROWS`` indexed rows, else IVF-PQ with parameters
-   from N and D (:func:`auto_params`); ``factory`` overrides.
+   from N and D (:func:`auto_params`); ``factory`` overrides.  With ``factory="auto"`` and a CUDA
+   GPU visible to torch, the search is exact on the GPU instead (:class:`TorchExactIndex`, engine
+   ``torch``) when the indexed vectors fit there and the work is small enough
+   (:func:`choose_engine`): no faiss index is trained or written, steps 2-3 are skipped.
 2. *train* — on a random sample of valid rows gathered from zarr (30–64 points per centroid).
 3. *add* — streamed in chunks.  Above ``ondisk_threshold`` rows the rows are added by range tasks
    into shard indexes that share the trained quantizer and merged on disk
@@ -68,6 +71,10 @@ GRAPH_CHUNK_ROWS = 1 << 16
 TASK_CANDIDATES = 1 << 22
 SLAB_BYTES = 64 << 20  # rows of embeddings.zarr read at once by gathers and streaming passes
 KMEANS_NITER = 10  # CPU; 20 with a GPU
+TORCH_GPU_FRACTION = 0.4  # of free GPU memory the indexed vectors (float32) may take for the torch engine
+TORCH_MAX_MACS = 2e16  # queries x indexed rows x width above which IVF-PQ beats exact GPU search (~1 min on an H100)
+TORCH_BLOCK_BYTES = 1 << 30  # one block of the (queries x indexed rows) float32 distance matrix
+TORCH_MAX_QUERY_BLOCK = 4096
 
 
 # --------------------------------------------------------------------------- pure parameter choice
@@ -438,6 +445,102 @@ def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int) -> tu
     return select_neighbors(heap.I, heap.D, query_rows, k)
 
 
+# --------------------------------------------------------------------------- exact search with torch on a GPU
+
+
+def choose_engine(factory: str, n: int, n_index: int, d: int, gpu_free_bytes: int | None) -> str:
+    """``torch`` (exact GPU search) or ``faiss``: torch needs ``factory="auto"``, a GPU, room and bounded work."""
+    if factory != "auto" or gpu_free_bytes is None:
+        return "faiss"
+    if n_index * d * 4 > TORCH_GPU_FRACTION * gpu_free_bytes or n * n_index * d > TORCH_MAX_MACS:
+        return "faiss"
+    return "torch"
+
+
+def torch_search_device() -> str | None:
+    """The device of the torch engine: "cuda" when torch sees a GPU, else None.
+
+    ``STREAMPRUNE_INDEX_DEVICE`` overrides it: ``none`` turns the engine off (faiss everywhere),
+    ``cpu`` runs it on the CPU (tests and comparisons only: faiss is faster there).
+    """
+    forced = os.environ.get("STREAMPRUNE_INDEX_DEVICE", "").strip().lower()
+    if forced:
+        return None if forced == "none" else forced
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _free_bytes(device: str | None) -> int | None:
+    """Free memory of the torch engine's device (None: no engine; CPU: unbounded here)."""
+    if device is None:
+        return None
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    return 1 << 62
+
+
+class TorchExactIndex:
+    """Exact L2 search over indexed rows held on a torch device, with a faiss-like ``search``.
+
+    Candidates come from one matmul per block of queries (``|x|^2 - 2 q.x``, TF32 on a GPU), then
+    the best ``2 kc + 8`` of each query are re-ranked with float32 distances computed directly
+    (``sum((q - x)^2)``), so the returned distances do not suffer the matmul's rounding.
+    Memory on the device: the indexed vectors (float32) plus one block of distances
+    (``TORCH_BLOCK_BYTES``); on the host: one slab of embeddings while loading.
+    """
+
+    def __init__(self, emb: zarr.Array, mask: np.ndarray, device: str = "cuda",
+                 block_bytes: int = TORCH_BLOCK_BYTES):
+        import torch
+
+        self.device = torch.device(device)
+        self.d = int(emb.shape[1])
+        self.ntotal = int(np.count_nonzero(mask))
+        self.block_bytes = int(block_bytes)
+        self.x = torch.empty((self.ntotal, self.d), dtype=torch.float32, device=self.device)
+        self.ids = torch.empty(self.ntotal, dtype=torch.int64, device=self.device)
+        pos = 0
+        for rows, xb in iter_blocks(emb, mask):
+            self.x[pos:pos + len(rows)].copy_(torch.from_numpy(np.ascontiguousarray(xb, np.float32)))
+            self.ids[pos:pos + len(rows)].copy_(torch.from_numpy(rows))
+            pos += len(rows)
+        self.sq_norms = (self.x * self.x).sum(dim=1)
+
+    def search(self, queries: np.ndarray, kc: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared L2 (q, kc) float32, row ids (q, kc) int64) of the ``kc`` nearest rows; -1/inf pad."""
+        import torch
+
+        q_all = np.ascontiguousarray(queries, np.float32)
+        sq_out = np.full((len(q_all), kc), np.inf, np.float32)
+        id_out = np.full((len(q_all), kc), -1, np.int64)
+        keep = min(kc, self.ntotal)
+        if not len(q_all) or keep == 0:
+            return sq_out, id_out
+        wide = min(self.ntotal, 2 * keep + 8)
+        block = max(1, min(TORCH_MAX_QUERY_BLOCK, self.block_bytes // (4 * max(self.ntotal, wide * self.d))))
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            with torch.no_grad():
+                for b in range(0, len(q_all), block):
+                    q = torch.from_numpy(q_all[b:b + block]).to(self.device)
+                    approx = torch.addmm(self.sq_norms[None, :], q, self.x.T, beta=1.0, alpha=-2.0)
+                    cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
+                    del approx
+                    exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)
+                    best, pos = exact.topk(keep, dim=1, largest=False, sorted=True)
+                    sq_out[b:b + len(q), :keep] = best.cpu().numpy()
+                    id_out[b:b + len(q), :keep] = self.ids[cand.gather(1, pos)].cpu().numpy()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        return sq_out, id_out
+
+
 # --------------------------------------------------------------------------- index files and the cache
 
 _CACHE: dict[str, tuple[str, object]] = {}
@@ -566,6 +669,8 @@ class _Plan:
     ondisk_threshold: int
     chunk_rows: int
     gpu: bool
+    engine: str = "faiss"  # faiss | torch (exact search on ``device``, no faiss index)
+    device: str | None = None
 
 
 def _workspace(ws: str | Workspace, storage_options: dict | None) -> Workspace:
@@ -617,9 +722,12 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     n_index = int(np.count_nonzero(mask))
     if n_index == 0:
         raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
-    plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0])
-    log.info("%s: %s over %d rows of width %d (refine %d, %s)", key, plan.factory, n_index, d, plan.refine,
-             "on disk" if plan.ondisk else "in memory")
+    device = torch_search_device()
+    engine = choose_engine(factory, n, n_index, d, _free_bytes(device))
+    plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0],
+                 engine=engine, device=device if engine == "torch" else None)
+    log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
+             plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}
     _train_phase(ws, run, plan, emb, mask, seed, timings)
     _add_phase(ws, run, plan, emb, mask, scheduler, timings)
@@ -635,15 +743,23 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     all_params[name] = info
     ws.write_json(all_params, "index", "params.json")
     return run.commit(
-        outputs={"graph": f"graph/{name}.zarr", "index": f"index/{name}.faissindex", "params": "index/params.json"},
-        counts={"n": n, "d": d, "n_index": n_index, "k": k, "factory": plan.factory, "nlist": plan.nlist,
+        outputs={"graph": f"graph/{name}.zarr", "index": f"index/{name}.faissindex" if plan.engine == "faiss" else None,
+                 "params": "index/params.json"},
+        counts={"n": n, "d": d, "n_index": n_index, "k": k, "engine": plan.engine, "factory": plan.factory,
+                "nlist": plan.nlist,
                 "m": plan.m, "nprobe": tuned["nprobe"], "refine": plan.refine, "ondisk": plan.ondisk,
                 "recall_at_k": recall, "recall_queries": tuned["n_queries"]},
         timings=timings)
 
 
 def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine: int | None,
-          ondisk_threshold: int | None, chunk_rows: int | None, emb_chunk_rows: int) -> _Plan:
+          ondisk_threshold: int | None, chunk_rows: int | None, emb_chunk_rows: int, engine: str = "faiss",
+          device: str | None = None) -> _Plan:
+    if engine == "torch":  # exact: no index, no re-rank from zarr (TorchExactIndex re-ranks on the device)
+        return _Plan(name=name, factory="Flat", nlist=0, m=0, code_size=4 * d, n=n, d=d, n_index=n_index, k=int(k),
+                     refine=0, ondisk=False, ondisk_threshold=int(ondisk_threshold or ondisk_rows(4 * d)),
+                     chunk_rows=int(chunk_rows or default_chunk_rows(emb_chunk_rows, k + 1)), gpu=False,
+                     engine="torch", device=device)
     if factory == "auto":
         factory = auto_params(n_index, d)["factory"]
     desc = describe_index(make_index(d, factory))
@@ -661,10 +777,20 @@ def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine:
                  ondisk_threshold=int(threshold), chunk_rows=int(chunk_rows), gpu=use_gpu())
 
 
+def _phase_record(run: StageRun, chunk: str, plan: _Plan) -> dict | None:
+    """The record of a finished phase, unless an interrupted run wrote it with another engine."""
+    rec = run.chunk_done(chunk)
+    return rec if rec is not None and rec.get("engine", "faiss") == plan.engine else None
+
+
 def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> None:
-    rec = run.chunk_done("trained")
+    rec = _phase_record(run, "trained", plan)
     if rec is not None:
         timings["train_s"] = rec["train_s"]
+        return
+    if plan.engine == "torch":
+        timings["train_s"] = 0.0
+        run.mark_chunk("trained", {"train_s": 0.0, "n_train": 0, "engine": plan.engine})
         return
     t0 = time.time()
     index = make_index(plan.d, plan.factory)
@@ -677,7 +803,7 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
     _check_width(index, plan)
     write_index(ws, index, f"index/{plan.name}.trained")
     timings["train_s"] = round(time.time() - t0, 3)
-    run.mark_chunk("trained", {"train_s": timings["train_s"], "n_train": n_train})
+    run.mark_chunk("trained", {"train_s": timings["train_s"], "n_train": n_train, "engine": plan.engine})
 
 
 def _check_width(index, plan: _Plan) -> None:
@@ -687,9 +813,13 @@ def _check_width(index, plan: _Plan) -> None:
 
 
 def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, timings: dict) -> None:
-    rec = run.chunk_done("built")
+    rec = _phase_record(run, "built", plan)
     if rec is not None:
         timings["add_s"] = rec["add_s"]
+        return
+    if plan.engine == "torch":  # the vectors are loaded onto the device by the search phase
+        timings["add_s"] = 0.0
+        run.mark_chunk("built", {"add_s": 0.0, "engine": plan.engine})
         return
     t0 = time.time()
     fp = run.fingerprint
@@ -703,7 +833,7 @@ def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, 
     else:
         _add_ondisk(ws, run, plan, trained, mask, scheduler)
     timings["add_s"] = round(time.time() - t0, 3)
-    run.mark_chunk("built", {"add_s": timings["add_s"]})
+    run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
 
 
 def _shard_ranges(plan: _Plan) -> list[tuple[int, int]]:
@@ -771,7 +901,7 @@ def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask
 
 def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: int | None, recall_queries: int,
                 seed: int, timings: dict) -> dict:
-    rec = run.chunk_done("tuned")
+    rec = _phase_record(run, "tuned", plan)
     if rec is not None:
         timings.update(rec["timings"])
         return rec
@@ -811,7 +941,8 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
             clear_cache()
             timings["tune_s"] = round(time.time() - t1, 3)
     timings["tune_total_s"] = round(time.time() - t0, 3)
-    rec = {"nprobe": chosen, "table": table, "n_queries": int(len(recall_rows)), "timings": dict(timings)}
+    rec = {"nprobe": chosen, "table": table, "n_queries": int(len(recall_rows)), "timings": dict(timings),
+           "engine": plan.engine}
     run.mark_chunk("tuned", rec)
     return rec
 
@@ -836,31 +967,49 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     t0 = time.time()
     url = ws.path("graph", f"{plan.name}.zarr")
     n, k, cr = plan.n, plan.k, plan.chunk_rows
-    if run.chunk_done("graph-layout") is None:
+    if _phase_record(run, "graph-layout", plan) is None:  # new, or begun by another engine: start over
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1)
         group.create_array("distances", shape=(n, k), chunks=(cr, k), dtype="float32", fill_value=np.inf)
         group.attrs.update({"graph": plan.name, "k": k, "metric": "euclidean", "factory": plan.factory,
-                            "self_excluded": True})
-        run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr})
-    done = run.done_chunks()
+                            "self_excluded": True, "engine": plan.engine})
+        run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine})
+        done: set[str] = set()
+    else:
+        done = run.done_chunks()
     starts = [s for s in range(0, n, cr) if f"search-{s // cr}" not in done]
 
     def _record(i: int, result: dict) -> None:
         run.mark_chunk(f"search-{starts[i] // cr}", result)
 
-    map_tasks(_search_task, [(ws, plan.name, run.fingerprint, plan.ondisk, params, s, min(n, s + cr), k, plan.refine)
-                             for s in starts],
-              scheduler=scheduler, desc=f"index {plan.name} (search)", unit="row",
-              weights=[min(cr, n - s) for s in starts], on_result=_record)
+    weights = [min(cr, n - s) for s in starts]
+    desc = f"index {plan.name} (search)"
+    if plan.engine == "torch":
+        # One in-process index on the device; chunks run one after another (each still owns its zarr chunks).
+        if starts:
+            emb, valid_arr, _ = open_embeddings(ws, f"index-{plan.name}")
+            t1 = time.time()
+            index = TorchExactIndex(emb, candidate_mask(ws, plan.name, valid_arr[:]), plan.device or "cuda")
+            timings["load_s"] = round(time.time() - t1, 3)
+            map_tasks(_search_chunk, [(ws, plan.name, index, s, min(n, s + cr), k, 0) for s in starts],
+                      scheduler="sync", desc=desc, unit="row", weights=weights, on_result=_record)
+            del index
+    else:
+        map_tasks(_search_task, [(ws, plan.name, run.fingerprint, plan.ondisk, params, s, min(n, s + cr), k,
+                                  plan.refine) for s in starts],
+                  scheduler=scheduler, desc=desc, unit="row", weights=weights, on_result=_record)
     timings["search_s"] = round(time.time() - t0, 3)
 
 
 def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, params: dict, start: int, stop: int,
                  k: int, refine: int) -> dict:
-    """Search rows [start, stop) and write their chunk of graph/<name>.zarr."""
+    """Search rows [start, stop) with the faiss index of ``name`` and write their chunk of graph/<name>.zarr."""
+    return _search_chunk(ws, name, cached_index(ws, name, fingerprint, ondisk, params), start, stop, k, refine)
+
+
+def _search_chunk(ws: Workspace, name: str, index, start: int, stop: int, k: int, refine: int) -> dict:
+    """Search rows [start, stop) with ``index`` (faiss or :class:`TorchExactIndex`) and write their graph chunk."""
     emb, valid_arr, _ = open_embeddings(ws, f"index-{name}")
-    index = cached_index(ws, name, fingerprint, ondisk, params)
     if index.d != emb.shape[1]:
         raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
                                f"{emb.shape[1]}; re-run `streamprune index --force`")

@@ -17,19 +17,21 @@ import tomllib
 from dataclasses import dataclass, field
 
 from streamprune.errors import StreamPruneError
+from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 from streamprune.workspace import Workspace
 
 ORDER = ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune")
 
 DEFAULTS: dict[str, dict] = {
-    "catalog": {"on_error": None, "max_member_bytes": 1 << 30},
+    "catalog": {"on_error": None, "max_member_bytes": DEFAULT_MAX_MEMBER_BYTES},
     "subset": {"fraction": 0.2, "seed": 0},
     "score": {"scores": ["du"], "epochs": 30, "model": "cnn", "model_kwargs": {}, "batch_size": 128,
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
               "device": "auto", "window": 10, "decay": 0.9, "full": False, "label_key": "cls", "input": "auto",
               "image_size": None},
-    "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False},
+    "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
+              "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
     "extrapolate": {"methods": ["knn"], "knn_k": "auto", "gcn_epochs": 25, "gcn_k": 10, "propagate_tol": 1e-3,
                     "propagate_max_iter": 50, "kernel_bandwidth": "auto"},
@@ -131,7 +133,7 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
     e = s["embed"]
     stage("embed", lambda: embed(ws, encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
                                  chunk_rows=e["chunk_rows"], normalize=e["normalize"], on_error=on_error,
-                                 scheduler=sched, force=force))
+                                 scheduler=sched, force=force, memory_limit=e["memory_limit"]))
     if until == "embed":
         return _finish(timings, outputs, echo)
 

@@ -31,8 +31,10 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
@@ -54,7 +56,8 @@ log = logging.getLogger(__name__)
 SOURCES = {"knn": 1, "gcn": 2, "label-aware": 3, "propagate": 4, "kernel": 5}
 ALL_SOURCES = (*SOURCES, "seed", "full")
 DEFAULT_SHARD_SIZE = 1 << 30
-READ_BLOCK = 8 << 20  # bytes read (and held) at a time while copying samples
+READ_BLOCK = 2 << 20  # bytes read (and held, per running task) at a time while copying samples
+REMOTE_BLOCK = 8 << 20  # readahead of a source shard on object storage: fewer, larger GETs
 TAR_EOF = b"\0" * 1024  # two zero blocks: the tar end-of-archive marker
 KEYS_SCHEMA = pa.schema([("shard", pa.int32()), ("key", pa.string()), ("row", pa.int64())])
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
@@ -208,14 +211,15 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
           keep_fraction: float | None = None, keep_count: int | None = None, name: str | None = None, seed: int = 0,
           reshard: str | None = None, shard_size: int | str | None = None, max_count: int | None = None,
           scheduler: str | None = "local", force: bool = False, storage_options: dict | None = None,
-          row_group_rows: int = 1 << 20, **strategy_opts: Any) -> dict:
+          row_group_rows: int = 1 << 20, durable: bool = False, **strategy_opts: Any) -> dict:
     """Select the rows to keep and write ``prune/<name>/`` (shards.txt, keys.parquet, stats.json).
 
     ``strategy_opts`` go to the strategy (``beta``/``n_strata`` for ccs, ``eps`` for
     influence-budget, ``higher_is_harder`` to override the score's direction).  Returns the
     ``prune-<name>`` marker; with ``reshard`` the kept samples are also re-written as new tars
     (see :func:`reshard`), the returned ``outputs["reshard"]`` is ``OUT/shards.txt`` and
-    ``"reshard"`` holds the reshard marker.  ``row_group_rows`` sets keys.parquet's row groups.
+    ``"reshard"`` holds the reshard marker.  ``row_group_rows`` sets keys.parquet's row groups;
+    ``durable`` fsyncs the re-written tars (see :func:`reshard`).
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     try:
@@ -255,7 +259,7 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
     if reshard is None:
         return marker
     rm = _run_reshard(ws, name, reshard, shard_size=shard_size, max_count=max_count, scheduler=scheduler,
-                      force=force)
+                      force=force, durable=durable)
     shards_url = storage.join(rm["config"]["out"], "shards.txt")
     return marker | {"outputs": {**marker["outputs"], "reshard": shards_url}, "reshard": rm}
 
@@ -419,10 +423,14 @@ def selection_stats(scores: np.ndarray, labels: np.ndarray | None, mask: np.ndar
     return out
 
 
+def _part_url(cat, shard: int) -> str:
+    return cat.ws.path("catalog", "parts", f"{cat.shards.part.iloc[shard]}.parquet")
+
+
 def _read_part(cat, shard: int, columns: list[str]) -> pd.DataFrame:
     """Columns of one catalog part, read without the catalog's cache (safe from several threads)."""
-    url = cat.ws.path("catalog", "parts", f"{cat.shards.part.iloc[shard]}.parquet")
-    return pd.read_parquet(io.BytesIO(storage.read_bytes(url, cat.ws.storage_options)), columns=columns)
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(_part_url(cat, shard), cat.ws.storage_options)),
+                           columns=columns)
 
 
 def _prefetch(fn: Callable, items: Iterable, depth: int = 8) -> Iterator:
@@ -471,11 +479,13 @@ def _write_keys(cat, mask: np.ndarray, url: str, storage_options: dict,
 
 # atomic output files -----------------------------------------------------------------------------
 @contextmanager
-def atomic_output(url: str, storage_options: dict | None = None, block_size: int = 16 << 20) -> Iterator[BinaryIO]:
+def atomic_output(url: str, storage_options: dict | None = None, block_size: int = 16 << 20,
+                  durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file that appears under ``url`` only when complete; nothing appears on error or kill.
 
-    Local: a ``.tmp-`` file in the same directory, fsynced and renamed.  S3: one PUT or a
-    multipart upload, both invisible until completed (an aborted upload is discarded).
+    Local: a ``.tmp-<random>-`` file in the same directory (a name no other writer uses), renamed
+    into place; with ``durable`` it is fsynced first, so that it also survives a power loss.  S3:
+    one PUT or a multipart upload, both invisible until completed (an aborted upload is discarded).
     """
     if not storage.is_remote(url):
         directory = os.path.dirname(url)
@@ -485,7 +495,8 @@ def atomic_output(url: str, storage_options: dict | None = None, block_size: int
             with open(tmp, "wb") as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, url)
         finally:
             if os.path.exists(tmp):
@@ -562,13 +573,11 @@ def _plan(cat, rows: np.ndarray, shard_size: int, max_count: int | None) -> tupl
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(src)) + 1, [len(rows)]]).astype(np.int64)
     planner = ShardPlanner(shard_size, max_count)
 
-    def load(j: int) -> tuple[int, np.ndarray, np.ndarray]:
+    def load(j: int) -> tuple[int, np.ndarray, list]:
         a, b = int(bounds[j]), int(bounds[j + 1])
         s = int(src[a])
-        part = _read_part(cat, s, ["key", "offset", "end"])
-        local = rows[a:b] - cat.row_start[s]
-        sizes = part.end.to_numpy(np.int64)[local] - part.offset.to_numpy(np.int64)[local]
-        return a, sizes, part.key.to_numpy(object)[local]
+        offs, ends, keys = _part_rows(_part_url(cat, s), rows[a:b] - cat.row_start[s], cat.ws.storage_options)
+        return a, np.asarray(ends, np.int64) - np.asarray(offs, np.int64), keys
 
     if len(rows):
         for a, sizes, keys in _prefetch(load, range(len(bounds) - 1), depth=4):
@@ -578,11 +587,16 @@ def _plan(cat, rows: np.ndarray, shard_size: int, max_count: int | None) -> tupl
 
 def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int | str | None = None,
             max_count: int | None = None, scheduler: str | None = "local", force: bool = False,
-            storage_options: dict | None = None) -> dict:
+            storage_options: dict | None = None, durable: bool = False) -> dict:
     """Write the kept samples of ``prune/<name>`` as new tars ``OUT/pruned-NNNNNN.tar`` plus ``OUT/shards.txt``.
 
     Members are copied byte for byte from the catalogued ranges of the source shards; one dask
-    task per output shard; resumable per output shard.
+    task per output shard; resumable per output shard.  Every tar appears under its final name
+    only when complete (rename of a temporary file, or a completed upload).  ``durable`` (local
+    output) also fsyncs each tar before its rename and OUT before shards.txt, so that the
+    outputs survive a power loss or kernel crash, not only a killed process; it costs the time
+    the disk needs to write them (see docs/prune.md).  It does not change the output bytes and
+    is not part of the stage configuration.
     """
     from dask.utils import parse_bytes
 
@@ -621,11 +635,11 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     storage.remove(storage.join(out, "shards.txt"), so)
     _remove_stale(out, n_out, so)
 
-    done = run.done_chunks()
+    infos = _verified_chunks(run, out, n_out, so)
     stops = np.append(starts[1:], len(rows))
     args, weights, todo = [], [], []
     for i in range(n_out):
-        if str(i) in done:
+        if i in infos:
             continue
         a, b = int(starts[i]), int(stops[i])
         segments = []
@@ -634,12 +648,10 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
             part_url = ws.path("catalog", "parts", f"{cat.shards.part.iloc[s]}.parquet")
             segments.append((str(cat.shards.url.iloc[s]), part_url, sel_rows - int(cat.row_start[s]),
                              int(cat.shards["size"].iloc[s]), str(cat.shards.etag.iloc[s])))
-        args.append((output_url(out, i), segments, so))
+        args.append((output_url(out, i), segments, so, durable))
         weights.append(b - a)
         todo.append(i)
     log.info("reshard %s: %d output shards, %d already written", name, n_out, n_out - len(todo))
-    infos = {i: run.chunk_done(i) or {} for i in range(n_out) if str(i) in done}
-
     def finished(j: int, info: dict) -> None:
         run.mark_chunk(todo[j], info)  # the chunk record, after the tar is complete under its final name
         infos[todo[j]] = info
@@ -648,13 +660,18 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
               on_result=finished)
     infos = list(infos.values())
     urls = [output_url(out, i) for i in range(n_out)]
+    # A worker killed mid-task leaves its temporary file (or an unfinished upload); the task
+    # already ran again elsewhere under another temporary name.
+    _remove_stale(out, n_out, so)
+    if durable and not storage.is_remote(out):
+        _fsync_outputs(urls, out)
     storage.write_bytes_atomic(storage.join(out, "shards.txt"), "".join(u + "\n" for u in urls).encode(), so)
     n_bytes = int(sum(info.get("bytes", 0) for info in infos))
     n_samples = int(sum(info.get("n_samples", 0) for info in infos))
     if n_samples != len(rows):
         raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
     ws.write_json({"out": out, "shards": storage.join(out, "shards.txt"), "n_shards": n_out, "n_samples": n_samples,
-                   "bytes": n_bytes, "shard_size": size, "max_count": config["max_count"]},
+                   "bytes": n_bytes, "shard_size": size, "max_count": config["max_count"], "durable": bool(durable)},
                   "prune", name, "reshard.json")
     wall = time.time() - t0
     return run.commit(outputs={"reshard": f"prune/{name}/reshard.json"},
@@ -664,6 +681,67 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
 
 
 _run_reshard = reshard  # prune()'s ``reshard`` argument shadows the function there
+
+
+def _verified_chunks(run, out: str, n_out: int, storage_options: dict) -> dict[int, dict]:
+    """Records of the output shards a previous run finished whose tar is still there with its recorded size.
+
+    A record whose tar is missing or has another size (deleted since, or lost to a power loss
+    in a run without ``durable``) is dropped: that shard is written again.
+    """
+    done = run.done_chunks()
+    if not done:
+        return {}
+    sizes = _output_sizes(out, storage_options)
+    infos = {}
+    for i in range(n_out):
+        if str(i) not in done:
+            continue
+        info = run.chunk_done(i) or {}
+        got = sizes.get(output_url(out, i).rsplit("/", 1)[1])
+        if got is not None and got == info.get("bytes"):
+            infos[i] = info
+        else:
+            log.warning("reshard: %s is missing or has %s bytes instead of %s; writing it again",
+                        output_url(out, i), got, info.get("bytes"))
+    return infos
+
+
+def _output_sizes(out: str, storage_options: dict) -> dict[str, int]:
+    """Size of every ``pruned-*.tar`` directly in OUT (one listing)."""
+    if not storage.is_remote(out):
+        if not os.path.isdir(out):
+            return {}
+        with os.scandir(out) as it:
+            return {e.name: e.stat().st_size for e in it if _OUTPUT_RE.fullmatch(e.name) and e.is_file()}
+    fs = storage.get_fs(out, storage_options)
+    try:
+        entries = storage.retry(lambda: fs.ls(out, detail=True, refresh=True), out)
+    except StreamPruneError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return {}
+        raise
+    sizes = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if _OUTPUT_RE.fullmatch(name):
+            sizes[name] = int(e.get("size") or 0)
+    return sizes
+
+
+def _fsync_outputs(urls: list[str], out: str) -> None:
+    """fsync every output tar and OUT itself (cheap for tars a durable task already synced)."""
+    for u in urls:
+        fd = os.open(u, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def output_url(out: str, i: int) -> str:
@@ -694,107 +772,385 @@ def _remove_stale(out: str, n_out: int, storage_options: dict, outputs: bool = T
             log.warning("reshard: could not list or abort unfinished uploads under %s (%s)", out, type(exc).__name__)
 
 
-def write_output_shard(url: str, segments: list[tuple], storage_options: dict | None) -> dict:
+def write_output_shard(url: str, segments: list[tuple], storage_options: dict | None, durable: bool = False) -> dict:
     """One output tar: the catalogued byte ranges of the given source rows, checked, copied, then the tar end.
 
-    Member headers are parsed again (names must match the catalogued key and be safe) before
-    their bytes are copied.  Local to local, the bytes move with ``os.copy_file_range`` (in the
-    kernel, like ``shutil.copyfile``); otherwise through memory, ``READ_BLOCK`` bytes at a time.
+    The kept samples of a source shard are read run by run (samples contiguous in the source:
+    one read each) into one reused buffer of ``READ_BLOCK`` bytes; when it is full, the member
+    headers of all its samples are checked at once (:func:`headers_ok`; :func:`check_members`
+    finds and names any problem) and the buffer goes out with one write.  A sample larger than
+    the buffer has its headers read one by one and its bytes copied in the kernel
+    (``os.copy_file_range``, local to local) or ``READ_BLOCK`` bytes at a time.  ``durable``
+    fsyncs the tar before it is renamed into place (see :func:`reshard`).
     """
     n = 0
     written = 0
-    with atomic_output(url, storage_options) as dst:
-        kernel_copy = not storage.is_remote(url)
+    with atomic_output(url, storage_options, durable=durable) as dst:
+        sink = _Sink(dst, storage.is_remote(url))
         for src_url, part_url, local, size, etag in segments:
             now = storage.stat(src_url, storage_options)
             if now["size"] != size or now["etag"] != etag:
                 raise StreamPruneError(f"reshard: shard {src_url} changed since `streamprune catalog` "
                                        f"(size/etag {size}/{etag} -> {now['size']}/{now['etag']}); re-run catalog")
-            part = pd.read_parquet(io.BytesIO(storage.read_bytes(part_url, storage_options)),
-                                   columns=["key", "offset", "end"])
-            offs = part.offset.to_numpy(np.int64)[local]
-            ends = part.end.to_numpy(np.int64)[local]
-            keys = part.key.to_numpy(object)[local]
-            local_src = kernel_copy and not storage.is_remote(src_url)
-            # Unbuffered locally: the header walk reads 512-byte blocks at scattered offsets.
-            with (open(src_url, "rb", buffering=0) if local_src
-                  else storage.open_read(src_url, storage_options, block_size=READ_BLOCK)) as f:
-                for a, b in _pieces(offs, ends, None if local_src else READ_BLOCK):
-                    start, stop = int(offs[a]), int(ends[b - 1])
-                    if local_src:
-                        check_members(_file_members(f, start, stop), start, stop, offs[a:b], ends[a:b], keys[a:b],
-                                      src_url)
-                        _copy_range(f, dst, start, stop - start, src_url)
-                    else:
-                        f.seek(start)
-                        data = f.read(stop - start)
-                        if len(data) != stop - start:
-                            raise StreamPruneError(f"reshard: shard {src_url} is shorter than catalogued (wanted "
-                                                   f"bytes {start}-{stop}); re-run catalog")
-                        check_members(_bytes_members(data, start), start, stop, offs[a:b], ends[a:b], keys[a:b],
-                                      src_url)
-                        dst.write(data)
-                    written += stop - start
-                    n += b - a
-        dst.write(TAR_EOF)
+            offs, ends, keys = _part_rows(part_url, local, storage_options)
+            with _Source(src_url, size, storage_options) as src:
+                batch = _Batch(src, sink, offs, ends, keys)
+                for a, b in _pieces(offs, ends, READ_BLOCK):
+                    if not batch.add(a, b):  # one sample larger than the buffer: never held in memory whole
+                        start, stop = int(offs[a]), int(ends[a])
+                        check_members(iter_headers(src.read_at, start, stop, size), start, stop, offs[a:b],
+                                      ends[a:b], keys[a:b], src_url)
+                        src.copy_to(sink, start, stop - start)
+                batch.flush()
+            written += int((ends - offs).sum())
+            n += len(offs)
+        sink.write(TAR_EOF)
     return {"url": url, "n_samples": n, "bytes": written + len(TAR_EOF)}
 
 
-def _pieces(offs: np.ndarray, ends: np.ndarray, block: int | None) -> Iterator[tuple[int, int]]:
+_BUFFERS = threading.local()
+
+
+def _buffer() -> bytearray:
+    """This thread's copy buffer (``READ_BLOCK`` bytes), allocated once: a worker's memory stays flat."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or len(buf) != READ_BLOCK:
+        buf = _BUFFERS.buf = bytearray(READ_BLOCK)
+    return buf
+
+
+class _Batch:
+    """Runs of kept samples of one source shard gathered in the copy buffer, checked and written together."""
+
+    def __init__(self, src: "_Source", sink: "_Sink", offs: np.ndarray, ends: np.ndarray, keys: np.ndarray):
+        self.src, self.sink, self.offs, self.ends, self.keys = src, sink, offs, ends, keys
+        self.prefixes = key_prefixes(keys)  # once per source shard, for all its batches
+        self.buf = _buffer()
+        self.fill = 0
+        self.runs: list[tuple[int, int, int]] = []  # (buffer position, first sample, end sample)
+
+    def add(self, a: int, b: int) -> bool:
+        """Read samples [a, b) (contiguous in the source) into the buffer; False when they cannot fit at all."""
+        start, stop = int(self.offs[a]), int(self.ends[b - 1])
+        if stop - start > len(self.buf):
+            self.flush()
+            return False
+        if self.fill + stop - start > len(self.buf):
+            self.flush()
+        self.src.read_into(self.buf, self.fill, start, stop - start)
+        self.runs.append((self.fill, a, b))
+        self.fill += stop - start
+        return True
+
+    def flush(self) -> None:
+        """Check the headers of every sample in the buffer, then write the buffer out."""
+        if not self.fill:
+            return
+        offs, ends, keys = self.offs, self.ends, self.keys
+        first, last = self.runs[0][1], self.runs[-1][2]  # the runs hold samples first..last-1, in order
+        ok = False
+        if self.prefixes is not None:
+            shift = np.repeat(np.array([pos - offs[a] for pos, a, _ in self.runs], np.int64),
+                              [b - a for _, a, b in self.runs])
+            prefix, plen = self.prefixes
+            ok = headers_ok(np.frombuffer(self.buf, np.uint8, self.fill), offs[first:last] + shift,
+                            (prefix[first:last], plen[first:last]))
+        with memoryview(self.buf) as view:
+            if not ok:  # find the problem and name it, or accept what the fast check does not cover
+                for pos, a, b in self.runs:
+                    start, stop = int(offs[a]), int(ends[b - 1])
+                    check_members(_buffer_members(view[pos:pos + stop - start], start), start, stop, offs[a:b],
+                                  ends[a:b], keys[a:b], self.src.url)
+            self.sink.write(view[:self.fill])
+        self.fill = 0
+        self.runs = []
+
+
+def _part_rows(part_url: str, local: np.ndarray, storage_options: dict | None) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """offset, end (int64) and key (object) of the given rows of one catalog part."""
+    offs, ends, keys = _part_columns(part_url, storage_options)
+    local = np.asarray(local, np.int64)
+    return offs[local], ends[local], keys[local]
+
+
+_PARTS: OrderedDict = OrderedDict()  # the last few catalog parts read in this process (their names are content hashes)
+_PARTS_LOCK = threading.Lock()
+_PARTS_KEPT = 4
+
+
+def _part_columns(part_url: str, storage_options: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """offset, end (int64) and key (object) columns of a catalog part, through a small per-process cache.
+
+    Consecutive output shards read the same source shard, and the planner read it just before:
+    a part file is named by the hash of its shard's url, size and etag, so a cached copy is valid.
+    """
+    with _PARTS_LOCK:
+        hit = _PARTS.get(part_url)
+        if hit is not None:
+            _PARTS.move_to_end(part_url)
+            return hit
+    data = pa.BufferReader(storage.read_bytes(part_url, storage_options))
+    table = pq.ParquetFile(data).read(columns=["key", "offset", "end"], use_threads=False)
+    cols = (table.column("offset").to_numpy().astype(np.int64, copy=False),
+            table.column("end").to_numpy().astype(np.int64, copy=False),
+            table.column("key").to_numpy(zero_copy_only=False))
+    with _PARTS_LOCK:
+        _PARTS[part_url] = cols
+        while len(_PARTS) > _PARTS_KEPT:
+            _PARTS.popitem(last=False)
+    return cols
+
+
+_SIZE_WEIGHTS = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits
+_SUM_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # 6 octal digits
+_NOT_REGULAR = np.ones(256, bool)
+_NOT_REGULAR[[ord("0"), 0, ord("7")]] = False  # typeflags of regular files
+_SEPARATOR = np.zeros(256, bool)
+_SEPARATOR[[ord("/"), ord("\\")]] = True
+_NUL_SPACE = np.frombuffer(b"\0 ", np.uint16)[0]  # the end of a "dddddd\0 " checksum field, read as one uint16
+
+
+def key_prefixes(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The tar name prefixes ``key + "."`` of plain relative WebDataset keys, as a (keys, width) byte matrix.
+
+    Returns (matrix, lengths), or None when a key is not plain: empty, over 98 bytes, absolute,
+    with '..', '\\' or NUL, or with a '.' or nothing in its last part (the complete check then runs).
+    """
+    n = len(keys)
+    if n == 0:
+        return np.zeros((0, 1), np.uint8), np.zeros(0, np.int64)
+    try:
+        enc = [k.encode("utf-8", "surrogateescape") for k in keys]
+    except (AttributeError, UnicodeEncodeError):
+        return None
+    lens = np.fromiter(map(len, enc), np.int64, n)
+    if lens.min() == 0 or lens.max() > 98:
+        return None
+    width = int(lens.max()) + 1
+    prefix = np.array(enc, f"S{width}").view(np.uint8).reshape(n, width)
+    cols = np.arange(width)
+    last_slash = np.where(prefix == 47, cols, -1).max(1)
+    dots = prefix == 46
+    bad = (prefix == 92) | ((prefix == 0) & (cols < lens[:, None])) | (dots & (cols > last_slash[:, None]))
+    bad[:, :-1] |= dots[:, :-1] & dots[:, 1:]
+    if bad.any() or (prefix[:, 0] == 47).any() or (last_slash == lens - 1).any():
+        return None
+    prefix[np.arange(n), lens] = 46  # the '.' before the extension
+    return prefix, lens + 1
+
+
+def headers_ok(block: np.ndarray, starts: np.ndarray, keys: np.ndarray | tuple) -> bool:
+    """Whether ``block`` (uint8) holds exactly the samples starting at ``starts``, with plain, safe headers.
+
+    The samples tile the block (sample ``i`` spans ``starts[i]`` up to the next start, the last
+    one to the end).  True when every member header is a plain ustar/GNU header of a regular file
+    (size as 11 octal digits, checksum as 6 digits + NUL + space, no ustar prefix) with a correct
+    checksum, the members of each sample tile it exactly, and every member name is
+    ``<key>.<ext>`` of its sample's key with no '/' or '\\' in ``ext``, for plain keys (see
+    :func:`key_prefixes`; ``keys`` may be its result).  That implies everything
+    :func:`check_members` checks; False means "not shown here" (pax or long-name headers, or a
+    real problem): the caller runs :func:`check_members`.  Vectorised: one pass per member
+    position within a sample, whatever the number of samples.
+    """
+    prefixes = keys if isinstance(keys, tuple) else key_prefixes(keys)
+    n_samples = len(starts)
+    if prefixes is None or len(prefixes[0]) != n_samples:
+        return False
+    if n_samples == 0:
+        return len(block) == 0
+    prefix, plen = prefixes
+    starts = np.asarray(starts, np.int64)
+    stops = np.append(starts[1:], len(block))
+    if starts[0] != 0 or (stops <= starts).any() or len(block) % 512 or (starts % 512).any():
+        return False
+    blocks = block.reshape(-1, 512)  # tar headers lie on 512-byte boundaries: gather whole rows
+
+    # walk the members: all samples' first headers, then all second headers, ...
+    heads, owners = [], []
+    pos = starts.copy()
+    live = np.arange(n_samples)
+    while live.size:
+        p = pos[live]
+        hdr = blocks[p >> 9]
+        digits = hdr[:, 124:135] - 48  # uint8: anything but '0'..'7' wraps above 7
+        if (digits > 7).any() or ((hdr[:, 135] | 32) != 32).any():  # 11 digits, then NUL or space
+            return False
+        nxt = p + 512 + ((digits @ _SIZE_WEIGHTS + 511) & ~511)
+        end = stops[live]
+        if (nxt > end).any():
+            return False
+        heads.append(hdr)
+        owners.append(live)
+        pos[live] = nxt
+        live = live[nxt < end]
+    hdr = np.concatenate(heads) if len(heads) > 1 else heads[0]
+    owner = np.concatenate(owners) if len(owners) > 1 else owners[0]
+
+    field = hdr[:, 148:154] - 48
+    if _NOT_REGULAR[hdr[:, 156]].any() or (field > 7).any() or (hdr[:, 345] != 0).any() \
+            or (hdr[:, 154:156].copy().view(np.uint16) != _NUL_SPACE).any():
+        return False  # not a regular file, another checksum layout, or a ustar prefix (the full check joins it)
+    total = hdr.sum(1, dtype=np.int64) - hdr[:, 148:156].sum(1, dtype=np.int64) + 256
+    if (field @ _SUM_WEIGHTS != total).any():
+        return False
+    width = prefix.shape[1]
+    if width > 100:
+        return False
+    name = hdr[:, :100]
+    own = plen[owner][:, None]
+    cols = np.arange(100)
+    if not ((name[:, :width] == prefix[owner]) | (cols[:width] >= own)).all():
+        return False
+    zero = name == 0
+    nul = np.where(zero.any(1), zero.argmax(1), 100)[:, None]
+    return not (_SEPARATOR[name] & (cols >= own) & (cols < nul)).any()
+
+
+def _pieces(offs: np.ndarray, ends: np.ndarray, block: int) -> Iterator[tuple[int, int]]:
     """Runs [a, b) of samples contiguous in the source, together at most ``block`` bytes (or one sample)."""
-    n = len(offs)
-    a = 0
-    while a < n:
-        b = a + 1
-        while b < n and offs[b] == ends[b - 1] and (block is None or ends[b] - offs[a] <= block):
-            b += 1
-        yield a, b
-        a = b
+    offs, ends = np.asarray(offs, np.int64), np.asarray(ends, np.int64)
+    bounds = np.concatenate([[0], np.flatnonzero(offs[1:] != ends[:-1]) + 1, [len(offs)]]).tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        while a < b:
+            if ends[b - 1] - offs[a] <= block:
+                c = b
+            else:  # the longest prefix within the block, at least one sample
+                c = max(a + 1, int(np.searchsorted(ends[a:b], offs[a] + block, side="right")) + a)
+            yield a, c
+            a = c
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int, shard: str) -> None:
-    """Copy ``count`` bytes at ``offset`` of a local file to the end of ``dst`` inside the kernel."""
-    dst.flush()
-    fd_in, fd_out = src.fileno(), dst.fileno()
-    while count > 0:
-        try:
-            done = os.copy_file_range(fd_in, fd_out, count, offset)
-        except OSError:  # e.g. across filesystems on old kernels: fall back to a plain copy
-            chunk = os.pread(fd_in, min(count, READ_BLOCK), offset)
-            done = len(chunk)
-            if done:
-                os.write(fd_out, chunk)
-        if done == 0:
-            raise StreamPruneError(f"reshard: shard {shard} is shorter than catalogued (wanted bytes "
-                                   f"{offset}-{offset + count}); re-run catalog")
-        offset += done
-        count -= done
-    dst.seek(0, 2)  # re-sync the buffered writer with the file offset the kernel advanced
+class _Sink:
+    """Appends to an output tar: raw ``os.write`` on a local file, ``write`` on an fsspec upload."""
+
+    def __init__(self, dst: BinaryIO, remote: bool):
+        self.dst = dst
+        self.fd = None if remote else dst.fileno()
+
+    def write(self, data) -> None:
+        if self.fd is None:
+            self.dst.write(data)
+            return
+        view = memoryview(data)
+        while view.nbytes:
+            view = view[os.write(self.fd, view):]
 
 
-def _bytes_members(data: bytes, base: int) -> Iterator:
-    from streamprune.tario import iter_tar
+class _Source:
+    """Random access to one source shard: ``pread`` on a local file, ranged reads through fsspec otherwise."""
 
-    return iter_tar(io.BytesIO(data), read_data=False, base_offset=base)
+    def __init__(self, url: str, size: int, storage_options: dict | None):
+        self.url, self.size, self.storage_options = url, size, storage_options
+        self.fd: int | None = None
+        self.f = None
+
+    def __enter__(self) -> "_Source":
+        if storage.is_remote(self.url):
+            self.f = storage.open_read(self.url, self.storage_options, block_size=REMOTE_BLOCK)
+        else:
+            try:
+                self.fd = os.open(self.url, os.O_RDONLY)
+            except OSError as exc:
+                raise StreamPruneError(storage.describe_storage_error(exc, self.url)) from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        if self.f is not None:
+            self.f.close()
+
+    def _short(self, start: int, stop: int) -> StreamPruneError:
+        return StreamPruneError(f"reshard: shard {self.url} is shorter than catalogued (wanted bytes {start}-{stop}); "
+                                "re-run catalog")
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` (fewer at the end of the shard)."""
+        if self.fd is not None:
+            return os.pread(self.fd, n, pos)
+        self.f.seek(pos)
+        return self.f.read(n)
+
+    def read_into(self, buf: bytearray, at: int, start: int, count: int) -> None:
+        """Bytes [start, start + count) of the shard into ``buf[at:at + count]``."""
+        with memoryview(buf) as whole:
+            view = whole[at:at + count]
+            got = 0
+            while got < count:
+                if self.fd is not None:
+                    k = os.preadv(self.fd, [view[got:]], start + got)
+                else:
+                    self.f.seek(start + got)
+                    k = self.f.readinto(view[got:])
+                if not k:
+                    view.release()
+                    raise self._short(start, start + count)
+                got += k
+            view.release()
+
+    def copy_to(self, sink: _Sink, start: int, count: int) -> None:
+        """Append bytes [start, start + count) to ``sink``: in the kernel local to local, else by blocks."""
+        pos, stop = start, start + count
+        while pos < stop:
+            done = 0
+            if self.fd is not None and sink.fd is not None:
+                try:
+                    done = os.copy_file_range(self.fd, sink.fd, stop - pos, pos)
+                except OSError:  # e.g. across filesystems on old kernels: copy through memory
+                    pass
+            if not done:
+                data = self.read_at(pos, min(stop - pos, READ_BLOCK))
+                if not data:
+                    raise self._short(start, stop)
+                sink.write(data)
+                done = len(data)
+            pos += done
 
 
-def _file_members(f: BinaryIO, start: int, stop: int) -> Iterator:
-    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only.
+class _RangeFile(io.RawIOBase):
+    """A read-only, seekable file over ``read_at(pos, n)`` with absolute positions (for ``tario.iter_tar``)."""
 
-    Plain ustar/GNU headers of regular files are parsed here with one ``pread`` each (the
-    catalogued bytes were checked once already; this re-check must not cost more than the copy);
-    anything else (pax, long names, a bad checksum, zeros) is handed to :func:`tario.iter_tar`.
+    def __init__(self, read_at: Callable[[int, int], bytes], pos: int, size: int):
+        self._read_at, self._pos, self._size = read_at, pos, size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else min(n, max(0, self._size - self._pos))
+        data = self._read_at(self._pos, n) if n else b""
+        self._pos += len(data)
+        return data
+
+
+def iter_headers(read_at: Callable[[int, int], bytes], start: int, stop: int, size: int) -> Iterator:
+    """Members from byte ``start`` up to the one ending at (or past) ``stop``, headers only (``.name/.offset/.end``).
+
+    ``read_at(pos, n)`` reads the shard (``size`` bytes).  Plain ustar/GNU headers of regular
+    files are parsed here (the catalogued bytes were checked once already; this re-check must
+    cost little next to the copy); anything else (pax, long names, a bad checksum, zeros) goes to
+    :func:`tario.iter_tar` from that member on.
     """
     from streamprune.tario import iter_tar
 
-    fd = f.fileno()
     pos = start
     while pos < stop:
-        hdr = os.pread(fd, 512, pos)
-        if len(hdr) < 512 or hdr[156:157] not in (b"0", b"\0", b"7") or hdr[124] & 0x80:
+        hdr = read_at(pos, 512)
+        if len(hdr) < 512 or hdr[156] not in _REGULAR or hdr[124] & 0x80:
             break
         try:
-            size = int(hdr[124:136].split(b"\0", 1)[0].strip(b" ") or b"0", 8)
+            length = int(hdr[124:136].split(b"\0", 1)[0].strip(b" ") or b"0", 8)
             checksum = int(hdr[148:156].split(b"\0", 1)[0].strip(b" ") or b"-1", 8)
         except ValueError:
             break
@@ -805,16 +1161,38 @@ def _file_members(f: BinaryIO, start: int, stop: int) -> Iterator:
             prefix = hdr[345:500].split(b"\0", 1)[0]
             if prefix:
                 name = prefix + b"/" + name
-        end = pos + 512 + (size + 511) // 512 * 512
+        end = pos + 512 + (length + 511) // 512 * 512
         yield _Header(name.decode("utf-8", "surrogateescape"), pos, end)
         pos = end
     else:
         return
-    f.seek(pos)
-    for m in iter_tar(f, read_data=False, base_offset=pos):
+    for m in iter_tar(_RangeFile(read_at, pos, size), read_data=False, base_offset=pos):
         yield m
         if m.end >= stop:
             return
+
+
+_REGULAR = frozenset(b"0\x007")  # typeflags of regular files: '0', NUL, '7'
+
+
+def _buffer_members(view: memoryview, base: int) -> Iterator:
+    """Members in ``view``, which holds bytes [base, base + len(view)) of a shard; headers only."""
+
+    def read_at(pos: int, n: int) -> bytes:
+        return bytes(view[pos - base:pos - base + n])
+
+    return iter_headers(read_at, base, base + len(view), base + len(view))
+
+
+def _bytes_members(data: bytes, base: int) -> Iterator:
+    """Members of ``data`` (bytes [base, base + len(data)) of a shard); headers only."""
+    return _buffer_members(memoryview(data), base)
+
+
+def _file_members(f: BinaryIO, start: int, stop: int) -> Iterator:
+    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only."""
+    fd = f.fileno()
+    return iter_headers(lambda pos, n: os.pread(fd, n, pos), start, stop, os.fstat(fd).st_size)
 
 
 class _Header:
@@ -824,27 +1202,39 @@ class _Header:
         self.name, self.offset, self.end = name, offset, end
 
 
-def check_members(members: Iterable, start: int, stop: int, offs: np.ndarray, ends: np.ndarray, keys: np.ndarray,
-                  shard: str) -> None:
+def check_members(members: Iterable, start: int, stop: int, offs, ends, keys, shard: str) -> None:
     """Members spanning bytes [start, stop) of a shard belong to their catalogued keys and have safe names."""
     from streamprune.shards import split_name, unsafe_name
     from streamprune.tario import TarError
 
+    offs = offs.tolist() if isinstance(offs, np.ndarray) else offs
+    ends = ends.tolist() if isinstance(ends, np.ndarray) else ends
     j = 0
     covered = start
+    prefix = None  # "key." of sample j when that key is a plain WebDataset key (last part without '.')
     try:
         for m in members:
+            moved = False
             while j < len(offs) and m.offset >= ends[j]:
                 j += 1
+                moved = True
             if j == len(offs) or m.offset < offs[j]:
                 raise StreamPruneError(f"reshard: shard {shard}: member {m.name!r} at byte {m.offset} is outside "
                                        "the catalogued samples; the shard changed since `streamprune catalog`?")
-            if unsafe_name(m.name):
-                raise StreamPruneError(f"reshard: shard {shard}, key {keys[j]}: unsafe member name {m.name!r}")
-            parts = split_name(m.name)
-            if parts is not None and parts[0] != keys[j]:
-                raise StreamPruneError(f"reshard: shard {shard}: member {m.name!r} where the catalog has key "
-                                       f"{keys[j]}; the shard changed since `streamprune catalog`?")
+            if moved or prefix is None:
+                last = keys[j].rsplit("/", 1)[-1]
+                prefix = keys[j] + "." if last and "." not in last else ""
+            name = m.name
+            # Fast path, equivalent to the checks below for a plain key: "key.ext", ext without '/',
+            # and no character that can make a name unsafe.
+            if not (prefix and name.startswith(prefix) and "/" not in name[len(prefix):]
+                    and ".." not in name and "\\" not in name and "\x00" not in name and name[0] != "/"):
+                if unsafe_name(name):
+                    raise StreamPruneError(f"reshard: shard {shard}, key {keys[j]}: unsafe member name {name!r}")
+                parts = split_name(name)
+                if parts is not None and parts[0] != keys[j]:
+                    raise StreamPruneError(f"reshard: shard {shard}: member {name!r} where the catalog has key "
+                                           f"{keys[j]}; the shard changed since `streamprune catalog`?")
             covered = m.end
     except TarError as exc:
         raise StreamPruneError(f"reshard: shard {shard}, key {keys[j] if j < len(keys) else keys[-1]}: bytes do not "

@@ -30,7 +30,7 @@ from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MEMBER_BYTES = 1 << 30
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # --max-member-bytes: a bigger member is rejected unread
 
 
 # error policy --------------------------------------------------------------------------------
@@ -41,6 +41,7 @@ class ErrorPolicy:
     mode: str = "fail"
     records: list[dict] = field(default_factory=list)
     stage: str = ""
+    quiet: bool = False  # no log line per skipped sample (an outer handler reports it)
 
     def __post_init__(self) -> None:
         if self.mode not in ("fail", "skip"):
@@ -50,7 +51,8 @@ class ErrorPolicy:
         """Raise in ``fail`` mode, record in ``skip`` mode."""
         if self.mode == "fail":
             raise err
-        log.warning("skipping: %s", err)
+        if not self.quiet:
+            log.warning("skipping: %s", err)
         self.records.append(err.record(self.stage))
 
 
@@ -90,7 +92,8 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 def unsafe_name(name: str) -> bool:
     """A member name that must never reach a filesystem path: absolute or with '..' parts."""
-    return name.startswith(("/", "\\")) or "\x00" in name or any(p == ".." for p in re.split(r"[/\\]", name))
+    return (name.startswith(("/", "\\")) or "\x00" in name or re.match(r"[A-Za-z]:[/\\]", name) is not None
+            or any(p == ".." for p in re.split(r"[/\\]", name)))
 
 
 def iter_members(fileobj: BinaryIO, shard: str, handler: ErrorPolicy, read_data: bool = False,
@@ -103,13 +106,15 @@ def iter_members(fileobj: BinaryIO, shard: str, handler: ErrorPolicy, read_data:
             oversized = m.size > max_member_bytes
             if oversized:
                 handler.handle(SampleError(f"member {m.name} is {m.size} bytes, over the limit of "
-                                           f"{max_member_bytes}", shard, _key_of(m.name), reason="too_large"))
+                                           f"{max_member_bytes} (--max-member-bytes); not read", shard,
+                                           _key_of(m.name), reason="too_large"))
             yield Member(m.name, m.offset, m.end, m.size, m.data, oversized)
     except TarError as exc:
         if last_name is None and exc.offset == base_offset:
             msg = f"not a tar file ({exc})"
         else:
-            msg = f"corrupt or truncated tar" + (f" after member {last_name}" if last_name else "") + f" ({exc})"
+            msg = ("corrupt or truncated tar" + (f" after member {last_name}" if last_name else "")
+                   + f" ({exc}); the rest of the shard is unreadable")
         handler.handle(SampleError(msg, shard, _key_of(last_name), reason="corrupt_tar"))
         yield Member("", exc.offset, exc.offset, 0, None, broken=True)
 
@@ -122,10 +127,15 @@ def _key_of(name: str | None) -> str | None:
 
 
 def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -> Iterator[Sample]:
-    """Group consecutive members by key; report duplicate keys, unsafe and oversized members."""
+    """Group consecutive members by key; report duplicate keys, unsafe and oversized members.
+
+    A sample with a reported problem is dropped whole (the report names its key).  Unsafe
+    member names (absolute, ``..``, NUL) are rejected rather than sanitised, like ``prune
+    --reshard`` does: a sanitised name could collide with another sample's key.
+    """
     seen: set[str] = set()
     current: Sample | None = None
-    bad_current = False  # a sample with a reported problem is dropped whole (the report names it)
+    bad_current = False
 
     def finish(sample: Sample | None, bad: bool) -> Sample | None:
         return None if sample is None or bad else sample
@@ -133,6 +143,17 @@ def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -
     for m in members:
         if m.broken:
             return  # the in-progress sample is incomplete; iter_members reported it
+        if unsafe_name(m.name):
+            key = _key_of(m.name)
+            if current is not None and current.key == key and bad_current:
+                continue  # another member of a sample already reported
+            done = finish(current, bad_current)
+            if done is not None:
+                yield done
+            handler.handle(SampleError(f"unsafe member name {m.name!r} (absolute path or '..'); rejected",
+                                       shard, key, reason="unsafe_name"))
+            current, bad_current = Sample(key, m.offset, m.end, {}), True
+            continue
         parts = split_name(m.name)
         if parts is None:
             continue  # webdataset ignores names without an extension (e.g. directories' files)
@@ -150,10 +171,6 @@ def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -
         if done is not None:
             yield done
         current, bad_current = None, False
-        if unsafe_name(m.name):
-            handler.handle(SampleError(f"unsafe member name {m.name!r}", shard, key, reason="unsafe_name"))
-            current, bad_current = Sample(key, m.offset, m.end, {}), True
-            continue
         if key in seen:
             handler.handle(SampleError("duplicate key (appears twice in the shard)", shard, key,
                                        reason="duplicate_key"))
@@ -176,11 +193,12 @@ def iter_samples(url: str, handler: ErrorPolicy, storage_options: dict | None = 
 
 def read_sample_range(url: str, start: int, end: int, shard_label: str | None = None,
                       storage_options: dict | None = None, handler: ErrorPolicy | None = None,
-                      data: bytes | None = None) -> list[Sample]:
+                      data: bytes | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> list[Sample]:
     """Samples stored in bytes [start, end) of a shard (one ranged read; offsets from the catalog)."""
     handler = handler or ErrorPolicy("fail")
     blob = data if data is not None else storage.read_range(url, start, end, storage_options)
-    members = iter_members(io.BytesIO(blob), shard_label or url, handler, read_data=True, base_offset=start)
+    members = iter_members(io.BytesIO(blob), shard_label or url, handler, read_data=True, base_offset=start,
+                           max_member_bytes=max_member_bytes)
     return list(group_samples(members, shard_label or url, handler))
 
 
@@ -216,10 +234,13 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
                 continue
             for j in run:
                 o, e = int(offs[j]) - start, int(ends[j]) - start
-                got = read_sample_range(url, int(offs[j]), int(ends[j]), handler=handler, data=blob[o:e])
-                if len(got) != 1 or got[0].key != keys[j]:
-                    handler.handle(SampleError("sample bytes do not match the catalog (shard changed since "
-                                               "`catalog`?)", url, keys[j], reason="changed_shard"))
+                parse = ErrorPolicy("skip", stage=handler.stage, quiet=True)  # one report per sample, below
+                got = read_sample_range(url, int(offs[j]), int(ends[j]), handler=parse, data=blob[o:e],
+                                        max_member_bytes=cat.max_member_bytes)
+                if parse.records or len(got) != 1 or got[0].key != keys[j]:
+                    why = f": {parse.records[0]['message']}" if parse.records else ""
+                    handler.handle(SampleError(f"sample bytes do not match the catalog (shard changed since "
+                                               f"`catalog`?){why}", url, keys[j], reason="changed_shard"))
                     continue
                 yield int(rows[group[j]]), got[0]
 
@@ -286,8 +307,7 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
 
     counts, errors = [], []
     for i, part in enumerate(table.part):
-        meta = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(part_dir, f"{part}.parquet"),
-                                                             ws.storage_options)), columns=["key"])
+        meta = _read_table(storage.join(part_dir, f"{part}.parquet"), ws.storage_options, columns=["key"])
         counts.append(len(meta))
         side = storage.read_json(storage.join(part_dir, f"{part}.parquet.errors.json"), ws.storage_options)
         errors.extend(side or [])
@@ -312,14 +332,28 @@ def fingerprint_shards(table: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def _read_table(url: str, storage_options: dict | None, columns: list[str] | None = None) -> pd.DataFrame:
+    """A catalog parquet table; a missing or damaged one is a one-line error saying what to re-run."""
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise StreamPruneError(f"catalog file {url} is missing; re-run `streamprune catalog --force`") from None
+    try:
+        return pd.read_parquet(io.BytesIO(data), columns=columns)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for damaged files
+        raise StreamPruneError(f"catalog file {url} is damaged ({type(exc).__name__}); re-run "
+                               "`streamprune catalog --force`") from None
+
+
 class Catalog:
     """Read access to a workspace catalog: shard table, keys and offsets by row."""
 
     def __init__(self, ws: Workspace):
-        ws.require("catalog", "catalog read")
+        marker = ws.require("catalog", "catalog read")
         self.ws = ws
-        data = storage.read_bytes(ws.path("catalog", "shards.parquet"), ws.storage_options)
-        self.shards = pd.read_parquet(io.BytesIO(data))
+        # Samples were vetted against this limit when catalogued; reading them back uses the same one.
+        self.max_member_bytes = int(marker.get("config", {}).get("max_member_bytes") or DEFAULT_MAX_MEMBER_BYTES)
+        self.shards = _read_table(ws.path("catalog", "shards.parquet"), ws.storage_options)
         self.n_samples = int(self.shards.n_samples.sum())
         self.row_start = self.shards.row_start.to_numpy(np.int64)
         self.urls: list[str] = self.shards.url.tolist()
@@ -335,8 +369,8 @@ class Catalog:
             if len(self._parts) > 64:
                 self._parts.clear()
             name = self.shards.part.iloc[shard]
-            data = storage.read_bytes(self.ws.path("catalog", "parts", f"{name}.parquet"), self.ws.storage_options)
-            self._parts[shard] = pd.read_parquet(io.BytesIO(data))
+            self._parts[shard] = _read_table(self.ws.path("catalog", "parts", f"{name}.parquet"),
+                                             self.ws.storage_options)
         return self._parts[shard]
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:

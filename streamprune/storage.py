@@ -1,7 +1,15 @@
 """Local and object-storage access through fsspec: shard discovery, atomic writes, retries.
 
 Credentials come from the standard AWS environment/config files or from explicit
-``storage_options``; they are passed to fsspec and never written or logged.
+``storage_options``; they are passed to fsspec and never written or logged, and error
+messages are scrubbed of them (:func:`redact`).
+
+Retries (see :class:`RetryPolicy`): on S3 every request — shard reads, zarr chunks, markers —
+is retried by one handler inside botocore (5xx, throttling such as 503 SlowDown, connection
+errors and timeouts), with jittered exponential backoff and a warning per retry.  botocore's
+own retry rules and s3fs's retry loop are switched off so that the attempts do not multiply.
+:func:`retry` wraps the calls made here and retries what the inner handler cannot see
+(a connection dropped while a body is read, other fsspec protocols).
 """
 
 from __future__ import annotations
@@ -12,8 +20,11 @@ import json
 import logging
 import os
 import random
+import re
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
@@ -27,6 +38,59 @@ T = TypeVar("T")
 # Errors from object storage worth retrying: connection problems, timeouts, throttling, 5xx.
 _TRANSIENT_MARKERS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502",
                       "504", "connection", "temporarily", "reset by peer", "internalerror")
+_THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                     "TooManyRequestsException", "RequestThrottled", "RequestTimeout", "RequestTimeoutException",
+                     "PriorRequestNotComplete", "InternalError", "ServiceUnavailable"}
+# streamprune's own keys in storage options (never passed to fsspec) and their environment variables.
+RETRY_OPTIONS = {"retries": "STREAMPRUNE_RETRIES", "retry_backoff": "STREAMPRUNE_RETRY_BACKOFF",
+                 "retry_max_backoff": "STREAMPRUNE_RETRY_MAX_BACKOFF", "timeout": "STREAMPRUNE_TIMEOUT"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How storage requests are retried: count, jittered exponential backoff, per-request timeout.
+
+    ``retries`` extra attempts after the first; the n-th retry waits
+    ``min(retry_backoff * 2**(n-1), retry_max_backoff)`` seconds times a jitter in [0.5, 1.5);
+    ``timeout`` bounds each S3 request's socket reads (connect: ``min(timeout, 10)``).  A request
+    that keeps failing gives up after at most ``(retries + 1) * (timeout + 10) + sum(delays)``
+    seconds.  Set by the environment (``STREAMPRUNE_RETRIES``, ``STREAMPRUNE_RETRY_BACKOFF``,
+    ``STREAMPRUNE_RETRY_MAX_BACKOFF``, ``STREAMPRUNE_TIMEOUT``) or, taking precedence, by the
+    same names in ``--storage-options`` (``{"retries": 8, "timeout": 20}``), which travel to
+    dask workers with the workspace.
+    """
+
+    retries: int = 4
+    retry_backoff: float = 0.5
+    retry_max_backoff: float = 20.0
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.retry_backoff < 0 or self.retry_max_backoff < 0 or self.timeout <= 0:
+            raise StreamPruneError(f"retry settings must be non-negative (timeout positive): {self}")
+
+    @property
+    def attempts(self) -> int:
+        return self.retries + 1
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based), jittered."""
+        base = min(self.retry_backoff * 2 ** (retry - 1), self.retry_max_backoff)
+        return base * (0.5 + random.random())
+
+    @classmethod
+    def from_options(cls, storage_options: dict | None = None) -> "RetryPolicy":
+        """The policy from the environment, overridden by storage options."""
+        values: dict[str, Any] = {}
+        for name, env in RETRY_OPTIONS.items():
+            raw = (storage_options or {}).get(name, os.environ.get(env))
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = int(raw) if name == "retries" else float(raw)
+            except (TypeError, ValueError):
+                raise StreamPruneError(f"storage option / {env} {name!r} must be a number, not {raw!r}") from None
+        return cls(**values)
 
 
 def parse_storage_options(text: str | None) -> dict:
@@ -58,16 +122,134 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
-def get_fs(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``url`` (options apply to remote protocols only)."""
+def get_fs(url: str, storage_options: dict | None = None, asynchronous: bool = False) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``url`` (options apply to remote protocols only), one per process."""
     proto = protocol(url)
-    opts = dict(storage_options or {}) if proto not in ("file", "local") else {}
-    if proto == "s3":
-        opts.setdefault("config_kwargs", {}).setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+    if proto in ("file", "local"):
+        return fsspec.filesystem(proto)
+    policy = RetryPolicy.from_options(storage_options)
+    _remember_credentials(storage_options)
+    opts = {k: v for k, v in (storage_options or {}).items() if k not in RETRY_OPTIONS}
+    key = (os.getpid(), proto, json.dumps(opts, sort_keys=True, default=repr), policy, asynchronous)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+    if fs is not None:
+        return fs
     try:
-        return fsspec.filesystem(proto, **opts)
-    except (ImportError, ValueError) as exc:
-        raise StreamPruneError(f"cannot open storage for {url!r}: {exc}") from None
+        if proto in ("s3", "s3a"):
+            fs = _s3_filesystem(opts, policy, asynchronous)
+        else:
+            fs = fsspec.filesystem(proto, **opts, **({"asynchronous": True} if asynchronous else {}))
+    except (ImportError, ValueError, TypeError) as exc:
+        raise StreamPruneError(f"cannot open storage for {url!r}: {redact(str(exc), storage_options)}") from None
+    with _FS_LOCK:
+        return _FS_CACHE.setdefault(key, fs)
+
+
+_FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def _s3_filesystem(opts: dict, policy: RetryPolicy, asynchronous: bool) -> fsspec.AbstractFileSystem:
+    """An s3fs filesystem whose requests are retried by ``policy`` only (see the module docstring)."""
+    import aiobotocore.session
+    import s3fs
+
+    opts = dict(opts)
+    config = dict(opts.pop("config_kwargs", None) or {})
+    # botocore's own retry rules are off: the handler below is the one retry layer (a "retries"
+    # entry in config_kwargs would only add attempts that the handler's budget does not see).
+    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+    config.setdefault("connect_timeout", min(policy.timeout, 10.0))
+    config.setdefault("read_timeout", policy.timeout)
+    session = aiobotocore.session.AioSession()
+    session.register("needs-retry.s3", _RetryHandler(policy))
+    fs = s3fs.S3FileSystem(session=session, config_kwargs=config, skip_instance_cache=True,
+                           asynchronous=asynchronous, **opts)
+    fs.retries = 1  # s3fs's own loop would repeat the handler's whole sequence
+    return fs
+
+
+class _RetryHandler:
+    """botocore ``needs-retry`` hook: the delay before the next attempt, or None to give up."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+
+    def __call__(self, attempts: int, response=None, caught_exception=None, operation=None, request_dict=None,
+                 **_) -> float | None:
+        reason = _retry_reason(response, caught_exception)
+        if reason is None:
+            return None
+        from urllib.parse import urlsplit
+
+        what = f"{getattr(operation, 'name', 'request')} {urlsplit((request_dict or {}).get('url', '')).path}"
+        if attempts >= self.policy.attempts:
+            log.info("S3 %s: %s; giving up after %d attempts", what, reason, attempts)
+            return None
+        delay = self.policy.delay(attempts)
+        log.info("S3 %s: %s; retry %d of %d in %.2fs", what, reason, attempts, self.policy.retries, delay)
+        return delay
+
+
+def _retry_reason(response, caught_exception) -> str | None:
+    """Why an S3 attempt should be retried (5xx, throttling, connection, timeout), or None."""
+    if caught_exception is not None:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+        if isinstance(caught_exception, (BotoConnectionError, HTTPClientError, TimeoutError, ConnectionError)):
+            return type(caught_exception).__name__
+        return None
+    if not response:
+        return None
+    http, parsed = response
+    status = getattr(http, "status_code", 200)
+    code = (parsed or {}).get("Error", {}).get("Code", "")
+    if status >= 500 or status == 429 or code in _THROTTLING_CODES:
+        return f"{status} {code}".strip()
+    return None
+
+
+_CREDENTIAL_KEYS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                    "aws_session_token")
+_SEEN_CREDENTIALS: set[str] = set()  # from storage options used in this process, for redact()
+_SIGV4_CREDENTIAL = re.compile(r"(Credential=)[^/\s'\"]+")
+
+
+def _remember_credentials(storage_options: dict | None) -> None:
+    for k in _CREDENTIAL_KEYS:
+        v = (storage_options or {}).get(k)
+        if isinstance(v, str) and len(v) >= 4:
+            _SEEN_CREDENTIALS.add(v)
+
+
+def redact(text: str, storage_options: dict | None = None) -> str:
+    """``text`` with every credential we know of (storage options, AWS environment) replaced."""
+    secrets = [os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    secrets += [(storage_options or {}).get(k) for k in _CREDENTIAL_KEYS] + list(_SEEN_CREDENTIALS)
+    for s in sorted({s for s in secrets if isinstance(s, str) and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(s, "***")
+    return _SIGV4_CREDENTIAL.sub(r"\1***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that removes credentials from records (botocore's debug logs show them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's business
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+# botocore logs signed request headers (the access key id) and error bodies at DEBUG (-vv).
+for _name in ("botocore.endpoint", "aiobotocore.endpoint", "botocore.auth", "botocore.parsers", "botocore.hooks",
+              "botocore.retryhandler", "botocore.httpsession", "aiobotocore.httpsession", "s3fs", "fsspec"):
+    logging.getLogger(_name).addFilter(RedactingFilter())
 
 
 def normalize(url: str) -> str:
@@ -92,15 +274,68 @@ def _with_protocol(url_like: str, proto: str) -> str:
     return url_like if proto == "file" or "://" in url_like else f"{proto}://{url_like}"
 
 
-def describe_storage_error(exc: BaseException, url: str) -> str:
+def describe_storage_error(exc: BaseException, url: str, storage_options: dict | None = None) -> str:
     """One line saying what went wrong with ``url``, without credentials."""
     name = type(exc).__name__
-    msg = str(exc).splitlines()[0] if str(exc) else name
+    text = exc.strerror if isinstance(exc, OSError) and isinstance(exc.strerror, str) else str(exc)
+    msg = text.splitlines()[0] if text else name
+    code = _s3_code(exc)
     if isinstance(exc, FileNotFoundError):
-        return f"not found: {url}"
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {url} ({msg})"
-    return f"cannot access {url}: {name}: {msg}"
+        out = f"not found: {url}"
+    elif isinstance(exc, PermissionError) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        label = (f"HTTP {code}: " if code.isdigit() else f"{code}: ") if code else ""
+        out = f"permission denied: {url} ({label}{msg}); check the credentials"
+    elif code:
+        out = f"cannot access {url}: " + (f"HTTP {code}" if code.isdigit() else f"S3 error {code}") + f": {msg}"
+    else:
+        out = f"cannot access {url}: {name}: {msg}"
+    return redact(out, storage_options)
+
+
+def _s3_code(exc: BaseException) -> str:
+    """The S3 error code (SlowDown, AccessDenied, ...) of a botocore error in ``exc``'s chain."""
+    seen = 0
+    while exc is not None and seen < 8:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return ""
+
+
+def _retry_code(exc: BaseException) -> str:
+    """The S3 error code when it is one the retry handler retries (throttling, 5xx), else ''."""
+    code = _s3_code(exc)
+    return code if code in _THROTTLING_CODES or code[:1] == "5" else ""
+
+
+def _retried_inside(exc: BaseException) -> bool:
+    """Whether the S3 retry handler has already retried this error (a botocore error in the chain)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - s3 extra not installed
+        return False
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (BotoCoreError, ClientError)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def error_line(exc: BaseException) -> str | None:
+    """One line for a storage failure that escaped :func:`retry` (e.g. raised inside zarr), else None.
+
+    For the CLI: an ``OSError`` or botocore error becomes ``"cannot access ...: ..."`` without
+    credentials instead of a traceback.
+    """
+    if isinstance(exc, StreamPruneError):
+        return str(exc)
+    if not (isinstance(exc, OSError) or _retried_inside(exc)):
+        return None
+    where = getattr(exc, "filename", None) or "object storage"
+    msg = describe_storage_error(exc, str(where))
+    return msg + (" (gave up after retries)" if is_transient(exc) or _retry_code(exc) else "")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -113,18 +348,32 @@ def is_transient(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSIENT_MARKERS)
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn`` retrying transient storage errors with jittered exponential backoff."""
-    for attempt in range(attempts):
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None,
+          storage_options: dict | None = None) -> T:
+    """Call ``fn`` retrying transient storage errors with jittered exponential backoff.
+
+    The policy comes from ``storage_options``/the environment (:class:`RetryPolicy`); errors
+    that the S3 request handler already retried are not retried again here.  A final failure
+    is a one-line ``StreamPruneError`` without credentials.
+    """
+    policy = RetryPolicy.from_options(storage_options)
+    attempts = policy.attempts if attempts is None else attempts
+    for attempt in range(1, attempts + 1):
         try:
             return fn()
         except StreamPruneError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc) or attempt == attempts - 1:
-                raise StreamPruneError(describe_storage_error(exc, what)) from exc
-            delay = base_delay * (2**attempt) * (0.5 + random.random())
-            log.warning("transient error on %s (%s), retrying in %.1fs", what, type(exc).__name__, delay)
+            transient = is_transient(exc) or bool(_retry_code(exc))
+            if not transient or _retried_inside(exc) or attempt == attempts:
+                msg = describe_storage_error(exc, what, storage_options)
+                if transient:
+                    msg += f" (gave up after {policy.attempts if _retried_inside(exc) else attempt} attempts)"
+                raise StreamPruneError(msg) from exc
+            delay = (policy.delay(attempt) if base_delay is None
+                     else base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
+            log.info("storage: %s on %s; retry %d of %d in %.2fs", type(exc).__name__, what, attempt,
+                        attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -154,7 +403,7 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
         raise StreamPruneError(f"shard not found: {path}")
     fs = get_fs(pattern, storage_options)
     if globlib.has_magic(pattern):
-        found = retry(lambda: fs.glob(pattern), pattern)
+        found = retry(lambda: fs.glob(pattern), pattern, storage_options=storage_options)
         return [_with_protocol(p, proto) for p in sorted(found)]
 
     def _stat() -> list[str]:
@@ -165,7 +414,7 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
         raise FileNotFoundError(pattern)
 
     try:
-        return retry(_stat, pattern)
+        return retry(_stat, pattern, storage_options=storage_options)
     except StreamPruneError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             raise StreamPruneError(f"shard not found (missing bucket or key?): {pattern}") from None
@@ -181,7 +430,7 @@ def stat(url: str, storage_options: dict | None = None) -> dict:
             raise StreamPruneError(describe_storage_error(exc, url)) from None
         return {"size": st.st_size, "etag": f"mtime:{st.st_mtime_ns}"}
     fs = get_fs(url, storage_options)
-    info = retry(lambda: fs.info(url), url)
+    info = retry(lambda: fs.info(url), url, storage_options=storage_options)
     etag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
     return {"size": int(info.get("size", 0)), "etag": str(etag).strip('"')}
 
@@ -194,26 +443,45 @@ def open_read(url: str, storage_options: dict | None = None, block_size: int = 8
         except OSError as exc:
             raise StreamPruneError(describe_storage_error(exc, url)) from None
     fs = get_fs(url, storage_options)
-    return retry(lambda: fs.open(url, "rb", block_size=block_size, cache_type="readahead"), url)
+    return retry(lambda: fs.open(url, "rb", block_size=block_size, cache_type="readahead"), url,
+                 storage_options=storage_options)
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict | None = None) -> bytes:
     """Bytes [start, end) of an object, with retries on object storage."""
     if not is_remote(url):
-        with open(url, "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
+        return _local(url, lambda: _pread(url, start, end))
     fs = get_fs(url, storage_options)
-    return retry(lambda: fs.cat_file(url, start=start, end=end), url)
+    return retry(lambda: fs.cat_file(url, start=start, end=end), url, storage_options=storage_options)
+
+
+def _pread(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _read_all(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _local(path: str, fn: Callable[[], T]) -> T:
+    """Run a local file operation; errors other than "not found" become one-line errors."""
+    try:
+        return fn()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StreamPruneError(describe_storage_error(exc, path)) from exc
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     """Whole object as bytes."""
     if not is_remote(url):
-        with open(url, "rb") as f:
-            return f.read()
+        return _local(url, lambda: _read_all(url))
     fs = get_fs(url, storage_options)
-    return retry(lambda: fs.cat_file(url), url)
+    return retry(lambda: fs.cat_file(url), url, storage_options=storage_options)
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -221,7 +489,7 @@ def exists(url: str, storage_options: dict | None = None) -> bool:
     if not is_remote(url):
         return os.path.exists(url)
     fs = get_fs(url, storage_options)
-    return retry(lambda: fs.exists(url), url)
+    return retry(lambda: fs.exists(url), url, storage_options=storage_options)
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -243,7 +511,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         return
     fs = get_fs(url, storage_options)
     # A single PUT is atomic on S3-compatible stores: readers never see a partial object.
-    retry(lambda: fs.pipe_file(url, data), url)
+    retry(lambda: fs.pipe_file(url, data), url, storage_options=storage_options)
 
 
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
@@ -262,7 +530,11 @@ def read_json(url: str, storage_options: dict | None = None) -> Any | None:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
         raise
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StreamPruneError(f"{url} is not valid JSON ({exc}); it was damaged or written by another "
+                               "tool: remove it (and re-run the stage) or use a new workspace") from None
 
 
 def listdir(url: str, storage_options: dict | None = None) -> list[str]:
@@ -271,7 +543,7 @@ def listdir(url: str, storage_options: dict | None = None) -> list[str]:
         return sorted(os.listdir(url)) if os.path.isdir(url) else []
     fs = get_fs(url, storage_options)
     try:
-        entries = retry(lambda: fs.ls(url, detail=False, refresh=True), url)
+        entries = retry(lambda: fs.ls(url, detail=False, refresh=True), url, storage_options=storage_options)
     except StreamPruneError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return []
@@ -295,7 +567,7 @@ def remove(url: str, storage_options: dict | None = None, recursive: bool = Fals
             os.unlink(url)
         return
     fs = get_fs(url, storage_options)
-    retry(lambda: fs.rm(url, recursive=recursive), url)
+    retry(lambda: fs.rm(url, recursive=recursive), url, storage_options=storage_options)
 
 
 def zarr_store(url: str, storage_options: dict | None = None):
@@ -303,7 +575,8 @@ def zarr_store(url: str, storage_options: dict | None = None):
     import zarr
 
     if is_remote(url):
-        return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {})
+        fs = get_fs(url, storage_options, asynchronous=True)  # the same retry policy as every other request
+        return zarr.storage.FsspecStore(fs, path=fs._strip_protocol(url))
     return zarr.storage.LocalStore(url)
 
 

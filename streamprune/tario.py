@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
 BLOCK = 512
+MAX_EXTENDED_HEADER = 1 << 20  # pax / GNU long-name payloads are read into memory: bound them
 
 
 class TarError(Exception):
@@ -38,19 +39,23 @@ class RawMember:
 
 def _octal(field: bytes, what: str, offset: int) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for large values
+        if field[0] == 0xFF:
+            raise TarError(f"negative {what} field in tar header", offset)
         value = int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
         return value
     text = field.split(b"\0", 1)[0].strip(b" \0")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarError(f"bad {what} field in tar header", offset) from None
+    if not all(48 <= c <= 55 for c in text):  # int() would accept signs, '_' and spaces inside
+        raise TarError(f"bad {what} field in tar header", offset)
+    return int(text, 8)
 
 
 def _checksum_ok(hdr: bytes, offset: int) -> bool:
-    stored = _octal(hdr[148:156], "checksum", offset)
+    try:
+        stored = _octal(hdr[148:156], "checksum", offset)
+    except TarError:
+        return False
     unsigned = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
     if stored == unsigned:
         return True
@@ -154,6 +159,8 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
         if first_offset is None:
             first_offset = start
         if kind in (b"L", b"x", b"g", b"K"):
+            if size > MAX_EXTENDED_HEADER:
+                raise TarError(f"extended header of {size} bytes (over {MAX_EXTENDED_HEADER})", start)
             data = r.read(padded)
             if len(data) < padded:
                 raise TarError("truncated tar (inside an extended header)", r.pos)
@@ -167,10 +174,9 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
             continue
         fields = {**global_pax, **pax}
         if "size" in fields:
-            try:
-                size = int(fields["size"])
-            except ValueError:
-                raise TarError("bad pax size record", start) from None
+            if not fields["size"].isascii() or not fields["size"].isdigit():
+                raise TarError(f"bad pax size record {fields['size'][:30]!r}", start)
+            size = int(fields["size"])
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
         full_name = fields.get("path") or long_name or name.decode("utf-8", "surrogateescape")
         offset, data_offset = first_offset, r.pos

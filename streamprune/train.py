@@ -9,10 +9,12 @@ Flow of the ``train`` stage (marker ``_stages/train.json``, or ``train-full`` wi
    ResNet-18 at 32 px more than twice as fast as one core decodes PNGs, so re-decoding every
    epoch would make the data path the bottleneck.  The trainer always reads the cache (one
    decode instead of K, and ranged reads of the subset happen once).
-2. **train** — K epochs of SGD+cosine (or AdamW), CUDA+AMP (bf16) when available, deterministic
-   for a seed on CPU.  The cache is held in memory when it fits ``memory_budget``; otherwise
-   batches are streamed with a block shuffle (random chunk order, shuffled within a window of
-   chunks).
+2. **train** — K epochs of SGD+cosine (or AdamW), CUDA+AMP (bf16) and channels_last when
+   available, deterministic for a seed on CPU.  The cache is held in memory when it fits
+   ``memory_budget``; otherwise batches are streamed with a block shuffle (random chunk order,
+   shuffled within a window of chunks).  On CUDA the cache goes to GPU memory instead when it
+   fits ``GPU_CACHE_FRACTION`` of the free GPU memory (copied chunk by chunk: host memory stays
+   one chunk), so batches are gathered, scaled and augmented on the GPU.
 3. **dynamics** — after every epoch an eval pass (default; ``dynamics="train"`` records the
    training pass instead) writes logits, true-class probability, correctness and loss of every
    subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then the epoch's
@@ -46,6 +48,8 @@ from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
+
+GPU_CACHE_FRACTION = 0.25  # of free GPU memory the decoded training cache may take when training on CUDA
 
 
 @dataclass
@@ -167,9 +171,10 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
 
 # data ------------------------------------------------------------------------------------------
 class SubsetData:
-    """The decoded cache as batches: in memory when it fits the budget, else block-shuffled."""
+    """The decoded cache as batches: in (GPU or host) memory when it fits, else block-shuffled from zarr."""
 
-    def __init__(self, ws: Workspace, key: str, memory_budget: int, labels: np.ndarray | None = None):
+    def __init__(self, ws: Workspace, key: str, memory_budget: int, labels: np.ndarray | None = None,
+                 device: torch.device | None = None):
         self.group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r")
         self.x_arr = self.group["x"]
         self.m = self.x_arr.shape[0]
@@ -179,12 +184,19 @@ class SubsetData:
         self.labels = labels if labels is not None else self.group["labels"][:]
         self.chunk = self.x_arr.chunks[0]
         nbytes = self.m * int(np.prod(self.shape)) * self.x_arr.dtype.itemsize
-        self.in_memory = nbytes <= memory_budget
-        self.x = torch.from_numpy(self.x_arr[:]) if self.in_memory else None
+        self.on_gpu = device is not None and device.type == "cuda" and fits_gpu(nbytes, device)
+        self.in_memory = self.on_gpu or nbytes <= memory_budget
+        if self.on_gpu:
+            self.x = torch.empty((self.m, *self.shape), dtype=torch.from_numpy(np.zeros(0, self.x_arr.dtype)).dtype,
+                                 device=device)
+            for s in range(0, self.m, self.chunk):
+                self.x[s:s + self.chunk].copy_(torch.from_numpy(self.x_arr[s:s + self.chunk]))
+        else:
+            self.x = torch.from_numpy(self.x_arr[:]) if self.in_memory else None
 
     def _load(self, idx: np.ndarray) -> torch.Tensor:
         if self.x is not None:
-            return self.x[torch.from_numpy(idx)]
+            return self.x[torch.from_numpy(idx).to(self.x.device)]
         return torch.from_numpy(self.x_arr.get_orthogonal_selection((idx,)) if len(idx) else
                                 np.zeros((0, *self.shape), self.x_arr.dtype))
 
@@ -220,6 +232,12 @@ class SubsetData:
                 for b in range(0, len(block), batch_size):
                     sel = where[b:b + batch_size]
                     yield block[b:b + batch_size], data[torch.from_numpy(sel)]
+
+
+def fits_gpu(nbytes: int, device: torch.device, fraction: float = GPU_CACHE_FRACTION) -> bool:
+    """Whether ``nbytes`` fit in ``fraction`` of the free memory of CUDA ``device``."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
 
 
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -289,8 +307,8 @@ def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, 
         if not keep.any():
             continue
         idx = idx[keep]
-        xb = data.to_float(xb[torch.from_numpy(keep)]).to(device, non_blocking=True)
-        yb = labels_t[torch.from_numpy(idx)].to(device)
+        xb = data.to_float(xb[torch.from_numpy(keep).to(xb.device)]).to(device, non_blocking=True)
+        yb = labels_t[torch.from_numpy(idx).to(labels_t.device)].to(device)
         if attack is not None:
             xb = pgd(model, xb, yb, attack, generator=gen)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -345,7 +363,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
                          None if pseudo_k else cfg.num_classes)
     t_cache = time.time() - t0
 
-    data = SubsetData(ws, key, cfg.memory_budget)
+    data = SubsetData(ws, key, cfg.memory_budget, device=resolve_device(cfg.device))
     labels = data.labels.copy()
     extra: dict = {}
     if pseudo_k:
@@ -369,7 +387,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
                 "sample_epochs": n_valid * cfg.epochs, **extra},
         timings={"cache_s": round(t_cache, 3), "train_s": round(result["train_s"], 3),
                  "samples_per_s": round(n_valid * cfg.epochs / max(result["train_s"], 1e-9), 1),
-                 "device": result["device"], "in_memory": data.in_memory})
+                 "device": result["device"], "in_memory": data.in_memory, "gpu_cache": data.on_gpu})
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, n_train: int):
@@ -426,10 +444,14 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     model = build_model(cfg.model, data.shape, num_classes, **cfg.model_kwargs).to(device)
     if device.type == "cuda" and data.is_image:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: cuDNN picks its fastest kernels once
     opt, sched = make_optimizer(model, cfg, int(data.valid.sum()))
     attack = parse_attack(cfg.adversarial, steps=cfg.pgd_steps, step_size=cfg.pgd_step_size,
                           clamp=(0.0, 1.0) if data.is_image else None)
     labels_t = torch.from_numpy(np.where(labels < 0, 0, labels))
+    if data.on_gpu:
+        labels_t = labels_t.to(device)
     ckpt_dir = storage.join(ws.path("_stages", key, run.fingerprint[:16]), "ckpt")
 
     start_epoch = 0
@@ -457,7 +479,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
         seen = 0
         for idx, xb in data.batches(data.train_order(gen), cfg.batch_size):
             xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
-            yb = labels_t[torch.from_numpy(idx)].to(device, non_blocking=True)
+            yb = labels_t[torch.from_numpy(idx).to(labels_t.device)].to(device, non_blocking=True)
             if attack is not None:
                 xb = pgd(model, xb, yb, attack, generator=gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -114,9 +114,23 @@ class Workspace:
         self.write_json(meta, "streamprune.json")
 
     # markers ---------------------------------------------------------------------------------
-    def marker(self, stage: str) -> dict | None:
-        """The commit marker of ``stage`` or None when it has not finished."""
-        return self.read_json("_stages", f"{stage}.json")
+    def marker(self, stage: str, *, check_version: bool = True) -> dict | None:
+        """The commit marker of ``stage`` or None when it has not finished.
+
+        A marker that is not a JSON object, or (unless ``check_version`` is False) one written by
+        an incompatible streamprune version, is refused with one line.
+        """
+        m = self.read_json("_stages", f"{stage}.json")
+        if m is None:
+            return None
+        where = self.path("_stages", f"{stage}.json")
+        if not isinstance(m, dict):
+            raise StreamPruneError(f"{where}: not a stage marker (expected a JSON object); remove it and re-run")
+        version = m.get("version")
+        if check_version and version is not None and not _compatible(str(version), __version__):
+            raise StreamPruneError(f"{where} was written by streamprune {version}, this is {__version__}; "
+                                   "use a new workspace or re-run the stage with --force")
+        return m
 
     def require(self, stage: str, for_stage: str) -> dict:
         """The marker of an upstream stage, or a clear error saying which command to run first."""
@@ -135,7 +149,10 @@ class Workspace:
         self.check_version(force)
         name = key or stage
         fp = fingerprint({"stage": stage, "config": config, "inputs": inputs})
-        old = self.marker(name)
+        old = self.marker(name, check_version=not force)
+        if old is not None and old.get("version") is not None and not _compatible(str(old["version"]), __version__):
+            old = None  # --force over a marker of another version: start afresh
+            storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
         if old is not None and old.get("fingerprint") != fp and old.get("config") != config and not force:
             changed = sorted(k for k in set(old.get("config", {})) | set(config)
                              if old.get("config", {}).get(k) != config.get(k))

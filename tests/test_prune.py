@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -21,8 +24,9 @@ from shardgen import make_samples, write_shards
 from streamprune import select as sel
 from streamprune import storage
 from streamprune.errors import StreamPruneError
-from streamprune.prune import (ShardPlanner, _bytes_members, _file_members, atomic_output, check_members, load_scores,
-                               prune, pruned_dataset, reshard)
+from streamprune import prune as prune_module
+from streamprune.prune import (ShardPlanner, _bytes_members, _file_members, atomic_output, check_members, headers_ok,
+                               load_scores, prune, pruned_dataset, reshard)
 from streamprune.shards import catalog
 from streamprune.tario import iter_tar, write_tar
 from streamprune.workspace import Workspace
@@ -364,6 +368,91 @@ def test_reshard_refuses_a_changed_shard(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar") or f.startswith(".tmp")]
 
 
+_PLAIN = ["k1", "k2", "d.v1/sub/k3", "dir/k4"]
+_NAMES = _PLAIN + ["x" * 120, "../up", "/abs", "a\\b", "d/.hidden", "k.5", "ü6é"]
+_EXTS = ["bin", "cls", "seg.png", "a/b", ".."]
+
+
+@st.composite
+def _tar_samples(draw):
+    """Tar bytes of consecutive samples (plain, GNU long-name or pax headers, odd names), their starts and keys."""
+    fmt = draw(st.sampled_from([tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT]))
+    n = draw(st.integers(1, 5))
+    keys = draw(st.lists(st.sampled_from(_PLAIN if draw(st.booleans()) else _NAMES), min_size=n, max_size=n))
+    buf = io.BytesIO()
+    starts, names = [], []
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for key in keys:
+            starts.append(tar.offset)
+            exts = _EXTS[:3] if draw(st.booleans()) else _EXTS
+            for ext in draw(st.lists(st.sampled_from(exts), min_size=1, max_size=3, unique=True)):
+                data = draw(st.binary(max_size=700))
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                try:
+                    tar.addfile(info, io.BytesIO(data))
+                except ValueError:  # a name the format cannot hold
+                    return None
+                names.append(info.name)
+        end = tar.offset
+    data = bytearray(buf.getvalue()[:end])
+    if draw(st.booleans()):  # damage one byte, maybe of a header
+        i = draw(st.integers(0, len(data) - 1))
+        data[i] ^= draw(st.integers(1, 255))
+    catalog_keys = [draw(st.sampled_from([k, k, k, "other"])) for k in keys]  # sometimes the wrong key
+    return bytes(data), np.array(starts, np.int64), np.array(catalog_keys, object)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_tar_samples())
+def test_fast_header_check_never_accepts_what_the_full_check_rejects(case):
+    if case is None:
+        return
+    data, starts, keys = case
+    ends = np.append(starts[1:], len(data))
+    fast = headers_ok(np.frombuffer(data, np.uint8), starts, keys)
+    try:
+        check_members(_bytes_members(data, 0), 0, len(data), starts, ends, keys, "s.tar")
+        full = True
+    except StreamPruneError:
+        full = False
+    assert full or not fast
+
+
+def test_fast_header_check_covers_plain_shards(tmp_path):
+    # The shards of the test set (GNU headers, plain keys) never need the complete check.
+    path = write_shards(str(tmp_path), 1, 12)[0]
+    cat_members = list(iter_tar(open(path, "rb"), read_data=False))
+    starts = np.array([m.offset for m in cat_members if m.name.endswith(".png")], np.int64)
+    keys = np.array([m.name[:-4] for m in cat_members if m.name.endswith(".png")], object)
+    end = cat_members[-1].end
+    block = np.frombuffer(open(path, "rb").read()[:end], np.uint8)
+    assert headers_ok(block, starts, keys)
+    assert not headers_ok(block, starts, np.array(["s0000000"] + list(keys[1:])[::-1], object))
+    damaged = block.copy()
+    damaged[starts[3] + 130] ^= 1  # a size digit: the checksum no longer matches
+    assert not headers_ok(damaged, starts, keys)
+
+
+def test_reshard_with_a_small_copy_buffer_and_durable_output(tmp_path, monkeypatch):
+    # Samples larger than the buffer go through the one-sample path (headers one by one, kernel
+    # copy); the output is the same bytes, durable or not.
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    prune(ws, keep_fraction=0.7, reshard=str(tmp_path / "a"), shard_size=15_000, scheduler="sync")
+    ref = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(tmp_path / "a" / "shards.txt").read().split()}
+    sizes = sorted(len(b) for b in ref.values())
+    monkeypatch.setattr(prune_module, "READ_BLOCK", 2048)  # about a third of a sample: every sample is "large"
+    m = reshard(ws, "du-knn-hard-0.7", str(tmp_path / "b"), shard_size=15_000, scheduler="threads", force=True,
+                durable=True)
+    got = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(tmp_path / "b" / "shards.txt").read().split()}
+    assert got == ref and len(ref) >= 3 and sizes[0] > 2048
+    assert json.load(open(os.path.join(ws, "prune", "du-knn-hard-0.7", "reshard.json")))["durable"] is True
+    monkeypatch.setattr(prune_module, "READ_BLOCK", 20_000)  # a few samples per buffer: many batches per tar
+    reshard(ws, "du-knn-hard-0.7", str(tmp_path / "c"), shard_size=15_000, scheduler="sync", force=True)
+    got = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(tmp_path / "c" / "shards.txt").read().split()}
+    assert got == ref and m["counts"]["n_samples"] == 42
+
+
 # crash and resume -----------------------------------------------------------------------------------
 def test_reshard_killed_then_resumed_is_identical(tmp_path):
     ref_ws, shards, _ = build(str(tmp_path / "ref"), 6, 20)
@@ -387,6 +476,11 @@ def test_reshard_killed_then_resumed_is_identical(tmp_path):
     assert 3 <= len(finals) < len(ref_tars)
     for f in finals:  # nothing partial under a final name
         assert open(os.path.join(out, f), "rb").read() == ref_tars[f]
+    # What a power loss can do to tars that were recorded but never fsynced (durable=False): one
+    # comes back empty, one is gone.  The resumed run checks recorded tars and rewrites those.
+    finals = sorted(finals)
+    open(os.path.join(out, finals[0]), "wb").close()
+    os.remove(os.path.join(out, finals[1]))
 
     m = prune(ws, keep_fraction=0.5, reshard=out, shard_size=12_000, scheduler="sync")
     assert m.get("skipped") and not m["reshard"].get("skipped")
@@ -396,6 +490,50 @@ def test_reshard_killed_then_resumed_is_identical(tmp_path):
     keys = [s["__key__"] for s in wds.WebDataset(open(os.path.join(out, "shards.txt")).read().split(),
                                                  shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 60
+
+
+@pytest.mark.slow
+def test_reshard_survives_a_sigkilled_dask_worker(tmp_path):
+    # A LocalCluster of its own: the killed worker must not disturb other tests.
+    from dask.distributed import Client, LocalCluster
+
+    ws, _, _ = build(str(tmp_path), 6, 20)
+    ref_out = str(tmp_path / "ref")
+    prune(ws, keep_fraction=0.5, reshard=ref_out, shard_size=12_000, scheduler="sync")
+    ref = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(os.path.join(ref_out, "shards.txt")).read().split()}
+    out = str(tmp_path / "out")
+    records = os.path.join(ws, "_stages", f"reshard-{NAME}")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      env={"STREAMPRUNE_TASK_DELAY": "0.4"}) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("streamprune.prune"))  # warm imports: the kill lands mid-run
+        pids = client.run(os.getpid)
+        killed: dict = {}
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and count_files(records, ".json") < 2:
+                time.sleep(0.02)
+            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
+            addr = busy[0] if busy else next(iter(pids))
+            killed.update(pid=pids[addr], records=count_files(records, ".json"))
+            os.kill(pids[addr], signal.SIGKILL)
+            # what a worker killed in the middle of writing a tar leaves behind
+            open(os.path.join(out, ".tmp-0123456789ab-pruned-000001.tar.partial"), "wb").write(b"partial")
+
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        m = reshard(ws, NAME, out, shard_size=12_000, scheduler=cluster.scheduler_address, force=True)
+        killer.join(10)
+        rerun = sum(p.suspicious for p in cluster.scheduler.task_prefixes.values())
+        client.wait_for_workers(2, timeout=60)
+        after = client.run(os.getpid)
+    assert 2 <= killed["records"] < len(ref)  # killed mid-run
+    assert killed["pid"] not in after.values() and rerun >= 1  # the task it held ran again elsewhere
+    assert m["counts"]["n_shards"] == len(ref)
+    urls = open(os.path.join(out, "shards.txt")).read().split()
+    assert [u.rsplit("/", 1)[1] for u in urls] == sorted(ref)
+    assert {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in urls} == ref  # same bytes as a clean run
+    assert sorted(os.listdir(out)) == sorted([*ref, "shards.txt"])  # no temporary files left
 
 
 # object storage ------------------------------------------------------------------------------------

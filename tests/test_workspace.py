@@ -70,3 +70,29 @@ def test_status_json(shards, tmp_path):
     assert st["stages"]["catalog"]["outputs"]["shards"].endswith("catalog/shards.parquet")
     text = run_cli("status", "-w", ws).stdout
     assert "200 in 10 shards" in text
+
+
+def test_marker_of_another_version_is_refused_unless_forced(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    m = subset(ws, fraction=0.2, seed=0)
+    path = os.path.join(ws, "_stages", "subset.json")
+    with open(path, "w") as f:
+        json.dump(dict(m, version="0.0.1"), f)
+    with pytest.raises(StreamPruneError, match=r"subset.json was written by streamprune 0.0.1.*--force"):
+        subset(ws, fraction=0.2, seed=0)
+    out = run_cli("subset", "-w", ws, "--fraction", "0.2", check=False)
+    assert out.returncode == 1 and "written by streamprune 0.0.1" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    again = subset(ws, fraction=0.2, seed=0, force=True)
+    assert again["version"] == __version__ and not again.get("skipped")
+    assert subset(ws, fraction=0.2, seed=0)["skipped"]
+
+
+def test_marker_that_is_not_an_object_is_one_line(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    with open(os.path.join(ws, "_stages", "catalog.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(StreamPruneError, match="not a stage marker"):
+        Workspace(ws).marker("catalog")

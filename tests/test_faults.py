@@ -1,0 +1,367 @@
+"""Faults under real machinery: dask workers SIGKILLed mid-run, a full disk, per-worker memory limits.
+
+No mocks: workers are real LocalCluster processes killed with SIGKILL, a full disk is the kernel's
+EFBIG from RLIMIT_FSIZE (lowered mid-run, SIGXFSZ ignored), memory limits are dask's own.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from hypothesis import given, settings, strategies as st
+
+from streamprune.compute import (MEMORY_SHARE, chunk_rows_for, disk_errors, disk_full_message, map_tasks,
+                                 parse_memory, worker_count)
+from streamprune.decode import DecodeConfig
+from streamprune.embed import default_chunk_rows, embed, task_row_bytes
+from streamprune.errors import StreamPruneError
+from streamprune.shards import Catalog, catalog
+from streamprune.subset import subset
+from streamprune.train import TrainConfig, train
+from streamprune.workspace import Workspace
+from helpers import kill_python_when, run_cli
+from shardgen import write_shards
+
+CHUNK = 20  # embed chunk rows: 320 rows -> 16 tasks
+N_ROWS = 320
+
+
+def _records(ws: str, stage: str, prefix: str = "") -> list[str]:
+    """Chunk records of the run in progress of ``stage`` (layout records excluded)."""
+    paths = glob.glob(os.path.join(ws, "_stages", stage, "*", "chunks", f"{prefix}*.json"))
+    names = (os.path.basename(p)[:-5] for p in paths)
+    return sorted(n for n in names if not n.startswith((".tmp", "layout")))
+
+
+def _emb(ws: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
+    return g["emb"][:], g["labels"][:], g["valid"][:]
+
+
+def _assert_same_embeddings(ref, ws: str) -> None:
+    for a, b in zip(ref, _emb(ws)):
+        np.testing.assert_array_equal(a, b)  # float32 on CPU, fixed batches: bitwise
+
+
+def _leftovers(root: str) -> list[str]:
+    """Temporary files of atomic writes (ours: .tmp-*, zarr's: *.partial) left below ``root``."""
+    return [p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+            if os.path.basename(p).startswith(".tmp-") or p.endswith(".partial")]
+
+
+def _copy_without_embed(src: str, dst: str) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("embeddings.zarr", "embed.json", "embed"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with catalog, subset and a trained MLP (no embeddings), and a clean sync embed of it."""
+    tmp = tmp_path_factory.mktemp("faults")
+    shards = write_shards(str(tmp / "data"), 8, 40, kind="npy", dim=16)
+    ws = str(tmp / "base")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=1, batch_size=32), DecodeConfig(), scheduler="sync")
+    clean = _copy_without_embed(ws, str(tmp / "clean"))
+    embed(clean, chunk_rows=CHUNK, scheduler="sync")
+    return {"ws": ws, "shards": shards, "ref": _emb(clean), "tmp": tmp}
+
+
+# --------------------------------------------------------------------------- worker killed mid-run
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_during_embed_is_retried(trained, tmp_path):
+    from dask.distributed import Client, LocalCluster
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      env={"STREAMPRUNE_TASK_DELAY": "0.4"}) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("streamprune.embed"))  # warm imports: the kill lands mid-stage
+        pids = client.run(os.getpid)
+        killed: dict = {}
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and len(_records(ws, "embed")) < 3:
+                time.sleep(0.02)
+            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
+            addr = busy[0] if busy else next(iter(pids))
+            killed.update(pid=pids[addr], records=len(_records(ws, "embed")))
+            os.kill(pids[addr], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        m = embed(ws, chunk_rows=CHUNK, scheduler=cluster.scheduler_address)
+        killer.join(10)
+        rerun = sum(p.suspicious for p in cluster.scheduler.task_prefixes.values())
+        client.wait_for_workers(2, timeout=60)
+        after = client.run(os.getpid)
+    print(f"\nworker killed with {killed['records']}/16 chunks recorded; tasks re-run after the death: {rerun}")
+    assert 3 <= killed["records"] < 16
+    assert killed["pid"] not in after.values()  # the nanny replaced the dead worker process
+    assert rerun >= 1  # the scheduler re-ran what the dead worker held
+    assert m["counts"]["n"] == N_ROWS and m["counts"]["n_valid"] == N_ROWS
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+def _fill_disk_code(pattern: str, min_records: int, limit: int, argv: list[str]) -> str:
+    """``python -c`` code: run the CLI with ``argv``; once ``min_records`` files match ``pattern``,
+    lower RLIMIT_FSIZE to ``limit`` bytes so that every larger write fails with EFBIG."""
+    return (
+        "import glob, os, resource, signal, threading, time\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "def fill():\n"
+        f"    while len([p for p in glob.glob({pattern!r}) if 'layout' not in p]) < {min_records}:\n"
+        "        time.sleep(0.005)\n"
+        f"    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "threading.Thread(target=fill, daemon=True).start()\n"
+        "from streamprune.cli import cli\n"
+        f"cli({argv!r}, prog_name='streamprune')\n")
+
+
+def _run_code(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "STREAMPRUNE_PROGRESS": "0", **env})
+
+
+@pytest.mark.slow
+def test_disk_full_during_embed_fails_cleanly_and_resumes(trained, tmp_path):
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    argv = ["embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync"]
+    pattern = os.path.join(ws, "_stages", "embed", "*", "chunks", "*.json")
+    out = _run_code(_fill_disk_code(pattern, 3, 2048, argv), {"STREAMPRUNE_TASK_DELAY": "0.2"})
+    assert out.returncode == 1, out.stderr
+    line = out.stderr.strip()
+    assert "\n" not in line and line.startswith("Error: embed: writing rows ")
+    assert f"of {os.path.join(ws, 'embeddings.zarr')}: file too large (EFBIG); " in line
+    assert line.endswith("re-run the same command to resume")
+    assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
+    done = [int(c) for c in _records(ws, "embed")]
+    assert 3 <= len(done) < N_ROWS // CHUNK
+    dim = trained["ref"][0].shape[1]
+    for c in done:  # a recorded chunk has all its outputs, complete
+        assert os.path.getsize(os.path.join(ws, "embeddings.zarr", "emb", "c", str(c), "0")) == CHUNK * dim * 4
+        for name in ("labels", "valid"):
+            assert os.path.exists(os.path.join(ws, "embeddings.zarr", name, "c", str(c)))
+    assert not _leftovers(ws)
+    first_missing = min(set(range(N_ROWS // CHUNK)) - set(done))
+    assert not os.path.exists(os.path.join(ws, "embeddings.zarr", "emb", "c", str(first_missing), "0"))
+
+    out = run_cli(*argv)  # the limit is gone: resume
+    assert f"{N_ROWS} of {N_ROWS} rows" in out.stdout
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
+    ws = str(tmp_path / "ws")
+    argv = ["catalog", *trained["shards"], "-w", ws, "--scheduler", "sync"]
+    parts = os.path.join(ws, "catalog", "parts")
+    out = _run_code(_fill_disk_code(os.path.join(parts, "*.parquet"), 3, 512, argv),
+                    {"STREAMPRUNE_TASK_DELAY": "0.2"})
+    assert out.returncode == 1, out.stderr
+    line = out.stderr.strip()
+    assert "\n" not in line and line.startswith("Error: catalog: file too large (EFBIG); ")
+    written = glob.glob(os.path.join(parts, "*.parquet"))
+    assert 3 <= len(written) < 8 and not _leftovers(ws)
+    for p in written:  # a part (the catalog's chunk record) exists only complete
+        assert len(pd.read_parquet(p)) == 40
+    run_cli(*argv)
+    a, b = Catalog(Workspace(ws)), Catalog(Workspace(trained["ws"]))
+    assert np.array_equal(a.keys(), b.keys())
+    pd.testing.assert_frame_equal(a.shards[["url", "n_samples", "row_start"]], b.shards[["url", "n_samples", "row_start"]])
+
+
+def test_disk_full_message_names_the_target_file():
+    for code, text in ((errno.ENOSPC, "no space left on device (ENOSPC)"), (errno.EFBIG, "file too large (EFBIG)"),
+                       (errno.EDQUOT, "(EDQUOT)")):
+        exc = OSError(code, os.strerror(code), "/ws/embeddings.zarr/emb/c/3/0.0123456789abcdef0123456789abcdef.partial")
+        msg = disk_full_message(exc, "embed")
+        assert msg.startswith("embed: ") and text in msg and "writing /ws/embeddings.zarr/emb/c/3/0;" in msg
+    ours = OSError(errno.ENOSPC, "x", "/ws/_stages/.tmp-0123456789abcdef0123456789abcdef-3.json")
+    assert "writing /ws/_stages/3.json;" in disk_full_message(ours)
+    try:  # found behind a wrapping exception too
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("write failed") from inner
+    except RuntimeError as outer:
+        assert disk_full_message(outer).startswith("no space left on device (ENOSPC);")
+    assert disk_full_message(OSError(errno.ENOENT, "gone", "/x")) is None
+    assert disk_full_message(ValueError("x")) is None
+    with pytest.raises(StreamPruneError, match="^stage: no space left"), disk_errors("stage"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(PermissionError), disk_errors("stage"):
+        raise PermissionError(errno.EACCES, "denied")
+
+
+# --------------------------------------------------------------------------- memory limits
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=st.integers(1, 1 << 40), per_row=st.integers(1, 1 << 24), floor=st.integers(1, 1 << 12),
+       extra=st.integers(0, 1 << 20))
+def test_chunk_rows_for_fits_the_budget(limit, per_row, floor, extra):
+    cap = floor + extra
+    rows = chunk_rows_for(limit, per_row, floor, cap)
+    assert floor <= rows <= cap
+    budget = int(limit * MEMORY_SHARE)
+    if floor < rows < cap:  # neither clamp: the largest power of two within the budget
+        assert rows & (rows - 1) == 0 and rows * per_row <= budget < 2 * rows * per_row
+    if rows > floor:
+        assert rows * per_row <= budget
+    assert chunk_rows_for(2 * limit, per_row, floor, cap) >= rows  # monotone in the limit
+    assert chunk_rows_for(limit, 2 * per_row, floor, cap) <= rows
+
+
+def test_chunk_rows_for_examples_and_bad_input():
+    gib = 1 << 30
+    assert chunk_rows_for(4 * gib, 1 << 20, 1, None) == 1024  # 1 GiB of 1 MiB rows
+    assert chunk_rows_for(4 * gib, 3 << 20, 1, None) == 256  # 341 rows fit: 256
+    assert chunk_rows_for(4 * gib, 1 << 20, 2048, None) == 2048  # the floor wins
+    assert chunk_rows_for(4 * gib, 1, 1, 1 << 16) == 1 << 16  # the cap wins
+    assert chunk_rows_for(100, 1000, 1, None) == 1
+    for bad in ((0, 1, 1, None), (1, 0, 1, None), (1, 1, 0, None), (1, 1, 8, 4)):
+        with pytest.raises(ValueError):
+            chunk_rows_for(*bad)
+
+
+def test_worker_count_and_parse_memory():
+    gib = 1 << 30
+    assert worker_count(100, cores=16) == 16
+    assert worker_count(3, cores=16) == 3
+    assert worker_count(100, 8 * gib, total_memory=64 * gib, cores=16) == 8  # memory-bound
+    assert worker_count(100, 128 * gib, total_memory=64 * gib, cores=16) == 1  # never zero
+    assert parse_memory("4GiB") == 4 * gib and parse_memory("500MB") == 500_000_000
+    assert parse_memory(1234) == 1234 and parse_memory(None) is None
+    for bad in ("lots", "-1GB", 0, "0B"):
+        with pytest.raises(StreamPruneError, match="--memory-limit"):
+            parse_memory(bad)
+
+
+def test_embed_default_chunk_rows_shrinks_to_the_memory_limit():
+    # 224x224x3 uint8 images (~110 KB encoded) into 512-d float32: a 4096-row task holds ~1.5 GB
+    per_row = task_row_bytes(224 * 224 * 3, 110_000, 512)
+    assert default_chunk_rows(512, 4) == 4096
+    assert default_chunk_rows(512, 4, per_row, 64 << 30) == 4096  # plenty: the default stands
+    assert default_chunk_rows(512, 4, per_row, 4 << 30) == 2048  # 1 GiB share / ~420 KB per row
+    assert default_chunk_rows(512, 4, per_row, 1 << 20) == 64  # floor
+    assert default_chunk_rows(16, 4) == 16384  # >= 1 MB of output per chunk
+
+
+def test_embed_memory_limit_sets_chunks_and_keeps_finished_work(trained, tmp_path):
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    m = embed(ws, scheduler="sync", memory_limit="4MiB")
+    per_row = task_row_bytes(16 * 4, int(Catalog(Workspace(ws)).shards["size"].sum()) // N_ROWS,
+                             trained["ref"][0].shape[1])
+    expect = chunk_rows_for(4 << 20, per_row, 64, 16384)
+    assert m["config"]["chunk_rows"] == expect and 64 < expect < N_ROWS
+    assert zarr.open_group(os.path.join(ws, "embeddings.zarr"))["emb"].chunks[0] == expect
+    _assert_same_embeddings(trained["ref"], ws)
+    # another limit (or none) later is a resource choice, not a new configuration: skipped, not refused
+    assert embed(ws, scheduler="sync").get("skipped") and embed(ws, scheduler="sync", memory_limit="8GiB")["skipped"]
+    with pytest.raises(StreamPruneError, match="--memory-limit"):
+        embed(ws, scheduler="sync", memory_limit="lots")
+
+
+def _hog(nbytes: int) -> None:
+    block = np.ones(nbytes, np.uint8)  # touched pages: resident
+    time.sleep(5)
+    return int(block[-1])
+
+
+@pytest.mark.slow
+def test_local_cluster_enforces_memory_limit():
+    import dask
+
+    from streamprune.compute import client_for
+
+    # A task over its worker's limit is killed by the nanny wherever it runs; after
+    # allowed-failures re-runs (3 by default; 1 here to keep the test short) one clear line.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), client_for("local", 1, "500MiB") as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert [w["memory_limit"] for w in workers] == [500 << 20]
+        with pytest.raises(StreamPruneError) as info:
+            map_tasks(_hog, [(900 << 20,)], scheduler=client.scheduler.address, desc="hog")
+    msg = str(info.value)
+    assert msg.startswith("hog: a dask worker died each of the 2 times a task ran (out of memory? raise --memory-limit")
+    assert "\n" not in msg
+
+
+# --------------------------------------------------------------------------- crash and resume gaps
+
+
+@pytest.mark.slow
+def test_killed_subset_decode_cache_resumes_identically(trained, tmp_path):
+    """The decode cache of `score` (one task per chunk of subset rows) resumes after SIGKILL."""
+    cfg = dict(model="mlp", epochs=2, batch_size=32, chunk_rows=10)
+    ref, ws = (shutil.copytree(trained["ws"], str(tmp_path / n),
+                               ignore=shutil.ignore_patterns("train", "train.json", "scores", "score-*"))
+               for n in ("ref", "ws"))
+    train(ref, TrainConfig(**cfg), DecodeConfig(), scheduler="sync")
+    code = ("from streamprune.train import train, TrainConfig; from streamprune.decode import DecodeConfig; "
+            f"train({ws!r}, TrainConfig(**{cfg!r}), DecodeConfig(), scheduler='sync')")
+    kill_python_when(code, lambda: len(_records(ws, "train", "cache-")) >= 3,
+                     env={"STREAMPRUNE_TASK_DELAY": "0.3"}, timeout=120)
+    n_done = len(_records(ws, "train", "cache-"))
+    assert not os.path.exists(os.path.join(ws, "_stages", "train.json")) and n_done >= 3
+    train(ws, TrainConfig(**cfg), DecodeConfig(), scheduler="sync")
+    a = zarr.open_group(os.path.join(ref, "train", "cache.zarr"), mode="r")
+    b = zarr.open_group(os.path.join(ws, "train", "cache.zarr"), mode="r")
+    for name in ("x", "labels", "valid"):
+        np.testing.assert_array_equal(a[name][:], b[name][:])
+    da = zarr.open_group(os.path.join(ref, "train", "dynamics.zarr"), mode="r")
+    db = zarr.open_group(os.path.join(ws, "train", "dynamics.zarr"), mode="r")
+    np.testing.assert_array_equal(da["true_prob"][:], db["true_prob"][:])
+
+
+def _embedding_workspace(root: str, x: np.ndarray, chunk: int) -> Workspace:
+    """A workspace holding only embeddings.zarr and its embed marker."""
+    from streamprune import storage
+
+    ws = Workspace(root)
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="w")
+    group.create_array("emb", data=x, chunks=(chunk, x.shape[1]))
+    group.create_array("labels", data=np.zeros(len(x), np.int64), chunks=(chunk,))
+    group.create_array("valid", data=np.ones(len(x), bool), chunks=(chunk,))
+    ws.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": len(x)})
+    return ws
+
+
+@pytest.mark.slow
+def test_killed_ondisk_index_add_resumes_identically(tmp_path):
+    """The on-disk add phase of `index` (one task per shard index, merged after) resumes after SIGKILL."""
+    from streamprune.index import build_index, read_graph
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6000, 16)) + 4 * rng.standard_normal((40, 16))[rng.integers(0, 40, 6000)])
+    x = x.astype(np.float32)
+    opts = dict(graph="all", k=6, factory="IVF32,PQ4", refine=0, nprobe=8, scheduler="sync", chunk_rows=1000,
+                recall_queries=100, ondisk_threshold=1000)
+    clean = _embedding_workspace(str(tmp_path / "clean"), x, 500)
+    killed = _embedding_workspace(str(tmp_path / "killed"), x, 500)
+    build_index(clean, **opts)
+    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
+    kill_python_when(code, lambda: len(_records(killed.url, "index-all", "shard-")) >= 2,
+                     env={"STREAMPRUNE_TASK_DELAY": "0.3"}, timeout=120)
+    assert killed.marker("index-all") is None and len(_records(killed.url, "index-all", "shard-")) < 6
+    m = build_index(killed, **opts)["all"]
+    assert m["counts"]["ondisk"]
+    for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
+        np.testing.assert_array_equal(a[:], b[:])

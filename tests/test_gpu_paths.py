@@ -1,0 +1,197 @@
+"""GPU paths: the torch exact-search engine of the index stage (run on the CPU here) and, where a
+CUDA device exists, the GPU-resident training cache and the CUDA encoder."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from helpers import kill_python_when
+from streamprune import storage
+from streamprune.index import (
+    TORCH_GPU_FRACTION,
+    TORCH_MAX_MACS,
+    TorchExactIndex,
+    build_index,
+    choose_engine,
+    read_graph,
+    torch_search_device,
+)
+from streamprune.workspace import Workspace
+
+CUDA = torch.cuda.is_available()
+
+
+def _workspace(root, x: np.ndarray, valid: np.ndarray, subset: np.ndarray, chunk: int = 100) -> Workspace:
+    ws = Workspace(str(root))
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="w")
+    group.create_array("emb", data=x, chunks=(chunk, x.shape[1]))
+    group.create_array("labels", data=np.zeros(len(x), np.int64), chunks=(chunk,))
+    group.create_array("valid", data=valid, chunks=(chunk,))
+    ws.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": len(x)})
+    arr = zarr.create_array(storage.zarr_store(ws.path("subset", "rows.zarr")), shape=(len(subset),), dtype="int64",
+                            chunks=(len(subset),))
+    arr[:] = np.sort(subset)
+    ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": len(subset)})
+    return ws
+
+
+def _data(n: int = 1500, d: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, d)) * 3 + rng.integers(0, 5, (n, 1))).astype(np.float32)
+    valid = rng.random(n) > 0.05
+    subset = np.sort(rng.choice(n, n // 5, replace=False))
+    return x, valid, subset
+
+
+def _graph(ws: Workspace, name: str) -> tuple[np.ndarray, np.ndarray]:
+    nbr, dist = read_graph(ws, name)
+    return nbr[:], dist[:]
+
+
+def _records(ws: Workspace, key: str, prefix: str) -> int:
+    return len(glob.glob(os.path.join(ws.url, "_stages", key, "*", "chunks", f"{prefix}*.json")))
+
+
+# --------------------------------------------------------------------------- engine choice (pure)
+
+
+def test_choose_engine():
+    gib = 1 << 30
+    assert choose_engine("auto", 10**6, 10**6, 512, 80 * gib) == "torch"
+    assert choose_engine("auto", 10**6, 10**6, 512, None) == "faiss"  # no GPU
+    assert choose_engine("IVF1024,PQ64", 10**6, 10**6, 512, 80 * gib) == "faiss"  # an explicit factory wins
+    assert choose_engine("Flat", 1000, 1000, 8, 80 * gib) == "faiss"
+    # the vectors must fit a fraction of the free memory
+    n_fit = int(TORCH_GPU_FRACTION * 8 * gib / (4 * 512))
+    assert choose_engine("auto", n_fit, n_fit, 512, 8 * gib) == "torch"
+    assert choose_engine("auto", n_fit + 10, n_fit + 10, 512, 8 * gib) == "faiss"
+    # and the work must stay bounded: queries x rows x width
+    n = int((TORCH_MAX_MACS / 128) ** 0.5)
+    assert choose_engine("auto", n, n, 128, 1 << 62) == "torch"
+    assert choose_engine("auto", 2 * n, 2 * n, 128, 1 << 62) == "faiss"
+
+
+def test_torch_search_device_override(monkeypatch):
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    assert torch_search_device() is None
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "cpu")
+    assert torch_search_device() == "cpu"
+    monkeypatch.delenv("STREAMPRUNE_INDEX_DEVICE")
+    assert torch_search_device() == ("cuda" if CUDA else None)
+
+
+# --------------------------------------------------------------------------- the torch index
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 12, 1 << 30])
+def test_torch_exact_index_matches_faiss(block_bytes):
+    x, _, _ = _data(1200, 12)
+    emb = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(128, 12), dtype="float32")
+    emb[:] = x
+    mask = np.zeros(len(x), bool)
+    mask[::3] = True
+    index = TorchExactIndex(emb, mask, "cpu", block_bytes=block_bytes)
+    assert (index.ntotal, index.d) == (int(mask.sum()), 12)
+    sq, ids = index.search(x[:300], 9)
+    ref_sq, ref_local = faiss.knn(x[:300], x[mask], 9)
+    np.testing.assert_array_equal(ids, np.flatnonzero(mask)[ref_local])
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-4, atol=1e-4)
+    # more neighbours asked than indexed rows: padded with -1 / inf, like faiss
+    sq, ids = index.search(x[:4], 500)
+    assert (ids[:, :400] >= 0).all() and (ids[:, 400:] == -1).all() and np.isinf(sq[:, 400:]).all()
+    sq, ids = index.search(np.zeros((0, 12), np.float32), 5)
+    assert ids.shape == (0, 5)
+
+
+def test_build_index_torch_engine_equals_faiss_exact(tmp_path, monkeypatch):
+    x, valid, subset = _data()
+    faiss_ws = _workspace(tmp_path / "faiss", x, valid, subset)
+    torch_ws = _workspace(tmp_path / "torch", x, valid, subset)
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    build_index(faiss_ws, k=7, scheduler="sync", chunk_rows=300)
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "cpu")
+    markers = build_index(torch_ws, k=7, scheduler="sync", chunk_rows=300)
+    for name in ("seeds", "all"):
+        m = markers[name]
+        assert m["counts"]["engine"] == "torch" and m["counts"]["factory"] == "Flat"
+        assert m["counts"]["recall_at_k"] == 1.0
+        assert m["outputs"]["index"] is None
+        assert not os.path.exists(torch_ws.path(f"index/{name}.faissindex"))
+        (n1, d1), (n2, d2) = _graph(faiss_ws, name), _graph(torch_ws, name)
+        np.testing.assert_array_equal(n1, n2)
+        np.testing.assert_allclose(d1, d2, rtol=1e-4, atol=1e-4)
+    # done is done: a second call skips, whatever the engine
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    assert build_index(torch_ws, k=7, scheduler="sync", chunk_rows=300)["all"]["skipped"]
+
+
+def test_torch_engine_kill_and_resume(tmp_path):
+    x, valid, subset = _data(3000, 8)
+    killed = _workspace(tmp_path / "killed", x, valid, subset)
+    clean = _workspace(tmp_path / "clean", x, valid, subset)
+    call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
+    code = "from streamprune.index import build_index; " + call % str(killed.url)
+    env = {"STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_INDEX_DEVICE": "cpu"}
+    kill_python_when(code, lambda: _records(killed, "index-all", "search-") >= 3, env=env, timeout=120)
+    assert killed.marker("index-all") is None
+    done_before = _records(killed, "index-all", "search-")
+    assert 3 <= done_before < 15
+    os.environ["STREAMPRUNE_INDEX_DEVICE"] = "cpu"
+    try:
+        m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
+        build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
+    finally:
+        del os.environ["STREAMPRUNE_INDEX_DEVICE"]
+    assert m["counts"]["engine"] == "torch" and m["counts"]["recall_at_k"] == 1.0
+    for u, v in zip(_graph(killed, "all"), _graph(clean, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_engine_change_on_resume_restarts_the_search(tmp_path, monkeypatch):
+    """A run begun by the torch engine and resumed without it (no GPU now) redoes every phase with faiss."""
+    x, valid, subset = _data(3000, 8)
+    killed = _workspace(tmp_path / "killed", x, valid, subset)
+    clean = _workspace(tmp_path / "clean", x, valid, subset)
+    call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
+    code = "from streamprune.index import build_index; " + call % str(killed.url)
+    env = {"STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_INDEX_DEVICE": "cpu"}
+    kill_python_when(code, lambda: _records(killed, "index-all", "search-") >= 2, env=env, timeout=120)
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
+    build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
+    assert m["counts"]["engine"] == "faiss"
+    assert os.path.exists(killed.path("index/all.faissindex"))
+    for u, v in zip(_graph(killed, "all"), _graph(clean, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
+# --------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_training_cache_on_gpu_and_encoder(tmp_path):
+    from shardgen import write_shards
+    from streamprune.decode import DecodeConfig
+    from streamprune.embed import embed
+    from streamprune.shards import catalog
+    from streamprune.subset import subset
+    from streamprune.train import SubsetData, TrainConfig, train
+
+    paths = write_shards(str(tmp_path / "shards"), 2, 40, kind="png", dim=16)
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(paths, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    m = train(ws, TrainConfig(model="cnn", epochs=2, batch_size=16, device="cuda"), DecodeConfig(), scheduler="sync")
+    assert m["timings"]["gpu_cache"] is True and m["timings"]["device"].startswith("cuda")
+    data = SubsetData(ws, "train", 1 << 30, device=torch.device("cuda"))
+    assert data.on_gpu and data.x.is_cuda
+    assert torch.equal(data.x.cpu(), torch.from_numpy(data.x_arr[:]))
+    e = embed(ws, device="cuda", scheduler="sync")
+    assert e["counts"]["n_valid"] == 80

@@ -1,0 +1,208 @@
+"""Object-storage faults: a proxy in front of the real SeaweedFS server injects 503 SlowDown,
+500 InternalError, dropped connections and stalls.
+
+Transient faults are retried (one retry layer, counted through the proxy: attempts never
+multiply), permanent ones fail with one line after the configured retries, in bounded time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+from streamprune.shards import Catalog, ErrorPolicy, catalog, read_rows
+from streamprune.storage import RetryPolicy
+from streamprune.workspace import Workspace
+from faultproxy import FaultProxy
+from helpers import run_cli
+from shardgen import write_shards
+
+FAST = {"retries": 3, "retry_backoff": 0.02, "retry_max_backoff": 0.2, "timeout": 1.0}
+
+
+@pytest.fixture
+def proxy(s3server):
+    with FaultProxy(s3server.endpoint_url, seed=0) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def bucket(s3server):
+    import uuid
+
+    return s3server.make_bucket(f"faults-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def data(s3server, bucket, tmp_path_factory):
+    """3 shards x 20 samples uploaded once for this module; returns (local paths, s3 prefix)."""
+    shards = write_shards(str(tmp_path_factory.mktemp("faults") / "data"), 3, 20)
+    fs = s3server.fs()
+    for s in shards:
+        fs.put_file(s, f"{bucket}/data/{os.path.basename(s)}")
+    return shards, f"s3://{bucket}/data/"
+
+
+@pytest.fixture
+def root(bucket, request):
+    """bucket/prefix for this test's workspace, inside the module's bucket."""
+    return f"{bucket}/{re.sub(r'[^a-z0-9-]', '-', request.node.name.lower())[:40]}-{os.urandom(3).hex()}"
+
+
+def _opts(s3server, proxy, **retry) -> dict:
+    """Storage options that reach the server through the proxy."""
+    client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+    return {**s3server.storage_options, "client_kwargs": client, **retry}
+
+
+def _env(s3server, endpoint: str, **retry) -> dict:
+    env = {**s3server.env, "AWS_ENDPOINT_URL": endpoint}
+    env.update({storage.RETRY_OPTIONS[k]: str(v) for k, v in retry.items()})
+    return env
+
+
+def _parts(ws: str, opts: dict | None = None) -> pd.DataFrame:
+    cat = Catalog(Workspace(ws, opts))
+    return pd.concat([p for _, p in cat.iter_parts()], ignore_index=True)
+
+
+# the retry policy ---------------------------------------------------------------------------
+def test_retry_policy_from_environment_and_options(monkeypatch):
+    assert RetryPolicy.from_options({}) == RetryPolicy()
+    monkeypatch.setenv("STREAMPRUNE_RETRIES", "7")
+    monkeypatch.setenv("STREAMPRUNE_TIMEOUT", "2.5")
+    p = RetryPolicy.from_options({"retry_backoff": 0.1})
+    assert (p.retries, p.attempts, p.timeout, p.retry_backoff) == (7, 8, 2.5, 0.1)
+    assert RetryPolicy.from_options({"retries": 0}).attempts == 1  # options win over the environment
+    random.seed(0)
+    p = RetryPolicy(retries=10, retry_backoff=0.5, retry_max_backoff=3.0)
+    for n in range(1, 11):
+        base = min(0.5 * 2 ** (n - 1), 3.0)
+        assert 0.5 * base <= p.delay(n) < 1.5 * base
+    with pytest.raises(StreamPruneError, match="retries"):
+        RetryPolicy.from_options({"retries": "many"})
+    with pytest.raises(StreamPruneError, match="non-negative"):
+        RetryPolicy.from_options({"retries": -1})
+    # streamprune's keys never reach s3fs, and a policy change gives another filesystem.
+    fs = storage.get_fs("s3://b/x", {"anon": True, "retries": 2, "timeout": 3})
+    assert fs.config_kwargs["read_timeout"] == 3 and fs.retries == 1 and "retries" not in fs.storage_options
+    assert storage.get_fs("s3://b/x", {"anon": True, "retries": 2, "timeout": 3}) is fs
+    assert storage.get_fs("s3://b/x", {"anon": True, "retries": 3, "timeout": 3}) is not fs
+
+
+# transient faults: retried, results identical -------------------------------------------------
+def test_catalog_through_transient_faults_cli(s3server, root, data, proxy, tmp_path):
+    shards, prefix = data
+    ref = str(tmp_path / "ref")
+    catalog(shards, ref, scheduler="sync")
+    # Throttling on the first requests, then one request in six fails with 503 or 500; the
+    # workspace is on S3 too, so marker and part writes are hit as well.
+    proxy.set(status=503, first=3, rate=1 / 6)
+    ws = f"s3://{root}/ws"
+    out = run_cli("-v", "catalog", prefix, "-w", ws, "--scheduler", "sync",
+                  env=_env(s3server, proxy.endpoint_url, retries=8, retry_backoff=0.02, timeout=2))
+    assert "3 shards, 60 samples" in out.stdout
+    assert re.search(r"S3 \w+ /\S+: 503 SlowDown; retry 1 of 8 in \d", out.stderr), out.stderr
+    assert proxy.faults >= 3 and "Traceback" not in out.stderr
+    proxy.set()
+    pd.testing.assert_frame_equal(_parts(ref), _parts(ws, s3server.storage_options))
+
+
+def test_reading_samples_through_faults_and_stalls(s3server, data, proxy, tmp_path):
+    shards, prefix = data
+    ws = Workspace(str(tmp_path / "ws"), s3server.storage_options)
+    catalog([prefix], ws, scheduler="sync")
+    rows = np.arange(60)
+    clean = {r: s.members for r, s in read_rows(Catalog(ws), rows, ErrorPolicy("fail"), coalesce_gap=0)}
+    assert len(clean) == 60
+    faulty = Workspace(ws.url, _opts(s3server, proxy, retries=10, retry_backoff=0.01, timeout=1.0))
+    for fault in ({"status": 500, "first": 1, "rate": 0.3}, {"reset": True, "first": 1, "rate": 0.2},
+                  {"delay": 1.5, "first": 2}):
+        proxy.set(**fault)
+        before = proxy.faults
+        got = {r: s.members for r, s in read_rows(Catalog(faulty), rows, ErrorPolicy("fail"), coalesce_gap=0)}
+        assert got == clean, fault
+        assert proxy.faults > before, fault
+
+
+def test_zarr_through_faults_uses_the_same_policy(s3server, root, proxy):
+    url = f"s3://{root}/z.zarr"
+    opts = _opts(s3server, proxy, retries=10, retry_backoff=0.01)
+    proxy.set(status=503, rate=0.3)
+    data = np.arange(1000, dtype=np.float32)
+    arr = zarr.create_array(storage.zarr_store(url, opts), shape=(1000,), chunks=(100,), dtype="float32")
+    arr[:] = data
+    back = zarr.open_array(storage.zarr_store(url, opts), mode="r")[:]
+    assert np.array_equal(back, data) and proxy.faults > 0
+    # Permanent faults: the policy's attempts, once each (no multiplying retry layers), then one line.
+    proxy.set(status=500, rate=1.0)
+    before = len(proxy.log)
+    with pytest.raises(Exception) as err:
+        zarr.open_array(storage.zarr_store(url, {**opts, "retries": 2}), mode="r")[:]
+    line = storage.error_line(err.value)
+    assert line is not None and "\n" not in line and "gave up" in line, line
+    tries = pd.Series([path for _, path, _ in proxy.log[before:]]).value_counts()
+    assert tries.max() == 3, tries  # zarr looks for several keys at once; none is tried more than 3 times
+
+
+# permanent faults: one line, bounded time --------------------------------------------------------
+def test_permanent_throttling_is_one_line_after_retries_cli(s3server, data, proxy, tmp_path):
+    _, prefix = data
+    proxy.set(status=503, rate=1.0)
+    out = run_cli("catalog", prefix, "-w", str(tmp_path / "ws"), "--scheduler", "sync", check=False,
+                  env=_env(s3server, proxy.endpoint_url, **FAST))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.fullmatch(rf"Error: cannot access {prefix}: S3 error SlowDown: .*injected fault \(gave up after 4 "
+                        r"attempts\)", lines[0]), lines[0]
+    assert proxy.requests == 4  # the policy's attempts, not attempts x botocore's x s3fs's
+
+
+@pytest.mark.parametrize("fault,pattern,requests", [
+    ({"status": 500, "rate": 1.0}, r"S3 error InternalError: .*injected fault", 4),
+    ({"delay": 3.0, "rate": 1.0}, r"ReadTimeoutError: Read timeout on endpoint URL", 4),
+    # aiohttp sends an idempotent request once more on a fresh connection when a kept-alive one
+    # is closed under it: 4 attempts are 8 requests at the proxy.
+    ({"reset": True, "rate": 1.0}, r"ConnectionClosedError: Connection was closed", 8),
+])
+def test_permanent_fault_is_one_line_in_bounded_time(s3server, data, proxy, tmp_path, fault, pattern, requests):
+    _, prefix = data
+    proxy.set(**fault)
+    t0 = time.time()
+    with pytest.raises(StreamPruneError) as err:
+        catalog([prefix], str(tmp_path / "ws"), storage_options=_opts(s3server, proxy, **FAST), scheduler="sync")
+    wall = time.time() - t0
+    msg = str(err.value)
+    assert "\n" not in msg and re.fullmatch(rf"cannot access {prefix}: {pattern}.* \(gave up after 4 attempts\)",
+                                            msg), msg
+    assert proxy.requests == requests
+    # 4 attempts x (1 s timeout + backoff <= 0.2 s): about 5 s for stalls, well under a second otherwise.
+    assert wall < (8 if "delay" in fault else 3), wall
+
+
+def test_unreachable_endpoint_is_one_line(s3server, data, tmp_path):
+    _, prefix = data
+    opts = {**s3server.storage_options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, **FAST}
+    with pytest.raises(StreamPruneError, match=r"^cannot access s3://\S+: EndpointConnectionError: Could not "
+                                               r"connect to the endpoint URL: .* \(gave up after 4 attempts\)$"):
+        catalog([prefix], str(tmp_path / "ws"), storage_options=opts, scheduler="sync")
+
+
+def test_workspace_faults_on_s3_are_one_line(s3server, root, data, proxy):
+    shards, _ = data
+    proxy.set(status=500, rate=1.0, match="/ws/")
+    with pytest.raises(StreamPruneError) as err:
+        catalog(shards, f"s3://{root}/ws", storage_options=_opts(s3server, proxy, **FAST), scheduler="sync")
+    assert re.fullmatch(rf"cannot access s3://{root}/ws/\S+: (S3 error InternalError|HTTP 500): .* \(gave up "
+                        r"after 4 attempts\)", str(err.value)), str(err.value)
+    assert not s3server.fs().exists(f"{root}/ws/_stages/catalog.json")
