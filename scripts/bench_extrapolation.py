@@ -81,7 +81,8 @@ def one_setting(root: str, noise: float, data_seed: int, fraction: float, curve:
     run_pipeline([info["train_pattern"]], ws, cfg, echo=lambda *a: None)
     keeps = [float(k) for k in args.keeps.split(",")] if curve else None
     ev = evaluate(ws, "du", pruning_curve_keeps=keeps, epochs=args.curve_epochs, test_shards=info["test"],
-                  seeds=args.train_seeds, strategies=("hard", "hard-clean"))
+                  seeds=args.train_seeds, strategies=("hard", "hard-clean"),
+                  curve_sources=args.curve_sources.split(",") if args.curve_sources else None)
     return {"noise": noise, "data_seed": data_seed, "fraction": fraction, "wall_s": round(time.time() - t0, 1),
             "ws": ws, "evaluation": ev}
 
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--train-seeds", type=int, default=1)
     ap.add_argument("--methods", default="knn,gcn,label-aware,propagate,kernel")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--curve-sources", default=None, help="score sources of the curve (default: all present)")
     ap.add_argument("--fidelity-first", action="store_true",
                     help="run every setting without curves first, then again with them")
     ap.add_argument("--root", default=None, help="work directory; re-using one re-uses finished stages and runs")

@@ -1,6 +1,7 @@
 """Benchmark resharding: throughput against a plain byte copy of the same shards, and peak memory at N and 4N.
 
-    .venv/bin/python scripts/bench_prune.py [--mb 200] [--sample-kb 100] [--keep 0.7] [--repeat 5] [--dir /tmp/bench_prune]
+    .venv/bin/python scripts/bench_prune.py [--mb 200] [--sample-kb 100] [--keep 0.7] [--repeat 5]
+        [--shard-mb 32] [--scheduler threads] [--dir /tmp/bench_prune]
 
 For each scale (N = --mb of samples, then 4N) the script writes shards of random-payload samples,
 catalogs them, writes a synthetic extrapolated score array and selects the hardest --keep

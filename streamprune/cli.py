@@ -344,10 +344,11 @@ def _int_option(flag: str, value) -> int:
 @click.option("--max-count", type=int, default=None, help="At most this many samples per output shard.")
 @click.option("--eps", type=float, default=None, help="influence-budget: budget on the removed influence.")
 @click.option("--noise-fraction", default=None, help="hard-clean: 'auto' or a fraction to drop first.")
+@click.option("--durable", is_flag=True, help="--reshard: fsync every output tar before it is renamed into place.")
 @click.option("--scheduler", default="local", show_default=True)
 @click.option("--force", is_flag=True)
 def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fraction, keep_count, name, seed, reshard,
-              shard_size, max_count, eps, noise_fraction, scheduler, force):
+              shard_size, max_count, eps, noise_fraction, durable, scheduler, force):
     """Select samples and write shards.txt, kept keys, stats.json, optionally new shards."""
     from streamprune.prune import prune
 
@@ -358,7 +359,7 @@ def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fra
         opts["noise_fraction"] = noise_fraction if noise_fraction == "auto" else float(noise_fraction)
     m = prune(workspace, score=score_name, source=source, strategy=strategy, keep_fraction=keep_fraction,
               keep_count=keep_count, name=name, seed=seed, reshard=reshard, shard_size=shard_size, max_count=max_count,
-              scheduler=scheduler, force=force, storage_options=storage_options, **opts)
+              durable=durable, scheduler=scheduler, force=force, storage_options=storage_options, **opts)
     _report(m, "prune")
     c = m["counts"]
     click.echo(f"prune: kept {c['n_kept']} of {c['n_eligible']} eligible rows ({c['keep_fraction']:.3f}) in "
@@ -496,7 +497,8 @@ def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, qu
     out = run_pipeline([info["train_pattern"]], ws, cfg, storage_options=None, echo=click.echo)
     keeps = [float(k) for k in pruning_curve.split(",") if k.strip()]
     evaluation = run_evaluate(ws, "du", pruning_curve_keeps=keeps or None, epochs=curve_epochs,
-                              test_shards=info["test"], strategies=("hard", "hard-clean"))
+                              test_shards=info["test"],
+                              strategies=("hard-clean",) if quick else ("hard", "hard-clean"))
     click.echo(format_evaluation(evaluation))
     rep = run_report(ws, score="du")
     click.echo(f"shards.txt: {os.path.join(ws, out['outputs']['prune']['outputs']['shards'])}")

@@ -90,8 +90,9 @@ def disk_full_message(exc: BaseException, what: str = "") -> str | None:
 def _target_path(path: str) -> str:
     """The file an atomic write was producing, not its temporary name (ours or zarr's)."""
     head, base = os.path.split(path)
-    base = re.sub(r"^\.tmp-[0-9a-f]{32}-", "", base)
+    base = re.sub(r"^\.tmp-[0-9a-f]{12,32}-", "", base)
     base = re.sub(r"\.[0-9a-f]{32}\.partial$", "", base)
+    base = re.sub(r"\.partial$", "", base)
     return os.path.join(head, base) if head else base
 
 

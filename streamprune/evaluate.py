@@ -276,8 +276,12 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
 
 def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_keeps: list[float] | None = None,
              epochs: int = 10, test_shards: list[str] | None = None, seeds: int = 1,
-             strategies: tuple[str, ...] = ("hard",), storage_options: dict | None = None) -> dict:
-    """Fidelity, selection quality and cost of every extrapolation; optional pruning curve."""
+             strategies: tuple[str, ...] = ("hard",), curve_sources: list[str] | None = None,
+             storage_options: dict | None = None) -> dict:
+    """Fidelity, selection quality and cost of every extrapolation; optional pruning curve.
+
+    ``curve_sources`` limits the score sources trained on for the curve (default: every one present).
+    """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     t0 = time.time()
     arrays = score_sources(ws, score)
@@ -320,7 +324,7 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
         if not test_shards:
             raise StreamPruneError("evaluate --pruning-curve needs --test SHARDS (held-out test shards)")
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
-                                             strategies=strategies)
+                                             strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
     ws.write_json(out, "eval", f"{score}.json")
     return out

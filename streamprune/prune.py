@@ -1149,10 +1149,13 @@ def iter_headers(read_at: Callable[[int, int], bytes], start: int, stop: int, si
         hdr = read_at(pos, 512)
         if len(hdr) < 512 or hdr[156] not in _REGULAR or hdr[124] & 0x80:
             break
+        size_text = hdr[124:136].split(b"\0", 1)[0].strip(b" ") or b"0"
+        sum_text = hdr[148:156].split(b"\0", 1)[0].strip(b" ")
+        if not (size_text.isdigit() and sum_text.isdigit()):  # int() would take signs, '_', inner spaces
+            break
         try:
-            length = int(hdr[124:136].split(b"\0", 1)[0].strip(b" ") or b"0", 8)
-            checksum = int(hdr[148:156].split(b"\0", 1)[0].strip(b" ") or b"-1", 8)
-        except ValueError:
+            length, checksum = int(size_text, 8), int(sum_text, 8)
+        except ValueError:  # an 8 or a 9
             break
         if checksum != sum(hdr) - sum(hdr[148:156]) + 256:
             break

@@ -196,6 +196,8 @@ def test_disk_full_message_names_the_target_file():
         assert msg.startswith("embed: ") and text in msg and "writing /ws/embeddings.zarr/emb/c/3/0;" in msg
     ours = OSError(errno.ENOSPC, "x", "/ws/_stages/.tmp-0123456789abcdef0123456789abcdef-3.json")
     assert "writing /ws/_stages/3.json;" in disk_full_message(ours)
+    reshard = OSError(errno.ENOSPC, "x", "/out/.tmp-0123456789ab-pruned-000003.tar.partial")
+    assert "writing /out/pruned-000003.tar;" in disk_full_message(reshard)
     try:  # found behind a wrapping exception too
         try:
             raise OSError(errno.ENOSPC, "No space left on device")

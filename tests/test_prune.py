@@ -1,4 +1,5 @@
-"""The prune stage: outputs, the pruned-view helper, resharding (local, S3, killed and resumed), bad input."""
+"""The prune stage: outputs, the pruned-view helper, resharding (local, S3, killed and resumed, a killed dask
+worker, the fast header check against the complete one), bad input."""
 
 from __future__ import annotations
 
