@@ -91,7 +91,7 @@ def plot_pruning_curve(pc: dict, path: str) -> None:
 def plot_kept_per_class(per_class: dict[str, list[float]], path: str) -> None:
     """Fraction of each class kept by each selection."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     labels = list(per_class)
     n_classes = max(len(v) for v in per_class.values())
     width = 0.8 / max(1, len(labels))
@@ -100,7 +100,7 @@ def plot_kept_per_class(per_class: dict[str, list[float]], path: str) -> None:
     ax.set_xlabel("class")
     ax.set_ylabel("fraction kept")
     ax.set_xticks(np.arange(n_classes) + 0.4 - width / 2, [str(c) for c in range(n_classes)])
-    ax.legend()
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)  # outside: bars fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
