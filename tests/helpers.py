@@ -57,3 +57,41 @@ def count_files(directory: str | Path, suffix: str = "") -> int:
     if not d.exists():
         return 0
     return sum(1 for p in d.rglob(f"*{suffix}") if p.is_file() and not p.name.startswith(".tmp"))
+
+
+def run_killing_a_worker(module: str, n_records, stage, min_records: int, after_kill=None) -> dict:
+    """Run ``stage(scheduler_address)`` on a fresh 2-process LocalCluster, SIGKILL a busy worker once
+    ``n_records()`` reaches ``min_records``; returns the stage's result and what happened.
+
+    Keys: ``result``, ``killed_pid``, ``records`` (at the kill), ``rerun`` (tasks the scheduler
+    re-ran after the death) and ``pids_after`` (worker pids once the nanny replaced the dead one).
+    """
+    import threading
+
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      env={"STREAMPRUNE_TASK_DELAY": "0.4"}) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__(module))  # warm imports: the kill lands mid-stage
+        pids = client.run(os.getpid)
+        killed: dict = {}
+
+        def kill_a_busy_worker() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and n_records() < min_records:
+                time.sleep(0.02)
+            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
+            addr = busy[0] if busy else next(iter(pids))
+            killed.update(killed_pid=pids[addr], records=n_records())
+            os.kill(pids[addr], signal.SIGKILL)
+            if after_kill is not None:
+                after_kill()
+
+        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
+        killer.start()
+        result = stage(cluster.scheduler_address)
+        killer.join(10)
+        rerun = sum(p.suspicious for p in cluster.scheduler.task_prefixes.values())
+        client.wait_for_workers(2, timeout=60)
+        after = client.run(os.getpid)
+    return dict(killed, result=result, rerun=rerun, pids_after=set(after.values()))

@@ -10,10 +10,8 @@ import errno
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -31,7 +29,7 @@ from streamprune.shards import Catalog, catalog
 from streamprune.subset import subset
 from streamprune.train import TrainConfig, train
 from streamprune.workspace import Workspace
-from helpers import kill_python_when, run_cli
+from helpers import kill_python_when, run_cli, run_killing_a_worker
 from shardgen import write_shards
 
 CHUNK = 20  # embed chunk rows: 320 rows -> 16 tasks
@@ -85,35 +83,14 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_worker_sigkilled_during_embed_is_retried(trained, tmp_path):
-    from dask.distributed import Client, LocalCluster
-
     ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      env={"STREAMPRUNE_TASK_DELAY": "0.4"}) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("streamprune.embed"))  # warm imports: the kill lands mid-stage
-        pids = client.run(os.getpid)
-        killed: dict = {}
-
-        def kill_a_busy_worker() -> None:
-            deadline = time.time() + 120
-            while time.time() < deadline and len(_records(ws, "embed")) < 3:
-                time.sleep(0.02)
-            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
-            addr = busy[0] if busy else next(iter(pids))
-            killed.update(pid=pids[addr], records=len(_records(ws, "embed")))
-            os.kill(pids[addr], signal.SIGKILL)
-
-        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
-        killer.start()
-        m = embed(ws, chunk_rows=CHUNK, scheduler=cluster.scheduler_address)
-        killer.join(10)
-        rerun = sum(p.suspicious for p in cluster.scheduler.task_prefixes.values())
-        client.wait_for_workers(2, timeout=60)
-        after = client.run(os.getpid)
-    print(f"\nworker killed with {killed['records']}/16 chunks recorded; tasks re-run after the death: {rerun}")
-    assert 3 <= killed["records"] < 16
-    assert killed["pid"] not in after.values()  # the nanny replaced the dead worker process
-    assert rerun >= 1  # the scheduler re-ran what the dead worker held
+    out = run_killing_a_worker("streamprune.embed", lambda: len(_records(ws, "embed")),
+                               lambda address: embed(ws, chunk_rows=CHUNK, scheduler=address), min_records=3)
+    m = out["result"]
+    print(f"\nworker killed with {out['records']}/16 chunks recorded; tasks re-run after the death: {out['rerun']}")
+    assert 3 <= out["records"] < 16
+    assert out["killed_pid"] not in out["pids_after"]  # the nanny replaced the dead worker process
+    assert out["rerun"] >= 1  # the scheduler re-ran what the dead worker held
     assert m["counts"]["n"] == N_ROWS and m["counts"]["n_valid"] == N_ROWS
     _assert_same_embeddings(trained["ref"], ws)
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -20,7 +17,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import count_files, kill_python_when
+from helpers import count_files, kill_python_when, run_killing_a_worker
 from shardgen import make_samples, write_shards
 from streamprune import select as sel
 from streamprune import storage
@@ -495,41 +492,24 @@ def test_reshard_killed_then_resumed_is_identical(tmp_path):
 
 @pytest.mark.slow
 def test_reshard_survives_a_sigkilled_dask_worker(tmp_path):
-    # A LocalCluster of its own: the killed worker must not disturb other tests.
-    from dask.distributed import Client, LocalCluster
-
+    # A LocalCluster of its own (run_killing_a_worker): the killed worker must not disturb other tests.
     ws, _, _ = build(str(tmp_path), 6, 20)
     ref_out = str(tmp_path / "ref")
     prune(ws, keep_fraction=0.5, reshard=ref_out, shard_size=12_000, scheduler="sync")
     ref = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(os.path.join(ref_out, "shards.txt")).read().split()}
     out = str(tmp_path / "out")
     records = os.path.join(ws, "_stages", f"reshard-{NAME}")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      env={"STREAMPRUNE_TASK_DELAY": "0.4"}) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("streamprune.prune"))  # warm imports: the kill lands mid-run
-        pids = client.run(os.getpid)
-        killed: dict = {}
 
-        def kill_a_busy_worker() -> None:
-            deadline = time.time() + 120
-            while time.time() < deadline and count_files(records, ".json") < 2:
-                time.sleep(0.02)
-            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
-            addr = busy[0] if busy else next(iter(pids))
-            killed.update(pid=pids[addr], records=count_files(records, ".json"))
-            os.kill(pids[addr], signal.SIGKILL)
-            # what a worker killed in the middle of writing a tar leaves behind
-            open(os.path.join(out, ".tmp-0123456789ab-pruned-000001.tar.partial"), "wb").write(b"partial")
+    def leave_a_partial_tar() -> None:  # what a worker killed in the middle of writing a tar leaves behind
+        open(os.path.join(out, ".tmp-0123456789ab-pruned-000001.tar.partial"), "wb").write(b"partial")
 
-        killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
-        killer.start()
-        m = reshard(ws, NAME, out, shard_size=12_000, scheduler=cluster.scheduler_address, force=True)
-        killer.join(10)
-        rerun = sum(p.suspicious for p in cluster.scheduler.task_prefixes.values())
-        client.wait_for_workers(2, timeout=60)
-        after = client.run(os.getpid)
-    assert 2 <= killed["records"] < len(ref)  # killed mid-run
-    assert killed["pid"] not in after.values() and rerun >= 1  # the task it held ran again elsewhere
+    run = run_killing_a_worker(
+        "streamprune.prune", lambda: count_files(records, ".json"),
+        lambda address: reshard(ws, NAME, out, shard_size=12_000, scheduler=address, force=True),
+        min_records=2, after_kill=leave_a_partial_tar)
+    m = run["result"]
+    assert 2 <= run["records"] < len(ref)  # killed mid-run
+    assert run["killed_pid"] not in run["pids_after"] and run["rerun"] >= 1  # the task it held ran again elsewhere
     assert m["counts"]["n_shards"] == len(ref)
     urls = open(os.path.join(out, "shards.txt")).read().split()
     assert [u.rsplit("/", 1)[1] for u in urls] == sorted(ref)
