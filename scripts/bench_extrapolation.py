@@ -71,6 +71,7 @@ def one_setting(root: str, noise: float, data_seed: int, fraction: float, curve:
     if share_from:
         share_full_scores(share_from, ws)
     cfg = RunConfig.load(None, {
+        **({"catalog": {"max_member_bytes": args.max_member_bytes}} if args.max_member_bytes else {}),
         "subset": {"fraction": fraction, "seed": data_seed},
         "score": {"scores": ["du"], "epochs": args.epochs, "model": "cnn", "full": True, "seed": data_seed},
         "index": {"k": 20},
@@ -154,6 +155,9 @@ def main() -> None:
     ap.add_argument("--curve-sources", default=None, help="score sources of the curve (default: all present)")
     ap.add_argument("--fidelity-first", action="store_true",
                     help="run every setting without curves first, then again with them")
+    ap.add_argument("--max-member-bytes", type=int, default=None,
+                    help="catalog member size limit (default: the product's); set it to a work directory's "
+                         "old value to re-use that directory")
     ap.add_argument("--root", default=None, help="work directory; re-using one re-uses finished stages and runs")
     args = ap.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="bench-extrap-")
