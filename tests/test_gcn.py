@@ -60,6 +60,14 @@ def make_ws(path, n=500, d=6, k=12, n_classes=3, fraction=0.3, invalid=(3, 77, 2
     gg.create_array("distances", data=dist, chunks=(chunk, k))
     ws.begin("index", {"test": 1}, {}, key="index-all").commit({"graph": "graph/all.zarr"}, {"n": n})
     rows = np.sort(rng.choice(n, int(n * fraction), replace=False)).astype(np.int64)
+    # graph/seeds.zarr: every row's k nearest valid seed rows, never the row itself (the kNN prior's input)
+    is_seed = np.zeros(n, bool)
+    is_seed[rows] = True
+    s_nbrs, s_dist = knn(np.nan_to_num(emb), valid & is_seed, min(k, int((valid & is_seed).sum()) - 1))
+    sg = zarr.open_group(str(path / "graph" / "seeds.zarr"), mode="w")
+    sg.create_array("neighbors", data=s_nbrs, chunks=(chunk, s_nbrs.shape[1]))
+    sg.create_array("distances", data=s_dist, chunks=(chunk, s_nbrs.shape[1]))
+    ws.begin("index", {"test": 1}, {}, key="index-seeds").commit({"graph": "graph/seeds.zarr"}, {"n": n})
     zarr.create_array(str(path / "subset" / "rows.zarr"), data=rows, chunks=(1024,))
     ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": len(rows)})
     truth = true_score(np.nan_to_num(emb)).astype(np.float32)
@@ -226,19 +234,24 @@ def test_small_helpers():
 
 
 # ------------------------------------------------------------------------------- the stage
-def test_layerwise_equals_full_graph_both_paths(base, tmp_path):
+@pytest.mark.parametrize("prior", ["knn", "none"])
+def test_layerwise_equals_full_graph_both_paths(base, tmp_path, prior):
     results = {}
     for name, limit in (("mem", 1 << 30), ("stream", 0)):
         ws = clone(base, tmp_path, name)
-        m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, memory_limit=limit, **QUICK)
+        m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, memory_limit=limit, prior=prior, **QUICK)
         t = m["timings"]
         assert t["layer1"]["in_memory"] == (limit > 0) and t["layer2"]["in_memory"] == (limit > 0)
         model, ckpt = load_checkpoint(Workspace(ws), "du")
         emb_g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
         graph_g = zarr.open_group(os.path.join(ws, "graph", "all.zarr"), mode="r")
         valid = RowSource(emb_g["valid"], 1 << 30)
+        p = ckpt["prior"]
+        assert (p is None) == (prior == "none") and model.residual == (prior == "knn")
         feats = Features(RowSource(emb_g["emb"], 1 << 30), RowSource(emb_g["labels"], 1 << 30, np.int64), valid,
-                         ckpt["num_classes"])
+                         ckpt["num_classes"],
+                         p and RowSource(zarr.open_array(os.path.join(ws, "gcn", "du", "prior.zarr"), mode="r")),
+                         p and (p["mean"], p["std"]) or (0.0, 1.0))
         full = predict_in_memory(model, feats, GraphTable(graph_g, 8, valid, "exp", 1 << 30)) * ckpt["std"] + ckpt["mean"]
         score, source = read_out(ws)
         v = base["valid"]
@@ -257,13 +270,15 @@ def test_layerwise_equals_full_graph_both_paths(base, tmp_path):
         assert os.path.exists(os.path.join(ws, "gcn", "du", "model.pt"))
         results[name] = score
     assert np.allclose(results["mem"], results["stream"], atol=1e-5, equal_nan=True)
-    assert extrapolate_gcn(str(tmp_path / "mem"), "du", k=8, chunk_rows=64, **QUICK).get("skipped")
+    assert extrapolate_gcn(str(tmp_path / "mem"), "du", k=8, chunk_rows=64, prior=prior, **QUICK).get("skipped")
 
 
 def test_training_learns_the_smooth_score(base, tmp_path):
     ws = clone(base, tmp_path)
     assert "gcn" in methods()
-    m = extrapolate(ws, "du", "gcn", k=8, chunk_rows=128, scheduler="threads", fanout=(8, 4, 4), **SMALL)
+    # The plain model (no kNN prior) starts from nothing: training must lift it well above epoch 0.
+    m = extrapolate(ws, "du", "gcn", k=8, chunk_rows=128, scheduler="threads", fanout=(8, 4, 4), prior="none",
+                    **SMALL)
     hist = m["counts"]["history"]
     assert [h["epoch"] for h in hist] == list(range(SMALL["epochs"] + 1))
     assert hist[0]["train_loss"] is None and all(h["train_loss"] > 0 for h in hist[1:])
@@ -275,6 +290,34 @@ def test_training_learns_the_smooth_score(base, tmp_path):
     assert pearson(score[rest], base["truth"][rest]) > 0.5
     assert m["config"]["fanout"] == [8, 4, 4] and m["counts"]["n_train"] + m["counts"]["n_val"] == (
         base["valid"][base["rows"]].sum())
+
+
+def test_knn_prior_is_leave_one_out_and_the_residual_gcn_improves_on_it(base, tmp_path):
+    from streamprune.extrapolate.knn import extrapolate_knn
+
+    ws = clone(base, tmp_path)
+    m = extrapolate(ws, "du", "gcn", k=8, chunk_rows=128, scheduler="threads", fanout=(8, 4, 4), **SMALL)
+    assert m["config"]["prior"] == "knn"
+    prior = zarr.open_array(os.path.join(ws, "gcn", "du", "prior.zarr"), mode="r")[:]
+    _, ckpt = load_checkpoint(Workspace(ws), "du")
+    k = ckpt["prior"]["k"]
+    # Every row's prior is the exp(-d)-weighted mean of its k nearest *other* seeds, by hand.
+    lut = np.full(len(prior), np.nan)
+    lut[base["rows"]] = base["scores"]
+    sg = zarr.open_group(os.path.join(ws, "graph", "seeds.zarr"), mode="r")
+    nb, d = sg["neighbors"][:, :k], sg["distances"][:, :k].astype(np.float64)
+    assert not (nb == np.arange(len(nb))[:, None]).any()
+    s_, ok = lut[nb], np.isfinite(lut[nb])
+    w = np.where(ok, np.exp(-(d - np.where(ok, d, np.inf).min(1, keepdims=True))), 0.0)
+    by_hand = (w * np.where(ok, s_, 0)).sum(1) / w.sum(1)
+    np.testing.assert_allclose(prior, by_hand, rtol=1e-5, atol=1e-6)
+    # The GCN's non-seed predictions track the truth at least as well as plain kNN extrapolation.
+    extrapolate_knn(ws, "du", k=k)
+    kn = zarr.open_group(os.path.join(ws, "extrapolated", "du-knn.zarr"), mode="r")["score"][:]
+    score, source = read_out(ws)
+    rest = source == 2
+    assert pearson(score[rest], base["truth"][rest]) >= pearson(kn[rest], base["truth"][rest]) - 0.01
+    assert m["counts"]["best_val_pearson"] >= m["counts"]["history"][0]["val_pearson"]
 
 
 def test_killed_inference_resumes_to_same_scores(base, tmp_path):

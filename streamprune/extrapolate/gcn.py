@@ -1,7 +1,8 @@
 """GCN score extrapolation: trained on seed rows with sampled neighbourhoods, inferred layer-wise.
 
 Model: ``L`` x ``torch_geometric.nn.GCNConv`` (widths ``hidden + (1,)``), ReLU and dropout between
-layers, over node features one-hot(label) ⊕ embedding and the kNN graph ``graph/all.zarr``.
+layers, over node features one-hot(label) ⊕ embedding (⊕ the kNN-extrapolated score, whose
+correction the GCN then learns: ``prior="knn"``, the default) and the kNN graph ``graph/all.zarr``.
 
 * Aggregation is one sparse CSR x dense product per layer: GCNConv gets a ``torch.sparse_csr``
   adjacency, so its ``message_and_aggregate`` calls ``torch.sparse.mm`` and no E x width message
@@ -44,12 +45,13 @@ from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method,
                                             score_fingerprint, seed_scores, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
-                                             sample_subgraph)
+                                             sample_subgraph, standardise_prior)
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
 
 IN_PROCESS = ("sync", "threads")
+PRIORS = ("knn", "none")
 _CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) for the default chunk_rows
 
 
@@ -57,7 +59,8 @@ _CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) f
 class GCN(nn.Module):
     """``len(widths)`` GCNConv layers over precomputed CSR adjacencies; ReLU + dropout between."""
 
-    def __init__(self, in_dim: int, widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5):
+    def __init__(self, in_dim: int, widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5,
+                 residual: bool = False):
         super().__init__()
         from torch_geometric.nn import GCNConv
 
@@ -65,6 +68,7 @@ class GCN(nn.Module):
         self.convs = nn.ModuleList(GCNConv(a, b, normalize=False, add_self_loops=False)
                                    for a, b in zip(dims[:-1], dims[1:]))
         self.dropout = float(dropout)
+        self.residual = bool(residual)  # output += the last input column (the standardised kNN prior)
 
     @property
     def n_layers(self) -> int:
@@ -77,11 +81,12 @@ class GCN(nn.Module):
 
     def forward(self, x: torch.Tensor, adjs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Outputs of the first ``adjs[-1].shape[0]`` nodes; ``adjs[i]`` is layer i's adjacency."""
+        base = x[:adjs[-1].shape[0], -1:] if self.residual else None
         for i, adj in enumerate(adjs):
             x = self.layer(i, x[:adj.shape[1]], adj)
             if i < self.n_layers - 1 and self.dropout > 0:
                 x = nn.functional.dropout(x, self.dropout, self.training)
-        return x
+        return x + base if base is not None else x
 
 
 def apply_conv(conv: nn.Module, x: torch.Tensor, adj: torch.Tensor, relu: bool) -> torch.Tensor:
@@ -166,8 +171,10 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     mean = float(y_all[tr].mean())
     std = float(y_all[tr].std()) or 1.0
     y = torch.from_numpy(((y_all - mean) / std).astype(np.float32))
+    if features.prior is not None:  # the prior column lives on the target's standardised scale
+        features.prior_scale = (mean, std)
     torch.manual_seed(seed)
-    model = GCN(features.dim, widths, dropout).to(device)
+    model = GCN(features.dim, widths, dropout, residual=features.prior is not None).to(device)
     fanouts = tuple(fanout) if fanout is not None else (None,) * model.n_layers
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed + 1)
@@ -289,6 +296,41 @@ class _LayerJob:
     std: float = 1.0
     device: str = "cpu"
     sources: dict | None = None  # in-memory row sources shared by in-process tasks; None = open per task
+    prior: dict | None = None  # {"mean", "std"} of the kNN prior column (layer-1 input, residual output)
+
+
+def _prior_path(score: str) -> str:
+    return f"gcn/{score}/prior.zarr"
+
+
+def _prior_source(ws: Workspace, score: str, prior: dict | None, memory_limit: int) -> tuple:
+    """(RowSource of the kNN prior or None, its (mean, std)) for :class:`Features`."""
+    if prior is None:
+        return None, (0.0, 1.0)
+    return RowSource(_open_array(ws, _prior_path(score)), memory_limit, np.float32), (prior["mean"], prior["std"])
+
+
+def write_prior(ws: Workspace, run: StageRun, score: str, n: int, chunk_rows: int) -> dict:
+    """Write every row's kNN-extrapolated score to ``gcn/<score>/prior.zarr``; returns {"k", "pearson_by_k"}.
+
+    A seed row's prior comes from the *other* seeds (``graph/seeds.zarr`` never lists a row
+    itself), so seed rows in training see the same kind of input as the rows being predicted.
+    k is chosen like ``extrapolate --method knn`` does, by leave-one-out Pearson on seed rows.
+    Streamed chunk by chunk (one float per row); recomputed whole on resume unless recorded.
+    """
+    from streamprune.extrapolate.knn import _predict_chunk, validation_table
+
+    done = run.chunk_done("prior")
+    if done is not None:
+        return done
+    k, table, _ = validation_table(ws, score)
+    arr = zarr.create_array(storage.zarr_store(ws.path(_prior_path(score)), ws.storage_options), shape=(n,),
+                            chunks=(min(n, 1 << 20),), dtype="float32", fill_value=np.nan, overwrite=True)
+    for r0 in range(0, n, chunk_rows):
+        arr[r0:min(n, r0 + chunk_rows)] = _predict_chunk(ws, r0, min(n, r0 + chunk_rows), score, "seeds", k)
+    info = {"k": int(k), "pearson_by_k": {str(c): _finite(v) for c, v in table.items()}}
+    run.mark_chunk("prior", info)
+    return info
 
 
 def _act_path(score: str, layer: int) -> str:
@@ -300,7 +342,7 @@ def _open_array(ws: Workspace, rel: str, mode: str = "r"):
 
 
 def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_classes: int,
-                  memory_limit: int) -> dict:
+                  memory_limit: int, prior: dict | None = None) -> dict:
     """Row sources of a layer: ``prev`` (layer input rows), ``table`` (graph rows) and ``valid``.
 
     The previous layer (node features for layer 1) is read into memory when it fits
@@ -314,7 +356,7 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
     if layer == 1:
         lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 8) <= memory_limit else 0
         src["prev"] = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
-                               valid, num_classes)
+                               valid, num_classes, *_prior_source(ws, score, prior, lim))
         src["in_memory"] = bool(lim)
     else:
         src["prev"] = RowSource(_open_array(ws, _act_path(score, layer - 1)), memory_limit, np.float32)
@@ -327,7 +369,7 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     from torch_geometric.nn import GCNConv
 
     ws = Workspace(job.ws_url, job.storage_options)
-    src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0)
+    src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0, job.prior)
     if not src["in_memory"]:
         _bound_heap()
     span = src["table"].span(r0, r1)
@@ -394,6 +436,9 @@ def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
 def _predict_last(ws: Workspace, start: int, stop: int, job: _LayerJob) -> np.ndarray:
     """De-standardised outputs of the last layer for rows [start, stop) (common.write_chunks predict)."""
     out = _compute_layer(job, start, stop)[:, 0]
+    if job.prior is not None:  # residual: the model predicts a correction of the kNN prior
+        out = out + standardise_prior(_open_array(ws, _prior_path(job.score))[start:stop], True,
+                                      (job.prior["mean"], job.prior["std"]))
     _trim_heap()
     return (out.astype(np.float64) * job.std + job.mean).astype(np.float32)
 
@@ -412,7 +457,7 @@ def load_checkpoint(ws: str | Workspace, score: str = "du") -> tuple[GCN, dict]:
     if not storage.exists(url, ws.storage_options):
         raise StreamPruneError(f"no trained GCN for score '{score}' in {ws.url}")
     ckpt = torch.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)), map_location="cpu", weights_only=False)
-    model = GCN(ckpt["in_dim"], ckpt["widths"], ckpt["dropout"])
+    model = GCN(ckpt["in_dim"], ckpt["widths"], ckpt["dropout"], residual=bool(ckpt.get("prior")))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
 
@@ -439,13 +484,23 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                     dropout: float = 0.5, epochs: int = 25, batch_size: int = 128, lr: float = 1e-3,
                     fanout: int | Sequence[int | None] | None = None, weight: str = "exp", seed: int = 0,
                     chunk_rows: int | None = None, memory_limit: int = 2 << 30, scheduler: str | None = "sync",
-                    force: bool = False, storage_options: dict | None = None, device: str = "auto") -> dict:
-    """Train a GCN on the seed scores and predict ``score`` for every row into extrapolated/<score>-gcn.zarr."""
+                    force: bool = False, storage_options: dict | None = None, device: str = "auto",
+                    prior: str = "knn") -> dict:
+    """Train a GCN on the seed scores and predict ``score`` for every row into extrapolated/<score>-gcn.zarr.
+
+    ``prior="knn"`` (default) adds every row's kNN-extrapolated score as an input column and
+    makes the GCN predict a correction of it (residual output); ``"none"`` is the plain model
+    over one-hot(label) ⊕ embedding.
+    """
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "gcn")
     _check_params(k, hidden, dropout, epochs, batch_size, lr, weight, chunk_rows)
+    if prior not in PRIORS:
+        raise StreamPruneError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     inputs = {"embed": ws.require("embed", key)["fingerprint"], "index-all": ws.require("index-all", key)["fingerprint"],
               "score": score_fingerprint(ws, score, key)}
+    if prior == "knn":
+        inputs["index-seeds"] = ws.require("index-seeds", key)["fingerprint"]
     emb_g, graph, n = _inputs(ws, key)
     if k > graph["neighbors"].shape[1]:
         raise StreamPruneError(f"{key}: k={k} but graph/all.zarr holds {graph['neighbors'].shape[1]} neighbours per "
@@ -453,11 +508,11 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     widths = tuple(int(h) for h in hidden) + (1,)
     fanouts = parse_fanout(fanout, len(widths), k)
     num_classes = _num_classes(emb_g["labels"])
-    in_dim = num_classes + emb_g["emb"].shape[1]
+    in_dim = num_classes + emb_g["emb"].shape[1] + (prior != "none")
     chunk_rows = int(chunk_rows or default_chunk_rows(in_dim, widths, k))
     config = {"method": "gcn", "score": score, "k": k, "hidden": list(widths[:-1]), "dropout": float(dropout),
               "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "fanout": list(fanouts),
-              "weight": weight, "seed": int(seed), "chunk_rows": chunk_rows}
+              "weight": weight, "seed": int(seed), "chunk_rows": chunk_rows, "prior": prior}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)
     if run.already_done:
         _remove_activations(ws, score, len(widths))
@@ -479,9 +534,10 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         if use.sum() < 10:
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
                                    f"score; at least 10 are needed to train a GCN")
-        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 8) <= memory_limit else 0
+        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 12) <= memory_limit else 0
+        prior_info = write_prior(ws, run, score, n, chunk_rows) if prior == "knn" else None
         features = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
-                            valid, num_classes)
+                            valid, num_classes, *_prior_source(ws, score, prior_info and {"mean": 0.0, "std": 1.0}, lim))
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev)
@@ -490,7 +546,8 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
                 "best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson, "n_train": res.n_train,
                 "n_val": res.n_val, "fingerprint": run.fingerprint, "device": str(dev),
-                "features_in_memory": bool(lim)}
+                "features_in_memory": bool(lim),
+                "prior": prior_info and {"k": prior_info["k"], "mean": res.mean, "std": res.std}}
         _save_bytes(ws, ckpt_rel, ckpt)
         run.mark_chunk("train", {"best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson,
                                  "train_s": round(time.time() - t0, 3)})
@@ -530,12 +587,13 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
         if todo:
             if not last and len(todo) == len(starts):
                 _create_activations(ws, score, layer, n, conv.out_channels, chunk_rows, k)
-            sources = layer_sources(ws, score, layer, k, kind, num_classes, memory_limit) if in_process else None
+            sources = (layer_sources(ws, score, layer, k, kind, num_classes, memory_limit, ckpt.get("prior"))
+                       if in_process else None)
         job = _LayerJob(ws.url, ws.storage_options, score, layer, n_layers, k, kind, num_classes,
                         conv.in_channels, conv.out_channels,
                         {name: v.detach().cpu().numpy() for name, v in conv.state_dict().items()},
                         mean=float(ckpt["mean"]), std=float(ckpt["std"]),
-                        device=str(device) if in_process else "cpu", sources=sources)
+                        device=str(device) if in_process else "cpu", sources=sources, prior=ckpt.get("prior"))
         if last:
             counts = write_chunks(ws, run, score, "gcn", n, _predict_last, (job,), chunk_rows=chunk_rows,
                                   scheduler=scheduler)

@@ -327,26 +327,44 @@ class GraphTable:
         return self._weights(rows, self.neighbors.span(r0, r1), self.distances.span(r0, r1))
 
 
+def standardise_prior(values: np.ndarray, valid: np.ndarray | bool, scale: tuple[float, float]) -> np.ndarray:
+    """``(values - mean) / std`` as float32, 0 where NaN or not ``valid``."""
+    mean, std = scale
+    z = (np.asarray(values, np.float64) - mean) / std
+    return np.where(np.isfinite(z) & np.asarray(valid, bool), z, 0.0).astype(np.float32)
+
+
 class Features:
-    """Node features one-hot(label) ⊕ embedding, built on the fly for any rows.
+    """Node features one-hot(label) ⊕ embedding [⊕ standardised prior], built on the fly for any rows.
 
     Unknown labels (-1) give a zero one-hot; invalid rows give all-zero features (they have no
-    in-edges, so they never reach a valid row's output).
+    in-edges, so they never reach a valid row's output).  With a ``prior`` (the kNN-extrapolated
+    score of every row, see :mod:`streamprune.extrapolate.gcn`) one more column holds
+    ``(prior - mean) / std`` (0 where the prior is NaN); :meth:`prior_z` gives that column alone.
     """
 
-    def __init__(self, emb: RowSource, labels: RowSource, valid: RowSource, num_classes: int):
+    def __init__(self, emb: RowSource, labels: RowSource, valid: RowSource, num_classes: int,
+                 prior: RowSource | None = None, prior_scale: tuple[float, float] = (0.0, 1.0)):
         self.emb, self.labels, self.valid, self.num_classes = emb, labels, valid, num_classes
+        self.prior, self.prior_scale = prior, prior_scale
 
     @property
     def dim(self) -> int:
-        """Feature width: classes + embedding dimension."""
-        return self.num_classes + self.emb.shape[1]
+        """Feature width: classes + embedding dimension (+ 1 with a prior)."""
+        return self.num_classes + self.emb.shape[1] + (self.prior is not None)
 
-    def _build(self, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def _z(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return standardise_prior(values, valid, self.prior_scale)
+
+    def _build(self, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray, prior: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
             out = np.empty((len(emb), self.dim), np.float32)
-        out[:, :self.num_classes] = 0.0
-        out[:, self.num_classes:] = emb
+        c, d = self.num_classes, self.emb.shape[1]
+        out[:, :c] = 0.0
+        out[:, c:c + d] = emb
+        if self.prior is not None:
+            out[:, c + d] = self._z(prior, valid)
         lab = np.asarray(labels, np.int64)
         hot = (lab >= 0) & (lab < self.num_classes)
         out[np.flatnonzero(hot), lab[hot]] = 1.0
@@ -355,8 +373,16 @@ class Features:
 
     def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Features of ``rows`` (any order), into ``out`` when given."""
-        return self._build(self.emb.take(rows), self.labels.take(rows), self.valid.take(rows), out)
+        prior = self.prior.take(rows) if self.prior is not None else None
+        return self._build(self.emb.take(rows), self.labels.take(rows), self.valid.take(rows), prior, out)
 
     def span(self, r0: int, r1: int) -> np.ndarray:
         """Features of rows ``[r0, r1)``."""
-        return self._build(self.emb.span(r0, r1), self.labels.span(r0, r1), self.valid.span(r0, r1))
+        prior = self.prior.span(r0, r1) if self.prior is not None else None
+        return self._build(self.emb.span(r0, r1), self.labels.span(r0, r1), self.valid.span(r0, r1), prior)
+
+    def prior_z(self, rows: np.ndarray) -> np.ndarray | None:
+        """The standardised prior of ``rows`` (None without a prior)."""
+        if self.prior is None:
+            return None
+        return self._z(self.prior.take(rows), self.valid.take(rows))
