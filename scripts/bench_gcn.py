@@ -68,6 +68,17 @@ def build(path: str, n: int, dim: int, k: int, classes: int, seeds: int, seed: i
     ws.begin("embed", {"bench": n}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
     ws.begin("index", {"bench": n}, {}, key="index-all").commit({"graph": "graph/all.zarr"}, {"n": n})
     rows = np.sort(rng.choice(n, seeds, replace=False)).astype(np.int64)
+    # graph/seeds.zarr (the kNN prior's input): k random seed rows per row, never the row itself
+    sg = zarr.open_group(os.path.join(path, "graph", "seeds.zarr"), mode="w")
+    snb = sg.create_array("neighbors", shape=(n, k), chunks=(block, k), dtype="int64")
+    sdi = sg.create_array("distances", shape=(n, k), chunks=(block, k), dtype="float32")
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        pick = rng.integers(0, seeds, (r1 - r0, k))
+        own = rows[pick] == np.arange(r0, r1)[:, None]
+        snb[r0:r1] = rows[np.where(own, (pick + 1) % seeds, pick)]
+        sdi[r0:r1] = np.sort(rng.uniform(0.5, 2.0, (r1 - r0, k)).astype(np.float32), axis=1)
+    ws.begin("index", {"bench": n}, {}, key="index-seeds").commit({"graph": "graph/seeds.zarr"}, {"n": n})
     zarr.create_array(os.path.join(path, "subset", "rows.zarr"), data=rows, chunks=(1 << 20,))
     ws.begin("subset", {"bench": n}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": seeds})
     zarr.create_array(os.path.join(path, "scores", "du.zarr"), data=rng.normal(size=seeds).astype(np.float32),
@@ -115,6 +126,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2000, help="seed rows (training is not what is measured)")
     p.add_argument("--chunk-rows", type=int, default=None)
     p.add_argument("--memory-limit", type=float, default=4.0, help="GiB for the in-memory path")
+    p.add_argument("--prior", default="knn", choices=["knn", "none"])
     p.add_argument("--paths", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed"])
     p.add_argument("--scheduler", default="sync")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and in-process inference)")
@@ -123,7 +135,7 @@ def main() -> None:
     a = p.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="bench_gcn_")
     common = {"k": a.k, "hidden": a.hidden, "epochs": 1, "batch_size": 128, "fanout": [2, 2, 2],
-              "chunk_rows": a.chunk_rows, "scheduler": a.scheduler, "device": a.device}
+              "chunk_rows": a.chunk_rows, "scheduler": a.scheduler, "device": a.device, "prior": a.prior}
     results = []
     try:
         for n in a.sizes:

@@ -262,6 +262,9 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--memory-limit", default=None,
               help="GCN: hold a layer's inputs in memory below this size (e.g. 4GiB), else stream them.")
 @click.option("--device", default=None, help="GCN device: auto, cpu, cuda.")
+@click.option("--training", type=click.Choice(["auto", "sampled", "resident"]), default=None,
+              help="GCN: sample each batch's neighbourhood, or keep the seeds' whole closure on the device "
+                   "(auto: resident on CUDA when it fits).")
 @click.option("--prior", type=click.Choice(["knn", "none"]), default=None,
               help="GCN: correct the kNN-extrapolated score (knn, the default) or predict from scratch (none).")
 @click.option("--tol", type=float, default=None, help="propagate: stop when the change is below this.")
@@ -270,14 +273,15 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--scheduler", default="sync", show_default=True)
 @click.option("--force", is_flag=True)
 def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, dropout, batch_size, lr, fanout,
-                weight, gcn_seed, chunk_rows, memory_limit, device, prior, tol, max_iter, bandwidth, scheduler, force):
+                weight, gcn_seed, chunk_rows, memory_limit, device, prior, training, tol, max_iter, bandwidth, scheduler,
+                force):
     """Predict the score of every row from the seed rows: knn, gcn, label-aware, propagate, kernel."""
     from streamprune.extrapolate import extrapolate as run
 
     for method in [m.strip() for m in methods.split(",") if m.strip()]:
         opts = extrapolate_options(method, k=k, epochs=epochs, hidden=hidden, dropout=dropout, batch_size=batch_size,
                                    lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, chunk_rows=chunk_rows,
-                                   memory_limit=memory_limit, device=device, prior=prior, tol=tol,
+                                   memory_limit=memory_limit, device=device, prior=prior, training=training, tol=tol,
                                    max_iter=max_iter, bandwidth=bandwidth)
         m = run(workspace, score_name, method, scheduler=scheduler, force=force, storage_options=storage_options,
                 **opts)
@@ -293,7 +297,7 @@ def extrapolate_options(method: str, **given) -> dict:
 
     applies = {"knn": ("k", "chunk_rows"),
                "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
-                       "chunk_rows", "memory_limit", "device", "prior"),
+                       "chunk_rows", "memory_limit", "device", "prior", "training"),
                "propagate": ("k", "tol", "max_iter", "chunk_rows"),
                "kernel": ("bandwidth", "chunk_rows"),
                "label-aware": ("k", "chunk_rows")}.get(method, ())

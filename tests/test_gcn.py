@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -290,6 +291,43 @@ def test_training_learns_the_smooth_score(base, tmp_path):
     assert pearson(score[rest], base["truth"][rest]) > 0.5
     assert m["config"]["fanout"] == [8, 4, 4] and m["counts"]["n_train"] + m["counts"]["n_val"] == (
         base["valid"][base["rows"]].sum())
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_resident_training_is_sampled_training_without_the_sampler(base, prior):
+    """Resident training (closure on the device, one forward per step) takes the same SGD steps as
+    sampled training with full fan-out: with dropout 0 the histories and weights agree."""
+    from streamprune.extrapolate.gcn import choose_training, fit_gcn
+
+    ws = Workspace(base["ws"])
+    emb_g = zarr.open_group(os.path.join(ws.url, "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 30, bool)
+    lut = np.where(np.isfinite(base["scores"]), base["scores"], 0)
+    prior_src = RowSource(np.interp(np.arange(len(valid.data)), base["rows"], lut).astype(np.float32)) if prior else None
+    feats = Features(RowSource(emb_g["emb"], 1 << 30, np.float32), RowSource(emb_g["labels"], 1 << 30, np.int64),
+                     valid, 3, prior_src)
+    table = GraphTable(zarr.open_group(os.path.join(ws.url, "graph", "all.zarr"), mode="r"), 8, valid, "exp", 1 << 30)
+    ok = np.isfinite(base["scores"]) & base["valid"][base["rows"]]
+    args = (feats, table, base["rows"][ok], base["scores"][ok])
+    kw = dict(widths=(16, 8, 1), dropout=0.0, epochs=3, batch_size=32, lr=5e-3, seed=3)
+    a = fit_gcn(*args, training="sampled", **kw)
+    b = fit_gcn(*args, training="resident", **kw)
+    assert a.training == "sampled" and b.training == "resident"
+    va = [h["val_pearson"] for h in a.history]
+    vb = [h["val_pearson"] for h in b.history]
+    np.testing.assert_allclose(va, vb, atol=1e-4)
+    np.testing.assert_allclose([h["train_loss"] for h in a.history[1:]], [h["train_loss"] for h in b.history[1:]],
+                               rtol=1e-4)
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        np.testing.assert_allclose(pa.numpy(), pb.numpy(), atol=1e-4, err_msg=name)
+    # auto: resident only on CUDA with full fan-out; a sampled fan-out cannot be resident.
+    cpu = torch.device("cpu")
+    assert choose_training("auto", (None,) * 3, 8, 100, 800, 10, (16, 8, 1), cpu, 1 << 30) == "sampled"
+    assert choose_training("resident", (8, 8, 8), 8, 100, 800, 10, (16, 8, 1), cpu, 1 << 30) == "resident"
+    with pytest.raises(StreamPruneError, match="every neighbour"):
+        choose_training("resident", (4, 4, 4), 8, 100, 800, 10, (16, 8, 1), cpu, 1 << 30)
+    with pytest.raises(StreamPruneError, match="training must be one of"):
+        fit_gcn(*args, training="fast", **kw)
 
 
 def test_knn_prior_is_leave_one_out_and_the_residual_gcn_improves_on_it(base, tmp_path):
