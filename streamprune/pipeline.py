@@ -73,6 +73,16 @@ class RunConfig:
         return cfg
 
 
+def graphs_for(methods: list[str], gcn_prior: str = "knn") -> str:
+    """The ``build_index`` graph(s) the extrapolation methods read: "seeds", "all" or "both"."""
+    graphs = set()
+    for m in methods:
+        graphs.add("seeds" if m in ("knn", "kernel") else "all")
+        if m == "gcn" and gcn_prior == "knn":
+            graphs.add("seeds")  # the GCN's kNN prior
+    return "both" if len(graphs) == 2 else (graphs.pop() if graphs else "seeds")
+
+
 def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: str = "prune",
                  storage_options: dict | None = None, echo=print) -> dict:
     """Run catalog → … → ``until``; returns per-stage timings and the outputs a user needs."""
@@ -140,10 +150,7 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
     from streamprune.index import build_index
 
     methods = list(s["extrapolate"]["methods"])
-    graphs = set()
-    for m in methods:
-        graphs.add("seeds" if m in ("knn", "kernel") else "all")
-    graph = "both" if len(graphs) == 2 else (graphs.pop() if graphs else "seeds")
+    graph = graphs_for(methods, s["extrapolate"]["gcn_prior"])
     ix = s["index"]
     idx = stage("index", lambda: build_index(ws, graph=graph, k=ix["k"], factory=ix["factory"], nprobe=ix["nprobe"],
                                              refine=ix["refine"], scheduler=sched, force=force))

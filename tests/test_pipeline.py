@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from streamprune.errors import StreamPruneError
-from streamprune.pipeline import RunConfig
+from streamprune.pipeline import RunConfig, graphs_for
 from helpers import kill_when, run_cli
 from shardgen import write_shards
 
@@ -104,3 +104,11 @@ def test_killed_run_resumes_to_identical_outputs(setup, tmp_path, stage_dir, thr
         np.testing.assert_array_equal(a[k], b[k])
     pd.testing.assert_frame_equal(a["keys"], b["keys"])
     assert a["shards"] == b["shards"]
+
+
+def test_index_graphs_follow_the_methods():
+    assert graphs_for(["knn"]) == "seeds" and graphs_for(["kernel"]) == "seeds"
+    assert graphs_for(["label-aware"]) == "all" and graphs_for(["propagate"]) == "all"
+    assert graphs_for(["gcn"], "none") == "all"
+    assert graphs_for(["gcn"]) == "both"  # its kNN prior reads the seeds graph
+    assert graphs_for(["knn", "label-aware"]) == "both" and graphs_for([]) == "seeds"
