@@ -83,20 +83,23 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
 
 
 def _influence(ws: Workspace, train_key: str, labels: np.ndarray, valid: np.ndarray, spec, kwargs: dict) -> np.ndarray:
-    """Influence needs penultimate features of the trained rows (m x D floats held in memory)."""
+    """Influence needs penultimate features of the trained rows (m x D floats held in memory).
+
+    The decoded inputs are streamed from the cache (block by block), never held whole.
+    """
     import torch
 
     from streamprune.train import SubsetData, load_model
 
     model, _ = load_model(ws, train_key)
-    data = SubsetData(ws, train_key, memory_budget=1 << 62)
+    data = SubsetData(ws, train_key, memory_budget=0)
     feats = []
     with torch.no_grad():
         for b in range(0, data.m, 1024):
-            idx = np.arange(b, min(data.m, b + 1024))
-            idx = idx[valid[idx]]
-            if len(idx):
-                feats.append(model.embed(data.to_float(data.x[torch.from_numpy(idx)])).numpy())
+            v = valid[b:b + 1024]
+            if v.any():
+                x = torch.from_numpy(np.asarray(data.x_arr[b:b + 1024])[v])
+                feats.append(model.embed(data.to_float(x)).numpy())
     features = np.concatenate(feats).astype(np.float64)
     head = model.head
     return spec.fn(features, labels[valid], head.weight.detach().double().numpy(),

@@ -51,6 +51,29 @@ def test_train_records_dynamics_and_scores(vec_ws):
     assert train(vec_ws, cfg, DecodeConfig(), scheduler="sync").get("skipped")
 
 
+def test_influence_score_streams_the_cache_and_matches_the_formula(vec_ws):
+    import torch
+
+    from streamprune.scores import influence
+    from streamprune.train import load_model
+
+    train(vec_ws, TrainConfig(model="mlp", epochs=3, batch_size=32, lr=0.05, chunk_rows=32), DecodeConfig(),
+          scheduler="sync")
+    compute_scores(vec_ws, ["influence"])
+    got = read_score(Workspace(vec_ws), "influence")
+    # By hand: penultimate features of every cached row, then the closed form.
+    ws = Workspace(vec_ws)
+    model, _ = load_model(ws, "train")
+    cache = zarr.open_group(os.path.join(vec_ws, "train", "cache.zarr"), mode="r")
+    valid = cache["valid"][:]
+    with torch.no_grad():
+        feats = model.embed(torch.from_numpy(cache["x"][:][valid]).float()).numpy().astype(np.float64)
+    want = influence(feats, load_labels(ws)[valid], model.head.weight.detach().double().numpy(),
+                     model.head.bias.detach().double().numpy())
+    np.testing.assert_allclose(got[valid], want, rtol=1e-4, atol=1e-7)
+    assert np.isnan(got[~valid]).all()
+
+
 def test_streaming_cache_and_train_pass_dynamics(vec_ws):
     cfg = TrainConfig(model="mlp", epochs=4, batch_size=32, lr=0.05, memory_budget=1000, chunk_rows=32,
                       dynamics="train")
