@@ -263,7 +263,15 @@ def run_scale(args: argparse.Namespace, n: int, report) -> dict:
             with open(stored, "w") as f:
                 json.dump(r, f)
         report(row_line(until, r) + note)
-    return {"n": n, "shards": len(shards), "bytes": size, "gen_s": round(gen_s, 1), "stages": rows}
+    index = {}
+    try:
+        with open(os.path.join(ws, "index", "params.json")) as f:
+            p = json.load(f)["seeds"]
+        index = {k: p.get(k) for k in ("factory", "n_index", "nprobe", "refine", "chunk_rows", "recall_at_k")}
+        report(f"index: {index}")
+    except (OSError, KeyError, ValueError):
+        pass
+    return {"n": n, "shards": len(shards), "bytes": size, "gen_s": round(gen_s, 1), "stages": rows, "index": index}
 
 
 def _names(until: str) -> tuple[str, ...]:
@@ -326,6 +334,10 @@ def main() -> None:
             m_net = ((b["peak_rss_mib"] - b["floor_rss_mib"]) / max(a["peak_rss_mib"] - a["floor_rss_mib"], 1.0)
                      if a.get("floor_rss_mib") is not None and b.get("floor_rss_mib") is not None else float("nan"))
             flag = "" if m <= 1.2 else ("expected: " + EXPECTED_GROWTH[st] if st in EXPECTED_GROWTH else "GROWS")
+            ix = [results["scales"][s_].get("index", {}) for s_ in scales]
+            if st == "index" and m > 1.2 and ix[0].get("factory") != ix[1].get("factory"):
+                flag = (f"index kind differs: {ix[0].get('factory')} (refine {ix[0].get('refine')}) at N, "
+                        f"{ix[1].get('factory')} (refine {ix[1].get('refine')}) at 10N: compare like with like")
             ratios[st] = {"time": round(t, 2), "cpu": round(c, 2), "rss": round(m, 3), "rss_above_floor": round(m_net, 3)}
             report(f"{st:<12} {t:>7.2f} {c:>7.2f} {m:>7.3f} {m_net:>10.3f}  {flag}")
         results["ratios"] = ratios
