@@ -178,7 +178,7 @@ def stage_options(args: argparse.Namespace, reshard: str) -> dict:
     overrides = {
         "subset": {"fraction": args.fraction, "seed": 0},
         "score": {"scores": ["du"], "model": "mlp", "epochs": args.epochs, "window": args.window,
-                  "input": "vector", "num_classes": CLASSES, "device": "cpu"},
+                  "input": "vector", "num_classes": CLASSES, "device": "cpu", "cache_memory": args.cache_memory},
         "embed": {"dtype": "float32"},
         "index": {"k": args.k, "factory": "auto"},
         "extrapolate": {"methods": ["knn"]},
@@ -223,7 +223,7 @@ def run_scale(args: argparse.Namespace, n: int, report) -> dict:
     log_path = os.path.join(root, "stages.log")
     stages = json.dumps(stage_options(args, reshard))
     rows: dict[str, dict] = {}
-    for until in STAGES:
+    for until in STAGES[:STAGES.index(args.last_stage) + 1]:
         result = os.path.join(root, f"result-{until}.json")
         stored = os.path.join(root, f"row-{until}.json")
         code = CHILD.format(scheduler=args.scheduler, stages=stages, shards=json.dumps(shards), ws=ws,
@@ -290,6 +290,9 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--scheduler", default="threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-memory", default=None,
+                    help="score's in-memory cache budget (e.g. 16MiB: stream the subset at every scale)")
+    ap.add_argument("--last-stage", default="prune", choices=STAGES, help="stop after this stage")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="processes writing shards")
     ap.add_argument("--dir", default="/tmp/bench_scale")
     ap.add_argument("--out", default=None, help="also append the report to this file")

@@ -152,11 +152,15 @@ def decode_options(fn):
 @click.option("--window", type=int, default=10, show_default=True, help="DU/TDDS window (epochs).")
 @click.option("--decay", type=float, default=0.9, show_default=True, help="TDDS decay.")
 @click.option("--full", is_flag=True, help="Train on all rows: full-data scores (ground truth for evaluate).")
+@click.option("--cache-memory", default=None,
+              help="Hold the decoded training rows in memory up to this size (default 2GiB), else stream them "
+                   "from the on-disk cache.")
 @click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, fraction, subset_seed):
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, cache_memory, fraction,
+          subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.decode import DecodeConfig
     from streamprune.scoring import compute_scores
@@ -172,7 +176,7 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
     cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, dynamics=dynamics, labels=labels,
                       adversarial=adversarial, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
-                      num_classes=num_classes, device=device)
+                      num_classes=num_classes, device=device, **_cache_memory(cache_memory))
     decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
     m = train(workspace, cfg, decode, full=full, on_error=on_error, scheduler=scheduler, force=force,
               storage_options=storage_options)
@@ -289,6 +293,13 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
         c = m["counts"]
         click.echo(f"extrapolate {score_name} ({method}): {c.get('n_predicted', '?')} rows predicted, "
                    f"{c.get('n_seed', '?')} seed rows kept -> {m['outputs']['extrapolated']}")
+
+
+def _cache_memory(value) -> dict:
+    """TrainConfig's ``memory_budget`` from ``--cache-memory`` (nothing when not given)."""
+    from streamprune.compute import parse_memory
+
+    return {} if value is None else {"memory_budget": parse_memory(value, "--cache-memory")}
 
 
 def extrapolate_options(method: str, **given) -> dict:

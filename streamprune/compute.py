@@ -113,7 +113,7 @@ def disk_errors(what: str = "") -> Iterator[None]:
 # --------------------------------------------------------------------------- memory
 
 
-def parse_memory(value: str | int | None) -> int | None:
+def parse_memory(value: str | int | None, flag: str = "--memory-limit") -> int | None:
     """Bytes of a memory size such as ``"4GiB"``, ``"500MB"`` or an int; None stays None."""
     if value is None:
         return None
@@ -122,9 +122,9 @@ def parse_memory(value: str | int | None) -> int | None:
     try:
         nbytes = int(value) if isinstance(value, int) else int(parse_bytes(str(value)))
     except (ValueError, TypeError, KeyError):
-        raise StreamPruneError(f"--memory-limit must be a size such as 4GiB or 500MB, not {value!r}") from None
+        raise StreamPruneError(f"{flag} must be a size such as 4GiB or 500MB, not {value!r}") from None
     if nbytes <= 0:
-        raise StreamPruneError(f"--memory-limit must be positive, not {value!r}")
+        raise StreamPruneError(f"{flag} must be positive, not {value!r}")
     return nbytes
 
 

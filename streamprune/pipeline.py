@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict] = {
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
               "device": "auto", "window": 10, "decay": 0.9, "full": False, "label_key": "cls", "input": "auto",
-              "image_size": None},
+              "image_size": None, "cache_memory": None},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
@@ -90,9 +90,12 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
 
     if until not in ORDER:
         raise StreamPruneError(f"--until must be one of {', '.join(ORDER)}")
+    from streamprune.compute import parse_memory
+
     ws = Workspace(workspace, storage_options)
     s = cfg.stages
     sched, on_error, force = cfg.scheduler, cfg.on_error, cfg.force
+    cache_memory = parse_memory(s["score"]["cache_memory"], "score.cache_memory")  # checked before any stage
     timings: list[tuple[str, float, bool]] = []
     outputs: dict = {}
 
@@ -128,7 +131,8 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
     sc = s["score"]
     tcfg = TrainConfig(**{k: sc[k] for k in ("model", "model_kwargs", "epochs", "batch_size", "optimizer", "lr",
                                              "weight_decay", "seed", "augment", "dynamics", "labels", "adversarial",
-                                             "pgd_steps", "pgd_step_size", "num_classes", "device")})
+                                             "pgd_steps", "pgd_step_size", "num_classes", "device")},
+                       **({"memory_budget": cache_memory} if cache_memory is not None else {}))
     decode = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
     params = {"window": sc["window"], "decay": sc["decay"]}
     for full in ([False, True] if sc["full"] else [False]):

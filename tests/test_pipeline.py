@@ -112,3 +112,19 @@ def test_index_graphs_follow_the_methods():
     assert graphs_for(["gcn"], "none") == "all"
     assert graphs_for(["gcn"]) == "both"  # its kNN prior reads the seeds graph
     assert graphs_for(["knn", "label-aware"]) == "both" and graphs_for([]) == "seeds"
+
+
+def test_score_cache_memory_reaches_training(setup, tmp_path):
+    _, shards, cfg, _, _ = setup
+    small = tmp_path / "small.toml"
+    small.write_text(open(cfg).read().replace('input = "vector"', 'input = "vector"\ncache_memory = "1KiB"'))
+    ws = str(tmp_path / "ws")
+    run_cli("run", *shards, "-w", ws, "--config", str(small), "--scheduler", "sync", "--until", "score")
+    from streamprune.workspace import Workspace
+
+    assert Workspace(ws).marker("train")["timings"]["in_memory"] is False
+    bad = tmp_path / "bad.toml"
+    bad.write_text(open(cfg).read().replace('input = "vector"', 'input = "vector"\ncache_memory = "lots"'))
+    out = run_cli("run", *shards, "-w", str(tmp_path / "ws2"), "--config", str(bad), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "score.cache_memory must be a size" in out.stderr and out.stderr.count("\n") == 1
+    assert not os.path.exists(tmp_path / "ws2" / "_stages" / "catalog.json")  # refused before any stage ran

@@ -74,6 +74,17 @@ def test_influence_score_streams_the_cache_and_matches_the_formula(vec_ws):
     assert np.isnan(got[~valid]).all()
 
 
+def test_cache_memory_option_streams_the_training_rows(vec_ws):
+    out = run_cli("score", "-w", vec_ws, "--model", "mlp", "--epochs", "2", "--window", "2", "--input", "vector",
+                  "--scheduler", "sync", "--cache-memory", "1KiB")
+    assert "train:" in out.stdout
+    m = Workspace(vec_ws).marker("train")
+    assert m["timings"]["in_memory"] is False
+    bad = run_cli("score", "-w", vec_ws, "--model", "mlp", "--cache-memory", "lots", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert "--cache-memory must be a size such as 4GiB or 500MB, not 'lots'" in bad.stderr
+
+
 def test_streaming_cache_and_train_pass_dynamics(vec_ws):
     cfg = TrainConfig(model="mlp", epochs=4, batch_size=32, lr=0.05, memory_budget=1000, chunk_rows=32,
                       dynamics="train")
