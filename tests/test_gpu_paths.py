@@ -132,23 +132,27 @@ def test_build_index_torch_engine_equals_faiss_exact(tmp_path, monkeypatch):
     assert build_index(torch_ws, k=7, scheduler="sync", chunk_rows=300)["all"]["skipped"]
 
 
-def test_torch_engine_kill_and_resume(tmp_path):
+def _killed_torch_build(tmp_path, records: int):
+    """Two workspaces over the same data; the first one's torch-engine build SIGKILLed once ``records``
+    search chunks are recorded.  Returns (killed, clean)."""
     x, valid, subset = _data(3000, 8)
     killed = _workspace(tmp_path / "killed", x, valid, subset)
     clean = _workspace(tmp_path / "clean", x, valid, subset)
-    call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
-    code = "from streamprune.index import build_index; " + call % str(killed.url)
+    code = ("from streamprune.index import build_index; "
+            f"build_index({str(killed.url)!r}, graph='all', k=6, scheduler='sync', chunk_rows=200)")
     env = {"STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_INDEX_DEVICE": "cpu"}
-    kill_python_when(code, lambda: _records(killed, "index-all", "search-") >= 3, env=env, timeout=120)
+    kill_python_when(code, lambda: _records(killed, "index-all", "search-") >= records, env=env, timeout=120)
+    return killed, clean
+
+
+def test_torch_engine_kill_and_resume(tmp_path, monkeypatch):
+    killed, clean = _killed_torch_build(tmp_path, 3)
     assert killed.marker("index-all") is None
     done_before = _records(killed, "index-all", "search-")
     assert 3 <= done_before < 15
-    os.environ["STREAMPRUNE_INDEX_DEVICE"] = "cpu"
-    try:
-        m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
-        build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
-    finally:
-        del os.environ["STREAMPRUNE_INDEX_DEVICE"]
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "cpu")
+    m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
+    build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
     assert m["counts"]["engine"] == "torch" and m["counts"]["recall_at_k"] == 1.0
     for u, v in zip(_graph(killed, "all"), _graph(clean, "all")):
         np.testing.assert_array_equal(u, v)
@@ -156,13 +160,7 @@ def test_torch_engine_kill_and_resume(tmp_path):
 
 def test_engine_change_on_resume_restarts_the_search(tmp_path, monkeypatch):
     """A run begun by the torch engine and resumed without it (no GPU now) redoes every phase with faiss."""
-    x, valid, subset = _data(3000, 8)
-    killed = _workspace(tmp_path / "killed", x, valid, subset)
-    clean = _workspace(tmp_path / "clean", x, valid, subset)
-    call = "build_index(%r, graph='all', k=6, scheduler='sync', chunk_rows=200)"
-    code = "from streamprune.index import build_index; " + call % str(killed.url)
-    env = {"STREAMPRUNE_TASK_DELAY": "0.2", "STREAMPRUNE_INDEX_DEVICE": "cpu"}
-    kill_python_when(code, lambda: _records(killed, "index-all", "search-") >= 2, env=env, timeout=120)
+    killed, clean = _killed_torch_build(tmp_path, 2)
     monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
     m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
     build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)

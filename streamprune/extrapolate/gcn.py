@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -166,9 +166,12 @@ def resident_bytes(n_nodes: int, nnz: int, in_dim: int, widths: Sequence[int]) -
     return int(4 * n_nodes * (in_dim + 3 * sum(widths)) + 12 * nnz * len(widths))
 
 
-def choose_training(mode: str, fanouts: Sequence[int | None], k: int, n_closure: int, nnz: int, in_dim: int,
-                    widths: Sequence[int], device: torch.device, memory_limit: int) -> str:
+def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Callable[[], int],
+                    memory_limit: int) -> str:
     """``"resident"`` or ``"sampled"`` for ``mode`` (auto: resident on CUDA when it fits, full fan-out only).
+
+    ``need()`` gives the device bytes of resident training (:func:`resident_bytes`); it is called
+    only when ``auto`` has to decide by size.
 
     Resident training keeps the features and adjacency of the seeds' whole ``L``-hop closure on
     the device and runs one forward over it per step, with the loss on the step's batch of seeds:
@@ -178,19 +181,16 @@ def choose_training(mode: str, fanouts: Sequence[int | None], k: int, n_closure:
     """
     if mode not in TRAINING:
         raise StreamPruneError(f"GCN training must be one of {', '.join(TRAINING)}, got {mode!r}")
-    full = all(f is None or f >= k for f in fanouts)
-    if mode == "sampled" or (mode == "auto" and (device.type != "cuda" or not full)):
-        return "sampled"
-    need = resident_bytes(n_closure, nnz, in_dim, widths)
-    budget = memory_limit
-    if device.type == "cuda":
-        budget = min(budget, int(0.5 * torch.cuda.mem_get_info(device)[0])) if budget else int(
-            0.5 * torch.cuda.mem_get_info(device)[0])
     if mode == "resident":
-        if not full:
+        if not full_fanout:
             raise StreamPruneError("resident GCN training uses every neighbour: drop --fanout or use sampled training")
         return "resident"
-    return "resident" if need <= budget else "sampled"
+    if mode == "sampled" or device.type != "cuda" or not full_fanout:
+        return "sampled"
+    budget = int(0.5 * torch.cuda.mem_get_info(device)[0])
+    if memory_limit:
+        budget = min(budget, memory_limit)
+    return "resident" if need() <= budget else "sampled"
 
 
 def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_scores: np.ndarray, *,
@@ -219,18 +219,21 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     rng = np.random.default_rng(seed + 1)
     res = TrainResult(model, mean, std, n_train=len(tr), n_val=len(va))
     resident = None
-    if training not in TRAINING:
-        raise StreamPruneError(f"GCN training must be one of {', '.join(TRAINING)}, got {training!r}")
-    full = all(f is None or f >= table.k for f in fanouts)
-    if training == "resident" or (training == "auto" and device.type == "cuda" and full):
-        closure = sample_subgraph(seed_rows, table, (None,) * model.n_layers)
-        res.training = choose_training(training, fanouts, table.k, len(closure.nodes), len(closure.col),
-                                       features.dim, widths, device, memory_limit)
-        if res.training == "resident":
-            x_all = torch.from_numpy(features.take(closure.nodes)).to(device)
-            adjs_all = [closure.adjacency(i + 1, device) for i in range(model.n_layers)]
-            resident = lambda: model(x_all, adjs_all)[:, 0]  # noqa: E731  (outputs of every seed row, in order)
-        del closure
+    closure: list[Subgraph] = []  # the seeds' full-fan-out closure, built at most once
+
+    def _closure() -> Subgraph:
+        if not closure:
+            closure.append(sample_subgraph(seed_rows, table, (None,) * model.n_layers))
+        return closure[0]
+
+    res.training = choose_training(
+        training, all(f is None or f >= table.k for f in fanouts), device,
+        lambda: resident_bytes(len(_closure().nodes), len(_closure().col), features.dim, widths), memory_limit)
+    if res.training == "resident":
+        x_all = torch.from_numpy(features.take(_closure().nodes)).to(device)
+        adjs_all = [_closure().adjacency(i + 1, device) for i in range(model.n_layers)]
+        resident = lambda: model(x_all, adjs_all)[:, 0]  # noqa: E731  (outputs of every seed row, in order)
+    closure.clear()
 
     def _val() -> float:
         if resident is not None:
@@ -362,11 +365,15 @@ def _prior_path(score: str) -> str:
     return f"gcn/{score}/prior.zarr"
 
 
-def _prior_source(ws: Workspace, score: str, prior: dict | None, memory_limit: int) -> tuple:
-    """(RowSource of the kNN prior or None, its (mean, std)) for :class:`Features`."""
-    if prior is None:
-        return None, (0.0, 1.0)
-    return RowSource(_open_array(ws, _prior_path(score)), memory_limit, np.float32), (prior["mean"], prior["std"])
+def node_features(ws: Workspace, score: str, emb_g, valid: RowSource, num_classes: int, memory_limit: int,
+                  prior_scale: tuple[float, float] | None) -> Features:
+    """Layer-1 inputs: embeddings and labels (and the kNN prior when ``prior_scale`` is given), held in
+    memory when all N rows of them fit ``memory_limit``, else gathered from zarr."""
+    n, d = emb_g["emb"].shape
+    lim = memory_limit if n * (4 * d + 8 + 4 * (prior_scale is not None)) <= memory_limit else 0
+    prior = RowSource(_open_array(ws, _prior_path(score)), lim, np.float32) if prior_scale is not None else None
+    return Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64), valid,
+                    num_classes, prior, prior_scale or (0.0, 1.0))
 
 
 def write_prior(ws: Workspace, run: StageRun, score: str, n: int, chunk_rows: int) -> dict:
@@ -409,14 +416,12 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
     """
     emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
     graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
-    n = emb_g["emb"].shape[0]
     valid = RowSource(emb_g["valid"], memory_limit, bool)
     src: dict = {"valid": valid, "table": GraphTable(graph_g, k, valid, kind, 0)}
     if layer == 1:
-        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 8) <= memory_limit else 0
-        src["prev"] = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
-                               valid, num_classes, *_prior_source(ws, score, prior, lim))
-        src["in_memory"] = bool(lim)
+        src["prev"] = node_features(ws, score, emb_g, valid, num_classes, memory_limit,
+                                    prior and (prior["mean"], prior["std"]))
+        src["in_memory"] = src["prev"].emb.in_memory
     else:
         src["prev"] = RowSource(_open_array(ws, _act_path(score, layer - 1)), memory_limit, np.float32)
         src["in_memory"] = src["prev"].in_memory
@@ -597,10 +602,10 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         if use.sum() < 10:
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
                                    f"score; at least 10 are needed to train a GCN")
-        lim = memory_limit if n * (4 * emb_g["emb"].shape[1] + 12) <= memory_limit else 0
         prior_info = write_prior(ws, run, score, n, chunk_rows) if prior == "knn" else None
-        features = Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64),
-                            valid, num_classes, *_prior_source(ws, score, prior_info and {"mean": 0.0, "std": 1.0}, lim))
+        # the prior's scale is the target's, set by fit_gcn from the training split
+        features = node_features(ws, score, emb_g, valid, num_classes, memory_limit,
+                                 (0.0, 1.0) if prior_info else None)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
@@ -610,7 +615,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
                 "best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson, "n_train": res.n_train,
                 "n_val": res.n_val, "fingerprint": run.fingerprint, "device": str(dev), "training": res.training,
-                "features_in_memory": bool(lim),
+                "features_in_memory": features.emb.in_memory,
                 "prior": prior_info and {"k": prior_info["k"], "mean": res.mean, "std": res.std}}
         _save_bytes(ws, ckpt_rel, ckpt)
         run.mark_chunk("train", {"best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson,

@@ -340,7 +340,7 @@ class Features:
     Unknown labels (-1) give a zero one-hot; invalid rows give all-zero features (they have no
     in-edges, so they never reach a valid row's output).  With a ``prior`` (the kNN-extrapolated
     score of every row, see :mod:`streamprune.extrapolate.gcn`) one more column holds
-    ``(prior - mean) / std`` (0 where the prior is NaN); :meth:`prior_z` gives that column alone.
+    ``(prior - mean) / std`` (0 where the prior is NaN), see :func:`standardise_prior`.
     """
 
     def __init__(self, emb: RowSource, labels: RowSource, valid: RowSource, num_classes: int,
@@ -353,9 +353,6 @@ class Features:
         """Feature width: classes + embedding dimension (+ 1 with a prior)."""
         return self.num_classes + self.emb.shape[1] + (self.prior is not None)
 
-    def _z(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return standardise_prior(values, valid, self.prior_scale)
-
     def _build(self, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray, prior: np.ndarray | None = None,
                out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
@@ -364,7 +361,7 @@ class Features:
         out[:, :c] = 0.0
         out[:, c:c + d] = emb
         if self.prior is not None:
-            out[:, c + d] = self._z(prior, valid)
+            out[:, c + d] = standardise_prior(prior, valid, self.prior_scale)
         lab = np.asarray(labels, np.int64)
         hot = (lab >= 0) & (lab < self.num_classes)
         out[np.flatnonzero(hot), lab[hot]] = 1.0
@@ -380,9 +377,3 @@ class Features:
         """Features of rows ``[r0, r1)``."""
         prior = self.prior.span(r0, r1) if self.prior is not None else None
         return self._build(self.emb.span(r0, r1), self.labels.span(r0, r1), self.valid.span(r0, r1), prior)
-
-    def prior_z(self, rows: np.ndarray) -> np.ndarray | None:
-        """The standardised prior of ``rows`` (None without a prior)."""
-        if self.prior is None:
-            return None
-        return self._z(self.prior.take(rows), self.valid.take(rows))
