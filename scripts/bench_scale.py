@@ -181,7 +181,7 @@ def stage_options(args: argparse.Namespace, reshard: str) -> dict:
                   "input": "vector", "num_classes": CLASSES, "device": "cpu", "cache_memory": args.cache_memory},
         "embed": {"dtype": "float32"},
         "index": {"k": args.k, "factory": "auto"},
-        "extrapolate": {"methods": ["knn"]},
+        "extrapolate": {"methods": args.methods.split(",")},
         "prune": {"source": "knn", "strategy": "hard", "keep_fraction": args.keep, "reshard": reshard},
     }
     for stage, values in overrides.items():
@@ -266,9 +266,11 @@ def run_scale(args: argparse.Namespace, n: int, report) -> dict:
     index = {}
     try:
         with open(os.path.join(ws, "index", "params.json")) as f:
-            p = json.load(f)["seeds"]
-        index = {k: p.get(k) for k in ("factory", "n_index", "nprobe", "refine", "chunk_rows", "recall_at_k")}
-        report(f"index: {index}")
+            params = json.load(f)
+        for graph, p in params.items():
+            index[graph] = {k: p.get(k) for k in ("factory", "n_index", "n_train", "nprobe", "refine", "chunk_rows",
+                                                  "recall_at_k", "timings")}
+            report(f"index {graph}: {index[graph]}")
     except (OSError, KeyError, ValueError):
         pass
     return {"n": n, "shards": len(shards), "bytes": size, "gen_s": round(gen_s, 1), "stages": rows, "index": index}
@@ -288,6 +290,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=3, help="DU window (<= epochs)")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--methods", default="knn",
+                    help="extrapolation methods (e.g. knn,label-aware: the index stage then also builds the "
+                         "all-rows graph, an IVF-PQ index over every row from 50k rows)")
     ap.add_argument("--scheduler", default="threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-memory", default=None,
@@ -308,7 +313,7 @@ def main() -> None:
 
     os.makedirs(args.dir, exist_ok=True)
     report(f"bench_scale: N={args.n:,} scales={args.scales} scheduler={args.scheduler} cpus={os.cpu_count()} "
-           f"fraction={args.fraction} epochs={args.epochs} k={args.k} keep={args.keep}")
+           f"fraction={args.fraction} epochs={args.epochs} k={args.k} keep={args.keep} methods={args.methods}")
     rc, _, base, _ = run_child(IMPORTS, os.path.join(args.dir, "imports.log"))
     report(f"import-only process peak RSS: {base / 2**20:.0f} MiB")
     report(f"{'stage':<12} {'wall s':>9} {'(proc s)':>9} {'CPU s':>8} {'rows/s':>11} {'RSS MiB':>10} {'floor MiB':>10}")
@@ -338,9 +343,9 @@ def main() -> None:
                      if a.get("floor_rss_mib") is not None and b.get("floor_rss_mib") is not None else float("nan"))
             flag = "" if m <= 1.2 else ("expected: " + EXPECTED_GROWTH[st] if st in EXPECTED_GROWTH else "GROWS")
             ix = [results["scales"][s_].get("index", {}) for s_ in scales]
-            if st == "index" and m > 1.2 and ix[0].get("factory") != ix[1].get("factory"):
-                flag = (f"index kind differs: {ix[0].get('factory')} (refine {ix[0].get('refine')}) at N, "
-                        f"{ix[1].get('factory')} (refine {ix[1].get('refine')}) at 10N: compare like with like")
+            kinds = [{g: p.get("factory") for g, p in i.items()} for i in ix]
+            if st == "index" and m > 1.2 and kinds[0] != kinds[1]:
+                flag = f"index kinds differ: {kinds[0]} at N, {kinds[1]} at 10N: compare like with like"
             ratios[st] = {"time": round(t, 2), "cpu": round(c, 2), "rss": round(m, 3), "rss_above_floor": round(m_net, 3)}
             report(f"{st:<12} {t:>7.2f} {c:>7.2f} {m:>7.3f} {m_net:>10.3f}  {flag}")
         results["ratios"] = ratios
