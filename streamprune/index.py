@@ -13,7 +13,8 @@ Each graph has its own index (``index/<name>.faissindex``) built from ``embeddin
    GPU visible to torch, the search is exact on the GPU instead (:class:`TorchExactIndex`, engine
    ``torch``) when the indexed vectors fit there and the work is small enough
    (:func:`choose_engine`): no faiss index is trained or written, steps 2-3 are skipped.
-2. *train* — on a random sample of valid rows gathered from zarr (30–64 points per centroid).
+2. *train* — on a random sample of valid rows gathered from zarr (30–64 points per centroid);
+   above ``TRAIN_MEMORY`` bytes the sample is streamed (two-level k-means out of core).
 3. *add* — streamed in chunks.  Above ``ondisk_threshold`` rows the rows are added by range tasks
    into shard indexes that share the trained quantizer and merged on disk
    (``faiss.contrib.ondisk.merge_ondisk``) into ``index/<name>.ivfdata``.
@@ -26,9 +27,10 @@ Each graph has its own index (``index/<name>.faissindex``) built from ``embeddin
 6. *recall* — recall@k of the written graph against the exact ground truth, in
    ``index/params.json`` and the stage marker ``_stages/index-<name>.json``.
 
-Memory: the candidate mask (one byte per row), the training sample (bounded by
-``TRAIN_BYTES``), one chunk of queries and results, and the index itself (PQ codes + ids: about
-``m + 8`` bytes per indexed row, on disk above the threshold).
+Memory: the candidate mask (one byte per row), the training sample while it fits
+``TRAIN_MEMORY`` (a larger one is streamed through a local spill file: :func:`streamed_kmeans`),
+one chunk of queries and results, and the index itself (PQ codes + ids: about ``m + 8`` bytes per
+indexed row, on disk above the threshold).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ MIN_POINTS_PER_CENTROID = 30
 POINTS_PER_CENTROID = 64  # training sample target (faiss: 30-256); 256 with a GPU
 MAX_PQ_BYTES = 64
 TRAIN_BYTES = 1 << 30  # training sample budget (float32), unless 30 points per centroid need more
+TRAIN_MEMORY = 256 << 20  # a larger training sample is streamed through a spill file (streamed_kmeans)
+PQ_TRAIN_ROWS = 1 << 16  # what faiss's PQ training uses at most (256 points x 256 centroids)
 INDEX_MEMORY_BUDGET = 4 << 30  # in-memory index above this (codes + ids) is built on disk
 TARGET_RECALL = 0.95
 NPROBE_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
@@ -347,61 +351,142 @@ def describe_index(index) -> dict:
     return {"nlist": int(ivf.nlist), "m": m, "code_size": int(ivf.code_size)}
 
 
+def _level1(x: np.ndarray, nlist: int, niter: int, seed: int, gpu: bool = False):
+    """The first level of two-level k-means: sqrt(nlist) clusters of ``x`` (a faiss ``Kmeans``)."""
+    faiss = _faiss()
+    nc1 = max(1, int(math.sqrt(nlist)))
+    km = faiss.Kmeans(x.shape[1], nc1, niter=niter, seed=seed, max_points_per_centroid=2000, gpu=gpu)
+    km.train(x)
+    return km
+
+
+def _level2(sizes: np.ndarray, points_of, nlist: int, d: int, niter: int, seed: int, gpu: bool = False) -> np.ndarray:
+    """Sub-clusters of each first-level cluster, ``nlist`` in all, in proportion to the clusters' sizes.
+
+    ``points_of(c)`` returns the (float32) points of cluster ``c``; only one cluster is held at a time.
+    """
+    faiss = _faiss()
+    alloc = np.cumsum(sizes) * nlist // max(1, int(sizes.sum()))
+    alloc[1:] -= alloc[:-1].copy()
+    out = np.empty((nlist, d), np.float32)
+    filled = 0
+    for c in np.flatnonzero(alloc):
+        kc = int(alloc[c])
+        sub = points_of(c)
+        if len(sub) <= kc:  # degenerate: fewer points than sub-clusters, use the points themselves
+            out[filled:filled + kc] = np.resize(sub, (kc, d))
+        else:
+            sub_km = faiss.Kmeans(d, kc, niter=niter, seed=seed + 1 + int(c), max_points_per_centroid=256,
+                                  min_points_per_centroid=1, gpu=gpu)  # sizes follow level 1: ~30+ points each
+            sub_km.train(sub)
+            out[filled:filled + kc] = sub_km.centroids
+        filled += kc
+    return out
+
+
 def two_level_kmeans(x: np.ndarray, nlist: int, niter: int, seed: int) -> np.ndarray:
     """``nlist`` centroids by two-level k-means: sqrt(nlist) clusters, then sub-clusters in each.
 
     About sqrt(nlist)/2 times cheaper than flat k-means; faiss's contrib.clustering does the same.
     """
-    faiss = _faiss()
-    d = x.shape[1]
-    nc1 = max(1, int(math.sqrt(nlist)))
-    km = faiss.Kmeans(d, nc1, niter=niter, seed=seed, max_points_per_centroid=2000)
-    km.train(x)
+    km = _level1(x, nlist, niter, seed)
     _, assign = km.index.search(x, 1)
     assign = assign.ravel()
-    sizes = np.bincount(assign, minlength=nc1)
-    alloc = np.cumsum(sizes) * nlist // len(x)
-    alloc[1:] -= alloc[:-1].copy()
+    sizes = np.bincount(assign, minlength=km.k)
     order = np.argsort(assign, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    out = []
-    for c in range(nc1):
-        sub = x[order[starts[c]:starts[c + 1]]]
-        kc = int(alloc[c])
-        if kc == 0:
-            continue
-        if len(sub) <= kc:  # degenerate: fewer points than sub-clusters, use the points themselves
-            out.append(np.resize(sub, (kc, d)))
-            continue
-        sub_km = faiss.Kmeans(d, kc, niter=niter, seed=seed + 1 + c, max_points_per_centroid=256,
-                              min_points_per_centroid=1)  # sizes follow the 1st level: ~30+ points each
-        sub_km.train(sub)
-        out.append(sub_km.centroids)
-    return np.ascontiguousarray(np.vstack(out), dtype=np.float32)
+    return _level2(sizes, lambda c: x[order[starts[c]:starts[c + 1]]], nlist, x.shape[1], niter, seed)
 
 
-def train_index(index, x: np.ndarray, *, seed: int = 0, gpu: bool = False) -> None:
-    """Train ``index`` on ``x``: GPU k-means when available, two-level k-means for large nlist on CPU."""
+def streamed_kmeans(emb: zarr.Array, rows: np.ndarray, nlist: int, niter: int, seed: int, *,
+                    memory: int = TRAIN_MEMORY, gpu: bool = False, spill_dir: str | None = None) -> np.ndarray:
+    """Two-level k-means over the sorted sample ``rows`` of ``emb`` in about ``memory`` bytes.
+
+    The same algorithm as :func:`two_level_kmeans`, out of core: level 1 trains on a uniform part
+    of the sample that fits a quarter of ``memory``; the whole sample is then streamed from zarr
+    block by block, assigned to its level-1 cluster and appended, grouped by cluster, to a spill
+    file (``spill_dir``, default ``$TMPDIR``; removed on exit, even on a kill); level 2 reads one
+    cluster's points at a time.  Memory: the level-1 part, one block, one cluster and the
+    ``nlist x d`` centroids, whatever the sample size; disk: the sample (4·d bytes per row).
+    """
+    d = emb.shape[1]
+    row_bytes = 4 * d
+    rng = np.random.default_rng(seed)
+    n1 = min(len(rows), max(1, memory // (4 * row_bytes)))
+    km = _level1(gather_rows(emb, np.sort(rng.choice(rows, n1, replace=False))), nlist, niter, seed, gpu)
+    block = max(1, memory // (4 * row_bytes))
+    segments: list[list[tuple[int, int]]] = [[] for _ in range(km.k)]
+    sizes = np.zeros(km.k, np.int64)
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        for s in range(0, len(rows), block):
+            x = gather_rows(emb, rows[s:s + block])
+            _, assign = km.index.search(x, 1)
+            assign = assign.ravel()
+            counts = np.bincount(assign, minlength=km.k)
+            starts = spill.tell() + row_bytes * np.concatenate([[0], np.cumsum(counts)])
+            spill.write(memoryview(x[np.argsort(assign, kind="stable")]).cast("B"))
+            for c in np.flatnonzero(counts):
+                segments[c].append((int(starts[c]), int(counts[c])))
+            sizes += counts
+            del x
+
+        def points_of(c: int) -> np.ndarray:
+            out = np.empty((int(sizes[c]), d), np.float32)
+            view, at = memoryview(out).cast("B"), 0
+            for offset, count in segments[c]:
+                spill.seek(offset)
+                at += spill.readinto(view[at:at + count * row_bytes])
+            return out
+
+        return _level2(sizes, points_of, nlist, d, niter, seed, gpu)
+
+
+def train_index(index, emb: zarr.Array, rows: np.ndarray, *, seed: int = 0, gpu: bool = False,
+                memory: int | None = None) -> None:
+    """Train ``index`` on the sorted sample ``rows`` of ``emb``.
+
+    IVF coarse quantizers of 1024+ lists (any size with a GPU when the sample exceeds ``memory``)
+    are trained by two-level k-means: in memory (:func:`two_level_kmeans`) when the sample fits
+    ``memory`` bytes, else streamed (:func:`streamed_kmeans`).  A streamed quantizer's encoder (PQ)
+    is then trained on a uniform part of the sample (faiss uses at most 65,536 points for PQ).
+    Smaller IVFs use faiss's own k-means on the GPU (when present) or CPU.  ``memory`` defaults
+    to ``TRAIN_MEMORY``.
+    """
     faiss = _faiss()
     if index.is_trained:
         return
+    memory = TRAIN_MEMORY if memory is None else memory
     ivf = _ivf(index)
+    d = emb.shape[1]
     niter = 2 * KMEANS_NITER if gpu else KMEANS_NITER
     for part in (faiss.downcast_index(index), faiss.downcast_index(ivf) if ivf is not None else None):
         if part is not None and hasattr(part, "do_polysemous_training"):
             part.do_polysemous_training = False  # on by default for PQ factories; 10x the training time
         if part is not None and hasattr(part, "use_precomputed_table"):
             part.use_precomputed_table = -1  # nlist x m x 256 floats (1 GiB at 2^15 x 32): not worth it
+    fits = len(rows) * 4 * d <= memory
+    x = None
     if ivf is not None:
         ivf.cp.niter = niter
         ivf.cp.seed = seed
-        direct = faiss.downcast_index(index)
-        if gpu:
-            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-        elif isinstance(direct, faiss.IndexIVF) and ivf.nlist >= TWO_LEVEL_MIN_NLIST and len(x) > ivf.nlist:
+        direct = isinstance(faiss.downcast_index(index), faiss.IndexIVF) and len(rows) > ivf.nlist
+        if direct and not fits:
+            centroids = streamed_kmeans(emb, rows, ivf.nlist, niter, seed, memory=memory, gpu=gpu)
+        elif direct and not gpu and ivf.nlist >= TWO_LEVEL_MIN_NLIST:
+            x = gather_rows(emb, rows)
             centroids = two_level_kmeans(x, ivf.nlist, niter, seed)
+        else:
+            centroids = None
+            if gpu:
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        if centroids is not None:
             ivf.quantizer.train(centroids)
             ivf.quantizer.add(centroids)
+    if x is None:
+        if not fits:  # a uniform part within memory: a streamed quantizer leaves only the encoder to train
+            keep = min(len(rows), max(PQ_TRAIN_ROWS, memory // (4 * d)))
+            rows = np.sort(np.random.default_rng(seed).choice(rows, keep, replace=False))
+        x = gather_rows(emb, rows)
     try:
         index.train(x)
     except RuntimeError as exc:
@@ -729,7 +814,7 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}
-    _train_phase(ws, run, plan, emb, mask, seed, timings)
+    n_train = _train_phase(ws, run, plan, emb, mask, seed, timings)
     _add_phase(ws, run, plan, emb, mask, scheduler, timings)
     tuned = _tune_phase(ws, run, plan, emb, mask, nprobe, recall_queries, seed, timings)
     params = {"nprobe": tuned["nprobe"]} if plan.nlist else {}
@@ -738,7 +823,8 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     clear_cache()
     info = {**{k_: v for k_, v in asdict(plan).items() if k_ not in ("name",)},
             "nprobe": tuned["nprobe"], "nprobe_table": tuned["table"], "recall_at_k": recall,
-            "recall_queries": tuned["n_queries"], "timings": timings}
+            "recall_queries": tuned["n_queries"], "n_train": n_train,
+            "train_streamed": n_train * 4 * d > TRAIN_MEMORY and bool(plan.nlist), "timings": timings}
     all_params = ws.read_json("index", "params.json") or {}
     all_params[name] = info
     ws.write_json(all_params, "index", "params.json")
@@ -783,15 +869,16 @@ def _phase_record(run: StageRun, chunk: str, plan: _Plan) -> dict | None:
     return rec if rec is not None and rec.get("engine", "faiss") == plan.engine else None
 
 
-def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> None:
+def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> int:
+    """Train the index (or find it trained); returns the training sample's rows."""
     rec = _phase_record(run, "trained", plan)
     if rec is not None:
         timings["train_s"] = rec["train_s"]
-        return
+        return int(rec.get("n_train", 0))
     if plan.engine == "torch":
         timings["train_s"] = 0.0
         run.mark_chunk("trained", {"train_s": 0.0, "n_train": 0, "engine": plan.engine})
-        return
+        return 0
     t0 = time.time()
     index = make_index(plan.d, plan.factory)
     n_train = 0
@@ -799,11 +886,12 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
         ppc = 256 if plan.gpu else POINTS_PER_CENTROID
         rows = sample_rows(mask, train_size(plan.n_index, plan.nlist, plan.d, ppc), seed)
         n_train = len(rows)
-        train_index(index, gather_rows(emb, rows), seed=seed + 1234, gpu=plan.gpu)
+        train_index(index, emb, rows, seed=seed + 1234, gpu=plan.gpu)
     _check_width(index, plan)
     write_index(ws, index, f"index/{plan.name}.trained")
     timings["train_s"] = round(time.time() - t0, 3)
     run.mark_chunk("trained", {"train_s": timings["train_s"], "n_train": n_train, "engine": plan.engine})
+    return n_train
 
 
 def _check_width(index, plan: _Plan) -> None:

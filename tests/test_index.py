@@ -30,7 +30,9 @@ from streamprune.index import (
     sample_rows,
     search_rows,
     select_neighbors,
+    streamed_kmeans,
     train_size,
+    two_level_kmeans,
 )
 from streamprune.workspace import Workspace
 
@@ -217,6 +219,55 @@ def test_ivfpq_refine_reaches_recall(tmp_path):
     raw, _ = search_rows(index, x[rows], rows, k, 0, None)
     clear_cache()
     assert recall_at_k(raw, truth) < c["recall_at_k"] - 0.1
+
+
+def test_streamed_kmeans_matches_in_memory_within_bounded_memory(monkeypatch):
+    import tracemalloc
+
+    import faiss
+
+    import streamprune.index as index_mod
+
+    n, d, nlist = 60_000, 32, 1024
+    x = clustered(n, d, n_clusters=200, intrinsic=8, seed=3)
+    # zarr decodes the chunks of one gather slab at once: keep slabs (256 KiB) small against the sample
+    monkeypatch.setattr(index_mod, "SLAB_BYTES", 256 << 10)
+    emb = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(n, d), chunks=(1024, d), dtype="float32")
+    emb[:] = x
+    rows = np.arange(0, n, dtype=np.int64)
+    memory = 1 << 20  # the sample is 7.7 MB
+    tracemalloc.start()
+    streamed = streamed_kmeans(emb, rows, nlist, 10, 1, memory=memory)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    in_memory = two_level_kmeans(x, nlist, 10, 1)
+    assert streamed.shape == in_memory.shape == (nlist, d) and np.isfinite(streamed).all()
+    err_s = faiss.knn(x, streamed, 1)[0].mean()
+    err_m = faiss.knn(x, in_memory, 1)[0].mean()
+    assert err_s <= 1.03 * err_m  # the same algorithm: the same quantisation error, give or take
+    assert err_s < 0.75 * faiss.knn(x, x[:nlist], 1)[0].mean()  # and clearly better than random centroids
+    assert len(np.unique(streamed.round(4), axis=0)) > 0.95 * nlist
+    # numpy allocations (tracemalloc sees them): memory + a slab, a fraction of the sample
+    assert peak < x.nbytes / 3, peak
+
+
+def test_streamed_training_builds_the_same_quality_graph(tmp_path, monkeypatch):
+    import streamprune.index as index_mod
+
+    n, d, k = 40_000, 16, 10
+    x = clustered(n, d, intrinsic=6, seed=11)
+    opts = dict(graph="all", k=k, factory="IVF1024,PQ4", scheduler="sync", chunk_rows=10_000, recall_queries=400)
+    mem = make_workspace(tmp_path / "mem", x, chunk=5000)
+    m_mem = build_index(mem, **opts)["all"]["counts"]
+    calls = []
+    real = index_mod.streamed_kmeans
+    monkeypatch.setattr(index_mod, "streamed_kmeans", lambda *a, **kw: calls.append(kw["memory"]) or real(*a, **kw))
+    monkeypatch.setattr(index_mod, "TRAIN_MEMORY", 512 << 10)  # the 40k x 16 sample is 2.5 MB: streamed
+    streamed = make_workspace(tmp_path / "streamed", x, chunk=5000)
+    m_str = build_index(streamed, **opts)["all"]["counts"]
+    assert calls == [512 << 10]
+    assert m_str["recall_at_k"] >= 0.95 and m_str["recall_at_k"] >= m_mem["recall_at_k"] - 0.02
+    assert m_str["nprobe"] <= 2 * m_mem["nprobe"]
 
 
 def test_ondisk_merge_equals_in_memory(tmp_path):
