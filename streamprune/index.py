@@ -49,7 +49,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.compute import map_tasks
+from streamprune.compute import disk_errors, map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.workspace import StageRun, Workspace
 
@@ -417,7 +417,8 @@ def streamed_kmeans(emb: zarr.Array, rows: np.ndarray, nlist: int, niter: int, s
     block = max(1, memory // (4 * row_bytes))
     segments: list[list[tuple[int, int]]] = [[] for _ in range(km.k)]
     sizes = np.zeros(km.k, np.int64)
-    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+    where = f"index: the training sample's spill file in {spill_dir or tempfile.gettempdir()} (set TMPDIR)"
+    with disk_errors(where), tempfile.TemporaryFile(dir=spill_dir) as spill:
         for s in range(0, len(rows), block):
             x = gather_rows(emb, rows[s:s + block])
             _, assign = km.index.search(x, 1)

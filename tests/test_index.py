@@ -251,6 +251,34 @@ def test_streamed_kmeans_matches_in_memory_within_bounded_memory(monkeypatch):
     assert peak < x.nbytes / 3, peak
 
 
+def test_streamed_kmeans_disk_full_is_one_line(monkeypatch):
+    import errno
+    import tempfile
+
+    import streamprune.index as index_mod
+
+    class FullDisk:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def tell(self):
+            return 0
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: FullDisk())
+    x = clustered(4000, 8, seed=2)
+    emb = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(1000, 8), dtype="float32")
+    emb[:] = x
+    with pytest.raises(StreamPruneError, match=r"index: the training sample's spill file in .*no space left on "
+                                               r"device \(ENOSPC\); free space"):
+        index_mod.streamed_kmeans(emb, np.arange(4000), 64, 5, 0, memory=32 << 10)
+
+
 def test_streamed_training_builds_the_same_quality_graph(tmp_path, monkeypatch):
     import streamprune.index as index_mod
 
