@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 
 GRAPHS = ("seeds", "all")
 FLAT_MAX_ROWS = 50_000  # exact search below: N queries x N rows x D flops stay in seconds to minutes
-HNSW_MIN_NLIST = 1 << 14  # from here the coarse quantizer is an HNSW graph (assignment in O(log nlist))
+HNSW_MIN_NLIST = 1 << 13  # from here the coarse quantizer is an HNSW graph (assignment in O(log nlist))
+ROWS_PER_LIST = 128  # from 1M rows: about this many rows per inverted list
+MAX_NLIST_LOG2 = 18
 TWO_LEVEL_MIN_NLIST = 1 << 10  # from here CPU k-means is two-level: sqrt(nlist) clusters, then sub-clusters
 MIN_POINTS_PER_CENTROID = 30
 POINTS_PER_CENTROID = 64  # training sample target (faiss: 30-256); 256 with a GPU
@@ -85,13 +87,15 @@ TORCH_MAX_QUERY_BLOCK = 4096
 
 
 def auto_nlist(n: int) -> int:
-    """Inverted lists for ``n`` rows: ~4·sqrt(n) below 1M, 2^16 to 10M, 2^18 beyond (>= 30 points each)."""
+    """Inverted lists for ``n`` rows: ~4·sqrt(n) below 1M; from 1M the power of two nearest n / 128, at most 2^18.
+
+    From 1M rows the lists keep ~128 rows each (nlist grows with n), so a query probes about the
+    same number of lists and rows at any n and the search grows ~linearly: with 30 rows per list
+    (2^16 lists at 2M rows) recall 0.97 needed twice the probes, each paying the per-list PQ table.
+    """
     if n < 1_000_000:
         return max(1, min(int(round(4 * math.sqrt(n))), n // MIN_POINTS_PER_CENTROID))
-    nlist = 1 << 16 if n < 10_000_000 else 1 << 18
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
-        nlist //= 2
-    return nlist
+    return 1 << min(MAX_NLIST_LOG2, int(round(math.log2(n / ROWS_PER_LIST))))
 
 
 def auto_pq_bytes(d: int) -> int:

@@ -101,11 +101,12 @@ def graph_arrays(ws: Workspace, name: str) -> tuple[np.ndarray, np.ndarray]:
     (100_000, 3, "IVF1265,PQ1"),
     (250_000, 128, "IVF2000,PQ32"),
     (999_999, 128, "IVF4000,PQ32"),
-    (1_000_000, 128, "IVF32768_HNSW32,PQ32"),  # 2^16 capped so that each list gets >= 30 training points
-    (2_000_000, 768, "IVF65536_HNSW32,PQ64"),
+    (1_000_000, 128, "IVF8192_HNSW32,PQ32"),  # from 1M: the power of two nearest n / 128 rows per list
+    (2_000_000, 768, "IVF16384_HNSW32,PQ64"),
     (9_999_999, 100, "IVF65536_HNSW32,PQ25"),
-    (20_000_000, 512, "IVF262144_HNSW32,PQ64"),
-    (1_000_000_000, 1000, "IVF262144_HNSW32,PQ50"),
+    (20_000_000, 512, "IVF131072_HNSW32,PQ64"),
+    (40_000_000, 128, "IVF262144_HNSW32,PQ32"),
+    (1_000_000_000, 1000, "IVF262144_HNSW32,PQ50"),  # at most 2^18 lists
 ])
 def test_auto_params_table(n, d, factory):
     assert auto_params(n, d)["factory"] == factory
@@ -121,6 +122,8 @@ def test_pq_bytes_table(d, m):
 def test_auto_params_properties(n, d):
     p = auto_params(n, d)
     assert 30 * p["nlist"] <= n
+    if n >= 1_000_000 and p["nlist"] < 1 << 18:  # ~128 rows per list: the nearest power of two
+        assert 128 / 2 ** 0.5 <= n / p["nlist"] <= 128 * 2 ** 0.5
     assert d % p["m"] == 0 and 1 <= p["m"] <= 64
     t = train_size(n, p["nlist"], d)
     assert min(n, 30 * p["nlist"]) <= t <= max(min(n, 256 * p["nlist"]), 30 * p["nlist"])
