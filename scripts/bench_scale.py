@@ -47,7 +47,7 @@ STAGES = ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune"
 # subset held in memory up to TrainConfig.memory_budget (fraction × N × D × 4 B: 100 MB at 2M rows).
 EXPECTED_GROWTH = {
     "score": "decoded subset in memory (fraction x N x 512 B, capped by memory_budget = 2 GiB)",
-    "extrapolate": "per-row score/source arrays (5 B/row)",
+    "extrapolate": "per-row arrays: knn score/source (5 B/row); label-aware disagreement + sorted copy (~9 B/row)",
     "prune": "per-row scores, valid flags and selection (~10 B/row)",
     "subset": "sorted subset row ids (8 B per seed row)",
 }

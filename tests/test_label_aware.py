@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamprune.extrapolate.label_aware import label_disagreement, majority_disagrees, quantile_map
+from streamprune.extrapolate.label_aware import (
+    label_disagreement,
+    majority_disagrees,
+    quantile_map,
+    quantile_mapper,
+)
 
 
 def _brute(own, nl, dist):
@@ -73,6 +78,27 @@ def test_quantile_map_reproduces_reference_distribution():
     out = quantile_map(np.random.default_rng(1).normal(size=1000), ref)
     np.testing.assert_allclose(np.sort(out), np.quantile(np.sort(ref), (np.arange(1000) + 0.5) / 1000))
     assert math.isnan(quantile_map(np.array([np.nan, 1.0]), ref)[0])
+
+
+def test_quantile_mapper_chunk_by_chunk_equals_average_ranks():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    v = rng.integers(0, 40, 5000).astype(np.float32) / 40  # many ties, like disagreement at small k
+    v[rng.random(5000) < 0.1] = np.nan
+    ref = rng.exponential(size=300)
+    ok = np.isfinite(v)
+    q = (rankdata(v[ok]) - 0.5) / ok.sum()  # the reference: scipy's average ranks
+    want = np.full(len(v), np.nan)
+    want[ok] = np.quantile(np.sort(ref), q)
+    for reverse in (False, True):
+        mapper = quantile_mapper(v, ref, reverse=reverse)
+        got = np.concatenate([mapper(v[s:s + 777]) for s in range(0, len(v), 777)])
+        expect = want if not reverse else np.where(ok, 0.0, np.nan)
+        if reverse:
+            expect[ok] = np.quantile(np.sort(ref), 1.0 - q)
+        np.testing.assert_allclose(got, expect, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got, quantile_map(v, ref, reverse=reverse))
 
 
 def test_hard_clean_drops_noise_then_keeps_hardest():

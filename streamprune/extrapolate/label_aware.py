@@ -70,28 +70,46 @@ def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances:
     return has & (np.asarray(own) >= 0) & (votes.argmax(axis=1) != np.asarray(own))
 
 
+def quantile_mapper(values: np.ndarray, reference: np.ndarray, reverse: bool = False):
+    """A function mapping any slice of ``values`` onto the quantiles of ``reference`` (see :func:`quantile_map`).
+
+    Holds one sorted copy of the finite values (their own dtype: 4 bytes per row for float32) and
+    the sorted reference; each call ranks its slice by binary search, so the whole array is mapped
+    chunk by chunk without an (N,) rank or output array.
+    """
+    values = np.asarray(values)
+    ref = np.sort(np.asarray(reference, np.float64)[np.isfinite(reference)])
+    if len(ref) == 0:
+        raise ValueError("quantile_map: no finite reference values")
+    srt = np.sort(values[np.isfinite(values)])
+    n = len(srt)
+
+    def mapped(chunk: np.ndarray) -> np.ndarray:
+        chunk = np.asarray(chunk, srt.dtype)
+        out = np.full(len(chunk), np.nan)
+        ok = np.isfinite(chunk)
+        if not n or not ok.any():
+            return out
+        v = chunk[ok]
+        # the average 1-based rank of each value among the finite values (ties share it)
+        rank = (np.searchsorted(srt, v, "left") + 1 + np.searchsorted(srt, v, "right")) / 2.0
+        q = (rank - 0.5) / n
+        out[ok] = np.quantile(ref, 1.0 - q if reverse else q)
+        return out
+
+    return mapped
+
+
 def quantile_map(values: np.ndarray, reference: np.ndarray, reverse: bool = False) -> np.ndarray:
     """Map each value's rank onto the quantiles of ``reference`` (monotone; NaN stays NaN).
 
     Ties share their average rank, so equal inputs get equal outputs; the result lies within
     [min(reference), max(reference)].  ``reverse`` maps high values onto low quantiles.
     """
-    from scipy.stats import rankdata
-
-    values = np.asarray(values, np.float64)
-    ref = np.sort(np.asarray(reference, np.float64)[np.isfinite(reference)])
-    if len(ref) == 0:
-        raise ValueError("quantile_map: no finite reference values")
-    out = np.full(len(values), np.nan)
-    ok = np.isfinite(values)
-    n = int(ok.sum())
-    if n == 0:
-        return out
-    q = (rankdata(values[ok]) - 0.5) / n
-    if reverse:
-        q = 1.0 - q
-    out[ok] = np.quantile(ref, q)
-    return out
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+    return quantile_mapper(values, reference, reverse)(values)
 
 
 # stages ------------------------------------------------------------------------------------------
@@ -203,16 +221,16 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
     if run.already_done:
         return run.previous | {"skipped": True}
     t0 = time.time()
-    dis = read_disagreement(ws)  # (N,) float32: a few bytes per row
-    n = len(dis)
-    is_seed = np.zeros(n, bool)
-    is_seed[seeds.rows[np.isfinite(seeds.values)]] = True
-    target = np.where(is_seed, np.nan, dis)
-    mapped = quantile_map(target, seeds.values, reverse=not higher).astype(np.float32)
+    target = read_disagreement(ws)  # (N,) float32; with the sorted copy ~9 bytes per row in all
+    n = len(target)
+    target[seeds.rows[np.isfinite(seeds.values)]] = np.nan  # seeds keep their measured scores
+    mapper = quantile_mapper(target, seeds.values, reverse=not higher)
     mapped_url = storage.join(ws.path("_stages", run.key, run.fingerprint[:16]), "mapped.zarr")
     arr = zarr.create_array(storage.zarr_store(mapped_url, ws.storage_options), shape=(n,), chunks=(chunk_rows,),
                             dtype="float32", fill_value=np.nan, overwrite=True)
-    arr[:] = mapped
+    for s in range(0, n, chunk_rows):
+        arr[s:s + chunk_rows] = mapper(target[s:s + chunk_rows]).astype(np.float32)
+    del target, mapper
     counts = common.write_chunks(ws, run, score, "label-aware", n, _predict_mapped, (mapped_url,),
                                  chunk_rows=chunk_rows, scheduler=scheduler)
     return run.commit(outputs={"extrapolated": common.output_path(score, "label-aware")},
