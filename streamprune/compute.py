@@ -65,12 +65,20 @@ def _call(fn: Callable, args: tuple, what: str = "") -> Any:
 
 
 def _disk_full_cause(exc: BaseException) -> OSError | None:
-    """The full-disk / file-size OSError in ``exc``'s cause chain, if any."""
+    """The full-disk / file-size OSError in ``exc``'s cause chain, if any.
+
+    C++ libraries (faiss's file writer) report a failed write as a RuntimeError carrying the C
+    library's error text; that text stands for its errno here.
+    """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             return exc
+        if isinstance(exc, RuntimeError):
+            for code in sorted(DISK_FULL_ERRNOS):
+                if os.strerror(code) in str(exc):
+                    return OSError(code, os.strerror(code))
         exc = exc.__cause__ or exc.__context__
     return None
 

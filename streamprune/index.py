@@ -449,7 +449,7 @@ def streamed_kmeans(emb: zarr.Array, rows: np.ndarray, nlist: int, niter: int, s
 
 
 def train_index(index, emb: zarr.Array, rows: np.ndarray, *, seed: int = 0, gpu: bool = False,
-                memory: int | None = None) -> None:
+                memory: int | None = None) -> bool:
     """Train ``index`` on the sorted sample ``rows`` of ``emb``.
 
     IVF coarse quantizers of 1024+ lists (any size with a GPU when the sample exceeds ``memory``)
@@ -457,11 +457,11 @@ def train_index(index, emb: zarr.Array, rows: np.ndarray, *, seed: int = 0, gpu:
     ``memory`` bytes, else streamed (:func:`streamed_kmeans`).  A streamed quantizer's encoder (PQ)
     is then trained on a uniform part of the sample (faiss uses at most 65,536 points for PQ).
     Smaller IVFs use faiss's own k-means on the GPU (when present) or CPU.  ``memory`` defaults
-    to ``TRAIN_MEMORY``.
+    to ``TRAIN_MEMORY``.  Returns whether the quantizer was trained streamed.
     """
     faiss = _faiss()
     if index.is_trained:
-        return
+        return False
     memory = TRAIN_MEMORY if memory is None else memory
     ivf = _ivf(index)
     d = emb.shape[1]
@@ -473,11 +473,13 @@ def train_index(index, emb: zarr.Array, rows: np.ndarray, *, seed: int = 0, gpu:
             part.use_precomputed_table = -1  # nlist x m x 256 floats (1 GiB at 2^15 x 32): not worth it
     fits = len(rows) * 4 * d <= memory
     x = None
+    streamed = False
     if ivf is not None:
         ivf.cp.niter = niter
         ivf.cp.seed = seed
         direct = isinstance(faiss.downcast_index(index), faiss.IndexIVF) and len(rows) > ivf.nlist
-        if direct and not fits:
+        streamed = direct and not fits
+        if streamed:
             centroids = streamed_kmeans(emb, rows, ivf.nlist, niter, seed, memory=memory, gpu=gpu)
         elif direct and not gpu and ivf.nlist >= TWO_LEVEL_MIN_NLIST:
             x = gather_rows(emb, rows)
@@ -499,6 +501,7 @@ def train_index(index, emb: zarr.Array, rows: np.ndarray, *, seed: int = 0, gpu:
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise StreamPruneError(f"index: training failed on {len(x)} rows: {reason}") from None
+    return streamed
 
 
 def set_search_params(index, params: dict) -> None:
@@ -692,13 +695,8 @@ def write_index(ws: Workspace, index, rel: str) -> None:
     os.makedirs(tmpdir, exist_ok=True)
     tmp = os.path.join(tmpdir, f".tmp-{os.getpid()}-{threading.get_ident()}-{os.path.basename(rel)}")
     try:
-        try:
+        with disk_errors(f"index: writing {url}"):
             faiss.write_index(index, tmp)
-        except RuntimeError as exc:  # faiss reports a failed fwrite with the C error text
-            if "No space left" in str(exc) or "Disk quota" in str(exc):
-                raise StreamPruneError(f"index: writing {url}: no space left on device; free space, then re-run "
-                                       "the same command to resume") from None
-            raise
         _upload(ws, tmp, rel)
     finally:
         if os.path.exists(tmp):
@@ -855,7 +853,7 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}
-    n_train = _train_phase(ws, run, plan, emb, mask, seed, timings)
+    trained = _train_phase(ws, run, plan, emb, mask, seed, timings)
     _add_phase(ws, run, plan, emb, mask, scheduler, timings)
     tuned = _tune_phase(ws, run, plan, emb, mask, nprobe, recall_queries, seed, timings)
     params = {"nprobe": tuned["nprobe"]} if plan.nlist else {}
@@ -864,8 +862,8 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     clear_cache()
     info = {**{k_: v for k_, v in asdict(plan).items() if k_ not in ("name",)},
             "nprobe": tuned["nprobe"], "nprobe_table": tuned["table"], "recall_at_k": recall,
-            "recall_queries": tuned["n_queries"], "n_train": n_train,
-            "train_streamed": n_train * 4 * d > TRAIN_MEMORY and bool(plan.nlist), "timings": timings}
+            "recall_queries": tuned["n_queries"], "n_train": int(trained.get("n_train", 0)),
+            "train_streamed": bool(trained.get("streamed", False)), "timings": timings}
     all_params = ws.read_json("index", "params.json") or {}
     all_params[name] = info
     ws.write_json(all_params, "index", "params.json")
@@ -910,31 +908,33 @@ def _phase_record(run: StageRun, chunk: str, plan: _Plan) -> dict | None:
     return rec if rec is not None and rec.get("engine", "faiss") == plan.engine else None
 
 
-def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> int:
-    """Train the index (or find it trained); returns the training sample's rows."""
+def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int, timings: dict) -> dict:
+    """Train the index (or find it trained); returns the phase record (``n_train``, ``streamed``)."""
     rec = _phase_record(run, "trained", plan)
     if rec is not None:
         timings["train_s"] = rec["train_s"]
-        return int(rec.get("n_train", 0))
+        return rec
     if plan.engine == "torch":
         timings["train_s"] = 0.0
-        run.mark_chunk("trained", {"train_s": 0.0, "n_train": 0, "engine": plan.engine})
-        return 0
+        rec = {"train_s": 0.0, "n_train": 0, "streamed": False, "engine": plan.engine}
+        run.mark_chunk("trained", rec)
+        return rec
     t0 = time.time()
     index = make_index(plan.d, plan.factory)
-    n_train = 0
+    n_train, streamed = 0, False
     if not index.is_trained:
         ppc = 256 if plan.gpu else POINTS_PER_CENTROID
         rows = sample_rows(mask, train_size(plan.n_index, plan.nlist, plan.d, ppc), seed)
         n_train = len(rows)
-        train_index(index, emb, rows, seed=seed + 1234, gpu=plan.gpu)
+        streamed = train_index(index, emb, rows, seed=seed + 1234, gpu=plan.gpu)
     _check_width(index, plan)
     write_index(ws, index, f"index/{plan.name}.trained")
     del index
     release_memory()
     timings["train_s"] = round(time.time() - t0, 3)
-    run.mark_chunk("trained", {"train_s": timings["train_s"], "n_train": n_train, "engine": plan.engine})
-    return n_train
+    rec = {"train_s": timings["train_s"], "n_train": n_train, "streamed": streamed, "engine": plan.engine}
+    run.mark_chunk("trained", rec)
+    return rec
 
 
 def _check_width(index, plan: _Plan) -> None:
@@ -999,16 +999,10 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
     if os.path.exists(ivfdata):
         os.unlink(ivfdata)
     merge_ondisk(trained, locals_, ivfdata)
-    faiss = _faiss()
-    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{plan.name}.faissindex")
-    faiss.write_index(trained, tmp)
-    del trained
     if storage.is_remote(index_url):  # the next _local_file calls download them again, once
         _upload(ws, ivfdata, f"index/{plan.name}.ivfdata")
-        _upload(ws, tmp, f"index/{plan.name}.faissindex")
-        os.unlink(tmp)
-    else:
-        os.replace(tmp, index_url)
+    write_index(ws, trained, f"index/{plan.name}.faissindex")
+    del trained
     storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
 
 

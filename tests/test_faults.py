@@ -182,6 +182,16 @@ def test_disk_full_message_names_the_target_file():
             raise RuntimeError("write failed") from inner
     except RuntimeError as outer:
         assert disk_full_message(outer).startswith("no space left on device (ENOSPC);")
+    if os.path.exists("/dev/full"):  # faiss's C++ writer reports a full disk as a RuntimeError with the C text
+        import faiss
+
+        index = faiss.IndexFlatL2(8)
+        index.add(np.zeros((1000, 8), np.float32))
+        with pytest.raises(StreamPruneError, match=r"^index: no space left on device \(ENOSPC\); free space"), \
+                disk_errors("index"):
+            faiss.write_index(index, "/dev/full")
+    assert disk_full_message(RuntimeError("write error in f: 0 != 4096 (File too large)")).startswith(
+        "file too large (EFBIG);")
     assert disk_full_message(OSError(errno.ENOENT, "gone", "/x")) is None
     assert disk_full_message(ValueError("x")) is None
     with pytest.raises(StreamPruneError, match="^stage: no space left"), disk_errors("stage"):

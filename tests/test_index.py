@@ -297,6 +297,8 @@ def test_streamed_training_builds_the_same_quality_graph(tmp_path, monkeypatch):
     streamed = make_workspace(tmp_path / "streamed", x, chunk=5000)
     m_str = build_index(streamed, **opts)["all"]["counts"]
     assert calls == [512 << 10]
+    assert streamed.read_json("index", "params.json")["all"]["train_streamed"] is True
+    assert mem.read_json("index", "params.json")["all"]["train_streamed"] is False
     assert m_str["recall_at_k"] >= 0.95 and m_str["recall_at_k"] >= m_mem["recall_at_k"] - 0.02
     assert m_str["nprobe"] <= 2 * m_mem["nprobe"]
 
