@@ -11,7 +11,7 @@ from streamprune.workspace import Workspace
 from shardgen import write_shards
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)  # 30 random draws at 3 SE fail ~8 % of runs by chance
 @given(fraction=st.floats(0.02, 0.98), seed=st.integers(-(2**31), 2**31))
 def test_fraction_within_three_standard_errors(fraction, seed):
     n = 20000
