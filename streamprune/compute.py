@@ -268,7 +268,9 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
             fut = client.submit(_call, fn, args, what, pure=False, retries=retries)
             futures[fut.key] = (i, fut)
         try:
-            for fut in as_completed([f for _, f in futures.values()]):
+            # The client's own loop: as_completed otherwise tracks on the process's default client,
+            # which is another loop when the caller already has a Client (a notebook, a test).
+            for fut in as_completed([f for _, f in futures.values()], loop=client.loop):
                 i = futures[fut.key][0]
                 if fut.status == "error":
                     raise StreamPruneError(_task_failure(fut.exception(), what)) from None

@@ -293,6 +293,32 @@ def test_local_cluster_enforces_memory_limit():
     assert "\n" not in msg
 
 
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_stage_tracks_tasks_on_its_own_client_not_the_callers():
+    """A caller that already holds a Client (a notebook, a test harness) is the current client of
+    its thread, on another event loop.  The stage must wait for its tasks on its own client's
+    loop: tracking them on the caller's loop raced with a retried gather ("Event bound to a
+    different event loop") and stalls outright while the caller's loop is busy, as it is here."""
+    import threading
+
+    from dask.distributed import Client, LocalCluster, default_client
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster.scheduler_address) as callers:  # its own loop, not the scheduler's
+        assert default_client() is callers
+        release = threading.Event()
+        callers.loop.add_callback(release.wait, 60)  # the caller's loop is busy until released
+        threading.Timer(30, release.set).start()  # the stage takes ~1 s; a stalled one is freed at 30 s
+        result = map_tasks(_square, [(i,) for i in range(6)], scheduler=cluster.scheduler_address, desc="sq")
+        stalled = release.is_set()
+        release.set()
+    assert not stalled, "the stage waited on the caller's event loop"
+    assert result == [i * i for i in range(6)]
+
+
 # --------------------------------------------------------------------------- crash and resume gaps
 
 
