@@ -35,7 +35,6 @@ indexed row, on disk above the threshold).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ import zarr
 from streamprune import storage
 from streamprune.compute import disk_errors, map_tasks
 from streamprune.errors import StreamPruneError
+from streamprune.heap import bound_heap, trim_heap
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ TUNE_QUERIES = 500
 GRAPH_CHUNK_ROWS = 1 << 16
 TASK_CANDIDATES = 1 << 22
 SLAB_BYTES = 64 << 20  # rows of embeddings.zarr read at once by gathers and streaming passes
+INDEX_MMAP_THRESHOLD = 4 << 20  # buffers from here are mmap-served (heap.bound_heap): slabs, candidates, results
 KMEANS_NITER = 10  # CPU; 20 with a GPU
 TORCH_GPU_FRACTION = 0.4  # of free GPU memory the indexed vectors (float32) may take for the torch engine
 TORCH_MAX_MACS = 2e16  # queries x indexed rows x width above which IVF-PQ beats exact GPU search (~1 min on an H100)
@@ -705,18 +706,6 @@ def write_index(ws: Workspace, index, rel: str) -> None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    An index's thousands of per-list buffers leave the heap fragmented once freed; without this the
-    next phase's peak sits on top of them.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def read_index(ws: Workspace, rel: str, fingerprint: str, ondisk: bool = False):
     """Load a workspace index file (inverted lists memory-mapped for on-disk indexes)."""
     faiss = _faiss()
@@ -831,6 +820,7 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
                  chunk_rows: int | None, scheduler: str | None, force: bool, recall_queries: int,
                  ondisk_threshold: int | None, seed: int) -> dict:
     key = f"index-{name}"
+    bound_heap(INDEX_MMAP_THRESHOLD)
     emb, valid_arr, embed_marker = open_embeddings(ws, key)
     inputs = {"embed": embed_marker["fingerprint"]}
     if name == "seeds":
@@ -860,6 +850,7 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     _search_phase(ws, run, plan, params, scheduler, timings)
     recall = _recall(ws, plan)
     clear_cache()
+    trim_heap()
     info = {**{k_: v for k_, v in asdict(plan).items() if k_ not in ("name",)},
             "nprobe": tuned["nprobe"], "nprobe_table": tuned["table"], "recall_at_k": recall,
             "recall_queries": tuned["n_queries"], "n_train": int(trained.get("n_train", 0)),
@@ -930,7 +921,7 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
     _check_width(index, plan)
     write_index(ws, index, f"index/{plan.name}.trained")
     del index
-    release_memory()
+    trim_heap()
     timings["train_s"] = round(time.time() - t0, 3)
     rec = {"train_s": timings["train_s"], "n_train": n_train, "streamed": streamed, "engine": plan.engine}
     run.mark_chunk("trained", rec)
@@ -964,7 +955,7 @@ def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, 
     else:
         _add_ondisk(ws, run, plan, trained, mask, scheduler)
     del trained
-    release_memory()
+    trim_heap()
     timings["add_s"] = round(time.time() - t0, 3)
     run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
 
@@ -1008,6 +999,7 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
 
 def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask: np.ndarray, rel: str) -> dict:
     """Add rows [start, start + len(mask)) where ``mask`` to a copy of the trained index; write it."""
+    bound_heap(INDEX_MMAP_THRESHOLD)
     emb, _, _ = open_embeddings(ws, f"index-{name}")
     index = read_index(ws, f"index/{name}.trained", fingerprint)
     if index.d != emb.shape[1]:
@@ -1065,7 +1057,9 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
                 chosen = p
                 if table[str(p)] >= TARGET_RECALL:
                     break
+            del index
             clear_cache()
+            trim_heap()  # else the search phase's own copy of the index lands on top of this one's pages
             timings["tune_s"] = round(time.time() - t1, 3)
     timings["tune_total_s"] = round(time.time() - t0, 3)
     rec = {"nprobe": chosen, "table": table, "n_queries": int(len(recall_rows)), "timings": dict(timings),
@@ -1131,6 +1125,7 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
 def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, params: dict, start: int, stop: int,
                  k: int, refine: int) -> dict:
     """Search rows [start, stop) with the faiss index of ``name`` and write their chunk of graph/<name>.zarr."""
+    bound_heap(INDEX_MMAP_THRESHOLD)
     return _search_chunk(ws, name, cached_index(ws, name, fingerprint, ondisk, params), start, stop, k, refine)
 
 

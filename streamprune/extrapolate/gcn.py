@@ -25,7 +25,6 @@ See docs/gcn.md for the normalisation, the sampler, the memory bound and localit
 from __future__ import annotations
 
 import copy
-import ctypes
 import io
 import logging
 import math
@@ -42,6 +41,7 @@ from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.evaluate import pearson
+from streamprune.heap import bound_heap, trim_heap
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method,
                                             score_fingerprint, seed_scores, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
@@ -435,7 +435,7 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     ws = Workspace(job.ws_url, job.storage_options)
     src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0, job.prior)
     if not src["in_memory"]:
-        _bound_heap()
+        bound_heap(GCN_MMAP_THRESHOLD)
     span = src["table"].span(r0, r1)
     sub = sample_subgraph(np.arange(r0, r1, dtype=np.int64), lambda _rows: span, (None,))
     n_t = r1 - r0
@@ -454,36 +454,14 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     return out.cpu().numpy()
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+GCN_MMAP_THRESHOLD = 256 << 10
+"""Streamed inference tasks serve buffers above 256 KiB with mmap (:func:`~streamprune.heap.bound_heap`).
 
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return None
-
-
-def _bound_heap() -> None:
-    """Serve allocations above 256 KiB with mmap (glibc), so freed chunk buffers go back to the OS.
-
-    Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads.  With
-    glibc's default *dynamic* mmap threshold those buffers end up in fragmented heap arenas and
-    the resident size creeps up with the number of tasks run (so with N), breaking the O(chunk)
-    bound; a fixed threshold keeps it flat, at the price of fresh (zero-filled) pages for every
-    large buffer (~40 % longer streamed tasks in scripts/bench_gcn.py).  Process-wide; set by
-    streamed inference tasks only (the in-memory path holds O(N) anyway).
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+Chunk tasks allocate and free hundreds of MB each, partly in zarr's decoder threads; with glibc's
+dynamic threshold the resident size crept up with the number of tasks run (so with N), breaking
+the O(chunk) bound.  The price: ~40 % longer streamed tasks in scripts/bench_gcn.py (fresh
+zero-filled pages).  Set by streamed inference tasks only (the in-memory path holds O(N) anyway).
+"""
 
 
 def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
@@ -493,7 +471,7 @@ def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
     ws = Workspace(job.ws_url, job.storage_options)
     _open_array(ws, _act_path(job.score, job.layer), "r+")[r0:r1] = out
     del out
-    _trim_heap()
+    trim_heap()
     return {"rows": r1 - r0, "s": round(time.time() - t0, 3)}
 
 
@@ -503,7 +481,7 @@ def _predict_last(ws: Workspace, start: int, stop: int, job: _LayerJob) -> np.nd
     if job.prior is not None:  # residual: the model predicts a correction of the kNN prior
         out = out + standardise_prior(_open_array(ws, _prior_path(job.score))[start:stop], True,
                                       (job.prior["mean"], job.prior["std"]))
-    _trim_heap()
+    trim_heap()
     return (out.astype(np.float64) * job.std + job.mean).astype(np.float32)
 
 
