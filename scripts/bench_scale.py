@@ -20,7 +20,9 @@ peak RSS, then the
 ratios RSS(10N)/RSS(N) (target <= 1.2 except for stages that hold documented per-row arrays) and
 time(10N)/time(N) against the N·log N reference 10·log(10N)/log(N).  Each stage's child is run a
 second time once the stage is done (everything skipped): its peak RSS is that stage's *floor*
-(imports + marker checks), and RSS − floor is what the stage's own work holds.
+(imports + marker checks), and RSS − floor is what the stage's own work holds.  Before the catalog
+stage the shards are evicted from the page cache (``--warm-shards`` keeps them), so that it reads
+from disk at both scales.
 """
 
 from __future__ import annotations
@@ -199,6 +201,19 @@ def row_line(stage: str, r: dict) -> str:
             f"{r['peak_rss_mib']:>10.0f} {floor}")
 
 
+def drop_cached(paths: list[str]) -> None:
+    """Evict ``paths`` from the page cache (clean pages; no privileges needed), so that the catalog
+    stage reads its shards from disk at every scale: freshly generated N-row shards would otherwise
+    be cached and 10N-row ones, larger or written long before, not."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_scale(args: argparse.Namespace, n: int, report) -> dict:
     """Generate shards of n rows and run every stage in its own process; returns per-stage figures.
 
@@ -224,6 +239,8 @@ def run_scale(args: argparse.Namespace, n: int, report) -> dict:
     stages = json.dumps(stage_options(args, reshard))
     rows: dict[str, dict] = {}
     for until in STAGES[:STAGES.index(args.last_stage) + 1]:
+        if until == "catalog" and not args.warm_shards:
+            drop_cached(shards)
         result = os.path.join(root, f"result-{until}.json")
         stored = os.path.join(root, f"row-{until}.json")
         code = CHILD.format(scheduler=args.scheduler, stages=stages, shards=json.dumps(shards), ws=ws,
@@ -303,6 +320,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also append the report to this file")
     ap.add_argument("--reuse", action="store_true", help="keep an existing workspace (stages skip)")
     ap.add_argument("--keep-files", action="store_true")
+    ap.add_argument("--warm-shards", action="store_true",
+                    help="leave the shards in the page cache before the catalog stage (default: evict them)")
     args = ap.parse_args()
 
     def report(line: str) -> None:
