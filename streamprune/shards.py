@@ -368,10 +368,12 @@ class Catalog:
         if shard not in self._parts:
             if len(self._parts) > 64:
                 self._parts.clear()
-            name = self.shards.part.iloc[shard]
-            self._parts[shard] = _read_table(self.ws.path("catalog", "parts", f"{name}.parquet"),
-                                             self.ws.storage_options)
+            self._parts[shard] = self._read_part(shard)
         return self._parts[shard]
+
+    def _read_part(self, shard: int) -> pd.DataFrame:
+        name = self.shards.part.iloc[shard]
+        return _read_table(self.ws.path("catalog", "parts", f"{name}.parquet"), self.ws.storage_options)
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         """Catalog index of the shard holding each row."""
@@ -394,6 +396,10 @@ class Catalog:
         return out
 
     def iter_parts(self) -> Iterator[tuple[int, pd.DataFrame]]:
-        """(shard index, part table) for every shard, in row order."""
+        """(shard index, part table) for every shard, in row order.
+
+        A streaming pass: parts not already cached are read without being cached, so the pass holds
+        one part at a time (the cache of :meth:`part`, for random access, holds up to 65).
+        """
         for i in range(self.n_shards):
-            yield i, self.part(i)
+            yield i, self._parts[i] if i in self._parts else self._read_part(i)

@@ -43,6 +43,19 @@ def test_catalog_rows_keys_offsets(shards, tmp_path):
         assert [s.key for s in got] == [rec.key]
 
 
+def test_streaming_pass_over_parts_caches_none(shards, tmp_path):
+    """iter_parts holds one part at a time: a pass over every shard must not fill the random-access
+    cache of part() (up to 65 parts: the subset stage's peak RSS grew with the shard count)."""
+    catalog(shards, str(tmp_path / "ws"), scheduler="sync")
+    cat = Catalog(Workspace(str(tmp_path / "ws")))
+    cached = cat.part(3)
+    seen = [(i, p) for i, p in cat.iter_parts()]
+    assert [i for i, _ in seen] == list(range(10))
+    assert seen[3][1] is cached  # an already cached part is reused, not read again
+    assert list(cat._parts) == [3]
+    assert list(pd.concat([p for _, p in seen]).key) == [f"s{i:07d}" for i in range(200)]
+
+
 def test_catalog_patterns(shards, tmp_path):
     d = os.path.dirname(shards[0])
     brace = os.path.join(d, "shard-{000000..000009}.tar")
