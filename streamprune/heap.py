@@ -12,10 +12,12 @@ buffers, once the index is dropped).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+@functools.cache  # called per chunk task: load the library once per process
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")

@@ -41,11 +41,11 @@ from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.evaluate import pearson
-from streamprune.heap import bound_heap, trim_heap
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method,
                                             score_fingerprint, seed_scores, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
+from streamprune.heap import bound_heap, trim_heap
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
