@@ -51,7 +51,6 @@ EXPECTED_GROWTH = {
     "score": "decoded subset in memory (fraction x N x 512 B, capped by memory_budget = 2 GiB)",
     "extrapolate": "per-row arrays: knn score/source (5 B/row); label-aware disagreement + sorted copy (~9 B/row)",
     "prune": "per-row scores, valid flags and selection (~10 B/row)",
-    "subset": "sorted subset row ids (8 B per seed row)",
 }
 
 
