@@ -264,15 +264,40 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
     return marker | {"outputs": {**marker["outputs"], "reshard": shards_url}, "reshard": rm}
 
 
+def seed_margin_marker(ws: Workspace) -> dict | None:
+    """The marker of the subset model's AUM (computed from its recorded logits if not yet; no training).
+
+    None without a ``train`` stage (seed scores imported from elsewhere): seeds then rank by
+    disagreement alone.
+    """
+    if ws.marker("train") is None:
+        return None
+    from streamprune.scoring import compute_scores
+
+    return compute_scores(ws, ["aum"])[0]
+
+
 def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction) -> tuple[np.ndarray, int, dict]:
-    """Label disagreement per row and how many eligible rows to drop as likely mislabelled.
+    """Noise ranks per row (:func:`~streamprune.extrapolate.label_aware.noise_ranks`: seed rows and other
+    rows ranked apart) and how many eligible rows to drop as likely mislabelled.
 
     ``auto`` estimates the count from the data: eligible rows whose exp(-d)-weighted neighbour
     majority carries another label.  A number is a fraction of the eligible rows.
     """
-    from streamprune.extrapolate.label_aware import noise_estimate, read_disagreement
+    from streamprune.extrapolate.common import seed_scores
+    from streamprune.extrapolate.label_aware import noise_estimate, noise_ranks, read_disagreement
+    from streamprune.subset import subset_rows
 
-    noise = read_disagreement(ws)
+    dis = read_disagreement(ws)
+    seed = np.zeros(len(dis), bool)
+    margin = None
+    if ws.marker("subset") is not None:
+        seed[subset_rows(ws)] = True
+        if seed_margin_marker(ws) is not None:
+            aum = seed_scores(ws, "aum")
+            margin = np.full(len(dis), np.nan)
+            margin[aum.rows] = aum.values
+    noise = noise_ranks(dis, seed, margin)
     eligible = ~np.isnan(scores)
     if noise_fraction == "auto":
         k = int(ws.marker("score-label_disagreement")["config"]["k"])
@@ -281,7 +306,9 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction) -> 
     else:
         drop = int(round(float(noise_fraction) * int(eligible.sum())))
     est = drop / max(1, int(eligible.sum()))
-    return noise, drop, {"noise_fraction": noise_fraction, "noise_estimate": round(est, 6), "drop_target": drop}
+    return noise, drop, {"noise_fraction": noise_fraction, "noise_estimate": round(est, 6), "drop_target": drop,
+                         "seed_rows_ranked_apart": int(seed.sum()),
+                         "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}
 
 
 def _check_name(name: str) -> None:
@@ -318,6 +345,8 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
 
             dm = compute_disagreement(ws)
         inputs["disagreement"] = dm["fingerprint"]
+        am = seed_margin_marker(ws)
+        inputs["seed_margin"] = am["fingerprint"] if am else None
     run = ws.begin("prune", config, inputs, force=force, key=f"prune-{name}")
     if run.already_done:
         return run.previous | {"skipped": True}

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from streamprune.extrapolate.label_aware import (
     label_disagreement,
     majority_disagrees,
+    noise_ranks,
     quantile_map,
     quantile_mapper,
 )
@@ -111,6 +112,37 @@ def test_hard_clean_drops_noise_then_keeps_hardest():
     capped = hard_clean(scores, noise, keep_count=4, drop_count=3)  # only 1 may go: the noisiest
     assert keep.sum() == 2 and capped.sum() == 4 and not capped[0]
     assert np.array_equal(select("hard-clean", scores, None, 2, noise=noise, drop_count=2), keep)
+
+
+def test_noise_ranks_rank_seeds_apart_and_use_their_margin():
+    # seeds (rows 0-3) have low disagreement (memorised); ranked together with the others they would
+    # never be dropped first
+    dis = np.array([0.30, 0.0, 0.05, 0.10, 0.9, 0.0, 0.2, 0.1, np.nan, 0.5])
+    seed = np.zeros(10, bool)
+    seed[:4] = True
+    plain = noise_ranks(dis, seed)
+    # each population on its own (0, 1) quantile scale; NaN stays NaN
+    np.testing.assert_allclose(plain[:4], [0.875, 0.125, 0.375, 0.625])
+    np.testing.assert_allclose(plain[[4, 5, 6, 7, 9]], [0.9, 0.1, 0.5, 0.3, 0.7])
+    assert np.isnan(plain[8])
+    # the top 20 % of each population: one seed (the most disagreeing) and one other row
+    top2 = set(np.argsort(-np.nan_to_num(plain, nan=-1), kind="stable")[:2].tolist())
+    assert top2 == {0, 4}
+    # a seed the subset model never fitted well (lowest AUM) moves up among the seeds only
+    margin = np.full(10, np.nan)
+    margin[:4] = [5.0, 1.0, -4.0, 3.0]
+    ranked = noise_ranks(dis, seed, margin)
+    np.testing.assert_array_equal(ranked[4:], plain[4:])  # other rows unchanged
+    # mean quantiles 0.5, 0.375, 0.625, 0.5 (disagreement and low margin), ranked again among the seeds
+    np.testing.assert_allclose(ranked[:4], [0.5, 0.125, 0.875, 0.5])
+    # a seed without a margin keeps its disagreement rank; a seed without disagreement stays NaN
+    margin[3] = np.nan
+    dis2 = dis.copy()
+    dis2[1] = np.nan
+    r = noise_ranks(dis2, seed, margin)
+    assert np.isnan(r[1]) and np.isfinite(r[[0, 2, 3]]).all()
+    with pytest.raises(ValueError, match="seed mask"):
+        noise_ranks(dis, seed[:5])
 
 
 def _vector_workspace(tmp_path, flip=0.0, labels=True):
@@ -233,3 +265,54 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     others = np.delete(score, rows)
     assert others.min() >= seed.min() and others.max() <= seed.max()  # on the seed scale
     assert m["counts"]["n_predicted"] == 400 - len(rows)
+
+
+def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
+    import json
+
+    from streamprune.decode import DecodeConfig
+    from streamprune.extrapolate import extrapolate
+    from streamprune.prune import prune
+    from streamprune.scoring import compute_scores
+    from streamprune.subset import subset, subset_rows
+    from streamprune.train import TrainConfig, train
+    from streamprune.workspace import Workspace
+
+    ws, noisy = _vector_workspace(tmp_path, flip=0.1)
+    subset(ws, fraction=0.3, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=8, batch_size=32), DecodeConfig(input="vector"), scheduler="sync")
+    compute_scores(ws, ["du"], params={"window": 3})
+    extrapolate(ws, "du", "label-aware", k=20)
+    m = prune(ws, score="du", source="label-aware", strategy="hard-clean", keep_fraction=0.5, noise_fraction=0.1,
+              name="hc", scheduler="sync")
+    w = Workspace(ws)
+    stats = json.loads(open(f"{ws}/prune/hc/stats.json").read())
+    info = stats["hard_clean"]
+    rows = subset_rows(w)
+    seed = np.zeros(400, bool)
+    seed[rows] = True
+    assert info["seed_signal"] == "disagreement+aum" and info["seed_rows_ranked_apart"] == len(rows)
+    assert info["drop_target"] == info["dropped"] == 40
+    assert w.marker("score-aum") is not None  # computed from the recorded logits
+    assert m["counts"]["n_kept"] == 200
+    # which rows were dropped: recompute the ranks and check both populations lose ~10 %
+    from streamprune.extrapolate.label_aware import noise_ranks, read_disagreement
+    from streamprune.extrapolate.common import seed_scores
+
+    aum = seed_scores(w, "aum")
+    margin = np.full(400, np.nan)
+    margin[aum.rows] = aum.values
+    ranks = noise_ranks(read_disagreement(w), seed, margin)
+    dropped = np.argsort(-np.nan_to_num(ranks, nan=-1), kind="stable")[:40]
+    share_seed = seed[dropped].sum() / seed.sum()
+    share_other = (~seed[dropped]).sum() / (~seed).sum()
+    assert abs(share_seed - 0.1) <= 0.02 and abs(share_other - 0.1) <= 0.02
+    import pandas as pd
+
+    from streamprune.shards import Catalog
+
+    kept_keys = set(pd.read_parquet(f"{ws}/prune/hc/keys.parquet").key)
+    keys = Catalog(w).keys()
+    assert not any(keys[r] in kept_keys for r in dropped)  # no dropped row was kept
+    # the drop removes most of the flipped rows of both populations
+    assert noisy[dropped].sum() >= 0.6 * noisy.sum()
