@@ -108,11 +108,28 @@ def graph_arrays(ws: Workspace, name: str) -> tuple[np.ndarray, np.ndarray]:
     (40_000_000, 128, "IVF262144_HNSW32,PQ32"),
     (1_000_000_000, 1000, "IVF262144_HNSW32,PQ50"),  # at most 2^18 lists
 ])
+def test_auto_params_table_without_rerank(n, d, factory):
+    assert auto_params(n, d, refine=False)["factory"] == factory
+
+
+@pytest.mark.parametrize("n, d, factory", [
+    (50_000, 128, "Flat"),
+    (250_000, 128, "IVF2000,PQ16"),  # with the exact re-rank (the default): about d/8 bytes
+    (2_000_000, 256, "IVF16384_HNSW32,PQ32"),
+    (2_000_000, 768, "IVF16384_HNSW32,PQ64"),  # at most 64
+    (500_000, 48, "IVF2828,PQ8"),  # narrow widths keep min(d/4, 8) bytes
+])
 def test_auto_params_table(n, d, factory):
     assert auto_params(n, d)["factory"] == factory
 
 
 @pytest.mark.parametrize("d, m", [(128, 32), (100, 25), (768, 64), (2048, 64), (1000, 50), (12, 3), (7, 1), (3, 1)])
+def test_pq_bytes_table_without_rerank(d, m):
+    assert auto_pq_bytes(d, refine=False) == m
+
+
+@pytest.mark.parametrize("d, m", [(256, 32), (128, 16), (100, 10), (768, 64), (1000, 50), (64, 8), (48, 8), (32, 8),
+                                  (12, 3), (3, 1)])
 def test_pq_bytes_table(d, m):
     assert auto_pq_bytes(d) == m
 
@@ -127,6 +144,15 @@ def test_auto_params_properties(n, d):
     assert d % p["m"] == 0 and 1 <= p["m"] <= 64
     t = train_size(n, p["nlist"], d)
     assert min(n, 30 * p["nlist"]) <= t <= max(min(n, 256 * p["nlist"]), 30 * p["nlist"])
+
+
+def test_plan_sizes_pq_codes_by_rerank():
+    from streamprune.index import _plan
+
+    with_rerank = _plan("all", 2_000_000, 256, 2_000_000, 20, "auto", None, None, None, 4096)
+    without = _plan("all", 2_000_000, 256, 2_000_000, 20, "auto", 0, None, None, 4096)
+    assert (with_rerank.factory, with_rerank.refine, with_rerank.code_size) == ("IVF16384_HNSW32,PQ32", 4, 32)
+    assert (without.factory, without.refine, without.code_size) == ("IVF16384_HNSW32,PQ64", 0, 64)
 
 
 def test_sizes():
