@@ -70,6 +70,11 @@ def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances:
     return has & (np.asarray(own) >= 0) & (votes.argmax(axis=1) != np.asarray(own))
 
 
+def _mid_ranks(srt: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The average 1-based rank of each of ``v`` among sorted ``srt`` (ties share it)."""
+    return (np.searchsorted(srt, v, "left") + 1 + np.searchsorted(srt, v, "right")) / 2.0
+
+
 def within_quantiles(values: np.ndarray) -> np.ndarray:
     """Average-rank quantiles in (0, 1) of the finite ``values`` among themselves (NaN stays NaN)."""
     v = np.asarray(values, np.float64)
@@ -77,9 +82,7 @@ def within_quantiles(values: np.ndarray) -> np.ndarray:
     ok = np.isfinite(v)
     n = int(ok.sum())
     if n:
-        srt = np.sort(v[ok])
-        rank = (np.searchsorted(srt, v[ok], "left") + 1 + np.searchsorted(srt, v[ok], "right")) / 2.0
-        out[ok] = (rank - 0.5) / n
+        out[ok] = (_mid_ranks(np.sort(v[ok]), v[ok]) - 0.5) / n
     return out
 
 
@@ -132,9 +135,7 @@ def quantile_mapper(values: np.ndarray, reference: np.ndarray, reverse: bool = F
         if not n or not ok.any():
             return out
         v = chunk[ok]
-        # the average 1-based rank of each value among the finite values (ties share it)
-        rank = (np.searchsorted(srt, v, "left") + 1 + np.searchsorted(srt, v, "right")) / 2.0
-        q = (rank - 0.5) / n
+        q = (_mid_ranks(srt, v) - 0.5) / n  # ties share their average rank
         out[ok] = np.quantile(ref, 1.0 - q if reverse else q)
         return out
 
