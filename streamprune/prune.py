@@ -267,10 +267,11 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
 def seed_margin_marker(ws: Workspace) -> dict | None:
     """The marker of the subset model's AUM (computed from its recorded logits if not yet; no training).
 
-    None without a ``train`` stage (seed scores imported from elsewhere): seeds then rank by
-    disagreement alone.
+    None without a ``train`` stage (seed scores imported from elsewhere) or with a single class (no
+    margin to measure): seeds then rank by disagreement alone.
     """
-    if ws.marker("train") is None:
+    tm = ws.marker("train")
+    if tm is None or int(tm.get("counts", {}).get("num_classes") or 0) < 2:
         return None
     from streamprune.scoring import compute_scores
 

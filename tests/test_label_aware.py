@@ -316,3 +316,14 @@ def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
     assert not any(keys[r] in kept_keys for r in dropped)  # no dropped row was kept
     # the drop removes most of the flipped rows of both populations
     assert noisy[dropped].sum() >= 0.6 * noisy.sum()
+
+
+def test_seed_margin_needs_a_training_run_with_two_classes(tmp_path):
+    from streamprune.prune import seed_margin_marker
+    from streamprune.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    assert seed_margin_marker(ws) is None  # no train stage: seeds rank by disagreement alone
+    run = ws.begin("train", {"model": "mlp"}, {}, key="train")
+    run.commit(outputs={}, counts={"num_classes": 1})
+    assert seed_margin_marker(ws) is None  # one class: no margin to measure
