@@ -91,13 +91,17 @@ def test_killed_run_resumes_to_identical_outputs(setup, tmp_path, stage_dir, thr
         if not os.path.isdir(d):
             return False
         files = [f for _, _, fs in os.walk(d) for f in fs]
-        if threshold is None:  # training: kill once an epoch checkpoint exists (mid-way through training)
-            return any(f.startswith("ckpt-0001") for f in files)
+        if threshold is None:  # training: kill once epoch 1 is checkpointed (each checkpoint replaces the
+            # previous one, so ckpt-0001 alone lives for one epoch only: any later one will do)
+            return (any(f.startswith("ckpt-") and f >= "ckpt-0001" for f in files)
+                    and not os.path.exists(os.path.join(ws, "_stages", "train.json")))
         return sum(f.endswith(".json") and f[0].isdigit() for f in files) >= threshold
 
     kill_when(["run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync"], ready,
               env={"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert not os.path.exists(os.path.join(ws, "_stages", "prune-p.json"))
+    if threshold is None:
+        assert not os.path.exists(os.path.join(ws, "_stages", "train.json"))  # killed before training finished
     run_cli("run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync")
     a, b = _outputs(ref), _outputs(ws)
     for k in ("knn", "label-aware", "emb"):
