@@ -885,7 +885,7 @@ def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine:
                      chunk_rows=int(chunk_rows or default_chunk_rows(emb_chunk_rows, k + 1)), gpu=False,
                      engine="torch", device=device)
     if factory == "auto":
-        factory = auto_params(n_index, d, refine=refine is None or refine > 0)["factory"]
+        factory = auto_params(n_index, d, refine=(DEFAULT_REFINE if refine is None else refine) > 0)["factory"]
     desc = describe_index(make_index(d, factory))
     if refine is None:
         refine = DEFAULT_REFINE if "PQ" in factory.upper() else 0
