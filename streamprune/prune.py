@@ -278,9 +278,11 @@ def seed_margin_marker(ws: Workspace) -> dict | None:
     return compute_scores(ws, ["aum"])[0]
 
 
-def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction) -> tuple[np.ndarray, int, dict]:
+def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, margin_marker: dict | None
+                          ) -> tuple[np.ndarray, int, dict]:
     """Noise ranks per row (:func:`~streamprune.extrapolate.label_aware.noise_ranks`: seed rows and other
-    rows ranked apart) and how many eligible rows to drop as likely mislabelled.
+    rows ranked apart) and how many eligible rows to drop as likely mislabelled.  ``margin_marker``
+    is :func:`seed_margin_marker`'s result (None: seeds rank by disagreement alone).
 
     ``auto`` estimates the count from the data: eligible rows whose exp(-d)-weighted neighbour
     majority carries another label.  A number is a fraction of the eligible rows.
@@ -294,7 +296,7 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction) -> 
     margin = None
     if ws.marker("subset") is not None:
         seed[subset_rows(ws)] = True
-        if seed_margin_marker(ws) is not None:
+        if margin_marker is not None:
             aum = seed_scores(ws, "aum")
             margin = np.full(len(dis), np.nan)
             margin[aum.rows] = aum.values
@@ -353,6 +355,7 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
         return run.previous | {"skipped": True}
     t0 = time.time()
     noise_info: dict = {}
+    margin_marker = am if strategy == "hard-clean" else None
 
     if scores is None:
         scores = np.zeros(n, np.float32)
@@ -380,7 +383,7 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
             mask, _ = sel.influence_budget(scores, opts["eps"])
         elif strategy == "hard-clean":
             k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)
-            noise, drop_count, noise_info = _noise_for_hard_clean(ws, scores, opts["noise_fraction"])
+            noise, drop_count, noise_info = _noise_for_hard_clean(ws, scores, opts["noise_fraction"], margin_marker)
             mask = sel.select(strategy, scores, labels, k, seed, higher_is_harder=direction, noise=noise,
                               drop_count=drop_count)
             noise_info["dropped"] = int(min(drop_count, max(0, eligible_count - k)))

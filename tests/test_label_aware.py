@@ -12,6 +12,7 @@ from streamprune.extrapolate.label_aware import (
     noise_ranks,
     quantile_map,
     quantile_mapper,
+    within_quantiles,
 )
 
 
@@ -143,6 +144,22 @@ def test_noise_ranks_rank_seeds_apart_and_use_their_margin():
     assert np.isnan(r[1]) and np.isfinite(r[[0, 2, 3]]).all()
     with pytest.raises(ValueError, match="seed mask"):
         noise_ranks(dis, seed[:5])
+
+
+def test_within_quantiles_chunked_with_mask_matches_average_ranks():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    v = np.round(rng.random(1000) * 10).astype(np.float32)  # many ties
+    v[rng.random(1000) < 0.05] = np.nan
+    mask = rng.random(1000) < 0.7
+    for m in (None, mask):
+        sel = np.isfinite(v) & (True if m is None else m)
+        ref = np.full(1000, np.nan)
+        ref[sel] = (rankdata(v[sel]) - 0.5) / sel.sum()
+        for chunk in (7, 64, 1 << 16):  # chunk boundaries must not change any rank
+            np.testing.assert_allclose(within_quantiles(v, m, chunk_rows=chunk), ref, rtol=0, atol=1e-12)
+    assert np.isnan(within_quantiles(np.array([np.nan, 1.0]), np.array([True, False]))).all()
 
 
 def _vector_workspace(tmp_path, flip=0.0, labels=True):

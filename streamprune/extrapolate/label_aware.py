@@ -75,14 +75,24 @@ def _mid_ranks(srt: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (np.searchsorted(srt, v, "left") + 1 + np.searchsorted(srt, v, "right")) / 2.0
 
 
-def within_quantiles(values: np.ndarray) -> np.ndarray:
-    """Average-rank quantiles in (0, 1) of the finite ``values`` among themselves (NaN stays NaN)."""
-    v = np.asarray(values, np.float64)
+def within_quantiles(values: np.ndarray, mask: np.ndarray | None = None, chunk_rows: int = 1 << 16) -> np.ndarray:
+    """Average-rank quantiles in (0, 1) of the finite ``values`` among themselves (NaN stays NaN).
+
+    With ``mask``, only the masked rows are ranked (among themselves) and the others get NaN.
+    Holds one sorted copy of the ranked values in their own dtype and a mask, and ranks
+    ``chunk_rows`` at a time: beside the (N,) float64 result, about 6 bytes per row for float32.
+    """
+    v = np.asarray(values)
+    if not np.issubdtype(v.dtype, np.floating):
+        v = v.astype(np.float64)
+    ok = np.isfinite(v) if mask is None else np.isfinite(v) & np.asarray(mask, bool)
     out = np.full(v.shape, np.nan)
-    ok = np.isfinite(v)
-    n = int(ok.sum())
-    if n:
-        out[ok] = (_mid_ranks(np.sort(v[ok]), v[ok]) - 0.5) / n
+    srt = v[ok]  # a copy: sorted in place
+    srt.sort()
+    n = len(srt)
+    for s in range(0, len(v) if n else 0, chunk_rows):
+        sel = np.flatnonzero(ok[s:s + chunk_rows]) + s
+        out[sel] = (_mid_ranks(srt, v[sel]) - 0.5) / n
     return out
 
 
@@ -99,18 +109,22 @@ def noise_ranks(disagreement: np.ndarray, seed: np.ndarray, seed_margin: np.ndar
     seed rows by the mean of two quantiles: disagreement and low ``seed_margin`` (the subset
     model's AUM from its recorded logits, (N,) with NaN off the seeds; a row without one ranks
     by disagreement alone).  A row with NaN disagreement gets NaN.
+
+    Memory: the (N,) float64 result plus about 9 bytes per row for float32 disagreement, as stored
+    (measured at 2M rows with a 20 % subset: 17 bytes per row in all, 55 when it ranked in float64
+    without chunks).
     """
-    d = np.asarray(disagreement, np.float64)
+    d = np.asarray(disagreement)
     seed = np.asarray(seed, bool)
     if seed.shape != d.shape:
         raise ValueError(f"noise_ranks: seed mask has shape {seed.shape}, disagreement {d.shape}")
-    out = np.full(d.shape, np.nan)
-    out[~seed] = within_quantiles(d[~seed])
-    q = within_quantiles(d[seed])
+    out = within_quantiles(d, ~seed)
+    seed_rows = np.flatnonzero(seed)
+    q = within_quantiles(d[seed_rows])
     if seed_margin is not None:
-        qm = within_quantiles(-np.asarray(seed_margin, np.float64)[seed])
+        qm = within_quantiles(-np.asarray(seed_margin, np.float64)[seed_rows])
         q = np.where(np.isnan(qm), q, (q + qm) / 2)  # stays NaN where the disagreement is
-    out[seed] = within_quantiles(q)
+    out[seed_rows] = within_quantiles(q)
     return out
 
 
