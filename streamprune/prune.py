@@ -49,6 +49,7 @@ from streamprune import select as sel
 from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
+from streamprune.heap import bound_heap
 from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ TAR_EOF = b"\0" * 1024  # two zero blocks: the tar end-of-archive marker
 KEYS_SCHEMA = pa.schema([("shard", pa.int32()), ("key", pa.string()), ("row", pa.int64())])
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
 _CHUNK_ROWS = 1 << 22
+SELECT_MMAP_THRESHOLD = 4 << 20  # per-row arrays and chunk buffers from here are mmap-served (heap.bound_heap)
 
 
 # inputs --------------------------------------------------------------------------------------
@@ -291,6 +293,14 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, mar
     from streamprune.extrapolate.label_aware import noise_estimate, noise_ranks, read_disagreement
     from streamprune.subset import subset_rows
 
+    eligible = ~np.isnan(scores)
+    n_eligible = int(eligible.sum())
+    if noise_fraction == "auto":  # a count only: estimated before the (N,) ranks exist
+        k = int(ws.marker("score-label_disagreement")["config"]["k"])
+        drop = int(np.count_nonzero(noise_estimate(ws, k=k) & eligible))
+    else:
+        drop = int(round(float(noise_fraction) * n_eligible))
+    del eligible
     dis = read_disagreement(ws)
     seed = np.zeros(len(dis), bool)
     margin = None
@@ -298,20 +308,13 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, mar
         seed[subset_rows(ws)] = True
         if margin_marker is not None:
             aum = seed_scores(ws, "aum")
-            margin = np.full(len(dis), np.nan)
+            margin = np.full(len(dis), np.nan, np.float32)
             margin[aum.rows] = aum.values
     noise = noise_ranks(dis, seed, margin)
-    eligible = ~np.isnan(scores)
-    if noise_fraction == "auto":
-        k = int(ws.marker("score-label_disagreement")["config"]["k"])
-        suspects = noise_estimate(ws, k=k) & eligible
-        drop = int(suspects.sum())
-    else:
-        drop = int(round(float(noise_fraction) * int(eligible.sum())))
-    est = drop / max(1, int(eligible.sum()))
-    return noise, drop, {"noise_fraction": noise_fraction, "noise_estimate": round(est, 6), "drop_target": drop,
-                         "seed_rows_ranked_apart": int(seed.sum()),
-                         "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}
+    info = {"noise_fraction": noise_fraction, "noise_estimate": round(drop / max(1, n_eligible), 6),
+            "drop_target": drop, "seed_rows_ranked_apart": int(seed.sum()),
+            "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}
+    return noise, drop, info
 
 
 def _check_name(name: str) -> None:
@@ -324,6 +327,7 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
                   row_group_rows: int) -> dict:
     from streamprune.shards import Catalog
 
+    bound_heap(SELECT_MMAP_THRESHOLD)  # freed (N,) arrays and graph chunks go back to the OS, not to a creeping heap
     cat_m = ws.require("catalog", "prune")
     scores, score_marker = (None, None)
     if strategy != "random" or ws.marker(score_marker_key(score, source)) is not None:
@@ -386,6 +390,7 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
             noise, drop_count, noise_info = _noise_for_hard_clean(ws, scores, opts["noise_fraction"], margin_marker)
             mask = sel.select(strategy, scores, labels, k, seed, higher_is_harder=direction, noise=noise,
                               drop_count=drop_count)
+            del noise
             noise_info["dropped"] = int(min(drop_count, max(0, eligible_count - k)))
         else:
             k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)

@@ -30,8 +30,6 @@ def score_array_path(name: str, full: bool) -> str:
 def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, params: dict | None = None,
                    force: bool = False, storage_options: dict | None = None, chunk: int = 65536) -> list[dict]:
     """Compute each named score from the dynamics of the ``train`` (or ``train-full``) stage."""
-    from streamprune.train import load_labels
-
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     train_key = "train-full" if full else "train"
     tm = ws.require(train_key, "score")
@@ -49,6 +47,8 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
             markers.append(run.previous | {"skipped": True})
             continue
         t0 = time.time()
+        from streamprune.train import load_labels  # imports torch: only when a score is computed
+
         labels = load_labels(ws, train_key)
         m = len(labels)
         valid = labels >= 0

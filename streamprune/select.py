@@ -75,18 +75,23 @@ def keep_count_from(n_eligible: int, keep_fraction: float | None = None, keep_co
 
 def _top_k(s: np.ndarray, k: int) -> np.ndarray:
     """Mask of the k largest non-NaN values; among equal values the lower index wins."""
-    eligible = ~np.isnan(s)
+    return _top_k_of(s, ~np.isnan(s), k)
+
+
+def _top_k_of(s: np.ndarray, eligible: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k largest values among the ``eligible`` rows of ``s``; ties: lower index first."""
     n_eligible = int(eligible.sum())
     k = _check_count(k, n_eligible)
     if k == 0:
         return np.zeros(len(s), bool)
     vals = s[eligible]
-    threshold = np.partition(vals, n_eligible - k)[n_eligible - k]
+    vals.partition(n_eligible - k)  # in place: one copy of the eligible values, not two
+    threshold = vals[n_eligible - k]
     del vals
-    mask = s > threshold  # NaN compares False
+    mask = (s > threshold) & eligible
     need = k - int(mask.sum())
     if need:
-        mask[np.flatnonzero(s == threshold)[:need]] = True
+        mask[np.flatnonzero((s == threshold) & eligible)[:need]] = True
     return mask
 
 
@@ -252,8 +257,8 @@ def hard_clean(scores: np.ndarray, noise: np.ndarray, keep_count: int, drop_coun
     if noise.shape != s.shape:
         raise ValueError(f"hard-clean: noise scores have shape {noise.shape}, scores {s.shape}")
     if drop_count:
-        candidates = np.where(eligible & np.isfinite(noise), noise, np.nan)
-        drop = keep_hardest(candidates, min(drop_count, int(np.isfinite(candidates).sum())))
+        candidates = eligible & np.isfinite(noise)  # a mask, not a copy of the noise scores
+        drop = _top_k_of(noise, candidates, min(drop_count, int(candidates.sum())))
         s = np.where(drop, np.nan, s)
     return keep_hardest(s, keep_count)
 

@@ -103,6 +103,50 @@ def test_quantile_mapper_chunk_by_chunk_equals_average_ranks():
         np.testing.assert_array_equal(got, quantile_map(v, ref, reverse=reverse))
 
 
+def _brute_majority(own, nl, dist, num_classes):
+    out = []
+    for i in range(len(own)):
+        ok = np.isfinite(dist[i]) & (nl[i] >= 0)
+        if own[i] < 0 or not ok.any():
+            out.append(False)
+            continue
+        w = np.exp(-(dist[i][ok] - dist[i][np.isfinite(dist[i])].min()))
+        votes = np.zeros(num_classes)
+        for c, wi in zip(nl[i][ok], w):
+            votes[c] += wi
+        out.append(int(np.argmax(votes)) != own[i])
+    return np.array(out)
+
+
+def test_majority_matches_brute_force_with_missing_neighbours():
+    rng = np.random.default_rng(5)
+    own = rng.integers(-1, 4, 300)
+    nl = rng.integers(-1, 4, (300, 9))
+    d = np.sort(rng.random((300, 9)) * 3, axis=1)
+    d[rng.random((300, 9)) < 0.1] = np.inf
+    np.testing.assert_array_equal(majority_disagrees(own, nl, d, 4), _brute_majority(own, nl, d, 4))
+
+
+def test_hard_clean_with_ties_and_missing_noise_matches_drop_then_keep():
+    from streamprune.select import hard_clean, keep_hardest
+
+    rng = np.random.default_rng(11)
+    scores = np.round(rng.random(500) * 8)  # ties everywhere
+    scores[rng.random(500) < 0.1] = np.nan
+    noise = np.round(rng.random(500) * 5) / 5
+    noise[rng.random(500) < 0.1] = np.nan
+    for keep, drop in ((200, 60), (300, 400), (10, 0)):
+        got = hard_clean(scores, noise, keep, drop)
+        # reference: drop the top `drop` noisy eligible rows (ties: lower row first), then keep the hardest
+        ok = np.flatnonzero(~np.isnan(scores) & ~np.isnan(noise))
+        drop = min(drop, int((~np.isnan(scores)).sum()) - keep)
+        dropped = ok[np.lexsort((ok, -noise[ok]))][:drop]
+        rest = scores.copy()
+        rest[dropped] = np.nan
+        np.testing.assert_array_equal(got, keep_hardest(rest, keep))
+        assert got.sum() == keep and not got[dropped].any()
+
+
 def test_hard_clean_drops_noise_then_keeps_hardest():
     from streamprune.select import hard_clean, select
 
@@ -218,6 +262,8 @@ def test_disagreement_stage_matches_graph_brute_force_and_finds_flips(tmp_path):
     assert auc > 0.9
     est = noise_estimate(w, k=20)
     assert abs(est.mean() - noisy.mean()) < 0.05 and (est & noisy).sum() > 0.7 * noisy.sum()
+    np.testing.assert_array_equal(est, _brute_majority(labels, labels[nb], dist, int(labels.max()) + 1))
+    np.testing.assert_array_equal(noise_estimate(w, k=20, chunk_rows=7), est)  # chunking changes nothing
 
 
 def test_disagreement_killed_then_resumed(tmp_path):

@@ -63,9 +63,8 @@ def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances:
     """True where the weighted neighbour majority label is not the row's own label."""
     nl = np.asarray(neighbour_labels)
     w = neighbour_weights(distances) * (nl >= 0)
-    votes = np.zeros((len(own), num_classes))
-    rows = np.repeat(np.arange(len(own)), nl.shape[1])
-    np.add.at(votes, (rows, np.clip(nl.reshape(-1), 0, None)), w.reshape(-1))
+    cells = (np.arange(len(own))[:, None] * num_classes + np.clip(nl, 0, None)).reshape(-1)
+    votes = np.bincount(cells, weights=w.reshape(-1), minlength=len(own) * num_classes).reshape(len(own), num_classes)
     has = votes.sum(axis=1) > 0
     return has & (np.asarray(own) >= 0) & (votes.argmax(axis=1) != np.asarray(own))
 
@@ -122,7 +121,7 @@ def noise_ranks(disagreement: np.ndarray, seed: np.ndarray, seed_margin: np.ndar
     seed_rows = np.flatnonzero(seed)
     q = within_quantiles(d[seed_rows])
     if seed_margin is not None:
-        qm = within_quantiles(-np.asarray(seed_margin, np.float64)[seed_rows])
+        qm = within_quantiles(-np.asarray(seed_margin)[seed_rows].astype(np.float64))
         q = np.where(np.isnan(qm), q, (q + qm) / 2)  # stays NaN where the disagreement is
     out[seed_rows] = within_quantiles(q)
     return out
@@ -171,7 +170,14 @@ def quantile_map(values: np.ndarray, reference: np.ndarray, reverse: bool = Fals
 # stages ------------------------------------------------------------------------------------------
 def _labels_valid(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
-    labels, valid = g["labels"][:], g["valid"][:]
+    labels = np.empty(g["labels"].shape, np.int32)  # class ids: 4 bytes a row, read chunk by chunk
+    for a in range(0, len(labels), 1 << 20):
+        block = g["labels"][a:a + (1 << 20)]
+        if block.size and (block.min() < -(1 << 31) or block.max() >= 1 << 31):
+            raise StreamPruneError(f"label disagreement: labels in {ws.path('embeddings.zarr')} rows {a} to "
+                                   f"{a + len(block) - 1} do not fit int32 class ids")
+        labels[a:a + len(block)] = block
+    valid = g["valid"][:]
     if not (labels[valid] >= 0).any():
         raise StreamPruneError("label disagreement needs labels: the embeddings have none (label key 'none'?); "
                                "use --label-key or --labels pseudo:K")
@@ -237,16 +243,21 @@ def read_disagreement(ws: Workspace) -> np.ndarray:
     return zarr.open_array(storage.zarr_store(ws.path(disagreement_path()), ws.storage_options), mode="r")[:]
 
 
-def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int = 1 << 16) -> np.ndarray:
-    """Rows whose weighted neighbour majority carries another label (likely mislabelled), (N,) bool."""
+def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int | None = None) -> np.ndarray:
+    """Rows whose weighted neighbour majority carries another label (likely mislabelled), (N,) bool.
+
+    Reads the graph ``chunk_rows`` rows at a time (default: one zarr chunk of the graph).
+    """
     labels, valid = _labels_valid(ws)
     num_classes = int(labels[valid].max()) + 1
     graph = zarr.open_group(storage.zarr_store(ws.path("graph", "all.zarr"), ws.storage_options), mode="r")
+    chunk_rows = chunk_rows or graph["neighbors"].chunks[0]
     out = np.zeros(len(labels), bool)
     for r0 in range(0, len(labels), chunk_rows):
         r1 = min(len(labels), r0 + chunk_rows)
-        nb = graph["neighbors"][r0:r1, :k]
-        nl = np.where((nb >= 0) & valid[np.clip(nb, 0, None)], labels[np.clip(nb, 0, None)], -1)
+        nb = np.clip(graph["neighbors"][r0:r1, :k], -1, None)
+        nl = np.where((nb >= 0) & valid[nb], labels[nb], -1)  # nb = -1 reads the last row: masked out
+        del nb
         own = np.where(valid[r0:r1], labels[r0:r1], -1)
         out[r0:r1] = majority_disagrees(own, nl, graph["distances"][r0:r1, :k], num_classes)
     return out
