@@ -234,9 +234,9 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
                     continue
                 opts = {}
                 if strategy == "hard-clean":
-                    from streamprune.prune import _noise_for_hard_clean
+                    from streamprune.prune import _noise_for_hard_clean, seed_margin_marker
 
-                    noise, drop, _ = _noise_for_hard_clean(ws, s, "auto")
+                    noise, drop, _ = _noise_for_hard_clean(ws, s, "auto", seed_margin_marker(ws))
                     opts = {"noise": noise, "drop_count": drop}
                 masks[f"{src}/{strategy}"] = select(strategy, s, labels, n_keep, seed=0, higher_is_harder=higher,
                                                     **opts)
