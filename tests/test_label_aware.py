@@ -292,10 +292,13 @@ def test_disagreement_killed_then_resumed(tmp_path):
     os.killpg(proc.pid, 9)
     proc.wait()
     assert proc.returncode == -9 and not os.path.exists(os.path.join(ws, "_stages", "score-label_disagreement.json"))
-    compute_disagreement(ws, k=20, chunk_rows=32)
-    resumed = read_disagreement(Workspace(ws))
-    compute_disagreement(ws, k=20, chunk_rows=32, force=True)
-    np.testing.assert_array_equal(resumed, read_disagreement(Workspace(ws)))
+    compute_disagreement(ws, k=20, chunk_rows=48)  # another chunking: the resume keeps the killed run's (32)
+    w = Workspace(ws)
+    assert w.marker("score-label_disagreement")["counts"]["n_valid"] == len(read_disagreement(w))
+    resumed = read_disagreement(w)
+    assert np.isfinite(resumed).all()
+    compute_disagreement(ws, k=20, force=True)  # uninterrupted, the graph's chunking
+    np.testing.assert_array_equal(resumed, read_disagreement(w))
 
 
 def test_disagreement_needs_labels(tmp_path):

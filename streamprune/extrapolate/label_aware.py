@@ -189,11 +189,12 @@ def disagreement_path() -> str:
     return "scores/label_disagreement.zarr"
 
 
-def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, chunk_rows: int = 1 << 16, force: bool = False,
-                         storage_options: dict | None = None) -> dict:
+def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, chunk_rows: int | None = None,
+                         force: bool = False, storage_options: dict | None = None) -> dict:
     """Label disagreement of every row from ``graph/all.zarr``; chunked, resumable, (N,) float32.
 
-    ``k`` defaults to min(20, the graph's k).
+    ``k`` defaults to min(20, the graph's k); ``chunk_rows`` to the graph's zarr chunk (each read
+    decompresses its chunks once).  A resumed run keeps the chunking of the run it resumes.
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     emb_m = ws.require("embed", "label disagreement")
@@ -214,10 +215,12 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
                                f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k}`")
     url = ws.path(disagreement_path())
     if run.chunk_done("layout") is None:
-        zarr.create_array(storage.zarr_store(url, ws.storage_options), shape=(n,), chunks=(chunk_rows,),
-                          dtype="float32", fill_value=np.nan, overwrite=True)
+        zarr.create_array(storage.zarr_store(url, ws.storage_options), shape=(n,),
+                          chunks=(int(chunk_rows or graph["neighbors"].chunks[0]),), dtype="float32",
+                          fill_value=np.nan, overwrite=True)
         run.mark_chunk("layout")
     arr = zarr.open_array(storage.zarr_store(url, ws.storage_options), mode="r+")
+    chunk_rows = int(arr.chunks[0])  # chunk c covers rows c·chunk_rows on: as laid out when the run began
     done = run.done_chunks()
     for c, r0 in enumerate(range(0, n, chunk_rows)):
         if str(c) in done:
@@ -267,7 +270,7 @@ def _predict_mapped(ws: Workspace, start: int, stop: int, mapped_url: str) -> np
     return zarr.open_array(storage.zarr_store(mapped_url, ws.storage_options), mode="r")[start:stop]
 
 
-def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | None = None, chunk_rows: int = 1 << 16,
+def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | None = None, chunk_rows: int | None = None,
                             scheduler: str | None = "sync", force: bool = False,
                             storage_options: dict | None = None) -> dict:
     """Seed rows keep their scores; other rows get their disagreement rank on the seed-score scale."""
@@ -276,6 +279,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
 
     ws = common.as_workspace(ws, storage_options)
     dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, storage_options=storage_options)
+    chunk_rows = chunk_rows or 1 << 16
     seeds = common.seed_scores(ws, score)
     try:
         higher = get_score(score).higher_is_harder
