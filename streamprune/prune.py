@@ -345,6 +345,7 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
               "higher_is_harder": direction, "options": opts}
     inputs = {"catalog": cat_m["fingerprint"], "scores": score_marker["fingerprint"] if score_marker else None,
               "embed": embed_marker["fingerprint"] if embed_marker else None}
+    margin_marker = None  # hard-clean: the subset model's AUM, which ranks the seed rows
     if strategy == "hard-clean":
         dm = ws.marker("score-label_disagreement")
         if dm is None:
@@ -352,14 +353,13 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
 
             dm = compute_disagreement(ws)
         inputs["disagreement"] = dm["fingerprint"]
-        am = seed_margin_marker(ws)
-        inputs["seed_margin"] = am["fingerprint"] if am else None
+        margin_marker = seed_margin_marker(ws)
+        inputs["seed_margin"] = margin_marker["fingerprint"] if margin_marker else None
     run = ws.begin("prune", config, inputs, force=force, key=f"prune-{name}")
     if run.already_done:
         return run.previous | {"skipped": True}
     t0 = time.time()
     noise_info: dict = {}
-    margin_marker = am if strategy == "hard-clean" else None
 
     if scores is None:
         scores = np.zeros(n, np.float32)
