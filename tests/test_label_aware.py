@@ -190,6 +190,23 @@ def test_noise_ranks_rank_seeds_apart_and_use_their_margin():
         noise_ranks(dis, seed[:5])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 5).map(float), st.just(float("nan"))), min_size=1, max_size=80),
+       st.integers(0, 2**31), st.integers(1, 90))
+def test_within_quantiles_property(values, seed, chunk):
+    from scipy.stats import rankdata
+
+    v = np.array(values, np.float32)
+    mask = np.random.default_rng(seed).random(len(v)) < 0.6
+    out = within_quantiles(v, mask, chunk_rows=chunk)
+    sel = np.isfinite(v) & mask
+    assert np.isnan(out[~sel]).all()
+    if sel.any():
+        # average ranks among the masked finite values, on (0, 1); equal values share their quantile
+        np.testing.assert_allclose(out[sel], (rankdata(v[sel]) - 0.5) / sel.sum(), rtol=0, atol=1e-12)
+        assert 0 < out[sel].min() and out[sel].max() < 1
+
+
 def test_within_quantiles_chunked_with_mask_matches_average_ranks():
     from scipy.stats import rankdata
 
