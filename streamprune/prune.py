@@ -62,7 +62,6 @@ REMOTE_BLOCK = 8 << 20  # readahead of a source shard on object storage: fewer, 
 TAR_EOF = b"\0" * 1024  # two zero blocks: the tar end-of-archive marker
 KEYS_SCHEMA = pa.schema([("shard", pa.int32()), ("key", pa.string()), ("row", pa.int64())])
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
-_CHUNK_ROWS = 1 << 22
 SELECT_MMAP_THRESHOLD = 4 << 20  # per-row arrays and chunk buffers from here are mmap-served (heap.bound_heap)
 
 
@@ -98,7 +97,7 @@ def _load_scores(ws: Workspace, score: str, source: str) -> tuple[np.ndarray, di
         except (FileNotFoundError, KeyError) as exc:
             raise StreamPruneError(f"prune: {ws.path(path)} has no score array ({exc}); re-run "
                                    f"`streamprune extrapolate --score {score} --method {source} --force`") from None
-        return _read_1d(arr, np.float32), marker
+        return storage.read_1d(arr, np.float32, "prune"), marker
     if source == "seed":
         from streamprune.subset import subset_rows
 
@@ -124,7 +123,7 @@ def _read_score_array(ws: Workspace, path: str) -> np.ndarray:
         arr = zarr.open_array(storage.zarr_store(ws.path(path), ws.storage_options), mode="r")
     except FileNotFoundError:
         raise StreamPruneError(f"prune: {ws.path(path)} is missing; re-run `streamprune score --force`") from None
-    return _read_1d(arr, np.float32)
+    return storage.read_1d(arr, np.float32, "prune")
 
 
 def _require(ws: Workspace, key: str, command: str) -> dict:
@@ -132,20 +131,6 @@ def _require(ws: Workspace, key: str, command: str) -> dict:
     if marker is None:
         raise StreamPruneError(f"prune: stage {key} has not run in {ws.url}; run `{command}` first")
     return marker
-
-
-def _read_1d(arr: Any, dtype: Any) -> np.ndarray:
-    """A 1-d zarr array converted chunk by chunk (no full-size temporary of the stored dtype)."""
-    n = arr.shape[0]
-    out = np.empty(n, dtype)
-    for a in range(0, n, _CHUNK_ROWS):
-        block = arr[a:a + _CHUNK_ROWS]
-        if np.issubdtype(np.dtype(dtype), np.integer) and block.size:
-            info = np.iinfo(dtype)
-            if block.min() < info.min or block.max() > info.max:
-                raise StreamPruneError(f"prune: values in {arr.name or 'array'} exceed {np.dtype(dtype).name}")
-        out[a:a + len(block)] = block
-    return out
 
 
 def load_embed_columns(ws: Workspace) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
@@ -158,8 +143,8 @@ def load_embed_columns(ws: Workspace) -> tuple[np.ndarray | None, np.ndarray | N
         return None, None, None
     g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
     names = set(g.array_keys())
-    valid = _read_1d(g["valid"], bool) if "valid" in names else None
-    labels = _read_1d(g["labels"], np.int32) if "labels" in names else None
+    valid = storage.read_1d(g["valid"], bool, "prune") if "valid" in names else None
+    labels = storage.read_1d(g["labels"], np.int32, "prune") if "labels" in names else None
     return valid, labels, marker
 
 

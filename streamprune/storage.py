@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
+import numpy as np
 from braceexpand import braceexpand
 
 from streamprune.errors import StreamPruneError
@@ -583,3 +584,22 @@ def zarr_store(url: str, storage_options: dict | None = None):
 def buffered(data: bytes) -> io.BytesIO:
     """A seekable in-memory file over ``data``."""
     return io.BytesIO(data)
+
+
+def read_1d(arr: Any, dtype: Any, what: str, chunk_rows: int = 1 << 22) -> np.ndarray:
+    """A 1-d zarr array converted to ``dtype`` chunk by chunk (no full-size temporary of the stored dtype).
+
+    Integer targets are range-checked: values that do not fit raise a one-line error naming the
+    array, prefixed by ``what`` (the stage reading it).
+    """
+    n = arr.shape[0]
+    out = np.empty(n, dtype)
+    for a in range(0, n, chunk_rows):
+        block = arr[a:a + chunk_rows]
+        if np.issubdtype(np.dtype(dtype), np.integer) and block.size:
+            info = np.iinfo(dtype)
+            if block.min() < info.min or block.max() > info.max:
+                raise StreamPruneError(f"{what}: values in {arr.store_path} (rows {a} to {a + len(block) - 1}) "
+                                       f"exceed {np.dtype(dtype).name}")
+        out[a:a + len(block)] = block
+    return out

@@ -555,3 +555,13 @@ def test_prune_on_s3(tmp_path, s3server, s3bucket):
     with atomic_output(url, so, block_size=5 << 20) as f:
         f.write(b"y" * (6 << 20))
     assert s3server.fs().size(url) == 6 << 20
+
+
+def test_read_1d_converts_chunk_by_chunk_and_names_values_that_do_not_fit(tmp_path):
+    arr = zarr.create_array(str(tmp_path / "labels.zarr"), shape=(10,), chunks=(4,), dtype="int64")
+    arr[:] = np.arange(10) - 1
+    out = storage.read_1d(arr, np.int32, "label disagreement", chunk_rows=3)
+    assert out.dtype == np.int32 and out.tolist() == list(range(-1, 9))
+    arr[7] = 1 << 40
+    with pytest.raises(StreamPruneError, match=r"^label disagreement: values in \S*labels\.zarr \(rows 6 to 8\) exceed int32$"):
+        storage.read_1d(arr, np.int32, "label disagreement", chunk_rows=3)

@@ -170,13 +170,7 @@ def quantile_map(values: np.ndarray, reference: np.ndarray, reverse: bool = Fals
 # stages ------------------------------------------------------------------------------------------
 def _labels_valid(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
-    labels = np.empty(g["labels"].shape, np.int32)  # class ids: 4 bytes a row, read chunk by chunk
-    for a in range(0, len(labels), 1 << 20):
-        block = g["labels"][a:a + (1 << 20)]
-        if block.size and (block.min() < -(1 << 31) or block.max() >= 1 << 31):
-            raise StreamPruneError(f"label disagreement: labels in {ws.path('embeddings.zarr')} rows {a} to "
-                                   f"{a + len(block) - 1} do not fit int32 class ids")
-        labels[a:a + len(block)] = block
+    labels = storage.read_1d(g["labels"], np.int32, "label disagreement")  # class ids: 4 bytes a row
     valid = g["valid"][:]
     if not (labels[valid] >= 0).any():
         raise StreamPruneError("label disagreement needs labels: the embeddings have none (label key 'none'?); "
