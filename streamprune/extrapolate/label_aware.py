@@ -178,6 +178,15 @@ def _labels_valid(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     return labels, valid
 
 
+def _graph_labels(graph, labels: np.ndarray, valid: np.ndarray, r0: int, r1: int, k: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Own labels, neighbour labels and distances of graph rows r0:r1 (-1: no label, invalid or missing)."""
+    nb = np.clip(graph["neighbors"][r0:r1, :k], -1, None)
+    nl = np.where((nb >= 0) & valid[nb], labels[nb], -1)  # nb = -1 reads the last row: masked out
+    own = np.where(valid[r0:r1], labels[r0:r1], -1)
+    return own, nl, graph["distances"][r0:r1, :k]
+
+
 def disagreement_path() -> str:
     """Workspace-relative path of the label-disagreement array."""
     return "scores/label_disagreement.zarr"
@@ -220,12 +229,7 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
         if str(c) in done:
             continue
         r1 = min(n, r0 + chunk_rows)
-        nb = graph["neighbors"][r0:r1, :k]
-        dist = graph["distances"][r0:r1, :k]
-        nl = np.where(nb >= 0, labels[np.clip(nb, 0, None)], -1)
-        nl = np.where((nb >= 0) & valid[np.clip(nb, 0, None)], nl, -1)
-        own = np.where(valid[r0:r1], labels[r0:r1], -1)
-        arr[r0:r1] = label_disagreement(own, nl, dist).astype(np.float32)
+        arr[r0:r1] = label_disagreement(*_graph_labels(graph, labels, valid, r0, r1, k)).astype(np.float32)
         run.mark_chunk(c, {"rows": r1 - r0})
     vals = arr[:]
     arr.attrs.update({"score": "label_disagreement", "rows": "all", "k": k})
@@ -252,11 +256,7 @@ def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int | None = None) ->
     out = np.zeros(len(labels), bool)
     for r0 in range(0, len(labels), chunk_rows):
         r1 = min(len(labels), r0 + chunk_rows)
-        nb = np.clip(graph["neighbors"][r0:r1, :k], -1, None)
-        nl = np.where((nb >= 0) & valid[nb], labels[nb], -1)  # nb = -1 reads the last row: masked out
-        del nb
-        own = np.where(valid[r0:r1], labels[r0:r1], -1)
-        out[r0:r1] = majority_disagrees(own, nl, graph["distances"][r0:r1, :k], num_classes)
+        out[r0:r1] = majority_disagrees(*_graph_labels(graph, labels, valid, r0, r1, k), num_classes)
     return out
 
 
