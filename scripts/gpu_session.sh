@@ -16,6 +16,9 @@
 #   EPOCHS=30              training epochs up to N=100000; EPOCHS_LARGE=10 above
 #   FULL_MAX_N=100000      run `score --full` (the speedup's reference) only up to this N
 #   BENCH_ARGS=""          extra arguments for every run (e.g. "--skip-bare" or "--stages embed")
+#   REUSE_BARE=1           later sizes take the size-independent bare figures (train, forward, decode)
+#                          from the first size's run instead of measuring them again (kNN and GCN,
+#                          which depend on N, are always measured per size)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -78,9 +81,15 @@ for n in "${SIZES[@]}"; do
   [ "$n" -gt 100000 ] && epochs=$EPOCHS_LARGE
   full=--full
   [ "$n" -gt "$FULL_MAX_N" ] && full=--no-full
+  if [ "${REUSE_BARE:-1}" = 1 ] && [ -n "${FIRST_BARE:-}" ] && [ ! -f "$WORKDIR/$n/bare-$n.json" ]; then
+    mkdir -p "$WORKDIR/$n"
+    $PY -c "import json,sys; b=json.load(open(sys.argv[1])); json.dump({k: v for k, v in b.items() if k in ('train', 'train_b128', 'forward', 'decode')} | {'reused_from': sys.argv[1]}, open(sys.argv[2], 'w'), indent=1)" \
+      "$FIRST_BARE" "$WORKDIR/$n/bare-$n.json" && echo "== N=$n: train/forward/decode bare figures from $FIRST_BARE"
+  fi
   echo "== N=$n: epochs $epochs, $full, limit ${limit}s"
   # SIGINT at the limit: the benchmark stops the running stage, prints the table and writes the JSON.
   timeout -s INT -k 60 "$limit" $PY scripts/bench_gpu_e2e.py --n "$n" --epochs "$epochs" $full \
     --workdir "$WORKDIR/$n" --out "$OUT/bench-$n.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$n.log"
   echo "== N=$n: exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s in all"
+  [ -z "${FIRST_BARE:-}" ] && [ -f "$WORKDIR/$n/bare-$n.json" ] && FIRST_BARE="$WORKDIR/$n/bare-$n.json"
 done

@@ -299,6 +299,15 @@ def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, 
     c = model.head.out_features
     logits = np.full((data.m, c), np.nan, np.float32)
     loss = np.full(data.m, np.nan, np.float32)
+    parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # copied to the host once, not per batch
+
+    def flush() -> None:
+        if parts:
+            rows = np.concatenate([p[0] for p in parts])
+            logits[rows] = torch.cat([p[1] for p in parts]).cpu().numpy()
+            loss[rows] = torch.cat([p[2] for p in parts]).cpu().numpy()
+            parts.clear()
+
     model.eval()
     order = iter([np.arange(data.m)]) if data.in_memory else iter(
         [np.arange(s, min(data.m, s + data.chunk)) for s in range(0, data.m, data.chunk)])
@@ -313,8 +322,10 @@ def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, 
             xb = pgd(model, xb, yb, attack, generator=gen)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(_layout(xb, device)).float()
-        logits[idx] = out.cpu().numpy()
-        loss[idx] = F.cross_entropy(out, yb, reduction="none").cpu().numpy()
+        parts.append((idx, out, F.cross_entropy(out, yb, reduction="none")))
+        if len(parts) * batch_size >= 1 << 16:
+            flush()
+    flush()
     return _Dyn(logits, loss)
 
 

@@ -323,10 +323,10 @@ def test_resident_training_is_sampled_training_without_the_sampler(base, prior):
     # auto: resident only on CUDA with full fan-out; a sampled fan-out cannot be resident.
     cpu = torch.device("cpu")
     never = lambda: pytest.fail("the closure's size is not needed here")  # noqa: E731
-    assert choose_training("auto", True, cpu, never, 1 << 30) == "sampled"
-    assert choose_training("resident", True, cpu, never, 1 << 30) == "resident"
+    assert choose_training("auto", True, cpu, never) == "sampled"
+    assert choose_training("resident", True, cpu, never) == "resident"
     with pytest.raises(StreamPruneError, match="every neighbour"):
-        choose_training("resident", False, cpu, never, 1 << 30)
+        choose_training("resident", False, cpu, never)
     with pytest.raises(StreamPruneError, match="training must be one of"):
         fit_gcn(*args, training="fast", **kw)
 
@@ -382,6 +382,63 @@ def test_killed_inference_resumes_to_same_scores(base, tmp_path):
     b, sb = read_out(ref_ws)
     assert np.array_equal(sa, sb)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prior", ["knn", "none"])
+def test_whole_graph_inference_equals_chunked_and_resumes(base, tmp_path, prior):
+    """The GPU path (one whole-graph forward, then chunked writes) computes what layer-wise chunked
+    inference computes; killed while writing its chunks, a re-run writes the rest and matches."""
+    ref_ws = clone(base, tmp_path, "ref")
+    m_ref = extrapolate_gcn(ref_ws, "du", k=8, chunk_rows=64, prior=prior, inference="chunked", **QUICK)
+    assert m_ref["counts"]["inference"] == "chunked" and "layer1" in m_ref["timings"]
+    ws = clone(base, tmp_path, "whole")
+    kw = dict(k=8, chunk_rows=64, prior=prior, inference="whole", **QUICK)
+    code = f"from streamprune.extrapolate.gcn import extrapolate_gcn; extrapolate_gcn({ws!r}, 'du', **{kw!r})"
+
+    def rows_done() -> int:
+        return sum(f.startswith("rows-") for _, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs)
+
+    kill_python_when(code, lambda: rows_done() >= 2, env={"STREAMPRUNE_TASK_DELAY": "0.1"}, timeout=120)
+    n_chunks = -(-len(base["valid"]) // 64)
+    assert 2 <= rows_done() < n_chunks
+    assert not os.path.exists(os.path.join(ws, "_stages", "extrapolate-du-gcn.json"))
+    m = extrapolate_gcn(ws, "du", **kw)
+    assert m["counts"]["inference"] == "whole" and "layer1" not in m["timings"]
+    assert m["timings"]["whole_graph"]["rows_per_s"] > 0
+    a, sa = read_out(ws)
+    b, sb = read_out(ref_ws)
+    assert np.array_equal(sa, sb)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(StreamPruneError, match="inference must be one of"):
+        extrapolate_gcn(ws, "du", inference="fast", **QUICK)
+
+
+def test_resident_training_bounds_its_steps_per_epoch(base):
+    """Past ``resident_steps`` batches per epoch, resident training takes bigger steps: exactly the
+    SGD of sampled training at that batch and the square-root-scaled learning rate."""
+    from streamprune.extrapolate.gcn import fit_gcn
+
+    emb_g = zarr.open_group(os.path.join(base["ws"], "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 30, bool)
+    feats = Features(RowSource(emb_g["emb"], 1 << 30, np.float32), RowSource(emb_g["labels"], 1 << 30, np.int64),
+                     valid, 3)
+    table = GraphTable(zarr.open_group(os.path.join(base["ws"], "graph", "all.zarr"), mode="r"), 8, valid, "exp",
+                       1 << 30)
+    ok = np.isfinite(base["scores"]) & base["valid"][base["rows"]]
+    args = (feats, table, base["rows"][ok], base["scores"][ok])
+    kw = dict(widths=(16, 8, 1), dropout=0.0, epochs=3, seed=3)
+    b = fit_gcn(*args, training="resident", batch_size=16, lr=2e-3, resident_steps=3, **kw)
+    assert b.n_train > 3 * 16
+    assert b.step_batch == -(-b.n_train // 3) and b.step_lr == pytest.approx(2e-3 * (b.step_batch / 16) ** 0.5)
+    a = fit_gcn(*args, training="sampled", batch_size=b.step_batch, lr=b.step_lr, **kw)
+    assert a.step_batch == b.step_batch
+    np.testing.assert_allclose([h["val_pearson"] for h in a.history], [h["val_pearson"] for h in b.history],
+                               atol=1e-4)
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        np.testing.assert_allclose(pa.numpy(), pb.numpy(), atol=1e-4, err_msg=name)
+    # below the bound (and with no bound) resident training keeps the given batch
+    c = fit_gcn(*args, training="resident", batch_size=16, lr=2e-3, resident_steps=None, **kw)
+    assert (c.step_batch, c.step_lr) == (16, 2e-3)
 
 
 @pytest.mark.slow

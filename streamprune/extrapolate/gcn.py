@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 IN_PROCESS = ("sync", "threads")
 PRIORS = ("knn", "none")
 TRAINING = ("auto", "sampled", "resident")
+INFERENCE = ("auto", "chunked", "whole")
 _CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) for the default chunk_rows
 
 
@@ -123,16 +124,27 @@ def subgraph_forward(model: GCN, sub: Subgraph, features: Features, device: torc
     return model(x, adjs)[:, 0]
 
 
+def device_features(features: Features, rows: np.ndarray, device: torch.device | str,
+                    block: int = 1 << 16) -> torch.Tensor:
+    """Features of ``rows`` as one device tensor, gathered ``block`` rows at a time (host memory O(block))."""
+    x = torch.empty((len(rows), features.dim), dtype=torch.float32, device=device)
+    for s in range(0, len(rows), block):
+        x[s:s + block] = torch.from_numpy(features.take(rows[s:s + block])).to(device)
+    return x
+
+
 def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
                       ) -> np.ndarray:
-    """Standardised predictions of every row from one whole-graph forward (small graphs, tests)."""
+    """Standardised predictions of every row from one whole-graph forward (small graphs; the GPU path)."""
     n = table.n
     sub = sample_subgraph(np.arange(n, dtype=np.int64), table, (None,) * model.n_layers)
     model.eval()
     with torch.no_grad():
-        x = torch.from_numpy(features.span(0, n)).to(device)
-        out = model(x, [sub.adjacency(i + 1, device) for i in range(model.n_layers)])
-    return out[:, 0].cpu().numpy()
+        x = device_features(features, sub.nodes, device)
+        adjs = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
+        del sub
+        out = model(x, adjs)[:, 0].cpu().numpy()
+    return out  # sub.nodes is arange(n): outputs are in row order
 
 
 @dataclass
@@ -148,6 +160,8 @@ class TrainResult:
     n_train: int = 0
     n_val: int = 0
     training: str = "sampled"
+    step_batch: int = 0  # seeds per optimizer step (batch_size, or more in resident training: RESIDENT_STEPS)
+    step_lr: float = 0.0
 
 
 def _predict_seeds(model: GCN, rows: np.ndarray, features: Features, table: GraphTable, batch_size: int,
@@ -166,12 +180,23 @@ def resident_bytes(n_nodes: int, nnz: int, in_dim: int, widths: Sequence[int]) -
     return int(4 * n_nodes * (in_dim + 3 * sum(widths)) + 12 * nnz * len(widths))
 
 
-def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Callable[[], int],
-                    memory_limit: int) -> str:
+RESIDENT_STEPS = 32
+"""Most optimizer steps per epoch in resident training.
+
+Each resident step is a forward and backward over the seeds' whole closure, whatever the batch, so
+from ``RESIDENT_STEPS * batch_size`` training seeds on the batch grows to ``n_train / RESIDENT_STEPS``
+(learning rate scaled by the square root of the growth) instead of the step count growing with the
+seeds: at 1M rows (180k training seeds, a closure of ~all rows) batches of 128 would be 35k steps
+of ~50 ms each.  Below that size resident training takes exactly the sampled steps.
+"""
+
+
+def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Callable[[], int]) -> str:
     """``"resident"`` or ``"sampled"`` for ``mode`` (auto: resident on CUDA when it fits, full fan-out only).
 
     ``need()`` gives the device bytes of resident training (:func:`resident_bytes`); it is called
-    only when ``auto`` has to decide by size.
+    only when ``auto`` has to decide by size, against half the free device memory (the closure's
+    features are gathered to the device in blocks, so host memory is not the bound).
 
     Resident training keeps the features and adjacency of the seeds' whole ``L``-hop closure on
     the device and runs one forward over it per step, with the loss on the step's batch of seeds:
@@ -187,21 +212,19 @@ def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Ca
         return "resident"
     if mode == "sampled" or device.type != "cuda" or not full_fanout:
         return "sampled"
-    budget = int(0.5 * torch.cuda.mem_get_info(device)[0])
-    if memory_limit:
-        budget = min(budget, memory_limit)
-    return "resident" if need() <= budget else "sampled"
+    return "resident" if need() <= int(0.5 * torch.cuda.mem_get_info(device)[0]) else "sampled"
 
 
 def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_scores: np.ndarray, *,
             widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5, epochs: int = 25, batch_size: int = 128,
             lr: float = 1e-3, fanout: Sequence[int | None] | None = None, seed: int = 0,
-            device: torch.device | str = "cpu", training: str = "sampled", memory_limit: int = 2 << 30,
-            ) -> TrainResult:
+            device: torch.device | str = "cpu", training: str = "sampled",
+            resident_steps: int | None = RESIDENT_STEPS) -> TrainResult:
     """Train a GCN on seed rows (unique, valid, finite scores); keep the best validation-Pearson weights.
 
     ``training``: "sampled" (each batch samples its neighbourhood), "resident" (the seeds'
-    closure stays on the device, see :func:`choose_training`) or "auto".
+    closure stays on the device, see :func:`choose_training`) or "auto".  Resident training takes
+    at most ``resident_steps`` steps per epoch (:data:`RESIDENT_STEPS`; None: no bound).
     """
     device = torch.device(device)
     seed_rows = np.asarray(seed_rows, np.int64)
@@ -228,11 +251,20 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
 
     res.training = choose_training(
         training, all(f is None or f >= table.k for f in fanouts), device,
-        lambda: resident_bytes(len(_closure().nodes), len(_closure().col), features.dim, widths), memory_limit)
+        lambda: resident_bytes(len(_closure().nodes), len(_closure().col), features.dim, widths))
+    step_batch, step_lr = batch_size, lr
     if res.training == "resident":
-        x_all = torch.from_numpy(features.take(_closure().nodes)).to(device)
+        x_all = device_features(features, _closure().nodes, device)
         adjs_all = [_closure().adjacency(i + 1, device) for i in range(model.n_layers)]
         resident = lambda: model(x_all, adjs_all)[:, 0]  # noqa: E731  (outputs of every seed row, in order)
+        if resident_steps and len(tr) > resident_steps * batch_size:
+            step_batch = math.ceil(len(tr) / resident_steps)
+            step_lr = lr * math.sqrt(step_batch / batch_size)
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            log.info("gcn: resident training, %d seeds per step (lr %.2g) for %d steps per epoch",
+                     step_batch, step_lr, resident_steps)
+    res.step_batch, res.step_lr = step_batch, step_lr
     closure.clear()
 
     def _val() -> float:
@@ -250,8 +282,8 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
         model.train()
         order = tr[rng.permutation(len(tr))]
         total, count = 0.0, 0
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
+        for b in range(0, len(order), step_batch):
+            idx = order[b:b + step_batch]
             if resident is not None:
                 pred = resident()[torch.from_numpy(idx).to(device)]
             else:
@@ -475,6 +507,27 @@ def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
     return {"rows": r1 - r0, "s": round(time.time() - t0, 3)}
 
 
+def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k: int, model: GCN) -> bool:
+    """Whether inference is one whole-graph forward (see :func:`extrapolate_gcn`'s ``inference``).
+
+    ``auto``: on CUDA, with in-process tasks, when features, activations and the CSR adjacencies of
+    all ``n`` rows (:func:`resident_bytes`, which also counts gradients: a margin) take at most half
+    the free device memory.  At 1M rows of 512-d embeddings that is ~11 GB.
+    """
+    if mode != "auto":
+        return mode == "whole"
+    if device.type != "cuda" or not in_process:
+        return False
+    in_dim = model.convs[0].in_channels
+    widths = [c.out_channels for c in model.convs]
+    return resident_bytes(n, n * (k + 1), in_dim, widths) <= int(0.5 * torch.cuda.mem_get_info(device)[0])
+
+
+def _slice_predictions(ws: Workspace, start: int, stop: int, pred: np.ndarray) -> np.ndarray:
+    """Rows [start, stop) of whole-graph predictions (common.write_chunks predict)."""
+    return pred[start:stop]
+
+
 def _predict_last(ws: Workspace, start: int, stop: int, job: _LayerJob) -> np.ndarray:
     """De-standardised outputs of the last layer for rows [start, stop) (common.write_chunks predict)."""
     out = _compute_layer(job, start, stop)[:, 0]
@@ -527,13 +580,17 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                     fanout: int | Sequence[int | None] | None = None, weight: str = "exp", seed: int = 0,
                     chunk_rows: int | None = None, memory_limit: int = 2 << 30, scheduler: str | None = "sync",
                     force: bool = False, storage_options: dict | None = None, device: str = "auto",
-                    prior: str = "knn", training: str = "auto") -> dict:
+                    prior: str = "knn", training: str = "auto", inference: str = "auto",
+                    resident_steps: int | None = RESIDENT_STEPS) -> dict:
     """Train a GCN on the seed scores and predict ``score`` for every row into extrapolated/<score>-gcn.zarr.
 
     ``prior="knn"`` (default) adds every row's kNN-extrapolated score as an input column and
     makes the GCN predict a correction of it (residual output); ``"none"`` is the plain model
     over one-hot(label) ⊕ embedding.  ``training``: see :func:`choose_training` (auto = resident on
-    CUDA when the seeds' closure fits, else sampled).
+    CUDA when the seeds' closure fits, else sampled).  ``inference``: "chunked" (layer by layer,
+    chunk by chunk: memory O(chunk)), "whole" (one whole-graph forward on ``device``) or "auto"
+    (whole on CUDA when the graph fits half the free device memory and the tasks run in this
+    process, else chunked); see :func:`use_whole_graph`.
     """
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "gcn")
@@ -542,6 +599,8 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         raise StreamPruneError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     if training not in TRAINING:
         raise StreamPruneError(f"--training must be one of {', '.join(TRAINING)}, got {training!r}")
+    if inference not in INFERENCE:
+        raise StreamPruneError(f"GCN inference must be one of {', '.join(INFERENCE)}, got {inference!r}")
     inputs = {"embed": ws.require("embed", key)["fingerprint"], "index-all": ws.require("index-all", key)["fingerprint"],
               "score": score_fingerprint(ws, score, key)}
     if prior == "knn":
@@ -558,7 +617,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     config = {"method": "gcn", "score": score, "k": k, "hidden": list(widths[:-1]), "dropout": float(dropout),
               "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "fanout": list(fanouts),
               "weight": weight, "seed": int(seed), "chunk_rows": chunk_rows, "prior": prior,
-              "training": training}
+              "training": training, "resident_steps": resident_steps}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)
     if run.already_done:
         _remove_activations(ws, score, len(widths))
@@ -587,12 +646,13 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
-                      training=training, memory_limit=memory_limit)
+                      training=training, resident_steps=resident_steps)
         model = res.model.cpu()
         ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
                 "best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson, "n_train": res.n_train,
                 "n_val": res.n_val, "fingerprint": run.fingerprint, "device": str(dev), "training": res.training,
+                "step_batch": res.step_batch, "step_lr": res.step_lr,
                 "features_in_memory": features.emb.in_memory,
                 "prior": prior_info and {"k": prior_info["k"], "mean": res.mean, "std": res.std}}
         _save_bytes(ws, ckpt_rel, ckpt)
@@ -600,10 +660,12 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                                  "train_s": round(time.time() - t0, 3)})
         timings["train_s"] = round(time.time() - t0, 3)
     layer_timings, counts = _infer(ws, run, model, ckpt, score=score, n=n, k=k, kind=weight, num_classes=num_classes,
-                                   chunk_rows=chunk_rows, memory_limit=memory_limit, scheduler=scheduler, device=dev)
+                                   chunk_rows=chunk_rows, memory_limit=memory_limit, scheduler=scheduler, device=dev,
+                                   inference=inference)
     timings.update(layer_timings)
     counts.update({"n_train": ckpt["n_train"], "n_val": ckpt["n_val"], "best_epoch": ckpt["best_epoch"],
-                   "training": ckpt.get("training", "sampled"),
+                   "training": ckpt.get("training", "sampled"), "step_batch": ckpt.get("step_batch"),
+                   "inference": "whole" if "whole_graph" in layer_timings else "chunked",
                    "best_val_pearson": ckpt["best_val_pearson"], "history": ckpt["history"]})
     marker = run.commit(outputs={"extrapolated": output_path(score, "gcn"), "model": ckpt_rel}, counts=counts,
                         timings=timings)
@@ -613,8 +675,13 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
 
 def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, n: int, k: int, kind: str,
            num_classes: int, chunk_rows: int, memory_limit: int, scheduler: str | None,
-           device: torch.device) -> tuple[dict, dict]:
-    """Layer-wise chunked inference, resumable per (layer, chunk); returns (per-layer timings, output counts)."""
+           device: torch.device, inference: str = "auto") -> tuple[dict, dict]:
+    """Layer-wise chunked inference, resumable per (layer, chunk); returns (per-layer timings, output counts).
+
+    With a whole-graph forward (:func:`use_whole_graph`) the predictions of every row come from one
+    forward on the device and are written chunk by chunk; a resumed run writes the chunks still
+    missing from a new forward (the same function of the same inputs).
+    """
     starts = list(range(0, n, chunk_rows))
     # One machine: layer inputs are held in memory (below memory_limit) and shared by threads, which
     # beats streaming them to worker processes; a remote cluster gets streamed, picklable tasks.
@@ -622,6 +689,18 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
         scheduler = "threads"
     in_process = scheduler in IN_PROCESS
     done = run.done_chunks()
+    if use_whole_graph(inference, device, in_process, n, k, model):
+        t0 = time.time()
+        src = layer_sources(ws, score, 1, k, kind, num_classes, memory_limit, ckpt.get("prior"))
+        pred = predict_in_memory(model, src["prev"], src["table"], device)
+        del src
+        pred = (pred.astype(np.float64) * float(ckpt["std"]) + float(ckpt["mean"])).astype(np.float32)
+        forward_s = time.time() - t0
+        counts = write_chunks(ws, run, score, "gcn", n, _slice_predictions, (pred,), chunk_rows=chunk_rows,
+                              scheduler="sync")
+        wall = time.time() - t0
+        return {"whole_graph": {"s": round(wall, 3), "forward_s": round(forward_s, 3),
+                                "rows_per_s": round(n / max(wall, 1e-9), 1), "device": str(device)}}, counts
     timings: dict = {}
     counts: dict = {}
     n_layers = model.n_layers
