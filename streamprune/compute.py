@@ -171,20 +171,60 @@ def worker_count(n_tasks: int, memory_limit: int | None = None, total_memory: in
     return max(1, n)
 
 
+_SHARED: list[dict] = []  # the active shared_local_cluster() scopes, innermost last
+
+
+@contextmanager
+def shared_local_cluster() -> Iterator[None]:
+    """Within this block every "local" stage without a ``memory_limit`` of its own runs on one
+    LocalCluster (a worker per core, started at the first such stage, closed at the end) instead
+    of starting and stopping its own: a pipeline pays the workers' start-up and imports once.
+
+    ``streamprune run`` opens one around its stages.  Nested scopes share the outer one.
+    """
+    if _SHARED:
+        yield
+        return
+    scope: dict = {"cluster": None}
+    _SHARED.append(scope)
+    try:
+        yield
+    finally:
+        _SHARED.remove(scope)
+        if scope["cluster"] is not None:
+            scope["cluster"].close()
+
+
+def _local_cluster(n_workers: int, limit: int | None):
+    from dask.distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit=limit or "auto",
+                        dashboard_address=":0", silence_logs=logging.ERROR)
+
+
 @contextmanager
 def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int | None = None) -> Iterator[Any]:
     """A dask.distributed Client for ``scheduler`` (an address or "local"), closed on exit.
 
     ``memory_limit`` (per worker, e.g. "4GiB") applies to the local cluster this starts; an
-    existing cluster keeps the limits its workers were started with.
+    existing cluster keeps the limits its workers were started with.  Inside
+    :func:`shared_local_cluster`, "local" without a memory limit uses the shared cluster.
     """
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     if scheduler in (None, "local", "processes"):
         limit = parse_memory(memory_limit)
-        cluster = LocalCluster(n_workers=worker_count(n_tasks, limit), threads_per_worker=1, processes=True,
-                               memory_limit=limit or "auto", dashboard_address=":0",
-                               silence_logs=logging.ERROR)
+        if _SHARED and not limit:
+            scope = _SHARED[0]
+            if scope["cluster"] is None:
+                scope["cluster"] = _local_cluster(worker_count(os.cpu_count() or 1), None)
+            client = Client(scope["cluster"])
+            try:
+                yield client
+            finally:
+                client.close()
+            return
+        cluster = _local_cluster(worker_count(n_tasks, limit), limit)
         client = Client(cluster)
         try:
             yield client

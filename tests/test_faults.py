@@ -297,6 +297,32 @@ def _square(x: int) -> int:
     return x * x
 
 
+def _pid(_i: int) -> int:
+    time.sleep(0.2)  # long enough that every worker gets a task
+    return os.getpid()
+
+
+def test_shared_local_cluster_serves_every_local_stage_once():
+    """Inside shared_local_cluster() "local" tasks run on one cluster (the same worker processes for
+    every call, closed at the end); a stage with its own memory limit still starts its own."""
+    from streamprune import compute
+
+    with compute.shared_local_cluster():
+        a = set(map_tasks(_pid, [(i,) for i in range(8)], scheduler="local"))
+        b = set(map_tasks(_pid, [(i,) for i in range(8)], scheduler="local"))
+        with compute.shared_local_cluster():  # nested: the same scope
+            c = set(map_tasks(_pid, [(i,) for i in range(8)], scheduler="local"))
+        own = set(map_tasks(_pid, [(i,) for i in range(2)], scheduler="local", memory_limit="1GiB"))
+        cluster = compute._SHARED[0]["cluster"]
+        with compute.client_for("local") as client:
+            pids = set(client.run(os.getpid).values())
+    assert len(pids) == compute.worker_count(os.cpu_count() or 1) and os.getpid() not in pids
+    assert a | b | c <= pids and not (own & pids)
+    assert not compute._SHARED and cluster.status.name == "closed"
+    after = set(map_tasks(_pid, [(i,) for i in range(2)], scheduler="local"))
+    assert not (after & pids)
+
+
 def test_stage_tracks_tasks_on_its_own_client_not_the_callers():
     """A caller that already holds a Client (a notebook, a test harness) is the current client of
     its thread, on another event loop.  The stage must wait for its tasks on its own client's
