@@ -194,9 +194,9 @@ class SubsetData:
         else:
             self.x = torch.from_numpy(self.x_arr[:]) if self.in_memory else None
 
-    def _load(self, idx: np.ndarray) -> torch.Tensor:
+    def _load(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
         if self.x is not None:
-            return self.x[torch.from_numpy(idx).to(self.x.device)]
+            return self.x[idx if torch.is_tensor(idx) else torch.from_numpy(idx).to(self.x.device)]
         return torch.from_numpy(self.x_arr.get_orthogonal_selection((idx,)) if len(idx) else
                                 np.zeros((0, *self.shape), self.x_arr.dtype))
 
@@ -218,20 +218,29 @@ class SubsetData:
             pos = pos[self.valid[pos]]
             yield pos[torch.randperm(len(pos), generator=gen).numpy()]
 
-    def batches(self, order: Iterator[np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(positions, uint8/float inputs) batches following ``order``."""
+    def batches(self, order: Iterator[np.ndarray], batch_size: int,
+                ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(positions, the same positions as a tensor on the cache's device, uint8/float inputs) batches
+        following ``order``.
+
+        A GPU cache gets each block of positions copied to the device once: indexing device tensors
+        with host indices copies them per batch, and each such copy waits for the GPU to drain,
+        which leaves the GPU idle while the host queues the next step.
+        """
         for block in order:
             if self.in_memory:
+                block_t = torch.from_numpy(block).to(self.x.device)
                 for b in range(0, len(block), batch_size):
-                    idx = block[b:b + batch_size]
-                    yield idx, self._load(idx)
+                    idx_t = block_t[b:b + batch_size]
+                    yield block[b:b + batch_size], idx_t, self._load(idx_t)
             else:
                 srt = np.sort(block)
                 data = self._load(srt)
                 where = np.searchsorted(srt, block)
                 for b in range(0, len(block), batch_size):
                     sel = where[b:b + batch_size]
-                    yield block[b:b + batch_size], data[torch.from_numpy(sel)]
+                    idx = block[b:b + batch_size]
+                    yield idx, torch.from_numpy(idx), data[torch.from_numpy(sel)]
 
 
 def fits_gpu(nbytes: int, device: torch.device, fraction: float = GPU_CACHE_FRACTION) -> bool:
@@ -311,13 +320,15 @@ def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, 
     model.eval()
     order = iter([np.arange(data.m)]) if data.in_memory else iter(
         [np.arange(s, min(data.m, s + data.chunk)) for s in range(0, data.m, data.chunk)])
-    for idx, xb in data.batches(order, batch_size):
+    for idx, idx_t, xb in data.batches(order, batch_size):
         keep = data.valid[idx]
         if not keep.any():
             continue
-        idx = idx[keep]
-        xb = data.to_float(xb[torch.from_numpy(keep).to(xb.device)]).to(device, non_blocking=True)
-        yb = labels_t[torch.from_numpy(idx).to(labels_t.device)].to(device)
+        if not keep.all():  # invalid rows are rare: only then a (synchronising) host mask
+            idx, keep_t = idx[keep], torch.from_numpy(keep).to(xb.device)
+            xb, idx_t = xb[keep_t], idx_t[keep_t.to(idx_t.device)]
+        xb = data.to_float(xb).to(device, non_blocking=True)
+        yb = labels_t[idx_t.to(labels_t.device)].to(device, non_blocking=True)
         if attack is not None:
             xb = pgd(model, xb, yb, attack, generator=gen)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -488,9 +499,9 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
         train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
         train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None
         seen = 0
-        for idx, xb in data.batches(data.train_order(gen), cfg.batch_size):
+        for idx, idx_t, xb in data.batches(data.train_order(gen), cfg.batch_size):
             xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
-            yb = labels_t[torch.from_numpy(idx).to(labels_t.device)].to(device, non_blocking=True)
+            yb = labels_t[idx_t.to(labels_t.device)].to(device, non_blocking=True)
             if attack is not None:
                 xb = pgd(model, xb, yb, attack, generator=gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -193,3 +193,38 @@ def test_cuda_training_cache_on_gpu_and_encoder(tmp_path):
     assert torch.equal(data.x.cpu(), torch.from_numpy(data.x_arr[:]))
     e = embed(ws, device="cuda", scheduler="sync")
     assert e["counts"]["n_valid"] == 80
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA,
+                                                                                      reason="needs a CUDA device"))])
+def test_gcn_resident_training_and_whole_graph_inference(tmp_path, device):
+    """The GPU's GCN paths: resident training and whole-graph inference (the model trained on the
+    device, checkpointed on the host, run on the device again) predict what a whole-graph forward
+    of the same checkpoint on the CPU predicts.  CUDA picks both paths by itself (auto); the CPU
+    run forces them, so the check also runs where there is no GPU."""
+    from test_gcn import QUICK, make_ws, read_out
+    from streamprune.extrapolate.gcn import extrapolate_gcn, load_checkpoint, predict_in_memory
+    from streamprune.extrapolate.sampler import Features, GraphTable, RowSource
+
+    base = make_ws(tmp_path / "base")
+    kw = {k: v for k, v in QUICK.items() if k != "fanout"}  # full fan-out: resident training is possible
+    forced = {} if device == "cuda" else {"training": "resident", "inference": "whole"}
+    m = extrapolate_gcn(base["ws"], "du", k=8, chunk_rows=64, device=device, **kw, **forced)
+    assert m["counts"]["training"] == "resident" and m["counts"]["inference"] == "whole"
+    score, source = read_out(base["ws"])
+    model, ckpt = load_checkpoint(Workspace(base["ws"]), "du")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    emb_g = zarr.open_group(os.path.join(base["ws"], "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 30)
+    p = ckpt["prior"]
+    feats = Features(RowSource(emb_g["emb"], 1 << 30), RowSource(emb_g["labels"], 1 << 30, np.int64), valid,
+                     ckpt["num_classes"],
+                     p and RowSource(zarr.open_array(os.path.join(base["ws"], "gcn", "du", "prior.zarr"), mode="r")),
+                     p and (p["mean"], p["std"]) or (0.0, 1.0))
+    graph_g = zarr.open_group(os.path.join(base["ws"], "graph", "all.zarr"), mode="r")
+    cpu = predict_in_memory(model, feats, GraphTable(graph_g, 8, valid, "exp", 1 << 30), "cpu")
+    cpu = cpu * ckpt["std"] + ckpt["mean"]
+    pred = base["valid"] & (source != 0)
+    assert pred.sum() > 300
+    np.testing.assert_allclose(score[pred], cpu[pred], rtol=1e-3, atol=1e-3)

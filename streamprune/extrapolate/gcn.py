@@ -135,9 +135,15 @@ def device_features(features: Features, rows: np.ndarray, device: torch.device |
 
 def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
                       ) -> np.ndarray:
-    """Standardised predictions of every row from one whole-graph forward (small graphs; the GPU path)."""
+    """Standardised predictions of every row from one whole-graph forward (small graphs; the GPU path).
+
+    Runs on ``device`` whatever device ``model`` is on (a copy is moved there; ``model`` stays put).
+    """
     n = table.n
     sub = sample_subgraph(np.arange(n, dtype=np.int64), table, (None,) * model.n_layers)
+    device = torch.device(device)
+    if any(p.device != device for p in model.parameters()):
+        model = copy.deepcopy(model).to(device)
     model.eval()
     with torch.no_grad():
         x = device_features(features, sub.nodes, device)
