@@ -84,6 +84,7 @@ TORCH_GPU_FRACTION = 0.4  # of free GPU memory the indexed vectors (float32) may
 TORCH_MAX_MACS = 2e16  # queries x indexed rows x width above which IVF-PQ beats exact GPU search (~1 min on an H100)
 TORCH_BLOCK_BYTES = 1 << 30  # one block of the (queries x indexed rows) float32 distance matrix
 TORCH_MAX_QUERY_BLOCK = 4096
+TORCH_QUERY_SPAN = 1 << 16  # query rows copied to the device (and results back) at a time
 
 
 # --------------------------------------------------------------------------- pure parameter choice
@@ -538,8 +539,15 @@ def search_rows(index, x: np.ndarray, rows: np.ndarray, k: int, refine: int, emb
     return select_neighbors(ids, sq, rows, k)
 
 
-def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest rows (self excluded) of ``queries`` over (rows, vectors) ``blocks``."""
+def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int,
+              device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows (self excluded) of ``queries`` over (rows, vectors) ``blocks``.
+
+    faiss on the CPU, or with ``device`` float64 arithmetic with torch there (the torch engine's
+    recall check on a GPU: independent of its TF32 candidate search, and no CPU pass over N rows).
+    """
+    if device is not None:
+        return _exact_knn_torch(queries, query_rows, blocks, k, device)
     faiss = _faiss()
     heap = faiss.ResultHeap(len(queries), k + 1)
     for rows, xb in blocks:
@@ -547,6 +555,25 @@ def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int) -> tu
         heap.add_result(sq, np.where(local >= 0, rows[np.maximum(local, 0)], -1))
     heap.finalize()
     return select_neighbors(heap.I, heap.D, query_rows, k)
+
+
+def _exact_knn_torch(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int, device: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    dev = torch.device(device)
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float64)).to(dev)
+    best_sq = torch.full((len(q), 0), np.inf, dtype=torch.float64, device=dev)
+    best_id = torch.full((len(q), 0), -1, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        for rows, xb in blocks:
+            x = torch.from_numpy(np.ascontiguousarray(xb, np.float64)).to(dev)
+            sq = torch.cdist(q, x).square_() if len(x) else torch.zeros((len(q), 0), dtype=torch.float64, device=dev)
+            ids = torch.from_numpy(np.asarray(rows, np.int64)).to(dev).expand(len(q), -1)
+            cat_sq, cat_id = torch.cat([best_sq, sq], 1), torch.cat([best_id, ids], 1)
+            top, pos = cat_sq.topk(min(k + 1, cat_sq.shape[1]), dim=1, largest=False, sorted=True)
+            best_sq, best_id = top, cat_id.gather(1, pos)
+    return select_neighbors(best_id.cpu().numpy(), best_sq.cpu().numpy(), query_rows, k)
 
 
 # --------------------------------------------------------------------------- exact search with torch on a GPU
@@ -627,19 +654,28 @@ class TorchExactIndex:
             return sq_out, id_out
         wide = min(self.ntotal, 2 * keep + 8)
         block = max(1, min(TORCH_MAX_QUERY_BLOCK, self.block_bytes // (4 * max(self.ntotal, wide * self.d))))
+        # Queries go to the device and results come back once per TORCH_QUERY_SPAN rows, not per
+        # block: each host<->device copy waits for the device to drain.
+        span = max(block, TORCH_QUERY_SPAN // block * block)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cuda.matmul.allow_tf32 = True
             with torch.no_grad():
-                for b in range(0, len(q_all), block):
-                    q = torch.from_numpy(q_all[b:b + block]).to(self.device)
-                    approx = torch.addmm(self.sq_norms[None, :], q, self.x.T, beta=1.0, alpha=-2.0)
-                    cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
-                    del approx
-                    exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)
-                    best, pos = exact.topk(keep, dim=1, largest=False, sorted=True)
-                    sq_out[b:b + len(q), :keep] = best.cpu().numpy()
-                    id_out[b:b + len(q), :keep] = self.ids[cand.gather(1, pos)].cpu().numpy()
+                for s0 in range(0, len(q_all), span):
+                    q_span = torch.from_numpy(q_all[s0:s0 + span]).to(self.device)
+                    best_parts, id_parts = [], []
+                    for b in range(0, len(q_span), block):
+                        q = q_span[b:b + block]
+                        approx = torch.addmm(self.sq_norms[None, :], q, self.x.T, beta=1.0, alpha=-2.0)
+                        cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
+                        del approx
+                        exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)
+                        best, pos = exact.topk(keep, dim=1, largest=False, sorted=True)
+                        best_parts.append(best)
+                        id_parts.append(self.ids[cand.gather(1, pos)])
+                    s1 = s0 + len(q_span)
+                    sq_out[s0:s1, :keep] = torch.cat(best_parts).cpu().numpy()
+                    id_out[s0:s1, :keep] = torch.cat(id_parts).cpu().numpy()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         return sq_out, id_out
@@ -1050,7 +1086,8 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
         q = np.empty((len(both), plan.d), np.float32)
         q[order] = gather_rows(emb, both[order])
         with _progress(plan.n, f"index {plan.name} (exact search, {len(both)} queries)") as bar:
-            gt_ids, gt_dist = exact_knn(q, both, iter_blocks(emb, mask, bar), plan.k)
+            gt_ids, gt_dist = exact_knn(q, both, iter_blocks(emb, mask, bar), plan.k,
+                                        device=(plan.device or "cuda") if plan.engine == "torch" else None)
         timings["groundtruth_s"] = round(time.time() - t0, 3)
         buf = _npz_bytes(rows=recall_rows, ids=gt_ids[n_tune:], dist=gt_dist[n_tune:])
         storage.write_bytes_atomic(ws.path(f"index/{plan.name}.groundtruth.npz"), buf, ws.storage_options)

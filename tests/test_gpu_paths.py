@@ -90,8 +90,12 @@ def test_torch_search_device_override(monkeypatch):
 # --------------------------------------------------------------------------- the torch index
 
 
-@pytest.mark.parametrize("block_bytes", [1 << 12, 1 << 30])
-def test_torch_exact_index_matches_faiss(block_bytes):
+@pytest.mark.parametrize("block_bytes,span", [(1 << 12, 1 << 16), (1 << 30, 1 << 16), (1 << 12, 7)])
+def test_torch_exact_index_matches_faiss(block_bytes, span, monkeypatch):
+    """Blocks of queries (block_bytes) inside spans copied to the device at a time (span rows)."""
+    import streamprune.index as index_mod
+
+    monkeypatch.setattr(index_mod, "TORCH_QUERY_SPAN", span)
     x, _, _ = _data(1200, 12)
     emb = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(128, 12), dtype="float32")
     emb[:] = x
@@ -108,6 +112,23 @@ def test_torch_exact_index_matches_faiss(block_bytes):
     assert (ids[:, :400] >= 0).all() and (ids[:, 400:] == -1).all() and np.isinf(sq[:, 400:]).all()
     sq, ids = index.search(np.zeros((0, 12), np.float32), 5)
     assert ids.shape == (0, 5)
+
+
+def test_exact_knn_with_torch_equals_faiss():
+    """The torch engine's recall check (float64 on the engine's device) finds faiss's exact neighbours."""
+    from streamprune.index import exact_knn, iter_blocks
+
+    x, _, _ = _data(1500, 16)
+    emb = zarr.create_array(store=zarr.storage.MemoryStore(), shape=x.shape, chunks=(200, 16), dtype="float32")
+    emb[:] = x
+    mask = np.ones(len(x), bool)
+    mask[::5] = False
+    rows = np.arange(0, 1500, 7)
+    ref_ids, ref_dist = exact_knn(x[rows], rows, iter_blocks(emb, mask), 10)
+    ids, dist = exact_knn(x[rows], rows, iter_blocks(emb, mask), 10, device="cpu")
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-5)
+    assert not np.isin(ids, np.flatnonzero(~mask)).any() and not (ids == rows[:, None]).any()
 
 
 def test_build_index_torch_engine_equals_faiss_exact(tmp_path, monkeypatch):
