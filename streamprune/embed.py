@@ -49,7 +49,7 @@ GPU_MIN_BATCH = 1024  # rows per forward pass on CUDA (small batches leave the G
 class Encoder:
     """Maps decoded inputs (uint8 images or float vectors) to embedding vectors."""
 
-    def __init__(self, ws: Workspace, kind: str, normalize: bool, device: str, threads: int,
+    def __init__(self, ws: Workspace, kind: str, normalize: bool, device: str, threads: int | None,
                  input_shape: tuple[int, ...]):
         from streamprune.train import load_model, resolve_device
 
@@ -78,7 +78,8 @@ class Encoder:
         if self.kind == "features":
             out = x.reshape(len(x), -1).astype(np.float32)
         else:
-            torch.set_num_threads(self.threads)
+            if self.threads:  # None: leave the calling process's thread count alone
+                torch.set_num_threads(self.threads)
             parts = []
             cuda = self.device.type == "cuda"
             if cuda:
@@ -118,6 +119,14 @@ def write_chunk(group: zarr.Group, r0: int, emb: np.ndarray, labels: np.ndarray,
     group["valid"][r0:r0 + len(labels)] = valid
 
 
+def _decode_task(ws: Workspace, r0: int, r1: int, spec: dict) -> dict:
+    """Reader only: rows [r0, r1) decoded (the chunk is encoded and written by the caller)."""
+    handler = ErrorPolicy(spec["on_error"], stage="embed")
+    x, labels, valid = decode_rows(Catalog(ws), np.arange(r0, r1, dtype=np.int64), DecodeConfig(**spec["decode"]),
+                                   handler, tuple(spec["input_shape"]))
+    return {"r0": r0, "x": x, "labels": labels, "valid": valid, "errors": handler.records}
+
+
 def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
     cat = Catalog(ws)
     handler = ErrorPolicy(spec["on_error"], stage="embed")
@@ -125,6 +134,14 @@ def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
     x, labels, valid = decode_rows(cat, rows, DecodeConfig(**spec["decode"]), handler, tuple(spec["input_shape"]))
     enc = _encoder(ws, fp, spec["encoder"], spec["normalize"], spec["device"], spec["threads"],
                    tuple(spec["input_shape"]))
+    return encode_and_write(ws, cat, enc, r0, x, labels, valid, handler, spec)
+
+
+def encode_and_write(ws: Workspace, cat: Catalog, enc: Encoder, r0: int, x: np.ndarray, labels: np.ndarray,
+                     valid: np.ndarray, handler: ErrorPolicy, spec: dict) -> dict:
+    """Mapper + writer of one decoded chunk: embeddings, the NaN check, pseudo-labels, the zarr write."""
+    rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
+    r1 = r0 + len(rows)
     emb = np.zeros((len(rows), spec["dim"]), np.float32)
     if valid.any():
         emb[valid] = enc(x[valid], spec["batch_size"])
@@ -176,22 +193,28 @@ def _probe(cat: Catalog, decode: DecodeConfig, on_error: str, n: int) -> tuple[t
 def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "float32", batch_size: int = 256,
           chunk_rows: int | None = None, normalize: bool = False, decode: DecodeConfig | None = None,
           device: str = "auto", threads: int = 1, on_error: str = "fail", scheduler: str | None = "local",
-          force: bool = False, storage_options: dict | None = None, memory_limit: str | int | None = None) -> dict:
+          force: bool = False, storage_options: dict | None = None, memory_limit: str | int | None = None,
+          encode: str = "auto") -> dict:
     """Embed every catalogued sample into ``embeddings.zarr`` (N, D) with labels and a valid mask.
 
     ``memory_limit`` (per worker, e.g. "4GiB") caps the local cluster's workers and, when
-    ``chunk_rows`` is not given, shrinks the default chunk so that a task fits it.
+    ``chunk_rows`` is not given, shrinks the default chunk so that a task fits it.  ``encode``:
+    where the model runs: "workers" (each task decodes, encodes and writes its chunk), "client"
+    (tasks decode; this process encodes and writes each chunk as it arrives) or "auto" (client
+    for a model on CUDA with local tasks, see :func:`encode_in_client`).
     """
+    if encode not in ENCODE:
+        raise StreamPruneError(f"embed: encode must be one of {', '.join(ENCODE)}, not {encode!r}")
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     with disk_errors("embed"):
         return _embed(ws, encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows,
                       normalize=normalize, decode=decode, device=device, threads=threads, on_error=on_error,
-                      scheduler=scheduler, force=force, memory_limit=parse_memory(memory_limit))
+                      scheduler=scheduler, force=force, memory_limit=parse_memory(memory_limit), encode=encode)
 
 
 def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_rows: int | None, normalize: bool,
            decode: DecodeConfig | None, device: str, threads: int, on_error: str, scheduler: str | None,
-           force: bool, memory_limit: int | None) -> dict:
+           force: bool, memory_limit: int | None, encode: str = "auto") -> dict:
     if dtype not in ("float16", "float32"):
         raise StreamPruneError(f"--dtype must be float16 or float32, not {dtype!r}")
     ErrorPolicy(on_error)
@@ -248,15 +271,48 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
     def _record(i: int, result: dict) -> None:
         run.mark_chunk(todo[i], {"n": result["n"], "n_valid": result["n_valid"]}, errors=result["errors"])
 
-    map_tasks(_embed_task, [(ws, run.fingerprint, c * chunk_rows, min(n, (c + 1) * chunk_rows), spec) for c in todo],
-              scheduler=scheduler, desc="embed", unit="row", memory_limit=memory_limit,
-              weights=[min(n, (c + 1) * chunk_rows) - c * chunk_rows for c in todo], on_result=_record)
+    bounds = [(c * chunk_rows, min(n, (c + 1) * chunk_rows)) for c in todo]
+    weights = [r1 - r0 for r0, r1 in bounds]
+    if encode_in_client(encode, probe_enc, scheduler):
+        # Workers decode; this process encodes each chunk as it arrives, on its one GPU, and writes it.
+        client_enc = probe_enc
+        client_enc.threads = None  # this process's torch thread count is not the task's to set
+        client_cat = Catalog(ws)
+
+        def _encode_record(i: int, result: dict) -> None:
+            handler = ErrorPolicy(on_error, stage="embed")
+            handler.records = list(result["errors"])
+            _record(i, encode_and_write(ws, client_cat, client_enc, result["r0"], result["x"], result["labels"],
+                                        result["valid"], handler, spec))
+
+        map_tasks(_decode_task, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
+                  unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record)
+    else:
+        map_tasks(_embed_task, [(ws, run.fingerprint, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler,
+                  desc="embed", unit="row", memory_limit=memory_limit, weights=weights, on_result=_record)
     group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r")
     n_valid = sum(int(group["valid"][s:s + chunk_rows].sum()) for s in range(0, n, chunk_rows))
     wall = time.time() - t0
     return run.commit(outputs={"embeddings": "embeddings.zarr"},
                       counts={"n": n, "n_valid": n_valid, "dim": dim},
                       timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1)})
+
+
+ENCODE = ("auto", "workers", "client")
+
+
+def encode_in_client(mode: str, enc: Encoder, scheduler: str | None) -> bool:
+    """Whether the calling process encodes the chunks its workers decode (see :func:`embed`'s ``encode``).
+
+    ``auto``: when the encoder is a model on CUDA and the tasks run on this machine (a local
+    cluster or in-process threads): one process and one CUDA context drive the GPU in batches of
+    ``GPU_MIN_BATCH`` while every core decodes, instead of one context per worker process taking
+    turns on the device.
+    """
+    if mode != "auto":
+        return mode == "client" and enc.model is not None
+    return enc.model is not None and enc.device.type == "cuda" and scheduler in (None, "local", "processes",
+                                                                                   "threads", "sync")
 
 
 def _kept_chunk_rows(ws: Workspace, config: dict) -> int | None:

@@ -87,6 +87,32 @@ def test_killed_and_resumed_is_identical(reference, tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("scheduler", ["local", "threads"])
+def test_encode_in_client_equals_workers_and_resumes(reference, tmp_path, scheduler):
+    """The GPU layout (tasks decode, this process encodes and writes each chunk as it arrives) gives
+    the workers' embeddings; killed after some chunks, it resumes to the same result."""
+    import shutil
+
+    from helpers import kill_python_when
+
+    ws, _, _, ref = reference
+    ws2 = str(tmp_path / "client")
+    shutil.copytree(ws, ws2, ignore=shutil.ignore_patterns("embeddings.zarr", "embed.json"))
+    chunks = os.path.join(ws2, "_stages", "embed")
+    code = (f"from streamprune.embed import embed; "
+            f"embed({ws2!r}, chunk_rows=32, scheduler={scheduler!r}, encode='client')")
+    kill_python_when(code, lambda: count_files(chunks, ".json") >= 4, env={"STREAMPRUNE_TASK_DELAY": "0.3"},
+                     timeout=120)
+    assert not os.path.exists(os.path.join(ws2, "_stages", "embed.json"))
+    m = embed(ws2, chunk_rows=32, scheduler=scheduler, encode="client")
+    assert m["counts"] == {"n": 240, "n_valid": 240, "dim": 128, "errors": 0}
+    emb, labels, valid = _emb(ws2)
+    np.testing.assert_allclose(emb, ref[0], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(labels, ref[1]) and np.array_equal(valid, ref[2])
+    with pytest.raises(StreamPruneError, match="encode must be one of"):
+        embed(ws2, encode="gpu")
+
+
 def test_features_encoder_float16_and_normalize(tmp_path):
     shards = write_shards(str(tmp_path / "data"), 3, 30, kind="npy", dim=12)
     ws = str(tmp_path / "ws")
@@ -114,7 +140,8 @@ def test_user_factory_encoder(tmp_path, monkeypatch):
     assert m["counts"]["dim"] == 7 and open_embeddings(Workspace(ws))["emb"].shape == (40, 7)
 
 
-def test_undecodable_rows_flagged_invalid(tmp_path):
+@pytest.mark.parametrize("encode", ["workers", "client"])
+def test_undecodable_rows_flagged_invalid(tmp_path, encode):
     d = tmp_path / "data"
     shards = write_shards(str(d), 3, 20)
     bad = make_samples(10, start=500)
@@ -125,8 +152,8 @@ def test_undecodable_rows_flagged_invalid(tmp_path):
     subset(ws, fraction=0.5, seed=0)
     train(ws, TrainConfig(model="cnn", epochs=1, batch_size=32), DecodeConfig(), scheduler="sync", on_error="skip")
     with pytest.raises(StreamPruneError, match=r"shard-000003\.tar, key s0000504: undecodable image"):
-        embed(ws, scheduler="sync")
-    embed(ws, scheduler="sync", on_error="skip")
+        embed(ws, scheduler="sync", encode=encode)
+    embed(ws, scheduler="sync", on_error="skip", encode=encode)
     emb, labels, valid = _emb(ws)
     assert valid.sum() == 69 and not valid[64] and labels[64] == -1 and (emb[64] == 0).all()
     errors = [json.loads(line) for line in open(os.path.join(ws, "errors.jsonl"))]
