@@ -16,6 +16,8 @@
 #   EPOCHS=30              training epochs up to N=100000; EPOCHS_LARGE=10 above
 #   FULL_MAX_N=100000      run `score --full` (the speedup's reference) only up to this N
 #   BENCH_ARGS=""          extra arguments for every run (e.g. "--skip-bare" or "--stages embed")
+#   GPU_TESTS=1            first run tests/test_gpu_paths.py (its CUDA tests run only there; ~1 min),
+#                          so a broken CUDA path shows before the benchmark spends the lease
 #   REUSE_BARE=1           later sizes take the size-independent bare figures (train, forward, decode)
 #                          from the first size's run instead of measuring them again (kNN and GCN,
 #                          which depend on N, are always measured per size)
@@ -65,7 +67,13 @@ import torch
 print("cuda", torch.cuda.is_available(), torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-# 3. the benchmark, size by size
+# 3. the CUDA tests (CI has no GPU)
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu_paths.py > "$OUT/gpu-tests.log" 2>&1
+  echo "== tests/test_gpu_paths.py: exit $? after $(( $(date +%s) - T0 ))s"; tail -5 "$OUT/gpu-tests.log"
+fi
+
+# 4. the benchmark, size by size
 SIZES=("$@")
 [ ${#SIZES[@]} -eq 0 ] && SIZES=(100000 1000000)
 for n in "${SIZES[@]}"; do
