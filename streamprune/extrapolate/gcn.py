@@ -697,9 +697,16 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
     done = run.done_chunks()
     if use_whole_graph(inference, device, in_process, n, k, model):
         t0 = time.time()
-        src = layer_sources(ws, score, 1, k, kind, num_classes, memory_limit, ckpt.get("prior"))
-        pred = predict_in_memory(model, src["prev"], src["table"], device)
-        del src
+        # Features are read once, in row order, 65,536 rows at a time (device_features): streamed
+        # from zarr, so host memory holds a block, not N rows; the validity column (a byte per row)
+        # and the graph's rows (read whole by the subgraph build) are read into memory.
+        emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
+        graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
+        valid = RowSource(emb_g["valid"], n + 1, bool)
+        prior = ckpt.get("prior")
+        features = node_features(ws, score, emb_g, valid, num_classes, 0, prior and (prior["mean"], prior["std"]))
+        pred = predict_in_memory(model, features, GraphTable(graph_g, k, valid, kind, 0), device)
+        del features
         pred = (pred.astype(np.float64) * float(ckpt["std"]) + float(ckpt["mean"])).astype(np.float32)
         forward_s = time.time() - t0
         counts = write_chunks(ws, run, score, "gcn", n, _slice_predictions, (pred,), chunk_rows=chunk_rows,
