@@ -348,6 +348,56 @@ def _ckpt_name(epoch: int) -> str:
     return f"ckpt-{epoch:04d}.pt"
 
 
+def _host_copy(obj):
+    """``obj`` with every tensor copied to host memory (a snapshot that training cannot change)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+class _CheckpointWriter:
+    """Epoch checkpoints written by a background thread, one at a time.
+
+    The caller hands over a host snapshot (:func:`_host_copy`); serialising it (~90 MB for
+    ResNet-18 with SGD momentum: 0.35–0.5 s per epoch on the CPU box) and the atomic write then
+    overlap the next epoch.  A new checkpoint waits for the previous write, older checkpoints are
+    removed after it, and :meth:`close` waits for the last one and re-raises a failed write (a full
+    disk) in the training thread.  A run killed mid-write keeps the previous checkpoint (the write
+    is atomic) and resumes from it: the epochs after it are trained again, deterministically.
+    """
+
+    def __init__(self, ckpt_dir: str, storage_options: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.ckpt_dir, self.storage_options = ckpt_dir, storage_options
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-ckpt")
+        self.pending = None
+
+    def save(self, epoch: int, snapshot: dict) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, epoch, snapshot)
+
+    def _write(self, epoch: int, snapshot: dict) -> None:
+        _save(storage.join(self.ckpt_dir, _ckpt_name(epoch)), snapshot, self.storage_options)
+        for old in ckpts_before(self.ckpt_dir, epoch, self.storage_options):
+            storage.remove(storage.join(self.ckpt_dir, old), self.storage_options)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def _save(url: str, obj: dict, storage_options: dict) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -493,40 +543,41 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     t0 = time.time()
     bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{key} epochs", unit="epoch",
                disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
-    for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        model.train()
-        train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
-        train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None
-        seen = 0
-        for idx, idx_t, xb in data.batches(data.train_order(gen), cfg.batch_size):
-            xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
-            yb = labels_t[idx_t.to(labels_t.device)].to(device, non_blocking=True)
-            if attack is not None:
-                xb = pgd(model, xb, yb, attack, generator=gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(_layout(xb, device))
-            loss_each = F.cross_entropy(out.float(), yb, reduction="none")
-            opt.zero_grad(set_to_none=True)
-            loss_each.mean().backward()
-            opt.step()
-            sched.step()
-            seen += len(idx)
-            if train_logits is not None:
-                train_logits[idx] = out.detach().float().cpu().numpy()
-                train_loss[idx] = loss_each.detach().cpu().numpy()
-        if cfg.dynamics == "train":
-            dyn = _Dyn(train_logits, train_loss)
-        else:
-            dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
-        _write_epoch(g, epoch, dyn, labels, data.valid)
-        _save(storage.join(ckpt_dir, _ckpt_name(epoch)),
-              {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-               "rng": torch.get_rng_state(), "epoch": epoch}, ws.storage_options)
-        for old in ckpts_before(ckpt_dir, epoch, ws.storage_options):
-            storage.remove(storage.join(ckpt_dir, old), ws.storage_options)
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.nanmean(dyn.loss):.3f}", acc=f"{float((dyn.logits.argmax(1) == labels)[data.valid].mean()):.3f}")
+    writer = _CheckpointWriter(ckpt_dir, ws.storage_options)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            model.train()
+            train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
+            train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None
+            seen = 0
+            for idx, idx_t, xb in data.batches(data.train_order(gen), cfg.batch_size):
+                xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
+                yb = labels_t[idx_t.to(labels_t.device)].to(device, non_blocking=True)
+                if attack is not None:
+                    xb = pgd(model, xb, yb, attack, generator=gen)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(_layout(xb, device))
+                loss_each = F.cross_entropy(out.float(), yb, reduction="none")
+                opt.zero_grad(set_to_none=True)
+                loss_each.mean().backward()
+                opt.step()
+                sched.step()
+                seen += len(idx)
+                if train_logits is not None:
+                    train_logits[idx] = out.detach().float().cpu().numpy()
+                    train_loss[idx] = loss_each.detach().cpu().numpy()
+            if cfg.dynamics == "train":
+                dyn = _Dyn(train_logits, train_loss)
+            else:
+                dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
+            _write_epoch(g, epoch, dyn, labels, data.valid)
+            writer.save(epoch, _host_copy({"model": model.state_dict(), "opt": opt.state_dict(),
+                                           "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch}))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.nanmean(dyn.loss):.3f}", acc=f"{float((dyn.logits.argmax(1) == labels)[data.valid].mean()):.3f}")
+    finally:
+        writer.close()  # the last checkpoint is on disk (or its error raised) before the model
     bar.close()
     train_s = time.time() - t0
     _save(ws.path(key, "model.pt"), {"spec": model_spec(model), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

@@ -205,3 +205,30 @@ def test_label_out_of_range_and_undecodable_skipped(tmp_path):
     assert sorted(e["key"] for e in errors if e["stage"] == "train") == [f"s{i:07d}" for i in range(40, 45)]
     du = read_score(Workspace(ws), "du")
     assert np.isnan(du).sum() == 5 and np.isfinite(du).sum() == 20
+
+
+def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_path):
+    """Checkpoints are written in the background from a host snapshot (later training cannot change
+    it), the older ones removed; a failed write is raised in the training thread."""
+    import torch
+
+    from streamprune.train import _CheckpointWriter, _host_copy, _load
+
+    ckpt_dir = str(tmp_path / "ckpt")
+    os.makedirs(ckpt_dir)
+    w = torch.zeros(3)
+    writer = _CheckpointWriter(ckpt_dir, {})
+    for epoch in range(3):
+        w += 1
+        writer.save(epoch, _host_copy({"model": {"w": w}, "opt": [{"m": w * 2}], "epoch": epoch}))
+    w += 100  # after the snapshot: not in the checkpoint
+    writer.close()
+    assert sorted(os.listdir(ckpt_dir)) == ["ckpt-0002.pt"]
+    state = _load(os.path.join(ckpt_dir, "ckpt-0002.pt"), {})
+    assert state["epoch"] == 2 and state["model"]["w"].tolist() == [3.0] * 3 and state["opt"][0]["m"].tolist() == [6.0] * 3
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    writer = _CheckpointWriter(str(blocked), {})
+    writer.save(0, {"epoch": 0})
+    with pytest.raises(OSError):
+        writer.close()
