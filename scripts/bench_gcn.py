@@ -1,4 +1,5 @@
-"""Benchmark GCN layer-wise inference: peak RSS and rows/s, previous layer in memory vs streamed.
+"""Benchmark GCN inference: peak RSS and rows/s, layer-wise (previous layer in memory vs streamed) and
+one whole-graph forward; and the host-side subgraph build (the seeds' 3-hop closure and the whole graph).
 
 For each N a synthetic workspace is built (random embeddings, a random fixed-degree graph with k
 neighbours per row, a small seed subset with random scores), the model is trained once (a short
@@ -8,6 +9,7 @@ per-layer rows/s recorded in the stage marker.  A random graph is the worst case
 every chunk's neighbours are spread over the whole previous layer.
 
     .venv/bin/python scripts/bench_gcn.py --sizes 200000 800000 --out bench_gcn.json
+    .venv/bin/python scripts/bench_gcn.py --sizes 200000 --paths memory whole --closure 0.18
 """
 
 from __future__ import annotations
@@ -116,6 +118,23 @@ def infer(path: str, args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def closure_times(path: str, k: int, fraction: float, seed: int = 0) -> dict:
+    """Seconds to build the full-fan-out 3-hop subgraph of a random ``fraction`` of rows, and of all rows."""
+    from streamprune.extrapolate.sampler import GraphTable, RowSource, sample_subgraph
+
+    emb_g = zarr.open_group(os.path.join(path, "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 40, bool)
+    table = GraphTable(zarr.open_group(os.path.join(path, "graph", "all.zarr"), mode="r"), k, valid, "exp", 1 << 40)
+    n = table.n
+    out = {}
+    for name, seeds in (("seeds", np.sort(np.random.default_rng(seed).choice(n, int(fraction * n), replace=False))),
+                        ("all", np.arange(n))):
+        t = time.time()
+        sub = sample_subgraph(seeds, table, (None,) * 3)
+        out[name] = {"s": round(time.time() - t, 2), "seeds": len(seeds), "nodes": len(sub.nodes), "edges": len(sub.col)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[200_000, 800_000])
@@ -127,7 +146,11 @@ def main() -> None:
     p.add_argument("--chunk-rows", type=int, default=None)
     p.add_argument("--memory-limit", type=float, default=4.0, help="GiB for the in-memory path")
     p.add_argument("--prior", default="knn", choices=["knn", "none"])
-    p.add_argument("--paths", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed"])
+    p.add_argument("--paths", nargs="+", default=["memory", "streamed"], choices=["memory", "streamed", "whole"],
+                   help="layer-wise with the previous layer in memory or streamed, or one whole-graph forward")
+    p.add_argument("--closure", type=float, default=None,
+                   help="also time the subgraph build of this fraction of rows as seeds (3 hops, all neighbours) "
+                        "and of all rows")
     p.add_argument("--scheduler", default="sync")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and in-process inference)")
     p.add_argument("--workdir", default=None)
@@ -143,13 +166,19 @@ def main() -> None:
             t = time.time()
             build(base, n, a.dim, a.k, a.classes, a.seeds)
             build_s = time.time() - t
-            train_s = train_only(base, {**common, "memory_limit": 0})
+            if a.closure:
+                row = {"n": n, "closure": closure_times(base, a.k, a.closure)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+            train_s = train_only(base, {**common, "memory_limit": 0, "inference": "chunked"})
             for path in a.paths:
                 ws = base + "-" + path
                 shutil.copytree(base, ws)
                 limit = int(a.memory_limit * (1 << 30)) if path == "memory" else 0
-                rep = infer(ws, {**common, "memory_limit": limit})
-                layers = {name: v for name, v in rep["timings"].items() if name.startswith("layer")}
+                rep = infer(ws, {**common, "memory_limit": limit,
+                                 "inference": "whole" if path == "whole" else "chunked"})
+                layers = {name: v for name, v in rep["timings"].items()
+                          if name.startswith("layer") or name == "whole_graph"}
                 infer_s = sum(v["s"] for v in layers.values())
                 row = {"n": n, "path": path, "rows_per_s": round(n / infer_s, 1), "infer_s": round(infer_s, 2),
                        "layers": layers, "peak_rss_gib": round(rep["peak_rss"] / 2**30, 3),
@@ -165,12 +194,19 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'N':>9} {'path':>9} {'rows/s':>9} {'infer s':>8} {'peak RSS GiB':>13} {'above import':>13}")
     for r in results:
+        if "closure" in r:
+            continue
         print(f"{r['n']:>9} {r['path']:>9} {r['rows_per_s']:>9.0f} {r['infer_s']:>8.1f} {r['peak_rss_gib']:>13.3f} "
               f"{r['inference_rss_gib']:>13.3f}")
     for path in a.paths:
-        rs = [r for r in results if r["path"] == path]
+        rs = [r for r in results if r.get("path") == path]
         if len(rs) >= 2:
             print(f"{path}: peak RSS ratio {rs[-1]['n']}/{rs[0]['n']} rows = {rs[-1]['peak_rss_gib'] / rs[0]['peak_rss_gib']:.3f}")
+    for r in results:
+        if "closure" in r:
+            for name, c in r["closure"].items():
+                print(f"subgraph build, N={r['n']}, {name}: {c['s']:.2f} s ({c['seeds']} seeds -> {c['nodes']} nodes, "
+                      f"{c['edges']} edges)")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
