@@ -180,7 +180,9 @@ def shared_local_cluster() -> Iterator[None]:
     LocalCluster (a worker per core, started at the first such stage, closed at the end) instead
     of starting and stopping its own: a pipeline pays the workers' start-up and imports once.
 
-    ``streamprune run`` opens one around its stages.  Nested scopes share the outer one.
+    ``streamprune run`` opens one around its stages.  Nested scopes share the outer one.  What a
+    stage sets process-wide in its workers stays for the later stages on them: the index stage's
+    heap threshold (:func:`~streamprune.heap.bound_heap`), an embed worker's loaded encoder.
     """
     if _SHARED:
         yield
