@@ -34,6 +34,7 @@ import zarr
 from streamprune import storage
 from streamprune.compute import chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
+from streamprune.decode_tasks import decode_range
 from streamprune.errors import StreamPruneError
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import Workspace
@@ -117,14 +118,6 @@ def write_chunk(group: zarr.Group, r0: int, emb: np.ndarray, labels: np.ndarray,
     group["emb"][r0:r0 + len(labels)] = emb
     group["labels"][r0:r0 + len(labels)] = labels
     group["valid"][r0:r0 + len(labels)] = valid
-
-
-def _decode_task(ws: Workspace, r0: int, r1: int, spec: dict) -> dict:
-    """Reader only: rows [r0, r1) decoded (the chunk is encoded and written by the caller)."""
-    handler = ErrorPolicy(spec["on_error"], stage="embed")
-    x, labels, valid = decode_rows(Catalog(ws), np.arange(r0, r1, dtype=np.int64), DecodeConfig(**spec["decode"]),
-                                   handler, tuple(spec["input_shape"]))
-    return {"r0": r0, "x": x, "labels": labels, "valid": valid, "errors": handler.records}
 
 
 def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
@@ -285,7 +278,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
             _record(i, encode_and_write(ws, client_cat, client_enc, result["r0"], result["x"], result["labels"],
                                         result["valid"], handler, spec))
 
-        map_tasks(_decode_task, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
+        map_tasks(decode_range, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
                   unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record)
     else:
         map_tasks(_embed_task, [(ws, run.fingerprint, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler,

@@ -42,6 +42,7 @@ from streamprune import storage
 from streamprune.adversarial import parse_attack, pgd
 from streamprune.compute import map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
+from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError
 from streamprune.models import build_from_spec, build_model, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
@@ -116,18 +117,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # cache ---------------------------------------------------------------------------------------
-def _cache_task(ws: Workspace, key: str, rows: np.ndarray, i0: int, decode: dict, on_error: str,
-                input_shape: tuple, num_classes: int | None) -> dict:
-    cat = Catalog(ws)
-    handler = ErrorPolicy(on_error, stage=key)
-    xs, labels, valid = decode_rows(cat, rows, DecodeConfig(**decode), handler, input_shape, num_classes)
-    group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r+")
-    group["x"][i0:i0 + len(rows)] = xs
-    group["labels"][i0:i0 + len(rows)] = labels
-    group["valid"][i0:i0 + len(rows)] = valid
-    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records}
-
-
 def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode: DecodeConfig, on_error: str,
                 scheduler: str | None, chunk_rows: int, num_classes: int | None) -> dict:
     """Decode ``rows`` into ``<key>/cache.zarr``, one task per chunk of rows (resumable)."""
@@ -163,7 +152,7 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
         run.mark_chunk(f"cache-{s // chunk_rows}", {"n": result["n"], "n_valid": result["n_valid"]},
                        errors=result["errors"])
 
-    map_tasks(_cache_task, [(ws, key, rows[s:s + chunk_rows], s, decode_d, on_error, shape, num_classes)
+    map_tasks(cache_rows, [(ws, key, rows[s:s + chunk_rows], s, decode_d, on_error, shape, num_classes)
                             for s in starts], scheduler=scheduler, desc=f"decode {key}", unit="row",
               weights=[min(chunk_rows, m - s) for s in starts], on_result=_record)
     return {"input_shape": list(shape), "dtype": str(np.dtype(dtype))}
@@ -431,8 +420,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     pseudo_k = _pseudo_k(cfg.labels)
     if pseudo_k and decode.label_key != "none":
         decode = DecodeConfig(**{**decode.to_dict(), "label_key": "none"})
-    layout = build_cache(ws, run, key, rows, decode, on_error, scheduler, cfg.chunk_rows,
-                         None if pseudo_k else cfg.num_classes)
+    build_cache(ws, run, key, rows, decode, on_error, scheduler, cfg.chunk_rows,
+                None if pseudo_k else cfg.num_classes)
     t_cache = time.time() - t0
 
     data = SubsetData(ws, key, cfg.memory_budget, device=resolve_device(cfg.device))

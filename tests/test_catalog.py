@@ -1,15 +1,12 @@
 """Catalog: rows, keys and offsets from local disk and S3; bad input; crash-then-resume."""
 
-import io
 import json
 import os
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.shards import Catalog, catalog, read_sample_range
 from streamprune.workspace import Workspace
