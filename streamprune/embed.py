@@ -2,8 +2,9 @@
 
 Built as four pieces (after clip-retrieval's ``clip_inference``):
 
-* **reader** — :func:`streamprune.decode.decode_rows` reads a chunk's rows by byte range (catalog
-  offsets) and decodes them, so any chunk can be recomputed alone;
+* **reader** — :func:`streamprune.decode_tasks.decode_range` (over :func:`streamprune.decode.decode_rows`)
+  reads a chunk's rows by byte range (catalog offsets) and decodes them, so any chunk can be
+  recomputed alone;
 * **mapper** — :class:`Encoder` turns decoded inputs into vectors (the subset-trained model's
   penultimate layer, the sample's own ``.npy`` features, or a user factory);
 * **writer** — :func:`write_chunk` stores a chunk's rows of ``emb``, ``labels`` and ``valid``;
@@ -121,24 +122,25 @@ def write_chunk(group: zarr.Group, r0: int, emb: np.ndarray, labels: np.ndarray,
 
 
 def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
-    cat = Catalog(ws)
-    handler = ErrorPolicy(spec["on_error"], stage="embed")
-    rows = np.arange(r0, r1, dtype=np.int64)
-    x, labels, valid = decode_rows(cat, rows, DecodeConfig(**spec["decode"]), handler, tuple(spec["input_shape"]))
+    decoded = decode_range(ws, r0, r1, spec)
     enc = _encoder(ws, fp, spec["encoder"], spec["normalize"], spec["device"], spec["threads"],
                    tuple(spec["input_shape"]))
-    return encode_and_write(ws, cat, enc, r0, x, labels, valid, handler, spec)
+    return encode_and_write(ws, enc, decoded, spec)
 
 
-def encode_and_write(ws: Workspace, cat: Catalog, enc: Encoder, r0: int, x: np.ndarray, labels: np.ndarray,
-                     valid: np.ndarray, handler: ErrorPolicy, spec: dict) -> dict:
-    """Mapper + writer of one decoded chunk: embeddings, the NaN check, pseudo-labels, the zarr write."""
+def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> dict:
+    """Mapper + writer of one chunk decoded by :func:`~streamprune.decode_tasks.decode_range`: embeddings,
+    the NaN check, pseudo-labels, the zarr write."""
+    r0, x, labels, valid = decoded["r0"], decoded["x"], decoded["labels"], decoded["valid"]
+    handler = ErrorPolicy(spec["on_error"], stage="embed")
+    handler.records = list(decoded["errors"])  # the reader's reports come first
     rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
     r1 = r0 + len(rows)
     emb = np.zeros((len(rows), spec["dim"]), np.float32)
     if valid.any():
         emb[valid] = enc(x[valid], spec["batch_size"])
     bad = valid & ~np.isfinite(emb).all(axis=1)
+    cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
     for i in np.flatnonzero(bad):
         from streamprune.errors import SampleError
 
@@ -270,13 +272,9 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         # Workers decode; this process encodes each chunk as it arrives, on its one GPU, and writes it.
         client_enc = probe_enc
         client_enc.threads = None  # this process's torch thread count is not the task's to set
-        client_cat = Catalog(ws)
 
-        def _encode_record(i: int, result: dict) -> None:
-            handler = ErrorPolicy(on_error, stage="embed")
-            handler.records = list(result["errors"])
-            _record(i, encode_and_write(ws, client_cat, client_enc, result["r0"], result["x"], result["labels"],
-                                        result["valid"], handler, spec))
+        def _encode_record(i: int, decoded: dict) -> None:
+            _record(i, encode_and_write(ws, client_enc, decoded, spec))
 
         map_tasks(decode_range, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
                   unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record)
