@@ -171,7 +171,7 @@ def worker_count(n_tasks: int, memory_limit: int | None = None, total_memory: in
     return max(1, n)
 
 
-_SHARED: list[dict] = []  # the active shared_local_cluster() scopes, innermost last
+_SHARED: list[dict] = []  # the active shared_local_cluster() scope, if any (nested scopes share it)
 
 
 @contextmanager

@@ -87,17 +87,15 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
                  storage_options: dict | None = None, echo=print) -> dict:
     """Run catalog → … → ``until``; returns per-stage timings and the outputs a user needs.
 
-    With the "local" scheduler the stages share one local dask cluster
+    Stages on the "local" scheduler share one local dask cluster
     (:func:`~streamprune.compute.shared_local_cluster`), started by the first stage that needs it.
     """
     from streamprune.compute import shared_local_cluster
 
     if until not in ORDER:
         raise StreamPruneError(f"--until must be one of {', '.join(ORDER)}")
-    if cfg.scheduler in (None, "local", "processes"):
-        with shared_local_cluster():
-            return _run_stages(shards, workspace, cfg, until, storage_options, echo)
-    return _run_stages(shards, workspace, cfg, until, storage_options, echo)
+    with shared_local_cluster():  # starts nothing unless a stage asks for a local cluster
+        return _run_stages(shards, workspace, cfg, until, storage_options, echo)
 
 
 def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, storage_options: dict | None,

@@ -54,6 +54,7 @@ IN_PROCESS = ("sync", "threads")
 PRIORS = ("knn", "none")
 TRAINING = ("auto", "sampled", "resident")
 INFERENCE = ("auto", "chunked", "whole")
+DEVICE_FRACTION = 0.5  # of free GPU memory that resident training or a whole-graph forward may take
 _CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) for the default chunk_rows
 
 
@@ -218,7 +219,9 @@ def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Ca
         return "resident"
     if mode == "sampled" or device.type != "cuda" or not full_fanout:
         return "sampled"
-    return "resident" if need() <= int(0.5 * torch.cuda.mem_get_info(device)[0]) else "sampled"
+    from streamprune.train import fits_gpu
+
+    return "resident" if fits_gpu(need(), device, DEVICE_FRACTION) else "sampled"
 
 
 def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_scores: np.ndarray, *,
@@ -524,9 +527,10 @@ def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k
         return mode == "whole"
     if device.type != "cuda" or not in_process:
         return False
-    in_dim = model.convs[0].in_channels
+    from streamprune.train import fits_gpu
+
     widths = [c.out_channels for c in model.convs]
-    return resident_bytes(n, n * (k + 1), in_dim, widths) <= int(0.5 * torch.cuda.mem_get_info(device)[0])
+    return fits_gpu(resident_bytes(n, n * (k + 1), model.convs[0].in_channels, widths), device, DEVICE_FRACTION)
 
 
 def _slice_predictions(ws: Workspace, start: int, stop: int, pred: np.ndarray) -> np.ndarray:

@@ -87,8 +87,8 @@ def choose_neighbours(nbr_w: np.ndarray, fanout: int | None, rng: np.random.Gene
 
 DENSE_RELABEL_ROWS = 1 << 22
 """A subgraph of a graph of at most ``max(DENSE_RELABEL_ROWS, 64 x seeds)`` rows relabels through a
-dense (rows,) table instead of sorted arrays: at 2M rows the seeds' 3-hop closure (20 % seeds,
-k = 10) took 42 s with sorted arrays (searchsorted and np.unique over 20M ids), see _DenseRelabel."""
+dense (rows,) table instead of sorted arrays: at 2M rows the 3-hop closure of 360k seeds (k = 10)
+took 49.6 s with sorted arrays (searchsorted and np.unique over 20M ids) and 3.6 s with the table."""
 
 
 class _Relabel:
