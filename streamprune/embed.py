@@ -76,12 +76,14 @@ class Encoder:
                 self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        """Embeddings (n, D) float32 of inputs (n, ...)."""
+        """Embeddings (n, D) float32 of inputs (n, ...); on CUDA copied back once per call, not per batch."""
         if self.kind == "features":
             out = x.reshape(len(x), -1).astype(np.float32)
         else:
             if self.threads:  # None: leave the calling process's thread count alone
                 torch.set_num_threads(self.threads)
+            from streamprune.train import autotune
+
             parts = []
             cuda = self.device.type == "cuda"
             if cuda:
@@ -90,12 +92,13 @@ class Encoder:
                 for b in range(0, len(x), batch_size):
                     xb = torch.from_numpy(np.ascontiguousarray(x[b:b + batch_size]))
                     if cuda:  # copy as stored (uint8: a quarter of float32), convert on the GPU
-                        xb = xb.to(self.device, non_blocking=True)
+                        xb = xb.pin_memory().to(self.device, non_blocking=True)
                     xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
                     if cuda and xb.dim() == 4:
                         xb = xb.contiguous(memory_format=torch.channels_last)
-                    parts.append(self.model.embed(xb.to(self.device)).float().cpu().numpy())
-            out = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+                    autotune(self.device, len(xb), batch_size)
+                    parts.append(self.model.embed(xb.to(self.device)).float())
+            out = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, self.dim), np.float32)
         if self.normalize and len(out):
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out

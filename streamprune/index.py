@@ -583,7 +583,7 @@ def choose_engine(factory: str, n: int, n_index: int, d: int, gpu_free_bytes: in
     """``torch`` (exact GPU search) or ``faiss``: torch needs ``factory="auto"``, a GPU, room and bounded work."""
     if factory != "auto" or gpu_free_bytes is None:
         return "faiss"
-    if n_index * d * 4 > TORCH_GPU_FRACTION * gpu_free_bytes or n * n_index * d > TORCH_MAX_MACS:
+    if n_index * d * 6 > TORCH_GPU_FRACTION * gpu_free_bytes or n * n_index * d > TORCH_MAX_MACS:  # fp32 + fp16 rows
         return "faiss"
     return "torch"
 
@@ -618,18 +618,28 @@ def _free_bytes(device: str | None) -> int | None:
 class TorchExactIndex:
     """Exact L2 search over indexed rows held on a torch device, with a faiss-like ``search``.
 
-    Candidates come from one matmul per block of queries (``|x|^2 - 2 q.x``, TF32 on a GPU), then
-    the best ``2 kc + 8`` of each query are re-ranked with float32 distances computed directly
+    Candidates come from one matmul per block of queries (``|x|^2 - 2 q.x``), then the best
+    ``2 kc + 8`` of each query are re-ranked with float32 distances computed directly
     (``sum((q - x)^2)``), so the returned distances do not suffer the matmul's rounding.
-    Memory on the device: the indexed vectors (float32) plus one block of distances
-    (``TORCH_BLOCK_BYTES``); on the host: one slab of embeddings while loading.
+
+    ``candidates``: the matmul's precision.  ``"fp16"`` (the default on CUDA) multiplies a half
+    copy of the rows, centred on their mean and scaled into the unit ball (distances are unchanged
+    by the shift and only scaled, so the ranking is the same, and no product can overflow); it
+    runs at twice the TF32 rate, and its inputs carry TF32's 10-bit mantissa.  ``"tf32"`` (fp32
+    with TF32 matmuls on CUDA, plain fp32 on a CPU) is the default elsewhere.  The re-rank is
+    float32 either way; the stage's recall check measures what the candidates miss.
+    Memory on the device: the indexed vectors (float32, plus float16 with ``"fp16"``) and one
+    block of distances (``TORCH_BLOCK_BYTES``); on the host: one slab of embeddings while loading.
     """
 
     def __init__(self, emb: zarr.Array, mask: np.ndarray, device: str = "cuda",
-                 block_bytes: int = TORCH_BLOCK_BYTES):
+                 block_bytes: int = TORCH_BLOCK_BYTES, candidates: str | None = None):
         import torch
 
         self.device = torch.device(device)
+        self.candidates = candidates or ("fp16" if self.device.type == "cuda" else "tf32")
+        if self.candidates not in ("fp16", "tf32"):
+            raise StreamPruneError(f"candidates must be fp16 or tf32, not {self.candidates!r}")
         self.d = int(emb.shape[1])
         self.ntotal = int(np.count_nonzero(mask))
         self.block_bytes = int(block_bytes)
@@ -640,7 +650,17 @@ class TorchExactIndex:
             self.x[pos:pos + len(rows)].copy_(torch.from_numpy(np.ascontiguousarray(xb, np.float32)))
             self.ids[pos:pos + len(rows)].copy_(torch.from_numpy(rows))
             pos += len(rows)
-        self.sq_norms = (self.x * self.x).sum(dim=1)
+        if self.candidates == "fp16" and self.ntotal:
+            self.shift = self.x.mean(dim=0, dtype=torch.float64).float()
+            scale = float(max(float((self.x - self.shift).norm(dim=1).max()), 1e-30))
+            self.scale = 1.0 / scale
+            self.xm = torch.empty((self.ntotal, self.d), dtype=torch.float16, device=self.device)
+            for s0 in range(0, self.ntotal, 1 << 16):
+                self.xm[s0:s0 + (1 << 16)] = ((self.x[s0:s0 + (1 << 16)] - self.shift) * self.scale).half()
+            self.sq_norms = self.xm.float().square().sum(dim=1).half()
+        else:
+            self.xm, self.shift, self.scale = self.x, None, 1.0
+            self.sq_norms = (self.x * self.x).sum(dim=1)
 
     def search(self, queries: np.ndarray, kc: int) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 (q, kc) float32, row ids (q, kc) int64) of the ``kc`` nearest rows; -1/inf pad."""
@@ -653,7 +673,9 @@ class TorchExactIndex:
         if not len(q_all) or keep == 0:
             return sq_out, id_out
         wide = min(self.ntotal, 2 * keep + 8)
-        block = max(1, min(TORCH_MAX_QUERY_BLOCK, self.block_bytes // (4 * max(self.ntotal, wide * self.d))))
+        itemsize = self.xm.element_size()
+        block = max(1, min(TORCH_MAX_QUERY_BLOCK,
+                           self.block_bytes // max(itemsize * self.ntotal, 4 * wide * self.d)))
         # Queries go to the device and results come back once per TORCH_QUERY_SPAN rows, not per
         # block: each host<->device copy waits for the device to drain.
         span = max(block, TORCH_QUERY_SPAN // block * block)
@@ -666,7 +688,8 @@ class TorchExactIndex:
                     best_parts, id_parts = [], []
                     for b in range(0, len(q_span), block):
                         q = q_span[b:b + block]
-                        approx = torch.addmm(self.sq_norms[None, :], q, self.x.T, beta=1.0, alpha=-2.0)
+                        qm = q if self.shift is None else ((q - self.shift) * self.scale).half()
+                        approx = torch.addmm(self.sq_norms[None, :], qm, self.xm.T, beta=1.0, alpha=-2.0)
                         cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
                         del approx
                         exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)

@@ -489,3 +489,26 @@ def test_gcn_module_forward_shapes():
     x = torch.randn(len(sub.nodes), 5)
     out = model(x, [sub.adjacency(i + 1) for i in range(3)])
     assert out.shape == (3, 1)
+
+
+@pytest.mark.parametrize("widths,residual", [((4, 3, 1), False), ((4, 3, 1), True), ((4, 1), True), ((1,), False)])
+def test_forward_aggregated_equals_forward(widths, residual):
+    """Resident training's step (first aggregation computed once) is the model's forward, gradients too."""
+    torch.manual_seed(0)
+    model = GCN(5, widths, dropout=0.0, residual=residual)
+    _, _, table = _random_table(40, 4, 1)
+    sub = sample_subgraph(np.array([0, 3, 7, 9]), table, (None,) * len(widths))
+    x = torch.randn(len(sub.nodes), 5)
+    adjs = [sub.adjacency(i + 1) for i in range(len(widths))]
+    ax = torch.sparse.mm(adjs[0], x[:adjs[0].shape[1]])
+    base = x[:adjs[-1].shape[0], -1:] if residual else None
+    want = model(x, adjs)
+    want.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = model.forward_aggregated(ax, adjs, base)
+    got.sum().backward()
+    assert got.shape == want.shape == (4, 1)
+    np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), g.numpy(), rtol=1e-4, atol=1e-6)

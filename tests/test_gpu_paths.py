@@ -68,8 +68,8 @@ def test_choose_engine():
     assert choose_engine("auto", 10**6, 10**6, 512, None) == "faiss"  # no GPU
     assert choose_engine("IVF1024,PQ64", 10**6, 10**6, 512, 80 * gib) == "faiss"  # an explicit factory wins
     assert choose_engine("Flat", 1000, 1000, 8, 80 * gib) == "faiss"
-    # the vectors must fit a fraction of the free memory
-    n_fit = int(TORCH_GPU_FRACTION * 8 * gib / (4 * 512))
+    # the vectors (float32, and the float16 copy of the candidate search) must fit a fraction of the free memory
+    n_fit = int(TORCH_GPU_FRACTION * 8 * gib / (6 * 512))
     assert choose_engine("auto", n_fit, n_fit, 512, 8 * gib) == "torch"
     assert choose_engine("auto", n_fit + 10, n_fit + 10, 512, 8 * gib) == "faiss"
     # and the work must stay bounded: queries x rows x width
@@ -90,9 +90,11 @@ def test_torch_search_device_override(monkeypatch):
 # --------------------------------------------------------------------------- the torch index
 
 
+@pytest.mark.parametrize("candidates", ["tf32", "fp16"])
 @pytest.mark.parametrize("block_bytes,span", [(1 << 12, 1 << 16), (1 << 30, 1 << 16), (1 << 12, 7)])
-def test_torch_exact_index_matches_faiss(block_bytes, span, monkeypatch):
-    """Blocks of queries (block_bytes) inside spans copied to the device at a time (span rows)."""
+def test_torch_exact_index_matches_faiss(block_bytes, span, candidates, monkeypatch):
+    """Blocks of queries (block_bytes) inside spans copied to the device at a time (span rows), with
+    float32 or centred-and-scaled float16 candidates (re-ranked in float32 either way)."""
     import streamprune.index as index_mod
 
     monkeypatch.setattr(index_mod, "TORCH_QUERY_SPAN", span)
@@ -101,8 +103,11 @@ def test_torch_exact_index_matches_faiss(block_bytes, span, monkeypatch):
     emb[:] = x
     mask = np.zeros(len(x), bool)
     mask[::3] = True
-    index = TorchExactIndex(emb, mask, "cpu", block_bytes=block_bytes)
+    x[mask] += 100.0  # far from the origin: |x|^2 > 65504, fp16 candidates without the centring overflow
+    emb[:] = x
+    index = TorchExactIndex(emb, mask, "cpu", block_bytes=block_bytes, candidates=candidates)
     assert (index.ntotal, index.d) == (int(mask.sum()), 12)
+    assert index.xm.dtype == (torch.float16 if candidates == "fp16" else torch.float32)
     sq, ids = index.search(x[:300], 9)
     ref_sq, ref_local = faiss.knn(x[:300], x[mask], 9)
     np.testing.assert_array_equal(ids, np.flatnonzero(mask)[ref_local])

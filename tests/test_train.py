@@ -232,6 +232,18 @@ def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_
     writer.save(0, {"epoch": 0})
     with pytest.raises(OSError):
         writer.close()
+    # an epoch's dynamics (``before``) are written first; if that fails, no checkpoint claims the epoch
+    seen = []
+    writer = _CheckpointWriter(ckpt_dir, {})
+    writer.save(3, {"epoch": 3}, before=lambda: seen.append(sorted(os.listdir(ckpt_dir))))
+
+    def broken():
+        raise OSError("disk full")
+
+    writer.save(4, {"epoch": 4}, before=broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert seen == [["ckpt-0002.pt"]] and sorted(os.listdir(ckpt_dir)) == ["ckpt-0003.pt"]
 
 
 def test_decode_only_tasks_leave_workers_without_torch(tmp_path):
