@@ -155,12 +155,15 @@ def decode_options(fn):
 @click.option("--cache-memory", default=None,
               help="Hold the decoded training rows in memory up to this size (default 2GiB), else stream them "
                    "from the on-disk cache.")
+@click.option("--checkpoint-every", type=float, default=30.0, show_default=True,
+              help="Seconds between training checkpoints (taken at the end of an epoch; a resumed run "
+                   "re-trains the epochs after the last one). 0: after every epoch.")
 @click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, cache_memory, fraction,
-          subset_seed):
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, cache_memory,
+          checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.decode import DecodeConfig
     from streamprune.scoring import compute_scores
@@ -176,7 +179,8 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
     cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, dynamics=dynamics, labels=labels,
                       adversarial=adversarial, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
-                      num_classes=num_classes, device=device, **_cache_memory(cache_memory))
+                      num_classes=num_classes, device=device, checkpoint_seconds=checkpoint_every,
+                      **_cache_memory(cache_memory))
     decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
     m = train(workspace, cfg, decode, full=full, on_error=on_error, scheduler=scheduler, force=force,
               storage_options=storage_options)

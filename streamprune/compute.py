@@ -246,14 +246,16 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int 
 
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
-              memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None) -> list:
+              memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None,
+              threads: int | None = None) -> list:
     """Run ``fn(*args)`` for each args tuple under ``scheduler``, with a progress bar.
 
     Results come back in input order.  ``weights`` (e.g. samples per task) drive the progress
     bar so that it shows samples/s; ``on_result(i, result)`` is called on the client as each
     task finishes (in completion order), exactly once per task even when a worker died and the
     task ran again.  ``retries``: re-runs of a task that raised something other than a
-    ``StreamPruneError``; ``memory_limit``: per worker of the local cluster this starts.
+    ``StreamPruneError``; ``memory_limit``: per worker of the local cluster this starts;
+    ``threads``: the pool of the "threads" scheduler (default one per core).
     """
     n = len(args_list)
     results: list[Any] = [None] * n
@@ -274,7 +276,7 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
 
     try:
         if scheduler in ("threads", "sync"):
-            _run_local(fn, args_list, scheduler, _done, desc)
+            _run_local(fn, args_list, scheduler, _done, desc, threads)
         else:
             _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc)
     finally:
@@ -282,14 +284,15 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     return results
 
 
-def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable, what: str) -> None:
+def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable, what: str,
+               threads: int | None = None) -> None:
     if scheduler == "sync":
         for i, args in enumerate(args_list):
             done(i, _call(fn, args, what))
         return
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         futures = {pool.submit(_call, fn, args, what): i for i, args in enumerate(args_list)}
         try:
             for fut in as_completed(futures):

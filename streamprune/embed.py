@@ -140,8 +140,10 @@ def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> 
     rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
     r1 = r0 + len(rows)
     emb = np.zeros((len(rows), spec["dim"]), np.float32)
+    t0 = time.perf_counter()
     if valid.any():
         emb[valid] = enc(x[valid], spec["batch_size"])
+    t_encode = time.perf_counter() - t0
     bad = valid & ~np.isfinite(emb).all(axis=1)
     cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
     for i in np.flatnonzero(bad):
@@ -160,10 +162,12 @@ def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> 
             flat /= 255.0
         labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
     url = ws.path("embeddings.zarr")
+    t0 = time.perf_counter()
     with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
         write_chunk(group, r0, emb.astype(spec["dtype"]), labels, valid)
-    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records}
+    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records,
+            "encode_s": t_encode, "write_s": time.perf_counter() - t0}
 
 
 def task_row_bytes(input_bytes: int, raw_bytes: int, dim: int) -> int:
@@ -266,7 +270,11 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
             "normalize": normalize, "device": device, "threads": threads, "dim": dim, "batch_size": batch_size,
             "dtype": dtype, "pseudo": pseudo}
 
+    busy = {"encode_s": 0.0, "write_s": 0.0, "client_s": 0.0}  # summed over chunks (over workers: CPU seconds)
+
     def _record(i: int, result: dict) -> None:
+        busy["encode_s"] += result.get("encode_s", 0.0)
+        busy["write_s"] += result.get("write_s", 0.0)
         run.mark_chunk(todo[i], {"n": result["n"], "n_valid": result["n_valid"]}, errors=result["errors"])
 
     bounds = [(c * chunk_rows, min(n, (c + 1) * chunk_rows)) for c in todo]
@@ -277,7 +285,9 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         client_enc.threads = None  # this process's torch thread count is not the task's to set
 
         def _encode_record(i: int, decoded: dict) -> None:
+            t0 = time.perf_counter()
             _record(i, encode_and_write(ws, client_enc, decoded, spec))
+            busy["client_s"] += time.perf_counter() - t0
 
         map_tasks(decode_range, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
                   unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record)
@@ -289,7 +299,9 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
     wall = time.time() - t0
     return run.commit(outputs={"embeddings": "embeddings.zarr"},
                       counts={"n": n, "n_valid": n_valid, "dim": dim},
-                      timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1)})
+                      timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1),
+                               "path": "client" if busy["client_s"] else "workers",
+                               **{k: round(v, 3) for k, v in busy.items() if v}})
 
 
 ENCODE = ("auto", "workers", "client")

@@ -43,6 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -85,6 +86,7 @@ TORCH_MAX_MACS = 2e16  # queries x indexed rows x width above which IVF-PQ beats
 TORCH_BLOCK_BYTES = 1 << 30  # one block of the (queries x indexed rows) float32 distance matrix
 TORCH_MAX_QUERY_BLOCK = 4096
 TORCH_QUERY_SPAN = 1 << 16  # query rows copied to the device (and results back) at a time
+TORCH_SEARCH_THREADS = 4  # graph chunks in flight with the torch engine: one's zarr read/write overlaps another's search
 
 
 # --------------------------------------------------------------------------- pure parameter choice
@@ -615,6 +617,30 @@ def _free_bytes(device: str | None) -> int | None:
     return 1 << 62
 
 
+_TF32 = {"depth": 0, "saved": False}
+_TF32_LOCK = threading.Lock()
+
+
+@contextmanager
+def _tf32_matmul():
+    """TF32 matmuls on CUDA while any thread is inside (the flag is process-wide: a plain
+    save-and-restore per thread could leave it on, or turn it off under another thread's search)."""
+    import torch
+
+    with _TF32_LOCK:
+        if _TF32["depth"] == 0:
+            _TF32["saved"] = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+        _TF32["depth"] += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32["depth"] -= 1
+            if _TF32["depth"] == 0:
+                torch.backends.cuda.matmul.allow_tf32 = _TF32["saved"]
+
+
 class TorchExactIndex:
     """Exact L2 search over indexed rows held on a torch device, with a faiss-like ``search``.
 
@@ -679,28 +705,23 @@ class TorchExactIndex:
         # Queries go to the device and results come back once per TORCH_QUERY_SPAN rows, not per
         # block: each host<->device copy waits for the device to drain.
         span = max(block, TORCH_QUERY_SPAN // block * block)
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        try:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            with torch.no_grad():
-                for s0 in range(0, len(q_all), span):
-                    q_span = torch.from_numpy(q_all[s0:s0 + span]).to(self.device)
-                    best_parts, id_parts = [], []
-                    for b in range(0, len(q_span), block):
-                        q = q_span[b:b + block]
-                        qm = q if self.shift is None else ((q - self.shift) * self.scale).half()
-                        approx = torch.addmm(self.sq_norms[None, :], qm, self.xm.T, beta=1.0, alpha=-2.0)
-                        cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
-                        del approx
-                        exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)
-                        best, pos = exact.topk(keep, dim=1, largest=False, sorted=True)
-                        best_parts.append(best)
-                        id_parts.append(self.ids[cand.gather(1, pos)])
-                    s1 = s0 + len(q_span)
-                    sq_out[s0:s1, :keep] = torch.cat(best_parts).cpu().numpy()
-                    id_out[s0:s1, :keep] = torch.cat(id_parts).cpu().numpy()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+        with _tf32_matmul(), torch.no_grad():
+            for s0 in range(0, len(q_all), span):
+                q_span = torch.from_numpy(q_all[s0:s0 + span]).to(self.device)
+                best_parts, id_parts = [], []
+                for b in range(0, len(q_span), block):
+                    q = q_span[b:b + block]
+                    qm = q if self.shift is None else ((q - self.shift) * self.scale).half()
+                    approx = torch.addmm(self.sq_norms[None, :], qm, self.xm.T, beta=1.0, alpha=-2.0)
+                    cand = approx.topk(wide, dim=1, largest=False, sorted=False).indices
+                    del approx
+                    exact = (self.x[cand] - q[:, None, :]).square_().sum(dim=2)
+                    best, pos = exact.topk(keep, dim=1, largest=False, sorted=True)
+                    best_parts.append(best)
+                    id_parts.append(self.ids[cand.gather(1, pos)])
+                s1 = s0 + len(q_span)
+                sq_out[s0:s1, :keep] = torch.cat(best_parts).cpu().numpy()
+                id_out[s0:s1, :keep] = torch.cat(id_parts).cpu().numpy()
         return sq_out, id_out
 
 
@@ -1158,8 +1179,10 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     n, k, cr = plan.n, plan.k, plan.chunk_rows
     if _phase_record(run, "graph-layout", plan) is None:  # new, or begun by another engine: start over
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
-        group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1)
-        group.create_array("distances", shape=(n, k), chunks=(cr, k), dtype="float32", fill_value=np.inf)
+        group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1,
+                            compressors=graph_codec())
+        group.create_array("distances", shape=(n, k), chunks=(cr, k), dtype="float32", fill_value=np.inf,
+                            compressors=graph_codec())
         group.attrs.update({"graph": plan.name, "k": k, "metric": "euclidean", "factory": plan.factory,
                             "self_excluded": True, "engine": plan.engine})
         run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine})
@@ -1174,20 +1197,33 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     weights = [min(cr, n - s) for s in starts]
     desc = f"index {plan.name} (search)"
     if plan.engine == "torch":
-        # One in-process index on the device; chunks run one after another (each still owns its zarr chunks).
+        # One in-process index on the device, searched by TORCH_SEARCH_THREADS chunks at a time: a
+        # chunk's zarr read, neighbour selection and write (~45 ms per 4096 rows of 512-d on the CPU
+        # box, against ~9 ms of search on an H200) overlap the others' searches.  Each chunk still
+        # owns its zarr chunks.
         if starts:
             emb, valid_arr, _ = open_embeddings(ws, f"index-{plan.name}")
             t1 = time.time()
             index = TorchExactIndex(emb, candidate_mask(ws, plan.name, valid_arr[:]), plan.device or "cuda")
             timings["load_s"] = round(time.time() - t1, 3)
             map_tasks(_search_chunk, [(ws, plan.name, index, s, min(n, s + cr), k, 0) for s in starts],
-                      scheduler="sync", desc=desc, unit="row", weights=weights, on_result=_record)
+                      scheduler="threads", threads=TORCH_SEARCH_THREADS, desc=desc, unit="row", weights=weights,
+                      on_result=_record)
             del index
     else:
         map_tasks(_search_task, [(ws, plan.name, run.fingerprint, plan.ondisk, params, s, min(n, s + cr), k,
                                   plan.refine) for s in starts],
                   scheduler=scheduler, desc=desc, unit="row", weights=weights, on_result=_record)
     timings["search_s"] = round(time.time() - t0, 3)
+
+
+def graph_codec():
+    """The graph arrays' compressor: Blosc LZ4 with byte shuffle.  zarr's default (Zstd) took 10.8 ms
+    to write a 4096-row chunk of a k = 20 graph on the CPU box, against 4.3 ms for this codec, and
+    its output was larger (21 MB against 18 MB for 164k rows of a real graph; 38 MB raw)."""
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, params: dict, start: int, stop: int,

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict] = {
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
               "device": "auto", "window": 10, "decay": 0.9, "full": False, "label_key": "cls", "input": "auto",
-              "image_size": None, "cache_memory": None},
+              "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
@@ -143,6 +143,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     tcfg = TrainConfig(**{k: sc[k] for k in ("model", "model_kwargs", "epochs", "batch_size", "optimizer", "lr",
                                              "weight_decay", "seed", "augment", "dynamics", "labels", "adversarial",
                                              "pgd_steps", "pgd_step_size", "num_classes", "device")},
+                       checkpoint_seconds=float(sc["checkpoint_every"]),
                        **({"memory_budget": cache_memory} if cache_memory is not None else {}))
     decode = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
     params = {"window": sc["window"], "decay": sc["decay"]}

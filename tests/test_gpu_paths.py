@@ -254,3 +254,35 @@ def test_gcn_resident_training_and_whole_graph_inference(tmp_path, device):
     pred = base["valid"] & (source != 0)
     assert pred.sum() > 300
     np.testing.assert_allclose(score[pred], cpu[pred], rtol=1e-3, atol=1e-3)
+
+
+def test_tf32_scope_is_safe_across_threads():
+    """Searches in several threads keep TF32 on while any runs and restore the caller's setting after
+    the last (a per-thread save-and-restore left it on, or cut it off under another search)."""
+    import threading
+
+    from streamprune.index import _tf32_matmul
+
+    flag = torch.backends.cuda.matmul
+    old = flag.allow_tf32
+    try:
+        flag.allow_tf32 = False
+        inside, release, seen = threading.Barrier(3), threading.Event(), []
+
+        def search():
+            with _tf32_matmul():
+                inside.wait()
+                release.wait()
+                seen.append(flag.allow_tf32)
+
+        threads = [threading.Thread(target=search) for _ in range(2)]
+        for t in threads:
+            t.start()
+        inside.wait()  # both inside
+        assert flag.allow_tf32
+        release.set()
+        for t in threads:
+            t.join()
+        assert seen == [True, True] and flag.allow_tf32 is False
+    finally:
+        flag.allow_tf32 = old

@@ -21,6 +21,7 @@ epochs = 4
 model = "mlp"
 window = 3
 input = "vector"
+checkpoint_every = 0
 [embed]
 chunk_rows = 64
 [index]

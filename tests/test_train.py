@@ -149,7 +149,7 @@ def test_mislabelled_demo_samples_stand_out(tmp_path):
 def test_training_killed_mid_epoch_resumes_identically(tmp_path):
     shards = write_shards(str(tmp_path / "data"), 4, 100, kind="npy", dim=16)
     args = ["--score", "du,el2n", "--epochs", "6", "--model", "mlp", "--batch-size", "16", "--window", "3",
-            "--scheduler", "sync", "--fraction", "0.8"]
+            "--scheduler", "sync", "--fraction", "0.8", "--checkpoint-every", "0"]
     ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
     for w in (ref, ws):
         run_cli("catalog", *shards, "-w", w, "--scheduler", "sync")
@@ -244,6 +244,11 @@ def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_
     with pytest.raises(OSError, match="disk full"):
         writer.close()
     assert seen == [["ckpt-0002.pt"]] and sorted(os.listdir(ckpt_dir)) == ["ckpt-0003.pt"]
+    # an epoch between timed checkpoints: its dynamics are written, no checkpoint, the last one stays
+    writer = _CheckpointWriter(ckpt_dir, {})
+    writer.save(5, None, before=lambda: seen.append(5))
+    writer.close()
+    assert seen[-1] == 5 and sorted(os.listdir(ckpt_dir)) == ["ckpt-0003.pt"]
 
 
 def test_decode_only_tasks_leave_workers_without_torch(tmp_path):

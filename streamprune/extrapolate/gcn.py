@@ -334,6 +334,7 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             log.info("gcn: resident training, %d seeds per step (lr %.2g) for %d steps per epoch",
                      step_batch, step_lr, resident_steps)
     res.step_batch, res.step_lr = step_batch, step_lr
+    y_dev = y.to(device) if resident is not None else None
     closure.clear()
 
     def _val() -> float:
@@ -351,15 +352,19 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             t0 = time.time()
             model.train()
             order = tr[rng.permutation(len(tr))]
+            # Resident steps index device tensors with positions copied once per epoch: a host-to-
+            # device copy per step would wait for the GPU to drain before the step could be queued.
+            order_t = torch.from_numpy(order).to(device) if resident is not None else None
             total, count = torch.zeros((), device=device), 0  # summed on the device: no sync per step
             for b in range(0, len(order), step_batch):
                 idx = order[b:b + step_batch]
                 if resident is not None:
-                    pred = resident()[torch.from_numpy(idx).to(device)]
+                    idx_t = order_t[b:b + step_batch]
+                    pred, target = resident()[idx_t], y_dev[idx_t]
                 else:
                     sub = sample_subgraph(seed_rows[idx], table, fanouts, rng)
-                    pred = subgraph_forward(model, sub, features, device)
-                loss = nn.functional.mse_loss(pred, y[idx].to(device))
+                    pred, target = subgraph_forward(model, sub, features, device), y[idx].to(device)
+                loss = nn.functional.mse_loss(pred, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
