@@ -24,6 +24,7 @@ their chunks with :func:`chunk_rows_for` so that a task's working set stays with
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import re
@@ -247,7 +248,7 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int 
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
               memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None,
-              threads: int | None = None) -> list:
+              threads: int | None = None, inflight_per_worker: int | None = None) -> list:
     """Run ``fn(*args)`` for each args tuple under ``scheduler``, with a progress bar.
 
     Results come back in input order.  ``weights`` (e.g. samples per task) drive the progress
@@ -255,7 +256,11 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     task finishes (in completion order), exactly once per task even when a worker died and the
     task ran again.  ``retries``: re-runs of a task that raised something other than a
     ``StreamPruneError``; ``memory_limit``: per worker of the local cluster this starts;
-    ``threads``: the pool of the "threads" scheduler (default one per core).
+    ``threads``: the pool of the "threads" scheduler (default one per core);
+    ``inflight_per_worker``: at most this many tasks per worker submitted and not yet handed to
+    ``on_result`` (None: all at once).  Bounds the memory of finished results waiting for a slower
+    ``on_result`` (embed's encoding in the calling process), which would otherwise hold every
+    decoded chunk on the workers.
     """
     n = len(args_list)
     results: list[Any] = [None] * n
@@ -276,27 +281,39 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
 
     try:
         if scheduler in ("threads", "sync"):
-            _run_local(fn, args_list, scheduler, _done, desc, threads)
+            _run_local(fn, args_list, scheduler, _done, desc, threads, inflight_per_worker)
         else:
-            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc)
+            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc, inflight_per_worker)
     finally:
         bar.close()
     return results
 
 
 def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable, what: str,
-               threads: int | None = None) -> None:
+               threads: int | None = None, inflight_per_worker: int | None = None) -> None:
     if scheduler == "sync":
         for i, args in enumerate(args_list):
             done(i, _call(fn, args, what))
         return
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
-        futures = {pool.submit(_call, fn, args, what): i for i, args in enumerate(args_list)}
+    workers = threads or os.cpu_count() or 1
+    window = len(args_list) if inflight_per_worker is None else max(1, inflight_per_worker * workers)
+    todo = iter(enumerate(args_list))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures: dict = {}
+
+        def submit(count: int) -> None:
+            for i, args in itertools.islice(todo, count):
+                futures[pool.submit(_call, fn, args, what)] = i
+
+        submit(window)
         try:
-            for fut in as_completed(futures):
-                done(futures[fut], fut.result())
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(futures.pop(fut), fut.result())
+                    submit(1)
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -304,18 +321,32 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
 
 
 def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | None, done: Callable,
-                     retries: int, memory_limit: str | int | None, what: str) -> None:
+                     retries: int, memory_limit: str | int | None, what: str,
+                     inflight_per_worker: int | None = None) -> None:
     from dask.distributed import as_completed
 
     with client_for(scheduler, len(args_list), memory_limit) as client:
         futures = {}
-        for i, args in enumerate(args_list):
-            fut = client.submit(_call, fn, args, what, pure=False, retries=retries)
-            futures[fut.key] = (i, fut)
+        todo = iter(enumerate(args_list))
+        if inflight_per_worker is None:
+            window = len(args_list)
+        else:
+            n_workers = len(client.scheduler_info().get("workers", {})) or os.cpu_count() or 1
+            window = max(1, inflight_per_worker * n_workers)
+
+        def submit(count: int) -> list:
+            out = []
+            for i, args in itertools.islice(todo, count):
+                fut = client.submit(_call, fn, args, what, pure=False, retries=retries)
+                futures[fut.key] = (i, fut)
+                out.append(fut)
+            return out
+
         try:
             # The client's own loop: as_completed otherwise tracks on the process's default client,
             # which is another loop when the caller already has a Client (a notebook, a test).
-            for fut in as_completed([f for _, f in futures.values()], loop=client.loop):
+            pending = as_completed(submit(window), loop=client.loop)
+            for fut in pending:
                 i = futures[fut.key][0]
                 if fut.status == "error":
                     raise StreamPruneError(_task_failure(fut.exception(), what)) from None
@@ -323,6 +354,8 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
                 # Release the result: a worker lost later must not make the cluster recompute it.
                 del futures[fut.key]
                 fut.release()
+                for nxt in submit(1):
+                    pending.add(nxt)
         finally:
             client.cancel([f for _, f in futures.values()])
 

@@ -406,3 +406,29 @@ def test_killed_ondisk_index_add_resumes_identically(tmp_path):
     assert m["counts"]["ondisk"]
     for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
         np.testing.assert_array_equal(a[:], b[:])
+
+
+def _touch(directory: str, i: int) -> int:
+    open(os.path.join(directory, str(i)), "w").close()  # the task has started
+    return i
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_map_tasks_bounds_tasks_in_flight(tmp_path, scheduler):
+    """With inflight_per_worker, tasks are submitted as results are handed over: finished results
+    waiting for a slow on_result (embed encoding in this process) cannot pile up on the workers."""
+    from streamprune.compute import worker_count
+
+    seen = []
+
+    def slow_consumer(i, value):
+        seen.append(len(os.listdir(tmp_path)))
+        time.sleep(0.05)
+
+    n = 20
+    out = map_tasks(_touch, [(str(tmp_path), i) for i in range(n)], scheduler=scheduler, threads=2,
+                    inflight_per_worker=1, on_result=slow_consumer)
+    assert out == list(range(n)) and len(seen) == n
+    window = 2 if scheduler == "threads" else worker_count(n)
+    # when the k-th result is handed over, `window` tasks were submitted first and one more after each earlier result
+    assert all(started <= window + k - 1 for k, started in enumerate(seen, 1)), seen
