@@ -587,6 +587,11 @@ def product(args, device, results: dict, write) -> None:
         raise
     finally:
         sampler.stop()
+        for key in ("train", "train-full"):  # --profile-steps: the training step profiles, into the JSON
+            path = os.path.join(ws_dir, key, "profile.txt")
+            if os.path.exists(path):
+                results.setdefault("profiles", {})[key] = open(path).read()
+                log(f"{key} profile: {results['profiles'][key].splitlines()[0]}")
 
 
 def read_markers(ws_dir: str) -> dict:
@@ -802,6 +807,9 @@ def parse_args(argv=None):
     p.add_argument("--knn-queries", type=int, default=65536,
                    help="query rows timed by the bare kNN (against all n rows; the rate is projected to n)")
     p.add_argument("--progress", action="store_true", help="show the product's progress bars")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many training steps (STREAMPRUNE_PROFILE_STEPS): per-step wall and device "
+                        "time and op tables, in the JSON under 'profiles'")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -819,6 +827,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.progress:
         os.environ["STREAMPRUNE_PROGRESS"] = "0"
+    if args.profile_steps:
+        os.environ["STREAMPRUNE_PROFILE_STEPS"] = str(args.profile_steps)
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     results: dict = {"args": {k: v for k, v in vars(args).items()}, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

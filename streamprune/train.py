@@ -351,6 +351,65 @@ def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
+PROFILE_ENV = "STREAMPRUNE_PROFILE_STEPS"
+
+
+class _StepProfiler:
+    """With ``STREAMPRUNE_PROFILE_STEPS=N``: torch.profiler over N training steps of this run, after
+    ``skip`` warm-up steps (ending early at the end of that epoch), written to ``<key>/profile.txt``:
+    wall and device kernel time per step, the device's busy fraction, and the ops by self device and
+    host time.
+
+    A diagnostic for GPU efficiency (is the device waiting on the host, and for what?); off by
+    default, and it changes no result.
+    """
+
+    def __init__(self, ws: Workspace, key: str, device: torch.device, skip: int = 10):
+        self.n = max(0, int(os.environ.get(PROFILE_ENV, "0") or 0))
+        self.ws, self.key, self.device, self.skip = ws, key, device, skip
+        self.step, self.prof, self.t0 = 0, None, 0.0
+
+    def tick(self) -> None:
+        """Called before each training step."""
+        if not self.n:
+            return
+        if self.step == self.skip:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            _sync(self.device)
+            self.prof, self.t0 = profile(activities=acts), time.perf_counter()
+            self.prof.__enter__()
+        elif self.step == self.skip + self.n:
+            self.close()
+        self.step += 1
+
+    def close(self) -> None:
+        """Stop and write (also when the epoch ended before N steps)."""
+        if self.prof is None:
+            return
+        _sync(self.device)
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        steps = max(1, self.step - self.skip)
+        ka = self.prof.key_averages()
+        kernel = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e6
+        head = (f"{steps} steps: {wall / steps * 1e3:.2f} ms per step (wall), device kernels "
+                f"{kernel / steps * 1e3:.2f} ms per step ({kernel / max(wall, 1e-9):.0%} busy)")
+        tables = [ka.table(sort_by="self_cpu_time_total", row_limit=25)]
+        if self.device.type == "cuda":
+            tables.insert(0, ka.table(sort_by="self_device_time_total", row_limit=25))
+        storage.write_bytes_atomic(self.ws.path(self.key, "profile.txt"), "\n\n".join([head, *tables]).encode(),
+                                   self.ws.storage_options)
+        log.info("%s profile: %s", self.key, head)
+        self.prof, self.n = None, 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _ckpt_name(epoch: int) -> str:
     return f"ckpt-{epoch:04d}.pt"
 
@@ -558,6 +617,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"{key} epochs", unit="epoch",
                disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
     writer = _CheckpointWriter(ckpt_dir, ws.storage_options)
+    profiler = _StepProfiler(ws, key, device)
     last_ckpt = time.time()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -567,6 +627,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
             train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None
             seen = 0
             for idx, idx_t, xb in data.batches(data.train_order(gen), cfg.batch_size):
+                profiler.tick()
                 xb = augment_batch(data.to_float(xb), cfg.augment, gen).to(device, non_blocking=True)
                 yb = labels_t[idx_t.to(labels_t.device)].to(device, non_blocking=True)
                 autotune(device, len(idx), cfg.batch_size)
@@ -583,6 +644,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                 if train_logits is not None:
                     train_logits[idx] = out.detach().float().cpu().numpy()
                     train_loss[idx] = loss_each.detach().cpu().numpy()
+            profiler.close()
             if cfg.dynamics == "train":
                 dyn = _Dyn(train_logits, train_loss)
             else:

@@ -274,3 +274,21 @@ def test_decode_only_tasks_leave_workers_without_torch(tmp_path):
         a = zarr.open_group(os.path.join(ws, "train", "cache.zarr"), mode="r")[name][:]
         b = zarr.open_group(os.path.join(ref, "train", "cache.zarr"), mode="r")[name][:]
         assert np.array_equal(a, b), name
+
+
+def test_step_profile_is_written_on_request_and_changes_nothing(tmp_path):
+    """STREAMPRUNE_PROFILE_STEPS=N profiles N steps after warm-up into train/profile.txt (per-step wall
+    and device time, op tables); the dynamics are those of an unprofiled run."""
+    shards = write_shards(str(tmp_path / "data"), 2, 60, kind="npy", dim=16)
+    args = ["--score", "du", "--epochs", "2", "--model", "mlp", "--batch-size", "8", "--window", "2",
+            "--scheduler", "sync", "--fraction", "0.9"]
+    ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
+    for w in (ref, ws):
+        run_cli("catalog", *shards, "-w", w, "--scheduler", "sync")
+    run_cli("score", "-w", ref, *args)
+    run_cli("score", "-w", ws, *args, env={"STREAMPRUNE_PROFILE_STEPS": "4"})
+    assert not os.path.exists(os.path.join(ref, "train", "profile.txt"))
+    text = open(os.path.join(ws, "train", "profile.txt")).read()
+    assert text.startswith("4 steps: ") and "ms per step (wall)" in text and "aten::" in text
+    for name in ("logits", "loss"):
+        np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
