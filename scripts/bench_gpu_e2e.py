@@ -697,7 +697,7 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
         lim = min(x for x in (fwd_b, dec_b) if x) if (fwd_b or dec_b) else None
         add("embed", wall_of("embed"), n, lim, "min(forward, decode)/s", stages["embed"])
         et = markers.get("embed", {}).get("timings", {})
-        if et.get("client_s"):  # the calling process encodes: its busy time against the stage's wall
+        if et.get("path") == "client":  # the calling process encodes: its busy time against the stage's wall
             add("  embed: encode in this process", et.get("encode_s"), n, fwd_b, "forward img/s")
             add("  embed: zarr writes", et.get("write_s"), n)
             add("  embed: this process busy (encode+write)", et.get("client_s"), n)

@@ -279,7 +279,8 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
 
     bounds = [(c * chunk_rows, min(n, (c + 1) * chunk_rows)) for c in todo]
     weights = [r1 - r0 for r0, r1 in bounds]
-    if encode_in_client(encode, probe_enc, scheduler):
+    in_client = encode_in_client(encode, probe_enc, scheduler)
+    if in_client:
         # Workers decode; this process encodes each chunk as it arrives, on its one GPU, and writes it.
         client_enc = probe_enc
         client_enc.threads = None  # this process's torch thread count is not the task's to set
@@ -304,7 +305,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
     return run.commit(outputs={"embeddings": "embeddings.zarr"},
                       counts={"n": n, "n_valid": n_valid, "dim": dim},
                       timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1),
-                               "path": "client" if busy["client_s"] else "workers",
+                               "path": "client" if in_client else "workers",
                                **{k: round(v, 3) for k, v in busy.items() if v}})
 
 

@@ -546,7 +546,7 @@ def exact_knn(queries: np.ndarray, query_rows: np.ndarray, blocks, k: int,
     """Exact k nearest rows (self excluded) of ``queries`` over (rows, vectors) ``blocks``.
 
     faiss on the CPU, or with ``device`` float64 arithmetic with torch there (the torch engine's
-    recall check on a GPU: independent of its TF32 candidate search, and no CPU pass over N rows).
+    recall check on a GPU: independent of its fp16 candidate search, and no CPU pass over N rows).
     """
     if device is not None:
         return _exact_knn_torch(queries, query_rows, blocks, k, device)
@@ -623,9 +623,10 @@ _TF32_LOCK = threading.Lock()
 
 
 @contextmanager
-def _tf32_matmul():
+def tf32_matmul():
     """TF32 matmuls on CUDA while any thread is inside (the flag is process-wide: a plain
-    save-and-restore per thread could leave it on, or turn it off under another thread's search)."""
+    save-and-restore per thread could leave it on, or turn it off under another thread's search).
+    Used by this module's search and by the GCN's training and whole-graph forward."""
     import torch
 
     with _TF32_LOCK:
@@ -712,7 +713,7 @@ class TorchExactIndex:
         # Queries go to the device and results come back once per TORCH_QUERY_SPAN rows, not per
         # block: each host<->device copy waits for the device to drain.
         span = max(block, TORCH_QUERY_SPAN // block * block)
-        with _tf32_matmul(), torch.no_grad():
+        with tf32_matmul(), torch.no_grad():
             for s0 in range(0, len(q_all), span):
                 q_span = torch.from_numpy(q_all[s0:s0 + span]).to(self.device)
                 best_parts, id_parts = [], []

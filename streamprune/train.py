@@ -377,7 +377,7 @@ class _StepProfiler:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            _sync(self.device)
+            sync_device(self.device)
             self.prof, self.t0 = profile(activities=acts), time.perf_counter()
             self.prof.__enter__()
         elif self.step == self.skip + self.n:
@@ -388,7 +388,7 @@ class _StepProfiler:
         """Stop and write (also when the epoch ended before N steps)."""
         if self.prof is None:
             return
-        _sync(self.device)
+        sync_device(self.device)
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         steps = max(1, self.step - self.skip)
@@ -405,7 +405,8 @@ class _StepProfiler:
         self.prof, self.n = None, 0
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for CUDA work queued on ``device`` (nothing to wait for elsewhere): for wall-clock timings."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -261,7 +261,7 @@ def test_tf32_scope_is_safe_across_threads():
     the last (a per-thread save-and-restore left it on, or cut it off under another search)."""
     import threading
 
-    from streamprune.index import _tf32_matmul
+    from streamprune.index import tf32_matmul
 
     flag = torch.backends.cuda.matmul
     old = flag.allow_tf32
@@ -270,7 +270,7 @@ def test_tf32_scope_is_safe_across_threads():
         inside, release, seen = threading.Barrier(3), threading.Event(), []
 
         def search():
-            with _tf32_matmul():
+            with tf32_matmul():
                 inside.wait()
                 release.wait()
                 seen.append(flag.allow_tf32)

@@ -24,7 +24,6 @@ See docs/gcn.md for the normalisation, the sampler, the memory bound and localit
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import logging
@@ -47,6 +46,7 @@ from streamprune.extrapolate.common import (as_workspace, marker_key, output_pat
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
 from streamprune.heap import bound_heap, trim_heap
+from streamprune.index import tf32_matmul
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,9 @@ class GCN(nn.Module):
         once and reused by every step over the same graph (resident training): the step then runs
         the first layer as a dense ``(A X) W`` with no sparse product in its forward or backward.
         """
-        conv = self.convs[0]
-        h = conv.lin(ax)
-        if conv.bias is not None:
-            h = h + conv.bias
-        if self.n_layers > 1:
-            h = torch.relu(h)
-            if self.dropout > 0:
-                h = nn.functional.dropout(h, self.dropout, self.training)
+        h = after_aggregation(self.convs[0], ax, relu=self.n_layers > 1)
+        if self.n_layers > 1 and self.dropout > 0:
+            h = nn.functional.dropout(h, self.dropout, self.training)
         return self._layers(h, adjs[1:], 1, base)
 
     def _layers(self, x: torch.Tensor, adjs: Sequence[torch.Tensor], first: int,
@@ -126,11 +121,16 @@ def apply_conv(conv: nn.Module, x: torch.Tensor, adj: torch.Tensor, relu: bool) 
     nnz = adj.values().numel() if adj.layout == torch.sparse_csr else n_in
     a, b = conv.in_channels, conv.out_channels
     if n_out * a * b + nnz * a < n_in * a * b + nnz * b:
-        h = conv.lin(torch.sparse.mm(adj, x))
-        if conv.bias is not None:
-            h = h + conv.bias
-    else:
-        h = conv(x, adj)
+        return after_aggregation(conv, torch.sparse.mm(adj, x), relu)
+    h = conv(x, adj)
+    return torch.relu(h) if relu else h
+
+
+def after_aggregation(conv: nn.Module, ax: torch.Tensor, relu: bool) -> torch.Tensor:
+    """A GCNConv's map from its aggregated input ``A X``: ``(A X) W + b``, then ReLU if asked."""
+    h = conv.lin(ax)
+    if conv.bias is not None:
+        h = h + conv.bias
     return torch.relu(h) if relu else h
 
 
@@ -157,26 +157,6 @@ def device_features(features: Features, rows: np.ndarray, device: torch.device |
     return x
 
 
-@contextlib.contextmanager
-def fast_matmul(device: torch.device):
-    """TF32 dense matmuls on CUDA inside the block (a GCN regression needs no more than TF32's 10-bit
-    mantissa; the sparse products are not affected); nothing changes elsewhere."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
                       timings: dict | None = None) -> np.ndarray:
     """Standardised predictions of every row from one whole-graph forward (small graphs; the GPU path).
@@ -192,16 +172,18 @@ def predict_in_memory(model: GCN, features: Features, table: GraphTable, device:
     if any(p.device != device for p in model.parameters()):
         model = copy.deepcopy(model).to(device)
     model.eval()
-    with torch.no_grad(), fast_matmul(device):
+    from streamprune.train import sync_device
+
+    with torch.no_grad(), tf32_matmul():
         adjs = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
         x = device_features(features, sub.nodes, device)
         del sub
-        _sync(device)
+        sync_device(device)
         t2 = time.perf_counter()
         out = model(x, adjs)[:, 0]
-        _sync(device)
+        sync_device(device)
         t3 = time.perf_counter()
         out = out.cpu().numpy()
     if timings is not None:
@@ -344,7 +326,7 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
                 return pearson(resident()[torch.from_numpy(va)].cpu().numpy(), y_all[va])
         return pearson(_predict_seeds(model, seed_rows[va], features, table, batch_size, device), y_all[va])
 
-    with fast_matmul(device):  # TF32 GEMMs on CUDA
+    with tf32_matmul():  # TF32 GEMMs on CUDA
         best, best_state = _val(), copy.deepcopy(model.state_dict())
         best = best if np.isfinite(best) else -np.inf
         res.history.append({"epoch": 0, "train_loss": None, "val_pearson": _finite(best)})
