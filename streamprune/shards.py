@@ -90,10 +90,17 @@ def split_name(name: str) -> tuple[str, str] | None:
     return head + stem, ext.lower()
 
 
+_PATH_CHARS = re.compile(r"[/\\:\x00]")
+_DRIVE = re.compile(r"[A-Za-z]:[/\\]")
+_SEPARATORS = re.compile(r"[/\\]")
+
+
 def unsafe_name(name: str) -> bool:
     """A member name that must never reach a filesystem path: absolute or with '..' parts."""
-    return (name.startswith(("/", "\\")) or "\x00" in name or re.match(r"[A-Za-z]:[/\\]", name) is not None
-            or any(p == ".." for p in re.split(r"[/\\]", name)))
+    if _PATH_CHARS.search(name) is None:  # the common case, a bare 'key.ext': one scan
+        return name == ".."
+    return (name.startswith(("/", "\\")) or "\x00" in name or _DRIVE.match(name) is not None
+            or any(p == ".." for p in _SEPARATORS.split(name)))
 
 
 def iter_members(fileobj: BinaryIO, shard: str, handler: ErrorPolicy, read_data: bool = False,
@@ -232,9 +239,10 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
                 handler.handle(SampleError(f"shard is shorter than catalogued (wanted bytes {start}-{stop})", url,
                                            keys[run[0]], reason="changed_shard"))
                 continue
+            parse = ErrorPolicy("skip", stage=handler.stage, quiet=True)  # one report per sample, below
             for j in run:
                 o, e = int(offs[j]) - start, int(ends[j]) - start
-                parse = ErrorPolicy("skip", stage=handler.stage, quiet=True)  # one report per sample, below
+                parse.records.clear()
                 got = read_sample_range(url, int(offs[j]), int(ends[j]), handler=parse, data=blob[o:e],
                                         max_member_bytes=cat.max_member_bytes)
                 if parse.records or len(got) != 1 or got[0].key != keys[j]:

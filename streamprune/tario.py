@@ -46,7 +46,7 @@ def _octal(field: bytes, what: str, offset: int) -> int:
     text = field.split(b"\0", 1)[0].strip(b" \0")
     if not text:
         return 0
-    if not all(48 <= c <= 55 for c in text):  # int() would accept signs, '_' and spaces inside
+    if text.translate(None, b"01234567"):  # int() would accept signs, '_' and spaces inside
         raise TarError(f"bad {what} field in tar header", offset)
     return int(text, 8)
 
@@ -56,7 +56,7 @@ def _checksum_ok(hdr: bytes, offset: int) -> bool:
         stored = _octal(hdr[148:156], "checksum", offset)
     except TarError:
         return False
-    unsigned = sum(hdr[:148]) + 8 * 32 + sum(hdr[156:])
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
     if stored == unsigned:
         return True
     signed = sum((b - 256 if b > 127 else b) for b in hdr[:148] + hdr[156:]) + 8 * 32

@@ -99,3 +99,25 @@ def test_oversized_member_rejected(tmp_path):
     policy = ErrorPolicy("skip")
     assert [s.key for s in iter_samples(path, policy, max_member_bytes=1000)] == ["a", "c"]
     assert policy.records[0]["key"] == "b" and policy.records[0]["reason"] == "too_large"
+
+
+def test_unsafe_name_cases():
+    """The one-scan fast path for bare names decides exactly as the full check does."""
+    from streamprune.shards import unsafe_name
+
+    unsafe = ["..", "../x.png", "/abs.png", "\\abs.png", "a/../b.png", "a\\..\\b.png", "C:/w.png", "c:\\w.png",
+              "x\x00y.png", "a/..", "..\\x"]
+    safe = ["k.png", "a..b.png", "..x.png", "x...png", "dir/k.png", "a:b.png", "C:w.png", "dir\\k.png", "d/e/f.cls"]
+    assert [n for n in unsafe if not unsafe_name(n)] == []
+    assert [n for n in safe if unsafe_name(n)] == []
+
+
+@pytest.mark.parametrize("field", [b"+0000017\0", b"00 0017\0", b"0_00017\0", b"0000018\0", b"-000017\0"])
+def test_bad_octal_size_is_a_tar_error(field):
+    """A size field int() would accept ('+', '_', inner space) or with a non-octal digit is corruption."""
+    blob = bytearray(_tar_bytes([("a.cls", b"1" * 15)], tarfile.USTAR_FORMAT))
+    blob[124:124 + len(field)] = field
+    blob[148:156] = b"        "
+    blob[148:155] = b"%06o\0" % sum(blob[:512])
+    with pytest.raises(TarError, match="bad size field"):
+        list(iter_tar(io.BytesIO(bytes(blob))))
