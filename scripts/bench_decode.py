@@ -14,8 +14,9 @@ bytes, nothing else) for:
 
     python scripts/bench_decode.py --n 100000 --workdir /tmp/bench-decode --out decode.json
 
-Shards are synthetic 32-px RGB PNGs (those of ``bench_gpu_e2e.py``); a re-used ``--workdir`` keeps
-them.
+Shards are synthetic 32-px RGB PNGs, those of ``bench_gpu_e2e.py`` (same generator and seed): a
+``--workdir`` of that benchmark re-uses its shards (``scripts/gpu_session.sh`` runs this one after
+N=100000 that way).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
 
     paths, _ = e2e.write_shards(os.path.join(args.workdir, "shards"), args.n, None, 0, args.workers)
-    ws = Workspace(os.path.join(args.workdir, "ws"))
+    ws = Workspace(os.path.join(args.workdir, "ws-decode"))
     catalog(paths, ws, scheduler="threads")
     subset(ws, fraction=0.2, seed=0)
     rows = subset_rows(ws)

@@ -18,6 +18,8 @@
 #   BENCH_ARGS=""          extra arguments for every run (e.g. "--skip-bare" or "--stages embed")
 #   GPU_TESTS=1            first run tests/test_gpu_paths.py (its CUDA tests run only there; ~1 min),
 #                          so a broken CUDA path shows before the benchmark spends the lease
+#   DECODE_BENCH=1         after N=100000, scripts/bench_decode.py on its shards (~30 s): the product's
+#                          read + decode path, in-process and as dask tasks, against bare PNG decoding
 #   REUSE_BARE=1           later sizes take the size-independent bare figures (train, forward, decode)
 #                          from the first size's run instead of measuring them again (kNN and GCN,
 #                          which depend on N, are always measured per size)
@@ -99,5 +101,10 @@ for n in "${SIZES[@]}"; do
   timeout -s INT -k 60 "$limit" $PY scripts/bench_gpu_e2e.py --n "$n" --epochs "$epochs" $full \
     --workdir "$WORKDIR/$n" --out "$OUT/bench-$n.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$n.log"
   echo "== N=$n: exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s in all"
+  if [ "$n" = 100000 ] && [ "${DECODE_BENCH:-1}" = 1 ]; then
+    timeout -k 10 120 $PY scripts/bench_decode.py --n "$n" --workdir "$WORKDIR/$n" --out "$OUT/decode-$n.json" \
+      2>&1 | grep -v "distributed\." | tee "$OUT/decode-$n.log"
+    echo "== decode benchmark: exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s in all"
+  fi
   [ -z "${FIRST_BARE:-}" ] && [ -f "$WORKDIR/$n/bare-$n.json" ] && FIRST_BARE="$WORKDIR/$n/bare-$n.json"
 done

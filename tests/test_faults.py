@@ -323,6 +323,39 @@ def test_shared_local_cluster_serves_every_local_stage_once():
     assert not (after & pids)
 
 
+def _profiler_enabled() -> bool:
+    import dask
+
+    return dask.config.get("distributed.worker.profile.enabled")
+
+
+def _profiler_thread_samples(_i: int) -> bool:
+    """Whether this worker's statistical profiler collected anything while a task ran."""
+    from distributed import get_worker
+
+    deadline = time.time() + 0.3
+    while time.time() < deadline:
+        sum(range(10_000))  # Python work the profiler would sample
+    return bool(get_worker().profile_recent.get("count", 0))
+
+
+def test_local_workers_run_without_the_statistical_profiler():
+    """The local clusters' workers (own and shared) run with dask's 10 ms stack sampler off, which
+    costs ~8 % of a decode task's CPU; the calling process's dask config is left as it was."""
+    import dask
+    import distributed  # noqa: F401 - loads distributed's config defaults
+
+    from streamprune import compute
+
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # dask's default, here
+    with compute.client_for("local", 2) as client:
+        assert set(client.run(_profiler_enabled).values()) == {False}
+        assert map_tasks(_profiler_thread_samples, [(0,)], scheduler=client.scheduler.address) == [False]
+    with compute.shared_local_cluster(), compute.client_for("local") as client:
+        assert set(client.run(_profiler_enabled).values()) == {False}
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
 def test_stage_tracks_tasks_on_its_own_client_not_the_callers():
     """A caller that already holds a Client (a notebook, a test harness) is the current client of
     its thread, on another event loop.  The stage must wait for its tasks on its own client's
