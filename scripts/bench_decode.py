@@ -47,21 +47,47 @@ def in_process(ws, rows: np.ndarray, reps: int) -> float:
     return len(rows) / best
 
 
-def embed_reader_tasks(ws, n: int, chunk: int, workers: int) -> float:
-    """rows/s of decode_range tasks over all rows, each result received here and dropped."""
+def _timed(fn, *args) -> dict:
+    """Run a task, keep its small outputs and its wall and CPU seconds (this process's, all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return {"n": int(len(out["valid"])) if "valid" in out else int(out["n"]),
+            "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def _shipped(fn, *args) -> dict:
+    """Like :func:`_timed`, but the task's whole result comes back (embed ships each decoded chunk)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    out["timing"] = {"n": len(out["valid"]), "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    return out
+
+
+def _task_figures(results: list[dict], wall: float, workers: int) -> dict:
+    rows = sum(r["n"] for r in results)
+    busy = sum(r["wall"] for r in results)
+    return {"per_s": rows / wall, "task_wall_us_per_row": busy / rows * 1e6,
+            "task_cpu_us_per_row": sum(r["cpu"] for r in results) / rows * 1e6,
+            "workers_busy": busy / (wall * workers)}
+
+
+def embed_reader_tasks(ws, n: int, chunk: int, workers: int) -> dict:
+    """decode_range tasks over all rows, each decoded chunk shipped here and dropped."""
     from streamprune.compute import map_tasks
     from streamprune.decode import DecodeConfig
     from streamprune.decode_tasks import decode_range
 
     spec = {"on_error": "fail", "decode": DecodeConfig().to_dict(), "input_shape": (3, 32, 32)}
-    args = [(ws, r0, min(n, r0 + chunk), spec) for r0 in range(0, n, chunk)]
+    timings: list[dict] = []
+    args = [(decode_range, ws, r0, min(n, r0 + chunk), spec) for r0 in range(0, n, chunk)]
     t0 = time.perf_counter()
-    map_tasks(decode_range, args, scheduler="local", on_result=lambda i, r: r.clear(), inflight_per_worker=2)
-    return n / (time.perf_counter() - t0)
+    map_tasks(_shipped, args, scheduler="local", on_result=lambda i, r: timings.append(r["timing"]) or r.clear(),
+              inflight_per_worker=2)
+    return _task_figures(timings, time.perf_counter() - t0, workers)
 
 
-def cache_tasks(ws, rows: np.ndarray, chunk: int) -> float:
-    """rows/s of the training cache's decode tasks over ``rows`` (written to <ws>/bench/cache.zarr)."""
+def cache_tasks(ws, rows: np.ndarray, chunk: int, workers: int) -> dict:
+    """The training cache's decode tasks over ``rows`` (written to <ws>/bench/cache.zarr)."""
     import zarr
 
     from streamprune import storage
@@ -74,11 +100,11 @@ def cache_tasks(ws, rows: np.ndarray, chunk: int) -> float:
     g.create_array("x", shape=(m, 3, 32, 32), chunks=(chunk, 3, 32, 32), dtype="uint8", compressors=None)
     g.create_array("labels", shape=(m,), chunks=(chunk,), dtype="int64", fill_value=-1)
     g.create_array("valid", shape=(m,), chunks=(chunk,), dtype="bool", fill_value=False)
-    args = [(ws, "bench", rows[s:s + chunk], s, DecodeConfig().to_dict(), "fail", (3, 32, 32), None)
+    args = [(cache_rows, ws, "bench", rows[s:s + chunk], s, DecodeConfig().to_dict(), "fail", (3, 32, 32), None)
             for s in range(0, m, chunk)]
     t0 = time.perf_counter()
-    map_tasks(cache_rows, args, scheduler="local")
-    return m / (time.perf_counter() - t0)
+    out = map_tasks(_timed, args, scheduler="local")
+    return _task_figures(out, time.perf_counter() - t0, workers)
 
 
 def main() -> None:
@@ -116,8 +142,10 @@ def main() -> None:
     with shared_local_cluster():
         with client_for("local"):
             pass  # start the shared workers before timing
-        res["tasks_embed_reader_per_s"] = embed_reader_tasks(ws, args.n, args.chunk, args.workers)
-        res["tasks_cache_per_s"] = cache_tasks(ws, rows, args.cache_chunk)
+        res["embed_reader_tasks"] = embed_reader_tasks(ws, args.n, args.chunk, args.workers)
+        res["cache_tasks"] = cache_tasks(ws, rows, args.cache_chunk, args.workers)
+    res["tasks_embed_reader_per_s"] = res["embed_reader_tasks"]["per_s"]
+    res["tasks_cache_per_s"] = res["cache_tasks"]["per_s"]
 
     print(f"{'path':<34}{'rows/s':>12}{'bare rows/s':>14}{'ratio':>8}")
     for label, key, ref in (("in-process, contiguous rows", "in_process_contiguous_per_s", bare1),
@@ -126,6 +154,12 @@ def main() -> None:
                             (f"cache tasks, {args.workers} workers", "tasks_cache_per_s", bare)):
         res[key.replace("_per_s", "_ratio")] = res[key] / ref
         print(f"{label:<34}{res[key]:>12,.0f}{ref:>14,.0f}{res[key] / ref:>8.2f}")
+    print(f"bare decode: {1e6 / bare1:.0f} us per image in one process, {args.workers * 1e6 / bare:.0f} on each of "
+          f"{args.workers}; in-process decode_rows: {1e6 / res['in_process_contiguous_per_s']:.0f} us per row")
+    for key in ("embed_reader_tasks", "cache_tasks"):
+        t = res[key]
+        print(f"{key}: in the task {t['task_wall_us_per_row']:.0f} us per row wall, {t['task_cpu_us_per_row']:.0f} "
+              f"CPU (the worker process, all threads); workers busy {t['workers_busy']:.0%} of the stage")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
