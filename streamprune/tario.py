@@ -83,6 +83,9 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+_NO_FIELDS: dict[str, str] = {}  # shared, never written: most members have no pax records
+
+
 class _Reader:
     def __init__(self, f: BinaryIO, base: int):
         self.f = f
@@ -144,7 +147,7 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
             return
         if len(hdr) < BLOCK:
             raise TarError("truncated tar header", start)
-        if hdr.count(0) == BLOCK:
+        if hdr[0] == 0 and hdr.count(0) == BLOCK:  # a member's header starts with its name
             return  # end-of-archive marker
         if not _checksum_ok(hdr, start):
             raise TarError("bad tar header checksum (corrupt or not a tar file)", start)
@@ -172,7 +175,7 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
             elif kind == b"g":
                 global_pax.update(_pax_records(data))
             continue
-        fields = {**global_pax, **pax}
+        fields = {**global_pax, **pax} if pax or global_pax else _NO_FIELDS
         if "size" in fields:
             if not fields["size"].isascii() or not fields["size"].isdigit():
                 raise TarError(f"bad pax size record {fields['size'][:30]!r}", start)
@@ -183,10 +186,11 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
         long_name, pax, first_offset = None, {}, None
         regular = kind in (b"0", b"\0", b"7")
         if regular and read_data and (max_member_bytes is None or size <= max_member_bytes):
-            data = r.read(padded)
+            data = r.read(size)  # the payload only: no second copy to cut the padding off
             if len(data) < size:
                 raise TarError(f"truncated tar inside member {full_name}", r.pos)
-            yield RawMember(full_name, offset, data_offset, data_offset + padded, size, data[:size])
+            r.skip(padded - size)  # a short final padding block is tolerated, as before
+            yield RawMember(full_name, offset, data_offset, data_offset + padded, size, data)
             continue
         if not r.skip(padded):
             if r.pos - data_offset < size:

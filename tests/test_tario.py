@@ -121,3 +121,14 @@ def test_bad_octal_size_is_a_tar_error(field):
     blob[148:155] = b"%06o\0" % sum(blob[:512])
     with pytest.raises(TarError, match="bad size field"):
         list(iter_tar(io.BytesIO(bytes(blob))))
+
+
+def test_member_whose_padding_is_cut_off_is_still_read():
+    """A last member complete up to its payload, with its padding (and the end blocks) cut off, is
+    delivered whole; one byte short of its payload is a truncation."""
+    data = _tar_bytes([("a.cls", b"0123456789abcde")], tarfile.USTAR_FORMAT)
+    cut = data[:512 + 15]
+    ms = list(iter_tar(io.BytesIO(cut)))
+    assert [(m.name, m.data, m.end) for m in ms] == [("a.cls", b"0123456789abcde", 1024)]
+    with pytest.raises(TarError, match="truncated tar inside member a.cls"):
+        list(iter_tar(io.BytesIO(cut[:-1])))
