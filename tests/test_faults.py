@@ -342,10 +342,13 @@ def _profiler_thread_samples(_i: int) -> bool:
 def test_local_workers_run_without_the_statistical_profiler():
     """The local clusters' workers (own and shared) run with dask's 10 ms stack sampler off, which
     costs ~8 % of a decode task's CPU; the calling process's dask config is left as it was."""
+    import importlib
+
     import dask
-    import distributed  # noqa: F401 - loads distributed's config defaults
 
     from streamprune import compute
+
+    importlib.import_module("distributed")  # loads distributed's config defaults into dask.config
 
     assert dask.config.get("distributed.worker.profile.enabled") is True  # dask's default, here
     with compute.client_for("local", 2) as client:
