@@ -255,6 +255,40 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int 
         client.close()
 
 
+class OneBehind:
+    """Calls run in one background thread, one at a time, at most one pending: :meth:`submit` first
+    waits for the previous call (re-raising its error in the caller), so the caller works at most one
+    step ahead of the background (a chunk's write while the next chunk is computed).
+
+    :meth:`close` waits for the last call and re-raises its error (``quiet``: swallowed, for a caller
+    already unwinding from its own error), then stops the thread.
+    """
+
+    def __init__(self, name: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending = None
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self, quiet: bool = False) -> None:
+        try:
+            self.wait()
+        except BaseException:
+            if not quiet:
+                raise
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
               memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None,

@@ -33,7 +33,7 @@ import torch
 import zarr
 
 from streamprune import storage
-from streamprune.compute import chunk_rows_for, disk_errors, map_tasks, parse_memory
+from streamprune.compute import OneBehind, chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import decode_range
 from streamprune.errors import StreamPruneError
@@ -132,17 +132,23 @@ def _embed_task(ws: Workspace, fp: str, r0: int, r1: int, spec: dict) -> dict:
 
 
 def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> dict:
-    """Mapper + writer of one chunk decoded by :func:`~streamprune.decode_tasks.decode_range`: embeddings,
-    the NaN check, pseudo-labels, the zarr write."""
+    """Mapper + writer of one chunk decoded by :func:`~streamprune.decode_tasks.decode_range`."""
+    return write_encoded(ws, encode_chunk(ws, enc, decoded, spec), spec)
+
+
+def encode_chunk(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> dict:
+    """Mapper of one decoded chunk: embeddings, the NaN check, pseudo-labels (nothing written)."""
     r0, x, labels, valid = decoded["r0"], decoded["x"], decoded["labels"], decoded["valid"]
     handler = ErrorPolicy(spec["on_error"], stage="embed")
     handler.records = list(decoded["errors"])  # the reader's reports come first
     rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
-    r1 = r0 + len(rows)
-    emb = np.zeros((len(rows), spec["dim"]), np.float32)
     t0 = time.perf_counter()
-    if valid.any():
-        emb[valid] = enc(x[valid], spec["batch_size"])
+    if valid.all():  # the usual chunk: no gather of the inputs, no scatter of the outputs (~12 MB each)
+        emb = enc(x, spec["batch_size"]) if len(rows) else np.zeros((0, spec["dim"]), np.float32)
+    else:
+        emb = np.zeros((len(rows), spec["dim"]), np.float32)
+        if valid.any():
+            emb[valid] = enc(x[valid], spec["batch_size"])
     t_encode = time.perf_counter() - t0
     bad = valid & ~np.isfinite(emb).all(axis=1)
     cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
@@ -152,7 +158,8 @@ def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> 
         shard = cat.shards.url.iloc[int(cat.shard_of([rows[i]])[0])]
         handler.handle(SampleError("embedding contains NaN/inf", shard, str(cat.keys([rows[i]])[0]), reason="nan"))
     valid &= ~bad
-    emb[~valid] = 0
+    if not valid.all():
+        emb[~valid] = 0
     if spec["pseudo"] is not None:
         from streamprune.pseudo import assign
 
@@ -161,13 +168,21 @@ def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> 
         if flat.dtype == np.float32 and x.dtype == np.uint8:
             flat /= 255.0
         labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
+    return {"r0": r0, "emb": emb, "labels": labels, "valid": valid, "errors": handler.records,
+            "encode_s": t_encode}
+
+
+def write_encoded(ws: Workspace, encoded: dict, spec: dict) -> dict:
+    """Writer of one encoded chunk (:func:`encode_chunk`) into embeddings.zarr; the chunk's record."""
+    r0, emb, labels, valid = encoded["r0"], encoded["emb"], encoded["labels"], encoded["valid"]
+    r1 = r0 + len(labels)
     url = ws.path("embeddings.zarr")
     t0 = time.perf_counter()
     with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
-        write_chunk(group, r0, emb.astype(spec["dtype"]), labels, valid)
-    return {"n": len(rows), "n_valid": int(valid.sum()), "errors": handler.records,
-            "encode_s": t_encode, "write_s": time.perf_counter() - t0}
+        write_chunk(group, r0, emb.astype(spec["dtype"], copy=False), labels, valid)
+    return {"n": len(labels), "n_valid": int(valid.sum()), "errors": encoded["errors"],
+            "encode_s": encoded["encode_s"], "write_s": time.perf_counter() - t0}
 
 
 def task_row_bytes(input_bytes: int, raw_bytes: int, dim: int) -> int:
@@ -285,17 +300,32 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         client_enc = probe_enc
         client_enc.threads = None  # this process's torch thread count is not the task's to set
 
+        # Each chunk's zarr write (~20 ms for 4096 x 512 float32 on the CPU box) and its record run in
+        # a background thread while this one encodes the next chunk; a chunk is recorded done only
+        # after its write, so a run killed in between re-does it.
+        writer = OneBehind("streamprune-embed-write")
+
+        def _write_record(i: int, encoded: dict) -> None:
+            with disk_errors("embed"):
+                _record(i, write_encoded(ws, encoded, spec))
+
         def _encode_record(i: int, decoded: dict) -> None:
             t0 = time.perf_counter()
-            _record(i, encode_and_write(ws, client_enc, decoded, spec))
+            encoded = encode_chunk(ws, client_enc, decoded, spec)
             busy["client_s"] += time.perf_counter() - t0
+            writer.submit(_write_record, i, encoded)  # waits for the previous chunk's write
 
         # Two chunks per worker in flight: decoded chunks wait for this process on the workers, so
         # without a bound an encoder slower than the decoders would hold all N rows there (host
         # RSS at 1M rows was +39 % over 100k on the GPU host, the other stages -11 to +6 %).
-        map_tasks(decode_range, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
-                  unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record,
-                  inflight_per_worker=2)
+        try:
+            map_tasks(decode_range, [(ws, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler, desc="embed",
+                      unit="row", memory_limit=memory_limit, weights=weights, on_result=_encode_record,
+                      inflight_per_worker=2)
+        except BaseException:
+            writer.close(quiet=True)  # the pending write finishes (and is recorded) or fails quietly
+            raise
+        writer.close()
     else:
         map_tasks(_embed_task, [(ws, run.fingerprint, r0, r1, spec) for r0, r1 in bounds], scheduler=scheduler,
                   desc="embed", unit="row", memory_limit=memory_limit, weights=weights, on_result=_record)

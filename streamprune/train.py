@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from streamprune import storage
 from streamprune.adversarial import parse_attack, pgd
-from streamprune.compute import map_tasks
+from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError
@@ -439,17 +439,13 @@ class _CheckpointWriter:
     """
 
     def __init__(self, ckpt_dir: str, storage_options: dict):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.ckpt_dir, self.storage_options = ckpt_dir, storage_options
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-ckpt")
-        self.pending = None
+        self.background = OneBehind("streamprune-ckpt")
 
     def save(self, epoch: int, snapshot: dict | None, before: Callable[[], None] | None = None) -> None:
         """Write ``snapshot`` as epoch ``epoch``'s checkpoint (None: no checkpoint), after
         ``before()`` (the epoch's dynamics: a checkpoint on disk means its epoch's dynamics are too)."""
-        self.wait()
-        self.pending = self.pool.submit(self._write, epoch, snapshot, before)
+        self.background.submit(self._write, epoch, snapshot, before)
 
     def _write(self, epoch: int, snapshot: dict | None, before: Callable[[], None] | None = None) -> None:
         if before is not None:
@@ -461,15 +457,10 @@ class _CheckpointWriter:
             storage.remove(storage.join(self.ckpt_dir, old), self.storage_options)
 
     def wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
+        self.background.wait()
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
+        self.background.close()
 
 
 def _save(url: str, obj: dict, storage_options: dict) -> None:

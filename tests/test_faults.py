@@ -146,6 +146,38 @@ def test_disk_full_during_embed_fails_cleanly_and_resumes(trained, tmp_path):
     _assert_same_embeddings(trained["ref"], ws)
 
 
+@pytest.mark.slow
+def test_disk_full_during_client_path_embed_fails_cleanly_and_resumes(trained, tmp_path):
+    """The GPU layout (this process encodes, a background thread writes each chunk and records it):
+    a failed write stops the stage with the writer's one line, every recorded chunk is complete,
+    and a re-run resumes to the same embeddings."""
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    pattern = os.path.join(ws, "_stages", "embed", "*", "chunks", "*.json")
+    code = _fill_disk_code(pattern, 3, 2048, []).replace(
+        "from streamprune.cli import cli\ncli([], prog_name='streamprune')\n",
+        "import sys\nfrom streamprune.embed import embed\nfrom streamprune.errors import StreamPruneError\n"
+        "try:\n"
+        f"    embed({ws!r}, chunk_rows={CHUNK}, scheduler='sync', encode='client')\n"
+        "except StreamPruneError as exc:\n"
+        "    sys.exit(f'Error: {exc}')\n")
+    assert "encode='client'" in code
+    out = _run_code(code, {"STREAMPRUNE_TASK_DELAY": "0.2"})
+    assert out.returncode == 1, out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: embed: writing rows ") and "file too large (EFBIG)" in line, out.stderr
+    assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
+    done = [int(c) for c in _records(ws, "embed")]
+    assert 3 <= len(done) < N_ROWS // CHUNK
+    dim = trained["ref"][0].shape[1]
+    for c in done:  # recorded only after its write: complete
+        assert os.path.getsize(os.path.join(ws, "embeddings.zarr", "emb", "c", str(c), "0")) == CHUNK * dim * 4
+    from streamprune.embed import embed
+
+    m = embed(ws, chunk_rows=CHUNK, scheduler="sync", encode="client")
+    assert m["timings"]["path"] == "client" and m["counts"]["n"] == N_ROWS
+    _assert_same_embeddings(trained["ref"], ws)
+
+
 def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
     ws = str(tmp_path / "ws")
     argv = ["catalog", *trained["shards"], "-w", ws, "--scheduler", "sync"]
@@ -468,3 +500,42 @@ def test_map_tasks_bounds_tasks_in_flight(tmp_path, scheduler):
     window = 2 if scheduler == "threads" else worker_count(n)
     # when the k-th result is handed over, `window` tasks were submitted first and one more after each earlier result
     assert all(started <= window + k - 1 for k, started in enumerate(seen, 1)), seen
+
+
+def test_one_behind_runs_in_order_one_step_behind_and_reraises():
+    """OneBehind: calls run one at a time in submission order; submit() waits for the previous call
+    (so at most one is pending) and re-raises its error; close() re-raises the last one unless quiet."""
+    import threading
+
+    from streamprune.compute import OneBehind
+
+    log, running = [], threading.Event()
+
+    def step(i: int) -> None:
+        assert not running.is_set()  # never two at once
+        running.set()
+        time.sleep(0.02)
+        log.append((i, threading.current_thread().name))
+        running.clear()
+
+    bg = OneBehind("test-bg")
+    for i in range(5):
+        bg.submit(step, i)
+        assert len(log) >= i  # the previous call had finished when this one was handed over
+    bg.close()
+    assert [i for i, _ in log] == list(range(5))
+    assert all(name.startswith("test-bg") for _, name in log)
+
+    def fail() -> None:
+        raise OSError("disk gone")
+
+    bg = OneBehind("test-bg")
+    bg.submit(fail)
+    with pytest.raises(OSError, match="disk gone"):
+        bg.submit(step, 9)  # the previous call's error, in the caller
+    bg.submit(fail)
+    with pytest.raises(OSError, match="disk gone"):
+        bg.close()
+    bg = OneBehind("test-bg")
+    bg.submit(fail)
+    bg.close(quiet=True)  # a caller already unwinding keeps its own error
