@@ -699,8 +699,8 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
         et = markers.get("embed", {}).get("timings", {})
         if et.get("path") == "client":  # the calling process encodes: its busy time against the stage's wall
             add("  embed: encode in this process", et.get("encode_s"), n, fwd_b, "forward img/s")
-            add("  embed: zarr writes", et.get("write_s"), n)
-            add("  embed: this process busy (encode+write)", et.get("client_s"), n)
+            add("  embed: zarr writes (background thread)", et.get("write_s"), n)
+            add("  embed: this process's loop busy (encode, checks)", et.get("client_s"), n)
     if "index" in stages:
         add("index", wall_of("index"), n, src=stages["index"])
         for g in ("seeds", "all"):
