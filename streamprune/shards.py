@@ -25,7 +25,7 @@ import pandas as pd
 from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import SampleError, StreamPruneError
-from streamprune.tario import TarError, iter_tar
+from streamprune.tario import TarError, iter_tar, plain_members
 from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,22 @@ def read_sample_range(url: str, start: int, end: int, shard_label: str | None = 
     return list(group_samples(members, shard_label or url, handler))
 
 
+def _plain_sample(data: bytes, key: str, offset: int, end: int, max_member_bytes: int) -> Sample | None:
+    """The sample in ``data`` (its catalogued byte range) when it is plain: regular members of safe
+    names, all of ``key`` with distinct extensions (see :func:`~streamprune.tario.plain_members`);
+    None sends it to the general reader, which reports whatever is wrong."""
+    members = plain_members(data, max_member_bytes)
+    if not members:
+        return None
+    sample = Sample(key, offset, end, {})
+    for name, payload in members:
+        parts = split_name(name)
+        if parts is None or parts[0] != key or parts[1] in sample.members or unsafe_name(name):
+            return None
+        sample.members[parts[1]] = payload
+    return sample
+
+
 def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
               coalesce_gap: int = 1 << 20) -> Iterator[tuple[int, Sample]]:
     """Samples of the given (sorted) rows, read by byte ranges from the catalog offsets.
@@ -242,6 +258,10 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
             parse = ErrorPolicy("skip", stage=handler.stage, quiet=True)  # one report per sample, below
             for j in run:
                 o, e = int(offs[j]) - start, int(ends[j]) - start
+                plain = _plain_sample(blob[o:e], keys[j], int(offs[j]), int(ends[j]), cat.max_member_bytes)
+                if plain is not None:
+                    yield int(rows[group[j]]), plain
+                    continue
                 parse.records.clear()
                 got = read_sample_range(url, int(offs[j]), int(ends[j]), handler=parse, data=blob[o:e],
                                         max_member_bytes=cat.max_member_bytes)

@@ -132,3 +132,52 @@ def test_member_whose_padding_is_cut_off_is_still_read():
     assert [(m.name, m.data, m.end) for m in ms] == [("a.cls", b"0123456789abcde", 1024)]
     with pytest.raises(TarError, match="truncated tar inside member a.cls"):
         list(iter_tar(io.BytesIO(cut[:-1])))
+
+
+def test_header_sum_equals_the_plain_byte_sum():
+    """The checksum's Adler-32 shortcut equals the byte sum outside the checksum field, also for
+    headers of 0xff bytes (the largest sums) and random ones."""
+    import os
+
+    from streamprune.tario import _header_sum
+
+    headers = [bytes(512), b"\xff" * 512, b"\x80" * 512] + [os.urandom(512) for _ in range(2000)]
+    assert [_header_sum(h) for h in headers] == [sum(h[:148]) + sum(h[156:]) for h in headers]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_read_rows_plain_fast_path_equals_the_general_reader(tmp_path, monkeypatch, fmt):
+    """Reading catalogued rows back gives the same samples whether plain samples take the fast path
+    or every sample goes through the general reader: short and long (> 100 bytes) names, names in
+    directories (a ustar prefix), pax records, empty and multi-block members."""
+    import numpy as np
+
+    from streamprune import shards
+    from streamprune.shards import Catalog, catalog, read_rows
+    from streamprune.workspace import Workspace
+
+    long_dir = "d" * 90 + "/" + "e" * 40
+    entries = []
+    for i in range(12):
+        long_name = "x" * 120 + f"{i:03d}" if fmt != tarfile.USTAR_FORMAT else f"x{i:03d}"  # ustar: 100 at most
+        key = [f"k{i:03d}", f"{long_dir}/k{i:03d}", long_name, f"dir/sub/k{i:03d}"][i % 4]
+        entries += [(f"{key}.png", bytes([i]) * (i * 300)), (f"{key}.cls", str(i).encode()),
+                    (f"{key}.json", b"{}" * (i % 3))]
+    path = str(tmp_path / "s.tar")
+    with open(path, "wb") as f:
+        f.write(_tar_bytes(entries, fmt))
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync")
+    cat = Catalog(Workspace(ws))
+    rows = np.arange(cat.n_samples)
+    fast = [(r, s.key, s.offset, s.end, s.members) for r, s in read_rows(cat, rows, ErrorPolicy())]
+    used = []
+    real = shards._plain_sample
+    monkeypatch.setattr(shards, "_plain_sample", lambda *a: used.append(real(*a) is not None))
+    assert [s.members for _, s in read_rows(cat, rows, ErrorPolicy())] == [m[4] for m in fast]
+    monkeypatch.setattr(shards, "_plain_sample", lambda *a: None)
+    general = [(r, s.key, s.offset, s.end, s.members) for r, s in read_rows(cat, rows, ErrorPolicy())]
+    assert fast == general and len(fast) == 12
+    assert fast[1][4] == {"png": b"\x01" * 300, "cls": b"1", "json": b"{}"}
+    # plain ustar/GNU samples took the fast path; long names (extended headers) did not
+    assert any(used) and (fmt == tarfile.PAX_FORMAT or used.count(True) >= 6)
