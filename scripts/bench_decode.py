@@ -48,18 +48,12 @@ def in_process(ws, rows: np.ndarray, reps: int) -> float:
 
 
 def _timed(fn, *args) -> dict:
-    """Run a task, keep its small outputs and its wall and CPU seconds (this process's, all threads)."""
+    """Run a task; its result (shipped back whole, as embed's decoded chunks are) gains ``timing``: rows,
+    wall and CPU seconds (this process's, all threads)."""
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*args)
-    return {"n": int(len(out["valid"])) if "valid" in out else int(out["n"]),
-            "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
-
-
-def _shipped(fn, *args) -> dict:
-    """Like :func:`_timed`, but the task's whole result comes back (embed ships each decoded chunk)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    out["timing"] = {"n": len(out["valid"]), "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+    out["timing"] = {"n": int(len(out["valid"])) if "valid" in out else int(out["n"]),
+                     "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
     return out
 
 
@@ -81,7 +75,7 @@ def embed_reader_tasks(ws, n: int, chunk: int, workers: int) -> dict:
     timings: list[dict] = []
     args = [(decode_range, ws, r0, min(n, r0 + chunk), spec) for r0 in range(0, n, chunk)]
     t0 = time.perf_counter()
-    map_tasks(_shipped, args, scheduler="local", on_result=lambda i, r: timings.append(r["timing"]) or r.clear(),
+    map_tasks(_timed, args, scheduler="local", on_result=lambda i, r: timings.append(r["timing"]) or r.clear(),
               inflight_per_worker=2)
     return _task_figures(timings, time.perf_counter() - t0, workers)
 
@@ -104,7 +98,7 @@ def cache_tasks(ws, rows: np.ndarray, chunk: int, workers: int) -> dict:
             for s in range(0, m, chunk)]
     t0 = time.perf_counter()
     out = map_tasks(_timed, args, scheduler="local")
-    return _task_figures(out, time.perf_counter() - t0, workers)
+    return _task_figures([r["timing"] for r in out], time.perf_counter() - t0, workers)
 
 
 def main() -> None:

@@ -212,25 +212,19 @@ def bare_decode(paths: list[str], procs: int, per_proc: int) -> dict:
             "decode_per_s": float(sum(rates))}
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_loop(step, device, min_seconds: float, min_steps: int, warmup: int) -> tuple[int, float]:
+    from streamprune.train import sync_device
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     steps = 0
     while steps < min_steps or time.perf_counter() - t0 < min_seconds:
         step()
         steps += 1
         if steps % 10 == 0:
-            _sync(device)
-    _sync(device)
+            sync_device(device)
+    sync_device(device)
     return steps, time.perf_counter() - t0
 
 
@@ -321,6 +315,8 @@ def bare_knn(device, n: int, d: int, k: int, dtype: str, queries: int | None = N
     """
     import torch
 
+    from streamprune.train import sync_device
+
     cuda = device.type == "cuda"
     dt = {"float16": torch.float16, "float32": torch.float32}[dtype]
     if not cuda and dt == torch.float16:
@@ -336,14 +332,14 @@ def bare_knn(device, n: int, d: int, k: int, dtype: str, queries: int | None = N
         with torch.inference_mode():
             for b in range(0, min(n, block), block):  # warm-up block
                 torch.addmm(sq[None, :], x[b:b + block], x.T, beta=1, alpha=-2).topk(k, dim=1, largest=False)
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             ids = None
             nq = min(n, queries or n)
             for b in range(0, nq, block):
                 dist = torch.addmm(sq[None, :], x[b:min(nq, b + block)], x.T, beta=1, alpha=-2)
                 ids = dist.topk(k, dim=1, largest=False).indices
-            _sync(device)
+            sync_device(device)
             t = time.perf_counter() - t0
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -356,6 +352,8 @@ def bare_knn(device, n: int, d: int, k: int, dtype: str, queries: int | None = N
 def bare_gcn(device, n: int, degree: int, in_dim: int, widths=(512, 256, 1), reps: int = 3) -> dict:
     """A 3-layer GCN forward: H <- relu(A @ (H W)) with A an n x n CSR of degree ``degree`` (float32)."""
     import torch
+
+    from streamprune.train import sync_device
 
     g = torch.Generator(device=device).manual_seed(0)
     crow = torch.arange(0, n * degree + 1, degree, device=device, dtype=torch.int64)
@@ -382,11 +380,11 @@ def bare_gcn(device, n: int, degree: int, in_dim: int, widths=(512, 256, 1), rep
     _peak_reset(device)
     with torch.inference_mode():
         forward()
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             forward()
-        _sync(device)
+        sync_device(device)
         t = (time.perf_counter() - t0) / reps
     return {"n": n, "edges": n * degree, "in_dim": in_dim, "widths": list(widths), "seconds": round(t, 4),
             "nodes_per_s": n / t, "peak_gpu_gib": _peak(device)}
@@ -828,7 +826,9 @@ def main(argv=None) -> int:
     if not args.progress:
         os.environ["STREAMPRUNE_PROGRESS"] = "0"
     if args.profile_steps:
-        os.environ["STREAMPRUNE_PROFILE_STEPS"] = str(args.profile_steps)
+        from streamprune.train import PROFILE_ENV
+
+        os.environ[PROFILE_ENV] = str(args.profile_steps)
     os.makedirs(args.workdir, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     results: dict = {"args": {k: v for k, v in vars(args).items()}, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
