@@ -30,9 +30,12 @@ import numpy as np
 
 os.environ.setdefault("STREAMPRUNE_PROGRESS", "0")
 
-# artifacts that do not depend on the subset: copied from the first fraction's workspace
-SHARED = ("catalog", "train-full", "scores/du-full.zarr", "streamprune.json", "errors.jsonl",
-          "_stages/catalog.json", "_stages/train-full.json", "_stages/score-du-full.json")
+# artifacts that do not depend on the subset: copied from the first fraction's workspace (markers last)
+def shared(full_runs: int) -> list[str]:
+    tags = ["-full"] + [f"-full-r{r}" for r in range(1, full_runs)]
+    return (["catalog", "streamprune.json", "errors.jsonl"] + [f"train{t}" for t in tags]
+            + [f"scores/du{t}.zarr" for t in tags] + ["_stages/catalog.json"]
+            + [f"_stages/train{t}.json" for t in tags] + [f"_stages/score-du{t}.json" for t in tags])
 
 
 def dataset(root: str, noise: float, data_seed: int) -> dict:
@@ -49,13 +52,13 @@ def dataset(root: str, noise: float, data_seed: int) -> dict:
     return info
 
 
-def share_full_scores(src_ws: str, dst_ws: str) -> None:
-    """Seed a new workspace with another's catalog and full-data scores (same shards, same config)."""
-    if os.path.exists(dst_ws) or not os.path.exists(os.path.join(src_ws, "_stages", "score-du-full.json")):
+def share_full_scores(src_ws: str, dst_ws: str, full_runs: int) -> None:
+    """Give a workspace another's catalog and full-data scores (same shards, same config) where it lacks them."""
+    if not os.path.exists(os.path.join(src_ws, "_stages", "score-du-full.json")):
         return
-    for rel in SHARED:
+    for rel in shared(full_runs):
         src, dst = os.path.join(src_ws, rel), os.path.join(dst_ws, rel)
-        if not os.path.exists(src):
+        if not os.path.exists(src) or os.path.exists(dst):
             continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
@@ -69,11 +72,12 @@ def one_setting(root: str, noise: float, data_seed: int, fraction: float, curve:
     info = dataset(root, noise, data_seed)
     ws = os.path.join(root, f"ws-n{noise}-s{data_seed}-f{fraction}")
     if share_from:
-        share_full_scores(share_from, ws)
+        share_full_scores(share_from, ws, args.full_runs)
     cfg = RunConfig.load(None, {
         **({"catalog": {"max_member_bytes": args.max_member_bytes}} if args.max_member_bytes else {}),
         "subset": {"fraction": fraction, "seed": data_seed},
-        "score": {"scores": ["du"], "epochs": args.epochs, "model": "cnn", "full": True, "seed": data_seed},
+        "score": {"scores": ["du"], "epochs": args.epochs, "model": "cnn", "full": True, "seed": data_seed,
+                  "full_runs": args.full_runs},
         "index": {"k": 20},
         "extrapolate": {"methods": args.methods.split(","), "gcn_epochs": args.gcn_epochs},
         "prune": {"source": "label-aware", "strategy": "hard", "keep_fraction": 0.7, "name": "bench"},
@@ -105,7 +109,8 @@ def summary(results: list[dict]) -> str:
         lines.append(f"\n## noise {noise:.0%}, subset {fraction:.0%} ({len(evs)} seeds)")
         methods = [m for m in evs[0]["fidelity"] if m != "seed"]
         lines.append(f"{'method':<13}{'pearson':>14}{'spearman':>14}{'recall@0.3':>14}{'recall@0.7':>14}"
-                     f"{'top-10% sp':>14}{'speedup':>10}")
+                     f"{'top-10% sp':>14}{'speedup':>14}")
+        refs = [e["reference"] for e in evs if "reference" in e]
         seed_p = [e["fidelity"]["seed"]["pearson_seed_rows"] for e in evs if "seed" in e["fidelity"]]
         lines.append(f"{'seed rows':<13}{_ms(seed_p):>14}")
         for m in methods:
@@ -116,7 +121,18 @@ def summary(results: list[dict]) -> str:
                          f"{_ms([x['spearman_nonseed'] for x in f]):>14}"
                          f"{_ms([x['retained_recall']['0.3'] for x in sq]):>14}"
                          f"{_ms([x['retained_recall']['0.7'] for x in sq]):>14}"
-                         f"{_ms([x['tail_spearman']['top'] for x in sq]):>14}{_ms(cost):>10}")
+                         f"{_ms([x['tail_spearman']['top'] for x in sq]):>14}{_ms(cost):>14}")
+        if refs:
+            lines.append(f"reference: {refs[0]['runs']} full-data runs; pairwise Pearson on non-seed rows "
+                         f"{_ms([r['retest_pearson']['mean'] for r in refs])}, Spearman "
+                         f"{_ms([r['retest_spearman']['mean'] for r in refs])}; ceiling against one run "
+                         f"{_ms([r['ceiling_one_run'] for r in refs])}")
+            lines.append(f"{'method':<13}{'vs each run':>14}{'vs mean':>14}{'sp vs mean':>14}")
+            for m in methods:
+                f = [e["fidelity"][m] for e in evs]
+                lines.append(f"{m:<13}{_ms([x['pearson_nonseed_vs_runs'] for x in f]):>14}"
+                             f"{_ms([x['pearson_nonseed_vs_mean'] for x in f]):>14}"
+                             f"{_ms([x['spearman_nonseed_vs_mean'] for x in f]):>14}")
         ks = [e.get("oracle", {}).get("knn_k", {}) for e in evs]
         if all(k.get("oracle") is not None for k in ks):
             lines.append("knn k (seeds -> oracle, gap): " + ", ".join(
@@ -150,6 +166,9 @@ def main() -> None:
     ap.add_argument("--gcn-epochs", type=int, default=25)
     ap.add_argument("--keeps", default="0.7,0.5,0.3")
     ap.add_argument("--train-seeds", type=int, default=1)
+    ap.add_argument("--full-runs", type=int, default=1,
+                    help="full-data runs per dataset (training seeds s, s+1, ...): fidelity also against their "
+                         "mean, and how well they agree with each other")
     ap.add_argument("--methods", default="knn,gcn,label-aware,propagate,kernel")
     ap.add_argument("--out", default=None)
     ap.add_argument("--curve-sources", default=None, help="score sources of the curve (default: all present)")

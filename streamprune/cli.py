@@ -152,6 +152,9 @@ def decode_options(fn):
 @click.option("--window", type=int, default=10, show_default=True, help="DU/TDDS window (epochs).")
 @click.option("--decay", type=float, default=0.9, show_default=True, help="TDDS decay.")
 @click.option("--full", is_flag=True, help="Train on all rows: full-data scores (ground truth for evaluate).")
+@click.option("--full-runs", type=int, default=1, show_default=True,
+              help="With --full: this many full-data runs (training seeds SEED, SEED+1, ...); evaluate reports "
+                   "how well they agree with each other and scores against their mean.")
 @click.option("--cache-memory", default=None,
               help="Hold the decoded training rows in memory up to this size (default 2GiB), else stream them "
                    "from the on-disk cache.")
@@ -162,7 +165,7 @@ def decode_options(fn):
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, cache_memory,
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, full_runs, cache_memory,
           checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.decode import DecodeConfig
@@ -182,18 +185,23 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
                       num_classes=num_classes, device=device, checkpoint_seconds=checkpoint_every,
                       **_cache_memory(cache_memory))
     decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
-    m = train(workspace, cfg, decode, full=full, on_error=on_error, scheduler=scheduler, force=force,
-              storage_options=storage_options)
-    _report(m, "train")
-    t = m["timings"]
-    click.echo(f"train: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on {t.get('device')}, "
-               f"{t.get('samples_per_s', 0):.0f} samples/s")
+    if full_runs < 1 or (full_runs > 1 and not full):
+        raise StreamPruneError("--full-runs needs --full and must be at least 1")
     names = [n.strip() for n in score_names.split(",") if n.strip()]
-    for sm in compute_scores(workspace, names, full=full, params={"window": window, "decay": decay},
-                             force=force, storage_options=storage_options):
-        c = sm["counts"]
-        click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}: {c['n_valid']} rows, "
-                   f"mean {c['mean']:.4f}, std {c['std']:.4f} -> {sm['outputs']['score']}")
+    for replica in range(full_runs):
+        m = train(workspace, cfg, decode, full=full, replica=replica, on_error=on_error, scheduler=scheduler,
+                  force=force, storage_options=storage_options)
+        _report(m, "train")
+        t = m["timings"]
+        run_tag = f" (run {replica + 1} of {full_runs})" if full_runs > 1 else ""
+        click.echo(f"train{run_tag}: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on "
+                   f"{t.get('device')}, {t.get('samples_per_s', 0):.0f} samples/s")
+        for sm in compute_scores(workspace, names, full=full, replica=replica,
+                                 params={"window": window, "decay": decay}, force=force,
+                                 storage_options=storage_options):
+            c = sm["counts"]
+            click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}{run_tag}: {c['n_valid']} rows, "
+                       f"mean {c['mean']:.4f}, std {c['std']:.4f} -> {sm['outputs']['score']}")
 
 
 @cli.command()
@@ -446,19 +454,20 @@ def report(workspace, storage_options, output, score_name):
 @click.option("--epochs", type=int, default=None)
 @click.option("--model", default=None)
 @click.option("--full", is_flag=True, default=None, help="Also train on all rows (ground truth for evaluate).")
+@click.option("--full-runs", type=int, default=None, help="With --full: this many full-data runs (see `score`).")
 @click.option("--methods", default=None, help="Comma-separated extrapolation methods, e.g. knn,gcn.")
 @click.option("--strategy", default=None)
 @click.option("--keep-fraction", type=float, default=None)
 @click.option("--reshard", default=None, help="Write kept samples to new shards here.")
 def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, on_error, force, fraction, score_names,
-            epochs, model, full, methods, strategy, keep_fraction, reshard):
+            epochs, model, full, full_runs, methods, strategy, keep_fraction, reshard):
     """Run every stage (catalog ... prune), skipping those already done; prints a timing table."""
     from streamprune.pipeline import RunConfig, run_pipeline
 
     overrides = {
         "subset": {"fraction": fraction},
         "score": {"scores": score_names.split(",") if score_names else None, "epochs": epochs, "model": model,
-                  "full": full},
+                  "full": full, "full_runs": full_runs},
         "extrapolate": {"methods": methods.split(",") if methods else None},
         "prune": {"strategy": strategy, "keep_fraction": keep_fraction, "reshard": reshard},
     }

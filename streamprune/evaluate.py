@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 
 import numpy as np
@@ -90,9 +91,38 @@ def score_sources(ws: Workspace, score: str) -> dict[str, np.ndarray]:
     cols = score_columns(ws)
     out = {}
     for col, arr in cols.items():
-        if not col.startswith(score + "_"):
+        if not col.startswith(score + "_") or _REPLICA.fullmatch(col[len(score) + 1:]):
             continue
         out[col[len(score) + 1:].replace("_", "-")] = arr
+    return out
+
+
+_REPLICA = re.compile(r"full_r(\d+)")
+
+
+def reference_runs(ws: Workspace, score: str) -> list[np.ndarray]:
+    """Full-data scores of every full-data run, run 0 (``<score>_full``) first, then its replicas."""
+    from streamprune.export import score_columns
+
+    cols = score_columns(ws)
+    runs = {0: cols[f"{score}_full"]} if f"{score}_full" in cols else {}
+    for col, arr in cols.items():
+        match = _REPLICA.fullmatch(col[len(score) + 1:]) if col.startswith(score + "_") else None
+        if match:
+            runs[int(match.group(1))] = arr
+    return [runs[r] for r in sorted(runs)]
+
+
+def reference_agreement(runs: list[np.ndarray], rows: np.ndarray) -> dict:
+    """How well R ≥ 2 full-data runs agree with each other on ``rows`` (bool mask): pairwise Pearson and
+    Spearman (mean, min, max), and the Pearson a perfect predictor of their expected score would reach
+    against one run, √(mean pairwise Pearson), if runs differ by independent noise of equal spread."""
+    pairs = [(a, b) for a in range(len(runs)) for b in range(a + 1, len(runs))]
+    out = {"runs": len(runs), "n_rows": int(rows.sum())}
+    for name, fn in (("pearson", pearson), ("spearman", spearman)):
+        vals = [fn(runs[a][rows], runs[b][rows]) for a, b in pairs]
+        out[f"retest_{name}"] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+    out["ceiling_one_run"] = float(np.sqrt(max(out["retest_pearson"]["mean"], 0.0)))
     return out
 
 
@@ -301,6 +331,14 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     from streamprune.select import keep_count_from, select
 
     higher = get_score(score).higher_is_harder
+    runs = reference_runs(ws, score)
+    if len(runs) > 1:
+        ref_rows = valid & ~seed_mask & np.all([np.isfinite(r) for r in runs], axis=0)
+        ref_mean = np.mean(runs, axis=0)
+        out["reference"] = reference_agreement(runs, ref_rows)
+        if "seed" in arrays:
+            out["fidelity"]["seed"]["pearson_seed_rows_vs_mean"] = pearson(arrays["seed"][seed_mask],
+                                                                           ref_mean[seed_mask])
     for m in methods:
         pred = arrays[m]
         non_seed = valid & ~seed_mask
@@ -309,6 +347,12 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
             "spearman_nonseed": spearman(pred[non_seed], full[non_seed]),
             "pearson_all": pearson(pred[valid], full[valid]), "spearman_all": spearman(pred[valid], full[valid]),
             "n_nonseed": int(non_seed.sum())}
+        if len(runs) > 1:
+            ok = ref_rows & np.isfinite(pred)
+            out["fidelity"][m].update({
+                "pearson_nonseed_vs_runs": float(np.mean([pearson(pred[ok], r[ok]) for r in runs])),
+                "pearson_nonseed_vs_mean": pearson(pred[ok], ref_mean[ok]),
+                "spearman_nonseed_vs_mean": spearman(pred[ok], ref_mean[ok])})
         sq = {"tail_spearman": tail_spearman(pred[valid], full[valid]), "retained_recall": {}}
         both = valid & np.isfinite(pred)
         for keep in (0.3, 0.5, 0.7, 0.9):
@@ -333,12 +377,22 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
 def format_evaluation(out: dict) -> str:
     """Human-readable evaluation tables."""
     lines = [f"evaluation of {out['score']}: {out['n']} rows, {out['n_seed']} seed rows"]
-    lines.append(f"{'method':<14}{'pearson':>10}{'spearman':>10}  (non-seed rows vs full-data scores)")
+    ref = out.get("reference")
+    extra = f"{'vs mean of ' + str(ref['runs']):>16}" if ref else ""
+    lines.append(f"{'method':<14}{'pearson':>10}{'spearman':>10}{extra}  (non-seed rows vs full-data scores)")
     for m, f in out["fidelity"].items():
         if m == "seed":
-            lines.append(f"{'seed':<14}{f['pearson_seed_rows']:>10.3f}{f['spearman_seed_rows']:>10.3f}  (seed rows)")
+            vs_mean = f"{f['pearson_seed_rows_vs_mean']:>16.3f}" if ref else ""
+            lines.append(f"{'seed':<14}{f['pearson_seed_rows']:>10.3f}{f['spearman_seed_rows']:>10.3f}{vs_mean}"
+                         "  (seed rows)")
         else:
-            lines.append(f"{m:<14}{f['pearson_nonseed']:>10.3f}{f['spearman_nonseed']:>10.3f}")
+            vs_mean = f"{f['pearson_nonseed_vs_mean']:>16.3f}" if ref else ""
+            lines.append(f"{m:<14}{f['pearson_nonseed']:>10.3f}{f['spearman_nonseed']:>10.3f}{vs_mean}")
+    if ref:
+        rp, rs = ref["retest_pearson"], ref["retest_spearman"]
+        lines.append(f"reference: {ref['runs']} full-data runs agree with each other at Pearson {rp['mean']:.3f} "
+                     f"({rp['min']:.3f}-{rp['max']:.3f}), Spearman {rs['mean']:.3f} on non-seed rows; a perfect "
+                     f"predictor would reach ~{ref['ceiling_one_run']:.3f} against one run")
     cost = out.get("cost", {})
     if cost.get("full_s"):
         lines.append(f"cost: full-data scoring {cost['full_s']:.1f}s")

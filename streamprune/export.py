@@ -35,12 +35,12 @@ def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
             continue
         marker = ws.read_json("_stages", f"{st}.json")
         name = marker["config"]["score"]
-        full = st.endswith("-full")
+        suffix = st[len(f"score-{name}"):]  # "", "-full" or, of a replica run, "-full-r<N>"
         arr = zarr.open_array(storage.zarr_store(ws.path(marker["outputs"]["score"]), ws.storage_options), mode="r")[:]
         if marker["config"].get("rows") == "all":  # a score defined on every row (label_disagreement)
             cols[name] = arr.astype(np.float32)
-        elif full:
-            cols[f"{name}_full"] = arr.astype(np.float32)
+        elif suffix:
+            cols[name + suffix.replace("-", "_")] = arr.astype(np.float32)
         else:
             if seed_rows is None:
                 from streamprune.subset import subset_rows

@@ -28,7 +28,8 @@ DEFAULTS: dict[str, dict] = {
     "score": {"scores": ["du"], "epochs": 30, "model": "cnn", "model_kwargs": {}, "batch_size": 128,
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
-              "device": "auto", "window": 10, "decay": 0.9, "full": False, "label_key": "cls", "input": "auto",
+              "device": "auto", "window": 10, "decay": 0.9, "full": False, "full_runs": 1, "label_key": "cls",
+              "input": "auto",
               "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
@@ -107,6 +108,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     s = cfg.stages
     sched, on_error, force = cfg.scheduler, cfg.on_error, cfg.force
     cache_memory = parse_memory(s["score"]["cache_memory"], "score.cache_memory")  # checked before any stage
+    if not isinstance(s["score"]["full_runs"], int) or s["score"]["full_runs"] < 1:
+        raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {s['score']['full_runs']!r}")
     timings: list[tuple[str, float, bool]] = []
     outputs: dict = {}
 
@@ -147,10 +150,13 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
                        **({"memory_budget": cache_memory} if cache_memory is not None else {}))
     decode = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
     params = {"window": sc["window"], "decay": sc["decay"]}
-    for full in ([False, True] if sc["full"] else [False]):
-        tag = "-full" if full else ""
-        stage(f"train{tag}", lambda: train(ws, tcfg, decode, full=full, on_error=on_error, scheduler=sched, force=force))
-        stage(f"score{tag}", lambda: compute_scores(ws, list(sc["scores"]), full=full, params=params, force=force))
+    runs = [(False, 0)] + ([(True, r) for r in range(int(sc["full_runs"]))] if sc["full"] else [])
+    for full, replica in runs:
+        tag = ("-full" if full else "") + (f"-r{replica}" if replica else "")
+        stage(f"train{tag}", lambda: train(ws, tcfg, decode, full=full, replica=replica, on_error=on_error,
+                                           scheduler=sched, force=force))
+        stage(f"score{tag}", lambda: compute_scores(ws, list(sc["scores"]), full=full, replica=replica,
+                                                    params=params, force=force))
     if until == "score":
         return _finish(timings, outputs, echo)
 

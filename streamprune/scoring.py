@@ -17,22 +17,28 @@ import zarr
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.scores import get_score
-from streamprune.workspace import Workspace
+from streamprune.workspace import Workspace, train_key
 
 SCORE_PARAMS = ("window", "decay", "ddof", "damping")
 
 
-def score_array_path(name: str, full: bool) -> str:
-    """Workspace-relative path of a seed (or full-data) score array."""
-    return f"scores/{name}-full.zarr" if full else f"scores/{name}.zarr"
+def score_key(name: str, full: bool, replica: int = 0) -> str:
+    """Marker of a score: ``score-du``, ``score-du-full`` or, of a replica run, ``score-du-full-r2``."""
+    return f"score-{name}" + ("-full" if full else "") + (f"-r{replica}" if replica else "")
 
 
-def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, params: dict | None = None,
-                   force: bool = False, storage_options: dict | None = None, chunk: int = 65536) -> list[dict]:
-    """Compute each named score from the dynamics of the ``train`` (or ``train-full``) stage."""
+def score_array_path(name: str, full: bool, replica: int = 0) -> str:
+    """Workspace-relative path of a seed (or full-data, or replica) score array."""
+    return f"scores/{score_key(name, full, replica)[len('score-'):]}.zarr"
+
+
+def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, replica: int = 0,
+                   params: dict | None = None, force: bool = False, storage_options: dict | None = None,
+                   chunk: int = 65536) -> list[dict]:
+    """Compute each named score from the dynamics of the ``train`` (``train-full``, ``train-full-r<N>``) stage."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
-    train_key = "train-full" if full else "train"
-    tm = ws.require(train_key, "score")
+    tkey = train_key(full, replica)
+    tm = ws.require(tkey, "score")
     markers = []
     for name in names:
         try:
@@ -41,7 +47,7 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
             raise StreamPruneError(str(exc)) from None
         accepted = inspect.signature(spec.fn).parameters
         kwargs = {k: v for k, v in (params or {}).items() if k in accepted and v is not None}
-        key = f"score-{name}" + ("-full" if full else "")
+        key = score_key(name, full, replica)
         run = ws.begin("score", {"score": name, "params": kwargs}, {"train": tm["fingerprint"]}, force=force, key=key)
         if run.already_done:
             markers.append(run.previous | {"skipped": True})
@@ -49,15 +55,16 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
         t0 = time.time()
         from streamprune.train import load_labels  # imports torch: only when a score is computed
 
-        labels = load_labels(ws, train_key)
+        labels = load_labels(ws, tkey)
         m = len(labels)
         valid = labels >= 0
         out = np.full(m, np.nan, np.float32)
         try:
             if "features" in spec.needs:
-                out[valid] = _influence(ws, train_key, labels, valid, spec, kwargs)
+                cache_key = tm["outputs"]["cache"].split("/")[0]
+                out[valid] = _influence(ws, tkey, cache_key, labels, valid, spec, kwargs)
             else:
-                dyn = zarr.open_group(storage.zarr_store(ws.path(train_key, "dynamics.zarr"), ws.storage_options), mode="r")
+                dyn = zarr.open_group(storage.zarr_store(ws.path(tkey, "dynamics.zarr"), ws.storage_options), mode="r")
                 for i0 in range(0, m, chunk):
                     sl = slice(i0, min(m, i0 + chunk))
                     v = valid[sl]
@@ -70,7 +77,7 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
                     out[sl][v] = spec.fn(*(arrays[n] for n in spec.needs), **kwargs)
         except ValueError as exc:
             raise StreamPruneError(f"score {name}: {exc}") from None
-        path = score_array_path(name, full)
+        path = score_array_path(name, full, replica)
         arr = zarr.create_array(storage.zarr_store(ws.path(path), ws.storage_options), shape=(m,),
                                 chunks=(min(m, 1 << 20),), dtype="float32", fill_value=np.nan, overwrite=True)
         arr[:] = out
@@ -82,7 +89,8 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
     return markers
 
 
-def _influence(ws: Workspace, train_key: str, labels: np.ndarray, valid: np.ndarray, spec, kwargs: dict) -> np.ndarray:
+def _influence(ws: Workspace, train_key: str, cache_key: str, labels: np.ndarray, valid: np.ndarray, spec,
+               kwargs: dict) -> np.ndarray:
     """Influence needs penultimate features of the trained rows (m x D floats held in memory).
 
     The decoded inputs are streamed from the cache (block by block), never held whole.
@@ -92,7 +100,7 @@ def _influence(ws: Workspace, train_key: str, labels: np.ndarray, valid: np.ndar
     from streamprune.train import SubsetData, load_model
 
     model, _ = load_model(ws, train_key)
-    data = SubsetData(ws, train_key, memory_budget=0)
+    data = SubsetData(ws, cache_key, memory_budget=0)
     feats = []
     with torch.no_grad():
         for b in range(0, data.m, 1024):

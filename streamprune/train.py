@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -46,7 +46,7 @@ from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError
 from streamprune.models import build_from_spec, build_model, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
-from streamprune.workspace import StageRun, Workspace
+from streamprune.workspace import StageRun, Workspace, train_key
 
 log = logging.getLogger(__name__)
 
@@ -474,17 +474,24 @@ def _load(url: str, storage_options: dict) -> dict:
 
 
 def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *, full: bool = False,
-          on_error: str = "fail", scheduler: str | None = "local", force: bool = False,
+          replica: int = 0, on_error: str = "fail", scheduler: str | None = "local", force: bool = False,
           storage_options: dict | None = None) -> dict:
-    """Train on the subset (or on all rows with ``full``) and record per-epoch dynamics."""
+    """Train on the subset (or on all rows with ``full``) and record per-epoch dynamics.
+
+    ``replica`` N ≥ 1 (with ``full``) is another full-data run with training seed ``cfg.seed + N``
+    on ``train-full``'s decoded cache: the references' own run-to-run spread, for ``evaluate``.
+    """
     from streamprune.subset import subset_rows
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
-    key = "train-full" if full else "train"
+    key = train_key(full, replica)
     cat_m = ws.require("catalog", key)
     inputs = {"catalog": cat_m["fingerprint"]}
     if not full:
         inputs["subset"] = ws.require("subset", key)["fingerprint"]
+    if replica:
+        inputs["train-full"] = ws.require("train-full", key)["fingerprint"]
+        cfg = replace(cfg, seed=cfg.seed + replica)
     config = {"train": cfg.fingerprint_dict(), "decode": decode.to_dict(), "on_error": on_error}
     run = ws.begin("train", config, inputs, force=force, key=key)
     if run.already_done:
@@ -496,14 +503,20 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     pseudo_k = _pseudo_k(cfg.labels)
     if pseudo_k and decode.label_key != "none":
         decode = DecodeConfig(**{**decode.to_dict(), "label_key": "none"})
-    build_cache(ws, run, key, rows, decode, on_error, scheduler, cfg.chunk_rows,
-                None if pseudo_k else cfg.num_classes)
+    cache_key = "train-full" if replica else key
+    if not replica:
+        build_cache(ws, run, key, rows, decode, on_error, scheduler, cfg.chunk_rows,
+                    None if pseudo_k else cfg.num_classes)
     t_cache = time.time() - t0
 
-    data = SubsetData(ws, key, cfg.memory_budget, device=resolve_device(cfg.device))
+    data = SubsetData(ws, cache_key, cfg.memory_budget, device=resolve_device(cfg.device))
     labels = data.labels.copy()
     extra: dict = {}
-    if pseudo_k:
+    if pseudo_k and replica:  # the same pseudo-labels as the run it replicates
+        labels = load_labels(ws, "train-full")
+        data.labels = labels
+        extra["pseudo_k"] = pseudo_k
+    elif pseudo_k:
         from streamprune.pseudo import kmeans
 
         vecs = data.to_float(torch.from_numpy(data.x_arr[:])).reshape(data.m, -1).numpy()
@@ -519,7 +532,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     result = _fit(ws, run, key, cfg, data, labels, num_classes)
     n_valid = int(data.valid.sum())
     return run.commit(
-        outputs={"cache": f"{key}/cache.zarr", "dynamics": f"{key}/dynamics.zarr", "model": f"{key}/model.pt"},
+        outputs={"cache": f"{cache_key}/cache.zarr", "dynamics": f"{key}/dynamics.zarr", "model": f"{key}/model.pt"},
         counts={"n_rows": len(rows), "n_valid": n_valid, "epochs": cfg.epochs, "num_classes": num_classes,
                 "sample_epochs": n_valid * cfg.epochs, **extra},
         timings={"cache_s": round(t_cache, 3), "train_s": round(result["train_s"], 3),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -37,15 +38,25 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def train_key(full: bool, replica: int = 0) -> str:
+    """Marker and folder of a training run: ``train``, ``train-full`` or replica ``train-full-r<N>``."""
+    if replica and not full:
+        raise StreamPruneError("replica training runs are full-data runs (use --full)")
+    return "train-full" + (f"-r{replica}" if replica else "") if full else "train"
+
+
 def command_for(stage: str) -> str:
     """The CLI command that produces a stage marker (e.g. 'train-full' -> 'score --full')."""
+    replica = re.search(r"-full-r(\d+)$", stage)
+    runs = f" --full-runs {int(replica.group(1)) + 1}" if replica else ""
+    stage = stage[:replica.start() + len("-full")] if replica else stage
     if stage == "train":
         return "score"
     if stage == "train-full":
-        return "score --full"
+        return "score --full" + runs
     if stage.startswith("score-"):
         name = stage[len("score-"):]
-        return f"score --score {name[:-5]} --full" if name.endswith("-full") else f"score --score {name}"
+        return f"score --score {name[:-5]} --full{runs}" if name.endswith("-full") else f"score --score {name}"
     for prefix in ("index", "extrapolate", "prune"):
         if stage.startswith(prefix + "-"):
             return prefix

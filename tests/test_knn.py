@@ -28,13 +28,15 @@ FAST = settings(max_examples=60, deadline=None)
 # --------------------------------------------------------------------------- helpers
 
 
-def add_scores(ws: Workspace, name: str, values: np.ndarray, *, full: bool = False) -> None:
-    """Write scores/<name>.zarr (seed scores aligned with the subset rows) and its marker."""
-    path = f"scores/{name}-full.zarr" if full else f"scores/{name}.zarr"
+def add_scores(ws: Workspace, name: str, values: np.ndarray, *, full: bool = False, replica: int = 0) -> None:
+    """Write scores/<name>.zarr (seed scores aligned with the subset rows; or full-data ones) and its marker."""
+    from streamprune.scoring import score_array_path, score_key
+
+    path = score_array_path(name, full, replica)
     arr = zarr.create_array(storage.zarr_store(ws.path(path)), shape=values.shape, dtype="float32",
                             chunks=(max(1, len(values)),), fill_value=np.nan)
     arr[:] = values
-    ws.begin("score", {"score": name, "full": full}, {}, key=f"score-{name}" + ("-full" if full else "")).commit(
+    ws.begin("score", {"score": name, "full": full}, {}, key=score_key(name, full, replica)).commit(
         {"score": path}, {"n": len(values)})
 
 
@@ -285,3 +287,41 @@ def test_evaluate_reports_the_oracle_k_and_gap(tmp_path):
     best = max(table, key=lambda k: (table[k], -k))
     assert out["chosen"] == m["counts"]["k"] and out["oracle"] == best
     assert out["gap"] == pytest.approx(table[best] - table[out["chosen"]], abs=1e-5) and out["gap"] >= 0
+
+
+def test_evaluate_reports_how_full_data_runs_agree_and_fidelity_against_their_mean(tmp_path):
+    from streamprune.evaluate import evaluate, format_evaluation
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=600)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 600})  # the row count evaluate's columns are built on
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    rng = np.random.default_rng(3)
+    truth = smooth_score(x)
+    runs = [np.where(valid, truth + s * rng.standard_normal(len(x)), np.nan).astype(np.float32)
+            for s in (0.3, 0.5, 0.8)]
+    runs[2][5] = np.nan  # a row one run could not score is left out of the comparison
+    for r, arr in enumerate(runs):
+        add_scores(ws, "du", arr, full=True, replica=r)
+    out = evaluate(ws, "du")
+    assert set(out["fidelity"]) == {"seed", "knn"}  # replicas are references, not methods
+    non_seed = valid.copy()
+    non_seed[subset[np.isfinite(values)]] = False  # seed rows without a score are extrapolated like the rest
+    rows = non_seed.copy()
+    rows[5] = False
+    pairs = [np.corrcoef(runs[a][rows], runs[b][rows])[0, 1] for a, b in ((0, 1), (0, 2), (1, 2))]
+    ref = out["reference"]
+    assert ref["runs"] == 3 and ref["n_rows"] == int(rows.sum())
+    assert ref["retest_pearson"]["mean"] == pytest.approx(np.mean(pairs), abs=1e-6)
+    assert ref["retest_pearson"]["min"] == pytest.approx(min(pairs), abs=1e-6)
+    assert ref["ceiling_one_run"] == pytest.approx(np.sqrt(np.mean(pairs)), abs=1e-6)
+    pred = read_extrapolated(ws, "du", "knn")[0][:]
+    mean = np.mean(runs, axis=0)
+    f = out["fidelity"]["knn"]
+    assert f["pearson_nonseed_vs_mean"] == pytest.approx(np.corrcoef(pred[rows], mean[rows])[0, 1], abs=1e-6)
+    assert f["pearson_nonseed_vs_runs"] == pytest.approx(
+        np.mean([np.corrcoef(pred[rows], r[rows])[0, 1] for r in runs]), abs=1e-6)
+    assert f["pearson_nonseed"] == pytest.approx(np.corrcoef(pred[non_seed], runs[0][non_seed])[0, 1], abs=1e-6)
+    # the mean of noisy runs is nearer the truth the predictor tracks than any single run
+    assert f["pearson_nonseed_vs_mean"] > f["pearson_nonseed_vs_runs"]
+    text = format_evaluation(out)
+    assert "vs mean of 3" in text and f"Pearson {ref['retest_pearson']['mean']:.3f}" in text

@@ -133,3 +133,18 @@ def test_score_cache_memory_reaches_training(setup, tmp_path):
     out = run_cli("run", *shards, "-w", str(tmp_path / "ws2"), "--config", str(bad), "--scheduler", "sync", check=False)
     assert out.returncode == 1 and "score.cache_memory must be a size" in out.stderr and out.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "ws2" / "_stages" / "catalog.json")  # refused before any stage ran
+
+
+def test_run_full_runs_trains_replicas_and_refuses_a_bad_count(setup, tmp_path):
+    _, shards, cfg, _, _ = setup
+    ws = str(tmp_path / "ws")
+    out = run_cli("run", *shards, "-w", ws, "--config", cfg, "--scheduler", "sync", "--until", "score", "--full",
+                  "--full-runs", "2")
+    assert "train-full-r1" in out.stdout and "score-full-r1" in out.stdout
+    runs = [zarr.open_array(os.path.join(ws, "scores", f"du-full{t}.zarr"))[:] for t in ("", "-r1")]
+    assert runs[0].shape == runs[1].shape == (300,) and not np.array_equal(runs[0], runs[1])
+    bad = run_cli("run", *shards, "-w", str(tmp_path / "ws2"), "--config", cfg, "--scheduler", "sync", "--full",
+                  "--full-runs", "0", check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+    assert "score.full_runs must be a whole number of at least 1, not 0" in bad.stderr
+    assert not os.path.exists(tmp_path / "ws2" / "_stages" / "catalog.json")

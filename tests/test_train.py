@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,45 @@ def test_full_training_writes_full_scores(vec_ws):
     assert full.shape == (480,) and np.isfinite(full).all()
 
 
+def test_full_data_replicas_train_with_other_seeds_on_the_same_cache(vec_ws):
+    from streamprune.errors import StreamPruneError
+    from streamprune.evaluate import reference_runs, score_sources
+
+    cfg = TrainConfig(model="mlp", epochs=3, batch_size=64, seed=5)
+    with pytest.raises(StreamPruneError, match=r"stage 'train-full' has not run .* `streamprune score --full`"):
+        train(vec_ws, cfg, DecodeConfig(), full=True, replica=1, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="replica training runs are full-data runs"):
+        train(vec_ws, cfg, DecodeConfig(), replica=1, scheduler="sync")
+    train(vec_ws, cfg, DecodeConfig(), full=True, scheduler="sync")
+    m = train(vec_ws, cfg, DecodeConfig(), full=True, replica=1, scheduler="sync")
+    assert m["config"]["train"]["seed"] == 6 and m["outputs"]["cache"] == "train-full/cache.zarr"
+    assert not os.path.exists(os.path.join(vec_ws, "train-full-r1", "cache.zarr"))  # decoded once, shared
+    run0, run1 = _dyn(vec_ws, "train-full")["true_prob"][:], _dyn(vec_ws, "train-full-r1")["true_prob"][:]
+    assert run0.shape == run1.shape == (3, 480) and not np.array_equal(run0, run1)
+    np.testing.assert_array_equal(load_labels(Workspace(vec_ws), "train-full-r1"),
+                                  load_labels(Workspace(vec_ws), "train-full"))
+    # the replica is the run a fresh full-data training with seed 6 gives
+    other = str(vec_ws) + "-seed6"
+    shutil.copytree(os.path.join(vec_ws, "catalog"), os.path.join(other, "catalog"))
+    for f in ("streamprune.json", "_stages/catalog.json"):
+        os.makedirs(os.path.dirname(os.path.join(other, f)), exist_ok=True)
+        shutil.copy(os.path.join(vec_ws, f), os.path.join(other, f))
+    train(other, TrainConfig(model="mlp", epochs=3, batch_size=64, seed=6), DecodeConfig(), full=True,
+          scheduler="sync")
+    np.testing.assert_array_equal(_dyn(other, "train-full")["true_prob"][:], run1)
+    for replica in (0, 1):
+        compute_scores(vec_ws, ["el2n"], full=True, replica=replica)
+    assert os.path.exists(os.path.join(vec_ws, "scores", "el2n-full-r1.zarr"))
+    runs = reference_runs(Workspace(vec_ws), "el2n")
+    assert len(runs) == 2 and np.isfinite(runs[1]).all() and not np.array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], read_score(Workspace(vec_ws), "el2n", full=True))
+    from streamprune.export import score_columns
+
+    assert {"el2n_full", "el2n_full_r1"} <= set(score_columns(Workspace(vec_ws)))  # exported as columns
+    assert "full" in score_sources(Workspace(vec_ws), "el2n")
+    assert not any(s.startswith("full-r") for s in score_sources(Workspace(vec_ws), "el2n"))
+
+
 def test_pseudo_labels(vec_ws):
     cfg = TrainConfig(model="mlp", epochs=3, labels="pseudo:4")
     m = train(vec_ws, cfg, DecodeConfig(label_key="cls"), scheduler="sync")
@@ -166,6 +206,34 @@ def test_training_killed_mid_epoch_resumes_identically(tmp_path):
         np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
     for s in ("du", "el2n"):
         np.testing.assert_array_equal(read_score(Workspace(ref), s), read_score(Workspace(ws), s))
+
+
+def test_full_data_replica_killed_mid_epoch_resumes_identically(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 4, 100, kind="npy", dim=16)
+    args = ["--score", "du", "--epochs", "6", "--model", "mlp", "--batch-size", "16", "--window", "3",
+            "--scheduler", "sync", "--full", "--full-runs", "2", "--checkpoint-every", "0"]
+    ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
+    for w in (ref, ws):
+        run_cli("catalog", *shards, "-w", w, "--scheduler", "sync")
+    out = run_cli("score", "-w", ref, *args).stdout
+    assert "train (run 2 of 2)" in out and "-> scores/du-full-r1.zarr" in out
+
+    def mid_replica():
+        d = os.path.join(ws, "_stages", "train-full-r1")
+        return any(f >= "ckpt-0002.pt" for _, _, fs in os.walk(d) for f in fs if f.startswith("ckpt-"))
+
+    kill_when(["score", "-w", ws, *args], mid_replica)
+    assert os.path.exists(os.path.join(ws, "_stages", "train-full.json"))
+    assert not os.path.exists(os.path.join(ws, "_stages", "train-full-r1.json"))
+    out = run_cli("score", "-w", ws, *args).stdout
+    assert out.count("train: already done") == 1  # run 1 was finished before the kill, run 2 resumed
+    for key in ("train-full", "train-full-r1"):
+        np.testing.assert_array_equal(_dyn(ref, key)["true_prob"][:], _dyn(ws, key)["true_prob"][:])
+    np.testing.assert_array_equal(zarr.open_array(os.path.join(ref, "scores", "du-full-r1.zarr"))[:],
+                                  zarr.open_array(os.path.join(ws, "scores", "du-full-r1.zarr"))[:])
+    bad = run_cli("score", "-w", ws, "--full-runs", "2", "--scheduler", "sync", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "Error: --full-runs needs --full and must be at least 1"]
 
 
 def _bad_label_shards(d):
