@@ -127,10 +127,11 @@ def summary(results: list[dict]) -> str:
                          f"{_ms([r['retest_pearson']['mean'] for r in refs])}, Spearman "
                          f"{_ms([r['retest_spearman']['mean'] for r in refs])}; ceiling against one run "
                          f"{_ms([r['ceiling_one_run'] for r in refs])}")
-            lines.append(f"{'method':<13}{'vs each run':>14}{'vs mean':>14}{'sp vs mean':>14}")
+            lines.append(f"{'method':<13}{'vs each run':>14}{'/ run-vs-run':>14}{'vs mean':>14}{'sp vs mean':>14}")
             for m in methods:
                 f = [e["fidelity"][m] for e in evs]
                 lines.append(f"{m:<13}{_ms([x['pearson_nonseed_vs_runs'] for x in f]):>14}"
+                             f"{_ms([x['vs_runs_over_retest'] for x in f]):>14}"
                              f"{_ms([x['pearson_nonseed_vs_mean'] for x in f]):>14}"
                              f"{_ms([x['spearman_nonseed_vs_mean'] for x in f]):>14}")
         ks = [e.get("oracle", {}).get("knn_k", {}) for e in evs]

@@ -321,6 +321,7 @@ def test_evaluate_reports_how_full_data_runs_agree_and_fidelity_against_their_me
     assert f["pearson_nonseed_vs_runs"] == pytest.approx(
         np.mean([np.corrcoef(pred[rows], r[rows])[0, 1] for r in runs]), abs=1e-6)
     assert f["pearson_nonseed"] == pytest.approx(np.corrcoef(pred[non_seed], runs[0][non_seed])[0, 1], abs=1e-6)
+    assert f["vs_runs_over_retest"] == pytest.approx(f["pearson_nonseed_vs_runs"] / np.mean(pairs), abs=1e-6)
     # the mean of noisy runs is nearer the truth the predictor tracks than any single run
     assert f["pearson_nonseed_vs_mean"] > f["pearson_nonseed_vs_runs"]
     text = format_evaluation(out)
