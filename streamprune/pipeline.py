@@ -110,6 +110,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     cache_memory = parse_memory(s["score"]["cache_memory"], "score.cache_memory")  # checked before any stage
     if not isinstance(s["score"]["full_runs"], int) or s["score"]["full_runs"] < 1:
         raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {s['score']['full_runs']!r}")
+    if s["score"]["full_runs"] > 1 and not s["score"]["full"]:
+        raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
     timings: list[tuple[str, float, bool]] = []
     outputs: dict = {}
 

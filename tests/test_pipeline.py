@@ -148,3 +148,7 @@ def test_run_full_runs_trains_replicas_and_refuses_a_bad_count(setup, tmp_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert "score.full_runs must be a whole number of at least 1, not 0" in bad.stderr
     assert not os.path.exists(tmp_path / "ws2" / "_stages" / "catalog.json")
+    bad = run_cli("run", *shards, "-w", str(tmp_path / "ws3"), "--config", cfg, "--scheduler", "sync",
+                  "--full-runs", "2", check=False)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "Error: score.full_runs needs score.full (--full): replicas are full-data runs"]
