@@ -30,12 +30,16 @@ import numpy as np
 
 os.environ.setdefault("STREAMPRUNE_PROGRESS", "0")
 
-# artifacts that do not depend on the subset: copied from the first fraction's workspace (markers last)
 def shared(full_runs: int) -> list[str]:
-    tags = ["-full"] + [f"-full-r{r}" for r in range(1, full_runs)]
-    return (["catalog", "streamprune.json", "errors.jsonl"] + [f"train{t}" for t in tags]
-            + [f"scores/du{t}.zarr" for t in tags] + ["_stages/catalog.json"]
-            + [f"_stages/train{t}.json" for t in tags] + [f"_stages/score-du{t}.json" for t in tags])
+    """Artifacts that do not depend on the subset, copied from the first fraction's workspace (markers last)."""
+    from streamprune.scoring import score_array_path, score_key
+    from streamprune.workspace import train_key
+
+    runs = range(full_runs)
+    return (["catalog", "streamprune.json", "errors.jsonl"] + [train_key(True, r) for r in runs]
+            + [score_array_path("du", True, r) for r in runs] + ["_stages/catalog.json"]
+            + [f"_stages/{train_key(True, r)}.json" for r in runs]
+            + [f"_stages/{score_key('du', True, r)}.json" for r in runs])
 
 
 def dataset(root: str, noise: float, data_seed: int) -> dict:

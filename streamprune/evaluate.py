@@ -84,33 +84,36 @@ def mean_std(values: list[float]) -> dict:
 
 
 # workspace gathering -----------------------------------------------------------------------------
-def score_sources(ws: Workspace, score: str) -> dict[str, np.ndarray]:
-    """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation."""
+_REPLICA = re.compile(r"full_r(\d+)")  # the column suffix of a replica full-data run (score --full-runs)
+
+
+def _sources_and_runs(ws: Workspace, score: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """One read of the workspace's score columns, split into :func:`score_sources` and :func:`reference_runs`."""
     from streamprune.export import score_columns
 
-    cols = score_columns(ws)
-    out = {}
-    for col, arr in cols.items():
-        if not col.startswith(score + "_") or _REPLICA.fullmatch(col[len(score) + 1:]):
+    sources, runs = {}, {}
+    for col, arr in score_columns(ws).items():
+        if not col.startswith(score + "_"):
             continue
-        out[col[len(score) + 1:].replace("_", "-")] = arr
-    return out
+        name = col[len(score) + 1:]
+        replica = _REPLICA.fullmatch(name)
+        if replica:
+            runs[int(replica.group(1))] = arr
+        else:
+            sources[name.replace("_", "-")] = arr
+    if "full" in sources:
+        runs[0] = sources["full"]
+    return sources, [runs[r] for r in sorted(runs)]
 
 
-_REPLICA = re.compile(r"full_r(\d+)")
+def score_sources(ws: Workspace, score: str) -> dict[str, np.ndarray]:
+    """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation."""
+    return _sources_and_runs(ws, score)[0]
 
 
 def reference_runs(ws: Workspace, score: str) -> list[np.ndarray]:
     """Full-data scores of every full-data run, run 0 (``<score>_full``) first, then its replicas."""
-    from streamprune.export import score_columns
-
-    cols = score_columns(ws)
-    runs = {0: cols[f"{score}_full"]} if f"{score}_full" in cols else {}
-    for col, arr in cols.items():
-        match = _REPLICA.fullmatch(col[len(score) + 1:]) if col.startswith(score + "_") else None
-        if match:
-            runs[int(match.group(1))] = arr
-    return [runs[r] for r in sorted(runs)]
+    return _sources_and_runs(ws, score)[1]
 
 
 def reference_agreement(runs: list[np.ndarray], rows: np.ndarray) -> dict:
@@ -314,7 +317,7 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     t0 = time.time()
-    arrays = score_sources(ws, score)
+    arrays, runs = _sources_and_runs(ws, score)
     if "full" not in arrays:
         raise StreamPruneError(f"evaluate: no full-data scores for {score}; run "
                                f"`streamprune score --full --score {score}` first")
@@ -331,7 +334,6 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     from streamprune.select import keep_count_from, select
 
     higher = get_score(score).higher_is_harder
-    runs = reference_runs(ws, score)
     if len(runs) > 1:
         ref_rows = valid & ~seed_mask & np.all([np.isfinite(r) for r in runs], axis=0)
         ref_mean = np.mean(runs, axis=0)

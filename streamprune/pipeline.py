@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from streamprune.errors import StreamPruneError
 from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
-from streamprune.workspace import Workspace
+from streamprune.workspace import Workspace, train_key
 
 ORDER = ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune")
 
@@ -29,8 +29,7 @@ DEFAULTS: dict[str, dict] = {
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
               "device": "auto", "window": 10, "decay": 0.9, "full": False, "full_runs": 1, "label_key": "cls",
-              "input": "auto",
-              "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
+              "input": "auto", "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
@@ -154,7 +153,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     params = {"window": sc["window"], "decay": sc["decay"]}
     runs = [(False, 0)] + ([(True, r) for r in range(int(sc["full_runs"]))] if sc["full"] else [])
     for full, replica in runs:
-        tag = ("-full" if full else "") + (f"-r{replica}" if replica else "")
+        tag = train_key(full, replica)[len("train"):]  # "", "-full", "-full-r<N>"
         stage(f"train{tag}", lambda: train(ws, tcfg, decode, full=full, replica=replica, on_error=on_error,
                                            scheduler=sched, force=force))
         stage(f"score{tag}", lambda: compute_scores(ws, list(sc["scores"]), full=full, replica=replica,

@@ -23,8 +23,9 @@ SCORE_PARAMS = ("window", "decay", "ddof", "damping")
 
 
 def score_key(name: str, full: bool, replica: int = 0) -> str:
-    """Marker of a score: ``score-du``, ``score-du-full`` or, of a replica run, ``score-du-full-r2``."""
-    return f"score-{name}" + ("-full" if full else "") + (f"-r{replica}" if replica else "")
+    """Marker of a score: ``score-du``, ``score-du-full`` or, of a replica run, ``score-du-full-r2`` (the
+    suffix of its training run's :func:`~streamprune.workspace.train_key`)."""
+    return f"score-{name}" + train_key(full, replica)[len("train"):]
 
 
 def score_array_path(name: str, full: bool, replica: int = 0) -> str:
