@@ -16,8 +16,44 @@ from streamprune.errors import StreamPruneError
 from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 
 
+_PATH_PARAMS = ("output", "workspace", "reshard", "config_path", "shards", "test_shards", "directory")
+
+
+def _one_line(exc: Exception, params: dict | None = None) -> str | None:
+    """The line for a storage failure raised inside zarr/s3fs, or a full disk anywhere; None for a bug.
+
+    ``params`` (a command's options) name the paths the user gave, for an error that carries no file name.
+    """
+    from streamprune import storage
+    from streamprune.compute import disk_full_message
+
+    given: list[str] = []
+    for name in _PATH_PARAMS:
+        value = (params or {}).get(name)
+        given += [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
+    line = disk_full_message(exc) or storage.error_line(exc, given)
+    return None if line is None else storage.redact(line)
+
+
+class _Command(click.Command):
+    """A command whose storage errors name the path the user gave when the error itself names none."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (StreamPruneError, click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            line = _one_line(exc, ctx.params)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
+
+
 class _Group(click.Group):
     """Turns user-facing errors into one clear line (exit 1) instead of a traceback."""
+
+    command_class = _Command
 
     def invoke(self, ctx: click.Context):
         try:
@@ -27,14 +63,10 @@ class _Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
-            # storage failures raised inside zarr/s3fs, and a full disk anywhere: one line, no traceback
-            from streamprune import storage
-            from streamprune.compute import disk_full_message
-
-            line = disk_full_message(exc) or storage.error_line(exc)
+            line = _one_line(exc)  # one line, no traceback
             if line is None:
                 raise
-            raise click.ClickException(storage.redact(line)) from None
+            raise click.ClickException(line) from None
         except KeyboardInterrupt:
             click.echo("interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
@@ -168,8 +200,9 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
           adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, full_runs, cache_memory,
           checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
+    from streamprune.compute import check_scheduler
     from streamprune.decode import DecodeConfig
-    from streamprune.scoring import compute_scores
+    from streamprune.scoring import check_scores, compute_scores
     from streamprune.subset import subset as run_subset
     from streamprune.train import TrainConfig, train
 
@@ -177,8 +210,6 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
         kwargs = json.loads(model_kwargs)
     except json.JSONDecodeError as exc:
         raise StreamPruneError(f"--model-kwargs is not valid JSON: {exc.msg}") from None
-    if fraction is not None and not full:
-        run_subset(workspace, fraction=fraction, seed=subset_seed, storage_options=storage_options, force=force)
     cfg = TrainConfig(model=model, model_kwargs=kwargs, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, seed=seed, augment=augment, dynamics=dynamics, labels=labels,
                       adversarial=adversarial, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
@@ -188,6 +219,11 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
     if full_runs < 1 or (full_runs > 1 and not full):
         raise StreamPruneError("--full-runs needs --full and must be at least 1")
     names = [n.strip() for n in score_names.split(",") if n.strip()]
+    params = {"window": window, "decay": decay}
+    check_scores(names, params, epochs)  # before any training
+    check_scheduler(scheduler)
+    if fraction is not None and not full:
+        run_subset(workspace, fraction=fraction, seed=subset_seed, storage_options=storage_options, force=force)
     for replica in range(full_runs):
         m = train(workspace, cfg, decode, full=full, replica=replica, on_error=on_error, scheduler=scheduler,
                   force=force, storage_options=storage_options)
@@ -196,8 +232,7 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
         run_tag = f" (run {replica + 1} of {full_runs})" if full_runs > 1 else ""
         click.echo(f"train{run_tag}: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on "
                    f"{t.get('device')}, {t.get('samples_per_s', 0):.0f} samples/s")
-        for sm in compute_scores(workspace, names, full=full, replica=replica,
-                                 params={"window": window, "decay": decay}, force=force,
+        for sm in compute_scores(workspace, names, full=full, replica=replica, params=params, force=force,
                                  storage_options=storage_options):
             c = sm["counts"]
             click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}{run_tag}: {c['n_valid']} rows, "
@@ -350,6 +385,13 @@ def extrapolate_options(method: str, **given) -> dict:
     return opts
 
 
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _int_option(flag: str, value) -> int:
     try:
         return int(value)
@@ -379,17 +421,24 @@ def _int_option(flag: str, value) -> int:
 def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fraction, keep_count, name, seed, reshard,
               shard_size, max_count, eps, noise_fraction, durable, scheduler, force):
     """Select samples and write shards.txt, kept keys, stats.json, optionally new shards."""
+    from streamprune.compute import parse_memory
     from streamprune.prune import prune
 
     opts = {}
     if eps is not None:
         opts["eps"] = eps
     if noise_fraction is not None:
-        opts["noise_fraction"] = noise_fraction if noise_fraction == "auto" else float(noise_fraction)
+        opts["noise_fraction"] = _number_or_text(noise_fraction)  # prune refuses what is neither 'auto' nor a fraction
+    shard_size = parse_memory(shard_size, "--shard-size")  # before the selection runs
     m = prune(workspace, score=score_name, source=source, strategy=strategy, keep_fraction=keep_fraction,
               keep_count=keep_count, name=name, seed=seed, reshard=reshard, shard_size=shard_size, max_count=max_count,
               durable=durable, scheduler=scheduler, force=force, storage_options=storage_options, **opts)
-    _report(m, "prune")
+    if "reshard" not in m:
+        _report(m, "prune")
+    elif m.get("skipped") and m["reshard"].get("skipped"):
+        click.echo("prune: selection and reshard already done with this configuration; nothing to do")
+    elif m.get("skipped"):
+        click.echo("prune: selection already done with this configuration; re-wrote the shards")
     c = m["counts"]
     click.echo(f"prune: kept {c['n_kept']} of {c['n_eligible']} eligible rows ({c['keep_fraction']:.3f}) in "
                f"{c['n_shards']} shards -> {workspace.rstrip('/')}/{m['outputs']['shards']}")
@@ -422,9 +471,16 @@ def evaluate(workspace, storage_options, score_name, pruning_curve, epochs, seed
     """Fidelity of every extrapolation against full-data scores, cost, and pruning curves."""
     from streamprune.evaluate import evaluate as run, format_evaluation
 
-    keeps = [float(k) for k in pruning_curve.split(",")] if pruning_curve else None
+    keeps = None
+    if pruning_curve:
+        try:
+            keeps = [float(k) for k in pruning_curve.split(",") if k.strip()]
+        except ValueError:
+            raise StreamPruneError(f"--pruning-curve must be comma-separated keep fractions in (0, 1], e.g. "
+                                   f"0.3,0.5,0.7, not {pruning_curve!r}") from None
     out = run(workspace, score_name, pruning_curve_keeps=keeps, epochs=epochs, test_shards=list(test_shards),
-              seeds=seeds, strategies=tuple(x.strip() for x in strategies.split(",")), storage_options=storage_options)
+              seeds=seeds, strategies=tuple(x.strip() for x in strategies.split(",") if x.strip()),
+              storage_options=storage_options)
     click.echo(json.dumps(out, indent=1) if as_json else format_evaluation(out))
 
 
@@ -466,9 +522,8 @@ def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, o
 
     overrides = {
         "subset": {"fraction": fraction},
-        "score": {"scores": score_names.split(",") if score_names else None, "epochs": epochs, "model": model,
-                  "full": full, "full_runs": full_runs},
-        "extrapolate": {"methods": methods.split(",") if methods else None},
+        "score": {"scores": score_names, "epochs": epochs, "model": model, "full": full, "full_runs": full_runs},
+        "extrapolate": {"methods": methods},
         "prune": {"strategy": strategy, "keep_fraction": keep_fraction, "reshard": reshard},
     }
     cfg = RunConfig.load(config_path, overrides, scheduler=scheduler, on_error=on_error, force=force or None)

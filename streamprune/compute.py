@@ -215,6 +215,20 @@ def _local_cluster(n_workers: int, limit: int | None):
                             dashboard_address=":0", silence_logs=logging.ERROR)
 
 
+def check_scheduler(scheduler: str | None) -> None:
+    """Refuse a ``scheduler`` that is neither a local one nor a dask address (before any work is done)."""
+    if scheduler is None or scheduler in LOCAL_SCHEDULERS:
+        return
+    from distributed.comm.addressing import get_address_host_port, parse_address
+
+    try:
+        if parse_address(str(scheduler))[0] in ("tcp", "tls"):
+            get_address_host_port(str(scheduler))
+    except (TypeError, ValueError):
+        raise StreamPruneError(f"--scheduler must be local, threads, sync or a dask scheduler address such as "
+                               f"tcp://host:8786, not {scheduler!r}") from None
+
+
 @contextmanager
 def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int | None = None) -> Iterator[Any]:
     """A dask.distributed Client for ``scheduler`` (an address or "local"), closed on exit.
@@ -245,6 +259,7 @@ def client_for(scheduler: str | None, n_tasks: int = 1, memory_limit: str | int 
             client.close()
             cluster.close()
         return
+    check_scheduler(scheduler)
     try:
         client = Client(scheduler, timeout="30s")
     except OSError as exc:
@@ -306,6 +321,7 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     ``on_result`` (embed's encoding in the calling process), which would otherwise hold every
     decoded chunk on the workers.
     """
+    check_scheduler(scheduler)
     n = len(args_list)
     results: list[Any] = [None] * n
     if n == 0:

@@ -315,7 +315,9 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
 
     ``curve_sources`` limits the score sources trained on for the curve (default: every one present).
     """
+    strategies = _check_arguments(pruning_curve_keeps, epochs, test_shards, seeds, strategies)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    ws.require("catalog", "evaluate")
     t0 = time.time()
     arrays, runs = _sources_and_runs(ws, score)
     if "full" not in arrays:
@@ -370,13 +372,41 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     if "knn" in methods:
         out["oracle"] = {"knn_k": knn_k_oracle(ws, score, full, valid & ~seed_mask)}
     if pruning_curve_keeps:
-        if not test_shards:
-            raise StreamPruneError("evaluate --pruning-curve needs --test SHARDS (held-out test shards)")
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
                                              strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
     ws.write_json(out, "eval", f"{score}.json")
     return out
+
+
+def _check_arguments(keeps: list[float] | None, epochs: int, test_shards: list[str] | None, seeds: int,
+                     strategies: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`evaluate`'s arguments checked before any work; returns the canonical strategy names."""
+    from streamprune.select import canonical, check_keep_fraction
+
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
+        raise StreamPruneError(f"evaluate: --seeds must be at least 1, not {seeds!r}")
+    names = []
+    for strategy in strategies:
+        try:
+            name = canonical(strategy)
+        except ValueError as exc:
+            raise StreamPruneError(f"evaluate: {exc}") from None
+        if name == "influence-budget":  # keeps what its eps allows, not a keep fraction
+            raise StreamPruneError("evaluate: strategy influence-budget has no keep fraction; it cannot be on a "
+                                   "pruning curve")
+        names.append(name)
+    if keeps:
+        for keep in keeps:
+            try:
+                check_keep_fraction(keep)
+            except ValueError as exc:
+                raise StreamPruneError(f"evaluate --pruning-curve: {exc}") from None
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise StreamPruneError(f"evaluate: --epochs must be at least 1, not {epochs!r}")
+        if not test_shards:
+            raise StreamPruneError("evaluate --pruning-curve needs --test SHARDS (held-out test shards)")
+    return tuple(dict.fromkeys(names))
 
 
 def format_evaluation(out: dict) -> str:

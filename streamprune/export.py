@@ -10,6 +10,7 @@ score arrays of a few bytes.
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
@@ -23,17 +24,26 @@ from streamprune.errors import StreamPruneError
 from streamprune.shards import Catalog
 from streamprune.workspace import Workspace
 
+log = logging.getLogger(__name__)
+
 
 def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
     """Every score array of the workspace as a dense (N,) float32 column (NaN = not available)."""
     cat_n = ws.require("catalog", "scores")["counts"]["n_samples"]
     cols: dict[str, np.ndarray] = {}
-    stages = [n[:-5] for n in storage.listdir(ws.path("_stages"), ws.storage_options) if n.endswith(".json")]
+    markers = ws.markers()
+    stages = []
+    for st in sorted(markers):
+        line = ws.outdated_line(st, markers) if st.startswith(("score-", "extrapolate-")) else None
+        if line:  # made from results that were re-run since: its rows may not even be these rows
+            log.warning("scores: leaving out %s: %s", st, line)
+        else:
+            stages.append(st)
     seed_rows = None
-    for st in sorted(stages):
+    for st in stages:
         if not st.startswith("score-"):
             continue
-        marker = ws.read_json("_stages", f"{st}.json")
+        marker = markers[st]
         name = marker["config"]["score"]
         suffix = st[len(f"score-{name}"):]  # "", "-full" or, of a replica run, "-full-r<N>"
         arr = zarr.open_array(storage.zarr_store(ws.path(marker["outputs"]["score"]), ws.storage_options), mode="r")[:]
@@ -49,15 +59,19 @@ def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
             col = np.full(cat_n, np.nan, np.float32)
             col[seed_rows] = arr
             cols[f"{name}_seed"] = col
-    for st in sorted(stages):
+    for st in stages:
         if st.startswith("extrapolate-"):
-            marker = ws.read_json("_stages", f"{st}.json")
+            marker = markers[st]
             out = marker.get("outputs", {}).get("extrapolated") or marker.get("outputs", {}).get("score")
             if out is None:
                 continue
             col = _column_name(out)
             g = zarr.open_group(storage.zarr_store(ws.path(out), ws.storage_options), mode="r")
             cols[col] = g["score"][:].astype(np.float32)
+    for col, arr in list(cols.items()):
+        if len(arr) != cat_n:
+            log.warning("scores: leaving out %s: %d rows, the catalog has %d", col, len(arr), cat_n)
+            del cols[col]
     return cols
 
 
@@ -74,15 +88,20 @@ def _column_name(path: str) -> str:
 
 
 def row_labels(ws: Workspace, n: int) -> np.ndarray:
-    """Best-known label per row: embeddings, else full training, else the subset's (-1 unknown)."""
-    if ws.marker("embed") is not None:
+    """Best-known label per row: embeddings, else full training, else the subset's (-1 unknown).
+
+    Only labels of current stages count (one made for another catalog may not even have ``n`` rows).
+    """
+    markers = ws.markers()
+    current = {k for k in ("embed", "train-full", "train") if k in markers and ws.outdated(k, markers) is None}
+    if "embed" in current:
         return zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")["labels"][:]
-    if ws.marker("train-full") is not None:
+    if "train-full" in current:
         from streamprune.train import load_labels
 
         return load_labels(ws, "train-full")
     labels = np.full(n, -1, np.int64)
-    if ws.marker("train") is not None:
+    if "train" in current:
         from streamprune.subset import subset_rows
         from streamprune.train import load_labels
 
@@ -96,6 +115,8 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
     fmt = "parquet" if output.endswith(".parquet") else "csv" if output.endswith(".csv") else None
     if fmt is None:
         raise StreamPruneError(f"--output must end with .parquet or .csv: {output}")
+    if not storage.is_remote(output) and os.path.isdir(output):
+        raise StreamPruneError(f"--output {output} is a directory; give a file name ending in .{fmt}")
     cat = Catalog(ws)
     cols = score_columns(ws)
     labels = row_labels(ws, cat.n_samples)
@@ -104,6 +125,22 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
     schema = pa.schema(fields)
     sink = io.BytesIO() if storage.is_remote(output) else None
     target = sink if sink is not None else _local_tmp(output)
+    try:
+        _write_table(cat, cols, labels, schema, fmt, target)
+    except BaseException:
+        if sink is None and os.path.exists(target):
+            os.remove(target)  # no half-written temp file left beside the output
+        raise
+    if sink is not None:
+        storage.write_bytes_atomic(output, sink.getvalue(), ws.storage_options)
+    else:
+        os.replace(target, output)
+    return {"output": output, "rows": cat.n_samples, "columns": [f.name for f in fields]}
+
+
+def _write_table(cat: Catalog, cols: dict[str, np.ndarray], labels: np.ndarray, schema: pa.Schema, fmt: str,
+                 target) -> None:
+    """One table part per shard: url, key, row, label and every score column."""
     writer = pq.ParquetWriter(target, schema) if fmt == "parquet" else pacsv.CSVWriter(target, schema)
     try:
         for i, part in cat.iter_parts():
@@ -116,11 +153,6 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
             writer.write_table(pa.table(data, schema=schema))
     finally:
         writer.close()
-    if sink is not None:
-        storage.write_bytes_atomic(output, sink.getvalue(), ws.storage_options)
-    else:
-        os.replace(target, output)
-    return {"output": output, "rows": cat.n_samples, "columns": [f.name for f in fields]}
 
 
 def _local_tmp(output: str) -> str:

@@ -39,6 +39,53 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+# the expected type of every option, where its default does not say it (None) or says too little
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "catalog.on_error": ((str,), "a string"),
+    "score.scores": ((list,), "a list of score names"),
+    "score.lr": ((float,), "a number"),
+    "score.adversarial": ((str,), "a string"),
+    "score.pgd_step_size": ((float,), "a number"),
+    "score.num_classes": ((int,), "an integer"),
+    "score.image_size": ((int,), "an integer"),
+    "score.cache_memory": ((str, int), "a size such as 4GiB"),
+    "embed.chunk_rows": ((int,), "an integer"),
+    "embed.memory_limit": ((str, int), "a size such as 4GiB"),
+    "index.nprobe": ((int,), "an integer"),
+    "index.refine": ((int,), "an integer"),
+    "extrapolate.methods": ((list,), "a list of method names"),
+    "extrapolate.knn_k": ((int, str), "an integer or 'auto'"),
+    "extrapolate.kernel_bandwidth": ((float, str), "a number or 'auto'"),
+    "prune.source": ((str,), "a string"),
+    "prune.name": ((str,), "a string"),
+    "prune.reshard": ((str,), "a string"),
+}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+
+
+def _checked(option: str, value):
+    """``value`` of ``option`` ("stage.key") if it has the option's type, else a one-line error.
+
+    Ints are numbers too; a string for a list option is a comma-separated list, like the CLI flags.
+    """
+    stage, key = option.split(".", 1)
+    default = DEFAULTS.get(stage, {}).get(key)
+    if option not in _TYPES and default is None:
+        return value
+    types, what = _TYPES.get(option) or ((type(default),), _TYPE_NAMES.get(type(default), type(default).__name__))
+    if list in types:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif not isinstance(value, bool) or bool in types:
+        if isinstance(value, types):
+            return value
+        if float in types and isinstance(value, int):
+            return float(value)
+    raise StreamPruneError(f"{option} must be {what}, not {value!r}")
+
+
 @dataclass
 class RunConfig:
     """Per-stage options of a pipeline run (after TOML and CLI overrides)."""
@@ -60,6 +107,8 @@ class RunConfig:
                 raise StreamPruneError(f"--config {path}: {exc}") from None
             for stage, opts in data.items():
                 if stage in ("scheduler", "on_error"):
+                    if not isinstance(opts, str):
+                        raise StreamPruneError(f"--config {path}: {stage} must be a string, not {opts!r}")
                     setattr(cfg, stage, opts)
                     continue
                 if stage not in DEFAULTS or not isinstance(opts, dict):
@@ -67,9 +116,12 @@ class RunConfig:
                 unknown = set(opts) - set(DEFAULTS[stage])
                 if unknown:
                     raise StreamPruneError(f"--config {path}: [{stage}] has unknown option(s) {', '.join(sorted(unknown))}")
-                cfg.stages[stage].update(opts)
+                try:
+                    cfg.stages[stage].update({k: _checked(f"{stage}.{k}", v) for k, v in opts.items()})
+                except StreamPruneError as exc:
+                    raise StreamPruneError(f"--config {path}: {exc}") from None
         for stage, opts in (overrides or {}).items():
-            cfg.stages[stage].update({k: v for k, v in opts.items() if v is not None})
+            cfg.stages[stage].update({k: _checked(f"{stage}.{k}", v) for k, v in opts.items() if v is not None})
         return cfg
 
 
@@ -94,23 +146,70 @@ def run_pipeline(shards: list[str], workspace: str, cfg: RunConfig, *, until: st
 
     if until not in ORDER:
         raise StreamPruneError(f"--until must be one of {', '.join(ORDER)}")
+    checked = check_config(cfg, until)
     with shared_local_cluster():  # starts nothing unless a stage asks for a local cluster
-        return _run_stages(shards, workspace, cfg, until, storage_options, echo)
+        return _run_stages(shards, workspace, cfg, until, storage_options, echo, checked)
+
+
+def check_config(cfg: RunConfig, until: str = "prune") -> dict:
+    """Check the options of every stage up to ``until`` before the first one runs, with the stages' own rules.
+
+    Returns what the stages take ready-made: the training and decoding configurations, the score
+    parameters, the extrapolation methods and the index graph(s) they read.
+    """
+    from streamprune.compute import check_scheduler, parse_memory
+
+    s = cfg.stages
+    upto = ORDER.index(until)
+    check_scheduler(cfg.scheduler)
+    sc = s["score"]
+    cache_memory = parse_memory(sc["cache_memory"], "score.cache_memory")
+    if isinstance(sc["full_runs"], bool) or not isinstance(sc["full_runs"], int) or sc["full_runs"] < 1:
+        raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {sc['full_runs']!r}")
+    if sc["full_runs"] > 1 and not sc["full"]:
+        raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
+    out: dict = {}
+    if upto >= ORDER.index("score"):
+        from streamprune.decode import DecodeConfig
+        from streamprune.scoring import check_scores
+        from streamprune.train import TrainConfig
+
+        out["train"] = TrainConfig(**{k: sc[k] for k in ("model", "model_kwargs", "epochs", "batch_size", "optimizer",
+                                                         "lr", "weight_decay", "seed", "augment", "dynamics", "labels",
+                                                         "adversarial", "pgd_steps", "pgd_step_size", "num_classes",
+                                                         "device")},
+                                   checkpoint_seconds=float(sc["checkpoint_every"]),
+                                   **({"memory_budget": cache_memory} if cache_memory is not None else {}))
+        out["decode"] = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
+        if not sc["scores"]:
+            raise StreamPruneError("score.scores names no score")
+        out["params"] = {"window": sc["window"], "decay": sc["decay"]}
+        check_scores(list(sc["scores"]), out["params"], sc["epochs"])
+    if upto >= ORDER.index("embed"):
+        parse_memory(s["embed"]["memory_limit"], "embed.memory_limit")
+    methods = list(s["extrapolate"]["methods"])
+    out["methods"], out["graph"] = methods, graphs_for(methods, s["extrapolate"]["gcn_prior"])
+    if upto >= ORDER.index("index"):
+        from streamprune.extrapolate import check_method
+
+        if not methods:
+            raise StreamPruneError("extrapolate.methods names no method")
+        for m in methods:
+            check_method(m)
+    if upto >= ORDER.index("prune"):
+        from streamprune.prune import check_options
+
+        p = s["prune"]
+        check_options(score=sc["scores"][0], source=p["source"] or methods[-1], strategy=p["strategy"],
+                      keep_fraction=p["keep_fraction"], name=p["name"], reshard=p["reshard"])
+    return out
 
 
 def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, storage_options: dict | None,
-                echo) -> dict:
-    from streamprune.decode import DecodeConfig
-    from streamprune.compute import parse_memory
-
+                echo, checked: dict) -> dict:
     ws = Workspace(workspace, storage_options)
     s = cfg.stages
     sched, on_error, force = cfg.scheduler, cfg.on_error, cfg.force
-    cache_memory = parse_memory(s["score"]["cache_memory"], "score.cache_memory")  # checked before any stage
-    if not isinstance(s["score"]["full_runs"], int) or s["score"]["full_runs"] < 1:
-        raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {s['score']['full_runs']!r}")
-    if s["score"]["full_runs"] > 1 and not s["score"]["full"]:
-        raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
     timings: list[tuple[str, float, bool]] = []
     outputs: dict = {}
 
@@ -141,16 +240,10 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
         return _finish(timings, outputs, echo)
 
     from streamprune.scoring import compute_scores
-    from streamprune.train import TrainConfig, train
+    from streamprune.train import train
 
     sc = s["score"]
-    tcfg = TrainConfig(**{k: sc[k] for k in ("model", "model_kwargs", "epochs", "batch_size", "optimizer", "lr",
-                                             "weight_decay", "seed", "augment", "dynamics", "labels", "adversarial",
-                                             "pgd_steps", "pgd_step_size", "num_classes", "device")},
-                       checkpoint_seconds=float(sc["checkpoint_every"]),
-                       **({"memory_budget": cache_memory} if cache_memory is not None else {}))
-    decode = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
-    params = {"window": sc["window"], "decay": sc["decay"]}
+    tcfg, decode, params = checked["train"], checked["decode"], checked["params"]
     runs = [(False, 0)] + ([(True, r) for r in range(int(sc["full_runs"]))] if sc["full"] else [])
     for full, replica in runs:
         tag = train_key(full, replica)[len("train"):]  # "", "-full", "-full-r<N>"
@@ -172,8 +265,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
 
     from streamprune.index import build_index
 
-    methods = list(s["extrapolate"]["methods"])
-    graph = graphs_for(methods, s["extrapolate"]["gcn_prior"])
+    methods, graph = checked["methods"], checked["graph"]
     ix = s["index"]
     idx = stage("index", lambda: build_index(ws, graph=graph, k=ix["k"], factory=ix["factory"], nprobe=ix["nprobe"],
                                              refine=ix["refine"], scheduler=sched, force=force))

@@ -14,11 +14,12 @@ Outputs of ``prune(ws, ...)`` under ``WS/prune/<name>/`` (marker ``_stages/prune
 
 With ``reshard=OUT`` (local dir or ``s3://``) :func:`reshard` also writes ``OUT/pruned-NNNNNN.tar``
 holding only the kept samples, their tar members copied byte for byte, and ``OUT/shards.txt``
-(marker ``_stages/reshard-<name>.json``).  The output is planned up front from the per-row sizes
-(catalog ``end - offset``); one dask task writes one output shard under a temporary name (local)
-or as one upload that only becomes visible when complete (S3), then its chunk record is written:
-a killed run resumes with the shards it had not finished and no partial tar is ever visible
-under a final name.
+(marker ``_stages/reshard-<name>.json``), after ``OUT/streamprune-reshard.json`` naming the
+workspace and prune set that own OUT (another set's OUT is refused without ``force``).  The output
+is planned up front from the per-row sizes (catalog ``end - offset``); one dask task writes one
+output shard under a temporary name (local) or as one upload that only becomes visible when
+complete (S3), then its chunk record is written: a killed run resumes with the shards it had not
+finished and no partial tar is ever visible under a final name.
 
 Memory: the selection holds per-row arrays (score 4 B, valid flag 1 B, label 4 B, keep mask 1 B)
 plus the temporaries of the strategy (see :mod:`streamprune.select`); key lists are streamed shard
@@ -194,6 +195,68 @@ def default_name(score: str, source: str, strategy: str, keep_fraction: float | 
     return f"{score}-{source}-{strategy}-{keep}"
 
 
+def check_options(*, score: str, source: str, strategy: str, keep_fraction: float | None = None,
+                  keep_count: int | None = None, name: str | None = None, reshard: str | None = None,
+                  shard_size: int | str | None = None, max_count: int | None = None, **strategy_opts: Any) -> dict:
+    """:func:`prune`'s options checked before any work (``run`` checks them before its first stage).
+
+    Returns the canonical ``strategy``, the score ``direction``, the view's ``name`` and the
+    strategy ``opts`` (with their defaults) that the selection uses.
+    """
+    try:
+        strategy = sel.canonical(strategy)
+    except ValueError as exc:
+        raise StreamPruneError(f"prune: {exc}") from None
+    if source not in ALL_SOURCES:
+        raise StreamPruneError(f"prune: unknown score source {source!r}; choose one of {', '.join(ALL_SOURCES)}")
+    strategy_opts = dict(strategy_opts)
+    direction = bool(strategy_opts.pop("higher_is_harder", higher_is_harder(score)))
+    eps = strategy_opts.get("eps")
+    if strategy == "influence-budget":
+        if eps is None:
+            raise StreamPruneError("prune: strategy influence-budget needs eps (budget on the summed norms removed)")
+        if keep_fraction is not None or keep_count is not None:
+            raise StreamPruneError("prune: influence-budget keeps what its eps allows; do not give a keep fraction "
+                                   "or count")
+    elif (keep_fraction is None) == (keep_count is None):
+        raise StreamPruneError("prune: give exactly one of --keep-fraction and --keep-count")
+    elif keep_fraction is not None:
+        try:
+            sel.check_keep_fraction(keep_fraction)
+        except ValueError as exc:
+            raise StreamPruneError(f"prune: {exc}") from None
+    allowed = [o for o in sel.STRATEGY_OPTIONS[strategy] if o not in ("eligible", "noise", "drop_count")]
+    if strategy == "hard-clean":
+        allowed.append("noise_fraction")
+        nf = strategy_opts.setdefault("noise_fraction", "auto")
+        if nf != "auto" and not (isinstance(nf, (int, float)) and 0 <= nf < 1):
+            raise StreamPruneError(f"prune: --noise-fraction must be 'auto' or a fraction in [0, 1), not {nf!r}")
+    unknown = sorted(set(strategy_opts) - set(allowed))
+    if unknown:
+        raise StreamPruneError(f"prune: strategy {strategy} does not take {', '.join(unknown)} "
+                               f"(options: {', '.join(allowed) or 'none'})")
+    name = name or default_name(score, source, strategy, keep_fraction, keep_count, eps)
+    _check_name(name)
+    if reshard is None and (shard_size is not None or max_count is not None):
+        raise StreamPruneError("prune: --shard-size and --max-count apply to --reshard OUT; give it too")
+    _check_reshard_sizes(shard_size, max_count)
+    return {"strategy": strategy, "direction": direction, "name": name, "opts": strategy_opts}
+
+
+def _check_reshard_sizes(shard_size: int | str | None, max_count: int | None) -> None:
+    """--shard-size and --max-count, checked before the selection is committed (reshard reads them again)."""
+    from streamprune.compute import parse_memory
+
+    if shard_size is not None:
+        try:
+            parse_memory(shard_size, "--shard-size")
+        except StreamPruneError as exc:
+            raise StreamPruneError(f"prune: {exc}") from None
+    if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, (int, np.integer))
+                                  or max_count < 1):
+        raise StreamPruneError(f"prune: --max-count must be >= 1, got {max_count!r}")
+
+
 def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn", strategy: str = "hard",
           keep_fraction: float | None = None, keep_count: int | None = None, name: str | None = None, seed: int = 0,
           reshard: str | None = None, shard_size: int | str | None = None, max_count: int | None = None,
@@ -209,36 +272,15 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
     ``durable`` fsyncs the re-written tars (see :func:`reshard`).
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
-    try:
-        strategy = sel.canonical(strategy)
-    except ValueError as exc:
-        raise StreamPruneError(f"prune: {exc}") from None
-    if source not in ALL_SOURCES:
-        raise StreamPruneError(f"prune: unknown score source {source!r}; choose one of {', '.join(ALL_SOURCES)}")
-    direction = bool(strategy_opts.pop("higher_is_harder", higher_is_harder(score)))
-    eps = strategy_opts.get("eps")
-    if strategy == "influence-budget":
-        if eps is None:
-            raise StreamPruneError("prune: strategy influence-budget needs eps (budget on the summed norms removed)")
-        if keep_fraction is not None or keep_count is not None:
-            raise StreamPruneError("prune: influence-budget keeps what its eps allows; do not give a keep fraction "
-                                   "or count")
-    elif (keep_fraction is None) == (keep_count is None):
-        raise StreamPruneError("prune: give exactly one of --keep-fraction and --keep-count")
-    allowed = [o for o in sel.STRATEGY_OPTIONS[strategy] if o not in ("eligible", "noise", "drop_count")]
-    if strategy == "hard-clean":
-        allowed.append("noise_fraction")
-        nf = strategy_opts.setdefault("noise_fraction", "auto")
-        if nf != "auto" and not (isinstance(nf, (int, float)) and 0 <= nf < 1):
-            raise StreamPruneError(f"prune: --noise-fraction must be 'auto' or a fraction in [0, 1), not {nf!r}")
-    unknown = sorted(set(strategy_opts) - set(allowed))
-    if unknown:
-        raise StreamPruneError(f"prune: strategy {strategy} does not take {', '.join(unknown)} "
-                               f"(options: {', '.join(allowed) or 'none'})")
-    name = name or default_name(score, source, strategy, keep_fraction, keep_count, eps)
-    _check_name(name)
-    if reshard is None and (shard_size is not None or max_count is not None):
-        raise StreamPruneError("prune: --shard-size and --max-count apply to --reshard OUT; give it too")
+    checked = check_options(score=score, source=source, strategy=strategy, keep_fraction=keep_fraction,
+                            keep_count=keep_count, name=name, reshard=reshard, shard_size=shard_size,
+                            max_count=max_count, **strategy_opts)
+    strategy, direction, name, strategy_opts = (checked[k] for k in ("strategy", "direction", "name", "opts"))
+
+    if reshard is not None:  # refuse another prune set's OUT before the selection's work, not after it
+        out = storage.normalize(reshard)
+        _check_owner(out, storage.read_json(storage.join(out, OWNER_FILE), ws.storage_options), ws, name, force,
+                     ws.storage_options)
 
     marker = _select_stage(ws, name=name, score=score, source=source, strategy=strategy, keep_fraction=keep_fraction,
                            keep_count=keep_count, seed=seed, direction=direction, opts=strategy_opts, force=force,
@@ -320,6 +362,8 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
     else:
         log.info("prune: no %s scores from %s; random selection among all valid rows", score, source)
     valid, embed_labels, embed_marker = load_embed_columns(ws)
+    ws.check_current({"scores": score_marker and score_marker["fingerprint"],
+                      "embed": embed_marker and embed_marker["fingerprint"]}, "prune")
     n = int(cat_m["counts"]["n_samples"])
     for what, arr in (("scores", scores), ("embeddings valid", valid), ("embeddings labels", embed_labels)):
         if arr is not None and len(arr) != n:
@@ -333,10 +377,10 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
     margin_marker = None  # hard-clean: the subset model's AUM, which ranks the seed rows
     if strategy == "hard-clean":
         dm = ws.marker("score-label_disagreement")
-        if dm is None:
+        if dm is None or ws.outdated("score-label_disagreement") is not None:
             from streamprune.extrapolate.label_aware import compute_disagreement
 
-            dm = compute_disagreement(ws)
+            dm = compute_disagreement(ws, k=dm["config"]["k"] if dm else None)
         inputs["disagreement"] = dm["fingerprint"]
         margin_marker = seed_margin_marker(ws)
         inputs["seed_margin"] = margin_marker["fingerprint"] if margin_marker else None
@@ -620,6 +664,11 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     outputs survive a power loss or kernel crash, not only a killed process; it costs the time
     the disk needs to write them (see docs/prune.md).  It does not change the output bytes and
     is not part of the stage configuration.
+
+    ``OUT/streamprune-reshard.json`` records the workspace, prune set and run fingerprint that
+    own OUT; it is written before any tar.  OUT owned by another prune set, or holding
+    ``pruned-*.tar`` files without that record, is refused unless ``force``.  A finished run is
+    skipped only while OUT still carries its record and shards.txt; otherwise it writes again.
     """
     from dask.utils import parse_bytes
 
@@ -641,8 +690,15 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     config = {"name": name, "out": out, "shard_size": size, "max_count": None if max_count is None else int(max_count)}
     run = ws.begin("prune", config, {"prune": pm["fingerprint"], "catalog": cat_m["fingerprint"]}, force=force,
                    key=f"reshard-{name}")
-    if run.already_done:
+    so = ws.storage_options
+    record = storage.read_json(storage.join(out, OWNER_FILE), so)
+    mine = _owner_record(ws, name, run.fingerprint)
+    gone = _outputs_not_intact(out, record, mine, so) if run.already_done else None
+    if run.already_done and gone is None:
         return run.previous | {"skipped": True}
+    _check_owner(out, record, ws, name, force, so)
+    if gone is not None:
+        log.warning("reshard %s: already done, but %s; writing the shards again", name, gone)
     t0 = time.time()
     cat = Catalog(ws)
     inside = [u for u in cat.shards.url if str(u).startswith(out.rstrip("/") + "/")]
@@ -653,9 +709,12 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     src, starts = _plan(cat, rows, size, config["max_count"])
     n_out = len(starts)
     t_plan = time.time() - t0
-    so = ws.storage_options
     # Readers take OUT/shards.txt as the list of complete outputs: hide it while outputs change.
     storage.remove(storage.join(out, "shards.txt"), so)
+    if not _same_owner(record, mine):
+        # Chunk records of an earlier run of ours describe tars another run may have replaced since.
+        run.forget_chunks()
+        storage.write_json_atomic(storage.join(out, OWNER_FILE), mine, so)
     _remove_stale(out, n_out, so)
 
     infos = _verified_chunks(run, out, n_out, so)
@@ -704,6 +763,41 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
 
 
 _run_reshard = reshard  # prune()'s ``reshard`` argument shadows the function there
+
+
+def _owner_record(ws: Workspace, name: str, fp: str) -> dict:
+    """What ``OUT/streamprune-reshard.json`` says: the workspace, prune set and reshard run writing OUT."""
+    return {"workspace": ws.url, "name": name, "fingerprint": fp}
+
+
+def _same_owner(record: Any, mine: dict) -> bool:
+    return isinstance(record, dict) and all(record.get(k) == v for k, v in mine.items())
+
+
+def _outputs_not_intact(out: str, record: Any, mine: dict, storage_options: dict) -> str | None:
+    """Why the outputs of a finished reshard are no longer in OUT, or None when they are."""
+    if record is None:
+        return f"{out} has no {OWNER_FILE}"
+    if not _same_owner(record, mine):
+        return f"{out}/{OWNER_FILE} names another reshard run"
+    if not storage.exists(storage.join(out, "shards.txt"), storage_options):
+        return f"{out} has no shards.txt"
+    return None
+
+
+def _check_owner(out: str, record: Any, ws: Workspace, name: str, force: bool, storage_options: dict) -> None:
+    """Refuse, unless ``force``, to write into OUT when its shards belong to another prune set or to no reshard."""
+    if force:
+        return
+    if record is not None:
+        owner = record if isinstance(record, dict) else {}
+        if owner.get("workspace") != ws.url or owner.get("name") != name:
+            raise StreamPruneError(f"reshard: {out} holds the re-written shards of prune set {owner.get('name')!r} "
+                                   f"of workspace {owner.get('workspace')}; choose another --reshard location "
+                                   "(or pass --force to replace them)")
+    elif _output_sizes(out, storage_options):
+        raise StreamPruneError(f"reshard: {out} already holds pruned-*.tar files that no reshard claims (no "
+                               f"{OWNER_FILE}); choose another --reshard location (or pass --force to replace them)")
 
 
 def _verified_chunks(run, out: str, n_out: int, storage_options: dict) -> dict[int, dict]:
@@ -773,6 +867,7 @@ def output_url(out: str, i: int) -> str:
 
 
 _OUTPUT_RE = re.compile(r"pruned-(\d{6,})\.tar")
+OWNER_FILE = "streamprune-reshard.json"  # OUT's owner record, written before any tar (see reshard)
 
 
 def _remove_stale(out: str, n_out: int, storage_options: dict, outputs: bool = True) -> None:

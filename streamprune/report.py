@@ -119,6 +119,7 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
            storage_options: dict | None = None) -> dict:
     """Write PNG plots and report.md to ``output`` (default WS/report); returns their paths."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    ws.require("catalog", "report")
     out_dir = output or ws.path("report")
     remote = storage.is_remote(out_dir)
     local_dir = tempfile.mkdtemp(prefix="streamprune-report-") if remote else out_dir

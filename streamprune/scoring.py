@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 
 import numpy as np
 import zarr
@@ -33,6 +34,51 @@ def score_array_path(name: str, full: bool, replica: int = 0) -> str:
     return f"scores/{score_key(name, full, replica)[len('score-'):]}.zarr"
 
 
+def score_kwargs(spec, params: dict | None) -> dict:
+    """The ``params`` (window, decay, ...) that score ``spec`` takes, without the unset ones."""
+    accepted = inspect.signature(spec.fn).parameters
+    return {k: v for k, v in (params or {}).items() if k in accepted and v is not None}
+
+
+# a few samples of two classes: enough for a score function to check its parameters against E epochs
+_PROBE_N = 4
+_PROBE = {"true_prob": lambda rng, e: rng.uniform(0.05, 0.95, (e, _PROBE_N)).astype(np.float32),
+          "loss": lambda rng, e: rng.uniform(0.05, 3.0, (e, _PROBE_N)).astype(np.float32),
+          "logits": lambda rng, e: rng.normal(size=(e, _PROBE_N, 2)).astype(np.float32),
+          "correct": lambda rng, e: rng.random((e, _PROBE_N)) < 0.5,
+          "labels": lambda rng, e: np.arange(_PROBE_N, dtype=np.int64) % 2}
+
+
+def check_scores(names: list[str], params: dict | None = None, epochs: int | None = None) -> None:
+    """Refuse unknown score names, and parameters a score rejects for ``epochs`` recorded epochs, before training.
+
+    The rules are the score functions' own: each runs on a tiny dynamics (four samples, two
+    classes) of ``epochs`` epochs; scores that need more than the recorded dynamics (influence)
+    are checked by name only.
+    """
+    if isinstance(names, str) or not names:
+        raise StreamPruneError(f"give a list of at least one score name (e.g. ['du']), not {names!r}")
+    for name in names:
+        try:
+            spec = get_score(name)
+        except ValueError as exc:
+            raise StreamPruneError(str(exc)) from None
+        if epochs is None or not all(need in _PROBE for need in spec.needs):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rng = np.random.default_rng(0)
+                spec.fn(*(_PROBE[need](rng, int(epochs)) for need in spec.needs), **score_kwargs(spec, params))
+        except (TypeError, ValueError) as exc:
+            raise _score_error(name, exc) from None
+
+
+def _score_error(name: str, exc: Exception) -> StreamPruneError:
+    text = str(exc)
+    return StreamPruneError(f"score {name}: {text[len(name) + 2:] if text.startswith(name + ': ') else text}")
+
+
 def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, replica: int = 0,
                    params: dict | None = None, force: bool = False, storage_options: dict | None = None,
                    chunk: int = 65536) -> list[dict]:
@@ -40,14 +86,11 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     tkey = train_key(full, replica)
     tm = ws.require(tkey, "score")
+    check_scores(names, params, tm.get("counts", {}).get("epochs"))  # every name, before computing any
     markers = []
     for name in names:
-        try:
-            spec = get_score(name)
-        except ValueError as exc:
-            raise StreamPruneError(str(exc)) from None
-        accepted = inspect.signature(spec.fn).parameters
-        kwargs = {k: v for k, v in (params or {}).items() if k in accepted and v is not None}
+        spec = get_score(name)
+        kwargs = score_kwargs(spec, params)
         key = score_key(name, full, replica)
         run = ws.begin("score", {"score": name, "params": kwargs}, {"train": tm["fingerprint"]}, force=force, key=key)
         if run.already_done:
@@ -77,7 +120,7 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
                             arrays[need] = dyn[need][:, sl][:, v]
                     out[sl][v] = spec.fn(*(arrays[n] for n in spec.needs), **kwargs)
         except ValueError as exc:
-            raise StreamPruneError(f"score {name}: {exc}") from None
+            raise _score_error(name, exc) from None
         path = score_array_path(name, full, replica)
         arr = zarr.create_array(storage.zarr_store(ws.path(path), ws.storage_options), shape=(m,),
                                 chunks=(min(m, 1 << 20),), dtype="float32", fill_value=np.nan, overwrite=True)

@@ -57,6 +57,17 @@ def _check_count(k: int, n_eligible: int, what: str = "eligible rows") -> int:
     return k
 
 
+def check_keep_fraction(keep_fraction: float) -> float:
+    """``keep_fraction`` as a float in (0, 1], else ValueError (checked up front, and by :func:`keep_count_from`)."""
+    try:
+        f = float(keep_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"keep fraction must be a number in (0, 1], got {keep_fraction!r}") from None
+    if isinstance(keep_fraction, bool) or not (0.0 < f <= 1.0):  # NaN fails the comparison too
+        raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+    return f
+
+
 def keep_count_from(n_eligible: int, keep_fraction: float | None = None, keep_count: int | None = None) -> int:
     """The number of rows to keep from exactly one of a fraction of the eligible rows or a count."""
     if (keep_fraction is None) == (keep_count is None):
@@ -64,9 +75,7 @@ def keep_count_from(n_eligible: int, keep_fraction: float | None = None, keep_co
     if keep_count is not None:
         k = _check_count(keep_count, n_eligible)
     else:
-        f = float(keep_fraction)
-        if not (0.0 < f <= 1.0) or math.isnan(f):
-            raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
+        f = check_keep_fraction(keep_fraction)
         k = min(n_eligible, int(math.floor(f * n_eligible + 0.5)))
     if k == 0:
         raise ValueError(f"the selection would keep no rows (of {n_eligible} eligible)")

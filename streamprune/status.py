@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections import Counter
 
 from streamprune import storage
+from streamprune.errors import StreamPruneError
 from streamprune.workspace import STAGES, Workspace
 
 
 def status(workspace: str | Workspace, storage_options: dict | None = None) -> dict:
     """Summary of a workspace as a JSON-able dict (keys: n_samples, n_shards, stages, errors, ...)."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    if not storage.exists(ws.url, ws.storage_options):
+        raise StreamPruneError(f"status: no workspace at {ws.url} (nothing has run there; check -w)")
     meta = ws.read_json("streamprune.json") or {}
     stages: dict[str, dict] = {}
-    for name in sorted(set(storage.listdir(ws.path("_stages"), ws.storage_options))):
-        if not name.endswith(".json") or name.startswith(".tmp"):
-            continue
-        m = ws.read_json("_stages", name) or {}
-        stages[name[:-5]] = {"done": True, "stage": m.get("stage"), "counts": m.get("counts", {}),
+    markers = ws.markers()
+    for name, m in sorted(markers.items()):
+        stale = ws.outdated_line(name, markers)
+        stages[name] = {"done": stale is None, "stale": stale, "stage": m.get("stage"), "counts": m.get("counts", {}),
                              "wall_s": m.get("timings", {}).get("wall_s"), "outputs": {
                                  k: ws.path(v) for k, v in m.get("outputs", {}).items()},
                              "finished": m.get("finished")}
@@ -42,7 +44,9 @@ def format_status(info: dict) -> str:
              f"{info.get('n_shards') if info.get('n_shards') is not None else '-'} shards"]
     for name, st in info["stages"].items():
         counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items())
-        lines.append(f"  done     {name:<24} {st['wall_s'] or 0:8.1f}s  {counts}")
+        lines.append(f"  {'stale' if st.get('stale') else 'done':<8} {name:<24} {st['wall_s'] or 0:8.1f}s  {counts}")
+        if st.get("stale"):
+            lines.append(f"           {'':<24} {st['stale']}")
         for label, url in st["outputs"].items():
             lines.append(f"           {'':<24} {label}: {url}")
     for name in info["pending"]:

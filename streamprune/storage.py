@@ -324,17 +324,20 @@ def _retried_inside(exc: BaseException) -> bool:
     return False
 
 
-def error_line(exc: BaseException) -> str | None:
+def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
     """One line for a storage failure that escaped :func:`retry` (e.g. raised inside zarr), else None.
 
     For the CLI: an ``OSError`` or botocore error becomes ``"cannot access ...: ..."`` without
-    credentials instead of a traceback.
+    credentials instead of a traceback.  An error without a file name is about the one of the
+    paths the user ``given`` that its message mentions (the longest), else about "object storage".
     """
     if isinstance(exc, StreamPruneError):
         return str(exc)
     if not (isinstance(exc, OSError) or _retried_inside(exc)):
         return None
-    where = getattr(exc, "filename", None) or "object storage"
+    text = str(exc)
+    mentioned = sorted((p for p in given if isinstance(p, str) and p and p in text), key=len, reverse=True)
+    where = getattr(exc, "filename", None) or (mentioned[0] if mentioned else "object storage")
     msg = describe_storage_error(exc, str(where))
     return msg + (" (gave up after retries)" if is_transient(exc) or _retry_code(exc) else "")
 

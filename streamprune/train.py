@@ -85,13 +85,20 @@ class TrainConfig:
             raise StreamPruneError(f"--augment must be none, crop or crop-flip, not {self.augment!r}")
         if self.dynamics not in ("eval", "train"):
             raise StreamPruneError(f"--dynamics must be eval or train, not {self.dynamics!r}")
-        if self.epochs < 1:
-            raise StreamPruneError("--epochs must be at least 1")
-        if not self.checkpoint_seconds >= 0:
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        if self.num_classes is not None:
+            _at_least("--num-classes", self.num_classes, 2)
+        if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):
+            raise StreamPruneError(f"--lr must be a number > 0, not {self.lr!r}")
+        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+            raise StreamPruneError(f"--weight-decay must be a number >= 0, not {self.weight_decay!r}")
+        if not (_is_number(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
             raise StreamPruneError("--checkpoint-every must be >= 0 seconds")
-        if not (self.labels == "supervised" or _pseudo_k(self.labels)):
+        if not (isinstance(self.labels, str) and (self.labels == "supervised" or _pseudo_k(self.labels))):
             raise StreamPruneError(f"--labels must be 'supervised' or 'pseudo:K', not {self.labels!r}")
-        parse_attack(self.adversarial)  # validates
+        # validates the attack and, when there is one, --pgd-steps and --pgd-step-size
+        parse_attack(self.adversarial, steps=self.pgd_steps, step_size=self.pgd_step_size)
 
     def fingerprint_dict(self) -> dict:
         """Options that change results (device and memory budget do not on CPU)."""
@@ -99,6 +106,16 @@ class TrainConfig:
         d.pop("memory_budget")
         d.pop("checkpoint_seconds")
         return d
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and not math.isnan(value)
+
+
+def _at_least(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise StreamPruneError(f"{flag} must be a whole number of at least {minimum}, not {value!r}")
 
 
 def _pseudo_k(labels: str) -> int | None:

@@ -63,6 +63,20 @@ def command_for(stage: str) -> str:
     return stage
 
 
+def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
+    """The command that re-makes marker ``key``, with the options that name it where the marker knows them."""
+    config = ((markers or {}).get(key) or {}).get("config") or {}
+    if key == "score-label_disagreement":
+        return "extrapolate --method label-aware"
+    if key.startswith("extrapolate-") and config.get("method"):
+        return f"extrapolate --score {config.get('score')} --method {config['method']}"
+    if key.startswith("prune-") and config.get("source"):
+        return f"prune --name {config.get('name')} --score {config.get('score')} --from {config['source']} ..."
+    if key.startswith("reshard-"):
+        return f"prune --name {config.get('name')} ... --reshard {config.get('out')}"
+    return command_for(key)
+
+
 def _compatible(version_a: str, version_b: str) -> bool:
     """Workspaces are compatible across patch releases (same major.minor)."""
     return version_a.split(".")[:2] == version_b.split(".")[:2]
@@ -151,6 +165,66 @@ class Workspace:
                                    f"run `streamprune {command_for(stage)}` first")
         return m
 
+    def markers(self) -> dict[str, dict]:
+        """Every finished stage's marker by key (one listing; remote markers are read concurrently)."""
+        names = [n[:-5] for n in storage.listdir(self.path("_stages"), self.storage_options)
+                 if n.endswith(".json") and not n.startswith(".tmp")]
+        if storage.is_remote(self.url) and len(names) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(16, len(names))) as pool:
+                found = list(pool.map(lambda n: self.read_json("_stages", f"{n}.json"), names))
+        else:
+            found = [self.read_json("_stages", f"{n}.json") for n in names]
+        return {n: m for n, m in zip(names, found) if isinstance(m, dict)}
+
+    def outdated(self, key: str, markers: dict[str, dict] | None = None) -> tuple[str, str] | None:
+        """Why marker ``key`` no longer describes the workspace, or None when it does.
+
+        Returns (marker, input): ``marker`` is ``key`` or one of the markers it was made from,
+        and its ``input`` has been re-run since (no current marker has the fingerprint it
+        recorded).  A stage re-run with a new configuration or on new shards leaves the results
+        made from its old outputs in place; they stay readable but must not be used.
+        """
+        markers = self.markers() if markers is None else markers
+        current = {m.get("fingerprint"): k for k, m in markers.items()}
+        memo: dict[str, tuple[str, str] | None] = {}
+
+        def walk(k: str) -> tuple[str, str] | None:
+            if k not in memo:  # no cycles: a fingerprint hashes those of its inputs
+                memo[k] = None
+                m = markers.get(k) or {}
+                if m.get("stage") != "catalog":  # the catalog's input is the shard list, not a marker
+                    for role, fp in sorted((m.get("inputs") or {}).items()):
+                        if isinstance(fp, str):
+                            up = current.get(fp)
+                            memo[k] = (k, role) if up is None else walk(up)
+                            if memo[k]:
+                                break
+            return memo[k]
+
+        return walk(key)
+
+    def outdated_line(self, key: str, markers: dict[str, dict] | None = None) -> str | None:
+        """:meth:`outdated` as one line naming the command to re-run, or None."""
+        found = self.outdated(key, markers)
+        if found is None:
+            return None
+        stale, role = found
+        return f"{stale} is out of date (its input '{role}' was re-run since); re-run `streamprune {rerun_command(stale, markers)}`"
+
+    def check_current(self, inputs: dict, for_stage: str) -> None:
+        """Refuse to build on results made from outputs that have since been replaced."""
+        fps = {fp for fp in inputs.values() if isinstance(fp, str)}
+        if not fps:
+            return
+        markers = self.markers()
+        for key, m in sorted(markers.items()):
+            if m.get("fingerprint") in fps:
+                line = self.outdated_line(key, markers)
+                if line:
+                    raise StreamPruneError(f"{for_stage}: {line} first")
+
     def begin(self, stage: str, config: dict, inputs: dict, force: bool = False, key: str | None = None) -> "StageRun":
         """Start (or resume, or skip) a stage run for ``config`` over ``inputs``.
 
@@ -160,6 +234,8 @@ class Workspace:
         self.check_version(force)
         name = key or stage
         fp = fingerprint({"stage": stage, "config": config, "inputs": inputs})
+        if stage != "catalog":
+            self.check_current(inputs, name)
         old = self.marker(name, check_version=not force)
         if old is not None and old.get("version") is not None and not _compatible(str(old["version"]), __version__):
             old = None  # --force over a marker of another version: start afresh
@@ -236,6 +312,10 @@ class StageRun:
         storage.write_json_atomic(storage.join(self._dir, "chunks", f"{chunk}.json"),
                                   {"chunk": str(chunk), "n_errors": len(errors), **(info or {})},
                                   self.ws.storage_options)
+
+    def forget_chunks(self) -> None:
+        """Drop the chunk records of this run: their outputs are known to be gone or replaced."""
+        storage.remove(storage.join(self._dir, "chunks"), self.ws.storage_options, recursive=True)
 
     def chunk_errors(self) -> list[dict]:
         """Errors recorded by the finished chunks of this run, in chunk order."""

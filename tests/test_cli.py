@@ -63,3 +63,131 @@ def test_extrapolate_options_bad_values_are_one_line(opt, value, flag):
     method = {"bandwidth": "kernel"}.get(opt, "gcn")
     with pytest.raises(StreamPruneError, match=flag):
         extrapolate_options(method, **{opt: value})
+
+
+# user errors: one line, exit 1, before any work ----------------------------------------------------
+def _invoke(*args: str):
+    """Run the CLI in this process (fast); an exception that escaped it would be ``result.exception``."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception  # no traceback
+    assert "Traceback" not in result.output
+    return result
+
+
+def _no_work_done(ws) -> bool:
+    """Whether no stage has started in ``ws`` (no markers, no stage directories)."""
+    return not os.path.exists(os.path.join(ws, "_stages"))
+
+
+KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["score", "--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0"),
+    (["score", "--lr", "0"], "--lr must be a number > 0, not 0.0"),
+    (["score", "--weight-decay", "-1"], "--weight-decay must be a number >= 0, not -1.0"),
+    (["score", "--adversarial", "linf:0.1", "--pgd-steps", "0"], "invalid PGD steps 0: expected an integer >= 1"),
+    (["score", "--score", "du,nosuch"], f"unknown score 'nosuch'; known scores: {KNOWN_SCORES}"),
+    (["score", "--window", "0"], "score du: window must be >= 1, got 0"),
+    (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
+    (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
+    (["score", "--scheduler", "bogus"],
+     "--scheduler must be local, threads, sync or a dask scheduler address such as tcp://host:8786, not 'bogus'"),
+])
+def test_score_refuses_bad_options_before_the_subset_and_training(tmp_path, args, line):
+    ws = str(tmp_path / "ws")
+    result = _invoke(*args, "-w", ws, "--fraction", "0.5")  # --fraction: the subset would run first
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f"Error: {line}"]
+    assert _no_work_done(ws)
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--pruning-curve", "abc"],
+     "--pruning-curve must be comma-separated keep fractions in (0, 1], e.g. 0.3,0.5,0.7, not 'abc'"),
+    (["--pruning-curve", "0.5,1.5"], "evaluate --pruning-curve: keep fraction must be in (0, 1], got 1.5"),
+    (["--pruning-curve", "-0.3"], "evaluate --pruning-curve: keep fraction must be in (0, 1], got -0.3"),
+    (["--pruning-curve", "0.5"], "evaluate --pruning-curve needs --test SHARDS (held-out test shards)"),
+    (["--strategy", "hard,bogus"], "evaluate: unknown strategy 'bogus'; choose one of hard, easy, ccs, balanced, "
+                                   "random, influence-budget, hard-clean"),
+    (["--seeds", "0"], "evaluate: --seeds must be at least 1, not 0"),
+    (["--seeds", "-2"], "evaluate: --seeds must be at least 1, not -2"),
+    ([], "evaluate: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"),
+])
+def test_evaluate_refuses_bad_arguments(tmp_path, args, line):
+    ws = str(tmp_path / "ws")
+    result = _invoke("evaluate", "-w", ws, *args)
+    assert result.exit_code == 1 and result.stderr.splitlines() == ["Error: " + line.format(ws=ws)]
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--strategy", "hard-clean", "--noise-fraction", "abc"],
+     "prune: --noise-fraction must be 'auto' or a fraction in [0, 1), not 'abc'"),
+    (["--reshard", "{tmp}/out", "--shard-size", "abc"], "--shard-size must be a size such as 4GiB or 500MB, not 'abc'"),
+    (["--reshard", "{tmp}/out", "--max-count", "0"], "prune: --max-count must be >= 1, got 0"),
+])
+def test_prune_refuses_bad_options_before_the_selection(tmp_path, args, line):
+    ws = str(tmp_path / "ws")
+    result = _invoke("prune", "-w", ws, "--keep-fraction", "0.5", *(a.format(tmp=tmp_path) for a in args))
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f"Error: {line}"]
+    assert _no_work_done(ws) and not os.path.exists(tmp_path / "out")
+
+
+def test_prune_checks_shard_size_before_the_selection_from_python(tmp_path):
+    from streamprune.errors import StreamPruneError
+    from streamprune.prune import prune
+
+    with pytest.raises(StreamPruneError, match=r"^prune: --shard-size must be a size such as 4GiB or 500MB, not 'x'$"):
+        prune(str(tmp_path / "ws"), keep_fraction=0.5, reshard=str(tmp_path / "out"), shard_size="x")
+    assert _no_work_done(tmp_path / "ws")
+
+
+def test_unknown_extrapolation_method_lists_every_method(tmp_path):
+    result = _invoke("extrapolate", "-w", str(tmp_path / "ws"), "--method", "bogus")
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        "Error: unknown extrapolation method 'bogus'; known: gcn, kernel, knn, label-aware, propagate"]
+
+
+def test_report_names_itself_when_the_workspace_is_empty(tmp_path):
+    ws = str(tmp_path / "ws")
+    result = _invoke("report", "-w", ws)
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        f"Error: report: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"]
+
+
+def test_scheduler_address_check():
+    from streamprune.compute import check_scheduler
+    from streamprune.errors import StreamPruneError
+
+    for ok in (None, "local", "threads", "sync", "processes", "tcp://10.0.0.1:8786", "scheduler:8786"):
+        check_scheduler(ok)
+    for bad in ("bogus", "tcp://host", "tcp://host:port", ""):
+        with pytest.raises(StreamPruneError, match=r"^--scheduler must be local, threads, sync or a dask"):
+            check_scheduler(bad)
+
+
+def test_bad_scheduler_is_one_line_before_cataloguing(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    out = run_cli("catalog", *shards, "-w", ws, "--scheduler", "bogus", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == ["Error: --scheduler must be local, threads, sync or a dask scheduler address "
+                                       "such as tcp://host:8786, not 'bogus'"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (Linux)")
+def test_unwritable_output_names_the_given_path(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    assert _invoke("catalog", *shards, "-w", ws, "--scheduler", "sync").exit_code == 0
+    result = _invoke("scores", "-w", ws, "-o", "/proc/s.csv")
+    assert result.exit_code == 1 and result.stderr.splitlines() == ["Error: not found: /proc/s.csv"]
+
+
+def test_storage_error_line_names_the_path_it_mentions():
+    from streamprune.storage import error_line
+
+    exc = FileNotFoundError(2, "Failed to open local file '/out/dir/s.csv.tmp-12'")  # no filename, as pyarrow's
+    assert error_line(exc, ["/ws", "/out/dir/s.csv", "/out"]) == "not found: /out/dir/s.csv"
+    assert error_line(exc) == "not found: object storage"

@@ -1,5 +1,6 @@
 """`streamprune scores` export: one row per sample, every score column, parquet and csv."""
 
+import json
 import os
 
 import numpy as np
@@ -50,3 +51,55 @@ def test_export_seed_and_full_columns(tmp_path):
         assert df.du_seed.isna().sum() == 60 - len(rows)
         np.testing.assert_allclose(df.du_full.to_numpy(), read_score(w, "du", full=True), rtol=1e-6)
         assert list(df.du_knn) == list(range(60)) and list(df.label) == [i % 4 for i in range(60)]
+
+
+def test_results_of_replaced_inputs_are_left_out_or_refused(tmp_path):
+    """A catalog grown by a shard re-runs the stages of `run`, not an extrapolation made outside it."""
+    shards = write_shards(str(tmp_path / "data"), 3, 20, kind="npy", dim=8)
+    ws = str(tmp_path / "ws")
+    cfg = TrainConfig(model="mlp", epochs=3, batch_size=16)
+
+    def upstream(urls):
+        catalog(urls, ws, scheduler="sync")
+        subset(ws, fraction=0.5, seed=0)
+        train(ws, cfg, DecodeConfig(), scheduler="sync")
+        return compute_scores(ws, ["du"], params={"window": 2})[0]
+
+    score_m = upstream(shards[:2])
+    w = Workspace(ws)
+    g = zarr.open_group(os.path.join(ws, "extrapolated", "du-knn.zarr"), mode="w")
+    g.create_array("score", shape=(40,), dtype="float32")[:] = np.arange(40, dtype=np.float32)
+    w.begin("extrapolate", {"score": "du", "method": "knn"}, {"score": score_m["fingerprint"]},
+            key="extrapolate-du-knn").commit({"extrapolated": "extrapolated/du-knn.zarr"}, {"n": 40})
+    assert w.outdated("extrapolate-du-knn") is None
+    upstream(shards)  # 60 rows now; the 40-row extrapolation was made from the old seed scores
+
+    assert w.outdated("extrapolate-du-knn") == ("extrapolate-du-knn", "score")
+    out = run_cli("scores", "-w", ws, "-o", str(tmp_path / "s.csv"))
+    df = pd.read_csv(tmp_path / "s.csv")
+    assert len(df) == 60 and list(df.columns) == ["url", "key", "row", "label", "du_seed"]
+    assert ("leaving out extrapolate-du-knn: extrapolate-du-knn is out of date (its input 'score' was re-run "
+            "since); re-run `streamprune extrapolate --score du --method knn`") in out.stderr
+    out = run_cli("prune", "-w", ws, "--from", "knn", "--keep-fraction", "0.5", "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "prune: extrapolate-du-knn is out of date" in out.stderr
+    assert not os.path.exists(os.path.join(ws, "prune"))
+    st = json.loads(run_cli("status", "-w", ws, "--json").stdout)
+    assert not st["stages"]["extrapolate-du-knn"]["done"] and "out of date" in st["stages"]["extrapolate-du-knn"]["stale"]
+    assert st["stages"]["score-du"]["done"] and st["stages"]["score-du"]["stale"] is None
+    assert "stale    extrapolate-du-knn" in run_cli("status", "-w", ws).stdout
+
+
+def test_failed_export_leaves_no_temp_file(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 2, 10, kind="npy", dim=4)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    (tmp_path / "d.csv").mkdir()
+    out = run_cli("scores", "-w", ws, "-o", str(tmp_path / "d.csv"), check=False)
+    assert out.returncode == 1 and "is a directory" in out.stderr and out.stderr.count("\n") == 1
+    parts = sorted(os.listdir(os.path.join(ws, "catalog", "parts")))
+    with open(os.path.join(ws, "catalog", "parts", parts[-1]), "wb") as f:
+        f.write(b"not parquet")  # the export fails after its first shard's rows are written
+    out = run_cli("scores", "-w", ws, "-o", str(tmp_path / "s.csv"), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["d.csv", "data", "ws"]

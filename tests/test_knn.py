@@ -226,7 +226,10 @@ def test_killed_extrapolation_resumes_identically(tmp_path):
         np.testing.assert_array_equal(got[:], want[:])
 
 
-def test_dispatch_and_registry(tmp_path):
+def test_dispatch_and_registry(tmp_path, monkeypatch):
+    from streamprune.extrapolate import common
+
+    monkeypatch.setattr(common, "_METHODS", dict(common._METHODS))  # test-dummy stays out of other tests' registry
     ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
     m = extrapolate(ws, "du", "knn", k=5)
     assert m["key"] == "extrapolate-du-knn"

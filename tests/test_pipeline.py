@@ -152,3 +152,77 @@ def test_run_full_runs_trains_replicas_and_refuses_a_bad_count(setup, tmp_path):
                   "--full-runs", "2", check=False)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "Error: score.full_runs needs score.full (--full): replicas are full-data runs"]
+
+
+@pytest.mark.parametrize("toml,line", [
+    ('[subset]\nfraction = "abc"', "subset.fraction must be a number, not 'abc'"),
+    ('[score]\nepochs = "ten"', "score.epochs must be an integer, not 'ten'"),
+    ("[score]\nepochs = 2.5", "score.epochs must be an integer, not 2.5"),
+    ("[score]\nfull = 1", "score.full must be true or false, not 1"),
+    ("[score]\nscores = [1]", "score.scores must be a list of score names, not [1]"),
+    ("[score]\nmodel_kwargs = 3", "score.model_kwargs must be a table, not 3"),
+    ('[extrapolate]\nknn_k = "x"\nmethods = 3', "extrapolate.methods must be a list of method names, not 3"),
+    ("[prune]\nreshard = 5", "prune.reshard must be a string, not 5"),
+    ("scheduler = 3", "scheduler must be a string, not 3"),
+])
+def test_config_types_are_checked_on_load(tmp_path, toml, line):
+    path = tmp_path / "run.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(StreamPruneError) as err:
+        RunConfig.load(str(path))
+    assert str(err.value) == f"--config {path}: {line}"
+
+
+def test_config_lists_may_be_strings_like_the_flags(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[score]\nscores = "du"\nlr = 1\n[extrapolate]\nmethods = "knn, label-aware"\n')
+    cfg = RunConfig.load(str(path))
+    assert cfg.stages["score"]["scores"] == ["du"] and cfg.stages["score"]["lr"] == 1.0
+    assert cfg.stages["extrapolate"]["methods"] == ["knn", "label-aware"]
+    cfg = RunConfig.load(None, {"score": {"scores": "du,tdds"}, "extrapolate": {"methods": "gcn"}})
+    assert cfg.stages["score"]["scores"] == ["du", "tdds"] and cfg.stages["extrapolate"]["methods"] == ["gcn"]
+
+
+@pytest.mark.parametrize("overrides,line", [
+    ({"prune": {"keep_fraction": 0}}, "prune: keep fraction must be in (0, 1], got 0.0"),
+    ({"prune": {"strategy": "bogus"}}, "prune: unknown strategy 'bogus'; choose one of hard, easy, ccs, balanced, "
+                                       "random, influence-budget, hard-clean"),
+    ({"prune": {"strategy": "influence-budget"}},
+     "prune: strategy influence-budget needs eps (budget on the summed norms removed)"),
+    ({"prune": {"source": "nope"}}, "prune: unknown score source 'nope'; choose one of knn, gcn, label-aware, "
+                                    "propagate, kernel, seed, full"),
+    ({"extrapolate": {"methods": "knn,bogus"}},
+     "unknown extrapolation method 'bogus'; known: gcn, kernel, knn, label-aware, propagate"),
+    ({"score": {"scores": "du,nosuch"}},
+     "unknown score 'nosuch'; known scores: aum, du, el2n, entropy, forgetting, influence, margin, tdds"),
+    ({"score": {"epochs": 3}}, "score du: need at least window=10 epochs, got E=3"),
+    ({"score": {"window": 0}}, "score du: window must be >= 1, got 0"),
+    ({"score": {"batch_size": 0}}, "--batch-size must be a whole number of at least 1, not 0"),
+    ({"embed": {"memory_limit": "lots"}}, "embed.memory_limit must be a size such as 4GiB or 500MB, not 'lots'"),
+])
+def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
+    from streamprune.pipeline import run_pipeline
+
+    ws = tmp_path / "ws"
+    cfg = RunConfig.load(None, overrides, scheduler="sync")
+    with pytest.raises(StreamPruneError) as err:
+        run_pipeline([str(tmp_path / "data" / "*.tar")], str(ws), cfg, echo=lambda *a: None)
+    assert str(err.value) == line
+    assert not (ws / "_stages").exists()  # no stage ran: not even the catalog
+
+
+def test_run_checks_only_the_stages_it_runs(tmp_path):
+    from streamprune.pipeline import check_config
+
+    cfg = RunConfig.load(None, {"prune": {"keep_fraction": 0}, "extrapolate": {"methods": ["bogus"]}})
+    assert check_config(cfg, "embed")["train"].epochs == 30  # --until embed: prune and extrapolate never run
+    with pytest.raises(StreamPruneError, match="unknown extrapolation method 'bogus'"):
+        check_config(cfg, "index")
+
+
+def test_run_bad_config_type_is_one_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[score]\nepochs = "ten"\n')
+    out = run_cli("run", str(tmp_path / "*.tar"), "-w", str(tmp_path / "ws"), "--config", str(path), check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [f"Error: --config {path}: score.epochs must be an integer, not 'ten'"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -17,14 +18,14 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import count_files, kill_python_when, run_killing_a_worker
+from helpers import count_files, kill_python_when, run_cli, run_killing_a_worker
 from shardgen import make_samples, write_shards
 from streamprune import select as sel
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune import prune as prune_module
-from streamprune.prune import (ShardPlanner, _bytes_members, _file_members, atomic_output, check_members, headers_ok,
-                               load_scores, prune, pruned_dataset, reshard)
+from streamprune.prune import (OWNER_FILE, ShardPlanner, _bytes_members, _file_members, atomic_output, check_members,
+                               headers_ok, load_scores, prune, pruned_dataset, reshard)
 from streamprune.shards import catalog
 from streamprune.tario import iter_tar, write_tar
 from streamprune.workspace import Workspace
@@ -138,7 +139,9 @@ def test_prune_local_end_to_end(tmp_path):
             names = tar.getnames()
         assert names and all(not n.startswith(("/", "..")) for n in names)
         assert os.path.getsize(u) <= 20_000 + 1024 or len({n.split(".")[0] for n in names}) == 1
-    assert count_files(out) == len(new_urls) + 1 and not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    assert count_files(out) == len(new_urls) + 2 and not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    assert json.load(open(os.path.join(out, OWNER_FILE))) == {"workspace": ws, "name": NAME,
+                                                              "fingerprint": m["reshard"]["fingerprint"]}
 
     # Small row groups: the helper reads only the row groups of the shard it opens.
     prune(ws, keep_fraction=0.5, name="small-groups", row_group_rows=5)
@@ -366,6 +369,97 @@ def test_reshard_refuses_a_changed_shard(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar") or f.startswith(".tmp")]
 
 
+# output ownership -----------------------------------------------------------------------------------
+def tars_in(out: str) -> dict:
+    """name -> bytes of every pruned-*.tar in OUT."""
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f.startswith("pruned-")}
+
+
+def test_reshard_refuses_an_output_of_another_prune_set(tmp_path):
+    ws, shards, _ = build(str(tmp_path), 4, 15)
+    out = str(tmp_path / "out")
+    prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")
+    first, listing = tars_in(out), open(os.path.join(out, "shards.txt")).read()
+    assert len(first) == 6
+    # Another set of the same workspace, then the same set name in another workspace (same
+    # catalog and selection, so the same run fingerprint): both refused, OUT untouched.
+    ws2 = str(tmp_path / "ws2")
+    catalog(shards, ws2, scheduler="sync")
+    fake_upstream(Workspace(ws2), 60)
+    for other, fraction in ((ws, 0.3), (ws2, 0.5)):
+        with pytest.raises(StreamPruneError) as err:
+            prune(other, keep_fraction=fraction, reshard=out, max_count=5, scheduler="sync")
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"reshard: {out} holds the re-written shards of prune set {NAME!r} "
+                                                  f"of workspace {ws};")
+        assert "choose another --reshard location (or pass --force to replace them)" in msg
+        assert tars_in(out) == first and open(os.path.join(out, "shards.txt")).read() == listing
+        assert json.load(open(os.path.join(out, OWNER_FILE)))["workspace"] == ws
+    # refused before the selection's work, not after it
+    assert not os.path.exists(os.path.join(ws, "prune", "du-knn-hard-0.3")) and not os.path.exists(
+        os.path.join(ws2, "prune", NAME))
+    assert prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")["reshard"].get("skipped")
+
+
+def test_reshard_force_replaces_another_set_and_the_first_writes_again(tmp_path, caplog):
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    out = str(tmp_path / "out")
+    prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")
+    first = tars_in(out)
+    m = prune(ws, keep_fraction=0.3, reshard=out, max_count=5, scheduler="sync", force=True)
+    assert not m["reshard"].get("skipped") and m["reshard"]["counts"]["n_shards"] == 4
+    assert sorted(tars_in(out)) == sorted(first)[:4] and tars_in(out) != {k: first[k] for k in sorted(first)[:4]}
+    assert json.load(open(os.path.join(out, OWNER_FILE)))["name"] == "du-knn-hard-0.3"
+    # The first set's marker still says done, but OUT is the other set's now.
+    with pytest.raises(StreamPruneError, match="prune set 'du-knn-hard-0.3'"):
+        prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")
+    with caplog.at_level("WARNING", logger="streamprune.prune"):
+        m = prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync", force=True)
+    assert m.get("skipped") and not m["reshard"].get("skipped")
+    assert "names another reshard run; writing the shards again" in caplog.text
+    assert tars_in(out) == first
+    assert open(os.path.join(out, "shards.txt")).read().split() == [os.path.join(out, f) for f in first]
+    assert json.load(open(os.path.join(out, OWNER_FILE))) == {"workspace": ws, "name": NAME,
+                                                              "fingerprint": m["reshard"]["fingerprint"]}
+    assert prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")["reshard"].get("skipped")
+
+
+def test_reshard_refuses_tars_without_an_owner_record(tmp_path):
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pruned-000007.tar").write_bytes(b"someone else's")
+    with pytest.raises(StreamPruneError, match=f"reshard: {out} already holds pruned-\\*.tar files that no reshard "
+                                               f"claims \\(no {OWNER_FILE}\\); choose another --reshard location"):
+        prune(ws, keep_fraction=0.5, reshard=str(out), max_count=5, scheduler="sync")
+    assert os.listdir(out) == ["pruned-000007.tar"] and (out / "pruned-000007.tar").read_bytes() == b"someone else's"
+    m = prune(ws, keep_fraction=0.5, reshard=str(out), max_count=5, scheduler="sync", force=True)
+    assert sorted(os.listdir(out)) == [*(f"pruned-{i:06d}.tar" for i in range(6)), "shards.txt", OWNER_FILE]
+    assert m["reshard"]["counts"]["n_samples"] == 30
+
+
+def test_reshard_done_but_outputs_gone_writes_again_and_the_cli_says_so(tmp_path):
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    out = str(tmp_path / "out")
+    args = ["prune", "-w", ws, "--keep-fraction", "0.5", "--reshard", out, "--max-count", "5", "--scheduler", "sync"]
+    run_cli(*args)
+    first = tars_in(out)
+    assert "selection and reshard already done with this configuration; nothing to do" in run_cli(*args).stdout
+    os.remove(os.path.join(out, "shards.txt"))
+    os.remove(os.path.join(out, "pruned-000002.tar"))
+    proc = run_cli(*args)
+    assert "prune: selection already done with this configuration; re-wrote the shards" in proc.stdout
+    assert "nothing to do" not in proc.stdout and "has no shards.txt; writing the shards again" in proc.stderr
+    assert tars_in(out) == first
+    shutil.rmtree(out)  # OUT gone altogether, record included
+    run_cli(*args)
+    assert tars_in(out) == first and os.path.exists(os.path.join(out, OWNER_FILE))
+    proc = run_cli("prune", "-w", ws, "--keep-fraction", "0.3", "--reshard", out, "--scheduler", "sync", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"Error: reshard: {out} holds the re-written shards of prune set {NAME!r} of workspace {ws}; "
+        "choose another --reshard location (or pass --force to replace them)")
+
+
 _PLAIN = ["k1", "k2", "d.v1/sub/k3", "dir/k4"]
 _NAMES = _PLAIN + ["x" * 120, "../up", "/abs", "a\\b", "d/.hidden", "k.5", "ü6é"]
 _EXTS = ["bin", "cls", "seg.png", "a/b", ".."]
@@ -484,7 +578,7 @@ def test_reshard_killed_then_resumed_is_identical(tmp_path):
     assert m.get("skipped") and not m["reshard"].get("skipped")
     got = {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in open(os.path.join(out, "shards.txt")).read().split()}
     assert got == ref_tars
-    assert sorted(os.listdir(out)) == sorted([*ref_tars, "shards.txt"])  # no temp files, no extras
+    assert sorted(os.listdir(out)) == sorted([*ref_tars, "shards.txt", OWNER_FILE])  # no temp files, no extras
     keys = [s["__key__"] for s in wds.WebDataset(open(os.path.join(out, "shards.txt")).read().split(),
                                                  shardshuffle=False)]
     assert len(keys) == len(set(keys)) == 60
@@ -514,7 +608,7 @@ def test_reshard_survives_a_sigkilled_dask_worker(tmp_path):
     urls = open(os.path.join(out, "shards.txt")).read().split()
     assert [u.rsplit("/", 1)[1] for u in urls] == sorted(ref)
     assert {u.rsplit("/", 1)[1]: open(u, "rb").read() for u in urls} == ref  # same bytes as a clean run
-    assert sorted(os.listdir(out)) == sorted([*ref, "shards.txt"])  # no temporary files left
+    assert sorted(os.listdir(out)) == sorted([*ref, "shards.txt", OWNER_FILE])  # no temporary files left
 
 
 # object storage ------------------------------------------------------------------------------------

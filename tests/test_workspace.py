@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -96,3 +97,41 @@ def test_marker_that_is_not_an_object_is_one_line(shards, tmp_path):
         f.write("[1, 2]")
     with pytest.raises(StreamPruneError, match="not a stage marker"):
         Workspace(ws).marker("catalog")
+
+
+def test_results_made_from_replaced_outputs_are_refused(tmp_path):
+    """A marker whose input (or an input's input) was re-run since is out of date, and nothing builds on it."""
+    ws = Workspace(str(tmp_path / "ws"))
+    cat = ws.begin("catalog", {"v": 1}, {"shards": "not a marker"}).commit({}, {})
+    sub = ws.begin("subset", {"fraction": 0.1}, {"catalog": cat["fingerprint"]}).commit({}, {})
+    ext = ws.begin("extrapolate", {"score": "du", "method": "knn"}, {"graph": sub["fingerprint"]},
+                   key="extrapolate-du-knn").commit({}, {})
+    ws.begin("prune", {"name": "p", "score": "du", "source": "knn"}, {"scores": ext["fingerprint"]},
+             key="prune-p").commit({}, {})
+    assert ws.outdated("prune-p") is None and ws.outdated("catalog") is None
+
+    ws.begin("subset", {"fraction": 0.2}, {"catalog": cat["fingerprint"]}, force=True).commit({}, {})
+    assert ws.outdated("extrapolate-du-knn") == ("extrapolate-du-knn", "graph")
+    assert ws.outdated("prune-p") == ("extrapolate-du-knn", "graph")  # the first stale link of the chain
+    assert ws.outdated("subset") is None
+    line = "extrapolate-du-knn is out of date (its input 'graph' was re-run since); " \
+           "re-run `streamprune extrapolate --score du --method knn`"
+    assert ws.outdated_line("prune-p", ws.markers()) == line
+    with pytest.raises(StreamPruneError, match=r"^prune-p: " + re.escape(line) + " first$"):
+        ws.begin("prune", {"name": "p", "score": "du", "source": "knn"}, {"scores": ext["fingerprint"]},
+                 key="prune-p")  # would otherwise be "already done"
+
+    sub2 = ws.marker("subset")
+    ext2 = ws.begin("extrapolate", {"score": "du", "method": "knn"}, {"graph": sub2["fingerprint"]},
+                    key="extrapolate-du-knn").commit({}, {})
+    assert ws.outdated("extrapolate-du-knn") is None and ws.outdated("prune-p") == ("prune-p", "scores")
+    run = ws.begin("prune", {"name": "p", "score": "du", "source": "knn"}, {"scores": ext2["fingerprint"]},
+                   key="prune-p")
+    assert not run.already_done
+    run.commit({}, {})
+    assert ws.outdated("prune-p") is None
+
+
+def test_status_of_a_workspace_that_does_not_exist(tmp_path):
+    out = run_cli("status", "-w", str(tmp_path / "typo"), check=False)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no workspace at" in out.stderr

@@ -8,6 +8,7 @@ dispatches to the function a method registered with ``register_method``.  Output
 from streamprune.extrapolate.common import (
     INVALID,
     SOURCES,
+    check_method,
     extrapolate,
     methods,
     read_extrapolated,
@@ -17,7 +18,7 @@ from streamprune.extrapolate.kernel import choose_bandwidth, extrapolate_kernel,
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, knn_predict, knn_weights
 from streamprune.extrapolate.propagate import extrapolate_propagate, propagate_block, propagate_in_memory
 
-# gcn (torch) and label-aware register themselves when `extrapolate` first imports them by name.
-__all__ = ["INVALID", "SOURCES", "choose_bandwidth", "choose_k", "extrapolate", "extrapolate_kernel",
+# gcn (torch) and label-aware register themselves when `extrapolate` (or `check_method`) first imports them by name.
+__all__ = ["INVALID", "SOURCES", "check_method", "choose_bandwidth", "choose_k", "extrapolate", "extrapolate_kernel",
            "extrapolate_knn", "extrapolate_propagate", "kernel_predict", "knn_predict", "knn_weights", "methods",
            "propagate_block", "propagate_in_memory", "read_extrapolated", "register_method"]

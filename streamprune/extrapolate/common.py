@@ -60,21 +60,41 @@ def methods() -> list[str]:
     return sorted(_METHODS)
 
 
+BUILTIN_METHODS = tuple(m for m in SOURCES if m != "seed")  # one module each; gcn and label-aware load on first use
+
+
+def _import_method(method: str) -> None:
+    """Import ``streamprune.extrapolate.<method>`` (dashes as underscores) if there is one, registering its method."""
+    module_name = method.replace("-", "_")
+    if not module_name.isidentifier():
+        return
+    name = f"streamprune.extrapolate.{module_name}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return
+    fn = getattr(module, f"extrapolate_{module_name}", None)
+    if method not in _METHODS and callable(fn):  # a module that defines extrapolate_<method> and did not register it
+        register_method(method, fn)
+
+
+def check_method(method: str) -> None:
+    """Refuse an unknown extrapolation method, listing every known one (``run`` checks before its first stage)."""
+    if not isinstance(method, str):
+        raise StreamPruneError(f"an extrapolation method is a name, not {method!r}")
+    if method not in _METHODS:
+        _import_method(method)
+    if method not in _METHODS:
+        for builtin in BUILTIN_METHODS:  # the methods that register on import, so that the list is complete
+            _import_method(builtin)
+        raise StreamPruneError(f"unknown extrapolation method {method!r}; known: {', '.join(methods()) or 'none'}")
+
+
 def extrapolate(ws: str | Workspace, score: str, method: str, **opts: Any) -> dict:
     """Run extrapolation ``method`` for ``score``; returns its stage marker."""
-    if method not in _METHODS:
-        name = f"streamprune.extrapolate.{method.replace('-', '_')}"
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-        else:  # a module that defines extrapolate_<method> and did not register it
-            fn = getattr(module, f"extrapolate_{method.replace('-', '_')}", None)
-            if method not in _METHODS and callable(fn):
-                register_method(method, fn)
-    if method not in _METHODS:
-        raise StreamPruneError(f"unknown extrapolation method {method!r}; known: {', '.join(methods()) or 'none'}")
+    check_method(method)
     return _METHODS[method](ws, score, **opts)
 
 
