@@ -383,6 +383,8 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
 def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | None, done: Callable,
                      retries: int, memory_limit: str | int | None, what: str,
                      inflight_per_worker: int | None = None) -> None:
+    from concurrent.futures import CancelledError
+
     from dask.distributed import as_completed
 
     with client_for(scheduler, len(args_list), memory_limit) as client:
@@ -410,7 +412,13 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
                 i = futures[fut.key][0]
                 if fut.status == "error":
                     raise StreamPruneError(_task_failure(fut.exception(), what)) from None
-                done(i, fut.result())
+                try:
+                    result = fut.result()
+                except CancelledError:  # only this loop cancels, after it stops: the scheduler went away
+                    raise StreamPruneError(f"{what + ': ' if what else ''}lost the dask scheduler {scheduler} "
+                                           "mid-stage; the finished chunks are kept: re-run the same command to "
+                                           "resume") from None
+                done(i, result)
                 # Release the result: a worker lost later must not make the cluster recompute it.
                 del futures[fut.key]
                 fut.release()

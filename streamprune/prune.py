@@ -1459,8 +1459,9 @@ def pruned_dataset(ws_or_prune_dir: str | Workspace, name: str | None = None, st
 
     Accepts ``WS/prune/<name>`` (original shards filtered by ``keys.parquet``), a reshard
     output directory (all samples of its tars), or a workspace plus ``name``.  ``s3://`` shards
-    are opened through fsspec with ``storage_options``.  ``shardshuffle`` defaults to False;
-    other keyword arguments go to ``WebDataset``.
+    are opened through fsspec with ``storage_options``.  ``shardshuffle`` and ``empty_check``
+    default to False (a DataLoader may have more workers than the view has shards); other keyword
+    arguments go to ``WebDataset``.
     """
     import webdataset as wds
     from webdataset.cache import StreamingOpen
@@ -1473,7 +1474,9 @@ def pruned_dataset(ws_or_prune_dir: str | Workspace, name: str | None = None, st
     urls = [line.strip() for line in text.splitlines() if line.strip()]
     if not urls:
         raise StreamPruneError(f"{pdir}/shards.txt lists no shards")
-    kwargs = {"shardshuffle": False, **webdataset_kwargs}
+    # A DataLoader worker may get no shard (more workers than shards, common after a reshard): it
+    # then yields nothing, which WebDataset's empty check would turn into an error.
+    kwargs = {"shardshuffle": False, "empty_check": False, **webdataset_kwargs}
     ds = wds.WebDataset(urls, **kwargs)
     if any(storage.is_remote(u) for u in urls):
         handler = kwargs.get("handler")

@@ -96,15 +96,16 @@ class RetryPolicy:
 
 def parse_storage_options(text: str | None) -> dict:
     """Parse the ``--storage-options`` JSON string (or ``STREAMPRUNE_STORAGE_OPTIONS``)."""
+    source = "--storage-options" if text is not None else "STREAMPRUNE_STORAGE_OPTIONS"
     text = text if text is not None else os.environ.get("STREAMPRUNE_STORAGE_OPTIONS")
     if not text:
         return {}
     try:
         opts = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StreamPruneError(f"--storage-options is not valid JSON: {exc.msg}") from None
+        raise StreamPruneError(f"{source} is not valid JSON: {exc.msg}") from None
     if not isinstance(opts, dict):
-        raise StreamPruneError("--storage-options must be a JSON object")
+        raise StreamPruneError(f"{source} must be a JSON object")
     # Accept the common shorthand {"endpoint_url": ...} as s3fs's client_kwargs.
     if "endpoint_url" in opts:
         opts = dict(opts)

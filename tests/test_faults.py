@@ -539,3 +539,35 @@ def test_one_behind_runs_in_order_one_step_behind_and_reraises():
     bg = OneBehind("test-bg")
     bg.submit(fail)
     bg.close(quiet=True)  # a caller already unwinding keeps its own error
+
+
+def _slow_square(x: int) -> int:
+    time.sleep(0.3)
+    return x * x
+
+
+def test_scheduler_lost_mid_stage_is_one_line():
+    """The scheduler going away mid-stage: one line saying to re-run, not the client's traceback."""
+    import threading
+
+    from dask.distributed import LocalCluster
+
+    from streamprune.compute import map_tasks
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0")
+    got = []
+
+    def first_result(i, value):
+        got.append(value)
+        if len(got) == 1:
+            threading.Thread(target=cluster.close).start()  # the scheduler and its worker go away
+
+    try:
+        with pytest.raises(StreamPruneError) as err:
+            map_tasks(_slow_square, [(i,) for i in range(40)], scheduler=cluster.scheduler_address, desc="embed",
+                      on_result=first_result, inflight_per_worker=2)
+    finally:
+        cluster.close()
+    assert str(err.value) == (f"embed: lost the dask scheduler {cluster.scheduler_address} mid-stage; the finished "
+                              "chunks are kept: re-run the same command to resume")
+    assert 1 <= len(got) < 40

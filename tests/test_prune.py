@@ -129,6 +129,11 @@ def test_prune_local_end_to_end(tmp_path):
     # The helper over the original shards yields exactly the kept samples, bytes untouched.
     assert_same_samples(list(pruned_dataset(str(pdir))), keys_of(want), orig)
     assert_same_samples(list(pruned_dataset(ws, name=NAME)), keys_of(want), orig)
+    # A DataLoader with more workers than shards (the recipe of docs/prune.md): each kept sample once.
+    import torch
+
+    loader = torch.utils.data.DataLoader(pruned_dataset(str(pdir)), batch_size=None, num_workers=len(urls) + 1)
+    assert_same_samples(list(loader), keys_of(want), orig)
     # Plain webdataset over the re-written shards yields the same.
     new_urls = open(tmp_path / "out" / "shards.txt").read().split()
     assert len(new_urls) == m["reshard"]["counts"]["n_shards"] > 3

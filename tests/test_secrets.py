@@ -125,6 +125,12 @@ def test_wrong_secret_in_storage_options_is_not_echoed(s3server, shard_on_s3, tm
     out = run_cli("catalog", prefix, "-w", str(tmp_path / "ws"), "--storage-options", opts[:-5], env=env,
                   check=False)
     assert out.returncode != 0 and "not valid JSON" in out.stderr and bad_secret not in out.stderr
+    assert "--storage-options is not valid JSON" in out.stderr
+    # The same options from the environment: the error names where they came from.
+    out = run_cli("catalog", prefix, "-w", str(tmp_path / "ws"), env={**env, "STREAMPRUNE_STORAGE_OPTIONS": opts[:-5]},
+                  check=False)
+    assert out.returncode == 1 and "STREAMPRUNE_STORAGE_OPTIONS is not valid JSON" in out.stderr
+    assert bad_secret not in out.stderr and out.stderr.count("\n") == 1
 
 
 def test_debug_logs_do_not_show_credentials(s3server, s3bucket, tmp_path):
