@@ -27,11 +27,14 @@ from streamprune.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def score_columns(ws: Workspace) -> dict[str, np.ndarray]:
-    """Every score array of the workspace as a dense (N,) float32 column (NaN = not available)."""
+def score_columns(ws: Workspace, markers: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Every score array of the workspace as a dense (N,) float32 column (NaN = not available).
+
+    ``markers``: the workspace's markers when the caller has read them already.
+    """
     cat_n = ws.require("catalog", "scores")["counts"]["n_samples"]
     cols: dict[str, np.ndarray] = {}
-    markers = ws.markers()
+    markers = ws.markers() if markers is None else markers
     stages = []
     for st in sorted(markers):
         line = ws.outdated_line(st, markers) if st.startswith(("score-", "extrapolate-")) else None
@@ -87,12 +90,12 @@ def _column_name(path: str) -> str:
     return stem.replace("-", "_")
 
 
-def row_labels(ws: Workspace, n: int) -> np.ndarray:
+def row_labels(ws: Workspace, n: int, markers: dict[str, dict] | None = None) -> np.ndarray:
     """Best-known label per row: embeddings, else full training, else the subset's (-1 unknown).
 
     Only labels of current stages count (one made for another catalog may not even have ``n`` rows).
     """
-    markers = ws.markers()
+    markers = ws.markers() if markers is None else markers
     current = {k for k in ("embed", "train-full", "train") if k in markers and ws.outdated(k, markers) is None}
     if "embed" in current:
         return zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")["labels"][:]
@@ -118,8 +121,9 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
     if not storage.is_remote(output) and os.path.isdir(output):
         raise StreamPruneError(f"--output {output} is a directory; give a file name ending in .{fmt}")
     cat = Catalog(ws)
-    cols = score_columns(ws)
-    labels = row_labels(ws, cat.n_samples)
+    markers = ws.markers()  # one read of the markers for the columns and the labels
+    cols = score_columns(ws, markers)
+    labels = row_labels(ws, cat.n_samples, markers)
     fields = [pa.field("url", pa.string()), pa.field("key", pa.string()), pa.field("row", pa.int64()),
               pa.field("label", pa.int64())] + [pa.field(c, pa.float32()) for c in cols]
     schema = pa.schema(fields)

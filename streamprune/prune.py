@@ -239,22 +239,22 @@ def check_options(*, score: str, source: str, strategy: str, keep_fraction: floa
     _check_name(name)
     if reshard is None and (shard_size is not None or max_count is not None):
         raise StreamPruneError("prune: --shard-size and --max-count apply to --reshard OUT; give it too")
-    _check_reshard_sizes(shard_size, max_count)
+    reshard_size(shard_size, max_count, "prune")  # before the selection is committed
     return {"strategy": strategy, "direction": direction, "name": name, "opts": strategy_opts}
 
 
-def _check_reshard_sizes(shard_size: int | str | None, max_count: int | None) -> None:
-    """--shard-size and --max-count, checked before the selection is committed (reshard reads them again)."""
+def reshard_size(shard_size: int | str | None, max_count: int | None, what: str) -> int:
+    """Bytes per output shard (``DEFAULT_SHARD_SIZE`` when not given), once --shard-size and --max-count are valid."""
     from streamprune.compute import parse_memory
 
-    if shard_size is not None:
-        try:
-            parse_memory(shard_size, "--shard-size")
-        except StreamPruneError as exc:
-            raise StreamPruneError(f"prune: {exc}") from None
+    try:
+        size = parse_memory(shard_size, "--shard-size")
+    except StreamPruneError as exc:
+        raise StreamPruneError(f"{what}: {exc}") from None
     if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, (int, np.integer))
                                   or max_count < 1):
-        raise StreamPruneError(f"prune: --max-count must be >= 1, got {max_count!r}")
+        raise StreamPruneError(f"{what}: --max-count must be >= 1, got {max_count!r}")
+    return DEFAULT_SHARD_SIZE if size is None else size
 
 
 def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn", strategy: str = "hard",
@@ -670,18 +670,11 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     ``pruned-*.tar`` files without that record, is refused unless ``force``.  A finished run is
     skipped only while OUT still carries its record and shards.txt; otherwise it writes again.
     """
-    from dask.utils import parse_bytes
-
     from streamprune.shards import Catalog
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     _check_name(name)
-    size = DEFAULT_SHARD_SIZE if shard_size is None else (
-        parse_bytes(shard_size) if isinstance(shard_size, str) else int(shard_size))
-    if size <= 0:
-        raise StreamPruneError(f"reshard: --shard-size must be positive, got {shard_size}")
-    if max_count is not None and int(max_count) < 1:
-        raise StreamPruneError(f"reshard: --max-count must be >= 1, got {max_count}")
+    size = reshard_size(shard_size, max_count, "reshard")
     out = storage.normalize(out)
     if storage.normalize(out).rstrip("/") == ws.url.rstrip("/"):
         raise StreamPruneError("reshard: the output location must not be the workspace itself")

@@ -143,6 +143,13 @@ def test_prune_checks_shard_size_before_the_selection_from_python(tmp_path):
     with pytest.raises(StreamPruneError, match=r"^prune: --shard-size must be a size such as 4GiB or 500MB, not 'x'$"):
         prune(str(tmp_path / "ws"), keep_fraction=0.5, reshard=str(tmp_path / "out"), shard_size="x")
     assert _no_work_done(tmp_path / "ws")
+    # reshard on its own applies the same rule, under its own name
+    from streamprune.prune import reshard
+
+    with pytest.raises(StreamPruneError, match=r"^reshard: --shard-size must be a size such as 4GiB or 500MB, not 'x'$"):
+        reshard(str(tmp_path / "ws"), "p", str(tmp_path / "out"), shard_size="x")
+    with pytest.raises(StreamPruneError, match=r"^reshard: --max-count must be >= 1, got 0$"):
+        reshard(str(tmp_path / "ws"), "p", str(tmp_path / "out"), max_count=0)
 
 
 def test_unknown_extrapolation_method_lists_every_method(tmp_path):
