@@ -222,6 +222,31 @@ def test_cuda_training_cache_on_gpu_and_encoder(tmp_path):
 
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_training_step_inputs_do_not_synchronise():
+    """A training step's inputs on the GPU (positions, gathered cache rows, augmentation, labels)
+    are queued without waiting for the device, so the host can run ahead of the GPU; and the
+    augmentation on the device equals the one on the host for the same generator."""
+    from streamprune.train import augment_batch
+
+    dev = torch.device("cuda")
+    cache = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, 10, (4096,), device=dev)
+    block = torch.from_numpy(np.random.default_rng(0).permutation(4096)).to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in range(0, 4096, 512):
+            idx = block[b:b + 512]
+            xb = augment_batch(cache[idx], "crop-flip", torch.Generator().manual_seed(b)).float().div_(255.0)
+            yb = labels[idx]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert xb.shape == (512, 3, 32, 32) and yb.shape == (512,)
+    host = augment_batch(cache[idx].cpu(), "crop-flip", torch.Generator().manual_seed(b))
+    assert torch.equal(host, augment_batch(cache[idx], "crop-flip", torch.Generator().manual_seed(b)).cpu())
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA,
                                                                                       reason="needs a CUDA device"))])
 def test_gcn_resident_training_and_whole_graph_inference(tmp_path, device):

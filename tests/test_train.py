@@ -360,3 +360,43 @@ def test_step_profile_is_written_on_request_and_changes_nothing(tmp_path):
     assert text.startswith("4 steps: ") and "ms per step (wall)" in text and "aten::" in text
     for name in ("logits", "loss"):
         np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
+
+
+@pytest.mark.parametrize("mode", ["crop", "crop-flip"])
+def test_augment_batch_is_a_per_sample_crop_and_flip(mode):
+    """The batched augmentation (one gather, flip folded into the column index) against a per-sample
+    reference that draws the same numbers: pad by 1/8, crop at (dy, dx), then flip when drawn; on
+    uint8 it equals augmenting the scaled floats, so the cache can be augmented before scaling."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamprune.train import augment_batch
+
+    x = torch.randint(0, 256, (9, 3, 16, 12), dtype=torch.uint8)
+    out = augment_batch(x, mode, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    pad = 2
+    dy, dx = torch.randint(0, 2 * pad + 1, (9,), generator=g), torch.randint(0, 2 * pad + 1, (9,), generator=g)
+    flip = torch.rand(9, generator=g) < 0.5 if mode == "crop-flip" else torch.zeros(9, dtype=torch.bool)
+    assert 0 < int(flip.sum()) < 9 or mode == "crop"
+    for i in range(9):
+        ref = F.pad(x[i], (pad, pad, pad, pad))[:, dy[i]:dy[i] + 16, dx[i]:dx[i] + 12]
+        assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref), i
+    scaled = augment_batch(x.float() / 255, mode, torch.Generator().manual_seed(5))
+    assert torch.equal(scaled, out.float() / 255)
+    assert augment_batch(x, "none", g) is x
+
+
+def test_profile_counts_each_kernel_once():
+    """The profile's device time sums the kernels (device events) only: the host op that launched a
+    kernel carries the same time as its self device time, and annotations span other events."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from streamprune.train import device_seconds
+
+    op = SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=250.0, is_user_annotation=False)
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=250.0, is_user_annotation=False)
+    note = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=900.0, is_user_annotation=True)
+    assert device_seconds([op, kernel, note, kernel]) == pytest.approx(500e-6)
