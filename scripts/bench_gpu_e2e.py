@@ -242,7 +242,7 @@ def _peak(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
 
 
-def bare_train(device, batch: int, seconds: float, min_steps: int) -> dict:
+def bare_train(device, batch: int, seconds: float, min_steps: int, profile_steps: int = 0) -> dict:
     """ResNet-18 (CIFAR stem) SGD steps on an in-memory uint8 tensor: bf16 autocast + channels_last on CUDA."""
     import torch
     import torch.nn.functional as F
@@ -277,8 +277,23 @@ def bare_train(device, batch: int, seconds: float, min_steps: int) -> dict:
 
     _peak_reset(device)
     steps, t = _timed_loop(step, device, seconds, min_steps, warmup=10 if cuda else 1)
-    return {"batch": batch, "steps": steps, "seconds": round(t, 3), "img_per_s": steps * batch / t,
-            "peak_gpu_gib": _peak(device)}
+    out = {"batch": batch, "steps": steps, "seconds": round(t, 3), "img_per_s": steps * batch / t,
+           "peak_gpu_gib": _peak(device)}
+    if profile_steps:  # the same profile as the product's training steps (--profile-steps), to compare
+        from torch.profiler import ProfilerActivity, profile
+
+        from streamprune.train import profile_head, sync_device
+
+        sync_device(device)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            for _ in range(profile_steps):
+                step()
+            sync_device(device)
+            wall = time.perf_counter() - t0
+        out["profile"] = profile_head(prof.key_averages(), wall, profile_steps)
+        log(f"bare train profile: {out['profile']}")
+    return out
 
 
 def bare_forward(device, batch: int, seconds: float, min_steps: int) -> dict:
@@ -697,6 +712,8 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
         et = markers.get("embed", {}).get("timings", {})
         if et.get("path") == "client":  # the calling process encodes: its busy time against the stage's wall
             add("  embed: encode in this process", et.get("encode_s"), n, fwd_b, "forward img/s")
+            add("    queuing copies + forwards (host)", et.get("encode_queue_s"), n)
+            add("    waiting for the outputs (device)", et.get("encode_wait_s"), n)
             add("  embed: zarr writes (background thread)", et.get("write_s"), n)
             add("  embed: this process's loop busy (encode, checks)", et.get("client_s"), n)
     if "index" in stages:
@@ -894,7 +911,8 @@ def main(argv=None) -> int:
             if "train" not in bare:
                 with section("bare: resnet18 train", results):
                     # CPU (smoke test): a small batch, the figure only shows the code runs
-                    bare["train"] = bare_train(device, args.train_batch if cuda else 16, secs, 20 if cuda else 2)
+                    bare["train"] = bare_train(device, args.train_batch if cuda else 16, secs, 20 if cuda else 2,
+                                              args.profile_steps)
                     if cuda and args.train_batch != 128:
                         bare["train_b128"] = bare_train(device, 128, secs, 10)  # the product's default batch
                     log(f"train: {bare['train']['img_per_s']:,.1f} img/s at batch {bare['train']['batch']}")

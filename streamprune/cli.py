@@ -309,6 +309,9 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--weight", type=click.Choice(["exp", "sqrt"]), default=None,
               help="GCN edge weight: exp(-d) row-stabilised, or its symmetric sqrt variant.")
 @click.option("--gcn-seed", type=int, default=None, help="GCN split/initialisation seed (default 0).")
+@click.option("--patience", type=int, default=None,
+              help="GCN: stop after this many epochs without a validation Pearson gain of 0.001 (default 10; "
+                   "0: train all epochs).")
 @click.option("--chunk-rows", type=int, default=None, help="Rows per inference task.")
 @click.option("--memory-limit", default=None,
               help="GCN: hold a layer's inputs in memory below this size (e.g. 4GiB), else stream them.")
@@ -324,14 +327,15 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--scheduler", default="sync", show_default=True)
 @click.option("--force", is_flag=True)
 def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, dropout, batch_size, lr, fanout,
-                weight, gcn_seed, chunk_rows, memory_limit, device, prior, training, tol, max_iter, bandwidth, scheduler,
-                force):
+                weight, gcn_seed, patience, chunk_rows, memory_limit, device, prior, training, tol, max_iter, bandwidth,
+                scheduler, force):
     """Predict the score of every row from the seed rows: knn, gcn, label-aware, propagate, kernel."""
     from streamprune.extrapolate import extrapolate as run
 
     for method in [m.strip() for m in methods.split(",") if m.strip()]:
         opts = extrapolate_options(method, k=k, epochs=epochs, hidden=hidden, dropout=dropout, batch_size=batch_size,
-                                   lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, chunk_rows=chunk_rows,
+                                   lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, patience=patience,
+                                   chunk_rows=chunk_rows,
                                    memory_limit=memory_limit, device=device, prior=prior, training=training, tol=tol,
                                    max_iter=max_iter, bandwidth=bandwidth)
         m = run(workspace, score_name, method, scheduler=scheduler, force=force, storage_options=storage_options,
@@ -355,7 +359,7 @@ def extrapolate_options(method: str, **given) -> dict:
 
     applies = {"knn": ("k", "chunk_rows"),
                "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
-                       "chunk_rows", "memory_limit", "device", "prior", "training"),
+                       "patience", "chunk_rows", "memory_limit", "device", "prior", "training"),
                "propagate": ("k", "tol", "max_iter", "chunk_rows"),
                "kernel": ("bandwidth", "chunk_rows"),
                "label-aware": ("k", "chunk_rows")}.get(method, ())

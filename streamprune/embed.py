@@ -60,6 +60,7 @@ class Encoder:
         self.device = resolve_device(device)
         self.threads = threads
         self.model = None
+        self.seconds = {"queue_s": 0.0, "wait_s": 0.0}
         if kind == "subset":
             self.model, meta = load_model(ws, "train")
             if tuple(meta["input_shape"]) != tuple(input_shape):
@@ -88,6 +89,7 @@ class Encoder:
             cuda = self.device.type == "cuda"
             if cuda:
                 batch_size = max(batch_size, GPU_MIN_BATCH)
+            t0 = time.perf_counter()
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
                 for b in range(0, len(x), batch_size):
                     xb = torch.from_numpy(np.ascontiguousarray(x[b:b + batch_size]))
@@ -98,7 +100,12 @@ class Encoder:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     autotune(self.device, len(xb), batch_size)
                     parts.append(self.model.embed(xb.to(self.device)).float())
+            t1 = time.perf_counter()
             out = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, self.dim), np.float32)
+            # Host time queuing the batches (copies in, forwards) against time blocked on the device
+            # for the outputs: which of the two bounds the encoder (on the CPU both are compute).
+            self.seconds["queue_s"] += t1 - t0
+            self.seconds["wait_s"] += time.perf_counter() - t1
         if self.normalize and len(out):
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
@@ -336,7 +343,9 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
                       counts={"n": n, "n_valid": n_valid, "dim": dim},
                       timings={"embed_s": round(wall, 3), "rows_per_s": round(n / max(wall, 1e-9), 1),
                                "path": "client" if in_client else "workers",
-                               **{k: round(v, 3) for k, v in busy.items() if v}})
+                               **{k: round(v, 3) for k, v in busy.items() if v},
+                               **({f"encode_{k}": round(v, 3) for k, v in probe_enc.seconds.items()}
+                                  if in_client else {})})
 
 
 ENCODE = ("auto", "workers", "client")

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, dict] = {
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
     "extrapolate": {"methods": ["knn"], "knn_k": "auto", "gcn_epochs": 25, "gcn_k": 10, "gcn_prior": "knn",
+                    "gcn_patience": 10,
                     "propagate_tol": 1e-3, "propagate_max_iter": 50, "kernel_bandwidth": "auto"},
     "prune": {"source": None, "strategy": "hard", "keep_fraction": 0.7, "name": None, "reshard": None},
 }
@@ -279,7 +280,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     for score_name in sc["scores"]:
         for m in methods:
             opts = {"knn": {"k": x["knn_k"]},
-                    "gcn": {"epochs": x["gcn_epochs"], "k": x["gcn_k"], "prior": x["gcn_prior"]},
+                    "gcn": {"epochs": x["gcn_epochs"], "k": x["gcn_k"], "prior": x["gcn_prior"],
+                            "patience": x["gcn_patience"]},
                     "propagate": {"tol": x["propagate_tol"], "max_iter": x["propagate_max_iter"]},
                     "kernel": {"bandwidth": x["kernel_bandwidth"]}}.get(m, {})
             stage(f"extrapolate {score_name}-{m}",

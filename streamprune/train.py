@@ -419,9 +419,7 @@ class _StepProfiler:
         self.prof.__exit__(None, None, None)
         steps = max(1, self.step - self.skip)
         ka = self.prof.key_averages()
-        kernel = device_seconds(ka)
-        head = (f"{steps} steps: {wall / steps * 1e3:.2f} ms per step (wall), device kernels "
-                f"{kernel / steps * 1e3:.2f} ms per step ({kernel / max(wall, 1e-9):.0%} busy)")
+        head = profile_head(ka, wall, steps)
         tables = [ka.table(sort_by="self_cpu_time_total", row_limit=25)]
         if self.device.type == "cuda":
             tables.insert(0, ka.table(sort_by="self_device_time_total", row_limit=25))
@@ -439,6 +437,16 @@ def device_seconds(events) -> float:
 
     return sum(e.self_device_time_total for e in events
                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e6
+
+
+def profile_head(events, wall: float, steps: int) -> str:
+    """One line on ``steps`` profiled steps: wall, device kernel and host op time per step, and the
+    device's busy fraction (host time near the wall time with the device idle: host-bound)."""
+    kernel = device_seconds(events)
+    host = sum(e.self_cpu_time_total for e in events) / 1e6
+    return (f"{steps} steps: {wall / steps * 1e3:.2f} ms per step (wall), device kernels "
+            f"{kernel / steps * 1e3:.2f} ms per step ({kernel / max(wall, 1e-9):.0%} busy), host ops "
+            f"{host / steps * 1e3:.2f} ms per step")
 
 
 def sync_device(device: torch.device) -> None:

@@ -107,6 +107,7 @@ def test_encode_in_client_equals_workers_and_resumes(reference, tmp_path, schedu
     m = embed(ws2, chunk_rows=32, scheduler=scheduler, encode="client")
     assert m["counts"] == {"n": 240, "n_valid": 240, "dim": 128, "errors": 0}
     assert m["timings"]["path"] == "client" and m["timings"]["client_s"] > 0  # the resumed chunks, here
+    assert m["timings"]["encode_queue_s"] > 0 and m["timings"]["encode_wait_s"] >= 0  # host vs device split
     emb, labels, valid = _emb(ws2)
     np.testing.assert_allclose(emb, ref[0], rtol=1e-5, atol=1e-6)
     assert np.array_equal(labels, ref[1]) and np.array_equal(valid, ref[2])

@@ -537,3 +537,28 @@ def test_dense_feature_reads_equal_the_gather(tmp_path):
         want = feats.take(rows)
         np.testing.assert_array_equal(take_dense(feats, rows), want, err_msg=name)
         np.testing.assert_array_equal(device_features(feats, rows, "cpu", block=128).numpy(), want, err_msg=name)
+
+
+def test_training_stops_after_patience_epochs_without_a_gain(base, tmp_path):
+    """With a learning rate too small to move the validation Pearson, training stops after
+    ``patience`` epochs (history: epoch 0 and those epochs); patience 0 trains every epoch; a bad
+    patience is one clear error."""
+    from streamprune.extrapolate.gcn import fit_gcn
+
+    ws = Workspace(base["ws"])
+    emb_g = zarr.open_group(os.path.join(ws.url, "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 30, bool)
+    feats = Features(RowSource(emb_g["emb"], 1 << 30, np.float32), RowSource(emb_g["labels"], 1 << 30, np.int64),
+                     valid, 3)
+    table = GraphTable(zarr.open_group(os.path.join(ws.url, "graph", "all.zarr"), mode="r"), 8, valid, "exp", 1 << 30)
+    ok = np.isfinite(base["scores"]) & base["valid"][base["rows"]]
+    args = (feats, table, base["rows"][ok], base["scores"][ok])
+    kw = dict(widths=(16, 8, 1), dropout=0.0, epochs=7, batch_size=32, lr=1e-12, seed=3, fanout=(4, 4, 4))
+    stalled = fit_gcn(*args, patience=2, **kw)
+    assert [h["epoch"] for h in stalled.history] == [0, 1, 2]
+    full = fit_gcn(*args, patience=0, **kw)
+    assert [h["epoch"] for h in full.history] == list(range(8))
+    learning = fit_gcn(*args, patience=2, **{**kw, "lr": 5e-3, "epochs": 4})
+    assert learning.history[-1]["epoch"] > 2 and learning.best_val_pearson > learning.history[0]["val_pearson"] + 0.01
+    with pytest.raises(StreamPruneError, match="--patience must be a whole number of epochs >= 0"):
+        extrapolate_gcn(str(tmp_path / "none"), "du", patience=-1)

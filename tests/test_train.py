@@ -357,7 +357,7 @@ def test_step_profile_is_written_on_request_and_changes_nothing(tmp_path):
     run_cli("score", "-w", ws, *args, env={"STREAMPRUNE_PROFILE_STEPS": "4"})
     assert not os.path.exists(os.path.join(ref, "train", "profile.txt"))
     text = open(os.path.join(ws, "train", "profile.txt")).read()
-    assert text.startswith("4 steps: ") and "ms per step (wall)" in text and "aten::" in text
+    assert text.startswith("4 steps: ") and "ms per step (wall)" in text and "host ops" in text and "aten::" in text
     for name in ("logits", "loss"):
         np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
 

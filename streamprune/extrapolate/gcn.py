@@ -239,6 +239,8 @@ def resident_bytes(n_nodes: int, nnz: int, in_dim: int, widths: Sequence[int]) -
 
 
 RESIDENT_STEPS = 32
+PATIENCE = 10  # GCN training stops after this many epochs without a validation gain of MIN_GAIN
+MIN_GAIN = 1e-3
 """Most optimizer steps per epoch in resident training.
 
 Each resident step is a forward and backward over the seeds' whole closure, whatever the batch, so
@@ -279,8 +281,11 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5, epochs: int = 25, batch_size: int = 128,
             lr: float = 1e-3, fanout: Sequence[int | None] | None = None, seed: int = 0,
             device: torch.device | str = "cpu", training: str = "sampled",
-            resident_steps: int | None = RESIDENT_STEPS) -> TrainResult:
+            resident_steps: int | None = RESIDENT_STEPS, patience: int = PATIENCE) -> TrainResult:
     """Train a GCN on seed rows (unique, valid, finite scores); keep the best validation-Pearson weights.
+
+    Training stops early after ``patience`` epochs in a row without a validation Pearson at least
+    :data:`MIN_GAIN` above its value at the last such gain (0: all ``epochs``); see docs/gcn.md.
 
     ``training``: "sampled" (each batch samples its neighbourhood), "resident" (the seeds'
     closure stays on the device, see :func:`choose_training`) or "auto".  Resident training takes
@@ -344,8 +349,10 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
         best, best_state = _val(), copy.deepcopy(model.state_dict())
         best = best if np.isfinite(best) else -np.inf
         res.history.append({"epoch": 0, "train_loss": None, "val_pearson": _finite(best)})
+        gained, since_gain = best, 0  # the Pearson of the last gain of MIN_GAIN, and epochs since
         for epoch in range(1, epochs + 1):
             t0 = time.time()
+            since_gain += 1
             model.train()
             order = tr[rng.permutation(len(tr))]
             # Resident steps index device tensors with positions copied once per epoch: a host-to-
@@ -373,6 +380,12 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             log.info("gcn epoch %d: train loss %.4f, val pearson %.4f", epoch, total / max(count, 1), val)
             if np.isfinite(val) and val > best:
                 best, best_state, res.best_epoch = val, copy.deepcopy(model.state_dict()), epoch
+            if np.isfinite(val) and val >= gained + MIN_GAIN:
+                gained, since_gain = val, 0
+            if patience and since_gain >= patience:
+                log.info("gcn: no validation gain of %.3g for %d epochs; stopping after epoch %d",
+                         MIN_GAIN, patience, epoch)
+                break
     model.load_state_dict(best_state)
     model.eval()
     res.best_val_pearson = _finite(best)
@@ -654,7 +667,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                     chunk_rows: int | None = None, memory_limit: int = 2 << 30, scheduler: str | None = "sync",
                     force: bool = False, storage_options: dict | None = None, device: str = "auto",
                     prior: str = "knn", training: str = "auto", inference: str = "auto",
-                    resident_steps: int | None = RESIDENT_STEPS) -> dict:
+                    resident_steps: int | None = RESIDENT_STEPS, patience: int = PATIENCE) -> dict:
     """Train a GCN on the seed scores and predict ``score`` for every row into extrapolated/<score>-gcn.zarr.
 
     ``prior="knn"`` (default) adds every row's kNN-extrapolated score as an input column and
@@ -668,6 +681,8 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "gcn")
     _check_params(k, hidden, dropout, epochs, batch_size, lr, weight, chunk_rows)
+    if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
+        raise StreamPruneError(f"--patience must be a whole number of epochs >= 0 (0: no early stop), got {patience!r}")
     if prior not in PRIORS:
         raise StreamPruneError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     if training not in TRAINING:
@@ -690,7 +705,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     config = {"method": "gcn", "score": score, "k": k, "hidden": list(widths[:-1]), "dropout": float(dropout),
               "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr), "fanout": list(fanouts),
               "weight": weight, "seed": int(seed), "chunk_rows": chunk_rows, "prior": prior,
-              "training": training, "resident_steps": resident_steps}
+              "training": training, "resident_steps": resident_steps, "patience": int(patience)}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)
     if run.already_done:
         _remove_activations(ws, score, len(widths))
@@ -719,7 +734,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
-                      training=training, resident_steps=resident_steps)
+                      training=training, resident_steps=resident_steps, patience=patience)
         model = res.model.cpu()
         ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
