@@ -408,12 +408,14 @@ def bare_gcn(device, n: int, degree: int, in_dim: int, widths=(512, 256, 1), rep
 # ----------------------------------------------------------------------------- resource sampling
 
 class Sampler:
-    """Background sampler: host RSS of this process and its children, device-wide GPU memory in use."""
+    """Background sampler: host RSS of this process and its children (together, and this process
+    alone with its value when the stage began: one process runs every stage, so a stage's peak
+    includes what earlier stages left in it), device-wide GPU memory in use."""
 
     def __init__(self, device, interval: float = 0.5):
         self.device = device
         self.interval = interval
-        self.peak_rss = 0
+        self.peak_rss = self.peak_self = self.start_self = 0
         self.peak_gpu_used = 0
         self.on_tick = None
         self._stop = threading.Event()
@@ -425,18 +427,21 @@ class Sampler:
         except ImportError:
             self._proc = None
 
-    def rss(self) -> int:
+    def rss(self) -> tuple[int, int]:
+        """(this process and its children, this process) bytes resident."""
         if self._proc is None:
             import resource
 
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        total = 0
-        for p in [self._proc] + self._proc.children(recursive=True):
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            return peak, peak
+        own = self._proc.memory_info().rss
+        total = own
+        for p in self._proc.children(recursive=True):
             try:
                 total += p.memory_info().rss
             except Exception:  # noqa: BLE001 - a child may exit while we look
                 pass
-        return total
+        return total, own
 
     def gpu_used(self) -> int:
         if self.device.type != "cuda":
@@ -447,13 +452,15 @@ class Sampler:
         return total - free
 
     def reset(self) -> None:
-        self.peak_rss = self.rss()
+        self.peak_rss, self.start_self = self.rss()
+        self.peak_self = self.start_self
         self.peak_gpu_used = self.gpu_used()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.peak_rss = max(self.peak_rss, self.rss())
+                total, own = self.rss()
+                self.peak_rss, self.peak_self = max(self.peak_rss, total), max(self.peak_self, own)
                 self.peak_gpu_used = max(self.peak_gpu_used, self.gpu_used())
                 if self.on_tick is not None:
                     self.on_tick()
@@ -552,7 +559,9 @@ def product(args, device, results: dict, write) -> None:
             wall = now - state["since"]
         extra = {"peak_gpu_alloc_gib": _peak(device), "peak_gpu_used_gib":
                  round(sampler.peak_gpu_used / 2**30, 3) if device.type == "cuda" else None,
-                 "peak_rss_gib": round(sampler.peak_rss / 2**30, 3)}
+                 "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
+                 "peak_rss_self_gib": round(sampler.peak_self / 2**30, 3),
+                 "rss_self_start_gib": round(sampler.start_self / 2**30, 3)}
         rec = ledger.finish(name, wall, skipped, extra)
         if not rec:  # done before the ledger existed: the marker's own wall time (its last invocation only)
             mw = marker_wall(read_markers(ws_dir), name)
@@ -685,7 +694,9 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
                      "ratio": round(rate / bare_fig, 3) if rate and bare_fig else None,
                      "peak_gpu_alloc_gib": (src or {}).get("peak_gpu_alloc_gib"),
                      "peak_gpu_used_gib": (src or {}).get("peak_gpu_used_gib"),
-                     "peak_rss_gib": (src or {}).get("peak_rss_gib")})
+                     "peak_rss_gib": (src or {}).get("peak_rss_gib"),
+                     "peak_rss_self_gib": (src or {}).get("peak_rss_self_gib"),
+                     "rss_self_start_gib": (src or {}).get("rss_self_start_gib")})
 
     def wall_of(name):
         return stages.get(name, {}).get("wall_s")
@@ -770,7 +781,7 @@ def summary(results: dict) -> dict:
 
 def print_table(rows: list[dict], summ: dict) -> None:
     hdr = f"{'stage':<44}{'wall s':>10}{'samples/s':>13}{'bare':>13}  {'bare figure':<34}{'ratio':>7}" \
-          f"{'GPU alloc':>10}{'GPU used':>10}{'RSS GiB':>9}"
+          f"{'GPU alloc':>10}{'GPU used':>10}{'RSS GiB':>9}{'self':>7}{'at start':>9}"
     print(hdr)
     print("-" * len(hdr))
 
@@ -781,7 +792,8 @@ def print_table(rows: list[dict], summ: dict) -> None:
         print(f"{r['stage'][:43]:<44}{f(r['wall_s'], '>10.1f')}{f(r['samples_per_s'], '>13,.0f')}"
               f"{f(r['bare'], '>13,.0f')}  {r['bare_what'][:33]:<34}{f(r['ratio'], '>7.3f')}"
               f"{f(r['peak_gpu_alloc_gib'], '>10.2f')}{f(r['peak_gpu_used_gib'], '>10.2f')}"
-              f"{f(r['peak_rss_gib'], '>9.2f')}")
+              f"{f(r['peak_rss_gib'], '>9.2f')}{f(r.get('peak_rss_self_gib'), '>7.2f')}"
+              f"{f(r.get('rss_self_start_gib'), '>9.2f')}")
     for k, v in summ.items():
         print(f"{k}: {v}")
 
