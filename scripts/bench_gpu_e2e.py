@@ -433,7 +433,7 @@ class Sampler:
             import resource
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            return peak, peak
+            return peak, peak  # without psutil: this process's peak so far, not its current RSS
         own = self._proc.memory_info().rss
         total = own
         for p in self._proc.children(recursive=True):

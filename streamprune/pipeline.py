@@ -197,6 +197,14 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
             raise StreamPruneError("extrapolate.methods names no method")
         for m in methods:
             check_method(m)
+        if "gcn" in methods:
+            from streamprune.extrapolate.gcn import check_patience
+
+            x = s["extrapolate"]
+            check_patience(x["gcn_patience"])
+            for name in ("gcn_epochs", "gcn_k"):
+                if isinstance(x[name], bool) or not isinstance(x[name], int) or x[name] < 1:
+                    raise StreamPruneError(f"extrapolate.{name} must be a whole number >= 1, not {x[name]!r}")
     if upto >= ORDER.index("prune"):
         from streamprune.prune import check_options
 

@@ -441,7 +441,9 @@ def device_seconds(events) -> float:
 
 def profile_head(events, wall: float, steps: int) -> str:
     """One line on ``steps`` profiled steps: wall, device kernel and host op time per step, and the
-    device's busy fraction (host time near the wall time with the device idle: host-bound)."""
+    device's busy fraction.  Host ops are the self CPU time of every profiled op in every thread
+    (a background writer's too, and time blocked in a synchronising call), so they can overstate
+    the training thread's own dispatch time."""
     kernel = device_seconds(events)
     host = sum(e.self_cpu_time_total for e in events) / 1e6
     return (f"{steps} steps: {wall / steps * 1e3:.2f} ms per step (wall), device kernels "

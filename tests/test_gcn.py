@@ -286,6 +286,7 @@ def test_training_learns_the_smooth_score(base, tmp_path):
                     **SMALL)
     hist = m["counts"]["history"]
     assert [h["epoch"] for h in hist] == list(range(SMALL["epochs"] + 1))
+    assert m["counts"]["epochs_run"] == SMALL["epochs"]
     assert hist[0]["train_loss"] is None and all(h["train_loss"] > 0 for h in hist[1:])
     best = m["counts"]["best_val_pearson"]
     assert best == max(h["val_pearson"] for h in hist) and best > hist[0]["val_pearson"] + 0.1
@@ -560,5 +561,9 @@ def test_training_stops_after_patience_epochs_without_a_gain(base, tmp_path):
     assert [h["epoch"] for h in full.history] == list(range(8))
     learning = fit_gcn(*args, patience=2, **{**kw, "lr": 5e-3, "epochs": 4})
     assert learning.history[-1]["epoch"] > 2 and learning.best_val_pearson > learning.history[0]["val_pearson"] + 0.01
+    assert learning.history[-1]["epoch"] == len(learning.history) - 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(StreamPruneError, match="--patience must be a whole number of epochs >= 0"):
+            fit_gcn(*args, patience=bad, **kw)
     with pytest.raises(StreamPruneError, match="--patience must be a whole number of epochs >= 0"):
         extrapolate_gcn(str(tmp_path / "none"), "du", patience=-1)

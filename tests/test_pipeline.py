@@ -199,6 +199,9 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
     ({"score": {"window": 0}}, "score du: window must be >= 1, got 0"),
     ({"score": {"batch_size": 0}}, "--batch-size must be a whole number of at least 1, not 0"),
     ({"embed": {"memory_limit": "lots"}}, "embed.memory_limit must be a size such as 4GiB or 500MB, not 'lots'"),
+    ({"extrapolate": {"methods": "knn,gcn", "gcn_patience": -1}},
+     "--patience must be a whole number of epochs >= 0 (0: no early stop), got -1"),
+    ({"extrapolate": {"methods": "gcn", "gcn_epochs": 0}}, "extrapolate.gcn_epochs must be a whole number >= 1, not 0"),
 ])
 def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
     from streamprune.pipeline import run_pipeline
