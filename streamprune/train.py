@@ -403,6 +403,11 @@ class _StepProfiler:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            # Kineto leaves CUPTI attached after a trace unless TEARDOWN_CUPTI=1 (in some torch
+            # versions), which slows every later kernel launch of the run being measured; a user's
+            # own setting wins.  (Not measured here: the third GPU run's profiled training was
+            # slower than the unprofiled one of the run before, on another machine.)
+            os.environ.setdefault("TEARDOWN_CUPTI", "1")
             sync_device(self.device)
             self.prof, self.t0 = profile(activities=acts), time.perf_counter()
             self.prof.__enter__()
