@@ -16,6 +16,8 @@
 #   EPOCHS=30              training epochs up to N=100000; EPOCHS_LARGE=10 above
 #   FULL_MAX_N=100000      run `score --full` (the speedup's reference) only up to this N
 #   BENCH_ARGS=""          extra arguments for every run (e.g. "--skip-bare" or "--stages embed")
+#   BENCH_ARGS_<N>=""      extra arguments for size N only (e.g. BENCH_ARGS_1000000="--profile-steps 50",
+#                          so that the other size's training is timed without the profiler)
 #   GPU_TESTS=1            first run tests/test_gpu_paths.py (its CUDA tests run only there; ~1 min),
 #                          so a broken CUDA path shows before the benchmark spends the lease
 #   DECODE_BENCH=1         after N=100000, scripts/bench_decode.py on its shards (~30 s): the product's
@@ -98,8 +100,9 @@ for n in "${SIZES[@]}"; do
   fi
   echo "== N=$n: epochs $epochs, $full, limit ${limit}s"
   # SIGINT at the limit: the benchmark stops the running stage, prints the table and writes the JSON.
+  extra="BENCH_ARGS_$n"
   timeout -s INT -k 60 "$limit" $PY scripts/bench_gpu_e2e.py --n "$n" --epochs "$epochs" $full \
-    --workdir "$WORKDIR/$n" --out "$OUT/bench-$n.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$n.log"
+    --workdir "$WORKDIR/$n" --out "$OUT/bench-$n.json" ${BENCH_ARGS:-} ${!extra:-} 2>&1 | tee "$OUT/bench-$n.log"
   echo "== N=$n: exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s in all"
   if [ "$n" = 100000 ] && [ "${DECODE_BENCH:-1}" = 1 ]; then
     timeout -k 10 120 $PY scripts/bench_decode.py --n "$n" --workdir "$WORKDIR/$n" --out "$OUT/decode-$n.json" \
