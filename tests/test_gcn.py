@@ -533,7 +533,8 @@ def test_dense_feature_reads_equal_the_gather(tmp_path):
                      RowSource(g["prior"]), (0.5, 0.25))
     cases = {"all": np.arange(n), "middle": np.arange(130, 777), "dense": np.sort(rng.choice(n, 700, replace=False)),
              "sparse": np.sort(rng.choice(n, 60, replace=False)), "unsorted": rng.permutation(n)[:300],
-             "repeats": np.sort(rng.integers(0, n, 400)), "one": np.array([5])}
+             "repeats": np.sort(rng.integers(0, n, 400)), "one": np.array([5]),
+             "closure": np.concatenate([np.arange(0, n, 5), np.setdiff1d(np.arange(n), np.arange(0, n, 5))[:600]])}
     for name, rows in cases.items():
         want = feats.take(rows)
         np.testing.assert_array_equal(take_dense(feats, rows), want, err_msg=name)

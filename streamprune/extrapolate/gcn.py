@@ -150,11 +150,20 @@ def subgraph_forward(model: GCN, sub: Subgraph, features: Features, device: torc
 
 def device_features(features: Features, rows: np.ndarray, device: torch.device | str,
                     block: int = 1 << 16) -> torch.Tensor:
-    """Features of ``rows`` as one device tensor, gathered ``block`` rows at a time (host memory O(block))."""
+    """Features of ``rows`` as one device tensor, gathered ``block`` rows at a time (host memory O(block)).
+
+    Rows out of order (a closure lists its seeds first, then each hop's new rows) are read in
+    sorted order, so that each block is a run :func:`take_dense` can read as a slice, and
+    scattered to their places on the device."""
     x = torch.empty((len(rows), features.dim), dtype=torch.float32, device=device)
     rows = np.asarray(rows, np.int64)
+    order = None if len(rows) < 2 or (np.diff(rows) > 0).all() else np.argsort(rows, kind="stable")
     for s in range(0, len(rows), block):
-        x[s:s + block] = torch.from_numpy(take_dense(features, rows[s:s + block])).to(device)
+        if order is None:
+            x[s:s + block] = torch.from_numpy(take_dense(features, rows[s:s + block])).to(device)
+        else:
+            at = order[s:s + block]
+            x[torch.from_numpy(at).to(device)] = torch.from_numpy(take_dense(features, rows[at])).to(device)
     return x
 
 
