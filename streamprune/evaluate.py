@@ -375,8 +375,25 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
                                              strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
+    out["inputs"] = evaluation_inputs(ws.markers())  # so that `report` can tell when these figures went stale
     ws.write_json(out, "eval", f"{score}.json")
     return out
+
+
+def evaluation_inputs(markers: dict[str, dict]) -> dict[str, str]:
+    """Fingerprints of the markers an evaluation reads: subset, scores and extrapolations."""
+    return {k: m["fingerprint"] for k, m in sorted(markers.items())
+            if k == "subset" or k.startswith(("score-", "extrapolate-"))}
+
+
+def evaluation_outdated(evaluation: dict, markers: dict[str, dict]) -> list[str]:
+    """The markers re-run, removed or added since ``evaluation`` was written (empty: current; an
+    evaluation from before the record was kept cannot tell, and is taken as current)."""
+    recorded = evaluation.get("inputs")
+    if recorded is None:
+        return []
+    now = evaluation_inputs(markers)
+    return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
 
 
 def _check_arguments(keeps: list[float] | None, epochs: int, test_shards: list[str] | None, seeds: int,

@@ -197,14 +197,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
             raise StreamPruneError("extrapolate.methods names no method")
         for m in methods:
             check_method(m)
-        if "gcn" in methods:
-            from streamprune.extrapolate.gcn import check_patience
-
-            x = s["extrapolate"]
-            check_patience(x["gcn_patience"])
-            for name in ("gcn_epochs", "gcn_k"):
-                if isinstance(x[name], bool) or not isinstance(x[name], int) or x[name] < 1:
-                    raise StreamPruneError(f"extrapolate.{name} must be a whole number >= 1, not {x[name]!r}")
+        _check_extrapolate_options(s, methods)
     if upto >= ORDER.index("prune"):
         from streamprune.prune import check_options
 
@@ -212,6 +205,41 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         check_options(score=sc["scores"][0], source=p["source"] or methods[-1], strategy=p["strategy"],
                       keep_fraction=p["keep_fraction"], name=p["name"], reshard=p["reshard"])
     return out
+
+
+def _check_extrapolate_options(s: dict, methods: list[str]) -> None:
+    """The ``[extrapolate]`` options of the methods that will run, each refused by its own name
+    (a method checks them too, but only when its stage begins, after training)."""
+    import math
+
+    from streamprune.extrapolate.gcn import PRIORS
+
+    x = s["extrapolate"]
+
+    def whole(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    rules = {"knn_k": (lambda v: v == "auto" or whole(v, 1), "'auto' or a whole number >= 1"),
+             "gcn_epochs": (lambda v: whole(v, 1), "a whole number >= 1"),
+             "gcn_k": (lambda v: whole(v, 1), "a whole number >= 1"),
+             "gcn_patience": (lambda v: whole(v, 0), "a whole number of epochs >= 0 (0: no early stop)"),
+             "gcn_prior": (lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}"),
+             "propagate_tol": (lambda v: number(v) and v >= 0, "a finite number >= 0"),
+             "propagate_max_iter": (lambda v: whole(v, 1), "a whole number >= 1"),
+             "kernel_bandwidth": (lambda v: v == "auto" or (number(v) and v > 0), "'auto' or a distance > 0")}
+    used = {"knn": ["knn_k"], "gcn": ["gcn_epochs", "gcn_k", "gcn_patience", "gcn_prior"],
+            "propagate": ["propagate_tol", "propagate_max_iter"], "kernel": ["kernel_bandwidth"]}
+    for name in dict.fromkeys(n for m in methods for n in used.get(m, [])):
+        ok, what = rules[name]
+        if not ok(x[name]):
+            raise StreamPruneError(f"extrapolate.{name} must be {what}, not {x[name]!r}")
+    k_index = s["index"]["k"]
+    if "gcn" in methods and whole(k_index, 1) and x["gcn_k"] > k_index:
+        raise StreamPruneError(f"extrapolate.gcn_k = {x['gcn_k']} needs as many neighbours per row in the graph, "
+                               f"which holds index.k = {k_index}: raise index.k or lower gcn_k")
 
 
 def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, storage_options: dict | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
@@ -10,8 +11,10 @@ import numpy as np
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
-from streamprune.evaluate import format_evaluation, score_sources
+from streamprune.evaluate import evaluation_outdated, format_evaluation, score_sources
 from streamprune.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -137,8 +140,16 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
         plot_scatter(arrays, os.path.join(local_dir, "scatter.png"), score)
         files.append("scatter.png")
         md += ["## Extrapolated vs full-data scores (non-seed rows)", "", "![](scatter.png)", ""]
+    markers = ws.markers()
     if evaluation:
-        md += ["## Evaluation", "", "```", format_evaluation(evaluation), "```", ""]
+        changed = evaluation_outdated(evaluation, markers)
+        md += ["## Evaluation", ""]
+        if changed:  # shown, but flagged: the figures describe results that have since been replaced
+            line = (f"these figures are out of date: {', '.join(changed)} changed since `evaluate` ran; re-run "
+                    f"`streamprune evaluate -w {ws.url} --score {score}` (with the same options)")
+            log.warning("report: %s", line)
+            md += [f"**Out of date:** {line}.", ""]
+        md += ["```", format_evaluation(evaluation), "```", ""]
         pc = evaluation.get("pruning_curve")
         if pc:
             plot_pruning_curve(pc, os.path.join(local_dir, "pruning_curve.png"))
@@ -154,7 +165,9 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
     if stats:
         md += ["## Pruned sets", ""]
         for name, st in stats.items():
-            md += [f"### {name}", "", "```json", json.dumps(st, indent=1, default=str)[:3000], "```", ""]
+            stale = ws.outdated_line(f"prune-{name}", markers) if f"prune-{name}" in markers else None
+            md += [f"### {name}", ""] + ([f"**Out of date:** {stale}.", ""] if stale else [])
+            md += ["```json", json.dumps(st, indent=1, default=str)[:3000], "```", ""]
     with open(os.path.join(local_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     files.append("report.md")

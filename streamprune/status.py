@@ -43,7 +43,8 @@ def format_status(info: dict) -> str:
              f"samples    {info.get('n_samples') if info.get('n_samples') is not None else '-'} in "
              f"{info.get('n_shards') if info.get('n_shards') is not None else '-'} shards"]
     for name, st in info["stages"].items():
-        counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items())
+        # short values only: a long one (the GCN's per-epoch training history) is in `status --json`
+        counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items() if len(str(v)) <= 80)
         lines.append(f"  {'stale' if st.get('stale') else 'done':<8} {name:<24} {st['wall_s'] or 0:8.1f}s  {counts}")
         if st.get("stale"):
             lines.append(f"           {'':<24} {st['stale']}")

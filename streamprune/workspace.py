@@ -77,6 +77,22 @@ def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
     return command_for(key)
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``config`` with nested options as dotted keys (``train.epochs``), to name what changed."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(value, width: int = 40) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _compatible(version_a: str, version_b: str) -> bool:
     """Workspaces are compatible across patch releases (same major.minor)."""
     return version_a.split(".")[:2] == version_b.split(".")[:2]
@@ -241,11 +257,17 @@ class Workspace:
             old = None  # --force over a marker of another version: start afresh
             storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
         if old is not None and old.get("fingerprint") != fp and old.get("config") != config and not force:
-            changed = sorted(k for k in set(old.get("config", {})) | set(config)
-                             if old.get("config", {}).get(k) != config.get(k))
+            was, now = _flat(old.get("config", {})), _flat(config)
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+
+            def shown(k):  # old -> new, short: a list of shards would fill the screen
+                return (f"{k} {_short(was[k]) if k in was else '(unset)'} -> "
+                        f"{_short(now[k]) if k in now else '(unset)'}")
             raise StreamPruneError(
                 f"{name}: workspace {self.url} already holds results of another configuration "
-                f"(changed: {', '.join(changed) or 'config'}); use --force to replace them")
+                f"(changed: {'; '.join(map(shown, changed)) or 'config'}); use --force to replace them "
+                f"(`run --force` re-runs every stage; `streamprune {rerun_command(name, {name: old})} ... --force` "
+                f"only this one)")
         run = StageRun(self, stage, name, fp, config, inputs)
         if old is not None and old.get("fingerprint") == fp:
             run.already_done = True

@@ -329,3 +329,26 @@ def test_evaluate_reports_how_full_data_runs_agree_and_fidelity_against_their_me
     assert f["pearson_nonseed_vs_mean"] > f["pearson_nonseed_vs_runs"]
     text = format_evaluation(out)
     assert "vs mean of 3" in text and f"Pearson {ref['retest_pearson']['mean']:.3f}" in text
+
+
+def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
+    """evaluate records the markers it read; a report after one of them was re-run shows the
+    figures under an out-of-date line naming it (an evaluation from before the record: no flag)."""
+    from streamprune.evaluate import evaluate, evaluation_outdated
+    from streamprune.report import report
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=400)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 400})
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    add_scores(ws, "du", np.where(valid, smooth_score(x), np.nan).astype(np.float32), full=True)
+    out = evaluate(ws, "du")
+    assert "extrapolate-du-knn" in out["inputs"] and evaluation_outdated(out, ws.markers()) == []
+    report(ws, str(tmp_path / "r1"))
+    md = open(os.path.join(tmp_path, "r1", "report.md")).read()
+    assert "Out of date" not in md and "## Evaluation" in md
+    extrapolate_knn(ws, "du", k=5, chunk_rows=100, force=True)
+    assert evaluation_outdated(out, ws.markers()) == ["extrapolate-du-knn"]
+    report(ws, str(tmp_path / "r2"))
+    md = open(os.path.join(tmp_path, "r2", "report.md")).read()
+    assert "**Out of date:** these figures are out of date: extrapolate-du-knn changed" in md
+    assert evaluation_outdated({k: v for k, v in out.items() if k != "inputs"}, ws.markers()) == []

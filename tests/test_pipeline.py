@@ -200,8 +200,20 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
     ({"score": {"batch_size": 0}}, "--batch-size must be a whole number of at least 1, not 0"),
     ({"embed": {"memory_limit": "lots"}}, "embed.memory_limit must be a size such as 4GiB or 500MB, not 'lots'"),
     ({"extrapolate": {"methods": "knn,gcn", "gcn_patience": -1}},
-     "--patience must be a whole number of epochs >= 0 (0: no early stop), got -1"),
+     "extrapolate.gcn_patience must be a whole number of epochs >= 0 (0: no early stop), not -1"),
     ({"extrapolate": {"methods": "gcn", "gcn_epochs": 0}}, "extrapolate.gcn_epochs must be a whole number >= 1, not 0"),
+    ({"extrapolate": {"methods": "knn,gcn", "gcn_prior": "foo"}}, "extrapolate.gcn_prior must be one of knn, none, "
+                                                                  "not 'foo'"),
+    ({"extrapolate": {"methods": "knn", "knn_k": "abc"}},
+     "extrapolate.knn_k must be 'auto' or a whole number >= 1, not 'abc'"),
+    ({"extrapolate": {"methods": "knn", "knn_k": 0}}, "extrapolate.knn_k must be 'auto' or a whole number >= 1, not 0"),
+    ({"extrapolate": {"methods": "kernel", "kernel_bandwidth": "wide"}},
+     "extrapolate.kernel_bandwidth must be 'auto' or a distance > 0, not 'wide'"),
+    ({"extrapolate": {"methods": "propagate", "propagate_max_iter": 0}},
+     "extrapolate.propagate_max_iter must be a whole number >= 1, not 0"),
+    ({"extrapolate": {"methods": "gcn", "gcn_k": 50}},
+     "extrapolate.gcn_k = 50 needs as many neighbours per row in the graph, which holds index.k = 20: raise index.k "
+     "or lower gcn_k"),
 ])
 def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
     from streamprune.pipeline import run_pipeline

@@ -18,8 +18,11 @@ def test_refuses_other_config_unless_forced(shards, tmp_path):
     ws = str(tmp_path / "ws")
     catalog(shards, ws, scheduler="sync")
     subset(ws, fraction=0.2, seed=0)
-    with pytest.raises(StreamPruneError, match=r"another configuration \(changed: fraction\).*--force"):
+    with pytest.raises(StreamPruneError) as err:
         subset(ws, fraction=0.5, seed=0)
+    assert str(err.value).endswith("another configuration (changed: fraction 0.2 -> 0.5); use --force to replace "
+                                   "them (`run --force` re-runs every stage; `streamprune subset ... --force` only "
+                                   "this one)")
     m = subset(ws, fraction=0.5, seed=0, force=True)
     assert m["config"]["fraction"] == 0.5
     meta = json.load(open(os.path.join(ws, "streamprune.json")))
@@ -135,3 +138,28 @@ def test_results_made_from_replaced_outputs_are_refused(tmp_path):
 def test_status_of_a_workspace_that_does_not_exist(tmp_path):
     out = run_cli("status", "-w", str(tmp_path / "typo"), check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no workspace at" in out.stderr
+
+
+def test_status_text_leaves_long_counts_to_json():
+    """A stage's long count (the GCN's per-epoch history) would fill the terminal: the text status
+    shows the short counts only; `status --json` keeps everything."""
+    from streamprune.status import format_status
+
+    history = [{"epoch": e, "train_loss": 0.5, "val_pearson": 0.7} for e in range(26)]
+    info = {"workspace": "ws", "version": "x", "n_samples": 10, "n_shards": 1, "pending": [],
+            "errors": {"total": 0, "by_stage": {}, "file": "errors.jsonl"},
+            "stages": {"extrapolate-du-gcn": {"wall_s": 1.0, "outputs": {}, "counts": {
+                "epochs_run": 25, "history": history, "validation_pearson": {"10": 0.77}}}}}
+    text = format_status(info)
+    assert "epochs_run=25" in text and "validation_pearson={'10': 0.77}" in text
+    assert "history" not in text and max(len(line) for line in text.splitlines()) < 200
+
+
+def test_changed_configuration_names_nested_options_old_and_new(tmp_path):
+    """A changed nested option is named by its dotted key with its old and new values."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("train", {"train": {"epochs": 3, "model": "cnn"}, "on_error": "fail"}, {}).commit({}, {})
+    with pytest.raises(StreamPruneError) as err:
+        ws.begin("train", {"train": {"epochs": 5, "model": "cnn", "lr": 0.1}, "on_error": "fail"}, {})
+    assert "(changed: train.epochs 3 -> 5; train.lr (unset) -> 0.1); use --force" in str(err.value)
+    assert "`streamprune score ... --force` only this one" in str(err.value)
