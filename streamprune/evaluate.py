@@ -87,12 +87,13 @@ def mean_std(values: list[float]) -> dict:
 _REPLICA = re.compile(r"full_r(\d+)")  # the column suffix of a replica full-data run (score --full-runs)
 
 
-def _sources_and_runs(ws: Workspace, score: str) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+def _sources_and_runs(ws: Workspace, score: str,
+                      who: str = "evaluate") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """One read of the workspace's score columns, split into :func:`score_sources` and :func:`reference_runs`."""
     from streamprune.export import score_columns
 
     sources, runs = {}, {}
-    for col, arr in score_columns(ws).items():
+    for col, arr in score_columns(ws, who=who).items():
         if not col.startswith(score + "_"):
             continue
         name = col[len(score) + 1:]
@@ -106,9 +107,10 @@ def _sources_and_runs(ws: Workspace, score: str) -> tuple[dict[str, np.ndarray],
     return sources, [runs[r] for r in sorted(runs)]
 
 
-def score_sources(ws: Workspace, score: str) -> dict[str, np.ndarray]:
-    """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation."""
-    return _sources_and_runs(ws, score)[0]
+def score_sources(ws: Workspace, score: str, who: str = "evaluate") -> dict[str, np.ndarray]:
+    """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation
+    (``who``: the command that stale columns' warnings name)."""
+    return _sources_and_runs(ws, score, who)[0]
 
 
 def reference_runs(ws: Workspace, score: str) -> list[np.ndarray]:
@@ -460,15 +462,20 @@ def format_evaluation(out: dict) -> str:
                      f"gap {gap}")
     pc = out.get("pruning_curve")
     if pc:
-        lines.append("pruned test accuracy (mean ± std over %d seeds)" % pc["seeds"])
+        spread = pc["seeds"] > 1  # one seed has no spread to show
+
+        def acc(a: dict) -> str:
+            return f"{a['mean']:.4f}" + (f"±{a['std']:.4f}" if spread else "")
+        lines.append(f"pruned test accuracy (mean ± std over {pc['seeds']} seeds)" if spread
+                     else "pruned test accuracy (1 seed: no spread; more --seeds give a standard deviation)")
         lines.append(f"{'selection':<26}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
         if "all_rows" in pc:
             a = pc["all_rows"]["accuracy"]
-            lines.append(f"{'all rows (no pruning)':<26}{a['mean']:.4f}±{a['std']:.4f}")
+            lines.append(f"{'all rows (no pruning)':<26}{acc(a)}")
         for label, by_keep in pc["runs"].items():
             cells = []
             for k in pc["keeps"]:
                 a = by_keep.get(str(k), {}).get("accuracy")
-                cells.append(f"{a['mean']:.4f}±{a['std']:.4f}" if a else "-")
+                cells.append(acc(a) if a else "-")
             lines.append(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)

@@ -27,10 +27,11 @@ from streamprune.workspace import Workspace
 log = logging.getLogger(__name__)
 
 
-def score_columns(ws: Workspace, markers: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+def score_columns(ws: Workspace, markers: dict[str, dict] | None = None, who: str = "scores") -> dict[str, np.ndarray]:
     """Every score array of the workspace as a dense (N,) float32 column (NaN = not available).
 
-    ``markers``: the workspace's markers when the caller has read them already.
+    ``markers``: the workspace's markers when the caller has read them already; ``who``: the
+    command its warnings name.
     """
     cat_n = ws.require("catalog", "scores")["counts"]["n_samples"]
     cols: dict[str, np.ndarray] = {}
@@ -39,7 +40,7 @@ def score_columns(ws: Workspace, markers: dict[str, dict] | None = None) -> dict
     for st in sorted(markers):
         line = ws.outdated_line(st, markers) if st.startswith(("score-", "extrapolate-")) else None
         if line:  # made from results that were re-run since: its rows may not even be these rows
-            log.warning("scores: leaving out %s: %s", st, line)
+            log.warning("%s: leaving out %s: %s", who, st, line)
         else:
             stages.append(st)
     seed_rows = None
@@ -73,7 +74,7 @@ def score_columns(ws: Workspace, markers: dict[str, dict] | None = None) -> dict
             cols[col] = g["score"][:].astype(np.float32)
     for col, arr in list(cols.items()):
         if len(arr) != cat_n:
-            log.warning("scores: leaving out %s: %d rows, the catalog has %d", col, len(arr), cat_n)
+            log.warning("%s: leaving out %s: %d rows, the catalog has %d", who, col, len(arr), cat_n)
             del cols[col]
     return cols
 

@@ -127,7 +127,7 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
     remote = storage.is_remote(out_dir)
     local_dir = tempfile.mkdtemp(prefix="streamprune-report-") if remote else out_dir
     os.makedirs(local_dir, exist_ok=True)
-    arrays = score_sources(ws, score)
+    arrays = score_sources(ws, score, who="report")
     if not arrays:
         raise StreamPruneError(f"report: no {score} scores in {ws.url}; run `streamprune score` first")
     files, md = [], [f"# streamprune report: {score}", "", f"Workspace: `{ws.url}`", ""]

@@ -71,7 +71,10 @@ def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
     if key.startswith("extrapolate-") and config.get("method"):
         return f"extrapolate --score {config.get('score')} --method {config['method']}"
     if key.startswith("prune-") and config.get("source"):
-        return f"prune --name {config.get('name')} --score {config.get('score')} --from {config['source']} ..."
+        keep = (f"--keep-count {config['keep_count']}" if config.get("keep_count") is not None
+                else f"--keep-fraction {config.get('keep_fraction')}")
+        return (f"prune --name {config.get('name')} --score {config.get('score')} --from {config['source']} "
+                f"--strategy {config.get('strategy')} {keep}")
     if key.startswith("reshard-"):
         return f"prune --name {config.get('name')} ... --reshard {config.get('out')}"
     return command_for(key)
@@ -227,7 +230,8 @@ class Workspace:
         if found is None:
             return None
         stale, role = found
-        return f"{stale} is out of date (its input '{role}' was re-run since); re-run `streamprune {rerun_command(stale, markers)}`"
+        return (f"{stale} is out of date (its input '{role}' was re-run since); re-run "
+                f"`streamprune {rerun_command(stale, markers)} -w {self.url}`")
 
     def check_current(self, inputs: dict, for_stage: str) -> None:
         """Refuse to build on results made from outputs that have since been replaced."""

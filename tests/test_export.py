@@ -79,7 +79,7 @@ def test_results_of_replaced_inputs_are_left_out_or_refused(tmp_path):
     df = pd.read_csv(tmp_path / "s.csv")
     assert len(df) == 60 and list(df.columns) == ["url", "key", "row", "label", "du_seed"]
     assert ("leaving out extrapolate-du-knn: extrapolate-du-knn is out of date (its input 'score' was re-run "
-            "since); re-run `streamprune extrapolate --score du --method knn`") in out.stderr
+            f"since); re-run `streamprune extrapolate --score du --method knn -w {ws}`") in out.stderr
     out = run_cli("prune", "-w", ws, "--from", "knn", "--keep-fraction", "0.5", "--scheduler", "sync", check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "prune: extrapolate-du-knn is out of date" in out.stderr

@@ -352,3 +352,16 @@ def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     md = open(os.path.join(tmp_path, "r2", "report.md")).read()
     assert "**Out of date:** these figures are out of date: extrapolate-du-knn changed" in md
     assert evaluation_outdated({k: v for k, v in out.items() if k != "inputs"}, ws.markers()) == []
+
+
+def test_one_seed_pruning_table_shows_no_spread():
+    """With one seed there is no standard deviation to show: no '±0.0000' that reads as zero variance."""
+    from streamprune.evaluate import format_evaluation
+
+    acc = {"accuracy": {"mean": 0.9, "std": 0.0}}
+    pc = {"seeds": 1, "keeps": [0.5], "all_rows": acc, "runs": {"knn/hard": {"0.5": acc}}}
+    base = {"score": "du", "n": 10, "n_seed": 2, "fidelity": {}}
+    text = format_evaluation({**base, "pruning_curve": pc})
+    assert "1 seed: no spread" in text and "±" not in text.split("1 seed: no spread")[1] and "0.9000" in text
+    text3 = format_evaluation({**base, "pruning_curve": {**pc, "seeds": 3}})
+    assert "mean ± std over 3 seeds" in text3 and "0.9000±0.0000" in text3

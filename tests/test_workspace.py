@@ -118,7 +118,7 @@ def test_results_made_from_replaced_outputs_are_refused(tmp_path):
     assert ws.outdated("prune-p") == ("extrapolate-du-knn", "graph")  # the first stale link of the chain
     assert ws.outdated("subset") is None
     line = "extrapolate-du-knn is out of date (its input 'graph' was re-run since); " \
-           "re-run `streamprune extrapolate --score du --method knn`"
+           f"re-run `streamprune extrapolate --score du --method knn -w {ws.url}`"
     assert ws.outdated_line("prune-p", ws.markers()) == line
     with pytest.raises(StreamPruneError, match=r"^prune-p: " + re.escape(line) + " first$"):
         ws.begin("prune", {"name": "p", "score": "du", "source": "knn"}, {"scores": ext["fingerprint"]},
@@ -163,3 +163,15 @@ def test_changed_configuration_names_nested_options_old_and_new(tmp_path):
         ws.begin("train", {"train": {"epochs": 5, "model": "cnn", "lr": 0.1}, "on_error": "fail"}, {})
     assert "(changed: train.epochs 3 -> 5; train.lr (unset) -> 0.1); use --force" in str(err.value)
     assert "`streamprune score ... --force` only this one" in str(err.value)
+
+
+def test_rerun_hint_for_a_prune_set_can_be_pasted():
+    """The hint that re-makes a pruned set carries its strategy and keep option, not '...'."""
+    from streamprune.workspace import rerun_command
+
+    cfg = {"name": "g1", "score": "du", "source": "gcn", "strategy": "hard-clean", "keep_fraction": 0.5,
+           "keep_count": None}
+    assert rerun_command("prune-g1", {"prune-g1": {"config": cfg}}) == \
+        "prune --name g1 --score du --from gcn --strategy hard-clean --keep-fraction 0.5"
+    by_count = {**cfg, "keep_fraction": None, "keep_count": 300}
+    assert rerun_command("prune-g1", {"prune-g1": {"config": by_count}}).endswith("--keep-count 300")
