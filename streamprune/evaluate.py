@@ -87,13 +87,14 @@ def mean_std(values: list[float]) -> dict:
 _REPLICA = re.compile(r"full_r(\d+)")  # the column suffix of a replica full-data run (score --full-runs)
 
 
-def _sources_and_runs(ws: Workspace, score: str,
-                      who: str = "evaluate") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """One read of the workspace's score columns, split into :func:`score_sources` and :func:`reference_runs`."""
+def _sources_and_runs(ws: Workspace, score: str, who: str = "evaluate", markers: dict[str, dict] | None = None,
+                      ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """One read of the workspace's score columns, split into :func:`score_sources` and :func:`reference_runs`
+    (``markers``: the workspace's markers when the caller has read them already)."""
     from streamprune.export import score_columns
 
     sources, runs = {}, {}
-    for col, arr in score_columns(ws, who=who).items():
+    for col, arr in score_columns(ws, markers, who).items():
         if not col.startswith(score + "_"):
             continue
         name = col[len(score) + 1:]
@@ -107,10 +108,11 @@ def _sources_and_runs(ws: Workspace, score: str,
     return sources, [runs[r] for r in sorted(runs)]
 
 
-def score_sources(ws: Workspace, score: str, who: str = "evaluate") -> dict[str, np.ndarray]:
+def score_sources(ws: Workspace, score: str, who: str = "evaluate",
+                  markers: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
     """Dense (N,) arrays by source: 'seed' (NaN off the subset), 'full', and each extrapolation
     (``who``: the command that stale columns' warnings name)."""
-    return _sources_and_runs(ws, score, who)[0]
+    return _sources_and_runs(ws, score, who, markers)[0]
 
 
 def reference_runs(ws: Workspace, score: str) -> list[np.ndarray]:
@@ -321,7 +323,8 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     ws.require("catalog", "evaluate")
     t0 = time.time()
-    arrays, runs = _sources_and_runs(ws, score)
+    markers = ws.markers()  # one read: the columns, and the record of what they were made from
+    arrays, runs = _sources_and_runs(ws, score, markers=markers)
     if "full" not in arrays:
         raise StreamPruneError(f"evaluate: no full-data scores for {score}; run "
                                f"`streamprune score --full --score {score}` first")
@@ -377,7 +380,7 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
                                              strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
-    out["inputs"] = evaluation_inputs(ws.markers())  # so that `report` can tell when these figures went stale
+    out["inputs"] = evaluation_inputs(markers)  # so that `report` can tell when these figures went stale
     ws.write_json(out, "eval", f"{score}.json")
     return out
 

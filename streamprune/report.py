@@ -127,7 +127,8 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
     remote = storage.is_remote(out_dir)
     local_dir = tempfile.mkdtemp(prefix="streamprune-report-") if remote else out_dir
     os.makedirs(local_dir, exist_ok=True)
-    arrays = score_sources(ws, score, who="report")
+    markers = ws.markers()  # one read: the columns, and whether the evaluation and pruned sets are current
+    arrays = score_sources(ws, score, who="report", markers=markers)
     if not arrays:
         raise StreamPruneError(f"report: no {score} scores in {ws.url}; run `streamprune score` first")
     files, md = [], [f"# streamprune report: {score}", "", f"Workspace: `{ws.url}`", ""]
@@ -140,7 +141,6 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
         plot_scatter(arrays, os.path.join(local_dir, "scatter.png"), score)
         files.append("scatter.png")
         md += ["## Extrapolated vs full-data scores (non-seed rows)", "", "![](scatter.png)", ""]
-    markers = ws.markers()
     if evaluation:
         changed = evaluation_outdated(evaluation, markers)
         md += ["## Evaluation", ""]
@@ -165,7 +165,7 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
     if stats:
         md += ["## Pruned sets", ""]
         for name, st in stats.items():
-            stale = ws.outdated_line(f"prune-{name}", markers) if f"prune-{name}" in markers else None
+            stale = ws.outdated_line(f"prune-{name}", markers)  # None for a set without a marker too
             md += [f"### {name}", ""] + ([f"**Out of date:** {stale}.", ""] if stale else [])
             md += ["```json", json.dumps(st, indent=1, default=str)[:3000], "```", ""]
     with open(os.path.join(local_dir, "report.md"), "w") as f:
