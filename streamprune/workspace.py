@@ -270,8 +270,8 @@ class Workspace:
             raise StreamPruneError(
                 f"{name}: workspace {self.url} already holds results of another configuration "
                 f"(changed: {'; '.join(map(shown, changed)) or 'config'}); use --force to replace them "
-                f"(`run --force` re-runs every stage; `streamprune {rerun_command(name, {name: old})} ... --force` "
-                f"only this one)")
+                f"(`run --force` replaces every stage whose options changed; "
+                f"`streamprune {rerun_command(name, {name: old})} ... --force` only this one)")
         run = StageRun(self, stage, name, fp, config, inputs)
         if old is not None and old.get("fingerprint") == fp:
             run.already_done = True

@@ -325,6 +325,17 @@ def test_resident_training_is_sampled_training_without_the_sampler(base, prior):
                                rtol=1e-4)
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         np.testing.assert_allclose(pa.numpy(), pb.numpy(), atol=1e-4, err_msg=name)
+    assert b.pred is None and set(b.timings) == {"graph_s", "features_s"}
+    # Over the whole graph (when inference will be a whole-graph forward): the same steps, and every
+    # row's prediction from the kept weights, as a whole-graph forward of them gives.
+    c = fit_gcn(*args, training="resident", whole_graph=True, **kw)
+    np.testing.assert_allclose([h["val_pearson"] for h in c.history], vb, atol=1e-4)
+    for (name, pa), pc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        np.testing.assert_allclose(pa.numpy(), pc.numpy(), atol=1e-4, err_msg=name)
+    assert c.pred.shape == (table.n,) and "forward_s" in c.timings
+    np.testing.assert_allclose(c.pred, predict_in_memory(c.model, feats, table), rtol=1e-4, atol=1e-5)
+    # sampled training ignores whole_graph
+    assert fit_gcn(*args, training="sampled", whole_graph=True, **{**kw, "epochs": 1}).pred is None
     # auto: resident only on CUDA with full fan-out; a sampled fan-out cannot be resident.
     cpu = torch.device("cpu")
     never = lambda: pytest.fail("the closure's size is not needed here")  # noqa: E731
@@ -416,6 +427,30 @@ def test_whole_graph_inference_equals_chunked_and_resumes(base, tmp_path, prior)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(StreamPruneError, match="inference must be one of"):
         extrapolate_gcn(ws, "du", inference="fast", **QUICK)
+
+
+def test_whole_graph_training_killed_while_writing_resumes_to_same_scores(base, tmp_path):
+    """Resident training over the whole graph hands its forward to the writes; killed while writing,
+    the re-run keeps the checkpoint, recomputes that forward from it and matches an unbroken run."""
+    kw = dict(k=8, chunk_rows=64, training="resident", inference="whole",
+              **{k: v for k, v in QUICK.items() if k != "fanout"})
+    ref_ws = clone(base, tmp_path, "ref")
+    m_ref = extrapolate_gcn(ref_ws, "du", **kw)
+    assert m_ref["timings"]["whole_graph"]["from_training"] and m_ref["counts"]["training"] == "resident"
+    ws = clone(base, tmp_path, "killed")
+    code = f"from streamprune.extrapolate.gcn import extrapolate_gcn; extrapolate_gcn({ws!r}, 'du', **{kw!r})"
+
+    def rows_done() -> int:
+        return sum(f.startswith("rows-") for _, _, fs in os.walk(os.path.join(ws, "_stages")) for f in fs)
+
+    kill_python_when(code, lambda: rows_done() >= 2, env={"STREAMPRUNE_TASK_DELAY": "0.1"}, timeout=120)
+    assert 2 <= rows_done() < -(-len(base["valid"]) // 64)
+    m = extrapolate_gcn(ws, "du", **kw)
+    assert "train_s" not in m["timings"] and not m["timings"]["whole_graph"]["from_training"]
+    a, sa = read_out(ws)
+    b, sb = read_out(ref_ws)
+    assert np.array_equal(sa, sb)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_resident_training_bounds_its_steps_per_epoch(base):

@@ -263,6 +263,9 @@ def test_gcn_resident_training_and_whole_graph_inference(tmp_path, device):
     forced = {} if device == "cuda" else {"training": "resident", "inference": "whole"}
     m = extrapolate_gcn(base["ws"], "du", k=8, chunk_rows=64, device=device, **kw, **forced)
     assert m["counts"]["training"] == "resident" and m["counts"]["inference"] == "whole"
+    # the whole graph was built and read once: by training, whose forward of the kept weights is the output
+    assert m["timings"]["whole_graph"]["from_training"] and m["timings"]["whole_graph"]["features_s"] == 0
+    assert set(m["timings"]["resident"]) == {"graph_s", "features_s", "forward_s"}
     score, source = read_out(base["ws"])
     model, ckpt = load_checkpoint(Workspace(base["ws"]), "du")
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -168,6 +168,27 @@ def test_pearson_and_lookup():
     assert np.isnan(lookup(np.array([], np.int64), np.array([], np.float32), np.array([1]))).all()
 
 
+def test_seed_lookup_dense_table_equals_the_binary_search(monkeypatch):
+    """SeedScores.lookup reads a dense per-row table (below DENSE_LOOKUP_BYTES) or searches the sorted
+    seeds: the same values for seed rows, non-seeds, -1 and ids past the last seed or the graph."""
+    from streamprune.extrapolate import common
+
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(5000, 700, replace=False))
+    values = rng.normal(size=700).astype(np.float32)
+    values[::7] = np.nan
+    ids = np.concatenate([rows, rng.integers(-1, 6000, 3000), [-1, rows[-1], rows[-1] + 1, 10 ** 9]]).reshape(-1, 2)
+    want = lookup(rows, values, ids)
+    dense = SeedScores(rows, values, "fp")
+    np.testing.assert_array_equal(dense.lookup(ids), want)
+    assert dense._dense is not None and len(dense._dense) == rows[-1] + 2
+    monkeypatch.setattr(common, "DENSE_LOOKUP_BYTES", 1000)
+    searched = SeedScores(rows, values, "fp")
+    assert searched._dense is None
+    np.testing.assert_array_equal(searched.lookup(ids), want)
+    assert np.isnan(SeedScores(np.zeros(0, np.int64), np.zeros(0, np.float32), "fp").lookup(np.array([0, 3]))).all()
+
+
 def test_finalize_chunk_keeps_seeds_and_marks_invalid():
     seeds = SeedScores(np.array([1, 4, 12]), np.array([7.0, np.nan, 9.0], np.float32), "fp")
     score, source = finalize_chunk(0, np.arange(6, dtype=np.float32), np.array([1, 1, 0, 1, 1, 1], bool), seeds, "knn")

@@ -21,8 +21,8 @@ def test_refuses_other_config_unless_forced(shards, tmp_path):
     with pytest.raises(StreamPruneError) as err:
         subset(ws, fraction=0.5, seed=0)
     assert str(err.value).endswith("another configuration (changed: fraction 0.2 -> 0.5); use --force to replace "
-                                   "them (`run --force` re-runs every stage; `streamprune subset ... --force` only "
-                                   "this one)")
+                                   "them (`run --force` replaces every stage whose options changed; "
+                                   "`streamprune subset ... --force` only this one)")
     m = subset(ws, fraction=0.5, seed=0, force=True)
     assert m["config"]["fraction"] == 0.5
     meta = json.load(open(os.path.join(ws, "streamprune.json")))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -45,6 +46,7 @@ INVALID = 255
 _METHODS: dict[str, Callable[..., dict]] = {}
 _SEEDS: dict[tuple[str, str], "SeedScores"] = {}
 _SEEDS_LOCK = threading.Lock()
+DENSE_LOOKUP_BYTES = 256 << 20  # a per-row table of seed scores up to this size replaces the binary search
 
 
 # --------------------------------------------------------------------------- registry
@@ -132,8 +134,28 @@ class SeedScores:
     fingerprint: str  # of the score marker
 
     def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Scores of arbitrary ``rows`` (NaN for non-seeds and ids < 0)."""
-        return lookup(self.rows, self.values, rows)
+        """Scores of arbitrary ``rows`` (NaN for non-seeds and ids < 0).
+
+        From a dense per-row table when it takes at most :data:`DENSE_LOOKUP_BYTES` (rows up to
+        ~67M): one gather instead of a binary search per id, ~40x faster for a graph chunk of
+        65,536 x 20 random ids against 200k seeds (7 against 297 ms on the CPU box); beyond that
+        the sorted table's binary search (memory O(seeds))."""
+        table = self._dense
+        if table is None:
+            return lookup(self.rows, self.values, rows)
+        rows = np.asarray(rows, np.int64)
+        return table[np.where((rows >= 0) & (rows < len(table) - 1), rows, len(table) - 1)]
+
+    @cached_property
+    def _dense(self) -> np.ndarray | None:
+        """Seed scores by row id up to the last seed, NaN elsewhere, plus one NaN slot for every id
+        outside (None when too large)."""
+        size = (int(self.rows[-1]) + 2) if len(self.rows) else 1
+        if size * 4 > DENSE_LOOKUP_BYTES:
+            return None
+        table = np.full(size, np.nan, np.float32)
+        table[self.rows] = self.values
+        return table
 
 
 def lookup(seed_rows: np.ndarray, seed_values: np.ndarray, rows: np.ndarray) -> np.ndarray:

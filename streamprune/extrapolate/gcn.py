@@ -152,33 +152,67 @@ def device_features(features: Features, rows: np.ndarray, device: torch.device |
                     block: int = 1 << 16) -> torch.Tensor:
     """Features of ``rows`` as one device tensor, gathered ``block`` rows at a time (host memory O(block)).
 
-    Rows out of order (a closure lists its seeds first, then each hop's new rows) are read in
-    sorted order, so that each block is a run :func:`take_dense` can read as a slice, and
-    scattered to their places on the device."""
+    Each block's embeddings are read (as one zarr slice when the rows are a run, see
+    :func:`take_dense`) and copied straight into their columns of the device tensor; the one-hot
+    labels, the prior column and the zeroed invalid rows are set there from per-row arrays
+    (:func:`put_features`), so no block of the full feature width is built on the host.  Rows out
+    of order (a closure lists its seeds first, then each hop's new rows) are read in sorted order
+    and scattered to their places on the device."""
+    device = torch.device(device)
     x = torch.empty((len(rows), features.dim), dtype=torch.float32, device=device)
     rows = np.asarray(rows, np.int64)
     order = None if len(rows) < 2 or (np.diff(rows) > 0).all() else np.argsort(rows, kind="stable")
     for s in range(0, len(rows), block):
         if order is None:
-            x[s:s + block] = torch.from_numpy(take_dense(features, rows[s:s + block])).to(device)
+            put_features(x[s:s + block], features, *dense_parts(features, rows[s:s + block]))
         else:
             at = order[s:s + block]
-            x[torch.from_numpy(at).to(device)] = torch.from_numpy(take_dense(features, rows[at])).to(device)
+            part = torch.empty((len(at), features.dim), dtype=torch.float32, device=device)
+            put_features(part, features, *dense_parts(features, rows[at]))
+            x[torch.from_numpy(at).to(device)] = part
     return x
+
+
+def put_features(x: torch.Tensor, features: Features, emb: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+                 prior: np.ndarray | None) -> None:
+    """Fill ``x`` (rows x ``features.dim``, on any device) as :meth:`Features.take` builds them on
+    the host: one-hot(label) ⊕ embedding [⊕ standardised prior], invalid rows all zero."""
+    c, d = features.num_classes, features.emb.shape[1]
+    dev = x.device
+    x[:, :c] = 0.0
+    x[:, c:c + d].copy_(torch.from_numpy(np.ascontiguousarray(emb, np.float32)))
+    if features.prior is not None:
+        x[:, c + d].copy_(torch.from_numpy(standardise_prior(prior, valid, features.prior_scale)))
+    lab = np.asarray(labels, np.int64)
+    hot = np.flatnonzero((lab >= 0) & (lab < c))
+    if len(hot):
+        x[torch.from_numpy(hot).to(dev), torch.from_numpy(lab[hot]).to(dev)] = 1.0
+    bad = np.flatnonzero(~np.asarray(valid, bool))
+    if len(bad):
+        x[torch.from_numpy(bad).to(dev)] = 0.0
+
+
+def dense_parts(features: Features, rows: np.ndarray) -> tuple:
+    """(embeddings, labels, valid, prior) of ``rows``: read as one contiguous span when ``rows`` are
+    increasing and fill at least half of it (a zarr slice reads faster than the orthogonal
+    selection behind ``take``), else gathered."""
+    sources = (features.emb, features.labels, features.valid, features.prior)
+    if len(rows) > 1 and (np.diff(rows) > 0).all():
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        if b - a <= 2 * len(rows):
+            pick = None if b - a == len(rows) else rows - a
+            return tuple(None if src is None else src.span(a, b) if pick is None else src.span(a, b)[pick]
+                         for src in sources)
+    return tuple(None if src is None else src.take(rows) for src in sources)
 
 
 def take_dense(features: Features, rows: np.ndarray) -> np.ndarray:
     """``features.take(rows)``, read as one contiguous span when ``rows`` are increasing and fill at
-    least half of it: a zarr slice reads faster than the orthogonal selection behind ``take``
-    (device_features to the CPU for 262,144 x 512 float32 rows: 0.72-0.79 against 1.80-2.16 s on
-    the CPU box; all rows, and 80 % of them: 0.85 against 1.48-1.61 s), and the whole graph's rows (GPU
-    inference) or a closure covering most of it (resident training) are such runs."""
-    if len(rows) > 1 and (np.diff(rows) > 0).all():
-        a, b = int(rows[0]), int(rows[-1]) + 1
-        if b - a <= 2 * len(rows):
-            got = features.span(a, b)
-            return got if b - a == len(rows) else got[rows - a]
-    return features.take(rows)
+    least half of it (:func:`dense_parts`): device_features to the CPU for 262,144 x 512 float32
+    rows took 0.72-0.79 s against 1.80-2.16 s with the gather on the CPU box (all rows, and 80 %
+    of them: 0.85 against 1.48-1.61 s), and the whole graph's rows (GPU inference) or a closure
+    covering most of it (resident training) are such runs."""
+    return features._build(*dense_parts(features, rows))
 
 
 def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
@@ -230,6 +264,8 @@ class TrainResult:
     training: str = "sampled"
     step_batch: int = 0  # seeds per optimizer step (batch_size, or more in resident training: RESIDENT_STEPS)
     step_lr: float = 0.0
+    timings: dict = field(default_factory=dict)  # resident training: graph_s, features_s (and forward_s)
+    pred: np.ndarray | None = None  # whole-graph training: every row's standardised prediction
 
 
 def _predict_seeds(model: GCN, rows: np.ndarray, features: Features, table: GraphTable, batch_size: int,
@@ -298,7 +334,8 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5, epochs: int = 25, batch_size: int = 128,
             lr: float = 1e-3, fanout: Sequence[int | None] | None = None, seed: int = 0,
             device: torch.device | str = "cpu", training: str = "sampled",
-            resident_steps: int | None = RESIDENT_STEPS, patience: int = PATIENCE) -> TrainResult:
+            resident_steps: int | None = RESIDENT_STEPS, patience: int = PATIENCE,
+            whole_graph: bool = False) -> TrainResult:
     """Train a GCN on seed rows (unique, valid, finite scores); keep the best validation-Pearson weights.
 
     Training stops early after ``patience`` epochs in a row without a validation Pearson at least
@@ -307,7 +344,16 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     ``training``: "sampled" (each batch samples its neighbourhood), "resident" (the seeds'
     closure stays on the device, see :func:`choose_training`) or "auto".  Resident training takes
     at most ``resident_steps`` steps per epoch (:data:`RESIDENT_STEPS`; None: no bound).
+
+    ``whole_graph`` (when the caller will predict every row with one whole-graph forward on this
+    device): resident training runs over the whole graph instead of the seeds' closure, and the
+    result carries every row's standardised prediction (``pred``) from the kept weights, so the
+    graph and the features are built and read once for both.  A seed row's output depends only on
+    its ``L``-hop closure, so the steps are those of closure training (up to summation order and
+    dropout masks drawn over more rows).
     """
+    from streamprune.train import sync_device
+
     check_patience(patience)
     device = torch.device(device)
     seed_rows = np.asarray(seed_rows, np.int64)
@@ -325,25 +371,40 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     rng = np.random.default_rng(seed + 1)
     res = TrainResult(model, mean, std, n_train=len(tr), n_val=len(va))
     resident = None
-    closure: list[Subgraph] = []  # the seeds' full-fan-out closure, built at most once
+    closure: list[Subgraph] = []  # the seeds' full-fan-out closure (or the whole graph), built at most once
 
     def _closure() -> Subgraph:
         if not closure:
-            closure.append(sample_subgraph(seed_rows, table, (None,) * model.n_layers))
+            t0 = time.perf_counter()
+            roots = np.arange(table.n, dtype=np.int64) if whole_graph else seed_rows
+            closure.append(sample_subgraph(roots, table, (None,) * model.n_layers))
+            res.timings["graph_s"] = round(time.perf_counter() - t0, 3)
         return closure[0]
 
-    res.training = choose_training(
-        training, all(f is None or f >= table.k for f in fanouts), device,
-        lambda: resident_bytes(len(_closure().nodes), len(_closure().col), features.dim, widths))
+    def _need() -> int:
+        if whole_graph:  # every row, k + 1 entries per row: no need to build it to know its size
+            return resident_bytes(table.n, table.n * (table.k + 1), features.dim, widths)
+        return resident_bytes(len(_closure().nodes), len(_closure().col), features.dim, widths)
+
+    res.training = choose_training(training, all(f is None or f >= table.k for f in fanouts), device, _need)
     step_batch, step_lr = batch_size, lr
+    at = None  # where each seed's output is among the resident outputs (None: the seeds come first, in order)
     if res.training == "resident":
-        x_all = device_features(features, _closure().nodes, device)
-        adjs_all = [_closure().adjacency(i + 1, device) for i in range(model.n_layers)]
+        sub = _closure()
+        t0 = time.perf_counter()
+        x_all = device_features(features, sub.nodes, device)
+        sync_device(device)
+        res.timings["features_s"] = round(time.perf_counter() - t0, 3)
+        if whole_graph:  # every layer's adjacency is the same n x n matrix: one copy on the device
+            adjs_all = [sub.adjacency(1, device)] * model.n_layers
+            at = torch.from_numpy(seed_rows).to(device)  # nodes are the rows in order
+        else:
+            adjs_all = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
         with torch.no_grad():  # the first layer's aggregation, once (GCN.forward_aggregated)
             ax_all = torch.sparse.mm(adjs_all[0], x_all[:adjs_all[0].shape[1]])
             base_all = x_all[:adjs_all[-1].shape[0], -1:].clone() if model.residual else None
-        del x_all
-        # outputs of every seed row, in order
+        del x_all, sub
+        # outputs of every seed row, in order (of every row when at is set)
         resident = lambda: model.forward_aggregated(ax_all, adjs_all, base_all)[:, 0]  # noqa: E731
         if resident_steps and len(tr) > resident_steps * batch_size:
             step_batch = math.ceil(len(tr) / resident_steps)
@@ -356,11 +417,15 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     y_dev = y.to(device) if resident is not None else None
     closure.clear()
 
+    def _seeds(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The outputs of the seeds at ``positions`` (indices into seed_rows) among resident outputs."""
+        return out[positions if at is None else at[positions]]
+
     def _val() -> float:
         if resident is not None:
             model.eval()
             with torch.no_grad():
-                return pearson(resident()[torch.from_numpy(va)].cpu().numpy(), y_all[va])
+                return pearson(_seeds(resident(), torch.from_numpy(va).to(device)).cpu().numpy(), y_all[va])
         return pearson(_predict_seeds(model, seed_rows[va], features, table, batch_size, device), y_all[va])
 
     with tf32_matmul():  # TF32 GEMMs on CUDA
@@ -381,7 +446,7 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
                 idx = order[b:b + step_batch]
                 if resident is not None:
                     idx_t = order_t[b:b + step_batch]
-                    pred, target = resident()[idx_t], y_dev[idx_t]
+                    pred, target = _seeds(resident(), idx_t), y_dev[idx_t]
                 else:
                     sub = sample_subgraph(seed_rows[idx], table, fanouts, rng)
                     pred, target = subgraph_forward(model, sub, features, device), y[idx].to(device)
@@ -407,6 +472,13 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     model.load_state_dict(best_state)
     model.eval()
     res.best_val_pearson = _finite(best)
+    if resident is not None and at is not None:
+        with torch.no_grad(), tf32_matmul():
+            t0 = time.perf_counter()
+            out = resident()
+            sync_device(device)
+            res.timings["forward_s"] = round(time.perf_counter() - t0, 4)
+            res.pred = out.cpu().numpy()
     return res
 
 
@@ -511,7 +583,7 @@ def node_features(ws: Workspace, score: str, emb_g, valid: RowSource, num_classe
                     num_classes, prior, prior_scale or (0.0, 1.0))
 
 
-def write_prior(ws: Workspace, run: StageRun, score: str, n: int, chunk_rows: int) -> dict:
+def write_prior(ws: Workspace, run: StageRun, score: str, n: int) -> dict:
     """Write every row's kNN-extrapolated score to ``gcn/<score>/prior.zarr``; returns {"k", "pearson_by_k"}.
 
     A seed row's prior comes from the *other* seeds (``graph/seeds.zarr`` never lists a row
@@ -519,16 +591,24 @@ def write_prior(ws: Workspace, run: StageRun, score: str, n: int, chunk_rows: in
     k is chosen like ``extrapolate --method knn`` does, by leave-one-out Pearson on seed rows.
     Streamed chunk by chunk (one float per row); recomputed whole on resume unless recorded.
     """
-    from streamprune.extrapolate.knn import _predict_chunk, validation_table
+    from streamprune.extrapolate.knn import knn_predict, validation_table
+    from streamprune.index import read_graph
 
     done = run.chunk_done("prior")
     if done is not None:
         return done
     k, table, _ = validation_table(ws, score)
+    # By the seeds graph's own chunks: a block smaller than them decompresses each graph chunk again
+    # per block (with GCN chunks of 4,096 rows and graph chunks of 65,536, the prior of 1M rows took
+    # 21.6 s on the CPU box, against XX s).
+    nbr_arr, dist_arr = read_graph(ws, "seeds")
+    gc = int(nbr_arr.chunks[0])
     arr = zarr.create_array(storage.zarr_store(ws.path(_prior_path(score)), ws.storage_options), shape=(n,),
-                            chunks=(min(n, 1 << 20),), dtype="float32", fill_value=np.nan, overwrite=True)
-    for r0 in range(0, n, chunk_rows):
-        arr[r0:min(n, r0 + chunk_rows)] = _predict_chunk(ws, r0, min(n, r0 + chunk_rows), score, "seeds", k)
+                            chunks=(max(1, min(n, gc)),), dtype="float32", fill_value=np.nan, overwrite=True)
+    seeds = seed_scores(ws, score)
+    for r0 in range(0, n, gc):
+        r1 = min(n, r0 + gc)
+        arr[r0:r1] = knn_predict(seeds.lookup(nbr_arr[r0:r1, :k]), dist_arr[r0:r1, :k], k)
     info = {"k": int(k), "pearson_by_k": {str(c): _finite(v) for c, v in table.items()}}
     run.mark_chunk("prior", info)
     return info
@@ -610,7 +690,8 @@ def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
     return {"rows": r1 - r0, "s": round(time.time() - t0, 3)}
 
 
-def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k: int, model: GCN) -> bool:
+def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k: int, in_dim: int,
+                    widths: Sequence[int]) -> bool:
     """Whether inference is one whole-graph forward (see :func:`extrapolate_gcn`'s ``inference``).
 
     ``auto``: on CUDA, with in-process tasks, when features, activations and the CSR adjacencies of
@@ -623,8 +704,7 @@ def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k
         return False
     from streamprune.train import fits_gpu
 
-    widths = [c.out_channels for c in model.convs]
-    return fits_gpu(resident_bytes(n, n * (k + 1), model.convs[0].in_channels, widths), device, DEVICE_FRACTION)
+    return fits_gpu(resident_bytes(n, n * (k + 1), in_dim, widths), device, DEVICE_FRACTION)
 
 
 def _slice_predictions(ws: Workspace, start: int, stop: int, pred: np.ndarray) -> np.ndarray:
@@ -737,6 +817,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     seeds = seed_scores(ws, score)
     if len(seeds.rows) and (seeds.rows[0] < 0 or seeds.rows[-1] >= n):
         raise StreamPruneError(f"{key}: subset rows reach {int(seeds.rows[-1])} but embeddings.zarr has {n} rows")
+    res = None
     if run.chunk_done("train") is not None:
         model, ckpt = load_checkpoint(ws, score)
     else:
@@ -746,14 +827,19 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         if use.sum() < 10:
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
                                    f"score; at least 10 are needed to train a GCN")
-        prior_info = write_prior(ws, run, score, n, chunk_rows) if prior == "knn" else None
+        prior_info = write_prior(ws, run, score, n) if prior == "knn" else None
+        whole = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k, in_dim, widths)
+        # Whole-graph training reads the features once, in row order, block by block to the device: a
+        # host copy of all N rows (2 GB at 1M rows of 512-d) would only add to the process's memory.
+        # (Whole-graph inference fits resident training's bound, so "auto" trains resident too.)
+        streamed = whole and training != "sampled" and all(f is None or f >= k for f in fanouts)
         # the prior's scale is the target's, set by fit_gcn from the training split
-        features = node_features(ws, score, emb_g, valid, num_classes, memory_limit,
+        features = node_features(ws, score, emb_g, valid, num_classes, 0 if streamed else memory_limit,
                                  (0.0, 1.0) if prior_info else None)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
-                      training=training, resident_steps=resident_steps, patience=patience)
+                      training=training, resident_steps=resident_steps, patience=patience, whole_graph=whole)
         model = res.model.cpu()
         ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
@@ -766,9 +852,12 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         run.mark_chunk("train", {"best_epoch": res.best_epoch, "best_val_pearson": res.best_val_pearson,
                                  "train_s": round(time.time() - t0, 3)})
         timings["train_s"] = round(time.time() - t0, 3)
+        if res.timings:  # resident training: building its graph and features on the device
+            timings["resident"] = res.timings
     layer_timings, counts = _infer(ws, run, model, ckpt, score=score, n=n, k=k, kind=weight, num_classes=num_classes,
                                    chunk_rows=chunk_rows, memory_limit=memory_limit, scheduler=scheduler, device=dev,
-                                   inference=inference)
+                                   inference=inference, trained=res if res is not None and res.pred is not None
+                                   else None)
     timings.update(layer_timings)
     counts.update({"n_train": ckpt["n_train"], "n_val": ckpt["n_val"], "best_epoch": ckpt["best_epoch"],
                    "training": ckpt.get("training", "sampled"), "step_batch": ckpt.get("step_batch"),
@@ -783,12 +872,13 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
 
 def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, n: int, k: int, kind: str,
            num_classes: int, chunk_rows: int, memory_limit: int, scheduler: str | None,
-           device: torch.device, inference: str = "auto") -> tuple[dict, dict]:
+           device: torch.device, inference: str = "auto", trained: TrainResult | None = None) -> tuple[dict, dict]:
     """Layer-wise chunked inference, resumable per (layer, chunk); returns (per-layer timings, output counts).
 
     With a whole-graph forward (:func:`use_whole_graph`) the predictions of every row come from one
     forward on the device and are written chunk by chunk; a resumed run writes the chunks still
-    missing from a new forward (the same function of the same inputs).
+    missing from a new forward (the same function of the same inputs).  ``trained``: this run's
+    whole-graph training, whose ``pred`` is that forward already.
     """
     starts = list(range(0, n, chunk_rows))
     # One machine: layer inputs are held in memory (below memory_limit) and shared by threads, which
@@ -797,19 +887,26 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
         scheduler = "threads"
     in_process = scheduler in IN_PROCESS
     done = run.done_chunks()
-    if use_whole_graph(inference, device, in_process, n, k, model):
+    if use_whole_graph(inference, device, in_process, n, k, model.convs[0].in_channels,
+                       [c.out_channels for c in model.convs]):
         t0 = time.time()
-        # Features are read once, in row order, 65,536 rows at a time (device_features): streamed
-        # from zarr, so host memory holds a block, not N rows; the validity column (a byte per row)
-        # and the graph's rows (read whole by the subgraph build) are read into memory.
-        emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
-        graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
-        valid = RowSource(emb_g["valid"], n + 1, bool)
-        prior = ckpt.get("prior")
-        features = node_features(ws, score, emb_g, valid, num_classes, 0, prior and (prior["mean"], prior["std"]))
-        parts: dict = {}
-        pred = predict_in_memory(model, features, GraphTable(graph_g, k, valid, kind, 0), device, timings=parts)
-        del features
+        if trained is not None:  # whole-graph training's forward of the kept weights: nothing to read again
+            pred, parts = trained.pred, {"graph_s": 0.0, "features_s": 0.0,
+                                         "forward_s": trained.timings.get("forward_s", 0.0)}
+        else:
+            # Features are read once, in row order, 65,536 rows at a time (device_features): streamed
+            # from zarr, so host memory holds a block, not N rows; the validity column (a byte per
+            # row) and the graph's rows (read whole by the subgraph build) are read into memory.
+            emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
+            graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
+            valid = RowSource(emb_g["valid"], n + 1, bool)
+            prior = ckpt.get("prior")
+            features = node_features(ws, score, emb_g, valid, num_classes, 0,
+                                     prior and (prior["mean"], prior["std"]))
+            parts: dict = {}
+            pred = predict_in_memory(model, features, GraphTable(graph_g, k, valid, kind, 0), device,
+                                     timings=parts)
+            del features
         pred = (pred.astype(np.float64) * float(ckpt["std"]) + float(ckpt["mean"])).astype(np.float32)
         predict_s = time.time() - t0
         counts = write_chunks(ws, run, score, "gcn", n, _slice_predictions, (pred,), chunk_rows=chunk_rows,
@@ -819,7 +916,7 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
         return {"whole_graph": {"s": round(wall, 3), "predict_s": round(predict_s, 3),
                                 "graph_s": parts["graph_s"], "features_s": parts["features_s"],
                                 "kernel_s": parts["forward_s"], "rows_per_s": round(n / max(wall, 1e-9), 1),
-                                "device": str(device)}}, counts
+                                "device": str(device), "from_training": trained is not None}}, counts
     timings: dict = {}
     counts: dict = {}
     n_layers = model.n_layers
