@@ -78,41 +78,78 @@ class Encoder:
 
     def __call__(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """Embeddings (n, D) float32 of inputs (n, ...); on CUDA copied back once per call, not per batch."""
-        if self.kind == "features":
-            out = x.reshape(len(x), -1).astype(np.float32)
-        else:
-            if self.threads:  # None: leave the calling process's thread count alone
-                torch.set_num_threads(self.threads)
-            from streamprune.train import autotune
+        return self.submit(x, batch_size).result()
 
-            parts = []
-            cuda = self.device.type == "cuda"
-            if cuda:
-                batch_size = max(batch_size, GPU_MIN_BATCH)
-            t0 = time.perf_counter()
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                for b in range(0, len(x), batch_size):
-                    xb = torch.from_numpy(np.ascontiguousarray(x[b:b + batch_size]))
-                    if cuda:  # copy as stored (uint8: a quarter of float32), convert on the GPU
-                        xb = xb.pin_memory().to(self.device, non_blocking=True)
-                    xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
-                    if cuda and xb.dim() == 4:
-                        xb = xb.contiguous(memory_format=torch.channels_last)
-                    autotune(self.device, len(xb), batch_size)
-                    parts.append(self.model.embed(xb.to(self.device)).float())
-            t1 = time.perf_counter()
-            out = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, self.dim), np.float32)
-            # Host time queuing the batches (copies in, forwards) against time blocked on the device
-            # for the outputs: which of the two bounds the encoder (on the CPU both are compute).
-            self.seconds["queue_s"] += t1 - t0
-            self.seconds["wait_s"] += time.perf_counter() - t1
-        if self.normalize and len(out):
-            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+    def submit(self, x: np.ndarray, batch_size: int) -> "Pending":
+        """Start encoding ``x``; :meth:`Pending.result` gives the embeddings.
+
+        On CUDA the chunk goes to the device in one pinned copy, its forwards and the copy of the
+        outputs back into pinned host memory are queued, and nothing waits for the device: the
+        caller can take the next chunk while the GPU runs this one.  Elsewhere the embeddings are
+        computed here.
+        """
+        if self.kind == "features":
+            return Pending(x.reshape(len(x), -1).astype(np.float32), normalize=self.normalize)
+        if self.threads:  # None: leave the calling process's thread count alone
+            torch.set_num_threads(self.threads)
+        from streamprune.train import autotune
+
+        cuda = self.device.type == "cuda"
+        if cuda:
+            batch_size = max(batch_size, GPU_MIN_BATCH)
+        t0 = time.perf_counter()
+        parts = []
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            xt = torch.from_numpy(np.ascontiguousarray(x))
+            if cuda:  # copy as stored (uint8: a quarter of float32), convert on the GPU
+                xt = xt.pin_memory().to(self.device, non_blocking=True)
+            for b in range(0, len(x), batch_size):
+                xb = xt[b:b + batch_size]
+                xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
+                if cuda and xb.dim() == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                autotune(self.device, len(xb), batch_size)
+                parts.append(self.model.embed(xb).float())
+        out = torch.cat(parts) if parts else torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
+        if not cuda:
+            self.seconds["queue_s"] += time.perf_counter() - t0
+            return Pending(out.numpy(), normalize=self.normalize)
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        # Host time queuing the copies and forwards, against time blocked on the device for the
+        # outputs (Pending.result): which of the two bounds the encoder.
+        self.seconds["queue_s"] += time.perf_counter() - t0
+        return Pending(host, done, self.normalize, self.seconds)
 
     @property
     def dim(self) -> int:
         return int(self.model.embed_dim) if self.model is not None else -1
+
+
+class Pending:
+    """An encoder's output for one chunk, finished (an array) or queued on the device (a pinned host
+    tensor and the event after its copy)."""
+
+    def __init__(self, out, event=None, normalize: bool = False, seconds: dict | None = None):
+        self._out, self._event, self._normalize, self._seconds = out, event, normalize, seconds
+        self._array: np.ndarray | None = None
+
+    def result(self) -> np.ndarray:
+        """The (n, D) float32 embeddings, waiting for the device if needed (without holding the GIL)."""
+        if self._array is None:
+            out = self._out
+            if self._event is not None:
+                t0 = time.perf_counter()
+                self._event.synchronize()
+                if self._seconds is not None:
+                    self._seconds["wait_s"] += time.perf_counter() - t0
+                out = out.numpy()
+            if self._normalize and len(out):
+                out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            self._array, self._out = out, None
+        return self._array
 
 
 def _encoder(ws: Workspace, fp: str, kind: str, normalize: bool, device: str, threads: int,
@@ -145,18 +182,35 @@ def encode_and_write(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> 
 
 def encode_chunk(ws: Workspace, enc: Encoder, decoded: dict, spec: dict) -> dict:
     """Mapper of one decoded chunk: embeddings, the NaN check, pseudo-labels (nothing written)."""
-    r0, x, labels, valid = decoded["r0"], decoded["x"], decoded["labels"], decoded["valid"]
-    handler = ErrorPolicy(spec["on_error"], stage="embed")
-    handler.records = list(decoded["errors"])  # the reader's reports come first
-    rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
+    return finish_chunk(ws, start_chunk(enc, decoded, spec), spec)
+
+
+def start_chunk(enc: Encoder, decoded: dict, spec: dict) -> dict:
+    """Queue the encoding of a decoded chunk (see :meth:`Encoder.submit`); :func:`finish_chunk` ends it."""
+    x, valid = decoded["x"], decoded["valid"]
     t0 = time.perf_counter()
     if valid.all():  # the usual chunk: no gather of the inputs, no scatter of the outputs (~12 MB each)
-        emb = enc(x, spec["batch_size"]) if len(rows) else np.zeros((0, spec["dim"]), np.float32)
+        pending = enc.submit(x, spec["batch_size"]) if len(valid) else None
+    else:
+        pending = enc.submit(x[valid], spec["batch_size"]) if valid.any() else None
+    return {**decoded, "pending": pending, "start_s": time.perf_counter() - t0}
+
+
+def finish_chunk(ws: Workspace, started: dict, spec: dict) -> dict:
+    """The embeddings of a chunk from :func:`start_chunk`, checked for NaN, with pseudo-labels."""
+    r0, x, labels, valid = started["r0"], started["x"], started["labels"], started["valid"]
+    handler = ErrorPolicy(spec["on_error"], stage="embed")
+    handler.records = list(started["errors"])  # the reader's reports come first
+    rows = np.arange(r0, r0 + len(labels), dtype=np.int64)
+    t0 = time.perf_counter()
+    pending = started["pending"]
+    if valid.all():
+        emb = pending.result() if pending is not None else np.zeros((0, spec["dim"]), np.float32)
     else:
         emb = np.zeros((len(rows), spec["dim"]), np.float32)
-        if valid.any():
-            emb[valid] = enc(x[valid], spec["batch_size"])
-    t_encode = time.perf_counter() - t0
+        if pending is not None:
+            emb[valid] = pending.result()
+    t_encode = started["start_s"] + time.perf_counter() - t0
     bad = valid & ~np.isfinite(emb).all(axis=1)
     cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
     for i in np.flatnonzero(bad):
@@ -307,20 +361,22 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         client_enc = probe_enc
         client_enc.threads = None  # this process's torch thread count is not the task's to set
 
-        # Each chunk's zarr write (~20 ms for 4096 x 512 float32 on the CPU box) and its record run in
-        # a background thread while this one encodes the next chunk; a chunk is recorded done only
-        # after its write, so a run killed in between re-does it.
+        # This thread queues each chunk's encoding (on CUDA: copies and forwards, nothing waited
+        # for); a background thread waits for its outputs, checks them, writes the chunk (~20 ms
+        # for 4096 x 512 float32 on the CPU box) and records it, while this one takes the next
+        # chunk.  A chunk is recorded only after its write, so a run killed in between re-does it.
         writer = OneBehind("streamprune-embed-write")
 
-        def _write_record(i: int, encoded: dict) -> None:
+        def _finish_write_record(i: int, started: dict) -> None:
+            encoded = finish_chunk(ws, started, spec)
             with disk_errors("embed"):
                 _record(i, write_encoded(ws, encoded, spec))
 
         def _encode_record(i: int, decoded: dict) -> None:
             t0 = time.perf_counter()
-            encoded = encode_chunk(ws, client_enc, decoded, spec)
+            started = start_chunk(client_enc, decoded, spec)
             busy["client_s"] += time.perf_counter() - t0
-            writer.submit(_write_record, i, encoded)  # waits for the previous chunk's write
+            writer.submit(_finish_write_record, i, started)  # waits for the previous chunk's write
 
         # Two chunks per worker in flight: decoded chunks wait for this process on the workers, so
         # without a bound an encoder slower than the decoders would hold all N rows there (host

@@ -217,8 +217,19 @@ def test_cuda_training_cache_on_gpu_and_encoder(tmp_path):
     data = SubsetData(ws, "train", 1 << 30, device=torch.device("cuda"))
     assert data.on_gpu and data.x.is_cuda
     assert torch.equal(data.x.cpu(), torch.from_numpy(data.x_arr[:]))
-    e = embed(ws, device="cuda", scheduler="sync")
-    assert e["counts"]["n_valid"] == 80
+    e = embed(ws, device="cuda", scheduler="sync", chunk_rows=32)
+    assert e["counts"]["n_valid"] == 80 and e["timings"]["path"] == "client"
+    # the chunks queued on the GPU (outputs awaited by the writer thread) hold what the CPU computes
+    import shutil
+
+    cpu_ws = str(tmp_path / "cpu")
+    shutil.copytree(ws.url, cpu_ws)
+    shutil.rmtree(os.path.join(cpu_ws, "embeddings.zarr"))
+    os.remove(os.path.join(cpu_ws, "_stages", "embed.json"))
+    embed(cpu_ws, device="cpu", scheduler="sync", chunk_rows=32)
+    gpu_e, cpu_e = (zarr.open_group(os.path.join(w, "embeddings.zarr"), mode="r")["emb"][:] for w in (ws.url, cpu_ws))
+    cos = (gpu_e * cpu_e).sum(1) / (np.linalg.norm(gpu_e, axis=1) * np.linalg.norm(cpu_e, axis=1) + 1e-12)
+    assert cos.min() > 0.99, cos.min()  # bf16 autocast on the GPU
 
 
 
