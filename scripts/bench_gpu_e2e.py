@@ -780,6 +780,11 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
                 add(f"  {tn}: decode cache", t["cache_s"], rows_n, dec_b, "decode/s")
             if t.get("train_s"):
                 add(f"  {tn}: epochs (+eval)", t["train_s"], rows_n * e, train_b, "train img/s")
+            if t.get("steps_s"):  # the epochs' training steps alone, and their eval passes
+                er = t.get("epochs_run", e)
+                add(f"  {tn}: training steps", t["steps_s"], rows_n * er, train_b, "train img/s")
+                if t.get("eval_s"):
+                    add(f"  {tn}: eval passes", t["eval_s"], rows_n * er, fwd_b, "forward img/s")
         sn = f"score{tag}"
         if sn in stages:
             add(sn, wall_of(sn), rows_n, src=stages[sn])

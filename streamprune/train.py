@@ -588,6 +588,9 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
                 "sample_epochs": n_valid * cfg.epochs, **extra},
         timings={"cache_s": round(t_cache, 3), "train_s": round(result["train_s"], 3),
                  "samples_per_s": round(n_valid * cfg.epochs / max(result["train_s"], 1e-9), 1),
+                 # the training steps and the per-epoch eval passes (dynamics="eval") of the epochs this
+                 # invocation ran (epochs_run: fewer after a resume), each waited for on the device
+                 "steps_s": result["steps_s"], "eval_s": result["eval_s"], "epochs_run": result["epochs_run"],
                  "device": result["device"], "in_memory": data.in_memory, "gpu_cache": data.on_gpu})
 
 
@@ -674,9 +677,11 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
     writer = _CheckpointWriter(ckpt_dir, ws.storage_options)
     profiler = _StepProfiler(ws, key, device)
+    parts_s = {"steps_s": 0.0, "eval_s": 0.0}  # training steps and eval passes, summed over this run's epochs
     last_ckpt = time.time()
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.time()
             gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
             model.train()
             train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
@@ -701,10 +706,14 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                     train_logits[idx] = out.detach().float().cpu().numpy()
                     train_loss[idx] = loss_each.detach().cpu().numpy()
             profiler.close()
+            sync_device(device)  # once per epoch: the split of the epoch's time below
+            t_steps = time.time()
+            parts_s["steps_s"] += t_steps - t_epoch
             if cfg.dynamics == "train":
                 dyn = _Dyn(train_logits, train_loss)
             else:
                 dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
+                parts_s["eval_s"] += time.time() - t_steps  # its outputs are on the host: nothing queued
             # The epoch's dynamics, then (when due) its checkpoint, written while the next epoch trains.
             # Checkpoints are timed, not per epoch: a snapshot copies ~90 MB off the GPU, and
             # serialising and writing it (0.35-0.5 s on the CPU box) runs in a thread that shares the
@@ -726,7 +735,8 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                                      "input_shape": list(data.shape), "num_classes": num_classes,
                                      "is_image": data.is_image}, ws.storage_options)
     storage.write_bytes_atomic(ws.path(key, "labels.npy"), _npy(labels), ws.storage_options)
-    return {"train_s": train_s, "device": str(device)}
+    return {"train_s": train_s, "device": str(device), "epochs_run": cfg.epochs - start_epoch,
+            **{k: round(v, 3) for k, v in parts_s.items()}}
 
 
 def ckpts_before(ckpt_dir: str, epoch: int, storage_options: dict) -> list[str]:
