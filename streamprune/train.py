@@ -595,15 +595,25 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, n_train: int):
-    """SGD (Nesterov) or AdamW with a cosine schedule over all steps of the run."""
+    """SGD (Nesterov) or AdamW with a cosine schedule over all steps of the run.
+
+    On CUDA the fused implementation (one kernel launch for every parameter's update, against
+    about ten multi-tensor launches and their host dispatch for the default): a step of ResNet-18
+    at 32 px is ~10 ms on an H100/H200 and the host's dispatch was its bound.  Elsewhere the
+    default, as before (bitwise-reproducible CPU runs)."""
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    fused = {"fused": True} if _on_cuda(model) else {}
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              nesterov=True)
+                              nesterov=True, **fused)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, **fused)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+
+
+def _on_cuda(model: torch.nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
 
 
 def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, num_classes: int,
@@ -664,6 +674,8 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
         state = _load(storage.join(ckpt_dir, ckpts[-1]), ws.storage_options)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        for group in opt.param_groups:  # this run's implementation, whatever device wrote the checkpoint
+            group["fused"], group["foreach"] = (True, None) if _on_cuda(model) else (None, None)
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1

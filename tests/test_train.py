@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from streamprune.decode import DecodeConfig
@@ -404,3 +405,25 @@ def test_profile_counts_each_kernel_once():
     kernel = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=250.0, is_user_annotation=False)
     note = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=900.0, is_user_annotation=True)
     assert device_seconds([op, kernel, note, kernel]) == pytest.approx(500e-6)
+
+
+def test_fused_optimizer_takes_the_default_steps():
+    """On CUDA make_optimizer asks for the fused update (one launch for all parameters); the same
+    options fused and not take the same steps (checked where fused kernels exist on the CPU too),
+    and a CPU model keeps the default implementation."""
+    from streamprune.train import make_optimizer
+
+    cpu = make_optimizer(torch.nn.Linear(4, 3), TrainConfig(epochs=2, batch_size=4), 16)[0]
+    assert cpu.param_groups[0]["fused"] is None
+    weights = []
+    for fused in (None, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(30, 20)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused)
+        for _ in range(5):
+            loss = model(torch.randn(8, 30)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        weights.append(model.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1])
