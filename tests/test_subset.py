@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from streamprune.shards import catalog
@@ -30,6 +31,20 @@ def test_reproducible_and_seed_dependent():
     assert not (in_subset(keys, 0.1, 7) & ~a).any()
     u = key_uniform(keys, 7)
     assert u.min() >= 0 and u.max() < 1
+
+
+@pytest.mark.parametrize("seed", [0, 7, -3])
+def test_key_uniform_is_the_keyed_blake2b_of_each_key(seed):
+    """Membership must not change between versions: u(key) is the keyed 64-bit BLAKE2b of the key
+    (seed as the 8-byte little-endian key) read little-endian over 2^64, however it is computed."""
+    import hashlib
+
+    keys = ["", "a", "sample-000001", "ключ/äöü", "x" * 300] + [f"{i:06d}" for i in range(200)]
+    salt = seed.to_bytes(8, "little", signed=True)
+    want = [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little") / 2.0 ** 64
+            for k in keys]
+    assert key_uniform(keys, seed).tolist() == want
+    assert key_uniform([], seed).shape == (0,)
 
 
 def test_subset_stage_stable_when_shards_appended(tmp_path):
