@@ -138,11 +138,14 @@ def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_
 @click.option("--fraction", type=float, default=0.2, show_default=True, help="Expected subset fraction.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a subset made with another fraction or seed.")
-def subset(workspace, storage_options, fraction, seed, force):
+@click.option("--scheduler", default="local", show_default=True,
+              help="dask scheduler hashing the keys (above ~1M rows): local, threads, sync, or tcp://host:8786.")
+def subset(workspace, storage_options, fraction, seed, force, scheduler):
     """Choose the seed subset: rows whose hash(key, seed) < fraction."""
     from streamprune.subset import subset as run
 
-    m = run(workspace, fraction=fraction, seed=seed, storage_options=storage_options, force=force)
+    m = run(workspace, fraction=fraction, seed=seed, storage_options=storage_options, force=force,
+            scheduler=scheduler)
     _report(m, "subset")
     c = m["counts"]
     click.echo(f"subset: {c['n_subset']} of {c['n_samples']} rows ({c['realised_fraction']:.4f}, target {fraction})")

@@ -307,7 +307,7 @@ class OneBehind:
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
               memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None,
-              threads: int | None = None, inflight_per_worker: int | None = None) -> list:
+              threads: int | None = None, inflight_per_worker: int | None = None, keep: bool = True) -> list:
     """Run ``fn(*args)`` for each args tuple under ``scheduler``, with a progress bar.
 
     Results come back in input order.  ``weights`` (e.g. samples per task) drive the progress
@@ -316,6 +316,8 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     task ran again.  ``retries``: re-runs of a task that raised something other than a
     ``StreamPruneError``; ``memory_limit``: per worker of the local cluster this starts;
     ``threads``: the pool of the "threads" scheduler (default one per core);
+    ``keep=False``: results are handed to ``on_result`` only, not kept for the returned list (all
+    None), so results consumed as they come (row ids written in order) need not all fit in memory.
     ``inflight_per_worker``: at most this many tasks per worker submitted and not yet handed to
     ``on_result`` (None: all at once).  Bounds the memory of finished results waiting for a slower
     ``on_result`` (embed's encoding in the calling process), which would otherwise hold every
@@ -333,7 +335,8 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     def _done(i: int, value: Any) -> None:
         if isinstance(value, _Failed):
             raise value.exc
-        results[i] = value
+        if keep:
+            results[i] = value
         bar.update(weights[i])
         if on_result is not None:
             with disk_errors(desc):

@@ -272,7 +272,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
         return _finish(timings, outputs, echo)
     from streamprune.subset import subset
 
-    stage("subset", lambda: subset(ws, fraction=s["subset"]["fraction"], seed=s["subset"]["seed"], force=force))
+    stage("subset", lambda: subset(ws, fraction=s["subset"]["fraction"], seed=s["subset"]["seed"], force=force,
+                                   scheduler=sched))
     if until == "subset":
         return _finish(timings, outputs, echo)
 

@@ -423,6 +423,14 @@ class Catalog:
             out[sel] = self.part(int(s)).key.to_numpy(object)[rows[sel] - self.row_start[s]]
         return out
 
+    def part_keys(self, shard: int) -> np.ndarray:
+        """The sample keys of shard ``shard`` (object array), read without caching the part."""
+        if shard in self._parts:
+            return self._parts[shard].key.to_numpy(object)
+        name = self.shards.part.iloc[shard]
+        return _read_table(self.ws.path("catalog", "parts", f"{name}.parquet"), self.ws.storage_options,
+                           ["key"]).key.to_numpy(object)
+
     def iter_parts(self) -> Iterator[tuple[int, pd.DataFrame]]:
         """(shard index, part table) for every shard, in row order.
 

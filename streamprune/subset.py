@@ -47,12 +47,19 @@ def in_subset(keys: Iterable[str], fraction: float, seed: int) -> np.ndarray:
     return key_uniform(keys, seed) < fraction
 
 
+TASK_ROWS = 1 << 20  # catalog rows hashed per task
+
+
 def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, storage_options: dict | None = None,
-           force: bool = False, chunk_rows: int = 1 << 20) -> dict:
+           force: bool = False, chunk_rows: int = 1 << 20, scheduler: str | None = "sync") -> dict:
     """Select the subset rows of the catalog and write them sorted to ``subset/rows.zarr``.
 
-    Streams the catalog shard by shard; holds at most one output chunk of row ids in memory.
+    Keys are hashed one task per ~``TASK_ROWS`` catalog rows (whole shards), under ``scheduler``
+    (``"sync"``: in this process; a cluster hashes a billion keys in parallel, ~10 minutes on one
+    core); the client writes the row ids in row order as tasks finish, holding at most one output
+    chunk plus the results of tasks that finished ahead of an earlier one.
     """
+    from streamprune.compute import map_tasks
     from streamprune.shards import Catalog
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
@@ -68,20 +75,53 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
     store = storage.zarr_store(ws.path("subset", "rows.zarr"), ws.storage_options)
     arr = zarr.create_array(store, shape=(0,), chunks=(chunk_rows,), dtype="int64", overwrite=True,
                             fill_value=-1)
+    groups = shard_groups(cat.shards.n_samples.to_numpy(np.int64), TASK_ROWS)
+    state = {"next": 0, "written": 0, "buffered": 0}
+    ahead: dict[int, np.ndarray] = {}  # results of tasks that finished before an earlier one
     buf: list[np.ndarray] = []
-    buffered = written = 0
-    for i, part in cat.iter_parts():
-        rows = np.flatnonzero(in_subset(part.key.to_numpy(object), fraction, seed)) + cat.row_start[i]
-        buf.append(rows)
-        buffered += len(rows)
-        if buffered >= chunk_rows:
-            written = _flush(arr, buf, written)
-            buf, buffered = [], 0
-    written = _flush(arr, buf, written)
+
+    def _collect(i: int, rows: np.ndarray) -> None:
+        ahead[i] = rows
+        while state["next"] in ahead:
+            part = ahead.pop(state["next"])
+            state["next"] += 1
+            buf.append(part)
+            state["buffered"] += len(part)
+            if state["buffered"] >= chunk_rows:
+                state["written"] = _flush(arr, buf, state["written"])
+                buf.clear()
+                state["buffered"] = 0
+
+    map_tasks(_hash_rows, [(ws, g, fraction, seed) for g in groups], scheduler=scheduler if len(groups) > 1 else "sync",
+              desc="subset", unit="row", weights=[int(cat.shards.n_samples.iloc[g].sum()) for g in groups],
+              on_result=_collect, inflight_per_worker=4, keep=False)
+    written = _flush(arr, buf, state["written"])
     return run.commit(outputs={"rows": "subset/rows.zarr"},
                       counts={"n_subset": written, "n_samples": cat.n_samples,
                               "realised_fraction": written / cat.n_samples if cat.n_samples else 0.0},
-                      timings={"select_s": round(time.time() - t0, 3)})
+                      timings={"select_s": round(time.time() - t0, 3), "tasks": len(groups)})
+
+
+def shard_groups(sizes: np.ndarray, rows: int) -> list[list[int]]:
+    """Consecutive shard indices in groups of about ``rows`` samples (at least one shard each)."""
+    groups: list[list[int]] = []
+    total = rows
+    for i, size in enumerate(np.asarray(sizes, np.int64)):
+        if total >= rows:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += int(size)
+    return groups
+
+
+def _hash_rows(ws: Workspace, shards: list[int], fraction: float, seed: int) -> np.ndarray:
+    """Catalog row ids (ascending) of the subset members among the samples of ``shards``."""
+    from streamprune.shards import Catalog
+
+    cat = Catalog(ws)
+    parts = [np.flatnonzero(in_subset(cat.part_keys(i), fraction, seed)) + cat.row_start[i] for i in shards]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 def _flush(arr: zarr.Array, buf: list[np.ndarray], written: int) -> int:

@@ -73,3 +73,28 @@ def test_subset_writes_in_chunks(tmp_path):
     keys = [f"s{i:07d}" for i in range(200)]
     assert np.array_equal(subset_rows(Workspace(ws)), np.flatnonzero(in_subset(keys, 0.5, 1)))
     assert len(os.listdir(os.path.join(ws, "subset", "rows.zarr", "c"))) > 1
+
+
+def test_shard_groups():
+    from streamprune.subset import shard_groups
+
+    assert shard_groups(np.array([3, 3, 3, 10, 1, 1]), 5) == [[0, 1], [2, 3], [4, 5]]
+    assert shard_groups(np.array([7]), 5) == [[0]] and shard_groups(np.array([], np.int64), 5) == []
+
+
+@pytest.mark.parametrize("where", ["threads", "cluster"])
+def test_subset_in_parallel_tasks_equals_one_pass(tmp_path, monkeypatch, where, request):
+    """Keys hashed in many tasks (finishing in any order, on threads or worker processes) give the
+    same sorted rows as one in-process pass, written in chunks as the tasks finish."""
+    from streamprune import subset as subset_mod
+
+    shards = write_shards(str(tmp_path / "data"), 9, 37)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    keys = [f"s{i:07d}" for i in range(9 * 37)]
+    want = np.flatnonzero(in_subset(keys, 0.4, 5))
+    monkeypatch.setattr(subset_mod, "TASK_ROWS", 60)  # two shards per task: 5 tasks
+    scheduler = request.getfixturevalue("dask_cluster") if where == "cluster" else "threads"
+    m = subset(ws, fraction=0.4, seed=5, chunk_rows=16, scheduler=scheduler)
+    assert m["timings"]["tasks"] == 5 and m["counts"]["n_subset"] == len(want)
+    assert np.array_equal(subset_rows(Workspace(ws)), want)
