@@ -423,6 +423,7 @@ class Sampler:
         self.peak_gpu_used = 0
         self.on_tick = None
         self._self = None
+        self.child_gpu_alloc = None  # torch's peak allocation in the child's last stage (GiB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         try:
@@ -576,7 +577,8 @@ def product(args, device, results: dict, write) -> None:
             wall = float(tail.strip().rstrip("s"))
         except ValueError:
             wall = now - state["since"]
-        extra = {"peak_gpu_alloc_gib": _peak(device) if args.in_process else None, "peak_gpu_used_gib":
+        child_alloc, sampler.child_gpu_alloc = sampler.child_gpu_alloc, None
+        extra = {"peak_gpu_alloc_gib": _peak(device) if args.in_process else child_alloc, "peak_gpu_used_gib":
                  round(sampler.peak_gpu_used / 2**30, 3) if device.type == "cuda" else None,
                  "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
                  "peak_rss_self_gib": round(sampler.peak_self / 2**30, 3),
@@ -646,10 +648,18 @@ def product(args, device, results: dict, write) -> None:
 
 CHILD = r"""
 import json, sys
+import torch
 from streamprune.pipeline import RunConfig, run_pipeline
+
+def echo(m):
+    if (" done in " in m or " skipped (done) in " in m) and torch.cuda.is_available() and torch.cuda.is_initialized():
+        print("BENCH-GPU " + str(round(torch.cuda.max_memory_allocated() / 2**30, 3)), flush=True)  # the stage's peak
+        torch.cuda.reset_peak_memory_stats()
+    print(m, flush=True)
+
 a = json.loads(sys.argv[1])
 out = run_pipeline(a["shards"], a["ws"], RunConfig(stages=a["stages"], scheduler=a["scheduler"]), until=a["until"],
-                   echo=lambda m: print(m, flush=True))
+                   echo=echo)
 print("BENCH-RESULT " + json.dumps({"timings": out.get("timings")}), flush=True)
 """
 
@@ -666,6 +676,8 @@ def run_child(shards: list[str], ws_dir: str, cfg, until: str, echo, sampler: Sa
         for line in proc.stdout:
             if line.startswith("BENCH-RESULT "):
                 result = json.loads(line[len("BENCH-RESULT "):])
+            elif line.startswith("BENCH-GPU "):  # torch's peak allocation in the stage that ends next
+                sampler.child_gpu_alloc = float(line.split()[1])
             else:
                 echo(line.rstrip("\n"))
         if proc.wait() != 0:

@@ -45,6 +45,7 @@ from streamprune.extrapolate.common import (as_workspace, marker_key, output_pat
                                             score_fingerprint, seed_scores, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
+from streamprune.extrapolate.sampler import whole_graph as build_whole_graph
 from streamprune.heap import bound_heap, trim_heap
 from streamprune.index import tf32_matmul
 from streamprune.workspace import StageRun, Workspace
@@ -223,17 +224,16 @@ def predict_in_memory(model: GCN, features: Features, table: GraphTable, device:
     ``timings``, if given, gets the seconds of the graph build (``graph_s``: host CSR and its copy
     to the device), of the features' read and copy (``features_s``) and of the forward (``forward_s``).
     """
-    n = table.n
     device = torch.device(device)
     t0 = time.perf_counter()
-    sub = sample_subgraph(np.arange(n, dtype=np.int64), table, (None,) * model.n_layers)
+    sub = build_whole_graph(table, model.n_layers)
     if any(p.device != device for p in model.parameters()):
         model = copy.deepcopy(model).to(device)
     model.eval()
     from streamprune.train import sync_device
 
     with torch.no_grad(), tf32_matmul():
-        adjs = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
+        adjs = [sub.adjacency(1, device)] * model.n_layers  # every layer's is the same n x n matrix
         sync_device(device)
         t1 = time.perf_counter()
         x = device_features(features, sub.nodes, device)
@@ -376,8 +376,8 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
     def _closure() -> Subgraph:
         if not closure:
             t0 = time.perf_counter()
-            roots = np.arange(table.n, dtype=np.int64) if whole_graph else seed_rows
-            closure.append(sample_subgraph(roots, table, (None,) * model.n_layers))
+            closure.append(build_whole_graph(table, model.n_layers) if whole_graph
+                           else sample_subgraph(seed_rows, table, (None,) * model.n_layers))
             res.timings["graph_s"] = round(time.perf_counter() - t0, 3)
         return closure[0]
 

@@ -251,6 +251,41 @@ def sample_subgraph(seeds: np.ndarray, table: TableFn, fanouts: Sequence[int | N
     return Subgraph(nodes, np.asarray(prefix, np.int64), crow, cols, vals.astype(np.float32, copy=False))
 
 
+def whole_graph(table: "GraphTable", n_layers: int, block: int = 1 << 16) -> Subgraph:
+    """``sample_subgraph(arange(n), table, (None,) * n_layers)``, built block by block of rows.
+
+    With every row a seed, local ids are the row ids and no hop adds a node, so the subgraph is
+    one CSR of the graph's own rows: built from contiguous row spans (no gather, no relabelling),
+    with temporary memory of one block instead of several (n, k + 1) arrays.  The same arrays
+    (tested).
+    """
+    n = table.n
+    counts = np.zeros(n, np.int64)
+    cols_l, vals_l = [], []
+    missing = np.iinfo(np.int64).max
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        nbrs, self_w, nbr_w = table.span(r0, r1)
+        keep = np.asarray(nbr_w, np.float32) > 0
+        cols = np.full((r1 - r0, nbrs.shape[1] + 1), missing, np.int64)
+        cols[:, 0] = np.arange(r0, r1, dtype=np.int64)
+        cols[:, 1:][keep] = nbrs[keep]
+        vals = np.zeros(cols.shape, np.float32)
+        vals[:, 0] = self_w
+        vals[:, 1:][keep] = nbr_w[keep]
+        order = np.argsort(cols, axis=1, kind="stable")
+        cols = np.take_along_axis(cols, order, axis=1)
+        vals = np.take_along_axis(vals, order, axis=1)
+        present = cols != missing
+        counts[r0:r1] = present.sum(axis=1)
+        cols_l.append(cols[present])
+        vals_l.append(vals[present])
+    crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Subgraph(np.arange(n, dtype=np.int64), np.full(n_layers + 1, n, np.int64), crow,
+                    np.concatenate(cols_l) if cols_l else np.zeros(0, np.int64),
+                    np.concatenate(vals_l) if vals_l else np.zeros(0, np.float32))
+
+
 def parse_fanout(fanout: int | Sequence[int | None] | None, n_layers: int, k: int) -> tuple[int, ...]:
     """Per-hop fan-out (hop 0 = the seeds' neighbours); None or values >= k mean all k."""
     if fanout is None:
