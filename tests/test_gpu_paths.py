@@ -117,6 +117,10 @@ def test_torch_exact_index_matches_faiss(block_bytes, span, candidates, monkeypa
     assert (ids[:, :400] >= 0).all() and (ids[:, 400:] == -1).all() and np.isinf(sq[:, 400:]).all()
     sq, ids = index.search(np.zeros((0, 12), np.float32), 5)
     assert ids.shape == (0, 5)
+    # the recall check's queries from the device copy: indexed rows only, in the order asked
+    rows = np.flatnonzero(mask)[[7, 0, 399, 7, 150]]
+    np.testing.assert_array_equal(index.vectors(rows), x[rows])
+    assert index.vectors(np.array([0, 1])) is None and index.vectors(np.array([len(x) + 5])) is None
 
 
 def test_exact_knn_with_torch_equals_faiss():
