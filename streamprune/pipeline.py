@@ -207,37 +207,26 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     return out
 
 
-def _check_extrapolate_options(s: dict, methods: list[str]) -> None:
-    """The ``[extrapolate]`` options of the methods that will run, each refused by its own name
-    (a method checks them too, but only when its stage begins, after training)."""
-    import math
+RUN_OPTIONS = {"knn_k": ("knn", "k"), "gcn_epochs": ("gcn", "epochs"), "gcn_k": ("gcn", "k"),
+               "gcn_patience": ("gcn", "patience"), "gcn_prior": ("gcn", "prior"),
+               "propagate_tol": ("propagate", "tol"), "propagate_max_iter": ("propagate", "max_iter"),
+               "kernel_bandwidth": ("kernel", "bandwidth")}
+"""``[extrapolate]`` keys of the run configuration: the method and the keyword option of it each one
+sets (checked up front with the method's rule, then passed to it)."""
 
-    from streamprune.extrapolate.gcn import PRIORS
+
+def _check_extrapolate_options(s: dict, methods: list[str]) -> None:
+    """The ``[extrapolate]`` options of the methods that will run, each refused by its own name with
+    the method's own rule (:func:`~streamprune.extrapolate.common.option_rules`; the method applies
+    the same rule when its stage begins, but only after training)."""
+    from streamprune.extrapolate.common import option_rules, whole
 
     x = s["extrapolate"]
-
-    def whole(v, least: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    rules = {"knn_k": (lambda v: v == "auto" or whole(v, 1), "'auto' or a whole number >= 1"),
-             "gcn_epochs": (lambda v: whole(v, 1), "a whole number >= 1"),
-             "gcn_k": (lambda v: whole(v, 1), "a whole number >= 1"),
-             "gcn_patience": (lambda v: whole(v, 0), "a whole number of epochs >= 0 (0: no early stop)"),
-             "gcn_prior": (lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}"),
-             "propagate_tol": (lambda v: number(v) and v >= 0, "a finite number >= 0"),
-             "propagate_max_iter": (lambda v: whole(v, 1), "a whole number >= 1"),
-             "kernel_bandwidth": (lambda v: v == "auto" or (number(v) and v > 0), "'auto' or a distance > 0")}
-    used = {"knn": ["knn_k"], "gcn": ["gcn_epochs", "gcn_k", "gcn_patience", "gcn_prior"],
-            "propagate": ["propagate_tol", "propagate_max_iter"], "kernel": ["kernel_bandwidth"]}
-    for name in dict.fromkeys(n for m in methods for n in used.get(m, [])):
-        ok, what = rules[name]
-        if not ok(x[name]):
-            raise StreamPruneError(f"extrapolate.{name} must be {what}, not {x[name]!r}")
+    for key, (method, option) in RUN_OPTIONS.items():
+        if method in methods:
+            option_rules(method)[option].check(x[key], f"extrapolate.{key}")
     k_index = s["index"]["k"]
-    if "gcn" in methods and whole(k_index, 1) and x["gcn_k"] > k_index:
+    if "gcn" in methods and whole(1)(k_index) and x["gcn_k"] > k_index:
         raise StreamPruneError(f"extrapolate.gcn_k = {x['gcn_k']} needs as many neighbours per row in the graph, "
                                f"which holds index.k = {k_index}: raise index.k or lower gcn_k")
 
@@ -316,11 +305,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     x = s["extrapolate"]
     for score_name in sc["scores"]:
         for m in methods:
-            opts = {"knn": {"k": x["knn_k"]},
-                    "gcn": {"epochs": x["gcn_epochs"], "k": x["gcn_k"], "prior": x["gcn_prior"],
-                            "patience": x["gcn_patience"]},
-                    "propagate": {"tol": x["propagate_tol"], "max_iter": x["propagate_max_iter"]},
-                    "kernel": {"bandwidth": x["kernel_bandwidth"]}}.get(m, {})
+            opts = {option: x[key] for key, (method, option) in RUN_OPTIONS.items() if method == m}
             stage(f"extrapolate {score_name}-{m}",
                   lambda: extrapolate(ws, score_name, m, force=force, scheduler=sched, **opts))
     if until == "extrapolate":

@@ -226,6 +226,23 @@ def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
     assert not (ws / "_stages").exists()  # no stage ran: not even the catalog
 
 
+def test_run_options_use_the_methods_own_rules():
+    """Every [extrapolate] key names an option its method registered a rule for, and run refuses a
+    value by the key's name with the very rule the method applies to its own flag."""
+    from streamprune.extrapolate.common import option_rules
+    from streamprune.extrapolate.gcn import extrapolate_gcn
+    from streamprune.pipeline import DEFAULTS, RUN_OPTIONS
+
+    for key, (method, option) in RUN_OPTIONS.items():
+        assert key in DEFAULTS["extrapolate"] and option in option_rules(method), key
+        option_rules(method)[option].check(DEFAULTS["extrapolate"][key], key)  # the defaults pass
+    with pytest.raises(StreamPruneError) as flag:
+        extrapolate_gcn("unused", "du", patience=-1)
+    with pytest.raises(StreamPruneError) as key:
+        option_rules("gcn")["patience"].check(-1, "extrapolate.gcn_patience")
+    assert str(flag.value).replace("--patience", "extrapolate.gcn_patience") == str(key.value)
+
+
 def test_run_checks_only_the_stages_it_runs(tmp_path):
     from streamprune.pipeline import check_config
 

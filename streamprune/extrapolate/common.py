@@ -44,6 +44,7 @@ SOURCES = {"seed": 0, "knn": 1, "gcn": 2, "label-aware": 3, "propagate": 4, "ker
 INVALID = 255
 
 _METHODS: dict[str, Callable[..., dict]] = {}
+_OPTIONS: dict[str, dict[str, "Rule"]] = {}
 _SEEDS: dict[tuple[str, str], "SeedScores"] = {}
 _SEEDS_LOCK = threading.Lock()
 DENSE_LOOKUP_BYTES = 256 << 20  # a per-row table of seed scores up to this size replaces the binary search
@@ -52,9 +53,43 @@ DENSE_LOOKUP_BYTES = 256 << 20  # a per-row table of seed scores up to this size
 # --------------------------------------------------------------------------- registry
 
 
-def register_method(name: str, fn: Callable[..., dict]) -> None:
-    """Make ``fn(ws, score, **opts) -> marker`` available as ``extrapolate(ws, score, name)``."""
+def register_method(name: str, fn: Callable[..., dict], options: dict[str, "Rule"] | None = None) -> None:
+    """Make ``fn(ws, score, **opts) -> marker`` available as ``extrapolate(ws, score, name)``.
+
+    ``options``: the rules of the method's own options by keyword (:class:`Rule`), which the
+    method applies when it runs and ``run`` applies to its configuration before any stage."""
     _METHODS[name] = fn
+    _OPTIONS[name] = dict(options or {})
+
+
+def option_rules(method: str) -> dict[str, "Rule"]:
+    """The option rules a method registered (importing it first, like :func:`extrapolate`)."""
+    check_method(method)
+    return _OPTIONS.get(method, {})
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a method option must be: a predicate and its description, for one error message
+    whichever way the value came (a flag, the Python API or a ``run`` configuration key)."""
+
+    ok: Callable[[Any], bool]
+    what: str
+
+    def check(self, value: Any, name: str) -> None:
+        """Raise ``<name> must be <what>, not <value>`` unless ``value`` passes."""
+        if not self.ok(value):
+            raise StreamPruneError(f"{name} must be {self.what}, not {value!r}")
+
+
+def whole(least: int) -> Callable[[Any], bool]:
+    """A predicate: a whole number (not a bool) of at least ``least``."""
+    return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+
+def finite(v: Any) -> bool:
+    """A real number (not a bool) that is finite."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def methods() -> list[str]:

@@ -41,8 +41,8 @@ from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.evaluate import pearson
-from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method,
-                                            score_fingerprint, seed_scores, write_chunks)
+from streamprune.extrapolate.common import (Rule, as_workspace, marker_key, output_path, register_method,
+                                            score_fingerprint, seed_scores, whole, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
 from streamprune.extrapolate.sampler import whole_graph as build_whole_graph
@@ -298,10 +298,15 @@ PATIENCE = 10  # GCN training stops after this many epochs without a validation 
 MIN_GAIN = 1e-3
 
 
+OPTIONS = {"k": Rule(whole(1), "a whole number >= 1"), "epochs": Rule(whole(1), "a whole number >= 1"),
+           "patience": Rule(whole(0), "a whole number of epochs >= 0 (0: no early stop)"),
+           "prior": Rule(lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}")}
+"""Rules of the options that ``run`` passes from its configuration (``gcn_k``, ``gcn_epochs``, ...)."""
+
+
 def check_patience(patience) -> None:
     """``patience`` is a whole number of epochs >= 0 (0: no early stop), else one clear error."""
-    if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
-        raise StreamPruneError(f"--patience must be a whole number of epochs >= 0 (0: no early stop), got {patience!r}")
+    OPTIONS["patience"].check(patience, "--patience")
 
 
 def choose_training(mode: str, full_fanout: bool, device: torch.device, need: Callable[[], int]) -> str:
@@ -743,14 +748,14 @@ def load_checkpoint(ws: str | Workspace, score: str = "du") -> tuple[GCN, dict]:
 
 def _check_params(k: int, hidden: Sequence[int], dropout: float, epochs: int, batch_size: int, lr: float,
                   weight: str, chunk_rows: int | None) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise StreamPruneError(f"--k must be an integer >= 1, got {k!r}")
+    OPTIONS["k"].check(k, "--k")
+    OPTIONS["epochs"].check(epochs, "--epochs")
     if not hidden or any(int(h) < 1 for h in hidden):
         raise StreamPruneError(f"hidden widths must be positive integers, got {list(hidden)}")
     if not 0.0 <= dropout < 1.0:
         raise StreamPruneError(f"dropout must be in [0, 1), got {dropout}")
-    if epochs < 1 or batch_size < 1:
-        raise StreamPruneError("epochs and batch size must be >= 1")
+    if batch_size < 1:
+        raise StreamPruneError(f"batch size must be >= 1, not {batch_size!r}")
     if not lr > 0:
         raise StreamPruneError(f"learning rate must be > 0, got {lr}")
     if weight not in WEIGHTS:
@@ -780,8 +785,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     key = marker_key(score, "gcn")
     _check_params(k, hidden, dropout, epochs, batch_size, lr, weight, chunk_rows)
     check_patience(patience)
-    if prior not in PRIORS:
-        raise StreamPruneError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    OPTIONS["prior"].check(prior, "--prior")
     if training not in TRAINING:
         raise StreamPruneError(f"--training must be one of {', '.join(TRAINING)}, got {training!r}")
     if inference not in INFERENCE:
@@ -828,18 +832,18 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
                                    f"score; at least 10 are needed to train a GCN")
         prior_info = write_prior(ws, run, score, n) if prior == "knn" else None
-        whole = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k, in_dim, widths)
+        one_forward = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k, in_dim, widths)
         # Whole-graph training reads the features once, in row order, block by block to the device: a
         # host copy of all N rows (2 GB at 1M rows of 512-d) would only add to the process's memory.
         # (Whole-graph inference fits resident training's bound, so "auto" trains resident too.)
-        streamed = whole and training != "sampled" and all(f is None or f >= k for f in fanouts)
+        streamed = one_forward and training != "sampled" and all(f is None or f >= k for f in fanouts)
         # the prior's scale is the target's, set by fit_gcn from the training split
         features = node_features(ws, score, emb_g, valid, num_classes, 0 if streamed else memory_limit,
                                  (0.0, 1.0) if prior_info else None)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
-                      training=training, resident_steps=resident_steps, patience=patience, whole_graph=whole)
+                      training=training, resident_steps=resident_steps, patience=patience, whole_graph=one_forward)
         model = res.model.cpu()
         ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
@@ -971,4 +975,4 @@ def _remove_activations(ws: Workspace, score: str, n_layers: int) -> None:
         storage.remove(ws.path(_act_path(score, layer)), ws.storage_options, recursive=True)
 
 
-register_method("gcn", extrapolate_gcn)
+register_method("gcn", extrapolate_gcn, OPTIONS)

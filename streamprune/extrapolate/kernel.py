@@ -27,6 +27,8 @@ from streamprune.errors import StreamPruneError
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
+    Rule,
+    finite,
     output_path,
     register_method,
     score_fingerprint,
@@ -140,12 +142,11 @@ def _predict_chunk(ws: Workspace, start: int, stop: int, score: str, bandwidth: 
     return kernel_predict(seed_scores(ws, score).lookup(nbr), dist, bandwidth)
 
 
+OPTIONS = {"bandwidth": Rule(lambda v: v == "auto" or (finite(v) and v > 0), "'auto' or a distance > 0")}
+
+
 def _check_bandwidth(bandwidth) -> None:
-    if bandwidth == "auto":
-        return
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(bandwidth) or bandwidth <= 0:
-        raise StreamPruneError(f"--bandwidth must be 'auto' or a distance > 0, got {bandwidth!r}")
+    OPTIONS["bandwidth"].check(bandwidth, "--bandwidth")
 
 
 def extrapolate_kernel(ws: str | Workspace, score: str = "du", *, bandwidth: str | float = "auto",
@@ -198,4 +199,4 @@ def extrapolate_kernel(ws: str | Workspace, score: str = "du", *, bandwidth: str
                       timings={"choose_bandwidth_s": round(t1 - t0, 3), "predict_s": round(time.time() - t1, 3)})
 
 
-register_method("kernel", extrapolate_kernel)
+register_method("kernel", extrapolate_kernel, OPTIONS)

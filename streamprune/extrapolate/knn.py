@@ -19,10 +19,12 @@ from streamprune.errors import StreamPruneError
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
+    Rule,
     output_path,
     register_method,
     score_fingerprint,
     seed_scores,
+    whole,
     write_chunks,
 )
 from streamprune.workspace import Workspace
@@ -108,6 +110,9 @@ def _open_graph(ws: Workspace, graph: str):
     return read_graph(ws, graph)
 
 
+OPTIONS = {"k": Rule(lambda v: v == "auto" or whole(1)(v), "'auto' or a whole number >= 1")}
+
+
 def _predict_chunk(ws: Workspace, start: int, stop: int, score: str, graph: str, k: int) -> np.ndarray:
     """kNN predictions for rows [start, stop) (seed and invalid rows are overridden by the writer)."""
     nbr_arr, dist_arr = _open_graph(ws, graph)
@@ -145,8 +150,7 @@ def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "a
     index_marker = ws.marker(f"index-{graph}")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph '{graph}' has not been built in {ws.url}; run `streamprune index` first")
-    if not (k == "auto" or (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1)):
-        raise StreamPruneError(f"--k must be 'auto' or an integer >= 1, got {k!r}")
+    OPTIONS["k"].check(k, "--k")
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
         raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
@@ -190,4 +194,4 @@ def _check_rows(ws: Workspace, n: int, key: str) -> None:
                                "re-run `streamprune index`")
 
 
-register_method("knn", extrapolate_knn)
+register_method("knn", extrapolate_knn, OPTIONS)

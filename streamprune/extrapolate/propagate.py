@@ -24,7 +24,6 @@ complete iteration, so a killed run resumes inside the iteration it was in.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -41,11 +40,14 @@ from streamprune.errors import StreamPruneError
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
+    Rule,
+    finite,
     output_path,
     read_valid,
     register_method,
     score_fingerprint,
     seed_scores,
+    whole,
     write_chunks,
 )
 from streamprune.extrapolate.knn import _check_rows, knn_weights
@@ -250,12 +252,13 @@ def _predict_final(ws: Workspace, start: int, stop: int, job: _Job, t: int) -> n
 # --------------------------------------------------------------------------- the stage
 
 
+OPTIONS = {"tol": Rule(lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+           "max_iter": Rule(whole(1), "a whole number >= 1")}
+
+
 def _check_options(tol: float, max_iter: int, k: int | None, chunk_rows: int | None) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(tol) or tol < 0:
-        raise StreamPruneError(f"--tol must be a finite number >= 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise StreamPruneError(f"--max-iter must be an integer >= 1, got {max_iter!r}")
+    OPTIONS["tol"].check(tol, "--tol")
+    OPTIONS["max_iter"].check(max_iter, "--max-iter")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
         raise StreamPruneError(f"--k must be an integer >= 1, got {k!r}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer))
@@ -403,4 +406,4 @@ def extrapolate_propagate(ws: str | Workspace, score: str = "du", *, tol: float 
                                "iteration_s": [h["s"] for h in progress["history"]]})
 
 
-register_method("propagate", extrapolate_propagate)
+register_method("propagate", extrapolate_propagate, OPTIONS)
