@@ -335,7 +335,17 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
     """Predict the score of every row from the seed rows: knn, gcn, label-aware, propagate, kernel."""
     from streamprune.extrapolate import extrapolate as run
 
-    for method in [m.strip() for m in methods.split(",") if m.strip()]:
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    given = {"k": k, "epochs": epochs, "hidden": hidden, "dropout": dropout, "batch_size": batch_size, "lr": lr,
+             "fanout": fanout, "weight": weight, "seed": gcn_seed, "patience": patience, "chunk_rows": chunk_rows,
+             "memory_limit": memory_limit, "device": device, "prior": prior, "training": training, "tol": tol,
+             "max_iter": max_iter, "bandwidth": bandwidth}
+    unused = [name for name, v in given.items()
+              if v is not None and not any(name in METHOD_OPTIONS.get(m, ()) for m in chosen)]
+    if unused:  # one line, not an error: a shared command line may carry options of other methods
+        flags = ", ".join("--gcn-seed" if n == "seed" else "--" + n.replace("_", "-") for n in unused)
+        click.echo(f"warning: {flags} not used by --method {','.join(chosen)}; ignored", err=True)
+    for method in chosen:
         opts = extrapolate_options(method, k=k, epochs=epochs, hidden=hidden, dropout=dropout, batch_size=batch_size,
                                    lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, patience=patience,
                                    chunk_rows=chunk_rows,
@@ -356,16 +366,20 @@ def _cache_memory(value) -> dict:
     return {} if value is None else {"memory_budget": parse_memory(value, "--cache-memory")}
 
 
+METHOD_OPTIONS = {"knn": ("k", "chunk_rows"),
+                  "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
+                          "patience", "chunk_rows", "memory_limit", "device", "prior", "training"),
+                  "propagate": ("k", "tol", "max_iter", "chunk_rows"),
+                  "kernel": ("bandwidth", "chunk_rows"),
+                  "label-aware": ("k", "chunk_rows")}
+"""The options of ``streamprune extrapolate`` each method takes (by keyword)."""
+
+
 def extrapolate_options(method: str, **given) -> dict:
     """The options of ``extrapolate`` that apply to ``method``, parsed (None = the method's default)."""
     from dask.utils import parse_bytes
 
-    applies = {"knn": ("k", "chunk_rows"),
-               "gcn": ("k", "epochs", "hidden", "dropout", "batch_size", "lr", "fanout", "weight", "seed",
-                       "patience", "chunk_rows", "memory_limit", "device", "prior", "training"),
-               "propagate": ("k", "tol", "max_iter", "chunk_rows"),
-               "kernel": ("bandwidth", "chunk_rows"),
-               "label-aware": ("k", "chunk_rows")}.get(method, ())
+    applies = METHOD_OPTIONS.get(method, ())
     opts = {}
     for name in applies:
         v = given.get(name)

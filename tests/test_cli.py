@@ -158,6 +158,18 @@ def test_unknown_extrapolation_method_lists_every_method(tmp_path):
         "Error: unknown extrapolation method 'bogus'; known: gcn, kernel, knn, label-aware, propagate"]
 
 
+def test_extrapolate_warns_of_options_no_chosen_method_uses(tmp_path):
+    ws = str(tmp_path / "ws")
+    result = _invoke("extrapolate", "-w", ws, "--method", "knn", "--patience", "3", "--bandwidth", "0.5",
+                     "--gcn-seed", "1", "--k", "5")
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        "warning: --gcn-seed, --patience, --bandwidth not used by --method knn; ignored",
+        f"Error: extrapolate-du-knn: graph 'seeds' has not been built in {ws}; run `streamprune index` first"]
+    # an option some chosen method takes is no warning
+    result = _invoke("extrapolate", "-w", ws, "--method", "knn,gcn", "--patience", "3")
+    assert not result.stderr.startswith("warning")
+
+
 def test_report_names_itself_when_the_workspace_is_empty(tmp_path):
     ws = str(tmp_path / "ws")
     result = _invoke("report", "-w", ws)
