@@ -10,6 +10,7 @@ every chunk's neighbours are spread over the whole previous layer.
 
     .venv/bin/python scripts/bench_gcn.py --sizes 200000 800000 --out bench_gcn.json
     .venv/bin/python scripts/bench_gcn.py --sizes 200000 --paths memory whole --closure 0.18
+    .venv/bin/python scripts/bench_gcn.py --sizes 1000000 --dim 512 --k 20 --seeds 200000 --setup
 """
 
 from __future__ import annotations
@@ -135,6 +136,84 @@ def closure_times(path: str, k: int, fraction: float, seed: int = 0) -> dict:
     return out
 
 
+def setup_times(path: str, k: int, score: str = "du", block: int = 4096) -> dict:
+    """The GCN stage's host-side setup at this N, each against what it replaced, in this process:
+    the kNN prior by the seeds graph's own chunks (with the dense seed-score table) against blocks
+    of ``block`` rows (the inference chunk) with the binary search; one graph chunk's seed-score
+    lookup, dense against binary search; the whole graph's CSR by row blocks against the general
+    sampler; all rows' features to the CPU "device" assembled there against assembled on the host."""
+    import torch
+
+    from streamprune.extrapolate import common
+    from streamprune.extrapolate.gcn import device_features, take_dense, write_prior
+    from streamprune.extrapolate.knn import _predict_chunk, validation_table
+    from streamprune.extrapolate.sampler import Features, GraphTable, RowSource, sample_subgraph, whole_graph
+    from streamprune.index import read_graph
+
+    ws = Workspace(path)
+    out: dict = {}
+    n = zarr.open_group(os.path.join(path, "embeddings.zarr"), mode="r")["emb"].shape[0]
+
+    def timed(fn):
+        t = time.perf_counter()
+        value = fn()
+        return value, round(time.perf_counter() - t, 3)
+
+    # the prior: now, then as before (4,096-row blocks, binary search), and the values compared
+    run = ws.begin("extrapolate", {"bench-setup": n}, {}, force=True, key="bench-prior")
+    _, now = timed(lambda: write_prior(ws, run, score, n))
+    new = zarr.open_array(os.path.join(path, "gcn", score, "prior.zarr"), mode="r")[:]
+    dense_bytes = common.DENSE_LOOKUP_BYTES
+    common.DENSE_LOOKUP_BYTES = 0
+    common._SEEDS.clear()
+    try:
+        kk = validation_table(ws, score)[0]
+        old, before = timed(lambda: np.concatenate([_predict_chunk(ws, r0, min(n, r0 + block), score, "seeds", kk)
+                                                    for r0 in range(0, n, block)]))
+        nbr = read_graph(ws, "seeds")[0]
+        ids = nbr[:min(n, nbr.chunks[0])]
+        seeds = common.seed_scores(ws, score)
+        _, search_s = timed(lambda: seeds.lookup(ids))
+    finally:
+        common.DENSE_LOOKUP_BYTES = dense_bytes
+        common._SEEDS.clear()
+    seeds = common.seed_scores(ws, score)
+    seeds.lookup(ids[:1])  # builds the table
+    _, dense_s = timed(lambda: seeds.lookup(ids))
+    out["prior"] = {"graph_chunks_s": now, "blocks_of_%d_s" % block: before, "ratio": round(before / max(now, 1e-9), 1),
+                    "same_values": bool(np.array_equal(new, old, equal_nan=True))}
+    out["lookup"] = {"ids": list(ids.shape), "dense_ms": round(dense_s * 1e3, 1), "search_ms": round(search_s * 1e3, 1),
+                     "ratio": round(search_s / max(dense_s, 1e-9), 1)}
+    # the whole graph's CSR
+    emb_g = zarr.open_group(os.path.join(path, "embeddings.zarr"), mode="r")
+    valid = RowSource(emb_g["valid"], 1 << 40, bool)
+    table = GraphTable(zarr.open_group(os.path.join(path, "graph", "all.zarr"), mode="r"), k, valid, "exp", 1 << 40)
+    a, sampler_s = timed(lambda: sample_subgraph(np.arange(n), table, (None,) * 3))
+    b, blocks_s = timed(lambda: whole_graph(table, 3))
+    out["whole_graph"] = {"row_blocks_s": blocks_s, "sampler_s": sampler_s,
+                          "ratio": round(sampler_s / max(blocks_s, 1e-9), 2),
+                          "same_arrays": all(np.array_equal(getattr(a, f), getattr(b, f))
+                                             for f in ("nodes", "prefix", "crow", "col", "val"))}
+    del a, b
+    # all rows' features to the CPU "device": assembled there, against built on the host and copied
+    feats = Features(RowSource(emb_g["emb"], 0, np.float32), RowSource(emb_g["labels"], 0, np.int64), valid, 10,
+                     RowSource(zarr.open_array(os.path.join(path, "gcn", score, "prior.zarr"), mode="r"), 0, np.float32),
+                     (0.0, 1.0))
+    rows = np.arange(n, dtype=np.int64)
+
+    def host_built() -> torch.Tensor:
+        x = torch.empty((n, feats.dim), dtype=torch.float32)
+        for s0 in range(0, n, 1 << 16):
+            x[s0:s0 + (1 << 16)] = torch.from_numpy(take_dense(feats, rows[s0:s0 + (1 << 16)]))
+        return x
+
+    x1, device_s = timed(lambda: device_features(feats, rows, "cpu"))
+    x2, host_s = timed(host_built)
+    out["features"] = {"rows": n, "dim": feats.dim, "assembled_on_device_s": device_s, "built_on_host_s": host_s,
+                       "ratio": round(host_s / max(device_s, 1e-9), 2), "same_values": bool(torch.equal(x1, x2))}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[200_000, 800_000])
@@ -151,6 +230,8 @@ def main() -> None:
     p.add_argument("--closure", type=float, default=None,
                    help="also time the subgraph build of this fraction of rows as seeds (3 hops, all neighbours) "
                         "and of all rows")
+    p.add_argument("--setup", action="store_true",
+                   help="time the stage's host-side setup against what it replaced (setup_times), then skip the rest")
     p.add_argument("--scheduler", default="sync")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and in-process inference)")
     p.add_argument("--workdir", default=None)
@@ -170,6 +251,12 @@ def main() -> None:
                 row = {"n": n, "closure": closure_times(base, a.k, a.closure)}
                 results.append(row)
                 print(json.dumps(row), flush=True)
+            if a.setup:
+                row = {"n": n, "setup": setup_times(base, a.k)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(base)
+                continue
             train_s = train_only(base, {**common, "memory_limit": 0, "inference": "chunked"})
             for path in a.paths:
                 ws = base + "-" + path
@@ -192,12 +279,17 @@ def main() -> None:
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'N':>9} {'path':>9} {'rows/s':>9} {'infer s':>8} {'peak RSS GiB':>13} {'above import':>13}")
+    if any("path" in r for r in results):
+        print(f"\n{'N':>9} {'path':>9} {'rows/s':>9} {'infer s':>8} {'peak RSS GiB':>13} {'above import':>13}")
     for r in results:
-        if "closure" in r:
+        if "closure" in r or "setup" in r:
             continue
         print(f"{r['n']:>9} {r['path']:>9} {r['rows_per_s']:>9.0f} {r['infer_s']:>8.1f} {r['peak_rss_gib']:>13.3f} "
               f"{r['inference_rss_gib']:>13.3f}")
+    for r in results:
+        if "setup" in r:
+            for name, v in r["setup"].items():
+                print(f"N={r['n']} {name}: {v}")
     for path in a.paths:
         rs = [r for r in results if r.get("path") == path]
         if len(rs) >= 2:
