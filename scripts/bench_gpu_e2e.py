@@ -665,12 +665,26 @@ print("BENCH-RESULT " + json.dumps({"timings": out.get("timings")}), flush=True)
 
 
 def run_child(shards: list[str], ws_dir: str, cfg, until: str, echo, sampler: Sampler) -> dict:
-    """Run the pipeline in a child Python process, passing its stage lines to ``echo`` as they come."""
+    """Run the pipeline in a child Python process, passing its stage lines to ``echo`` as they come
+    (its stderr goes on to ours; the last line names a failure)."""
+    import collections
+
     args = {"shards": shards, "ws": ws_dir, "stages": cfg.stages, "scheduler": cfg.scheduler, "until": until}
     # In this process's group: a timeout that signals the group reaches the child and its workers too.
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True,
-                            bufsize=1)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
     sampler.follow(proc.pid)
+    sampler.reset()  # the child's own RSS from its start, not this process's
+    tail: collections.deque = collections.deque(maxlen=5)
+
+    def tee() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.strip())
+
+    errors = threading.Thread(target=tee, daemon=True)
+    errors.start()
     result: dict = {}
     try:
         for line in proc.stdout:
@@ -681,16 +695,21 @@ def run_child(shards: list[str], ws_dir: str, cfg, until: str, echo, sampler: Sa
             else:
                 echo(line.rstrip("\n"))
         if proc.wait() != 0:
-            raise RuntimeError(f"the pipeline's process exited with status {proc.returncode}")
+            errors.join(timeout=5)
+            raise RuntimeError(f"the pipeline's process exited with status {proc.returncode}"
+                               + (f": {tail[-1]}" if tail else ""))
     finally:
         sampler.follow(None)
-        if proc.poll() is None:  # interrupted: the child stops too (SIGINT: it closes its local cluster)
-            proc.send_signal(signal.SIGINT)
+        if proc.poll() is None:  # interrupted: a terminal's Ctrl-C reached the child too; give it time
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                proc.send_signal(signal.SIGINT)  # it closes its local cluster
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     return result
 
 

@@ -24,7 +24,6 @@ their chunks with :func:`chunk_rows_for` so that a task's working set stays with
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import re
@@ -307,7 +306,8 @@ class OneBehind:
 def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None = "local", desc: str = "",
               unit: str = "task", weights: Sequence[float] | None = None, retries: int = 2,
               memory_limit: str | int | None = None, on_result: Callable[[int, Any], None] | None = None,
-              threads: int | None = None, inflight_per_worker: int | None = None, keep: bool = True) -> list:
+              threads: int | None = None, inflight_per_worker: int | None = None, keep: bool = True,
+              ordered_window: int | None = None) -> list:
     """Run ``fn(*args)`` for each args tuple under ``scheduler``, with a progress bar.
 
     Results come back in input order.  ``weights`` (e.g. samples per task) drive the progress
@@ -318,6 +318,9 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
     ``threads``: the pool of the "threads" scheduler (default one per core);
     ``keep=False``: results are handed to ``on_result`` only, not kept for the returned list (all
     None), so results consumed as they come (row ids written in order) need not all fit in memory.
+    ``ordered_window``: task ``i`` is submitted only once every task before ``i - ordered_window``
+    has finished, so a caller that consumes results in input order holds at most that many
+    finished ahead of a slow one.
     ``inflight_per_worker``: at most this many tasks per worker submitted and not yet handed to
     ``on_result`` (None: all at once).  Bounds the memory of finished results waiting for a slower
     ``on_result`` (embed's encoding in the calling process), which would otherwise hold every
@@ -344,16 +347,44 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
 
     try:
         if scheduler in ("threads", "sync"):
-            _run_local(fn, args_list, scheduler, _done, desc, threads, inflight_per_worker)
+            _run_local(fn, args_list, scheduler, _done, desc, threads, inflight_per_worker, ordered_window)
         else:
-            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc, inflight_per_worker)
+            _run_distributed(fn, args_list, scheduler, _done, retries, memory_limit, desc, inflight_per_worker,
+                             ordered_window)
     finally:
         bar.close()
     return results
 
 
+class _Feed:
+    """Which tasks to submit next: in input order, at most ``window`` running, and none at or past
+    ``ordered`` tasks beyond the first unfinished one (``ordered_window`` of :func:`map_tasks`)."""
+
+    def __init__(self, n: int, window: int, ordered: int | None):
+        self.n, self.window, self.ordered = n, window, ordered
+        self.next = self.low = self.running = 0
+        self.finished: set[int] = set()
+
+    def take(self) -> list[int]:
+        out = []
+        while self.next < self.n and self.running < self.window and \
+                (self.ordered is None or self.next < self.low + self.ordered):
+            out.append(self.next)
+            self.next += 1
+            self.running += 1
+        return out
+
+    def done(self, i: int) -> None:
+        self.running -= 1
+        self.finished.add(i)
+        while self.low in self.finished:
+            self.finished.remove(self.low)
+            self.low += 1
+
+
 def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: Callable, what: str,
-               threads: int | None = None, inflight_per_worker: int | None = None) -> None:
+               threads: int | None = None, inflight_per_worker: int | None = None,
+               ordered_window: int | None = None) -> None:
     if scheduler == "sync":
         for i, args in enumerate(args_list):
             done(i, _call(fn, args, what))
@@ -362,21 +393,23 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
 
     workers = threads or os.cpu_count() or 1
     window = len(args_list) if inflight_per_worker is None else max(1, inflight_per_worker * workers)
-    todo = iter(enumerate(args_list))
+    feed = _Feed(len(args_list), window, ordered_window)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures: dict = {}
 
-        def submit(count: int) -> None:
-            for i, args in itertools.islice(todo, count):
-                futures[pool.submit(_call, fn, args, what)] = i
+        def submit() -> None:
+            for i in feed.take():
+                futures[pool.submit(_call, fn, args_list[i], what)] = i
 
-        submit(window)
+        submit()
         try:
             while futures:
                 finished, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    done(futures.pop(fut), fut.result())
-                    submit(1)
+                    i = futures.pop(fut)
+                    done(i, fut.result())
+                    feed.done(i)
+                    submit()
         except BaseException:
             for fut in futures:
                 fut.cancel()
@@ -385,24 +418,24 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
 
 def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | None, done: Callable,
                      retries: int, memory_limit: str | int | None, what: str,
-                     inflight_per_worker: int | None = None) -> None:
+                     inflight_per_worker: int | None = None, ordered_window: int | None = None) -> None:
     from concurrent.futures import CancelledError
 
     from dask.distributed import as_completed
 
     with client_for(scheduler, len(args_list), memory_limit) as client:
         futures = {}
-        todo = iter(enumerate(args_list))
         if inflight_per_worker is None:
             window = len(args_list)
         else:
             n_workers = len(client.scheduler_info().get("workers", {})) or os.cpu_count() or 1
             window = max(1, inflight_per_worker * n_workers)
+        feed = _Feed(len(args_list), window, ordered_window)
 
-        def submit(count: int) -> list:
+        def submit() -> list:
             out = []
-            for i, args in itertools.islice(todo, count):
-                fut = client.submit(_call, fn, args, what, pure=False, retries=retries)
+            for i in feed.take():
+                fut = client.submit(_call, fn, args_list[i], what, pure=False, retries=retries)
                 futures[fut.key] = (i, fut)
                 out.append(fut)
             return out
@@ -410,7 +443,7 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
         try:
             # The client's own loop: as_completed otherwise tracks on the process's default client,
             # which is another loop when the caller already has a Client (a notebook, a test).
-            pending = as_completed(submit(window), loop=client.loop)
+            pending = as_completed(submit(), loop=client.loop)
             for fut in pending:
                 i = futures[fut.key][0]
                 if fut.status == "error":
@@ -422,10 +455,11 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
                                            "mid-stage; the finished chunks are kept: re-run the same command to "
                                            "resume") from None
                 done(i, result)
+                feed.done(i)
                 # Release the result: a worker lost later must not make the cluster recompute it.
                 del futures[fut.key]
                 fut.release()
-                for nxt in submit(1):
+                for nxt in submit():
                     pending.add(nxt)
         finally:
             client.cancel([f for _, f in futures.values()])

@@ -48,6 +48,7 @@ def in_subset(keys: Iterable[str], fraction: float, seed: int) -> np.ndarray:
 
 
 TASK_ROWS = 1 << 20  # catalog rows hashed per task
+ORDERED_TASKS = 32  # tasks run at most this far ahead of the first unwritten one (results held: <= 8 MB each)
 
 
 def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, storage_options: dict | None = None,
@@ -57,7 +58,8 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
     Keys are hashed one task per ~``TASK_ROWS`` catalog rows (whole shards), under ``scheduler``
     (``"sync"``: in this process; a cluster hashes a billion keys in parallel, ~10 minutes on one
     core); the client writes the row ids in row order as tasks finish, holding at most one output
-    chunk plus the results of tasks that finished ahead of an earlier one.
+    chunk plus the results of tasks that finished ahead of an earlier one, which are at most
+    ``ORDERED_TASKS`` (tasks further ahead wait to be submitted).
     """
     from streamprune.compute import map_tasks
     from streamprune.shards import Catalog
@@ -94,7 +96,7 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
 
     map_tasks(_hash_rows, [(ws, g, fraction, seed) for g in groups], scheduler=scheduler if len(groups) > 1 else "sync",
               desc="subset", unit="row", weights=[int(cat.shards.n_samples.iloc[g].sum()) for g in groups],
-              on_result=_collect, inflight_per_worker=4, keep=False)
+              on_result=_collect, inflight_per_worker=4, keep=False, ordered_window=ORDERED_TASKS)
     written = _flush(arr, buf, state["written"])
     return run.commit(outputs={"rows": "subset/rows.zarr"},
                       counts={"n_subset": written, "n_samples": cat.n_samples,

@@ -616,6 +616,15 @@ def _on_cuda(model: torch.nn.Module) -> bool:
     return any(p.is_cuda for p in model.parameters())
 
 
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, fused: bool) -> None:
+    """Load a checkpoint's optimizer state with this run's implementation (fused on CUDA, the
+    default elsewhere), whatever wrote it.  The saved groups say which before loading: torch moves
+    AdamW's ``step`` counters to the parameters' device only for a fused (or capturable) group, and
+    a fused step over counters left on the host fails."""
+    groups = [{**g, "fused": True if fused else None, "foreach": None} for g in saved["param_groups"]]
+    opt.load_state_dict({**saved, "param_groups": groups})
+
+
 def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, num_classes: int,
                     seed: int) -> np.ndarray:
     """Train a fresh model on in-memory (x, y) and return its test-set logits (evaluation runs)."""
@@ -673,9 +682,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     if ckpts:
         state = _load(storage.join(ckpt_dir, ckpts[-1]), ws.storage_options)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        for group in opt.param_groups:  # this run's implementation, whatever device wrote the checkpoint
-            group["fused"], group["foreach"] = (True, None) if _on_cuda(model) else (None, None)
+        load_optimizer_state(opt, state["opt"], _on_cuda(model))
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1

@@ -502,6 +502,31 @@ def test_map_tasks_bounds_tasks_in_flight(tmp_path, scheduler):
     assert all(started <= window + k - 1 for k, started in enumerate(seen, 1)), seen
 
 
+def _slow_first(directory: str, i: int) -> int:
+    open(os.path.join(directory, str(i)), "w").close()  # the task has started
+    if i == 0:
+        time.sleep(0.5)
+    return i
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "local"])
+def test_map_tasks_ordered_window_waits_for_the_slow_task(tmp_path, scheduler):
+    """With ordered_window=3 no task 3 or later starts before task 0 is done, however fast the others
+    are: a caller writing results in input order holds at most 3 (subset's row ids)."""
+    started_when_first_done = []
+    order = []
+
+    def consume(i, value):
+        order.append(i)
+        if i == 0:
+            started_when_first_done.append(sorted(int(f) for f in os.listdir(tmp_path)))
+
+    out = map_tasks(_slow_first, [(str(tmp_path), i) for i in range(12)], scheduler=scheduler, threads=4,
+                    on_result=consume, ordered_window=3, keep=False)
+    assert out == [None] * 12 and sorted(order) == list(range(12))
+    assert set(started_when_first_done[0]) <= {0, 1, 2}, started_when_first_done
+
+
 def test_one_behind_runs_in_order_one_step_behind_and_reraises():
     """OneBehind: calls run one at a time in submission order; submit() waits for the previous call
     (so at most one is pending) and re-raises its error; close() re-raises the last one unless quiet."""

@@ -339,7 +339,7 @@ def test_resident_training_is_sampled_training_without_the_sampler(base, prior):
                                rtol=1e-4)
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         np.testing.assert_allclose(pa.numpy(), pb.numpy(), atol=1e-4, err_msg=name)
-    assert b.pred is None and set(b.timings) == {"graph_s", "features_s"}
+    assert b.pred is None and set(b.timings) == {"graph_s", "features_s", "aggregate_s"}
     # Over the whole graph (when inference will be a whole-graph forward): the same steps, and every
     # row's prediction from the kept weights, as a whole-graph forward of them gives.
     c = fit_gcn(*args, training="resident", whole_graph=True, **kw)
@@ -465,6 +465,18 @@ def test_whole_graph_training_killed_while_writing_resumes_to_same_scores(base, 
     b, sb = read_out(ref_ws)
     assert np.array_equal(sa, sb)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_graph_inference_with_sampled_training_keeps_features_in_memory(base, tmp_path):
+    """Whole-graph inference forced on the CPU with training left to auto: training resolves to
+    sampled (not whole-graph), so its features stay in memory and inference builds its own forward."""
+    from streamprune.extrapolate.gcn import load_checkpoint
+
+    ws = clone(base, tmp_path)
+    kw = {k: v for k, v in QUICK.items() if k != "fanout"}
+    m = extrapolate_gcn(ws, "du", k=8, chunk_rows=64, inference="whole", **kw)
+    assert m["counts"]["training"] == "sampled" and not m["timings"]["whole_graph"]["from_training"]
+    assert "resident" not in m["timings"] and load_checkpoint(Workspace(ws), "du")[1]["features_in_memory"]
 
 
 def test_resident_training_bounds_its_steps_per_epoch(base):

@@ -238,6 +238,27 @@ def test_cuda_training_cache_on_gpu_and_encoder(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_fused_adamw_resumes_a_host_checkpoint():
+    """A checkpoint's AdamW state (step counters on the host, as a CPU run or the host snapshot
+    writes them) loads into the fused optimizer on CUDA, and it steps."""
+    from streamprune.train import TrainConfig, _host_copy, load_optimizer_state, make_optimizer
+
+    cfg = TrainConfig(optimizer="adamw", epochs=2, batch_size=4)
+    cpu_model = torch.nn.Linear(6, 3)
+    cpu_opt, _ = make_optimizer(cpu_model, cfg, 16)
+    cpu_model(torch.randn(8, 6)).square().mean().backward()
+    cpu_opt.step()
+    saved = _host_copy(cpu_opt.state_dict())
+    model = torch.nn.Linear(6, 3).cuda()
+    opt, _ = make_optimizer(model, cfg, 16)
+    assert opt.param_groups[0]["fused"] is True
+    load_optimizer_state(opt, saved, True)
+    model(torch.randn(8, 6, device="cuda")).square().mean().backward()
+    opt.step()
+    assert all(s["step"].is_cuda for s in opt.state.values())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_training_step_inputs_do_not_synchronise():
     """A training step's inputs on the GPU (positions, gathered cache rows, augmentation, labels)
     are queued without waiting for the device, so the host can run ahead of the GPU; and the
@@ -280,7 +301,7 @@ def test_gcn_resident_training_and_whole_graph_inference(tmp_path, device):
     assert m["counts"]["training"] == "resident" and m["counts"]["inference"] == "whole"
     # the whole graph was built and read once: by training, whose forward of the kept weights is the output
     assert m["timings"]["whole_graph"]["from_training"] and m["timings"]["whole_graph"]["features_s"] == 0
-    assert set(m["timings"]["resident"]) == {"graph_s", "features_s", "forward_s"}
+    assert set(m["timings"]["resident"]) == {"graph_s", "features_s", "aggregate_s", "forward_s"}
     score, source = read_out(base["ws"])
     model, ckpt = load_checkpoint(Workspace(base["ws"]), "du")
     assert all(p.device.type == "cpu" for p in model.parameters())

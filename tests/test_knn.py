@@ -186,6 +186,14 @@ def test_seed_lookup_dense_table_equals_the_binary_search(monkeypatch):
     searched = SeedScores(rows, values, "fp")
     assert searched._dense is None
     np.testing.assert_array_equal(searched.lookup(ids), want)
+    # a sparse subset (10 seeds over 5000 rows) keeps the search unless the table is small anyway
+    monkeypatch.setattr(common, "DENSE_LOOKUP_BYTES", 1 << 30)
+    monkeypatch.setattr(common, "DENSE_LOOKUP_FREE", 1000)
+    sparse = SeedScores(rows[::70], values[::70], "fp")
+    assert sparse._dense is None
+    np.testing.assert_array_equal(sparse.lookup(ids), lookup(rows[::70], values[::70], ids))
+    monkeypatch.setattr(common, "DENSE_LOOKUP_FREE", 1 << 20)
+    assert SeedScores(rows[::70], values[::70], "fp")._dense is not None
     assert np.isnan(SeedScores(np.zeros(0, np.int64), np.zeros(0, np.float32), "fp").lookup(np.array([0, 3]))).all()
 
 

@@ -427,3 +427,30 @@ def test_fused_optimizer_takes_the_default_steps():
             opt.step()
         weights.append(model.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_state_loads_into_the_other_implementation(optimizer):
+    """A checkpoint of the default optimizer resumes as the fused one (a CPU run's checkpoint on a
+    GPU) and back, and the next step is the step the writer would have taken."""
+    from streamprune.train import load_optimizer_state, make_optimizer
+
+    def run(fused_resume: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        opt, _ = make_optimizer(model, TrainConfig(optimizer=optimizer, epochs=2, batch_size=4), 16)
+        x = torch.randn(8, 6)
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        saved = {k: v for k, v in opt.state_dict().items()}
+        opt2, _ = make_optimizer(model, TrainConfig(optimizer=optimizer, epochs=2, batch_size=4), 16)
+        load_optimizer_state(opt2, saved, fused_resume)
+        assert opt2.param_groups[0]["fused"] is (True if fused_resume else None)
+        opt2.zero_grad()
+        model(x).square().mean().backward()
+        opt2.step()
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(run(True), run(False))

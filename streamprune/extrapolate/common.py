@@ -47,7 +47,8 @@ _METHODS: dict[str, Callable[..., dict]] = {}
 _OPTIONS: dict[str, dict[str, "Rule"]] = {}
 _SEEDS: dict[tuple[str, str], "SeedScores"] = {}
 _SEEDS_LOCK = threading.Lock()
-DENSE_LOOKUP_BYTES = 256 << 20  # a per-row table of seed scores up to this size replaces the binary search
+DENSE_LOOKUP_BYTES = 256 << 20  # a per-row table of seed scores up to this size replaces the binary search ...
+DENSE_LOOKUP_FREE = 16 << 20  # ... when it is at most this, or 4x the sorted seed arrays it stands beside
 
 
 # --------------------------------------------------------------------------- registry
@@ -171,10 +172,12 @@ class SeedScores:
     def lookup(self, rows: np.ndarray) -> np.ndarray:
         """Scores of arbitrary ``rows`` (NaN for non-seeds and ids < 0).
 
-        From a dense per-row table when it takes at most :data:`DENSE_LOOKUP_BYTES` (rows up to
-        ~67M): one gather instead of a binary search per id, ~40x faster for a graph chunk of
-        65,536 x 20 random ids against 200k seeds (7 against 297 ms on the CPU box); beyond that
-        the sorted table's binary search (memory O(seeds))."""
+        From a dense per-row table (4 bytes per row up to the last seed) when it takes at most
+        :data:`DENSE_LOOKUP_BYTES` (rows up to ~67M) and at most 4x the sorted seed arrays (or
+        :data:`DENSE_LOOKUP_FREE`): one gather instead of a binary search per id, 22x faster for a
+        graph chunk of 65,536 x 20 ids against 200k seeds (scripts/bench_gcn.py --setup: 14 against
+        317 ms on the CPU box).  Every process that looks up keeps its table, so a sparse subset
+        (few seeds over many rows) keeps the binary search (memory O(seeds))."""
         table = self._dense
         if table is None:
             return lookup(self.rows, self.values, rows)
@@ -186,7 +189,8 @@ class SeedScores:
         """Seed scores by row id up to the last seed, NaN elsewhere, plus one NaN slot for every id
         outside (None when too large)."""
         size = (int(self.rows[-1]) + 2) if len(self.rows) else 1
-        if size * 4 > DENSE_LOOKUP_BYTES:
+        beside = 4 * (self.rows.nbytes + self.values.nbytes)
+        if size * 4 > min(DENSE_LOOKUP_BYTES, max(DENSE_LOOKUP_FREE, beside)):
             return None
         table = np.full(size, np.nan, np.float32)
         table[self.rows] = self.values

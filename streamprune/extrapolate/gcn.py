@@ -216,6 +216,16 @@ def take_dense(features: Features, rows: np.ndarray) -> np.ndarray:
     return features._build(*dense_parts(features, rows))
 
 
+def first_aggregation(x: torch.Tensor, adjs: Sequence[torch.Tensor], residual: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(adjs[0] @ x, the residual's prior column of the output rows)``: the inputs of
+    :meth:`GCN.forward_aggregated`, computed once per graph."""
+    with torch.no_grad():
+        ax = torch.sparse.mm(adjs[0], x[:adjs[0].shape[1]])
+        base = x[:adjs[-1].shape[0], -1:].clone() if residual else None
+    return ax, base
+
+
 def predict_in_memory(model: GCN, features: Features, table: GraphTable, device: torch.device | str = "cpu",
                       timings: dict | None = None) -> np.ndarray:
     """Standardised predictions of every row from one whole-graph forward (small graphs; the GPU path).
@@ -240,7 +250,11 @@ def predict_in_memory(model: GCN, features: Features, table: GraphTable, device:
         del sub
         sync_device(device)
         t2 = time.perf_counter()
-        out = model(x, adjs)[:, 0]
+        # The same computation as whole-graph training's forward (the first aggregation, then
+        # forward_aggregated), so a resumed run writes what an unbroken one would have.
+        ax, base = first_aggregation(x, adjs, model.residual)
+        del x
+        out = model.forward_aggregated(ax, adjs, base)[:, 0]
         sync_device(device)
         t3 = time.perf_counter()
         out = out.cpu().numpy()
@@ -405,9 +419,10 @@ def fit_gcn(features: Features, table: GraphTable, seed_rows: np.ndarray, seed_s
             at = torch.from_numpy(seed_rows).to(device)  # nodes are the rows in order
         else:
             adjs_all = [sub.adjacency(i + 1, device) for i in range(model.n_layers)]
-        with torch.no_grad():  # the first layer's aggregation, once (GCN.forward_aggregated)
-            ax_all = torch.sparse.mm(adjs_all[0], x_all[:adjs_all[0].shape[1]])
-            base_all = x_all[:adjs_all[-1].shape[0], -1:].clone() if model.residual else None
+        t0 = time.perf_counter()
+        ax_all, base_all = first_aggregation(x_all, adjs_all, model.residual)  # once (GCN.forward_aggregated)
+        sync_device(device)
+        res.timings["aggregate_s"] = round(time.perf_counter() - t0, 4)
         del x_all, sub
         # outputs of every seed row, in order (of every row when at is set)
         resident = lambda: model.forward_aggregated(ax_all, adjs_all, base_all)[:, 0]  # noqa: E731
@@ -605,7 +620,7 @@ def write_prior(ws: Workspace, run: StageRun, score: str, n: int) -> dict:
     k, table, _ = validation_table(ws, score)
     # By the seeds graph's own chunks: a block smaller than them decompresses each graph chunk again
     # per block (with GCN chunks of 4,096 rows and graph chunks of 65,536, the prior of 1M rows took
-    # 21.6 s on the CPU box, against XX s).
+    # 13.6 s on the CPU box, against 2.2 s: scripts/bench_gcn.py --setup).
     nbr_arr, dist_arr = read_graph(ws, "seeds")
     gc = int(nbr_arr.chunks[0])
     arr = zarr.create_array(storage.zarr_store(ws.path(_prior_path(score)), ws.storage_options), shape=(n,),
@@ -832,18 +847,23 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
                                    f"score; at least 10 are needed to train a GCN")
         prior_info = write_prior(ws, run, score, n) if prior == "knn" else None
-        one_forward = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k, in_dim, widths)
-        # Whole-graph training reads the features once, in row order, block by block to the device: a
-        # host copy of all N rows (2 GB at 1M rows of 512-d) would only add to the process's memory.
-        # (Whole-graph inference fits resident training's bound, so "auto" trains resident too.)
-        streamed = one_forward and training != "sampled" and all(f is None or f >= k for f in fanouts)
+        # Whole-graph training when inference will be one whole-graph forward and training resolves to
+        # resident for the whole graph (else fit_gcn chooses by the seeds' closure, as without it).
+        # It reads the features once, in row order, block by block to the device: a host copy of all
+        # N rows (2 GB at 1M rows of 512-d) would only add to the process's memory.
+        whole_training = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k,
+                                         in_dim, widths) and choose_training(
+            training, all(f is None or f >= k for f in fanouts), dev,
+            lambda: resident_bytes(n, n * (k + 1), in_dim, widths)) == "resident"
+        streamed = whole_training
         # the prior's scale is the target's, set by fit_gcn from the training split
         features = node_features(ws, score, emb_g, valid, num_classes, 0 if streamed else memory_limit,
                                  (0.0, 1.0) if prior_info else None)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
-                      training=training, resident_steps=resident_steps, patience=patience, whole_graph=one_forward)
+                      training=training, resident_steps=resident_steps, patience=patience,
+                      whole_graph=whole_training)
         model = res.model.cpu()
         ckpt = {"state_dict": model.state_dict(), "in_dim": in_dim, "widths": list(widths), "dropout": dropout,
                 "num_classes": num_classes, "mean": res.mean, "std": res.std, "history": res.history,
@@ -881,8 +901,9 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
 
     With a whole-graph forward (:func:`use_whole_graph`) the predictions of every row come from one
     forward on the device and are written chunk by chunk; a resumed run writes the chunks still
-    missing from a new forward (the same function of the same inputs).  ``trained``: this run's
-    whole-graph training, whose ``pred`` is that forward already.
+    missing from a new forward (the same computation of the same inputs).  ``trained``: this run's
+    whole-graph training, whose ``pred`` is that forward already (used whatever the free device
+    memory says after training).
     """
     starts = list(range(0, n, chunk_rows))
     # One machine: layer inputs are held in memory (below memory_limit) and shared by threads, which
@@ -891,12 +912,15 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
         scheduler = "threads"
     in_process = scheduler in IN_PROCESS
     done = run.done_chunks()
-    if use_whole_graph(inference, device, in_process, n, k, model.convs[0].in_channels,
-                       [c.out_channels for c in model.convs]):
+    # Whole-graph training's forward is used whatever the device's free memory says now: torch's
+    # cache still holds training's memory, which would make a graph that fitted look too big.
+    if trained is not None or use_whole_graph(inference, device, in_process, n, k, model.convs[0].in_channels,
+                                              [c.out_channels for c in model.convs]):
         t0 = time.time()
         if trained is not None:  # whole-graph training's forward of the kept weights: nothing to read again
-            pred, parts = trained.pred, {"graph_s": 0.0, "features_s": 0.0,
-                                         "forward_s": trained.timings.get("forward_s", 0.0)}
+            pred, parts = trained.pred, {"graph_s": 0.0, "features_s": 0.0,  # the forward with its first aggregation
+                                         "forward_s": round(trained.timings.get("forward_s", 0.0)
+                                                            + trained.timings.get("aggregate_s", 0.0), 4)}
         else:
             # Features are read once, in row order, 65,536 rows at a time (device_features): streamed
             # from zarr, so host memory holds a block, not N rows; the validity column (a byte per
