@@ -671,8 +671,9 @@ def run_child(shards: list[str], ws_dir: str, cfg, until: str, echo, sampler: Sa
 
     args = {"shards": shards, "ws": ws_dir, "stages": cfg.stages, "scheduler": cfg.scheduler, "until": until}
     # In this process's group: a timeout that signals the group reaches the child and its workers too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
     sampler.follow(proc.pid)
     sampler.reset()  # the child's own RSS from its start, not this process's
     tail: collections.deque = collections.deque(maxlen=5)
