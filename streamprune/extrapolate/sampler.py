@@ -207,6 +207,27 @@ def csr_tensor(crow: np.ndarray, col: np.ndarray, val: np.ndarray, shape: tuple[
                                        size=shape, check_invariants=False).to(device)
 
 
+_MISSING = np.iinfo(np.int64).max  # sorts after every local id
+
+
+def _csr_rows(first: int, kept_ids: np.ndarray, keep: np.ndarray, self_w: np.ndarray, nbr_w: np.ndarray) -> tuple:
+    """(entries per row, column ids, weights) of consecutive target rows ``first, first + 1, ...``:
+    each row is itself, then its kept neighbours (``kept_ids``, local ids of ``keep``'s entries),
+    sorted by id within the row.  Targets are numbered in order, so the rows are in CSR order: a
+    sort of k + 1 entries per row instead of a global sort of all edges."""
+    cols = np.full((len(keep), keep.shape[1] + 1), _MISSING, np.int64)
+    cols[:, 0] = np.arange(first, first + len(keep), dtype=np.int64)
+    cols[:, 1:][keep] = kept_ids
+    vals = np.zeros(cols.shape, np.float32)
+    vals[:, 0] = self_w
+    vals[:, 1:][keep] = np.asarray(nbr_w, np.float32)[keep]
+    order = np.argsort(cols, axis=1, kind="stable")
+    cols = np.take_along_axis(cols, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    present = cols != _MISSING
+    return present.sum(axis=1), cols[present], vals[present]
+
+
 def sample_subgraph(seeds: np.ndarray, table: TableFn, fanouts: Sequence[int | None],
                     rng: np.random.Generator | None = None) -> Subgraph:
     """The ``len(fanouts)``-hop sampled neighbourhood of ``seeds`` (unique global row ids).
@@ -218,29 +239,16 @@ def sample_subgraph(seeds: np.ndarray, table: TableFn, fanouts: Sequence[int | N
     prefix = [relabel.n]
     counts_l, cols_l, vals_l = [], [], []
     start = 0
-    missing = np.iinfo(np.int64).max  # sorts after every local id
     for fanout in fanouts:
         frontier = np.concatenate(relabel.nodes)[start:] if len(relabel.nodes) > 1 else relabel.nodes[0][start:]
         nbrs, self_w, nbr_w = table(frontier)
         w = choose_neighbours(np.asarray(nbr_w, np.float32), fanout, rng)
         keep = w > 0
         relabel.add(nbrs[keep])
-        # Each target's row: itself, then its kept neighbours, sorted by local id within the row.
-        # Targets are numbered in order hop after hop, so the rows are already in CSR order: a
-        # sort of k + 1 entries per row instead of a global sort of all edges.
-        cols = np.full((len(frontier), nbrs.shape[1] + 1), missing, np.int64)
-        cols[:, 0] = np.arange(start, start + len(frontier), dtype=np.int64)
-        cols[:, 1:][keep] = relabel.local(nbrs[keep])
-        vals = np.zeros(cols.shape, np.float32)
-        vals[:, 0] = self_w
-        vals[:, 1:][keep] = w[keep]
-        order = np.argsort(cols, axis=1, kind="stable")
-        cols = np.take_along_axis(cols, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        present = cols != missing
-        counts_l.append(present.sum(axis=1))
-        cols_l.append(cols[present])
-        vals_l.append(vals[present])
+        counts, cols, vals = _csr_rows(start, relabel.local(nbrs[keep]), keep, self_w, w)
+        counts_l.append(counts)
+        cols_l.append(cols)
+        vals_l.append(vals)
         start += len(frontier)
         prefix.append(relabel.n)
     nodes = np.concatenate(relabel.nodes)
@@ -262,24 +270,12 @@ def whole_graph(table: "GraphTable", n_layers: int, block: int = 1 << 16) -> Sub
     n = table.n
     counts = np.zeros(n, np.int64)
     cols_l, vals_l = [], []
-    missing = np.iinfo(np.int64).max
     for r0 in range(0, n, block):
-        r1 = min(n, r0 + block)
-        nbrs, self_w, nbr_w = table.span(r0, r1)
+        nbrs, self_w, nbr_w = table.span(r0, min(n, r0 + block))
         keep = np.asarray(nbr_w, np.float32) > 0
-        cols = np.full((r1 - r0, nbrs.shape[1] + 1), missing, np.int64)
-        cols[:, 0] = np.arange(r0, r1, dtype=np.int64)
-        cols[:, 1:][keep] = nbrs[keep]
-        vals = np.zeros(cols.shape, np.float32)
-        vals[:, 0] = self_w
-        vals[:, 1:][keep] = nbr_w[keep]
-        order = np.argsort(cols, axis=1, kind="stable")
-        cols = np.take_along_axis(cols, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        present = cols != missing
-        counts[r0:r1] = present.sum(axis=1)
-        cols_l.append(cols[present])
-        vals_l.append(vals[present])
+        counts[r0:r0 + len(nbrs)], cols, vals = _csr_rows(r0, nbrs[keep], keep, self_w, nbr_w)
+        cols_l.append(cols)
+        vals_l.append(vals)
     crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return Subgraph(np.arange(n, dtype=np.int64), np.full(n_layers + 1, n, np.int64), crow,
                     np.concatenate(cols_l) if cols_l else np.zeros(0, np.int64),
