@@ -346,11 +346,7 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
         flags = ", ".join("--gcn-seed" if n == "seed" else "--" + n.replace("_", "-") for n in unused)
         click.echo(f"warning: {flags} not used by --method {','.join(chosen)}; ignored", err=True)
     for method in chosen:
-        opts = extrapolate_options(method, k=k, epochs=epochs, hidden=hidden, dropout=dropout, batch_size=batch_size,
-                                   lr=lr, fanout=fanout, weight=weight, seed=gcn_seed, patience=patience,
-                                   chunk_rows=chunk_rows,
-                                   memory_limit=memory_limit, device=device, prior=prior, training=training, tol=tol,
-                                   max_iter=max_iter, bandwidth=bandwidth)
+        opts = extrapolate_options(method, **given)
         m = run(workspace, score_name, method, scheduler=scheduler, force=force, storage_options=storage_options,
                 **opts)
         _report(m, f"extrapolate {method}")

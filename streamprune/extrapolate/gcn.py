@@ -710,6 +710,11 @@ def _layer_task(job: _LayerJob, r0: int, r1: int) -> dict:
     return {"rows": r1 - r0, "s": round(time.time() - t0, 3)}
 
 
+def _in_process(scheduler: str | None) -> bool:
+    """Whether the stage's tasks run in this process (``local`` runs them on threads here)."""
+    return scheduler == "local" or scheduler in IN_PROCESS
+
+
 def use_whole_graph(mode: str, device: torch.device, in_process: bool, n: int, k: int, in_dim: int,
                     widths: Sequence[int]) -> bool:
     """Whether inference is one whole-graph forward (see :func:`extrapolate_gcn`'s ``inference``).
@@ -851,13 +856,11 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         # resident for the whole graph (else fit_gcn chooses by the seeds' closure, as without it).
         # It reads the features once, in row order, block by block to the device: a host copy of all
         # N rows (2 GB at 1M rows of 512-d) would only add to the process's memory.
-        whole_training = use_whole_graph(inference, dev, scheduler == "local" or scheduler in IN_PROCESS, n, k,
-                                         in_dim, widths) and choose_training(
-            training, all(f is None or f >= k for f in fanouts), dev,
-            lambda: resident_bytes(n, n * (k + 1), in_dim, widths)) == "resident"
-        streamed = whole_training
+        whole_training = use_whole_graph(inference, dev, _in_process(scheduler), n, k, in_dim, widths) and \
+            choose_training(training, all(f is None or f >= k for f in fanouts), dev,
+                            lambda: resident_bytes(n, n * (k + 1), in_dim, widths)) == "resident"
         # the prior's scale is the target's, set by fit_gcn from the training split
-        features = node_features(ws, score, emb_g, valid, num_classes, 0 if streamed else memory_limit,
+        features = node_features(ws, score, emb_g, valid, num_classes, 0 if whole_training else memory_limit,
                                  (0.0, 1.0) if prior_info else None)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
@@ -910,7 +913,7 @@ def _infer(ws: Workspace, run: StageRun, model: GCN, ckpt: dict, *, score: str, 
     # beats streaming them to worker processes; a remote cluster gets streamed, picklable tasks.
     if scheduler == "local":
         scheduler = "threads"
-    in_process = scheduler in IN_PROCESS
+    in_process = _in_process(scheduler)
     done = run.done_chunks()
     # Whole-graph training's forward is used whatever the device's free memory says now: torch's
     # cache still holds training's memory, which would make a graph that fitted look too big.
