@@ -8,6 +8,7 @@ its membership when shards are added or moved (the URL is not hashed).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Iterable
 
@@ -19,6 +20,7 @@ from streamprune.errors import StreamPruneError
 from streamprune.workspace import Workspace
 
 _SCALE = float(2**64)
+log = logging.getLogger(__name__)
 
 
 def key_uniform(keys: Iterable[str], seed: int) -> np.ndarray:
@@ -59,7 +61,8 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
     (``"sync"``: in this process; a cluster hashes a billion keys in parallel, ~10 minutes on one
     core); the client writes the row ids in row order as tasks finish, holding at most one output
     chunk plus the results of tasks that finished ahead of an earlier one, which are at most
-    ``ORDERED_TASKS`` (tasks further ahead wait to be submitted).
+    ``ORDERED_TASKS`` (tasks further ahead wait to be submitted).  Every write of the output is
+    recorded with the tasks it completes, so a killed run resumes after the last recorded write.
     """
     from streamprune.compute import map_tasks
     from streamprune.shards import Catalog
@@ -75,15 +78,25 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
     t0 = time.time()
     cat = Catalog(ws)
     store = storage.zarr_store(ws.path("subset", "rows.zarr"), ws.storage_options)
-    arr = zarr.create_array(store, shape=(0,), chunks=(chunk_rows,), dtype="int64", overwrite=True,
-                            fill_value=-1)
     groups = shard_groups(cat.shards.n_samples.to_numpy(np.int64), TASK_ROWS)
-    state = {"next": 0, "written": 0, "buffered": 0}
+    # Each write of the output is recorded as a chunk named by the tasks it completes; a killed run
+    # resumes after the last recorded write, dropping rows a later, unrecorded write may have left.
+    done = [int(c) for c in run.done_chunks()]
+    resumed = run.chunk_done(max(done)) if done else None
+    if resumed is not None:
+        arr = zarr.open_array(store, mode="r+")
+        arr.resize((int(resumed["rows"]),))
+        log.info("subset: resuming after %d of %d tasks", resumed["tasks"], len(groups))
+    else:
+        arr = zarr.create_array(store, shape=(0,), chunks=(chunk_rows,), dtype="int64", overwrite=True,
+                                fill_value=-1)
+    start = int(resumed["tasks"]) if resumed else 0
+    state = {"next": start, "written": arr.shape[0], "buffered": 0}
     ahead: dict[int, np.ndarray] = {}  # results of tasks that finished before an earlier one
     buf: list[np.ndarray] = []
 
     def _collect(i: int, rows: np.ndarray) -> None:
-        ahead[i] = rows
+        ahead[start + i] = rows
         while state["next"] in ahead:
             part = ahead.pop(state["next"])
             state["next"] += 1
@@ -93,15 +106,17 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
                 state["written"] = _flush(arr, buf, state["written"])
                 buf.clear()
                 state["buffered"] = 0
+                run.mark_chunk(state["next"], {"tasks": state["next"], "rows": state["written"]})
 
-    map_tasks(_hash_rows, [(ws, g, fraction, seed) for g in groups], scheduler=scheduler if len(groups) > 1 else "sync",
-              desc="subset", unit="row", weights=[int(cat.shards.n_samples.iloc[g].sum()) for g in groups],
+    todo = groups[start:]
+    map_tasks(_hash_rows, [(ws, g, fraction, seed) for g in todo], scheduler=scheduler if len(todo) > 1 else "sync",
+              desc="subset", unit="row", weights=[int(cat.shards.n_samples.iloc[g].sum()) for g in todo],
               on_result=_collect, inflight_per_worker=4, keep=False, ordered_window=ORDERED_TASKS)
     written = _flush(arr, buf, state["written"])
     return run.commit(outputs={"rows": "subset/rows.zarr"},
                       counts={"n_subset": written, "n_samples": cat.n_samples,
                               "realised_fraction": written / cat.n_samples if cat.n_samples else 0.0},
-                      timings={"select_s": round(time.time() - t0, 3), "tasks": len(groups)})
+                      timings={"select_s": round(time.time() - t0, 3), "tasks": len(groups), "tasks_resumed": start})
 
 
 def shard_groups(sizes: np.ndarray, rows: int) -> list[list[int]]:

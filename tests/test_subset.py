@@ -98,3 +98,38 @@ def test_subset_in_parallel_tasks_equals_one_pass(tmp_path, monkeypatch, where, 
     m = subset(ws, fraction=0.4, seed=5, chunk_rows=16, scheduler=scheduler)
     assert m["timings"]["tasks"] == 5 and m["counts"]["n_subset"] == len(want)
     assert np.array_equal(subset_rows(Workspace(ws)), want)
+
+
+def test_subset_killed_then_resumed_is_identical(tmp_path, monkeypatch):
+    """Killed after some of its writes, the stage resumes after the last recorded one (it does not
+    hash those tasks again) and gives the rows of an uninterrupted run, also when a write after the
+    last record had landed (here: rows appended by hand)."""
+    import zarr
+
+    from helpers import count_files, kill_python_when
+    from streamprune import subset as subset_mod
+
+    shards = write_shards(str(tmp_path / "data"), 12, 30)
+    ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
+    for w in (ref, ws):
+        catalog(shards, w, scheduler="sync")
+    code = ("import streamprune.subset as s; s.TASK_ROWS = 30; "
+            f"s.subset({ws!r}, fraction=0.5, seed=2, chunk_rows=8, scheduler='sync')")
+    records = os.path.join(ws, "_stages", "subset")
+    kill_python_when(code, lambda: count_files(records, ".json") >= 3, env={"STREAMPRUNE_TASK_DELAY": "0.2"})
+    assert Workspace(ws).marker("subset") is None
+    arr = zarr.open_array(os.path.join(ws, "subset", "rows.zarr"), mode="r+")
+    n = arr.shape[0]
+    arr.resize((n + 20,))
+    arr[n:] = -7  # an unrecorded write: dropped on resume
+    monkeypatch.setattr(subset_mod, "TASK_ROWS", 30)
+    m = subset(ws, fraction=0.5, seed=2, chunk_rows=8)
+    want = subset(ref, fraction=0.5, seed=2, chunk_rows=8)
+    assert m["timings"]["tasks"] == 12 and 3 <= m["timings"]["tasks_resumed"] < 12
+    assert want["timings"]["tasks_resumed"] == 0
+    assert m["counts"] == want["counts"]
+    got = subset_rows(Workspace(ws))
+    assert np.array_equal(got, subset_rows(Workspace(ref)))
+    keys = [f"s{i:07d}" for i in range(12 * 30)]
+    assert np.array_equal(got, np.flatnonzero(in_subset(keys, 0.5, 2)))
+    assert not os.path.exists(records)  # records go once the marker is written
