@@ -103,6 +103,8 @@ class Encoder:
             xt = torch.from_numpy(np.ascontiguousarray(x))
             if cuda:  # copy as stored (uint8: a quarter of float32), convert on the GPU
                 xt = xt.pin_memory().to(self.device, non_blocking=True)
+            else:  # the CPU, or another accelerator (computed here, as before the CUDA queueing)
+                xt = xt.to(self.device)
             for b in range(0, len(x), batch_size):
                 xb = xt[b:b + batch_size]
                 xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
@@ -113,7 +115,7 @@ class Encoder:
         out = torch.cat(parts) if parts else torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
         if not cuda:
             self.seconds["queue_s"] += time.perf_counter() - t0
-            return Pending(out.numpy(), normalize=self.normalize)
+            return Pending(out.cpu().numpy(), normalize=self.normalize)
         host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()

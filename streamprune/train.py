@@ -620,9 +620,20 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict, fused: bool) -
     """Load a checkpoint's optimizer state with this run's implementation (fused on CUDA, the
     default elsewhere), whatever wrote it.  The saved groups say which before loading: torch moves
     AdamW's ``step`` counters to the parameters' device only for a fused (or capturable) group, and
-    a fused step over counters left on the host fails."""
+    a fused step over counters left on the host fails.
+
+    Each per-parameter state tensor then takes its parameter's strides.  Loading keeps the saved
+    layout, and a CPU run's contiguous momentum loaded for a channels_last model on CUDA would
+    otherwise reach the fused kernels, which walk parameter and state as flat memory: the update
+    would add each element's momentum to another element."""
     groups = [{**g, "fused": True if fused else None, "foreach": None} for g in saved["param_groups"]]
     opt.load_state_dict({**saved, "param_groups": groups})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg: TrainConfig, num_classes: int,

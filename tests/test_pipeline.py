@@ -258,3 +258,12 @@ def test_run_bad_config_type_is_one_line(tmp_path):
     out = run_cli("run", str(tmp_path / "*.tar"), "-w", str(tmp_path / "ws"), "--config", str(path), check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.splitlines() == [f"Error: --config {path}: score.epochs must be an integer, not 'ten'"]
+
+
+def test_finite_takes_any_real_number_and_nothing_else():
+    import numpy as np
+
+    from streamprune.extrapolate.common import finite
+
+    assert all(finite(v) for v in (0, -3, 2**64, 10**400, 1.5, np.float32(2), np.int64(7)))
+    assert not any(finite(v) for v in (True, float("nan"), float("inf"), -np.inf, "1", None, [1]))

@@ -430,24 +430,31 @@ def test_fused_optimizer_takes_the_default_steps():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_optimizer_state_loads_into_the_other_implementation(optimizer):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_optimizer_state_loads_into_the_other_implementation(optimizer, layout):
     """A checkpoint of the default optimizer resumes as the fused one (a CPU run's checkpoint on a
-    GPU) and back, and the next step is the step the writer would have taken."""
+    GPU) and back, and the next step is the step the writer would have taken.  channels_last: the
+    checkpoint's contiguous state meets a model in channels_last (as on CUDA); the fused kernels
+    walk state and parameter as flat memory, so the state must take the parameter's strides."""
     from streamprune.train import load_optimizer_state, make_optimizer
 
     def run(fused_resume: bool) -> torch.Tensor:
         torch.manual_seed(0)
-        model = torch.nn.Linear(6, 3)
+        model = torch.nn.Conv2d(3, 4, 3)
         opt, _ = make_optimizer(model, TrainConfig(optimizer=optimizer, epochs=2, batch_size=4), 16)
-        x = torch.randn(8, 6)
+        x = torch.randn(2, 3, 6, 6)
         for _ in range(2):
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
         saved = {k: v for k, v in opt.state_dict().items()}
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
         opt2, _ = make_optimizer(model, TrainConfig(optimizer=optimizer, epochs=2, batch_size=4), 16)
         load_optimizer_state(opt2, saved, fused_resume)
         assert opt2.param_groups[0]["fused"] is (True if fused_resume else None)
+        for p in model.parameters():
+            assert all(v.stride() == p.stride() for v in opt2.state[p].values() if v.shape == p.shape)
         opt2.zero_grad()
         model(x).square().mean().backward()
         opt2.step()

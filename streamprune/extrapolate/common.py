@@ -27,6 +27,7 @@ a valid row with no usable prediction keeps the method's code and a NaN score.
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -90,7 +91,9 @@ def whole(least: int) -> Callable[[Any], bool]:
 
 def finite(v: Any) -> bool:
     """A real number (not a bool) that is finite."""
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    return isinstance(v, (int, np.integer)) or math.isfinite(v)  # ints of any size are finite
 
 
 def methods() -> list[str]:
