@@ -79,8 +79,12 @@ def cli(verbose: int) -> None:
     """Prune datasets too big to train on twice: score a subset, extrapolate to every sample."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet = max(level, logging.ERROR if verbose == 0 else level)
     for noisy in ("distributed", "tornado", "asyncio", "fsspec", "s3fs", "botocore", "aiobotocore"):
-        logging.getLogger(noisy).setLevel(max(level, logging.ERROR if verbose == 0 else level))
+        logging.getLogger(noisy).setLevel(quiet)
+    # distributed sets its loggers' levels from dask's config when it is first imported (later, by
+    # the stage that starts a cluster): without this it logs every scheduler event at INFO.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(quiet).lower())
 
 
 def workspace_options(fn):

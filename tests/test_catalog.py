@@ -192,3 +192,12 @@ def test_catalog_killed_then_resumed_is_identical(tmp_path):
     pd.testing.assert_frame_equal(a.shards, b.shards)
     pd.testing.assert_frame_equal(pa, pb)
     assert not [f for f in os.listdir(parts) if f.startswith(".tmp")]
+
+
+def test_local_cluster_run_prints_only_the_summary(tmp_path):
+    """On the default local cluster the command prints its summary line, not the scheduler's INFO
+    log or the tracebacks of connections closed at shutdown."""
+    shards = write_shards(str(tmp_path / "data"), 3, 10)
+    proc = run_cli("catalog", *shards, "-w", str(tmp_path / "ws"))
+    assert "catalog: 3 shards, 30 samples" in proc.stdout + proc.stderr
+    assert "distributed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[:2000]
