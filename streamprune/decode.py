@@ -44,6 +44,9 @@ class DecodeConfig:
             raise StreamPruneError(f"--label-key must be 'cls', 'json.<field>' or 'none', not {self.label_key!r}")
         if self.image_mode not in ("auto", "L", "RGB"):
             raise StreamPruneError(f"image mode must be auto, L or RGB, not {self.image_mode!r}")
+        size = self.image_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+            raise StreamPruneError(f"--image-size must be a whole number of pixels >= 1, not {size!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -292,11 +293,31 @@ def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "
                       scheduler=scheduler, force=force, memory_limit=parse_memory(memory_limit), encode=encode)
 
 
+def check_embed_options(*, encoder: str, dtype: str, batch_size: int, chunk_rows: int | None, threads: int | None,
+                        name: Callable[[str], str] = lambda flag: f"--{flag}") -> None:
+    """Refuse embed's options before anything runs; ``name`` spells an option's name for the message
+    (a flag here, a configuration key for ``run``)."""
+    if dtype not in ("float16", "float32"):
+        raise StreamPruneError(f"{name('dtype')} must be float16 or float32, not {dtype!r}")
+    for flag, value, optional in (("batch-size", batch_size, False), ("chunk-rows", chunk_rows, True),
+                                  ("threads", threads, True)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StreamPruneError(f"{name(flag)} must be a whole number >= 1, not {value!r}")
+    if encoder not in ("subset", "features"):
+        from streamprune.models import BUILTIN_MODELS, check_model_name
+
+        if not isinstance(encoder, str) or (":" not in encoder and encoder.lower() not in BUILTIN_MODELS):
+            raise StreamPruneError(f"unknown encoder {encoder!r}: expected subset, features, one of "
+                                   f"{', '.join(sorted(BUILTIN_MODELS))} or a factory 'package.module:callable'")
+        check_model_name(encoder, what="encoder")
+
+
 def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_rows: int | None, normalize: bool,
            decode: DecodeConfig | None, device: str, threads: int, on_error: str, scheduler: str | None,
            force: bool, memory_limit: int | None, encode: str = "auto") -> dict:
-    if dtype not in ("float16", "float32"):
-        raise StreamPruneError(f"--dtype must be float16 or float32, not {dtype!r}")
+    check_embed_options(encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, threads=threads)
     ErrorPolicy(on_error)
     cat_m = ws.require("catalog", "embed")
     inputs = {"catalog": cat_m["fingerprint"]}

@@ -930,6 +930,8 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     key = f"index-{name}"
     bound_heap(INDEX_MMAP_THRESHOLD)
     emb, valid_arr, embed_marker = open_embeddings(ws, key)
+    if factory != "auto":
+        make_index(emb.shape[1], factory)  # refused here, before begin() replaces an earlier run's marker
     inputs = {"embed": embed_marker["fingerprint"]}
     if name == "seeds":
         inputs["subset"] = ws.require("subset", key)["fingerprint"]

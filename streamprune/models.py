@@ -472,6 +472,18 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
     return shape
 
 
+def check_model_name(name: Any, what: str = "model") -> None:
+    """Refuse a model name :func:`build_model` could not use (a built-in's name, or a factory path
+    that imports to a callable), before a stage starts: a typo costs seconds, not a stage's results."""
+    if not isinstance(name, str) or not name:
+        raise ModelConfigError(f"{what} name must be a non-empty string, got {name!r}")
+    if ":" in name:
+        _load_factory(name)
+    elif name.lower() not in BUILTIN_MODELS:
+        raise ModelConfigError(f"unknown {what} {name!r}: expected one of {sorted(BUILTIN_MODELS)} "
+                               "or a factory path 'package.module:callable'")
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a model by name (``"resnet18"``, ``"cnn"``, ``"mlp"`` or ``"pkg.mod:callable"``).
 

@@ -169,6 +169,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {sc['full_runs']!r}")
     if sc["full_runs"] > 1 and not sc["full"]:
         raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
+    _whole_at_least("catalog.max_member_bytes", s["catalog"]["max_member_bytes"], 1)
     out: dict = {}
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
@@ -187,7 +188,18 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         out["params"] = {"window": sc["window"], "decay": sc["decay"]}
         check_scores(list(sc["scores"]), out["params"], sc["epochs"])
     if upto >= ORDER.index("embed"):
-        parse_memory(s["embed"]["memory_limit"], "embed.memory_limit")
+        from streamprune.embed import check_embed_options
+
+        e = s["embed"]
+        parse_memory(e["memory_limit"], "embed.memory_limit")
+        check_embed_options(encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
+                            chunk_rows=e["chunk_rows"], threads=None, name=lambda flag: f"embed.{flag.replace('-', '_')}")
+    if upto >= ORDER.index("index"):
+        ix = s["index"]
+        _whole_at_least("index.k", ix["k"], 1)
+        for key, least in (("nprobe", 1), ("refine", 0)):
+            if ix[key] is not None:
+                _whole_at_least(f"index.{key}", ix[key], least)
     methods = list(s["extrapolate"]["methods"])
     out["methods"], out["graph"] = methods, graphs_for(methods, s["extrapolate"]["gcn_prior"])
     if upto >= ORDER.index("index"):
@@ -205,6 +217,11 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         check_options(score=sc["scores"][0], source=p["source"] or methods[-1], strategy=p["strategy"],
                       keep_fraction=p["keep_fraction"], name=p["name"], reshard=p["reshard"])
     return out
+
+
+def _whole_at_least(option: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise StreamPruneError(f"{option} must be a whole number >= {least}, not {value!r}")
 
 
 RUN_OPTIONS = {"knn_k": ("knn", "k"), "gcn_epochs": ("gcn", "epochs"), "gcn_k": ("gcn", "k"),

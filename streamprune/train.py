@@ -44,7 +44,7 @@ from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError
-from streamprune.models import build_from_spec, build_model, model_spec
+from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import StageRun, Workspace, train_key
 
@@ -87,6 +87,7 @@ class TrainConfig:
             raise StreamPruneError(f"--dynamics must be eval or train, not {self.dynamics!r}")
         _at_least("--epochs", self.epochs, 1)
         _at_least("--batch-size", self.batch_size, 1)
+        check_model_name(self.model)
         if self.num_classes is not None:
             _at_least("--num-classes", self.num_classes, 2)
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):

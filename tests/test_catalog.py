@@ -201,3 +201,10 @@ def test_local_cluster_run_prints_only_the_summary(tmp_path):
     proc = run_cli("catalog", *shards, "-w", str(tmp_path / "ws"))
     assert "catalog: 3 shards, 30 samples" in proc.stdout + proc.stderr
     assert "distributed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[:2000]
+
+
+def test_max_member_bytes_below_one_is_refused(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 1, 3)
+    with pytest.raises(StreamPruneError, match="--max-member-bytes must be a whole number of bytes >= 1, not -1"):
+        catalog(shards, str(tmp_path / "ws"), scheduler="sync", max_member_bytes=-1)
+    assert not (tmp_path / "ws" / "_stages").exists()

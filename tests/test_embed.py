@@ -170,3 +170,30 @@ def test_embed_needs_training(tmp_path):
     catalog(shards, ws, scheduler="sync")
     out = run_cli("embed", "-w", ws, check=False)
     assert out.returncode == 1 and "run `streamprune score` first" in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["embed", "--chunk-rows", "0"], "--chunk-rows must be a whole number >= 1, not 0"),
+    (["embed", "--chunk-rows", "-5"], "--chunk-rows must be a whole number >= 1, not -5"),
+    (["embed", "--batch-size", "0"], "--batch-size must be a whole number >= 1, not 0"),
+    (["embed", "--encoder", "bogus"], "unknown encoder 'bogus'"),
+    (["score", "--model", "foo.bar:baz", "--epochs", "2"], "cannot import model factory 'foo.bar:baz'"),
+    (["score", "--image-size", "0", "--epochs", "2"], "--image-size must be a whole number of pixels >= 1, not 0"),
+    (["index", "--graph", "seeds", "--factory", "Bogus"], "index: faiss cannot build 'Bogus'"),
+])
+def test_bad_option_with_force_keeps_the_earlier_results(reference, tmp_path, args, says):
+    """An option the stage refuses is refused in one line before --force removes anything: every
+    marker of the workspace stays as it was (here: train, embed and the seeds index)."""
+    import shutil
+
+    from streamprune.index import build_index
+
+    ws = str(tmp_path / "ws")
+    shutil.copytree(reference[0], ws)
+    if args[0] == "index":
+        build_index(ws, graph="seeds", k=5, scheduler="sync")
+    before = {name: open(os.path.join(ws, "_stages", name)).read() for name in os.listdir(os.path.join(ws, "_stages"))}
+    proc = run_cli(*args, "-w", ws, "--force", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert {name: open(os.path.join(ws, "_stages", name)).read() for name in os.listdir(os.path.join(ws, "_stages"))} == before

@@ -267,3 +267,26 @@ def test_finite_takes_any_real_number_and_nothing_else():
 
     assert all(finite(v) for v in (0, -3, 2**64, 10**400, 1.5, np.float32(2), np.int64(7)))
     assert not any(finite(v) for v in (True, float("nan"), float("inf"), -np.inf, "1", None, [1]))
+
+
+@pytest.mark.parametrize("override, says", [
+    ({"index": {"k": 0}}, "index.k must be a whole number >= 1, not 0"),
+    ({"index": {"refine": -1}}, "index.refine must be a whole number >= 0, not -1"),
+    ({"embed": {"dtype": "float8"}}, "embed.dtype must be float16 or float32, not 'float8'"),
+    ({"embed": {"encoder": "bogus"}}, "unknown encoder 'bogus'"),
+    ({"embed": {"chunk_rows": 0}}, "embed.chunk_rows must be a whole number >= 1, not 0"),
+    ({"embed": {"batch_size": 0}}, "embed.batch_size must be a whole number >= 1, not 0"),
+    ({"score": {"model": "nosuch"}}, "unknown model 'nosuch'"),
+    ({"score": {"image_size": 0}}, "--image-size must be a whole number of pixels >= 1, not 0"),
+    ({"catalog": {"max_member_bytes": -1}}, "catalog.max_member_bytes must be a whole number >= 1, not -1"),
+])
+def test_run_refuses_later_stages_options_before_the_first_stage(override, says):
+    """Options of the embed and index stages, the model and the catalog's limits are checked before
+    catalog runs, not when their stage is reached after training."""
+    from streamprune.pipeline import check_config
+
+    with pytest.raises(StreamPruneError) as err:
+        check_config(RunConfig.load(None, override))
+    assert says in str(err.value)
+    if "index" in override:  # --until embed never runs the index stage: its options are not its business
+        check_config(RunConfig.load(None, override), "embed")
