@@ -118,6 +118,21 @@ def _report(marker: dict, what: str) -> None:
         click.echo(f"{what}: already done with this configuration; nothing to do")
 
 
+def _note_stale(marker: dict, workspace: str, storage_options: dict | None) -> None:
+    """After a stage replaced its results: one line naming the results made from the old ones (they
+    stay readable, but later stages refuse them until they are re-run)."""
+    if marker.get("skipped"):
+        return
+    from streamprune.workspace import Workspace
+
+    ws = Workspace(workspace, storage_options)
+    markers = ws.markers()
+    stale = sorted(k for k in markers if ws.outdated(k, markers))
+    if stale:
+        click.echo(f"note: {len(stale)} result(s) made from the previous ones are now out of date "
+                   f"({', '.join(stale)}); `streamprune status -w {workspace}` says what to re-run", err=True)
+
+
 @cli.command()
 @click.argument("shards", nargs=-1, required=True)
 @workspace_options
@@ -132,6 +147,7 @@ def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_
     m = run(shards, workspace, storage_options=storage_options, on_error=on_error, scheduler=scheduler,
             force=force, max_member_bytes=max_member_bytes)
     _report(m, "catalog")
+    _note_stale(m, workspace, storage_options)
     c = m["counts"]
     click.echo(f"catalog: {c['n_shards']} shards, {c['n_samples']} samples, {c['bytes'] / 1e6:.1f} MB "
                f"in {time.time() - t0:.1f}s" + (f"; {c['errors']} errors recorded in errors.jsonl" if c["errors"] else ""))
@@ -151,6 +167,7 @@ def subset(workspace, storage_options, fraction, seed, force, scheduler):
     m = run(workspace, fraction=fraction, seed=seed, storage_options=storage_options, force=force,
             scheduler=scheduler)
     _report(m, "subset")
+    _note_stale(m, workspace, storage_options)
     c = m["counts"]
     click.echo(f"subset: {c['n_subset']} of {c['n_samples']} rows ({c['realised_fraction']:.4f}, target {fraction})")
 
@@ -235,6 +252,7 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
         m = train(workspace, cfg, decode, full=full, replica=replica, on_error=on_error, scheduler=scheduler,
                   force=force, storage_options=storage_options)
         _report(m, "train")
+        _note_stale(m, workspace, storage_options)
         t = m["timings"]
         run_tag = f" (run {replica + 1} of {full_runs})" if full_runs > 1 else ""
         click.echo(f"train{run_tag}: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on "
@@ -272,6 +290,7 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
             decode=decode, device=device, threads=threads, on_error=on_error, scheduler=scheduler, force=force,
             storage_options=storage_options, memory_limit=memory_limit)
     _report(m, "embed")
+    _note_stale(m, workspace, storage_options)
     c, t = m["counts"], m["timings"]
     click.echo(f"embed: {c['n_valid']} of {c['n']} rows -> {c['dim']}-d vectors in {t['embed_s']:.1f}s "
                f"({t['rows_per_s']:.0f} rows/s)" + (f"; {c['errors']} errors recorded" if c["errors"] else ""))
@@ -296,6 +315,7 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
                       chunk_rows=chunk_rows, scheduler=scheduler, force=force, storage_options=storage_options)
     for name, m in out.items():
         _report(m, f"index {name}")
+        _note_stale(m, workspace, storage_options)
         c = m["counts"]
         click.echo(f"index {name}: {c['n_index']} rows indexed ({c['factory']}), {c['n']} queries, "
                    f"recall@{c['k']} {c['recall_at_k']:.4f} -> {m['outputs']['graph']}")

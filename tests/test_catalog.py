@@ -208,3 +208,15 @@ def test_max_member_bytes_below_one_is_refused(tmp_path):
     with pytest.raises(StreamPruneError, match="--max-member-bytes must be a whole number of bytes >= 1, not -1"):
         catalog(shards, str(tmp_path / "ws"), scheduler="sync", max_member_bytes=-1)
     assert not (tmp_path / "ws" / "_stages").exists()
+
+
+def test_recatalog_names_the_results_it_made_out_of_date(tmp_path):
+    shards = write_shards(str(tmp_path / "data"), 3, 10)
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync")
+    first = run_cli("subset", "-w", ws, "--fraction", "0.5", "--scheduler", "sync")
+    assert "out of date" not in first.stderr
+    again = run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync")
+    assert "note: 1 result(s) made from the previous ones are now out of date (subset)" in again.stderr
+    assert "catalog: 2 shards, 20 samples" in again.stdout
+    assert "out of date" not in run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync").stderr  # skipped
