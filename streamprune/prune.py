@@ -77,16 +77,35 @@ def load_scores(ws: Workspace, score: str, source: str) -> np.ndarray:
     return out
 
 
+def _method_source(source) -> bool:
+    """Whether ``source`` names an extrapolation's output: a built-in method's, or that of a method a
+    plugin registered in this process (docs/extending.md), read from the same place."""
+    if source in SOURCES:
+        return True
+    if not isinstance(source, str) or source in ALL_SOURCES:
+        return False
+    from streamprune.extrapolate.common import methods
+
+    return source in methods()
+
+
+def _unknown_source(source) -> StreamPruneError:
+    from streamprune.extrapolate.common import methods
+
+    known = [*ALL_SOURCES, *sorted(set(methods()) - set(ALL_SOURCES))]
+    return StreamPruneError(f"prune: unknown score source {source!r}; choose one of {', '.join(known)}")
+
+
 def score_marker_key(score: str, source: str) -> str:
     """Marker of the stage that produces ``score`` from ``source``."""
-    if source in SOURCES:
+    if _method_source(source):
         return f"extrapolate-{score}-{source}"
     return f"score-{score}-full" if source == "full" else f"score-{score}"
 
 
 def _load_scores(ws: Workspace, score: str, source: str) -> tuple[np.ndarray, dict]:
     """Scores and the marker they come from (zarr read directly: streamprune.scoring would import torch)."""
-    if source in SOURCES:
+    if _method_source(source):
         path = f"extrapolated/{score}-{source}.zarr"
         marker = ws.marker(score_marker_key(score, source))
         if marker is None:
@@ -115,7 +134,7 @@ def _load_scores(ws: Workspace, score: str, source: str) -> tuple[np.ndarray, di
     if source == "full":
         marker = _require(ws, f"score-{score}-full", f"streamprune score -w {ws.url} --score {score} --full")
         return _read_score_array(ws, f"scores/{score}-full.zarr"), marker
-    raise StreamPruneError(f"prune: unknown score source {source!r}; choose one of {', '.join(ALL_SOURCES)}")
+    raise _unknown_source(source)
 
 
 def _read_score_array(ws: Workspace, path: str) -> np.ndarray:
@@ -207,8 +226,8 @@ def check_options(*, score: str, source: str, strategy: str, keep_fraction: floa
         strategy = sel.canonical(strategy)
     except ValueError as exc:
         raise StreamPruneError(f"prune: {exc}") from None
-    if source not in ALL_SOURCES:
-        raise StreamPruneError(f"prune: unknown score source {source!r}; choose one of {', '.join(ALL_SOURCES)}")
+    if source not in ALL_SOURCES and not _method_source(source):
+        raise _unknown_source(source)
     strategy_opts = dict(strategy_opts)
     direction = bool(strategy_opts.pop("higher_is_harder", higher_is_harder(score)))
     eps = strategy_opts.get("eps")

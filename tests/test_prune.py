@@ -664,3 +664,25 @@ def test_read_1d_converts_chunk_by_chunk_and_names_values_that_do_not_fit(tmp_pa
     arr[7] = 1 << 40
     with pytest.raises(StreamPruneError, match=r"^label disagreement: values in \S*labels\.zarr \(rows 6 to 8\) exceed int32$"):
         storage.read_1d(arr, np.int32, "label disagreement", chunk_rows=3)
+
+
+def test_prune_from_a_method_a_plugin_registered(tmp_path, monkeypatch):
+    """A method added as docs/extending.md shows writes extrapolated/<score>-<method>.zarr under its
+    marker; prune --from <method> reads it like a built-in's once the method is registered."""
+    from streamprune.extrapolate import common
+
+    ws, _, up = build(str(tmp_path))
+    w = Workspace(ws)
+    shutil.copytree(os.path.join(ws, "extrapolated", "du-knn.zarr"), os.path.join(ws, "extrapolated", "du-mine.zarr"))
+    w.begin("extrapolate", {"test": 1}, {}, key="extrapolate-du-mine").commit(
+        {"score": "extrapolated/du-mine.zarr"}, {"n": 120})
+    monkeypatch.setattr(common, "_METHODS", dict(common._METHODS))
+    with pytest.raises(StreamPruneError, match="unknown score source 'mine'; choose one of knn, gcn"):
+        prune(ws, source="mine", keep_fraction=0.5, scheduler="sync")
+    common.register_method("mine", lambda *a, **k: None)
+    with pytest.raises(StreamPruneError, match="unknown score source 'other'; choose one of .*, mine"):
+        prune(ws, source="other", keep_fraction=0.5, scheduler="sync")
+    m = prune(ws, source="mine", keep_fraction=0.5, scheduler="sync")
+    want = expected_hardest(up, 0.5)
+    assert m["counts"]["n_kept"] == len(want)
+    assert pd.read_parquet(tmp_path / "ws" / "prune" / "du-mine-hard-0.5" / "keys.parquet").row.tolist() == want.tolist()
