@@ -267,3 +267,17 @@ def test_finite_takes_any_real_number_and_nothing_else():
 
     assert all(finite(v) for v in (0, -3, 2**64, 10**400, 1.5, np.float32(2), np.int64(7)))
     assert not any(finite(v) for v in (True, float("nan"), float("inf"), -np.inf, "1", None, [1]))
+
+
+def test_run_timing_table_fits_long_stage_names():
+    """The closing table of `run` widens its stage column for a long name such as 'extrapolate du-label-aware'."""
+    from streamprune.pipeline import _finish
+
+    lines: list[str] = []
+    timings = [("catalog", 1.0, False), ("extrapolate du-label-aware-with-suffix", 2.5, True)]
+    _finish(timings, {}, lines.append)
+    table = [line for line in lines if line]
+    assert table[0].startswith("stage") and table[-1].startswith("total")
+    ends = {line.index("s  status") + 1 if line.startswith("stage") else line.index(".") + 2 for line in table}
+    assert len(ends) == 1  # every wall time ends in the column of the header's 'wall s'
+    assert table[2].split() == ["extrapolate", "du-label-aware-with-suffix", "2.5", "skipped"]
