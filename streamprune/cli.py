@@ -305,8 +305,10 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
 @click.option("--nprobe", type=int, default=None)
 @click.option("--refine", type=int, default=None, help="Re-rank the top R*k candidates exactly.")
 @click.option("--chunk-rows", type=int, default=None)
-@click.option("--scheduler", default="local", show_default=True)
-@click.option("--force", is_flag=True)
+@click.option("--scheduler", default="local", show_default=True,
+              help="dask scheduler adding and searching rows: local (worker processes), threads, sync, or "
+                   "tcp://host:8786.")
+@click.option("--force", is_flag=True, help="Replace indexes and graphs built with another configuration.")
 def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chunk_rows, scheduler, force):
     """Build the faiss index(es) and write kNN graphs to graph/<seeds|all>.zarr."""
     from streamprune.index import build_index
@@ -351,8 +353,9 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
 @click.option("--tol", type=float, default=None, help="propagate: stop when the change is below this.")
 @click.option("--max-iter", type=int, default=None, help="propagate: at most this many iterations.")
 @click.option("--bandwidth", default=None, help="kernel: 'auto' (chosen on held-out seeds) or a distance.")
-@click.option("--scheduler", default="sync", show_default=True)
-@click.option("--force", is_flag=True)
+@click.option("--scheduler", default="sync", show_default=True,
+              help="dask scheduler: sync (in this process), local (worker processes), threads, or tcp://host:8786.")
+@click.option("--force", is_flag=True, help="Replace results made with another configuration.")
 def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidden, dropout, batch_size, lr, fanout,
                 weight, gcn_seed, patience, chunk_rows, memory_limit, device, prior, training, tol, max_iter, bandwidth,
                 scheduler, force):
@@ -360,6 +363,10 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
     from streamprune.extrapolate import extrapolate as run
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if not chosen:
+        from streamprune.extrapolate.common import known_methods
+
+        raise StreamPruneError(f"--method names no method; choose one or more of {', '.join(known_methods())}")
     given = {"k": k, "epochs": epochs, "hidden": hidden, "dropout": dropout, "batch_size": batch_size, "lr": lr,
              "fanout": fanout, "weight": weight, "seed": gcn_seed, "patience": patience, "chunk_rows": chunk_rows,
              "memory_limit": memory_limit, "device": device, "prior": prior, "training": training, "tol": tol,
@@ -457,8 +464,10 @@ def _int_option(flag: str, value) -> int:
 @click.option("--eps", type=float, default=None, help="influence-budget: budget on the removed influence.")
 @click.option("--noise-fraction", default=None, help="hard-clean: 'auto' or a fraction to drop first.")
 @click.option("--durable", is_flag=True, help="--reshard: fsync every output tar before it is renamed into place.")
-@click.option("--scheduler", default="local", show_default=True)
-@click.option("--force", is_flag=True)
+@click.option("--scheduler", default="local", show_default=True,
+              help="dask scheduler writing --reshard shards: local (worker processes), threads, sync, or "
+                   "tcp://host:8786.")
+@click.option("--force", is_flag=True, help="Replace a pruned set of this name made with another configuration.")
 def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fraction, keep_count, name, seed, reshard,
               shard_size, max_count, eps, noise_fraction, durable, scheduler, force):
     """Select samples and write shards.txt, kept keys, stats.json, optionally new shards."""
@@ -545,7 +554,7 @@ def report(workspace, storage_options, output, score_name):
               type=click.Choice(["catalog", "subset", "score", "embed", "index", "extrapolate", "prune"]))
 @click.option("--scheduler", default=None, help="dask scheduler (default local).")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default=None)
-@click.option("--force", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace the results of every stage whose options changed.")
 @click.option("--fraction", type=float, default=None)
 @click.option("--score", "score_names", default=None, help="Comma-separated scores.")
 @click.option("--epochs", type=int, default=None)

@@ -471,14 +471,14 @@ def format_evaluation(out: dict) -> str:
             return f"{a['mean']:.4f}" + (f"±{a['std']:.4f}" if spread else "")
         lines.append(f"pruned test accuracy (mean ± std over {pc['seeds']} seeds)" if spread
                      else "pruned test accuracy (1 seed: no spread; more --seeds give a standard deviation)")
-        lines.append(f"{'selection':<26}" + "".join(f"{'keep ' + str(k):>16}" for k in pc["keeps"]))
-        if "all_rows" in pc:
-            a = pc["all_rows"]["accuracy"]
-            lines.append(f"{'all rows (no pruning)':<26}{acc(a)}")
-        for label, by_keep in pc["runs"].items():
-            cells = []
-            for k in pc["keeps"]:
-                a = by_keep.get(str(k), {}).get("accuracy")
-                cells.append(acc(a) if a else "-")
-            lines.append(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
+        rows = [(label, [acc(by_keep[str(k)]["accuracy"]) if by_keep.get(str(k), {}).get("accuracy") else "-"
+                         for k in pc["keeps"]]) for label, by_keep in pc["runs"].items()]
+        if "all_rows" in pc:  # one value: under the first keep column, not under the labels
+            rows.insert(0, ("all rows (no pruning)", [acc(pc["all_rows"]["accuracy"])]))
+        head = [f"keep {k}" for k in pc["keeps"]]
+        label_w = max(len(text) for text in ["selection", *(label for label, _ in rows)]) + 2
+        cell_w = max(len(text) for text in head + [c for _, cells in rows for c in cells]) + 2
+        lines.append(f"{'selection':<{label_w}}" + "".join(f"{h:>{cell_w}}" for h in head))
+        for label, cells in rows:
+            lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{cell_w}}" for c in cells))
     return "\n".join(lines)

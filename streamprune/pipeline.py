@@ -255,6 +255,9 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     sched, on_error, force = cfg.scheduler, cfg.on_error, cfg.force
     timings: list[tuple[str, float, bool]] = []
     outputs: dict = {}
+    # the longest stage name sets the column, so that "extrapolate du-label-aware" lines up too
+    width = max([21, *(len(f"extrapolate {n}-{m}") for n in s["score"]["scores"] or ()
+                       for m in checked.get("methods") or ())]) + 1
 
     def stage(name: str, fn):
         t0 = time.time()
@@ -267,7 +270,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
             results = [result]
         skipped = all(r.get("skipped") for r in results if isinstance(r, dict))
         timings.append((name, time.time() - t0, skipped))
-        echo(f"{name:<22} {'skipped (done)' if skipped else 'done'} in {time.time() - t0:.1f}s")
+        echo(f"{name:<{width}} {'skipped (done)' if skipped else 'done'} in {time.time() - t0:.1f}s")
         return result
 
     from streamprune.shards import catalog
@@ -342,10 +345,11 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
 def _finish(timings: list, outputs: dict, echo) -> dict:
     total = sum(t for _, t, _ in timings)
     echo("")
-    echo(f"{'stage':<28}{'wall s':>10}  status")
+    width = max([26, *(len(name) for name, _, _ in timings)]) + 2
+    echo(f"{'stage':<{width}}{'wall s':>10}  status")
     for name, t, skipped in timings:
-        echo(f"{name:<28}{t:>10.1f}  {'skipped' if skipped else 'ran'}")
-    echo(f"{'total':<28}{total:>10.1f}")
+        echo(f"{name:<{width}}{t:>10.1f}  {'skipped' if skipped else 'ran'}")
+    echo(f"{'total':<{width}}{total:>10.1f}")
     if all(skipped for _, _, skipped in timings):
         echo("nothing to do: every stage was already done with this configuration")
     return {"timings": [{"stage": n, "wall_s": round(t, 3), "skipped": sk} for n, t, sk in timings],

@@ -6,7 +6,7 @@ from collections import Counter
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
-from streamprune.workspace import STAGES, Workspace
+from streamprune.workspace import STAGES, Workspace, missing_input, pipeline_order
 
 
 def status(workspace: str | Workspace, storage_options: dict | None = None) -> dict:
@@ -17,8 +17,12 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
     meta = ws.read_json("streamprune.json") or {}
     stages: dict[str, dict] = {}
     markers = ws.markers()
-    for name, m in sorted(markers.items()):
+    missing: list[str] = []  # inputs whose marker is gone while results made from them remain
+    for name, m in sorted(markers.items(), key=lambda item: pipeline_order(*item)):
         stale = ws.outdated_line(name, markers)
+        found = ws.outdated(name, markers) if stale else None
+        if found and missing_input(found[1], markers) and found[1] not in missing:
+            missing.append(found[1])
         stages[name] = {"done": stale is None, "stale": stale, "stage": m.get("stage"), "counts": m.get("counts", {}),
                              "wall_s": m.get("timings", {}).get("wall_s"), "outputs": {
                                  k: ws.path(v) for k, v in m.get("outputs", {}).items()},
@@ -32,7 +36,8 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
         "n_samples": cat.get("n_samples"),
         "n_shards": cat.get("n_shards"),
         "stages": stages,
-        "pending": [s for s in STAGES if s not in {v.get("stage") for v in stages.values()}],
+        "pending": sorted({*missing, *(s for s in STAGES if s not in {v.get("stage") for v in stages.values()})},
+                          key=pipeline_order),
         "errors": {"total": len(errors), "by_stage": dict(by_stage), "file": ws.path("errors.jsonl")},
     }
 
@@ -42,14 +47,17 @@ def format_status(info: dict) -> str:
     lines = [f"workspace  {info['workspace']}  (streamprune {info.get('version') or '-'})",
              f"samples    {info.get('n_samples') if info.get('n_samples') is not None else '-'} in "
              f"{info.get('n_shards') if info.get('n_shards') is not None else '-'} shards"]
+    width = max([24, *map(len, info["stages"])])  # a long name (extrapolate-du-label-aware) widens the column
+    pad = " " * (11 + width)
     for name, st in info["stages"].items():
         # short values only: a long one (the GCN's per-epoch training history) is in `status --json`
         counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items() if len(str(v)) <= 80)
-        lines.append(f"  {'stale' if st.get('stale') else 'done':<8} {name:<24} {st['wall_s'] or 0:8.1f}s  {counts}")
+        state = "stale" if st.get("stale") else "done"
+        lines.append(f"  {state:<8} {name:<{width}} {st['wall_s'] or 0:8.1f}s  {counts}")
         if st.get("stale"):
-            lines.append(f"           {'':<24} {st['stale']}")
+            lines.append(f"{pad} {st['stale']}")
         for label, url in st["outputs"].items():
-            lines.append(f"           {'':<24} {label}: {url}")
+            lines.append(f"{pad} {label}: {url}")
     for name in info["pending"]:
         lines.append(f"  pending  {name}")
     err = info["errors"]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -78,6 +79,125 @@ def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
     if key.startswith("reshard-"):
         return f"prune --name {config.get('name')} ... --reshard {config.get('out')}"
     return command_for(key)
+
+
+# (config path, CLI flag, CLI default) of the options a marker records: a re-run hint carries those
+# whose recorded value is not the default, so that pasting it repeats the run instead of being
+# refused as "another configuration".  Options resolved at run time (embed's and the GCN's chunk
+# rows, the GCN's fanout) are left out: a re-run resolves them again.
+_DECODE_FLAGS = (("decode.input", "--input", "auto"), ("decode.label_key", "--label-key", "cls"),
+                 ("decode.image_size", "--image-size", None), ("on_error", "--on-error", "fail"))
+_TRAIN_FLAGS = (("train.model", "--model", "cnn"), ("train.model_kwargs", "--model-kwargs", {}),
+                ("train.epochs", "--epochs", 30), ("train.batch_size", "--batch-size", 128),
+                ("train.optimizer", "--optimizer", "sgd"), ("train.lr", "--lr", None),
+                ("train.weight_decay", "--weight-decay", 5e-4), ("train.seed", "--seed", 0),
+                ("train.augment", "--augment", "none"), ("train.dynamics", "--dynamics", "eval"),
+                ("train.labels", "--labels", "supervised"), ("train.adversarial", "--adversarial", None),
+                ("train.pgd_steps", "--pgd-steps", 5), ("train.pgd_step_size", "--pgd-step-size", None),
+                ("train.num_classes", "--num-classes", None), ("train.device", "--device", "auto")) + _DECODE_FLAGS
+_SCORE_FLAGS = (("params.window", "--window", 10), ("params.decay", "--decay", 0.9))
+_FLAGS = {
+    "subset": (("fraction", "--fraction", 0.2), ("seed", "--seed", 0)),
+    "embed": (("encoder", "--encoder", "subset"), ("dtype", "--dtype", "float32"),
+              ("normalize", "--normalize", False), ("batch_size", "--batch-size", 256),
+              ("threads", "--threads", 1)) + _DECODE_FLAGS,
+    "index": (("graph", "--graph", None), ("k", "--k", 20), ("factory", "--factory", "auto"),
+              ("nprobe", "--nprobe", None), ("refine", "--refine", None), ("chunk_rows", "--chunk-rows", None)),
+    "knn": (("k", "--k", "auto"), ("chunk_rows", "--chunk-rows", None)),
+    "gcn": (("k", "--k", 10), ("hidden", "--hidden", [512, 256]), ("dropout", "--dropout", 0.5),
+            ("epochs", "--epochs", 25), ("batch_size", "--batch-size", 128), ("lr", "--lr", 1e-3),
+            ("weight", "--weight", "exp"), ("seed", "--gcn-seed", 0), ("prior", "--prior", "knn"),
+            ("training", "--training", "auto"), ("patience", "--patience", 10)),
+    "propagate": (("tol", "--tol", 1e-3), ("max_iter", "--max-iter", 50), ("k", "--k", None),
+                  ("chunk_rows", "--chunk-rows", None)),
+    "kernel": (("bandwidth", "--bandwidth", "auto"), ("chunk_rows", "--chunk-rows", None)),
+    "prune": (("seed", "--seed", 0), ("options.eps", "--eps", None),
+              ("options.noise_fraction", "--noise-fraction", None)),
+}
+_UNSET = object()
+
+
+def _get(config: dict, path: str, default=_UNSET):
+    for part in path.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return default
+        config = config[part]
+    return config
+
+
+def _flags(table: tuple, config: dict, **values) -> list[str]:
+    """The CLI options of ``table`` whose value (in ``values``, else in ``config``) is not the CLI default."""
+    out = []
+    for path, flag, default in table:
+        value = values[path] if path in values else _get(config, path, default)
+        if value == default or (isinstance(value, (list, tuple)) and list(value) == default):
+            continue
+        if value is True:
+            out.append(flag)
+        elif value is not False and value is not None:
+            text = (json.dumps(value, separators=(",", ":")) if isinstance(value, dict)
+                    else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+            out += [flag, shlex.quote(text)]
+    return out
+
+
+def _train_flags(tkey: str, markers: dict[str, dict]) -> list[str]:
+    """The options of the training run ``tkey`` (replica runs: those of the first run, whose seed they offset)."""
+    replica = re.search(r"-r(\d+)$", tkey)
+    first = markers.get("train-full") if replica else None
+    if first:
+        return _flags(_TRAIN_FLAGS, first.get("config") or {})
+    config = (markers.get(tkey) or {}).get("config") or {}
+    seed = _get(config, "train.seed", 0)
+    if replica and isinstance(seed, int):
+        seed -= int(replica.group(1))
+    return _flags(_TRAIN_FLAGS, config, **{"train.seed": seed})
+
+
+def repeat_command(key: str, markers: dict[str, dict] | None = None) -> str:
+    """:func:`rerun_command` with the options recorded in the marker's config that differ from the CLI
+    defaults: the command that repeats that run (a missing marker gives the bare command)."""
+    markers = markers or {}
+    m = markers.get(key) or {}
+    config = m.get("config") or {}
+    base = rerun_command(key, markers)
+    if not config or key == "catalog" or key.startswith("reshard-") or key == "score-label_disagreement":
+        return base
+    flags: list[str] = []
+    if key == "subset" or key == "embed":
+        flags = _flags(_FLAGS[key], config)
+    elif key.startswith("index-"):
+        flags = _flags(_FLAGS["index"], config)
+    elif key.startswith("prune-"):
+        flags = _flags(_FLAGS["prune"], config)
+    elif key.startswith("extrapolate-"):
+        # a GCN run without early stopping records no patience
+        flags = _flags(_FLAGS.get(config.get("method"), ()), config,
+                       **({"patience": config.get("patience", 0)} if config.get("method") == "gcn" else {}))
+    elif m.get("stage") == "train":
+        made = [s for s in markers.values() if s.get("stage") == "score" and s.get("key") != "score-label_disagreement"
+                and (s.get("inputs") or {}).get("train") == m.get("fingerprint")]
+        names = sorted({str((s.get("config") or {}).get("score")) for s in made})
+        flags = (["--score", ",".join(names)] if names and names != ["du"] else []) + _train_flags(key, markers)
+        params = {k: v for s in made for k, v in ((s.get("config") or {}).get("params") or {}).items()}
+        flags += _flags(_SCORE_FLAGS, {"params": params})
+    elif m.get("stage") == "score":
+        full = re.search(r"-full(-r\d+)?$", key)
+        flags = _flags(_SCORE_FLAGS, config) + _train_flags("train" + (full.group(0) if full else ""), markers)
+    return " ".join([base, *flags])
+
+
+def missing_input(role: str, markers: dict[str, dict]) -> bool:
+    """Whether input ``role`` names a stage marker (``train``, ``index-all``, ...) that is not there."""
+    named = role in ("catalog", "subset", "train", "embed") or role.startswith(("train-full", "index-"))
+    return named and role not in markers
+
+
+def pipeline_order(key: str, marker: dict | None = None) -> tuple[int, str]:
+    """Sort key putting markers in the order their stages run (subset before train before score ...)."""
+    stage = (marker or {}).get("stage") or ("train" if key.startswith("train") else command_for(key).split()[0])
+    order = ("catalog", "subset", "train", "score", "embed", "index", "extrapolate", "prune")
+    return (order.index(stage) if stage in order else len(order), key)
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -225,13 +345,25 @@ class Workspace:
         return walk(key)
 
     def outdated_line(self, key: str, markers: dict[str, dict] | None = None) -> str | None:
-        """:meth:`outdated` as one line naming the command to re-run, or None."""
+        """:meth:`outdated` as one line naming the command to run, or None.
+
+        When the input's marker is gone (its stage has not run, or a re-run removed it and then
+        failed), the line says so and names the command that makes that input again.
+        """
+        markers = self.markers() if markers is None else markers
         found = self.outdated(key, markers)
         if found is None:
             return None
         stale, role = found
+        if missing_input(role, markers):
+            # the config it last finished with, and the fingerprint ``stale`` knew it by
+            known = {**markers, role: {"stage": "train" if role.startswith("train") else role.split("-")[0],
+                                       "key": role, "config": self.metadata().get("stages", {}).get(role),
+                                       "fingerprint": (markers[stale].get("inputs") or {}).get(role)}}
+            return (f"{stale} is out of date (its input '{role}' is missing: it has not run or was removed); "
+                    f"run `streamprune {repeat_command(role, known)} -w {self.url}`")
         return (f"{stale} is out of date (its input '{role}' was re-run since); re-run "
-                f"`streamprune {rerun_command(stale, markers)} -w {self.url}`")
+                f"`streamprune {repeat_command(stale, markers)} -w {self.url}`")
 
     def check_current(self, inputs: dict, for_stage: str) -> None:
         """Refuse to build on results made from outputs that have since been replaced."""

@@ -210,3 +210,41 @@ def test_storage_error_line_names_the_path_it_mentions():
     exc = FileNotFoundError(2, "Failed to open local file '/out/dir/s.csv.tmp-12'")  # no filename, as pyarrow's
     assert error_line(exc, ["/ws", "/out/dir/s.csv", "/out"]) == "not found: /out/dir/s.csv"
     assert error_line(exc) == "not found: object storage"
+
+
+@pytest.mark.parametrize("methods", ["", ",", " , "])
+def test_extrapolate_without_a_method_is_one_line(tmp_path, methods):
+    result = _invoke("extrapolate", "-w", str(tmp_path / "ws"), "--method", methods)
+    assert result.exit_code == 1 and result.stderr.splitlines() == [
+        "Error: --method names no method; choose one or more of gcn, kernel, knn, label-aware, propagate"]
+    assert not os.path.exists(tmp_path / "ws")
+
+
+def test_scheduler_and_force_are_described_wherever_they_are_taken():
+    """--scheduler and --force say what they do in every command that takes them (index and prune did not)."""
+    from streamprune.cli import cli
+
+    taken = []
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if {"--scheduler", "--force"} & set(param.opts):
+                taken.append(name)
+                assert param.help, (name, param.opts)
+    assert {"index", "prune", "extrapolate"} <= set(taken)
+    out = run_cli("prune", "--help").stdout
+    assert "Replace a pruned set of this name made with another" in out and "writing --reshard shards" in out
+
+
+def test_guide_names_each_scheduler_default():
+    """docs/guide.md's word on which scheduler the chunked stages default to matches the commands."""
+    import click
+
+    from streamprune.cli import cli
+
+    guide = open(os.path.join(os.path.dirname(__file__), "..", "docs", "guide.md")).read()
+    claim = " ".join(guide.split("## Parallelism", 1)[1].split("starts a dask", 1)[0].split())
+    for name in ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune"):
+        command = cli.commands[name]
+        default = next(p for p in command.params if "--scheduler" in p.opts).get_default(click.Context(command))
+        if default != "local":
+            assert f"`{name}`, which defaults to `{default}`" in claim, (name, default)

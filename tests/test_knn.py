@@ -394,3 +394,23 @@ def test_one_seed_pruning_table_shows_no_spread():
     assert "1 seed: no spread" in text and "±" not in text.split("1 seed: no spread")[1] and "0.9000" in text
     text3 = format_evaluation({**base, "pruning_curve": {**pc, "seeds": 3}})
     assert "mean ± std over 3 seeds" in text3 and "0.9000±0.0000" in text3
+
+
+def test_pruning_table_columns_line_up():
+    """The all-rows accuracy sits under the keep column (not under the labels), and a long selection label
+    widens the label column instead of pushing its row's values out of line."""
+    from streamprune.evaluate import format_evaluation
+
+    acc = {"accuracy": {"mean": 0.9, "std": 0.01}}
+    long_label = "label-aware/hard-clean-with-a-long-name"
+    pc = {"seeds": 3, "keeps": [0.3, 0.5], "all_rows": acc,
+          "runs": {"knn/hard": {"0.3": acc, "0.5": acc}, long_label: {"0.3": acc, "0.5": acc}}}
+    text = format_evaluation({"score": "du", "n": 10, "n_seed": 2, "fidelity": {}, "pruning_curve": pc})
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("selection"))
+    first_keep_end = head.index("keep 0.3") + len("keep 0.3")
+    all_rows = next(line for line in lines if line.startswith("all rows (no pruning)"))
+    assert all_rows.endswith("0.9000±0.0100") and len(all_rows) == first_keep_end
+    for label in ("knn/hard", long_label):
+        row = next(line for line in lines if line.startswith(label + " "))
+        assert len(row) == len(head) and row[first_keep_end - len("0.9000±0.0100"):first_keep_end] == "0.9000±0.0100"

@@ -290,3 +290,17 @@ def test_run_refuses_later_stages_options_before_the_first_stage(override, says)
     assert says in str(err.value)
     if "index" in override:  # --until embed never runs the index stage: its options are not its business
         check_config(RunConfig.load(None, override), "embed")
+
+
+def test_run_timing_table_fits_long_stage_names():
+    """The closing table of `run` widens its stage column for a long name such as 'extrapolate du-label-aware'."""
+    from streamprune.pipeline import _finish
+
+    lines: list[str] = []
+    timings = [("catalog", 1.0, False), ("extrapolate du-label-aware-with-suffix", 2.5, True)]
+    _finish(timings, {}, lines.append)
+    table = [line for line in lines if line]
+    assert table[0].startswith("stage") and table[-1].startswith("total")
+    ends = {line.index("s  status") + 1 if line.startswith("stage") else line.index(".") + 2 for line in table}
+    assert len(ends) == 1  # every wall time ends in the column of the header's 'wall s'
+    assert table[2].split() == ["extrapolate", "du-label-aware-with-suffix", "2.5", "skipped"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 
@@ -156,6 +157,11 @@ def test_prune_local_end_to_end(tmp_path):
 
     again = prune(ws, keep_fraction=0.5, reshard=out, shard_size=20_000, scheduler="sync")
     assert again.get("skipped") and again["reshard"].get("skipped")
+    # the user guide names the files prune writes, as they are
+    guide = open(os.path.join(os.path.dirname(__file__), "..", "docs", "guide.md")).read()
+    written = guide.split("Selects the rows to keep and writes", 1)[1].split(";", 1)[0]
+    named = [os.path.basename(p) for p in re.findall(r"`([^`]+)`", written)]
+    assert "keys.parquet" in named and all((pdir / f).is_file() for f in named), named
 
 
 def test_reshard_max_count_and_repeated_keys(tmp_path):

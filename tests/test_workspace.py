@@ -155,6 +155,23 @@ def test_status_text_leaves_long_counts_to_json():
     assert "history" not in text and max(len(line) for line in text.splitlines()) < 200
 
 
+def test_status_text_columns_fit_long_stage_names():
+    """A stage name longer than the usual column (extrapolate-du-label-aware) widens the column for every row."""
+    from streamprune.status import format_status
+
+    stages = {name: {"wall_s": 1.5, "outputs": {"out": f"ws/{name}"}, "counts": {"n": 1}, "stale": None}
+              for name in ("catalog", "extrapolate-du-label-aware")}
+    info = {"workspace": "ws", "version": "x", "n_samples": 10, "n_shards": 1, "pending": [], "stages": stages,
+            "errors": {"total": 0, "by_stage": {}, "file": "errors.jsonl"}}
+    lines = format_status(info).splitlines()
+    rows = [line for line in lines if line.startswith("  done")]
+    assert len(rows) == 2 and len({row.index("1.5s") for row in rows}) == 1
+    assert rows[1].split() == ["done", "extrapolate-du-label-aware", "1.5s", "n=1"]
+    outs = [line for line in lines if "out: ws/" in line]
+    # outputs start where the wall-time field does: past the longest name
+    assert {line.index("out:") for line in outs} == {11 + len("extrapolate-du-label-aware") + 1}
+
+
 def test_changed_configuration_names_nested_options_old_and_new(tmp_path):
     """A changed nested option is named by its dotted key with its old and new values."""
     ws = Workspace(str(tmp_path / "ws"))
@@ -175,3 +192,107 @@ def test_rerun_hint_for_a_prune_set_can_be_pasted():
         "prune --name g1 --score du --from gcn --strategy hard-clean --keep-fraction 0.5"
     by_count = {**cfg, "keep_fraction": None, "keep_count": 300}
     assert rerun_command("prune-g1", {"prune-g1": {"config": by_count}}).endswith("--keep-count 300")
+
+
+def test_stale_subset_hint_repeats_its_options_and_works(shards, tmp_path):
+    """After re-cataloguing, the hint for a subset made with --fraction 0.3 carries the fraction: pasted,
+    it re-makes the subset instead of being refused as another configuration."""
+    import shlex
+
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", *shards[:5], "-w", ws, "--scheduler", "sync")
+    run_cli("subset", "-w", ws, "--fraction", "0.3", "--scheduler", "sync")
+    run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync", "--force")
+    stale = json.loads(run_cli("status", "-w", ws, "--json").stdout)["stages"]["subset"]["stale"]
+    hint = re.search(r"re-run `streamprune (.*)`$", stale).group(1)
+    assert hint == f"subset --fraction 0.3 -w {ws}"
+    out = run_cli(*shlex.split(hint), "--scheduler", "sync", check=False)
+    assert out.returncode == 0 and "target 0.3" in out.stdout, out.stderr
+    assert json.loads(run_cli("status", "-w", ws, "--json").stdout)["stages"]["subset"]["done"]
+
+
+def _chain(ws: Workspace, train_config: dict) -> dict:
+    """Markers catalog -> subset -> train -> score-du, score-el2n -> embed, as the stages would write them."""
+    cat = ws.begin("catalog", {"v": 1}, {"shards": "a"}).commit({}, {})
+    sub = ws.begin("subset", {"fraction": 0.3, "seed": 0}, {"catalog": cat["fingerprint"]}).commit({}, {})
+    tr = ws.begin("train", train_config, {"catalog": cat["fingerprint"], "subset": sub["fingerprint"]}).commit({}, {})
+    for name, params in (("du", {"window": 4}), ("el2n", {})):
+        ws.begin("score", {"score": name, "params": params}, {"train": tr["fingerprint"]},
+                 key=f"score-{name}").commit({}, {})
+    ws.begin("embed", {"encoder": "subset", "dtype": "float32", "normalize": True, "batch_size": 256, "threads": 1,
+                       "decode": {"input": "auto", "label_key": "cls", "image_size": None}, "on_error": "fail",
+                       "chunk_rows": 64}, {"catalog": cat["fingerprint"], "train": tr["fingerprint"]}).commit({}, {})
+    return cat
+
+
+TRAIN = {"train": {"model": "mlp", "model_kwargs": {}, "epochs": 5, "batch_size": 128, "optimizer": "sgd", "lr": None,
+                   "seed": 0, "device": "auto"},
+         "decode": {"input": "vector", "label_key": "cls", "image_size": None}, "on_error": "fail"}
+
+
+def test_status_lists_stale_stages_in_pipeline_order_with_their_options(tmp_path):
+    """Several stale stages: the earliest (subset) comes first, and each hint carries the options that differ
+    from the CLI defaults (the train hint names every score made from it and the scores' own options)."""
+    from streamprune.status import format_status, status
+
+    ws = Workspace(str(tmp_path / "ws"))
+    _chain(ws, TRAIN)
+    ws.begin("catalog", {"v": 1}, {"shards": "b"}).commit({}, {})  # re-catalogued: everything after is stale
+    info = status(ws)
+    assert list(info["stages"]) == ["catalog", "subset", "train", "score-du", "score-el2n", "embed"]
+    w = f"-w {ws.url}`"
+    assert info["stages"]["subset"]["stale"].endswith(f"`streamprune subset --fraction 0.3 {w}")
+    train_hint = f"`streamprune score --score du,el2n --model mlp --epochs 5 --input vector --window 4 {w}"
+    assert info["stages"]["train"]["stale"].endswith(train_hint)
+    assert info["stages"]["score-du"]["stale"].startswith("train is out of date (its input 'catalog' was re-run")
+    assert info["stages"]["score-du"]["stale"].endswith(train_hint)
+    assert info["stages"]["embed"]["stale"].endswith(f"`streamprune embed --normalize {w}")
+    stale_lines = [line.strip() for line in format_status(info).splitlines() if "is out of date" in line]
+    assert stale_lines[0].startswith("subset is out of date")
+
+
+def test_a_removed_input_is_named_missing_and_pending(tmp_path):
+    """A `--force` re-run that failed leaves its stage without a marker: what was made from it says the input
+    is missing (not re-run), names the command that makes it with its last options, and status lists it pending."""
+    from streamprune.status import status
+
+    ws = Workspace(str(tmp_path / "ws"))
+    _chain(ws, TRAIN)
+    os.remove(os.path.join(ws.url, "_stages", "train.json"))
+    info = status(ws)
+    line = info["stages"]["embed"]["stale"]
+    assert line == ("embed is out of date (its input 'train' is missing: it has not run or was removed); run "
+                    f"`streamprune score --score du,el2n --model mlp --epochs 5 --input vector --window 4 -w {ws.url}`")
+    assert "is missing" in info["stages"]["score-du"]["stale"]
+    assert info["pending"] == ["train", "index", "extrapolate", "prune"]
+    assert info["stages"]["subset"]["done"]
+
+
+def test_rerun_options_follow_the_cli_defaults():
+    """A hint leaves out an option at its CLI default: the defaults the hints assume are those of the commands
+    (and of each extrapolation method), so a default that changes there cannot leave a hint wrong."""
+    import inspect
+
+    import click
+
+    from streamprune.cli import cli
+    from streamprune.extrapolate import common
+    from streamprune.workspace import _FLAGS, _SCORE_FLAGS, _TRAIN_FLAGS
+
+    def defaults(command: str) -> dict:
+        ctx = click.Context(cli.commands[command])
+        return {o: p.get_default(ctx) for p in cli.commands[command].params for o in p.opts}
+
+    for command, table in (("subset", _FLAGS["subset"]), ("score", _TRAIN_FLAGS + _SCORE_FLAGS),
+                           ("embed", _FLAGS["embed"]), ("index", _FLAGS["index"][1:]), ("prune", _FLAGS["prune"])):
+        cli_defaults = defaults(command)
+        for _, flag, default in table:
+            given = cli_defaults[flag]
+            assert (json.loads(given) if flag == "--model-kwargs" else given) == default, (command, flag)
+    for method in ("knn", "gcn", "propagate", "kernel"):
+        common.known_methods()  # registers the built-in methods
+        params = inspect.signature(common._METHODS[method]).parameters
+        for path, flag, default in _FLAGS[method]:
+            assert flag in defaults("extrapolate")
+            want = params[path].default
+            assert (list(want) if isinstance(want, tuple) else want) == default, (method, flag)

@@ -128,9 +128,15 @@ def check_method(method: str) -> None:
     if method not in _METHODS:
         _import_method(method)
     if method not in _METHODS:
-        for builtin in BUILTIN_METHODS:  # the methods that register on import, so that the list is complete
-            _import_method(builtin)
-        raise StreamPruneError(f"unknown extrapolation method {method!r}; known: {', '.join(methods()) or 'none'}")
+        known = ", ".join(known_methods()) or "none"
+        raise StreamPruneError(f"unknown extrapolation method {method!r}; known: {known}")
+
+
+def known_methods() -> list[str]:
+    """Names of every method, the built-in ones included (they register on import)."""
+    for builtin in BUILTIN_METHODS:
+        _import_method(builtin)
+    return methods()
 
 
 def extrapolate(ws: str | Workspace, score: str, method: str, **opts: Any) -> dict:
