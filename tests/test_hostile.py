@@ -20,6 +20,8 @@ import tracemalloc
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamprune.decode import MAX_LABEL, DecodeConfig, check_label, decode_input, decode_label
 from streamprune.errors import SampleError, StreamPruneError
@@ -330,6 +332,40 @@ def test_label_range():
 def test_bad_vectors(data, message):
     with pytest.raises(SampleError, match=rf"shard s\.tar, key k1: .*{re.escape(message)}"):
         decode_input(_sample(npy=data), DecodeConfig(input="vector"), "s.tar")
+
+
+def _npy_file(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    f = io.BytesIO()
+    np.lib.format.write_array(f, arr, version=version, allow_pickle=False)
+    return f.getvalue()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+       dtype=st.sampled_from(["<f4", ">f4", "<f8", "<f2", "|i1", "<i4", ">i8", "|u1", "<u2"]),
+       fortran=st.booleans(), version=st.sampled_from([None, (1, 0), (2, 0), (3, 0)]),
+       trailing=st.sampled_from([b"", b"xyz"]))
+def test_vectors_decode_as_np_load_reads_them(shape, dtype, fortran, version, trailing):
+    """Headers are parsed once per distinct header, the values read with frombuffer: the vector is
+    np.load's array flattened, for every byte order, layout and format version, and writable."""
+    rng = np.random.default_rng(len(shape))
+    arr = (rng.random(shape) * 100).astype(dtype)
+    arr = np.asfortranarray(arr) if fortran else arr
+    data = _npy_file(arr, version) + trailing
+    want = np.asarray(np.load(io.BytesIO(data), allow_pickle=False), np.float32).reshape(-1)
+    for _ in range(2):  # the second read takes the cached header
+        got = decode_input(_sample(npy=data), DecodeConfig(input="vector"), "s.tar")
+        assert got.dtype == np.float32 and got.flags.writeable and np.array_equal(got, want)
+
+
+def test_object_and_unknown_version_npy_are_refused():
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (2,), }".ljust(117) + b"\n"
+    obj = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 16
+    with pytest.raises(SampleError, match="undecodable .npy .*Object arrays cannot be loaded"):
+        decode_input(_sample(npy=obj), DecodeConfig(input="vector"), "s.tar")
+    v9 = b"\x93NUMPY\x09\x00" + _npy_file(np.zeros(2, np.float32))[8:]
+    with pytest.raises(SampleError, match="undecodable .npy"):
+        decode_input(_sample(npy=v9), DecodeConfig(input="vector"), "s.tar")
 
 
 def _png_header(width: int, height: int) -> bytes:
