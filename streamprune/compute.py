@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -219,9 +220,12 @@ def check_scheduler(scheduler: str | None) -> None:
     if scheduler is None or scheduler in LOCAL_SCHEDULERS:
         return
     from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
 
     try:
-        if parse_address(str(scheduler))[0] in ("tcp", "tls"):
+        scheme = parse_address(str(scheduler))[0]
+        get_backend(scheme)  # a known protocol (a typo such as tpc:// would fail deep in Client)
+        if scheme in ("tcp", "tls"):
             get_address_host_port(str(scheduler))
     except (TypeError, ValueError):
         raise StreamPruneError(f"--scheduler must be local, threads, sync or a dask scheduler address such as "
@@ -416,6 +420,40 @@ def _run_local(fn: Callable, args_list: Sequence[tuple], scheduler: str, done: C
             raise
 
 
+NO_WORKERS_CHECK_S = 30.0  # how often a stage on an existing cluster looks for workers while it waits
+
+
+@contextmanager
+def _warn_without_workers(client, scheduler: str | None) -> Iterator[None]:
+    """On an existing cluster (``tcp://...``), a warning whenever the scheduler has no workers: tasks
+    then wait without a word (the only worker died, or none was started).  Waiting stays right, as
+    an adaptive cluster may start workers later; the warning says what the stage is waiting for."""
+    if scheduler in (None, *LOCAL_SCHEDULERS):
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        warned = False
+        while not stop.is_set():
+            try:
+                none = not client.nthreads()
+            except Exception:  # noqa: BLE001 - the client closing or the scheduler gone: the stage reports it
+                return
+            if none and not warned:
+                log.warning("dask scheduler %s has no workers: the stage waits for one (start workers, or stop "
+                            "it and re-run later to resume)", scheduler)
+            warned = none
+            stop.wait(NO_WORKERS_CHECK_S)
+
+    thread = threading.Thread(target=watch, name="streamprune-no-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | None, done: Callable,
                      retries: int, memory_limit: str | int | None, what: str,
                      inflight_per_worker: int | None = None, ordered_window: int | None = None) -> None:
@@ -423,7 +461,7 @@ def _run_distributed(fn: Callable, args_list: Sequence[tuple], scheduler: str | 
 
     from dask.distributed import as_completed
 
-    with client_for(scheduler, len(args_list), memory_limit) as client:
+    with client_for(scheduler, len(args_list), memory_limit) as client, _warn_without_workers(client, scheduler):
         futures = {}
         if inflight_per_worker is None:
             window = len(args_list)

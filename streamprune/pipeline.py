@@ -123,6 +123,9 @@ class RunConfig:
                     raise StreamPruneError(f"--config {path}: {exc}") from None
         for stage, opts in (overrides or {}).items():
             cfg.stages[stage].update({k: _checked(f"{stage}.{k}", v) for k, v in opts.items() if v is not None})
+        for k, v in top.items():  # --scheduler, --on-error, --force given on the command line win over the file
+            if v is not None:
+                setattr(cfg, k, v)
         return cfg
 
 

@@ -373,7 +373,8 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_dela
             if not transient or _retried_inside(exc) or attempt == attempts:
                 msg = describe_storage_error(exc, what, storage_options)
                 if transient:
-                    msg += f" (gave up after {policy.attempts if _retried_inside(exc) else attempt} attempts)"
+                    tries = policy.attempts if _retried_inside(exc) else attempt
+                    msg += f" (gave up after {tries} attempt{'s' if tries != 1 else ''})"
                 raise StreamPruneError(msg) from exc
             delay = (policy.delay(attempt) if base_delay is None
                      else base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))

@@ -183,7 +183,7 @@ def test_scheduler_address_check():
 
     for ok in (None, "local", "threads", "sync", "processes", "tcp://10.0.0.1:8786", "scheduler:8786"):
         check_scheduler(ok)
-    for bad in ("bogus", "tcp://host", "tcp://host:port", ""):
+    for bad in ("bogus", "tcp://host", "tcp://host:port", "", "tpc://127.0.0.1:8786"):
         with pytest.raises(StreamPruneError, match=r"^--scheduler must be local, threads, sync or a dask"):
             check_scheduler(bad)
 

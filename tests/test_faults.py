@@ -596,3 +596,34 @@ def test_scheduler_lost_mid_stage_is_one_line():
     assert str(err.value) == (f"embed: lost the dask scheduler {cluster.scheduler_address} mid-stage; the finished "
                               "chunks are kept: re-run the same command to resume")
     assert 1 <= len(got) < 40
+
+
+def test_cluster_without_workers_warns_and_the_stage_runs_once_one_joins(monkeypatch, caplog):
+    """A stage on a scheduler with no workers says so (it would otherwise wait without a word), and
+    finishes once a worker joins."""
+    import logging
+    import threading
+
+    from dask.distributed import LocalCluster
+
+    from streamprune import compute
+
+    monkeypatch.setattr(compute, "NO_WORKERS_CHECK_S", 0.2)
+    cluster = LocalCluster(n_workers=0, processes=False, dashboard_address=":0")
+    try:
+        out: dict = {}
+        runner = threading.Thread(target=lambda: out.update(result=map_tasks(
+            pow, [(2, 3), (3, 2)], scheduler=cluster.scheduler_address)), daemon=True)
+        with caplog.at_level(logging.WARNING, logger="streamprune.compute"):
+            runner.start()
+            deadline = time.time() + 30
+            while "has no workers" not in caplog.text and time.time() < deadline:
+                time.sleep(0.05)
+            assert f"dask scheduler {cluster.scheduler_address} has no workers" in caplog.text
+            assert runner.is_alive() and "result" not in out
+            cluster.scale(1)
+            runner.join(60)
+        assert out["result"] == [8, 9]
+        assert caplog.text.count("has no workers") == 1
+    finally:
+        cluster.close()

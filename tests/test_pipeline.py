@@ -173,6 +173,15 @@ def test_config_types_are_checked_on_load(tmp_path, toml, line):
     assert str(err.value) == f"--config {path}: {line}"
 
 
+def test_command_line_scheduler_and_on_error_win_over_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('scheduler = "threads"\non_error = "skip"\n[subset]\nfraction = 0.3\n')
+    cfg = RunConfig.load(str(path), {"subset": {"fraction": None}}, scheduler="tcp://127.0.0.1:8786", on_error="fail")
+    assert (cfg.scheduler, cfg.on_error, cfg.stages["subset"]["fraction"]) == ("tcp://127.0.0.1:8786", "fail", 0.3)
+    cfg = RunConfig.load(str(path), scheduler=None, on_error=None, force=None)  # flags not given: the file's
+    assert (cfg.scheduler, cfg.on_error, cfg.force) == ("threads", "skip", False)
+
+
 def test_config_lists_may_be_strings_like_the_flags(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[score]\nscores = "du"\nlr = 1\n[extrapolate]\nmethods = "knn, label-aware"\n')
