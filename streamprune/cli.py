@@ -207,6 +207,8 @@ def decode_options(fn):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--window", type=int, default=10, show_default=True, help="DU/TDDS window (epochs).")
 @click.option("--decay", type=float, default=0.9, show_default=True, help="TDDS decay.")
+@click.option("--el2n-epochs", type=int, default=None,
+              help="EL2N over the first K epochs (early training, as Paul et al.); default: all epochs.")
 @click.option("--full", is_flag=True, help="Train on all rows: full-data scores (ground truth for evaluate).")
 @click.option("--full-runs", type=int, default=1, show_default=True,
               help="With --full: this many full-data runs (training seeds SEED, SEED+1, ...); evaluate reports "
@@ -221,7 +223,7 @@ def decode_options(fn):
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, full, full_runs, cache_memory,
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs, cache_memory,
           checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.compute import check_scheduler
@@ -243,7 +245,7 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
     if full_runs < 1 or (full_runs > 1 and not full):
         raise StreamPruneError("--full-runs needs --full and must be at least 1")
     names = [n.strip() for n in score_names.split(",") if n.strip()]
-    params = {"window": window, "decay": decay}
+    params = {"window": window, "decay": decay, "el2n_epochs": el2n_epochs}
     check_scores(names, params, epochs)  # before any training
     check_scheduler(scheduler)
     if fraction is not None and not full:

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, dict] = {
     "score": {"scores": ["du"], "epochs": 30, "model": "cnn", "model_kwargs": {}, "batch_size": 128,
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
-              "device": "auto", "window": 10, "decay": 0.9, "full": False, "full_runs": 1, "label_key": "cls",
+              "device": "auto", "window": 10, "decay": 0.9, "el2n_epochs": None, "full": False, "full_runs": 1, "label_key": "cls",
               "input": "auto", "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
@@ -49,6 +49,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "score.pgd_step_size": ((float,), "a number"),
     "score.num_classes": ((int,), "an integer"),
     "score.image_size": ((int,), "an integer"),
+    "score.el2n_epochs": ((int,), "an integer"),
     "score.cache_memory": ((str, int), "a size such as 4GiB"),
     "embed.chunk_rows": ((int,), "an integer"),
     "embed.memory_limit": ((str, int), "a size such as 4GiB"),
@@ -188,7 +189,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         out["decode"] = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
         if not sc["scores"]:
             raise StreamPruneError("score.scores names no score")
-        out["params"] = {"window": sc["window"], "decay": sc["decay"]}
+        out["params"] = {"window": sc["window"], "decay": sc["decay"], "el2n_epochs": sc["el2n_epochs"]}
         check_scores(list(sc["scores"]), out["params"], sc["epochs"])
     if upto >= ORDER.index("embed"):
         from streamprune.embed import check_embed_options

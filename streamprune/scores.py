@@ -290,11 +290,33 @@ def el2n(logits: np.ndarray, labels: np.ndarray, epochs: int | Sequence[int] | s
     return total / idx.size
 
 
+def _el2n_early(logits: np.ndarray, labels: np.ndarray, el2n_epochs: int | None = None,
+                epochs: int | Sequence[int] | slice | None = None) -> np.ndarray:
+    """:func:`el2n` as the ``el2n`` score: over the first ``el2n_epochs`` epochs, or all (None), or
+    over the ``epochs`` :func:`el2n` takes (the Python API's finer choice; not both).
+
+    Paul et al. take the error early in training (epoch 20 of 200) and average it over ~10 runs;
+    with one run, the default averages over all its epochs, which also counts how long a sample
+    stayed wrong.  ``el2n_epochs`` = K gives early-training EL2N.
+    """
+    n_epochs = _epoch_logits(logits, "el2n").shape[0]
+    if el2n_epochs is None:
+        return el2n(logits, labels, epochs)
+    if epochs is not None:
+        raise ValueError("el2n: give el2n_epochs or epochs, not both")
+    if isinstance(el2n_epochs, bool) or not isinstance(el2n_epochs, (int, np.integer)) \
+            or not 1 <= el2n_epochs <= n_epochs:
+        raise ValueError(f"el2n_epochs must be a whole number of epochs in [1, E={n_epochs}], got {el2n_epochs!r}")
+    return el2n(logits, labels, epochs=slice(0, int(el2n_epochs)))
+
+
 def forgetting(correct: np.ndarray) -> np.ndarray:
     """Forgetting events (Toneva et al., ICLR 2019): count of correct -> incorrect transitions.
 
-    F_i = sum_{t=0}^{E-2} [correct[t, i] and not correct[t+1, i]].
-    Samples never learned also score 0; callers wanting them ranked hardest must handle that.
+    F_i = sum_{t=0}^{E-2} [correct[t, i] and not correct[t+1, i]]; a sample never classified
+    correctly scores E, above any count (at most floor(E/2)).  The paper counts such samples as
+    forgotten infinitely often, so that they rank hardest; E keeps the score finite for the
+    extrapolation's averages while giving the same order.
 
     Args:
         correct: (E, n) bool (or 0/1 integer/float) correctness per epoch.
@@ -313,7 +335,9 @@ def forgetting(correct: np.ndarray) -> np.ndarray:
                 f"forgetting: correct must be boolean or 0/1, got {arr[e, i]!r} at epoch {e}, sample {i}"
             )
         arr = arr.astype(bool)
-    return (arr[:-1] & ~arr[1:]).sum(axis=0, dtype=np.int64)
+    counts = (arr[:-1] & ~arr[1:]).sum(axis=0, dtype=np.int64)
+    counts[~arr.any(axis=0)] = arr.shape[0]  # never learned: above every count
+    return counts
 
 
 def aum(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -618,7 +642,7 @@ def compute_score(name: str, dynamics: dict[str, np.ndarray], **kwargs) -> np.nd
 
 register_score("du", du, ("true_prob",), True, "Dynamic Uncertainty: windowed std of true-class probability")
 register_score("tdds", tdds, ("logits",), True, "Temporal Dual-Depth Scoring of prediction changes")
-register_score("el2n", el2n, ("logits", "labels"), True, "Error L2 norm of softmax minus one-hot label")
+register_score("el2n", _el2n_early, ("logits", "labels"), True, "Error L2 norm of softmax minus one-hot label")
 register_score("forgetting", forgetting, ("correct",), True, "Number of correct -> incorrect transitions")
 register_score("aum", aum, ("logits", "labels"), False, "Area under the logit margin (low = hard)")
 register_score("entropy", entropy, ("logits",), True, "Final-epoch predictive entropy")

@@ -20,7 +20,7 @@ from streamprune.errors import StreamPruneError
 from streamprune.scores import get_score
 from streamprune.workspace import Workspace, train_key
 
-SCORE_PARAMS = ("window", "decay", "ddof", "damping")
+SCORE_PARAMS = ("window", "decay", "ddof", "damping", "el2n_epochs")
 
 
 def score_key(name: str, full: bool, replica: int = 0) -> str:

@@ -95,7 +95,8 @@ _TRAIN_FLAGS = (("train.model", "--model", "cnn"), ("train.model_kwargs", "--mod
                 ("train.labels", "--labels", "supervised"), ("train.adversarial", "--adversarial", None),
                 ("train.pgd_steps", "--pgd-steps", 5), ("train.pgd_step_size", "--pgd-step-size", None),
                 ("train.num_classes", "--num-classes", None), ("train.device", "--device", "auto")) + _DECODE_FLAGS
-_SCORE_FLAGS = (("params.window", "--window", 10), ("params.decay", "--decay", 0.9))
+_SCORE_FLAGS = (("params.window", "--window", 10), ("params.decay", "--decay", 0.9),
+                ("params.el2n_epochs", "--el2n-epochs", None))
 _FLAGS = {
     "subset": (("fraction", "--fraction", 0.2), ("seed", "--seed", 0)),
     "embed": (("encoder", "--encoder", "subset"), ("dtype", "--dtype", "float32"),

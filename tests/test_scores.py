@@ -95,9 +95,11 @@ def tdds_ref(z, window, decay):
 
 
 def forgetting_ref(correct):
-    """Forgetting events counted with loops."""
+    """Forgetting events counted with loops; a sample never correct counts E (Toneva et al.: infinitely
+    often, i.e. above every sample that was learned)."""
     e, n = correct.shape
-    return np.array([sum(1 for t in range(e - 1) if correct[t, i] and not correct[t + 1, i]) for i in range(n)])
+    return np.array([sum(1 for t in range(e - 1) if correct[t, i] and not correct[t + 1, i])
+                     if any(correct[:, i]) else e for i in range(n)])
 
 
 def head_loss(theta, x, y):
@@ -305,9 +307,10 @@ def test_forgetting_hand_computed():
         ],
         dtype=bool,
     )
-    # sample 0: 1,0,1,1,0,0,1 -> forgets at 0->1 and 3->4; sample 3 alternates: 0,1,0,1,0,1,0 -> 3
+    # sample 0: 1,0,1,1,0,0,1 -> forgets at 0->1 and 3->4; sample 1 is never learned -> E = 7, the
+    # hardest; sample 3 alternates: 0,1,0,1,0,1,0 -> 3
     out = forgetting(correct)
-    np.testing.assert_array_equal(out, [2, 0, 1, 3])
+    np.testing.assert_array_equal(out, [2, 7, 1, 3])
     assert out.dtype == np.int64
     np.testing.assert_array_equal(forgetting(correct.astype(np.int8)), out)
 
@@ -318,13 +321,15 @@ def test_forgetting_matches_loop_reference(correct):
     out = forgetting(correct)
     assert out.shape == (correct.shape[1],) and out.dtype == np.int64
     np.testing.assert_array_equal(out, forgetting_ref(correct))
-    assert (out <= correct.shape[0] // 2).all()
+    learned = correct.any(axis=0)
+    assert (out[learned] <= correct.shape[0] // 2).all() and (out[~learned] == correct.shape[0]).all()
 
 
 @FAST
-@given(st.integers(1, 10), st.integers(1, 5), st.booleans())
-def test_forgetting_constant_is_zero(e, n, value):
-    assert (forgetting(np.full((e, n), value)) == 0).all()
+@given(st.integers(1, 10), st.integers(1, 5))
+def test_forgetting_always_right_is_zero_never_learned_is_hardest(e, n):
+    assert (forgetting(np.full((e, n), True)) == 0).all()
+    assert (forgetting(np.full((e, n), False)) == e).all()
 
 
 def test_forgetting_errors():
@@ -586,3 +591,25 @@ def test_register_user_score():
     finally:
         SCORES.pop("final_loss", None)
         SCORES.pop("bad", None)
+
+
+def test_el2n_score_over_the_first_k_epochs():
+    """The registered el2n score: all epochs by default; el2n_epochs=K averages the first K (early
+    training, as Paul et al.); K outside [1, E] is refused, and check_scores refuses it before training."""
+    from streamprune.errors import StreamPruneError
+    from streamprune.scoring import check_scores
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 20, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, 20)
+    fn = get_score("el2n").fn
+    np.testing.assert_allclose(fn(logits, labels), el2n(logits, labels))
+    np.testing.assert_allclose(fn(logits, labels, el2n_epochs=2), el2n(logits[:2], labels))
+    np.testing.assert_allclose(fn(logits, labels, el2n_epochs=1), el2n(logits[0], labels))
+    assert not np.allclose(fn(logits, labels, el2n_epochs=2), fn(logits, labels))
+    for bad in (0, 7, 2.5, True):
+        with pytest.raises(ValueError, match=r"el2n_epochs must be a whole number of epochs in \[1, E=6\]"):
+            fn(logits, labels, el2n_epochs=bad)
+    check_scores(["el2n", "du"], {"window": 3, "el2n_epochs": 6}, 6)
+    with pytest.raises(StreamPruneError, match="el2n_epochs must be"):
+        check_scores(["el2n"], {"el2n_epochs": 7}, 6)
