@@ -414,3 +414,22 @@ def test_pruning_table_columns_line_up():
     for label in ("knn/hard", long_label):
         row = next(line for line in lines if line.startswith(label + " "))
         assert len(row) == len(head) and row[first_keep_end - len("0.9000±0.0100"):first_keep_end] == "0.9000±0.0100"
+
+
+def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
+    """Leave-one-out k selection: a graph that lists a seed row among its own neighbours (distance
+    0, first) must give the table of the graph without it, for every k the shorter lists can give."""
+    from streamprune.extrapolate.knn import validation_table
+
+    w, *_ = scored_workspace(tmp_path / "ws", n=400)
+    k0, table0, used0 = validation_table(w, "du")
+    g = zarr.open_group(w.path("graph", "seeds.zarr"), mode="r+")
+    nbr, dist = g["neighbors"][:], g["distances"][:]
+    rows = np.arange(len(nbr))[:, None]
+    g["neighbors"][:] = np.concatenate([rows, nbr[:, :-1]], axis=1)  # itself first, the last one dropped
+    g["distances"][:] = np.concatenate([np.zeros_like(dist[:, :1]), dist[:, :-1]], axis=1)
+    _, table1, used1 = validation_table(w, "du")
+    assert used1 == used0 > 50
+    shorter = [k for k in table0 if k < nbr.shape[1]]
+    assert shorter and all(table1[k] == pytest.approx(table0[k], abs=1e-12) for k in shorter)
+    assert max(table0.values()) < 0.999  # not a graph where any k would predict perfectly

@@ -231,11 +231,11 @@ def test_missing_binary_is_a_clear_error(tmp_path, monkeypatch):
 def test_failed_start_reports_log_tail(tmp_path):
     if weed_binary() is None:
         pytest.fail(MISSING_WEED, pytrace=False)
-    server = SeaweedS3(tmp_path / "s3", extra_args=["-no.such.flag=1"], startup_timeout=20)
+    server = SeaweedS3(tmp_path / "s3", extra_args=["-no.such.flag=1"], startup_timeout=600)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"failed to start(.|\n)*no.such.flag"):
         server.start()
-    assert time.monotonic() - t0 < 10  # exits at once; not retried, no timeout wait
+    assert time.monotonic() - t0 < 300  # reported when the process exits, not after the 600 s timeout
     assert not server.running
     assert server.log_path.read_text().count("===== attempt") == 1
 

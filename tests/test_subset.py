@@ -55,6 +55,7 @@ def test_subset_stage_stable_when_shards_appended(tmp_path):
     m = subset(ws, fraction=0.3, seed=3)
     rows_a = subset_rows(Workspace(ws))
     assert m["counts"]["n_subset"] == len(rows_a) and np.all(np.diff(rows_a) > 0)
+    assert len(rows_a) and np.array_equal(rows_a, np.flatnonzero(in_subset([f"s{i:07d}" for i in range(200)], 0.3, 3)))
     more = write_shards(d, 3, 40, first=5)
     catalog(first + more, ws, scheduler="sync")
     m2 = subset(ws, fraction=0.3, seed=3)  # the catalog changed, so subset re-runs without --force

@@ -93,7 +93,7 @@ def test_streaming_cache_and_train_pass_dynamics(vec_ws):
     m = train(vec_ws, cfg, DecodeConfig(), scheduler="threads")
     assert m["timings"]["in_memory"] is False
     t = m["timings"]  # dynamics from the training pass: no eval passes
-    assert t["eval_s"] == 0 and 0 < t["steps_s"] <= t["train_s"] and t["epochs_run"] == 4
+    assert t["eval_s"] == 0 and 0 < t["steps_s"] <= t["train_s"] + 0.002 and t["epochs_run"] == 4  # rounded
     tp = _dyn(vec_ws)["true_prob"][:]
     assert np.isfinite(tp).all() and tp[-1].mean() > 0.7
 
@@ -102,7 +102,7 @@ def test_full_training_writes_full_scores(vec_ws):
     cfg = TrainConfig(model="mlp", epochs=3, batch_size=64)
     m = train(vec_ws, cfg, DecodeConfig(), full=True, scheduler="sync")
     t = m["timings"]  # the epochs' time split into training steps and eval passes (dynamics="eval")
-    assert t["steps_s"] > 0 and t["eval_s"] > 0 and t["steps_s"] + t["eval_s"] <= t["train_s"]
+    assert t["steps_s"] > 0 and t["eval_s"] > 0 and t["steps_s"] + t["eval_s"] <= t["train_s"] + 0.002  # rounded
     compute_scores(vec_ws, ["el2n"], full=True)
     full = read_score(Workspace(vec_ws), "el2n", full=True)
     assert full.shape == (480,) and np.isfinite(full).all()

@@ -134,9 +134,14 @@ def validation_table(ws: Workspace, score: str, graph: str = "seeds", max_rows: 
         return ks[0], {k: float("nan") for k in ks}, int(len(rows))
     nbr = nbr_arr.get_orthogonal_selection((rows,))
     dist = dist_arr.get_orthogonal_selection((rows,))
-    own = nbr == rows[:, None]  # a seeds graph never holds the row itself; an `all` graph may not either
-    nbr = np.where(own, -1, nbr)
-    dist = np.where(own, np.inf, dist)
+    # A seeds graph never holds the row itself; a graph that does would leak its own score into the
+    # held-out prediction.  Its entry goes to the end of the row, so that k neighbours are still k.
+    own = nbr == rows[:, None]
+    if own.any():
+        order = np.argsort(own, axis=1, kind="stable")
+        nbr = np.where(own, -1, nbr)
+        dist = np.where(own, np.inf, dist)
+        nbr, dist = np.take_along_axis(nbr, order, axis=1), np.take_along_axis(dist, order, axis=1)
     k, table = choose_k(seeds.lookup(nbr), dist, seeds.lookup(rows))
     return k, table, int(len(rows))
 
