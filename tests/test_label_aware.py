@@ -338,7 +338,7 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     ws, _ = _vector_workspace(tmp_path, flip=0.1)
     subset(ws, fraction=0.3, seed=0)
     train(ws, TrainConfig(model="mlp", epochs=4, batch_size=32), DecodeConfig(input="vector"), scheduler="sync")
-    compute_scores(ws, ["du"], params={"window": 3})
+    compute_scores(ws, ["du", "aum"], params={"window": 3})
     m = extrapolate(ws, "du", "label-aware", k=20)
     w = Workspace(ws)
     score, source = (a[:] for a in read_extrapolated(w, "du", "label-aware"))
@@ -348,6 +348,37 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     others = np.delete(score, rows)
     assert others.min() >= seed.min() and others.max() <= seed.max()  # on the seed scale
     assert m["counts"]["n_predicted"] == 400 - len(rows)
+
+    from scipy.stats import rankdata, spearmanr
+
+    from streamprune.extrapolate.label_aware import read_disagreement
+
+    dis = np.delete(read_disagreement(w), rows)  # the non-seed rows' disagreement
+    assert np.isfinite(dis).all() and len(np.unique(dis)) > 50
+
+    def check_mapping(got, seed_values, higher_is_harder):
+        # rank order: every pair of rows with strictly different disagreement is ordered alike
+        # (reversed for a low-is-hard score); ties among the seed scores may merge neighbours
+        order = np.argsort(dis, kind="stable")
+        step = np.diff(got[order])[np.diff(dis[order]) > 0]
+        assert (step >= 0).all() if higher_is_harder else (step <= 0).all()
+        rho = spearmanr(dis, got).statistic
+        assert (rho > 0.95) if higher_is_harder else (rho < -0.95), rho
+        # reference: each non-seed row's average rank among the non-seed rows only (seed rows keep
+        # their measured score and take no part), mapped onto the seed scores' quantiles; reversed
+        # when low means hard
+        q = (rankdata(dis) - 0.5) / len(dis)
+        want = np.quantile(np.sort(seed_values.astype(np.float64)), q if higher_is_harder else 1.0 - q)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    check_mapping(others, seed, True)
+    # AUM: low is hard, so the most disagreeing rows get the lowest AUM of the seeds
+    extrapolate(ws, "aum", "label-aware", k=20)
+    aum_score, aum_source = (a[:] for a in read_extrapolated(w, "aum", "label-aware"))
+    aum_seed = read_score(w, "aum")
+    np.testing.assert_array_equal(aum_score[rows], aum_seed)
+    assert (np.delete(aum_source, rows) == 3).all()
+    check_mapping(np.delete(aum_score, rows), aum_seed, False)
 
 
 def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
