@@ -283,7 +283,7 @@ def test_disagreement_stage_matches_graph_brute_force_and_finds_flips(tmp_path):
     np.testing.assert_array_equal(noise_estimate(w, k=20, chunk_rows=7), est)  # chunking changes nothing
 
 
-def test_disagreement_killed_then_resumed(tmp_path):
+def test_disagreement_killed_then_resumed(tmp_path, monkeypatch):
     import os
     import subprocess
     import sys
@@ -291,6 +291,7 @@ def test_disagreement_killed_then_resumed(tmp_path):
     from helpers import count_files
 
     ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    import streamprune.extrapolate.label_aware as la
     from streamprune.extrapolate.label_aware import compute_disagreement, read_disagreement
     from streamprune.workspace import Workspace
 
@@ -309,7 +310,23 @@ def test_disagreement_killed_then_resumed(tmp_path):
     os.killpg(proc.pid, 9)
     proc.wait()
     assert proc.returncode == -9 and not os.path.exists(os.path.join(ws, "_stages", "score-label_disagreement.json"))
+    # killed mid-way: the layout and some, not all, of the 13 chunks of 32 rows were recorded
+    (fp,) = os.listdir(chunks)
+    names = os.listdir(os.path.join(chunks, fp, "chunks"))
+    recorded = {int(n[:-5]) for n in names if n.endswith(".json") and not n.startswith((".tmp", "layout"))}
+    assert "layout.json" in names and 3 <= len(recorded) < 13, sorted(recorded)
+    computed = []
+    orig = la._graph_labels
+
+    def spy(graph, labels, valid, r0, r1, k):
+        computed.append((r0, r1))
+        return orig(graph, labels, valid, r0, r1, k)
+
+    monkeypatch.setattr(la, "_graph_labels", spy)
     compute_disagreement(ws, k=20, chunk_rows=48)  # another chunking: the resume keeps the killed run's (32)
+    monkeypatch.undo()
+    # only the unrecorded chunks were computed again, each once, in the killed run's chunking
+    assert computed == [(c * 32, min(400, c * 32 + 32)) for c in range(13) if c not in recorded]
     w = Workspace(ws)
     assert w.marker("score-label_disagreement")["counts"]["n_valid"] == len(read_disagreement(w))
     resumed = read_disagreement(w)
