@@ -283,6 +283,62 @@ def test_disagreement_stage_matches_graph_brute_force_and_finds_flips(tmp_path):
     np.testing.assert_array_equal(noise_estimate(w, k=20, chunk_rows=7), est)  # chunking changes nothing
 
 
+def test_disagreement_stage_ignores_invalid_and_missing_neighbours(tmp_path):
+    import zarr
+
+    from streamprune.extrapolate.label_aware import compute_disagreement, noise_estimate, read_disagreement
+    from streamprune.workspace import Workspace
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    # rows found invalid (as embed marks rows whose embedding is not finite: their labels stay) that the
+    # all-rows graph still lists as neighbours, and neighbour lists padded with -1 / inf
+    rng = np.random.default_rng(7)
+    emb = zarr.open_group(f"{ws}/embeddings.zarr", mode="r+")
+    invalid = np.sort(rng.choice(400, 40, replace=False))
+    emb["valid"][invalid] = False
+    valid, labels = emb["valid"][:], emb["labels"][:]
+    assert (labels[invalid] >= 0).all()
+    g = zarr.open_group(f"{ws}/graph/all.zarr", mode="r+")
+    nb, dist = g["neighbors"][:], g["distances"][:]
+    padded = np.flatnonzero(valid)[:30:3]  # ten valid rows: their last 8 neighbours missing
+    nb[padded, -8:], dist[padded, -8:] = -1, np.inf
+    lonely = int(np.flatnonzero(valid)[40])  # a valid row without any neighbour
+    nb[lonely], dist[lonely] = -1, np.inf
+    g["neighbors"][:], g["distances"][:] = nb, dist
+    nb, dist = nb[:, :20], dist[:, :20]
+
+    # brute force: a row's own label only when valid; a neighbour counts only when present and valid
+    ref = np.full(400, np.nan)
+    for i in range(400):
+        if not valid[i]:
+            continue
+        ds = [float(d) for d in dist[i] if math.isfinite(d)]
+        num = den = 0.0
+        for j, d in zip(nb[i], dist[i]):
+            if j < 0 or not math.isfinite(d) or not valid[j]:
+                continue
+            wgt = math.exp(-(float(d) - min(ds)))
+            den += wgt
+            num += wgt * (labels[j] != labels[i])
+        ref[i] = num / den if den > 0 else np.nan
+    # the data tell the difference: many valid rows have invalid neighbours, and counting those changes them
+    affected = valid & np.isin(nb, invalid).any(axis=1)
+    assert affected.sum() > 100
+    counted = _brute(np.where(valid, labels, -1), np.where(nb >= 0, labels[nb], -1), dist)
+    assert (np.abs(counted[affected] - ref[affected]) > 1e-4).sum() > 50
+
+    m = compute_disagreement(ws, k=20, chunk_rows=64)
+    w = Workspace(ws)
+    dis = read_disagreement(w)
+    assert np.isnan(dis[invalid]).all() and np.isnan(dis[lonely])  # invalid rows and rows without neighbours
+    np.testing.assert_allclose(dis, ref, rtol=1e-6, atol=1e-7)  # NaN where the reference has NaN
+    assert m["counts"]["n_valid"] == 400 - 40 - 1
+    nl = np.where((nb >= 0) & valid[np.maximum(nb, 0)], labels[np.maximum(nb, 0)], -1)
+    est = noise_estimate(w, k=20)
+    np.testing.assert_array_equal(est, _brute_majority(np.where(valid, labels, -1), nl, dist, 3))
+    assert not est[invalid].any() and not est[lonely]
+
+
 def test_disagreement_killed_then_resumed(tmp_path, monkeypatch):
     import os
     import subprocess
