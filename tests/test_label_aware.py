@@ -283,7 +283,63 @@ def test_disagreement_stage_matches_graph_brute_force_and_finds_flips(tmp_path):
     np.testing.assert_array_equal(noise_estimate(w, k=20, chunk_rows=7), est)  # chunking changes nothing
 
 
-def test_disagreement_killed_then_resumed(tmp_path):
+def test_disagreement_stage_ignores_invalid_and_missing_neighbours(tmp_path):
+    import zarr
+
+    from streamprune.extrapolate.label_aware import compute_disagreement, noise_estimate, read_disagreement
+    from streamprune.workspace import Workspace
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    # rows found invalid (as embed marks rows whose embedding is not finite: their labels stay) that the
+    # all-rows graph still lists as neighbours, and neighbour lists padded with -1 / inf
+    rng = np.random.default_rng(7)
+    emb = zarr.open_group(f"{ws}/embeddings.zarr", mode="r+")
+    invalid = np.sort(rng.choice(400, 40, replace=False))
+    emb["valid"][invalid] = False
+    valid, labels = emb["valid"][:], emb["labels"][:]
+    assert (labels[invalid] >= 0).all()
+    g = zarr.open_group(f"{ws}/graph/all.zarr", mode="r+")
+    nb, dist = g["neighbors"][:], g["distances"][:]
+    padded = np.flatnonzero(valid)[:30:3]  # ten valid rows: their last 8 neighbours missing
+    nb[padded, -8:], dist[padded, -8:] = -1, np.inf
+    lonely = int(np.flatnonzero(valid)[40])  # a valid row without any neighbour
+    nb[lonely], dist[lonely] = -1, np.inf
+    g["neighbors"][:], g["distances"][:] = nb, dist
+    nb, dist = nb[:, :20], dist[:, :20]
+
+    # brute force: a row's own label only when valid; a neighbour counts only when present and valid
+    ref = np.full(400, np.nan)
+    for i in range(400):
+        if not valid[i]:
+            continue
+        ds = [float(d) for d in dist[i] if math.isfinite(d)]
+        num = den = 0.0
+        for j, d in zip(nb[i], dist[i]):
+            if j < 0 or not math.isfinite(d) or not valid[j]:
+                continue
+            wgt = math.exp(-(float(d) - min(ds)))
+            den += wgt
+            num += wgt * (labels[j] != labels[i])
+        ref[i] = num / den if den > 0 else np.nan
+    # the data tell the difference: many valid rows have invalid neighbours, and counting those changes them
+    affected = valid & np.isin(nb, invalid).any(axis=1)
+    assert affected.sum() > 100
+    counted = _brute(np.where(valid, labels, -1), np.where(nb >= 0, labels[nb], -1), dist)
+    assert (np.abs(counted[affected] - ref[affected]) > 1e-4).sum() > 50
+
+    m = compute_disagreement(ws, k=20, chunk_rows=64)
+    w = Workspace(ws)
+    dis = read_disagreement(w)
+    assert np.isnan(dis[invalid]).all() and np.isnan(dis[lonely])  # invalid rows and rows without neighbours
+    np.testing.assert_allclose(dis, ref, rtol=1e-6, atol=1e-7)  # NaN where the reference has NaN
+    assert m["counts"]["n_valid"] == 400 - 40 - 1
+    nl = np.where((nb >= 0) & valid[np.maximum(nb, 0)], labels[np.maximum(nb, 0)], -1)
+    est = noise_estimate(w, k=20)
+    np.testing.assert_array_equal(est, _brute_majority(np.where(valid, labels, -1), nl, dist, 3))
+    assert not est[invalid].any() and not est[lonely]
+
+
+def test_disagreement_killed_then_resumed(tmp_path, monkeypatch):
     import os
     import subprocess
     import sys
@@ -291,6 +347,7 @@ def test_disagreement_killed_then_resumed(tmp_path):
     from helpers import count_files
 
     ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    import streamprune.extrapolate.label_aware as la
     from streamprune.extrapolate.label_aware import compute_disagreement, read_disagreement
     from streamprune.workspace import Workspace
 
@@ -309,7 +366,23 @@ def test_disagreement_killed_then_resumed(tmp_path):
     os.killpg(proc.pid, 9)
     proc.wait()
     assert proc.returncode == -9 and not os.path.exists(os.path.join(ws, "_stages", "score-label_disagreement.json"))
+    # killed mid-way: the layout and some, not all, of the 13 chunks of 32 rows were recorded
+    (fp,) = os.listdir(chunks)
+    names = os.listdir(os.path.join(chunks, fp, "chunks"))
+    recorded = {int(n[:-5]) for n in names if n.endswith(".json") and not n.startswith((".tmp", "layout"))}
+    assert "layout.json" in names and 3 <= len(recorded) < 13, sorted(recorded)
+    computed = []
+    orig = la._graph_labels
+
+    def spy(graph, labels, valid, r0, r1, k):
+        computed.append((r0, r1))
+        return orig(graph, labels, valid, r0, r1, k)
+
+    monkeypatch.setattr(la, "_graph_labels", spy)
     compute_disagreement(ws, k=20, chunk_rows=48)  # another chunking: the resume keeps the killed run's (32)
+    monkeypatch.undo()
+    # only the unrecorded chunks were computed again, each once, in the killed run's chunking
+    assert computed == [(c * 32, min(400, c * 32 + 32)) for c in range(13) if c not in recorded]
     w = Workspace(ws)
     assert w.marker("score-label_disagreement")["counts"]["n_valid"] == len(read_disagreement(w))
     resumed = read_disagreement(w)
@@ -338,7 +411,7 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     ws, _ = _vector_workspace(tmp_path, flip=0.1)
     subset(ws, fraction=0.3, seed=0)
     train(ws, TrainConfig(model="mlp", epochs=4, batch_size=32), DecodeConfig(input="vector"), scheduler="sync")
-    compute_scores(ws, ["du"], params={"window": 3})
+    compute_scores(ws, ["du", "aum"], params={"window": 3})
     m = extrapolate(ws, "du", "label-aware", k=20)
     w = Workspace(ws)
     score, source = (a[:] for a in read_extrapolated(w, "du", "label-aware"))
@@ -348,6 +421,37 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     others = np.delete(score, rows)
     assert others.min() >= seed.min() and others.max() <= seed.max()  # on the seed scale
     assert m["counts"]["n_predicted"] == 400 - len(rows)
+
+    from scipy.stats import rankdata, spearmanr
+
+    from streamprune.extrapolate.label_aware import read_disagreement
+
+    dis = np.delete(read_disagreement(w), rows)  # the non-seed rows' disagreement
+    assert np.isfinite(dis).all() and len(np.unique(dis)) > 50
+
+    def check_mapping(got, seed_values, higher_is_harder):
+        # rank order: every pair of rows with strictly different disagreement is ordered alike
+        # (reversed for a low-is-hard score); ties among the seed scores may merge neighbours
+        order = np.argsort(dis, kind="stable")
+        step = np.diff(got[order])[np.diff(dis[order]) > 0]
+        assert (step >= 0).all() if higher_is_harder else (step <= 0).all()
+        rho = spearmanr(dis, got).statistic
+        assert (rho > 0.95) if higher_is_harder else (rho < -0.95), rho
+        # reference: each non-seed row's average rank among the non-seed rows only (seed rows keep
+        # their measured score and take no part), mapped onto the seed scores' quantiles; reversed
+        # when low means hard
+        q = (rankdata(dis) - 0.5) / len(dis)
+        want = np.quantile(np.sort(seed_values.astype(np.float64)), q if higher_is_harder else 1.0 - q)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    check_mapping(others, seed, True)
+    # AUM: low is hard, so the most disagreeing rows get the lowest AUM of the seeds
+    extrapolate(ws, "aum", "label-aware", k=20)
+    aum_score, aum_source = (a[:] for a in read_extrapolated(w, "aum", "label-aware"))
+    aum_seed = read_score(w, "aum")
+    np.testing.assert_array_equal(aum_score[rows], aum_seed)
+    assert (np.delete(aum_source, rows) == 3).all()
+    check_mapping(np.delete(aum_score, rows), aum_seed, False)
 
 
 def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):

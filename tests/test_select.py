@@ -205,6 +205,32 @@ def test_ccs_covers_every_stratum_and_drops_the_hardest(n, n_strata, beta, seed,
     np.testing.assert_array_equal(m, sel.ccs(s, budget, seed=seed, beta=beta, n_strata=n_strata))
 
 
+def test_ccs_draw_within_a_stratum_is_seeded_and_uniform():
+    # four strata of 10, 20, 30 and 40 rows (score values 0..3), their rows interleaved at random so
+    # that a draw biased to low row ids shows; budget 20 -> 5 rows from each stratum
+    sizes = [10, 20, 30, 40]
+    s = np.random.default_rng(0).permutation(np.repeat(np.arange(4.0), sizes))
+    strata = s.astype(int)
+    budget, draws = 20, 2000
+    m0 = sel.ccs(s, budget, seed=0, beta=0.0, n_strata=4)
+    assert [int(m0[strata == b].sum()) for b in range(4)] == [5, 5, 5, 5]
+    np.testing.assert_array_equal(m0, sel.ccs(s, budget, seed=0, beta=0.0, n_strata=4))  # same seed, same rows
+    hits = np.zeros(len(s))
+    masks = set()
+    for seed in range(draws):  # fixed seeds: the check is deterministic
+        m = sel.ccs(s, budget, seed=seed, beta=0.0, n_strata=4)
+        assert m.sum() == budget
+        hits += m
+        masks.add(m.tobytes())
+    assert len(masks) > draws * 0.99  # different seeds, different rows (C(10,5)*C(20,5)*... masks exist)
+    for b, size in enumerate(sizes):
+        observed = hits[strata == b]
+        expected = draws * 5 / size  # each member is drawn with probability budget/size
+        # no member favoured: every one near its expected count (binomial sd <= 22 here), and chi-square
+        assert np.all(np.abs(observed - expected) < 0.25 * expected), (b, observed, expected)
+        assert sstats.chisquare(observed, np.full(size, expected)).pvalue > 1e-4
+
+
 def test_ccs_strata_edges():
     assert sel.ccs_strata(np.array([0.0, 0.5, 1.0]), 2).tolist() == [0, 1, 1]
     assert sel.ccs_strata(np.array([3.0, 3.0]), 5).tolist() == [0, 0]
