@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import tempfile
@@ -1000,6 +1001,10 @@ def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine:
         raise StreamPruneError(f"index-{name}: {n_index} rows exceed the on-disk threshold ({threshold}) but "
                                f"factory {factory!r} has no inverted lists to put on disk; use an IVF factory "
                                "or raise --ondisk-threshold")
+    if ondisk and re.search(r"fs(r)?(_\d+)?(,|$)", factory):
+        raise StreamPruneError(f"index-{name}: {n_index} rows exceed the on-disk threshold ({threshold}) but "
+                               f"factory {factory!r} (fast-scan) keeps its lists in memory; use a PQ factory "
+                               "without 'fs' or raise --ondisk-threshold")
     return _Plan(name=name, factory=factory, nlist=desc["nlist"], m=desc["m"], code_size=desc["code_size"],
                  n=n, d=d, n_index=n_index, k=int(k), refine=int(refine), ondisk=ondisk,
                  ondisk_threshold=int(threshold), chunk_rows=int(chunk_rows), gpu=use_gpu())

@@ -155,6 +155,16 @@ def test_plan_sizes_pq_codes_by_rerank():
     assert (without.factory, without.refine, without.code_size) == ("IVF16384_HNSW32,PQ64", 0, 64)
 
 
+def test_explicit_fast_scan_factory_is_refused_on_disk():
+    """Fast-scan inverted lists cannot be merged on disk: one line, before anything is built."""
+    from streamprune.index import _plan
+
+    plan = _plan("all", 10**6, 256, 10**6, 20, "IVF1024,PQ128x4fs", None, 2 * 10**6, None, 4096)
+    assert (plan.ondisk, plan.code_size) == (False, 64)
+    with pytest.raises(StreamPruneError, match=r"'IVF1024,PQ128x4fs' \(fast-scan\) keeps its lists in memory"):
+        _plan("all", 10**6, 256, 10**6, 20, "IVF1024,PQ128x4fs", None, 500_000, None, 4096)
+
+
 def test_sizes():
     assert auto_nlist(250_000) == 2000
     assert ondisk_rows(32) == (4 << 30) // 40
