@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
@@ -118,19 +119,40 @@ def _report(marker: dict, what: str) -> None:
         click.echo(f"{what}: already done with this configuration; nothing to do")
 
 
-def _note_stale(marker: dict, workspace: str, storage_options: dict | None) -> None:
-    """After a stage replaced its results: one line naming the results made from the old ones (they
-    stay readable, but later stages refuse them until they are re-run)."""
-    if marker.get("skipped"):
-        return
+def _stale(workspace: str, storage_options: dict | None) -> set[str] | None:
+    """Markers of the workspace that are out of date (None when they cannot be read: best effort)."""
     from streamprune.workspace import Workspace
 
-    ws = Workspace(workspace, storage_options)
-    markers = ws.markers()
-    stale = sorted(k for k in markers if ws.outdated(k, markers))
-    if stale:
-        click.echo(f"note: {len(stale)} result(s) made from the previous ones are now out of date "
-                   f"({', '.join(stale)}); `streamprune status -w {workspace}` says what to re-run", err=True)
+    try:
+        ws = Workspace(workspace, storage_options)
+        markers = ws.markers()
+        return {k for k in markers if ws.outdated(k, markers)}
+    except Exception:  # noqa: BLE001 - a note must not fail a command whose stage succeeded
+        return None
+
+
+@contextmanager
+def _note_stale(workspace: str, storage_options: dict | None):
+    """Around a stage command: one line naming the results it made out of date (a re-catalogue of
+    other shards, a --force re-run), which stay readable but are refused by later stages until
+    re-run.  Results already out of date before the command are not named again."""
+    before = _stale(workspace, storage_options)
+    yield
+    after = _stale(workspace, storage_options)
+    new = sorted(after - before) if before is not None and after is not None else []
+    if new:
+        click.echo(f"note: {len(new)} result(s) made from the previous ones are now out of date "
+                   f"({', '.join(new)}); `streamprune status -w {workspace}` says what to re-run", err=True)
+
+
+def notes_stale(fn):
+    """Decorate a stage command with :func:`_note_stale` (below ``workspace_options``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _note_stale(kwargs["workspace"], kwargs.get("storage_options")):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 @cli.command()
@@ -139,6 +161,7 @@ def _note_stale(marker: dict, workspace: str, storage_options: dict | None) -> N
 @run_options
 @click.option("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES, show_default=True,
               help="Reject tar members larger than this.")
+@notes_stale
 def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_member_bytes):
     """Index SHARDS (paths, globs, {000..009} patterns, s3:// prefixes): rows, keys, byte offsets."""
     from streamprune.shards import catalog as run
@@ -147,7 +170,6 @@ def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_
     m = run(shards, workspace, storage_options=storage_options, on_error=on_error, scheduler=scheduler,
             force=force, max_member_bytes=max_member_bytes)
     _report(m, "catalog")
-    _note_stale(m, workspace, storage_options)
     c = m["counts"]
     click.echo(f"catalog: {c['n_shards']} shards, {c['n_samples']} samples, {c['bytes'] / 1e6:.1f} MB "
                f"in {time.time() - t0:.1f}s" + (f"; {c['errors']} errors recorded in errors.jsonl" if c["errors"] else ""))
@@ -160,6 +182,7 @@ def catalog(shards, workspace, storage_options, scheduler, on_error, force, max_
 @click.option("--force", is_flag=True, help="Replace a subset made with another fraction or seed.")
 @click.option("--scheduler", default="local", show_default=True,
               help="dask scheduler hashing the keys (above ~1M rows): local, threads, sync, or tcp://host:8786.")
+@notes_stale
 def subset(workspace, storage_options, fraction, seed, force, scheduler):
     """Choose the seed subset: rows whose hash(key, seed) < fraction."""
     from streamprune.subset import subset as run
@@ -167,7 +190,6 @@ def subset(workspace, storage_options, fraction, seed, force, scheduler):
     m = run(workspace, fraction=fraction, seed=seed, storage_options=storage_options, force=force,
             scheduler=scheduler)
     _report(m, "subset")
-    _note_stale(m, workspace, storage_options)
     c = m["counts"]
     click.echo(f"subset: {c['n_subset']} of {c['n_samples']} rows ({c['realised_fraction']:.4f}, target {fraction})")
 
@@ -221,6 +243,7 @@ def decode_options(fn):
                    "re-trains the epochs after the last one). 0: after every epoch.")
 @click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
 @click.option("--subset-seed", type=int, default=0, show_default=True)
+@notes_stale
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
           adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs, cache_memory,
@@ -254,7 +277,6 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
         m = train(workspace, cfg, decode, full=full, replica=replica, on_error=on_error, scheduler=scheduler,
                   force=force, storage_options=storage_options)
         _report(m, "train")
-        _note_stale(m, workspace, storage_options)
         t = m["timings"]
         run_tag = f" (run {replica + 1} of {full_runs})" if full_runs > 1 else ""
         click.echo(f"train{run_tag}: {m['counts']['n_valid']} rows x {m['counts']['epochs']} epochs on "
@@ -277,8 +299,9 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
 @click.option("--chunk-rows", type=int, default=None, help="Rows per task and zarr chunk (default: >= 1 MB).")
 @click.option("--normalize", is_flag=True, help="L2-normalise the vectors.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task (0: torch's default).")
 @click.option("--memory-limit", default=None, help="Memory per dask worker, e.g. 4GiB: sizes chunks and local workers.")
+@notes_stale
 def embed(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, encoder, dtype,
           batch_size, chunk_rows, normalize, device, threads, memory_limit):
     """Embed every sample into embeddings.zarr (N, D), with labels and a valid mask."""
@@ -292,7 +315,6 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
             decode=decode, device=device, threads=threads, on_error=on_error, scheduler=scheduler, force=force,
             storage_options=storage_options, memory_limit=memory_limit)
     _report(m, "embed")
-    _note_stale(m, workspace, storage_options)
     c, t = m["counts"], m["timings"]
     click.echo(f"embed: {c['n_valid']} of {c['n']} rows -> {c['dim']}-d vectors in {t['embed_s']:.1f}s "
                f"({t['rows_per_s']:.0f} rows/s)" + (f"; {c['errors']} errors recorded" if c["errors"] else ""))
@@ -311,6 +333,7 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, in
               help="dask scheduler adding and searching rows: local (worker processes), threads, sync, or "
                    "tcp://host:8786.")
 @click.option("--force", is_flag=True, help="Replace indexes and graphs built with another configuration.")
+@notes_stale
 def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chunk_rows, scheduler, force):
     """Build the faiss index(es) and write kNN graphs to graph/<seeds|all>.zarr."""
     from streamprune.index import build_index
@@ -319,7 +342,6 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
                       chunk_rows=chunk_rows, scheduler=scheduler, force=force, storage_options=storage_options)
     for name, m in out.items():
         _report(m, f"index {name}")
-        _note_stale(m, workspace, storage_options)
         c = m["counts"]
         click.echo(f"index {name}: {c['n_index']} rows indexed ({c['factory']}), {c['n']} queries, "
                    f"recall@{c['k']} {c['recall_at_k']:.4f} -> {m['outputs']['graph']}")

@@ -48,6 +48,8 @@ class DecodeConfig:
         size = self.image_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
             raise StreamPruneError(f"--image-size must be a whole number of pixels >= 1, not {size!r}")
+        if size is not None:
+            object.__setattr__(self, "image_size", int(size))  # a numpy int would reach the marker as a string
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -299,12 +299,12 @@ def check_embed_options(*, encoder: str, dtype: str, batch_size: int, chunk_rows
     (a flag here, a configuration key for ``run``)."""
     if dtype not in ("float16", "float32"):
         raise StreamPruneError(f"{name('dtype')} must be float16 or float32, not {dtype!r}")
-    for flag, value, optional in (("batch-size", batch_size, False), ("chunk-rows", chunk_rows, True),
-                                  ("threads", threads, True)):
+    for flag, value, optional, least in (("batch-size", batch_size, False, 1), ("chunk-rows", chunk_rows, True, 1),
+                                         ("threads", threads, True, 0)):  # --threads 0: torch's own count
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise StreamPruneError(f"{name(flag)} must be a whole number >= 1, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise StreamPruneError(f"{name(flag)} must be a whole number >= {least}, not {value!r}")
     if encoder not in ("subset", "features"):
         from streamprune.models import BUILTIN_MODELS, check_model_name
 
@@ -318,6 +318,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
            decode: DecodeConfig | None, device: str, threads: int, on_error: str, scheduler: str | None,
            force: bool, memory_limit: int | None, encode: str = "auto") -> dict:
     check_embed_options(encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, threads=threads)
+    batch_size, chunk_rows = int(batch_size), None if chunk_rows is None else int(chunk_rows)  # numpy ints too
     ErrorPolicy(on_error)
     cat_m = ws.require("catalog", "embed")
     inputs = {"catalog": cat_m["fingerprint"]}

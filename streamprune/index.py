@@ -55,7 +55,7 @@ from streamprune import storage
 from streamprune.compute import disk_errors, map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.heap import bound_heap, trim_heap
-from streamprune.workspace import StageRun, Workspace
+from streamprune.workspace import StageRun, Workspace, fingerprint as stage_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -931,26 +931,29 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     key = f"index-{name}"
     bound_heap(INDEX_MMAP_THRESHOLD)
     emb, valid_arr, embed_marker = open_embeddings(ws, key)
-    if factory != "auto":
-        make_index(emb.shape[1], factory)  # refused here, before begin() replaces an earlier run's marker
     inputs = {"embed": embed_marker["fingerprint"]}
     if name == "seeds":
         inputs["subset"] = ws.require("subset", key)["fingerprint"]
     config = {"graph": name, "k": int(k), "factory": factory, "nprobe": nprobe, "refine": refine,
               "chunk_rows": chunk_rows, "recall_queries": int(recall_queries),
               "ondisk_threshold": ondisk_threshold, "seed": int(seed)}
+    done = ws.marker(key)
+    if not (done and done.get("fingerprint") == stage_fingerprint({"stage": "index", "config": config,
+                                                                    "inputs": inputs})):
+        # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
+        # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
+        n, d = emb.shape
+        mask = candidate_mask(ws, name, valid_arr[:])
+        n_index = int(np.count_nonzero(mask))
+        if n_index == 0:
+            raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
+        device = torch_search_device()
+        engine = choose_engine(factory, n, n_index, d, _free_bytes(device))
+        plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0],
+                     engine=engine, device=device if engine == "torch" else None)
     run = ws.begin("index", config, inputs, force=force, key=key)
     if run.already_done:
         return run.previous | {"skipped": True}
-    n, d = emb.shape
-    mask = candidate_mask(ws, name, valid_arr[:])
-    n_index = int(np.count_nonzero(mask))
-    if n_index == 0:
-        raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
-    device = torch_search_device()
-    engine = choose_engine(factory, n, n_index, d, _free_bytes(device))
-    plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0],
-                 engine=engine, device=device if engine == "torch" else None)
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}

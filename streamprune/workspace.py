@@ -162,7 +162,9 @@ def repeat_command(key: str, markers: dict[str, dict] | None = None) -> str:
     m = markers.get(key) or {}
     config = m.get("config") or {}
     base = rerun_command(key, markers)
-    if not config or key == "catalog" or key.startswith("reshard-") or key == "score-label_disagreement":
+    if key == "catalog":  # its shards are arguments: as many as the catalog holds, named by the user
+        return "catalog SHARDS..."
+    if not config or key.startswith("reshard-") or key == "score-label_disagreement":
         return base
     flags: list[str] = []
     if key == "subset" or key == "embed":

@@ -220,3 +220,19 @@ def test_recatalog_names_the_results_it_made_out_of_date(tmp_path):
     assert "note: 1 result(s) made from the previous ones are now out of date (subset)" in again.stderr
     assert "catalog: 2 shards, 20 samples" in again.stdout
     assert "out of date" not in run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync").stderr  # skipped
+
+
+def test_stale_note_names_only_what_the_command_made_stale(tmp_path):
+    """`score --force` with other epochs re-trains and then recomputes its score: nothing it leaves
+    is out of date, so no note; a later re-catalogue names the results it made out of date once."""
+    shards = write_shards(str(tmp_path / "data"), 3, 20, kind="npy", dim=8)
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync")
+    common = ["score", "-w", ws, "--score", "el2n", "--model", "mlp", "--input", "vector", "--scheduler", "sync"]
+    first = run_cli(*common, "--fraction", "0.5", "--epochs", "2")
+    assert "out of date" not in first.stderr
+    again = run_cli(*common, "--epochs", "3", "--force")
+    assert "out of date" not in again.stderr, again.stderr
+    recat = run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync")
+    assert "note: 3 result(s) made from the previous ones are now out of date (score-el2n, subset, train)" \
+        in recat.stderr

@@ -523,3 +523,10 @@ def test_damaged_marker_and_catalog_are_one_line(tmp_path):
     assert out.returncode == 1
     assert re.search(r"catalog file .*shards\.parquet is damaged .*re-run `streamprune catalog --force`",
                      _one_line(out.stderr))
+
+
+def test_numpy_int_options_reach_the_marker_as_ints():
+    """A numpy int (from a caller's array) is a valid size and is stored as a plain int: json would
+    write it as a string, and the marker would no longer match a later run with a plain int."""
+    cfg = DecodeConfig(image_size=np.int64(32))
+    assert type(cfg.image_size) is int and json.dumps(cfg.to_dict()) == json.dumps(DecodeConfig(image_size=32).to_dict())

@@ -165,6 +165,18 @@ def test_explicit_fast_scan_factory_is_refused_on_disk():
         _plan("all", 10**6, 256, 10**6, 20, "IVF1024,PQ128x4fs", None, 500_000, None, 4096)
 
 
+def test_refused_plan_with_force_keeps_the_earlier_index(tmp_path):
+    """A factory whose plan is refused (fast-scan lists above the on-disk threshold) is refused
+    before --force replaces anything: the earlier index's marker stays."""
+    x = clustered(600, 8)
+    ws = make_workspace(tmp_path / "ws", x, chunk=200)
+    build_index(ws, graph="all", k=5, factory="IVF4,Flat", scheduler="sync")
+    before = ws.marker("index-all")
+    with pytest.raises(StreamPruneError, match=r"\(fast-scan\) keeps its lists in memory"):
+        build_index(ws, graph="all", k=5, factory="IVF4,PQ4x4fs", ondisk_threshold=10, scheduler="sync", force=True)
+    assert ws.marker("index-all") == before
+
+
 def test_sizes():
     assert auto_nlist(250_000) == 2000
     assert ondisk_rows(32) == (4 << 30) // 40

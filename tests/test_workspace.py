@@ -14,6 +14,13 @@ from streamprune.workspace import Workspace
 from helpers import run_cli
 
 
+def test_catalog_hint_names_its_shards_argument():
+    from streamprune.workspace import repeat_command
+
+    assert repeat_command("catalog", {"catalog": {"stage": "catalog", "config": {"on_error": "fail"}}}) == \
+        "catalog SHARDS..."
+
+
 def test_refuses_other_config_unless_forced(shards, tmp_path):
     ws = str(tmp_path / "ws")
     catalog(shards, ws, scheduler="sync")
