@@ -84,9 +84,13 @@ def _method_source(source) -> bool:
         return True
     if not isinstance(source, str) or source in ALL_SOURCES:
         return False
-    from streamprune.extrapolate.common import methods
+    from streamprune.extrapolate.common import check_method
 
-    return source in methods()
+    try:  # registered, or a module streamprune.extrapolate.<source> that defines it (loaded on first use)
+        check_method(source)
+    except StreamPruneError:
+        return False
+    return True
 
 
 def _unknown_source(source) -> StreamPruneError:
