@@ -59,8 +59,14 @@ def setup(tmp_path_factory):
 def test_run_all_stages_then_nothing_to_do(setup):
     tmp, shards, cfg, ref, first = setup
     assert "prune" in first.stdout and "shards.txt: " in first.stdout
-    kept = _outputs(ref)["keys"]
+    out = _outputs(ref)
+    kept = out["keys"]
     assert len(kept) == 150  # keep 0.5 of 300 valid rows
+    # prune reads the last method's scores (label-aware): the kept rows are its 150 highest
+    score = out["label-aware"]
+    assert np.isfinite(score).all() and not np.array_equal(score, out["knn"])
+    dropped = np.setdiff1d(np.arange(len(score)), kept.row)
+    assert score[kept.row].min() >= score[dropped].max()  # ties at the cut may fall either way
     again = run_cli("run", *shards, "-w", ref, "--config", cfg, "--scheduler", "sync")
     assert "nothing to do" in again.stdout and " ran" not in again.stdout
 
