@@ -246,8 +246,8 @@ def decode_options(fn):
 @notes_stale
 def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs, cache_memory,
-          checkpoint_every, fraction, subset_seed):
+          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs,
+          cache_memory, checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.compute import check_scheduler
     from streamprune.decode import DecodeConfig

@@ -299,19 +299,14 @@ def check_embed_options(*, encoder: str, dtype: str, batch_size: int, chunk_rows
     (a flag here, a configuration key for ``run``)."""
     if dtype not in ("float16", "float32"):
         raise StreamPruneError(f"{name('dtype')} must be float16 or float32, not {dtype!r}")
+    from streamprune.extrapolate.common import Rule, whole
+    from streamprune.models import check_model_name
+
     for flag, value, optional, least in (("batch-size", batch_size, False, 1), ("chunk-rows", chunk_rows, True, 1),
                                          ("threads", threads, True, 0)):  # --threads 0: torch's own count
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            raise StreamPruneError(f"{name(flag)} must be a whole number >= {least}, not {value!r}")
-    if encoder not in ("subset", "features"):
-        from streamprune.models import BUILTIN_MODELS, check_model_name
-
-        if not isinstance(encoder, str) or (":" not in encoder and encoder.lower() not in BUILTIN_MODELS):
-            raise StreamPruneError(f"unknown encoder {encoder!r}: expected subset, features, one of "
-                                   f"{', '.join(sorted(BUILTIN_MODELS))} or a factory 'package.module:callable'")
-        check_model_name(encoder, what="encoder")
+        if not (value is None and optional):
+            Rule(whole(least), f"a whole number >= {least}").check(value, name(flag))
+    check_model_name(encoder, what="encoder", others=("subset", "features"))
 
 
 def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_rows: int | None, normalize: bool,

@@ -38,8 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import os
+import re
 import shutil
 import tempfile
 import threading

@@ -472,15 +472,18 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
     return shape
 
 
-def check_model_name(name: Any, what: str = "model") -> None:
+def check_model_name(name: Any, what: str = "model", others: Sequence[str] = ()) -> None:
     """Refuse a model name :func:`build_model` could not use (a built-in's name, or a factory path
-    that imports to a callable), before a stage starts: a typo costs seconds, not a stage's results."""
+    that imports to a callable), before a stage starts: a typo costs seconds, not a stage's results.
+    ``others``: names the caller takes besides models (embed's ``subset`` and ``features``)."""
+    if isinstance(name, str) and name in others:
+        return
     if not isinstance(name, str) or not name:
         raise ModelConfigError(f"{what} name must be a non-empty string, got {name!r}")
     if ":" in name:
         _load_factory(name)
     elif name.lower() not in BUILTIN_MODELS:
-        raise ModelConfigError(f"unknown {what} {name!r}: expected one of {sorted(BUILTIN_MODELS)} "
+        raise ModelConfigError(f"unknown {what} {name!r}: expected one of {[*others, *sorted(BUILTIN_MODELS)]} "
                                "or a factory path 'package.module:callable'")
 
 
@@ -493,8 +496,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
     Raises :class:`ValueError` for an unknown name, an unsuitable input shape, bad
     options, or a factory that cannot be imported.
     """
-    if not isinstance(name, str) or not name:
-        raise ModelConfigError(f"model name must be a non-empty string, got {name!r}")
+    check_model_name(name)
     shape = _check_shape(input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelConfigError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -503,11 +505,6 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         model = _build_user_model(name, shape, num_classes, dict(kwargs))
     else:
         key = name.lower()
-        if key not in BUILTIN_MODELS:
-            raise ModelConfigError(
-                f"unknown model {name!r}: expected one of {sorted(BUILTIN_MODELS)} "
-                "or a factory path 'package.module:callable'"
-            )
         cls, make, needs_image = BUILTIN_MODELS[key]
         if needs_image and len(shape) != 3:
             raise ModelConfigError(

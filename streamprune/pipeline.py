@@ -28,8 +28,8 @@ DEFAULTS: dict[str, dict] = {
     "score": {"scores": ["du"], "epochs": 30, "model": "cnn", "model_kwargs": {}, "batch_size": 128,
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
-              "device": "auto", "window": 10, "decay": 0.9, "el2n_epochs": None, "full": False, "full_runs": 1, "label_key": "cls",
-              "input": "auto", "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
+              "device": "auto", "window": 10, "decay": 0.9, "el2n_epochs": None, "full": False, "full_runs": 1,
+              "label_key": "cls", "input": "auto", "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
@@ -197,7 +197,8 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         e = s["embed"]
         parse_memory(e["memory_limit"], "embed.memory_limit")
         check_embed_options(encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
-                            chunk_rows=e["chunk_rows"], threads=None, name=lambda flag: f"embed.{flag.replace('-', '_')}")
+                            chunk_rows=e["chunk_rows"], threads=None,
+                            name=lambda flag: f"embed.{flag.replace('-', '_')}")
     if upto >= ORDER.index("index"):
         ix = s["index"]
         _whole_at_least("index.k", ix["k"], 1)
@@ -224,8 +225,9 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
 
 
 def _whole_at_least(option: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise StreamPruneError(f"{option} must be a whole number >= {least}, not {value!r}")
+    from streamprune.extrapolate.common import Rule, whole
+
+    Rule(whole(least), f"a whole number >= {least}").check(value, option)
 
 
 RUN_OPTIONS = {"knn_k": ("knn", "k"), "gcn_epochs": ("gcn", "epochs"), "gcn_k": ("gcn", "k"),

@@ -313,7 +313,8 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     ErrorPolicy(on_error)  # validate early
-    if isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, (int, np.integer)) or max_member_bytes < 1:
+    if isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, (int, np.integer)) \
+            or max_member_bytes < 1:
         raise StreamPruneError(f"--max-member-bytes must be a whole number of bytes >= 1, not {max_member_bytes!r}")
     t0 = time.time()
     urls = storage.expand_shards(list(shards), ws.storage_options)
