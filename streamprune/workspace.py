@@ -161,9 +161,9 @@ def repeat_command(key: str, markers: dict[str, dict] | None = None) -> str:
     markers = markers or {}
     m = markers.get(key) or {}
     config = m.get("config") or {}
-    base = rerun_command(key, markers)
     if key == "catalog":  # its shards are arguments: as many as the catalog holds, named by the user
         return "catalog SHARDS..."
+    base = rerun_command(key, markers)
     if not config or key.startswith("reshard-") or key == "score-label_disagreement":
         return base
     flags: list[str] = []
