@@ -38,6 +38,7 @@ from streamprune.compute import OneBehind, chunk_rows_for, disk_errors, map_task
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import decode_range
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import Workspace
 
@@ -271,6 +272,7 @@ def _probe(cat: Catalog, decode: DecodeConfig, on_error: str, n: int) -> tuple[t
     raise StreamPruneError("embed: no decodable sample in the catalog")
 
 
+@releases_leases
 def embed(workspace: str | Workspace, *, encoder: str = "subset", dtype: str = "float32", batch_size: int = 256,
           chunk_rows: int | None = None, normalize: bool = False, decode: DecodeConfig | None = None,
           device: str = "auto", threads: int = 1, on_error: str = "fail", scheduler: str | None = "local",

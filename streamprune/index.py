@@ -55,6 +55,7 @@ from streamprune import storage
 from streamprune.compute import disk_errors, map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.heap import bound_heap, trim_heap
+from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace, fingerprint as stage_fingerprint
 
 log = logging.getLogger(__name__)
@@ -899,6 +900,7 @@ def _workspace(ws: str | Workspace, storage_options: dict | None) -> Workspace:
     return ws if isinstance(ws, Workspace) else Workspace(ws, storage_options)
 
 
+@releases_leases
 def build_index(ws: str | Workspace, *, graph: str = "both", k: int = 20, factory: str = "auto",
                 nprobe: int | None = None, refine: int | None = None, chunk_rows: int | None = None,
                 scheduler: str | None = "local", force: bool = False, recall_queries: int = 1000,
@@ -971,9 +973,10 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
             "nprobe": tuned["nprobe"], "nprobe_table": tuned["table"], "recall_at_k": recall,
             "recall_queries": tuned["n_queries"], "n_train": int(trained.get("n_train", 0)),
             "train_streamed": bool(trained.get("streamed", False)), "timings": timings}
-    all_params = ws.read_json("index", "params.json") or {}
-    all_params[name] = info
-    ws.write_json(all_params, "index", "params.json")
+    with ws.exclusive():  # both graphs' parameters share the file
+        all_params = ws.read_json("index", "params.json") or {}
+        all_params[name] = info
+        ws.write_json(all_params, "index", "params.json")
     return run.commit(
         outputs={"graph": f"graph/{name}.zarr", "index": f"index/{name}.faissindex" if plan.engine == "faiss" else None,
                  "params": "index/params.json"},

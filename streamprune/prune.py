@@ -51,6 +51,7 @@ from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
 from streamprune.heap import bound_heap
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,7 @@ def reshard_size(shard_size: int | str | None, max_count: int | None, what: str)
     return DEFAULT_SHARD_SIZE if size is None else size
 
 
+@releases_leases
 def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn", strategy: str = "hard",
           keep_fraction: float | None = None, keep_count: int | None = None, name: str | None = None, seed: int = 0,
           reshard: str | None = None, shard_size: int | str | None = None, max_count: int | None = None,
@@ -675,6 +677,7 @@ def _plan(cat, rows: np.ndarray, shard_size: int, max_count: int | None) -> tupl
     return src, np.asarray(planner.starts, np.int64)
 
 
+@releases_leases
 def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int | str | None = None,
             max_count: int | None = None, scheduler: str | None = "local", force: bool = False,
             storage_options: dict | None = None, durable: bool = False) -> dict:

@@ -17,6 +17,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.scores import get_score
 from streamprune.workspace import Workspace, train_key
 
@@ -79,6 +80,7 @@ def _score_error(name: str, exc: Exception) -> StreamPruneError:
     return StreamPruneError(f"score {name}: {text[len(name) + 2:] if text.startswith(name + ': ') else text}")
 
 
+@releases_leases
 def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, replica: int = 0,
                    params: dict | None = None, force: bool = False, storage_options: dict | None = None,
                    chunk: int = 65536) -> list[dict]:

@@ -25,6 +25,7 @@ import pandas as pd
 from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import SampleError, StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.tario import TarError, iter_tar, plain_members
 from streamprune.workspace import Workspace
 
@@ -303,6 +304,7 @@ def scan_shard(url: str, part_url: str, on_error: str, storage_options: dict | N
     return {"n_samples": len(keys), "n_errors": len(errors)}
 
 
+@releases_leases
 def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_options: dict | None = None,
             on_error: str = "fail", scheduler: str | None = "local", force: bool = False,
             max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> dict:
@@ -348,8 +350,9 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
     table[["url", "n_samples", "row_start", "size", "etag", "part"]].to_parquet(buf, index=False)
     storage.write_bytes_atomic(ws.path("catalog", "shards.parquet"), buf.getvalue(), ws.storage_options)
     n = int(table.n_samples.sum())
-    ws.update_metadata("catalog", config, inputs={"shards": [
-        {"url": u, "size": int(s), "etag": e} for u, s, e in zip(table.url, table["size"], table.etag)]})
+    with ws.exclusive():
+        ws.update_metadata("catalog", config, inputs={"shards": [
+            {"url": u, "size": int(s), "etag": e} for u, s, e in zip(table.url, table["size"], table.etag)]})
     return run.commit(outputs={"shards": "catalog/shards.parquet", "parts": "catalog/parts/"},
                       counts={"n_shards": len(table), "n_samples": n, "bytes": int(table["size"].sum())},
                       errors=errors, timings={"scan_s": round(time.time() - t0, 3)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from streamprune import storage
+from streamprune import leases, storage
 from streamprune.errors import StreamPruneError
 from streamprune.workspace import STAGES, Workspace, missing_input, pipeline_order
 
@@ -27,6 +27,7 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
                              "wall_s": m.get("timings", {}).get("wall_s"), "outputs": {
                                  k: ws.path(v) for k, v in m.get("outputs", {}).items()},
                              "finished": m.get("finished")}
+    running, interrupted = _runs(ws)
     cat = stages.get("catalog", {}).get("counts", {})
     errors = ws.errors()
     by_stage = Counter(e.get("stage_key", e.get("stage", "?")) for e in errors)
@@ -36,10 +37,24 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
         "n_samples": cat.get("n_samples"),
         "n_shards": cat.get("n_shards"),
         "stages": stages,
-        "pending": sorted({*missing, *(s for s in STAGES if s not in {v.get("stage") for v in stages.values()})},
-                          key=pipeline_order),
+        "running": running,
+        "interrupted": interrupted,
+        "pending": sorted({*missing, *(s for s in STAGES if s not in {v.get("stage") for v in stages.values()})}
+                          - set(running) - set(interrupted), key=pipeline_order),
         "errors": {"total": len(errors), "by_stage": dict(by_stage), "file": ws.path("errors.jsonl")},
     }
+
+
+def _runs(ws: Workspace) -> tuple[dict[str, str], dict[str, str]]:
+    """Stages a run holds now, and stages whose run stopped without committing (both: key -> holder)."""
+    running, interrupted = {}, {}
+    for name in storage.listdir(ws.path("_stages"), ws.storage_options):
+        if not name.endswith(".lease") or name == "shared.lease":
+            continue
+        info = leases.read(ws.path("_stages", name), ws.storage_options)
+        if info is not None:
+            (interrupted if leases.is_stale(info) else running)[name[:-len(".lease")]] = leases.describe(info)
+    return running, interrupted
 
 
 def format_status(info: dict) -> str:
@@ -58,6 +73,10 @@ def format_status(info: dict) -> str:
             lines.append(f"{pad} {st['stale']}")
         for label, url in st["outputs"].items():
             lines.append(f"{pad} {label}: {url}")
+    for name, holder in info.get("running", {}).items():
+        lines.append(f"  running  {name:<{width}} {holder}")
+    for name, holder in info.get("interrupted", {}).items():
+        lines.append(f"  stopped  {name:<{width}} {holder}; its next run resumes it")
     for name in info["pending"]:
         lines.append(f"  pending  {name}")
     err = info["errors"]

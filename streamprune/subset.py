@@ -17,6 +17,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 _SCALE = float(2**64)
@@ -53,6 +54,7 @@ TASK_ROWS = 1 << 20  # catalog rows hashed per task
 ORDERED_TASKS = 32  # tasks run at most this far ahead of the first unwritten one (results held: <= 8 MB each)
 
 
+@releases_leases
 def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, storage_options: dict | None = None,
            force: bool = False, chunk_rows: int = 1 << 20, scheduler: str | None = "sync") -> dict:
     """Select the subset rows of the catalog and write them sorted to ``subset/rows.zarr``.

@@ -44,6 +44,7 @@ from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import StageRun, Workspace, train_key
@@ -525,6 +526,7 @@ def _load(url: str, storage_options: dict) -> dict:
     return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
 
 
+@releases_leases
 def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *, full: bool = False,
           replica: int = 0, on_error: str = "fail", scheduler: str | None = "local", force: bool = False,
           storage_options: dict | None = None) -> dict:

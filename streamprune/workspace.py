@@ -5,6 +5,7 @@ Layout (see docs/artifacts.md)::
     WS/streamprune.json          version, per-stage config, input fingerprints
     WS/_stages/<stage>.json      commit marker of a finished stage (written last, atomically)
     WS/_stages/<stage>/<fp>/     chunk records and per-chunk error lists of a run in progress
+    WS/_stages/<stage>.lease     the holder of a running stage (see streamprune.leases)
     WS/errors.jsonl              every skipped or rejected sample of committed stages
 
 A stage's *fingerprint* hashes its config and the fingerprints of its inputs.  A marker with the
@@ -21,16 +22,22 @@ import json
 import logging
 import re
 import shlex
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from streamprune import __version__, storage
+from streamprune import __version__, leases, storage
 from streamprune.errors import StreamPruneError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("catalog", "subset", "score", "embed", "index", "extrapolate", "prune")
+# Commits of different stages rewrite streamprune.json and errors.jsonl: one at a time per workspace,
+# across threads (this lock) and processes (a lease, waited for).
+_SHARED_LOCK = threading.Lock()
+SHARED_WAIT_S = 2 * leases.LEASE_S
 
 
 def fingerprint(obj: Any) -> str:
@@ -392,6 +399,20 @@ class Workspace:
         if stage != "catalog":
             self.check_current(inputs, name)
         old = self.marker(name, check_version=not force)
+        if old is not None and old.get("fingerprint") == fp and _compatible(str(old.get("version", __version__)),
+                                                                            __version__):
+            return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
+        # Everything below (markers replaced, records dropped) and the run itself hold the stage's lease.
+        held = leases.acquire(self.path("_stages", f"{name}.lease"), name, self.storage_options)
+        try:
+            return self._begin_held(stage, name, fp, config, inputs, force, held)
+        except BaseException:
+            leases.release(held)
+            raise
+
+    def _begin_held(self, stage: str, name: str, fp: str, config: dict, inputs: dict, force: bool,
+                    held: leases.Lease) -> "StageRun":
+        old = self.marker(name, check_version=not force)  # again: a run that held the lease may have committed
         if old is not None and old.get("version") is not None and not _compatible(str(old["version"]), __version__):
             old = None  # --force over a marker of another version: start afresh
             storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
@@ -407,11 +428,10 @@ class Workspace:
                 f"(changed: {'; '.join(map(shown, changed)) or 'config'}); use --force to replace them "
                 f"(`run --force` replaces every stage whose options changed; "
                 f"`streamprune {rerun_command(name, {name: old})} ... --force` only this one)")
-        run = StageRun(self, stage, name, fp, config, inputs)
         if old is not None and old.get("fingerprint") == fp:
-            run.already_done = True
-            run.previous = old
-            return run
+            leases.release(held)
+            return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
+        run = StageRun(self, stage, name, fp, config, inputs, lease=held)
         if old is not None:
             log.info("%s: config or inputs changed, re-running", name)
             storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
@@ -420,6 +440,17 @@ class Workspace:
             if entry != fp[:16]:
                 storage.remove(self.path("_stages", name, entry), self.storage_options, recursive=True)
         return run
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Serialise a read-modify-write of a file shared by all stages (streamprune.json, errors.jsonl)."""
+        with _SHARED_LOCK:
+            held = leases.acquire(self.path("_stages", "shared.lease"), "workspace files", self.storage_options,
+                                 wait=SHARED_WAIT_S)
+            try:
+                yield
+            finally:
+                leases.release(held)
 
     # errors ----------------------------------------------------------------------------------
     def errors(self) -> list[dict]:
@@ -448,6 +479,7 @@ class StageRun:
     inputs: dict
     already_done: bool = False
     previous: dict | None = None
+    lease: leases.Lease | None = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -465,6 +497,8 @@ class StageRun:
 
     def mark_chunk(self, chunk: str | int, info: dict | None = None, errors: Iterable[dict] = ()) -> None:
         """Record a chunk as finished; call only after its outputs are fully written."""
+        if self.lease is not None:
+            self.lease.check()
         errors = list(errors)
         if errors:
             body = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors)
@@ -490,12 +524,13 @@ class StageRun:
 
     def commit(self, outputs: dict, counts: dict, errors: list[dict] | None = None,
                timings: dict | None = None) -> dict:
-        """Write errors.jsonl entries and then the stage marker, last and atomically."""
+        """Write errors.jsonl entries and then the stage marker, last and atomically; give the lease back."""
+        if self.lease is not None:
+            self.lease.check()
         errors = self.chunk_errors() if errors is None else errors
         for e in errors:
             e.setdefault("stage", self.stage)
             e["stage_key"] = self.key
-        self.ws._replace_errors(self.key, errors)
         wall = time.time() - self.started
         marker = {
             "stage": self.stage,
@@ -509,8 +544,12 @@ class StageRun:
             "version": __version__,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.ws.update_metadata(self.key, self.config)
-        self.ws.write_json(marker, "_stages", f"{self.key}.json")
+        with self.ws.exclusive():
+            self.ws._replace_errors(self.key, errors)
+            self.ws.update_metadata(self.key, self.config)
+            self.ws.write_json(marker, "_stages", f"{self.key}.json")
         # Chunk records are only needed until the marker exists.
         storage.remove(self.ws.path("_stages", self.key), self.ws.storage_options, recursive=True)
+        if self.lease is not None:
+            leases.release(self.lease)
         return marker

@@ -39,6 +39,7 @@ import zarr
 from streamprune import storage
 from streamprune.compute import map_tasks
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace
 
 SOURCES = {"seed": 0, "knn": 1, "gcn": 2, "label-aware": 3, "propagate": 4, "kernel": 5}
@@ -139,6 +140,7 @@ def known_methods() -> list[str]:
     return methods()
 
 
+@releases_leases
 def extrapolate(ws: str | Workspace, score: str, method: str, **opts: Any) -> dict:
     """Run extrapolation ``method`` for ``score``; returns its stage marker."""
     check_method(method)

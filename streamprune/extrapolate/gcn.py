@@ -48,6 +48,7 @@ from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowS
 from streamprune.extrapolate.sampler import whole_graph as build_whole_graph
 from streamprune.heap import bound_heap, trim_heap
 from streamprune.index import tf32_matmul
+from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
@@ -784,6 +785,7 @@ def _check_params(k: int, hidden: Sequence[int], dropout: float, epochs: int, ba
         raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
 
 
+@releases_leases
 def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidden: Sequence[int] = (512, 256),
                     dropout: float = 0.5, epochs: int = 25, batch_size: int = 128, lr: float = 1e-3,
                     fanout: int | Sequence[int | None] | None = None, weight: str = "exp", seed: int = 0,

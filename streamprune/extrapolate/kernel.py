@@ -36,6 +36,7 @@ from streamprune.extrapolate.common import (
     write_chunks,
 )
 from streamprune.extrapolate.knn import MAX_VALIDATION_ROWS, _check_rows, pearson
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def _check_bandwidth(bandwidth) -> None:
     OPTIONS["bandwidth"].check(bandwidth, "--bandwidth")
 
 
+@releases_leases
 def extrapolate_kernel(ws: str | Workspace, score: str = "du", *, bandwidth: str | float = "auto",
                        force: bool = False, scheduler: str | None = "sync", chunk_rows: int | None = None,
                        storage_options: dict | None = None) -> dict:

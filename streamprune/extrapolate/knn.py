@@ -27,6 +27,7 @@ from streamprune.extrapolate.common import (
     whole,
     write_chunks,
 )
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def validation_table(ws: Workspace, score: str, graph: str = "seeds", max_rows: 
     return k, table, int(len(rows))
 
 
+@releases_leases
 def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "auto", graph: str = "seeds",
                     force: bool = False, scheduler: str | None = "sync", chunk_rows: int | None = None,
                     storage_options: dict | None = None) -> dict:

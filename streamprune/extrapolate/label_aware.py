@@ -26,6 +26,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 SOURCE_LABEL_AWARE = 3
@@ -192,6 +193,7 @@ def disagreement_path() -> str:
     return "scores/label_disagreement.zarr"
 
 
+@releases_leases
 def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, chunk_rows: int | None = None,
                          force: bool = False, storage_options: dict | None = None) -> dict:
     """Label disagreement of every row from ``graph/all.zarr``; chunked, resumable, (N,) float32.
@@ -264,6 +266,7 @@ def _predict_mapped(ws: Workspace, start: int, stop: int, mapped_url: str) -> np
     return zarr.open_array(storage.zarr_store(mapped_url, ws.storage_options), mode="r")[start:stop]
 
 
+@releases_leases
 def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | None = None, chunk_rows: int | None = None,
                             scheduler: str | None = "sync", force: bool = False,
                             storage_options: dict | None = None) -> dict:

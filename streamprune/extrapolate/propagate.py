@@ -51,6 +51,7 @@ from streamprune.extrapolate.common import (
     write_chunks,
 )
 from streamprune.extrapolate.knn import _check_rows, knn_weights
+from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,7 @@ def _run_iterations(run: StageRun, job: _Job, n: int, chunk_rows: int, *, tol: f
     return progress
 
 
+@releases_leases
 def extrapolate_propagate(ws: str | Workspace, score: str = "du", *, tol: float = DEFAULT_TOL,
                           max_iter: int = DEFAULT_MAX_ITER, k: int | None = None, force: bool = False,
                           scheduler: str | None = "sync", chunk_rows: int | None = None,

@@ -1,0 +1,282 @@
+"""One run of a stage at a time: a lease object beside the stage's marker.
+
+Two runs of one stage on one workspace (a job restarted by its scheduler while the first copy still
+runs, a second terminal, ``--force`` with other options) would write the same arrays and chunk
+records, or remove each other's.  So a run takes ``WS/_stages/<key>.lease`` before it touches
+anything: an object created only if absent (``link()`` on local disk, ``If-None-Match: *`` on S3),
+naming its holder (host, process, start time) and renewed every ``RENEW_S`` seconds by a thread of
+the holding process.  A second run finds it and stops with one line naming the holder.
+
+A lease is *stale*, and the next run takes it over, when its holder stopped renewing it for
+``LEASE_S`` seconds (a crashed machine) or, on the same host and process namespace, when the
+holding process no longer exists (a killed run resumes at once).  The process that holds a lease
+may take it again (a stage re-run after an error in the same Python session).  Leases are
+released when the stage commits, when the stage function that took them returns or raises
+(:func:`releases_leases`), and at interpreter exit.
+
+A renewal that finds another holder's token marks the lease lost; the run then refuses to record
+chunks or commit (:meth:`Lease.check`).  Writes it issued before noticing are not undone: that can
+only happen after the holder stalled for ``LEASE_S`` (a suspended machine) and a run with other
+options was started meanwhile.  Staleness compares the holder's clock with the reader's: hosts
+whose clocks differ by a sizeable part of ``LEASE_S`` should not share a workspace.  Stores that
+ignore conditional writes are covered by reading the lease back after creating it, which leaves a
+window of one round trip.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from streamprune import storage
+from streamprune.errors import StreamPruneError
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 120.0  # a lease not renewed for this long is stale
+RENEW_S = 20.0  # how often the holding process renews its leases
+WAIT_POLL_S = 0.2  # polling interval of acquire(wait=...)
+
+F = TypeVar("F", bound=Callable)
+
+
+def _where() -> str:
+    """This host and its process namespace: process ids are comparable only within one."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}" if ns else socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def describe(info: dict, now: float | None = None) -> str:
+    """'pid 123 on host h, started 2026-11-28T01:00:00Z, renewed 4 s ago' for a lease's contents."""
+    now = time.time() if now is None else now
+    host = str(info.get("where", "?")).split("/", 1)[0]
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(info.get("started", 0))))
+    return f"pid {info.get('pid')} on host {host}, started {started}, renewed {now - float(info.get('renewed', 0)):.0f} s ago"
+
+
+def is_stale(info: dict, now: float | None = None) -> bool:
+    """Whether the lease ``info`` has no live holder (see the module docstring)."""
+    now = time.time() if now is None else now
+    try:
+        renewed, pid = float(info["renewed"]), int(info["pid"])
+    except (KeyError, TypeError, ValueError):
+        return True  # not a lease this code wrote: nobody renews it
+    if now - renewed > LEASE_S:
+        return True
+    return info.get("where") == _where() and pid != os.getpid() and not _alive(pid)
+
+
+def _mine(info: dict) -> bool:
+    return info.get("where") == _where() and info.get("pid") == os.getpid()
+
+
+@dataclass
+class Lease:
+    """A held lease: its object, the token written into it, and whether another run took it over."""
+
+    url: str
+    what: str
+    storage_options: dict | None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.time)
+    lost_to: dict | None = None
+    owner: int = field(default_factory=threading.get_ident)
+
+    def body(self) -> bytes:
+        return json.dumps({"token": self.token, "what": self.what, "where": _where(), "pid": os.getpid(),
+                           "started": self.started, "renewed": time.time()}).encode()
+
+    def check(self) -> None:
+        """Refuse to go on when another run has taken this lease over."""
+        if self.lost_to is not None:
+            raise StreamPruneError(
+                f"{self.what}: another run took this stage over ({describe(self.lost_to)}) after this one "
+                f"stopped renewing its lease for {LEASE_S:.0f} s; this run stops without recording more")
+
+    def renew(self) -> None:
+        """Rewrite the renewal time, or mark the lease lost when another run holds it now."""
+        info = read(self.url, self.storage_options)
+        if info is not None and info.get("token") != self.token:
+            self.lost_to = info
+            log.warning("%s: lease taken over by %s", self.what, describe(info))
+            return
+        storage.write_bytes_atomic(self.url, self.body(), self.storage_options)
+
+
+def read(url: str, storage_options: dict | None = None) -> dict | None:
+    """The contents of a lease, None when absent, {} when damaged."""
+    try:
+        info = json.loads(storage.read_bytes(url, storage_options))
+    except FileNotFoundError:
+        return None
+    except StreamPruneError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None
+        raise
+    except (ValueError, UnicodeDecodeError):
+        return {}  # damaged: stale
+    return info if isinstance(info, dict) else {}
+
+
+def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
+    """Create ``url`` holding ``data`` unless it exists; False when it does."""
+    if not storage.is_remote(url):
+        # Written whole to a temporary file, then linked to its name: link() fails when the name
+        # exists, and a reader never sees the object empty (as it would between O_EXCL and write).
+        directory = os.path.dirname(url)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(url)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, url)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    fs = storage.get_fs(url, storage_options)
+    try:
+        storage.retry(lambda: fs.pipe_file(url, data, mode="create"), url, storage_options=storage_options)
+    except StreamPruneError:
+        if storage.exists(url, storage_options):
+            return False  # the store refused the conditional write: it exists
+        raise
+    return True
+
+
+# The leases this process holds (renewed by one thread), and per thread the order they were taken.
+_HELD: dict[str, Lease] = {}
+_HELD_LOCK = threading.Lock()
+_RENEWER: threading.Thread | None = None
+_STOP = threading.Event()
+
+
+def _renew_loop() -> None:
+    while not _STOP.wait(RENEW_S):
+        with _HELD_LOCK:
+            held = list(_HELD.values())
+        for lease in held:
+            if lease.lost_to is not None:
+                continue
+            try:
+                lease.renew()
+            except Exception as exc:  # a failed renewal is retried at the next tick
+                log.warning("%s: could not renew its lease (%s)", lease.what, exc)
+
+
+def _hold(lease: Lease) -> None:
+    global _RENEWER
+    with _HELD_LOCK:
+        _HELD[lease.url] = lease
+        if _RENEWER is None or not _RENEWER.is_alive():
+            _RENEWER = threading.Thread(target=_renew_loop, name="streamprune-lease", daemon=True)
+            _RENEWER.start()
+
+
+def acquire(url: str, what: str, storage_options: dict | None = None, wait: float = 0.0) -> Lease:
+    """Take the lease at ``url`` for ``what`` (a stage key), waiting up to ``wait`` seconds for its holder.
+
+    Raises a one-line :class:`StreamPruneError` naming the holder when it stays held.
+    """
+    deadline = time.time() + wait
+    while True:
+        with _HELD_LOCK:
+            held = _HELD.get(url)
+        if held is not None and held.owner == threading.get_ident() and held.lost_to is None:
+            return held  # a stage function taking its own lease again
+        lease = Lease(url, what, storage_options)
+        if _create(url, lease.body(), storage_options):
+            info = read(url, storage_options)
+            if info is not None and info.get("token") == lease.token:  # a store ignoring If-None-Match
+                _hold(lease)
+                return lease
+        info = read(url, storage_options)
+        if info is None:
+            continue  # released meanwhile
+        if _mine(info) or is_stale(info):
+            if not _mine(info):
+                log.warning("%s: taking over a stale lease (%s)", what, describe(info))
+            if read(url, storage_options) == info:  # not a new holder's, taken over just now by another run
+                storage.remove(url, storage_options)
+            continue  # of runs taking it over at once, one wins the create
+        if time.time() >= deadline:
+            raise StreamPruneError(
+                f"{what}: another run of this stage is using the workspace ({describe(info)}); wait for it to "
+                f"finish (if its machine is gone, its lease expires {LEASE_S:.0f} s after its last renewal)")
+        time.sleep(WAIT_POLL_S)
+
+
+def release(lease: Lease) -> None:
+    """Give a lease back (its object is removed unless another run has taken it over)."""
+    with _HELD_LOCK:
+        if _HELD.get(lease.url) is lease:
+            del _HELD[lease.url]
+    if lease.lost_to is not None:
+        return
+    try:
+        info = read(lease.url, lease.storage_options)
+        if info is not None and info.get("token") == lease.token:
+            storage.remove(lease.url, lease.storage_options)
+    except Exception as exc:  # it goes stale by itself
+        log.warning("%s: could not release its lease (%s)", lease.what, exc)
+
+
+def held() -> list[Lease]:
+    """The leases this process holds."""
+    with _HELD_LOCK:
+        return list(_HELD.values())
+
+
+def releases_leases(fn: F) -> F:
+    """Decorate a stage function: the leases its thread takes while it runs are released when it ends."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        me = threading.get_ident()
+        before = {id(lease) for lease in held()}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lease in held():
+                if lease.owner == me and id(lease) not in before:
+                    release(lease)
+    return wrapper  # type: ignore[return-value]
+
+
+@atexit.register
+def _release_all() -> None:
+    _STOP.set()
+    for lease in held():
+        release(lease)
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's leases (its exit must not release them)."""
+    global _HELD_LOCK, _RENEWER
+    _HELD.clear()
+    _HELD_LOCK, _RENEWER = threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

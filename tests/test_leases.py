@@ -1,0 +1,224 @@
+"""Stage leases: one run of a stage per workspace at a time, taken over when its holder is gone."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from streamprune import leases
+from streamprune.errors import StreamPruneError
+from streamprune.shards import catalog
+from streamprune.subset import subset
+from streamprune.workspace import Workspace
+from helpers import run_cli
+
+# A process that begins the subset stage and holds it until its stdin closes (or it is killed).
+HOLDER = textwrap.dedent("""
+    import sys
+    from streamprune.workspace import Workspace
+    ws = Workspace(sys.argv[1])
+    run = ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
+    print("holding", flush=True)
+    sys.stdin.read()
+""")
+
+
+def _hold_subset(ws: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, ws], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_run_of_a_stage_is_refused_while_the_first_runs(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    holder = _hold_subset(ws)
+    try:
+        lease_file = os.path.join(ws, "_stages", "subset.lease")
+        info = json.load(open(lease_file))
+        assert info["pid"] == holder.pid
+        proc = run_cli("subset", "-w", ws, "--fraction", "0.3", "--force", check=False)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"subset: another run of this stage is using the workspace (pid {holder.pid} on host" in lines[0]
+        with pytest.raises(StreamPruneError, match="another run of this stage"):
+            subset(ws, fraction=0.5, seed=1)
+        assert not os.path.exists(os.path.join(ws, "_stages", "subset.json"))  # neither run wrote a marker
+        assert json.load(open(lease_file))["token"] == info["token"]  # the refused runs left the lease alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder was killed on this host: its lease is taken over at once, and the stage runs.
+    t0 = time.time()
+    m = subset(ws, fraction=0.5, seed=1)
+    assert time.time() - t0 < leases.LEASE_S / 4 and m["counts"]["n_subset"] > 0
+    assert not os.path.exists(os.path.join(ws, "_stages", "subset.lease"))  # released at commit
+
+
+def test_a_holder_that_finishes_releases_its_lease_and_the_next_run_skips(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    code = HOLDER.replace('sys.stdin.read()', 'sys.stdin.read()\nrun.commit(outputs={}, counts={"n_subset": 7})')
+    proc = subprocess.Popen([sys.executable, "-c", code, ws], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    proc.stdin.close()
+    assert proc.wait(60) == 0
+    assert not os.path.exists(os.path.join(ws, "_stages", "subset.lease"))
+    assert subset(ws, fraction=0.5, seed=1)["counts"]["n_subset"] == 7  # its marker, skipped
+
+
+def _foreign(renewed: float) -> bytes:
+    return json.dumps({"token": "t-other", "what": "subset", "where": "elsewhere/pid:[1]", "pid": 4242,
+                       "started": renewed, "renewed": renewed}).encode()
+
+
+def test_a_lease_of_another_host_is_honoured_until_it_expires(shards, tmp_path, caplog):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    lease_file = os.path.join(ws, "_stages", "subset.lease")
+    with open(lease_file, "wb") as f:
+        f.write(_foreign(time.time() - 5))
+    with pytest.raises(StreamPruneError, match=r"pid 4242 on host elsewhere, started .*, renewed 5 s ago"):
+        subset(ws, fraction=0.5, seed=1)
+    with open(lease_file, "wb") as f:
+        f.write(_foreign(time.time() - leases.LEASE_S - 1))  # not renewed for LEASE_S: its machine is gone
+    with caplog.at_level("WARNING", logger="streamprune.leases"):
+        assert subset(ws, fraction=0.5, seed=1)["counts"]["n_subset"] > 0
+    assert "taking over a stale lease (pid 4242 on host elsewhere" in caplog.text
+    assert not os.path.exists(lease_file)
+
+
+def test_a_damaged_lease_is_stale():
+    assert leases.is_stale({}) and leases.is_stale({"renewed": "x", "pid": 1})
+
+
+def test_a_run_that_lost_its_lease_records_nothing_more(shards, tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws.url, scheduler="sync")
+    run = ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
+    try:
+        run.mark_chunk("a")
+        run.lease.renew()  # still ours: renewed
+        assert run.lease.lost_to is None
+        with open(run.lease.url, "wb") as f:  # another run took it over while this one stalled
+            f.write(_foreign(time.time()))
+        run.lease.renew()
+        with pytest.raises(StreamPruneError, match="another run took this stage over .*pid 4242"):
+            run.mark_chunk("b")
+        with pytest.raises(StreamPruneError, match="another run took this stage over"):
+            run.commit(outputs={}, counts={})
+        assert run.done_chunks() == {"a"} and ws.marker("subset") is None
+    finally:
+        leases.release(run.lease)
+    assert os.path.exists(run.lease.url)  # the new holder's lease stays
+
+
+def test_a_stage_that_fails_gives_its_lease_back(shards, tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws.url, scheduler="sync")
+
+    @leases.releases_leases
+    def failing_stage():
+        ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
+        assert os.path.exists(ws.path("_stages", "subset.lease"))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        failing_stage()
+    assert not os.path.exists(ws.path("_stages", "subset.lease")) and not leases.held()
+
+
+def _commit_many(ws_url: str, worker: int, n: int, go) -> None:
+    ws = Workspace(ws_url)
+    go.wait(60)
+    for i in range(n):
+        run = ws.begin("score", {"score": f"s{worker}-{i}"}, {}, key=f"score-w{worker}-{i}")
+        run.commit(outputs={}, counts={}, errors=[{"key": f"k{worker}-{i}", "reason": "bad"}])
+
+
+def test_concurrent_commits_of_different_stages_lose_nothing(tmp_path):
+    """streamprune.json and errors.jsonl are rewritten by every commit: one at a time across processes."""
+    ws = str(tmp_path / "ws")
+    workers, n = 4, 12
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_commit_many, args=(ws, w, n, go)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    time.sleep(3)  # all imported
+    go.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    wsobj = Workspace(ws)
+    expected = {f"score-w{w}-{i}" for w in range(workers) for i in range(n)}
+    assert set(wsobj.metadata()["stages"]) == expected
+    assert {e["key"] for e in wsobj.errors()} == {f"k{w}-{i}" for w in range(workers) for i in range(n)}
+    assert set(wsobj.markers()) == expected
+    assert not [f for f in os.listdir(os.path.join(ws, "_stages")) if f.endswith(".lease")]
+
+
+def test_leases_on_s3_use_conditional_creates(s3server, s3bucket):
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/_stages/embed.lease"
+    held = leases.acquire(url, "embed", opts)
+    try:
+        fs = s3server.fs()
+        info = json.loads(fs.cat_file(url))
+        assert info["token"] == held.token and info["pid"] == os.getpid()
+        # another host's run: the store refuses its conditional create, and it reads the holder
+        assert leases._create(url, b"{}", opts) is False
+        assert json.loads(fs.cat_file(url))["token"] == held.token
+        fs.pipe_file(url, _foreign(time.time()))  # taken over while this process stalled
+        held.renew()
+        assert held.lost_to["pid"] == 4242
+        with pytest.raises(StreamPruneError, match="pid 4242 on host elsewhere"):
+            leases.acquire(url, "embed", opts)
+    finally:
+        leases.release(held)
+    assert fs.exists(url)  # the other holder's lease is not removed
+    fs.rm(url)
+    again = leases.acquire(url, "embed", opts)
+    leases.release(again)
+    assert not fs.exists(url)
+
+
+def test_status_shows_a_running_stage(shards, tmp_path):
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    holder = _hold_subset(ws)
+    try:
+        out = run_cli("status", "-w", ws).stdout
+        assert "running  subset" in out and f"pid {holder.pid} on host" in out
+        assert "pending  subset" not in out
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    out = run_cli("status", "-w", ws).stdout
+    assert "running  subset" not in out  # its holder is dead
+    assert "stopped  subset" in out and "its next run resumes it" in out
+
+
+def test_a_forked_child_does_not_release_its_parents_lease(tmp_path):
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child exits through atexit, as a forked worker that returns normally would
+            code = 0 if not leases.held() else 1
+            leases._release_all()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert json.load(open(url))["token"] == held.token
+    finally:
+        leases.release(held)
+    assert not os.path.exists(url)
