@@ -937,23 +937,29 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     config = {"graph": name, "k": int(k), "factory": factory, "nprobe": nprobe, "refine": refine,
               "chunk_rows": chunk_rows, "recall_queries": int(recall_queries),
               "ondisk_threshold": ondisk_threshold, "seed": int(seed)}
-    done = ws.marker(key)
-    if not (done and done.get("fingerprint") == stage_fingerprint({"stage": "index", "config": config,
-                                                                    "inputs": inputs})):
-        # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
-        # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
-        n, d = emb.shape
+
+    def plan_graph() -> tuple[_Plan, np.ndarray]:
         mask = candidate_mask(ws, name, valid_arr[:])
         n_index = int(np.count_nonzero(mask))
         if n_index == 0:
             raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
         device = torch_search_device()
-        engine = choose_engine(factory, n, n_index, d, _free_bytes(device))
-        plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0],
-                     engine=engine, device=device if engine == "torch" else None)
+        engine = choose_engine(factory, emb.shape[0], n_index, emb.shape[1], _free_bytes(device))
+        return _plan(name, emb.shape[0], emb.shape[1], n_index, k, factory, refine, ondisk_threshold, chunk_rows,
+                     emb.chunks[0], engine=engine, device=device if engine == "torch" else None), mask
+
+    # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
+    # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
+    done = ws.marker(key, check_version=not force)
+    planned = None
+    if not (done and done.get("fingerprint") == stage_fingerprint({"stage": "index", "config": config,
+                                                                    "inputs": inputs})):
+        planned = plan_graph()
     run = ws.begin("index", config, inputs, force=force, key=key)
     if run.already_done:
         return run.previous | {"skipped": True}
+    plan, mask = planned or plan_graph()  # begin() drops a marker of another version under --force
+    n, d, n_index = plan.n, plan.d, plan.n_index
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}

@@ -497,3 +497,18 @@ def test_gather_sq_distances_matches_numpy(monkeypatch, dtype):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     rows = np.sort(rng.choice(1000, 77, replace=False))
     np.testing.assert_array_equal(index_mod.gather_rows(arr, rows), x[rows].astype(np.float32))
+
+
+def test_marker_of_another_version_is_rebuilt_with_force(tmp_path):
+    """--force over an index marker of another streamprune version builds the index again (the
+    stage's own marker was read with the version check, which refused even with --force)."""
+    x = clustered(600, 8)
+    ws = make_workspace(tmp_path / "ws", x, chunk=200)
+    m = build_index(ws, graph="all", k=5, scheduler="sync")["all"]
+    with open(ws.path("_stages", "index-all.json"), "w") as f:
+        json.dump(dict(m, version="0.0.1"), f)
+    with pytest.raises(StreamPruneError, match="written by streamprune 0.0.1"):
+        build_index(ws, graph="all", k=5, scheduler="sync")
+    again = build_index(ws, graph="all", k=5, scheduler="sync", force=True)["all"]
+    assert not again.get("skipped") and again["version"] != "0.0.1"
+    assert again["counts"]["recall_at_k"] == 1.0
