@@ -44,6 +44,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -1236,7 +1237,8 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     t0 = time.time()
     url = ws.path("graph", f"{plan.name}.zarr")
     n, k, cr = plan.n, plan.k, plan.chunk_rows
-    if _phase_record(run, "graph-layout", plan) is None:  # new, or begun by another engine: start over
+    layout = _phase_record(run, "graph-layout", plan)
+    if layout is None:  # new, or begun by another engine: start over
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1,
                             compressors=graph_codec())
@@ -1244,14 +1246,18 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
                             compressors=graph_codec())
         group.attrs.update({"graph": plan.name, "k": k, "metric": "euclidean", "factory": plan.factory,
                             "self_excluded": True, "engine": plan.engine})
-        run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine})
-        done: set[str] = set()
-    else:
-        done = run.done_chunks()
-    starts = [s for s in range(0, n, cr) if f"search-{s // cr}" not in done]
+        # Search records name their layout: those of a layout this one wiped are never trusted.
+        layout = {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine, "id": uuid.uuid4().hex[:12]}
+        run.mark_chunk("graph-layout", layout)
+
+    def chunk_id(i: int) -> str:
+        return f"search-{layout.get('id', '')}-{i}"
+
+    done = run.done_chunks()
+    starts = [s for s in range(0, n, cr) if chunk_id(s // cr) not in done]
 
     def _record(i: int, result: dict) -> None:
-        run.mark_chunk(f"search-{starts[i] // cr}", result)
+        run.mark_chunk(chunk_id(starts[i] // cr), result)
 
     weights = [min(cr, n - s) for s in starts]
     desc = f"index {plan.name} (search)"
