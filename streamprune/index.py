@@ -1065,26 +1065,26 @@ def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, 
     rec = _phase_record(run, "built", plan)
     if rec is not None:
         timings["add_s"] = rec["add_s"]
-        return
-    if plan.engine == "torch":  # the vectors are loaded onto the device by the search phase
+    elif plan.engine == "torch":  # the vectors are loaded onto the device by the search phase
         timings["add_s"] = 0.0
         run.mark_chunk("built", {"add_s": 0.0, "engine": plan.engine})
-        return
-    t0 = time.time()
-    fp = run.fingerprint
-    trained = read_index(ws, f"index/{plan.name}.trained", fp)
-    _check_width(trained, plan)
-    if not plan.ondisk:
-        with _progress(plan.n, f"index {plan.name} (add)") as bar:
-            for rows, x in iter_blocks(emb, mask, bar):
-                trained.add_with_ids(x, rows)
-        write_index(ws, trained, f"index/{plan.name}.faissindex")
     else:
-        _add_ondisk(ws, run, plan, trained, mask, scheduler)
-    del trained
-    trim_heap()
-    timings["add_s"] = round(time.time() - t0, 3)
-    run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
+        t0 = time.time()
+        trained = read_index(ws, f"index/{plan.name}.trained", run.fingerprint)
+        _check_width(trained, plan)
+        if not plan.ondisk:
+            with _progress(plan.n, f"index {plan.name} (add)") as bar:
+                for rows, x in iter_blocks(emb, mask, bar):
+                    trained.add_with_ids(x, rows)
+            write_index(ws, trained, f"index/{plan.name}.faissindex")
+        else:
+            _add_ondisk(ws, run, plan, trained, mask, scheduler)
+        del trained
+        trim_heap()
+        timings["add_s"] = round(time.time() - t0, 3)
+        run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
+    if plan.ondisk:  # the merged shard indexes: a resumed merge needs them until the phase is recorded
+        storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
 
 
 def _shard_ranges(plan: _Plan) -> list[tuple[int, int]]:
@@ -1120,8 +1120,6 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
     if storage.is_remote(index_url):  # the next _local_file calls download them again, once
         _upload(ws, ivfdata, f"index/{plan.name}.ivfdata")
     write_index(ws, trained, f"index/{plan.name}.faissindex")
-    del trained
-    storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
 
 
 def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask: np.ndarray, rel: str) -> dict:

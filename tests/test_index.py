@@ -512,3 +512,31 @@ def test_marker_of_another_version_is_rebuilt_with_force(tmp_path):
     again = build_index(ws, graph="all", k=5, scheduler="sync", force=True)["all"]
     assert not again.get("skipped") and again["version"] != "0.0.1"
     assert again["counts"]["recall_at_k"] == 1.0
+
+
+def test_ondisk_add_interrupted_after_the_merge_resumes(tmp_path, monkeypatch):
+    """A run stopped after the on-disk merge but before the add phase was recorded resumes (the
+    shard indexes were removed before the record, so the resumed merge found them missing)."""
+    from streamprune.workspace import StageRun
+
+    x = clustered(3000, 16, seed=5)
+    opts = dict(graph="all", k=8, factory="IVF16,PQ4", refine=0, nprobe=8, scheduler="sync", chunk_rows=500,
+                recall_queries=100, ondisk_threshold=600)
+    ws = make_workspace(tmp_path / "ws", x, chunk=250)
+    clean = make_workspace(tmp_path / "clean", x, chunk=250)
+    real = StageRun.mark_chunk
+
+    def stop_at_built(self, chunk, info=None, errors=()):
+        if chunk == "built":
+            raise KeyboardInterrupt  # as a kill right before the record
+        return real(self, chunk, info, errors)
+
+    monkeypatch.setattr(StageRun, "mark_chunk", stop_at_built)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ws, **opts)
+    monkeypatch.setattr(StageRun, "mark_chunk", real)
+    m = build_index(ws, **opts)["all"]
+    assert m["counts"]["ondisk"] and not (tmp_path / "ws" / "index" / "all.shards").exists()
+    build_index(clean, **opts)
+    for u, v in zip(graph_arrays(ws, "all"), graph_arrays(clean, "all")):
+        np.testing.assert_array_equal(u, v)
