@@ -302,11 +302,14 @@ def gather_sq_distances(queries: np.ndarray, ids: np.ndarray, emb: zarr.Array) -
     return out.reshape(q, kc)
 
 
-def iter_blocks(emb: zarr.Array, mask: np.ndarray, bar=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows, float32 vectors) of the masked rows, slab by slab (``bar`` advanced by rows scanned)."""
+def iter_blocks(emb: zarr.Array, mask: np.ndarray, bar=None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, float32 vectors) of the masked rows, slab by slab (``bar`` advanced by rows scanned).
+
+    ``mask`` covers rows ``start`` to ``start + len(mask)``.
+    """
     slab = _slab_rows(emb)
-    for s in range(0, emb.shape[0], slab):
-        m = mask[s:s + slab]
+    for s in range(start, start + len(mask), slab):
+        m = mask[s - start:s - start + slab]
         if m.any():
             rows = np.flatnonzero(m) + s
             yield rows.astype(np.int64), emb[s:s + len(m)][m].astype(np.float32, copy=False)
@@ -1045,7 +1048,7 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
         rows = sample_rows(mask, train_size(plan.n_index, plan.nlist, plan.d, ppc), seed)
         n_train = len(rows)
         streamed = train_index(index, emb, rows, seed=seed + 1234, gpu=plan.gpu)
-    _check_width(index, plan)
+    _check_width(index, plan.d, plan.name)
     write_index(ws, index, f"index/{plan.name}.trained")
     del index
     trim_heap()
@@ -1055,10 +1058,10 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
     return rec
 
 
-def _check_width(index, plan: _Plan) -> None:
-    if index.d != plan.d:
-        raise StreamPruneError(f"index-{plan.name}: the index has width {index.d} but embeddings.zarr has "
-                               f"width {plan.d}; re-run `streamprune index --force`")
+def _check_width(index, d: int, name: str) -> None:
+    if index.d != d:
+        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has "
+                               f"width {d}; re-run `streamprune index --force`")
 
 
 def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, timings: dict) -> None:
@@ -1071,7 +1074,7 @@ def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, 
     else:
         t0 = time.time()
         trained = read_index(ws, f"index/{plan.name}.trained", run.fingerprint)
-        _check_width(trained, plan)
+        _check_width(trained, plan.d, plan.name)
         if not plan.ondisk:
             with _progress(plan.n, f"index {plan.name} (add)") as bar:
                 for rows, x in iter_blocks(emb, mask, bar):
@@ -1127,18 +1130,11 @@ def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask
     bound_heap(INDEX_MMAP_THRESHOLD)
     emb, _, _ = open_embeddings(ws, f"index-{name}")
     index = read_index(ws, f"index/{name}.trained", fingerprint)
-    if index.d != emb.shape[1]:
-        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
-                               f"{emb.shape[1]}; re-run `streamprune index --force`")
-    slab = _slab_rows(emb)
+    _check_width(index, emb.shape[1], name)
     n_added = 0
-    for off in range(0, len(mask), slab):
-        m = mask[off:off + slab]
-        if m.any():
-            rows = np.flatnonzero(m).astype(np.int64) + start + off
-            x = emb[start + off:start + off + len(m)][m].astype(np.float32, copy=False)
-            index.add_with_ids(x, rows)
-            n_added += len(rows)
+    for rows, x in iter_blocks(emb, mask, start=start):
+        index.add_with_ids(x, rows)
+        n_added += len(rows)
     write_index(ws, index, rel)
     return {"n_added": n_added}
 
@@ -1296,9 +1292,7 @@ def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, param
 def _search_chunk(ws: Workspace, name: str, index, start: int, stop: int, k: int, refine: int) -> dict:
     """Search rows [start, stop) with ``index`` (faiss or :class:`TorchExactIndex`) and write their graph chunk."""
     emb, valid_arr, _ = open_embeddings(ws, f"index-{name}")
-    if index.d != emb.shape[1]:
-        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
-                               f"{emb.shape[1]}; re-run `streamprune index --force`")
+    _check_width(index, emb.shape[1], name)
     valid = valid_arr[start:stop]
     rows = np.flatnonzero(valid).astype(np.int64) + start
     nbr = np.full((stop - start, k), -1, np.int64)
