@@ -35,6 +35,7 @@ indexed row, on disk above the threshold).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -756,7 +758,7 @@ _CACHE: dict[str, tuple[str, object]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _local_dir(ws: Workspace, fingerprint: str) -> str:
+def _local_dir(fingerprint: str) -> str:
     """A local directory for index files of a remote workspace (faiss needs files to mmap)."""
     base = os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
     path = os.path.join(base, fingerprint[:16])
@@ -771,10 +773,10 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
         if not os.path.exists(url):
             raise StreamPruneError(f"index: {url} is missing; re-run with --force")
         return url
-    local = os.path.join(_local_dir(ws, fingerprint), os.path.basename(rel))
+    local = os.path.join(_local_dir(fingerprint), os.path.basename(rel))
     version = json.dumps(storage.stat(url, ws.storage_options), sort_keys=True)
     tag = local + ".version"
-    if not (os.path.exists(local) and os.path.exists(tag) and open(tag).read() == version):
+    if not (os.path.exists(local) and os.path.exists(tag) and Path(tag).read_text() == version):
         fs = storage.get_fs(url, ws.storage_options)
         tmp = f"{local}.tmp-{os.getpid()}"
         storage.retry(lambda: fs.get_file(url, tmp), url)
@@ -831,9 +833,7 @@ def read_index(ws: Workspace, rel: str, fingerprint: str, ondisk: bool = False):
         return faiss.read_index(_local_file(ws, rel, fingerprint), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
     url = ws.path(rel)
     if not storage.is_remote(url):
-        if not os.path.exists(url):
-            raise StreamPruneError(f"index: {url} is missing; re-run with --force")
-        return faiss.read_index(url, flags)
+        return faiss.read_index(_local_file(ws, rel, fingerprint), flags)
     return faiss.deserialize_index(np.frombuffer(storage.read_bytes(url, ws.storage_options), np.uint8), flags)
 
 
@@ -1114,7 +1114,7 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
               weights=[ranges[i][1] - ranges[i][0] for i in todo], on_result=_record)
     locals_ = [_local_file(ws, rel, fp) for rel in shard_rel]
     index_url = ws.path(f"index/{plan.name}.faissindex")
-    out_dir = os.path.dirname(index_url) if not storage.is_remote(index_url) else _local_dir(ws, fp)
+    out_dir = os.path.dirname(index_url) if not storage.is_remote(index_url) else _local_dir(fp)
     os.makedirs(out_dir, exist_ok=True)
     ivfdata = os.path.join(out_dir, f"{plan.name}.ivfdata")
     if os.path.exists(ivfdata):
@@ -1162,7 +1162,7 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
         timings.update(rec["timings"])
         return rec
     t0 = time.time()
-    valid = _valid_mask(ws, plan.name, mask)
+    valid = mask if plan.name == "all" else open_embeddings(ws, f"index-{plan.name}")[1][:]  # the queries
     must_tune = plan.nlist > 0 and nprobe is None
     n_tune = min(TUNE_QUERIES, recall_queries) if must_tune else 0
     rows = sample_rows(valid, n_tune + recall_queries, seed + 7)
@@ -1210,17 +1210,7 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
     return rec
 
 
-def _valid_mask(ws: Workspace, name: str, mask: np.ndarray) -> np.ndarray:
-    """Valid rows (queries): the index mask of ``all``, re-read for ``seeds``."""
-    if name == "all":
-        return mask
-    emb, valid, _ = open_embeddings(ws, f"index-{name}")
-    return valid[:]
-
-
 def _npz_bytes(**arrays) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -1310,8 +1300,6 @@ def _recall(ws: Workspace, plan: _Plan) -> float | None:
     url = ws.path(f"index/{plan.name}.groundtruth.npz")
     if not storage.exists(url, ws.storage_options):
         return None
-    import io
-
     gt = np.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)))
     if not len(gt["rows"]):
         return None
