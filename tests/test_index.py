@@ -456,6 +456,8 @@ def test_missing_embeddings_and_bad_options(tmp_path):
         build_index(ws, graph="some", scheduler="sync")
     with pytest.raises(StreamPruneError, match="--k must be"):
         build_index(ws, graph="all", k=0, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="--k must be a whole number >= 1, not True"):
+        build_index(ws, graph="all", k=True, scheduler="sync")  # a bool is not a count
     with pytest.raises(StreamPruneError, match="faiss cannot build 'IVF10,PQ7' for width 16"):
         build_index(ws, graph="all", factory="IVF10,PQ7", scheduler="sync")
     with pytest.raises(StreamPruneError, match="no inverted lists to put on disk"):
