@@ -756,7 +756,10 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
 
     map_tasks(write_output_shard, args, scheduler=scheduler, desc=f"reshard {name}", unit="sample", weights=weights,
               on_result=finished)
-    infos = list(infos.values())
+    n_bytes = int(sum(info.get("bytes", 0) for info in infos.values()))
+    n_samples = int(sum(info.get("n_samples", 0) for info in infos.values()))
+    if n_samples != len(rows):  # before shards.txt: readers take it as the list of complete outputs
+        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
     urls = [output_url(out, i) for i in range(n_out)]
     # A worker killed mid-task leaves its temporary file (or an unfinished upload); the task
     # already ran again elsewhere under another temporary name.
@@ -764,10 +767,6 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     if durable and not storage.is_remote(out):
         _fsync_outputs(urls, out)
     storage.write_bytes_atomic(storage.join(out, "shards.txt"), "".join(u + "\n" for u in urls).encode(), so)
-    n_bytes = int(sum(info.get("bytes", 0) for info in infos))
-    n_samples = int(sum(info.get("n_samples", 0) for info in infos))
-    if n_samples != len(rows):
-        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
     ws.write_json({"out": out, "shards": storage.join(out, "shards.txt"), "n_shards": n_out, "n_samples": n_samples,
                    "bytes": n_bytes, "shard_size": size, "max_count": config["max_count"], "durable": bool(durable)},
                   "prune", name, "reshard.json")

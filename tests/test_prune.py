@@ -189,6 +189,24 @@ def test_reshard_max_count_and_repeated_keys(tmp_path):
     assert sorted(seen) == sorted(want)
 
 
+def test_reshard_count_mismatch_publishes_no_shard_list(tmp_path, monkeypatch):
+    """A reshard whose tasks report fewer samples than were kept fails before OUT/shards.txt exists:
+    readers take that file as the list of complete outputs."""
+    ws, _, _ = build(str(tmp_path), n_shards=2, per_shard=10)
+    real = prune_module.write_output_shard
+
+    def one_short(*args, **kwargs):
+        info = real(*args, **kwargs)
+        return {**info, "n_samples": info["n_samples"] - 1}
+
+    monkeypatch.setattr(prune_module, "write_output_shard", one_short)
+    out = str(tmp_path / "out")
+    with pytest.raises(StreamPruneError, match="were kept"):
+        prune(ws, keep_fraction=1.0, reshard=out, scheduler="sync")
+    assert not os.path.exists(os.path.join(out, "shards.txt"))
+    assert not os.path.exists(os.path.join(ws, "prune", "du-knn-hard-1", "reshard.json"))
+
+
 @pytest.mark.slow
 def test_reshard_on_a_dask_cluster_equals_local(tmp_path, dask_cluster):
     ws, shards, up = build(str(tmp_path), 4, 20)
