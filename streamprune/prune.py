@@ -699,7 +699,7 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     _check_name(name)
     size = reshard_size(shard_size, max_count, "reshard")
     out = storage.normalize(out)
-    if storage.normalize(out).rstrip("/") == ws.url.rstrip("/"):
+    if out.rstrip("/") == ws.url.rstrip("/"):
         raise StreamPruneError("reshard: the output location must not be the workspace itself")
     pm = ws.require(f"prune-{name}", "reshard")
     cat_m = ws.require("catalog", "reshard")
@@ -743,13 +743,13 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
         segments = []
         for s in np.unique(src[a:b]):
             sel_rows = rows[a:b][src[a:b] == s]
-            part_url = ws.path("catalog", "parts", f"{cat.shards.part.iloc[s]}.parquet")
-            segments.append((str(cat.shards.url.iloc[s]), part_url, sel_rows - int(cat.row_start[s]),
+            segments.append((str(cat.shards.url.iloc[s]), _part_url(cat, s), sel_rows - int(cat.row_start[s]),
                              int(cat.shards["size"].iloc[s]), str(cat.shards.etag.iloc[s])))
         args.append((output_url(out, i), segments, so, durable))
         weights.append(b - a)
         todo.append(i)
     log.info("reshard %s: %d output shards, %d already written", name, n_out, n_out - len(todo))
+
     def finished(j: int, info: dict) -> None:
         run.mark_chunk(todo[j], info)  # the chunk record, after the tar is complete under its final name
         infos[todo[j]] = info
@@ -863,17 +863,12 @@ def _output_sizes(out: str, storage_options: dict) -> dict[str, int]:
 
 def _fsync_outputs(urls: list[str], out: str) -> None:
     """fsync every output tar and OUT itself (cheap for tars a durable task already synced)."""
-    for u in urls:
-        fd = os.open(u, os.O_RDONLY)
+    for path in (*urls, out):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def output_url(out: str, i: int) -> str:
