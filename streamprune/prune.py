@@ -1315,17 +1315,6 @@ def _buffer_members(view: memoryview, base: int) -> Iterator:
     return iter_headers(read_at, base, base + len(view), base + len(view))
 
 
-def _bytes_members(data: bytes, base: int) -> Iterator:
-    """Members of ``data`` (bytes [base, base + len(data)) of a shard); headers only."""
-    return _buffer_members(memoryview(data), base)
-
-
-def _file_members(f: BinaryIO, start: int, stop: int) -> Iterator:
-    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only."""
-    fd = f.fileno()
-    return iter_headers(lambda pos, n: os.pread(fd, n, pos), start, stop, os.fstat(fd).st_size)
-
-
 class _Header:
     __slots__ = ("name", "offset", "end")
 

@@ -25,8 +25,8 @@ from streamprune import select as sel
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune import prune as prune_module
-from streamprune.prune import (OWNER_FILE, ShardPlanner, _bytes_members, _file_members, atomic_output, check_members,
-                               headers_ok, load_scores, prune, pruned_dataset, reshard)
+from streamprune.prune import (OWNER_FILE, ShardPlanner, _buffer_members, atomic_output, check_members, headers_ok,
+                               iter_headers, load_scores, prune, pruned_dataset, reshard)
 from streamprune.shards import catalog
 from streamprune.tario import iter_tar, write_tar
 from streamprune.workspace import Workspace
@@ -35,6 +35,17 @@ NAME = "du-knn-hard-0.5"
 
 
 # workspace builders -------------------------------------------------------------------------------
+def _bytes_members(data: bytes, base: int):
+    """Members of ``data`` (bytes [base, base + len(data)) of a shard); headers only."""
+    return _buffer_members(memoryview(data), base)
+
+
+def _file_members(f, start: int, stop: int):
+    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only."""
+    fd = f.fileno()
+    return iter_headers(lambda pos, n: os.pread(fd, n, pos), start, stop, os.fstat(fd).st_size)
+
+
 def fake_upstream(ws: Workspace, n: int, *, seed: int = 0, invalid=(), nan=(), labels: bool = True,
                   embed: bool = True, scores: np.ndarray | None = None) -> dict:
     """Write embeddings.zarr (+ embed marker) and extrapolated/du-knn.zarr (+ marker) as the real stages would."""
