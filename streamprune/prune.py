@@ -551,8 +551,8 @@ def _write_keys(cat, mask: np.ndarray, url: str, storage_options: dict,
     urls: list[str] = []
     buf: list[pa.Table] = []
     buffered = 0
-    with atomic_output(url, storage_options) as f:
-        writer = pq.ParquetWriter(f, KEYS_SCHEMA, compression="zstd", use_dictionary=["shard"])
+    with atomic_output(url, storage_options) as f, \
+            pq.ParquetWriter(f, KEYS_SCHEMA, compression="zstd", use_dictionary=["shard"]) as writer:
         for line, (s, rows, keys) in enumerate(_prefetch(keys_of, todo)):
             urls.append(str(cat.shards.url.iloc[s]))
             buf.append(pa.table({"shard": pa.array(np.full(len(rows), line, np.int32)),
@@ -563,7 +563,6 @@ def _write_keys(cat, mask: np.ndarray, url: str, storage_options: dict,
                 buf, buffered = [], 0
         if buf:
             writer.write_table(pa.concat_tables(buf), row_group_size=max(buffered, 1))
-        writer.close()
     return per_shard, urls
 
 
