@@ -35,6 +35,7 @@ indexed row, on disk above the threshold).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -44,8 +45,10 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -302,11 +305,14 @@ def gather_sq_distances(queries: np.ndarray, ids: np.ndarray, emb: zarr.Array) -
     return out.reshape(q, kc)
 
 
-def iter_blocks(emb: zarr.Array, mask: np.ndarray, bar=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(rows, float32 vectors) of the masked rows, slab by slab (``bar`` advanced by rows scanned)."""
+def iter_blocks(emb: zarr.Array, mask: np.ndarray, bar=None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(rows, float32 vectors) of the masked rows, slab by slab (``bar`` advanced by rows scanned).
+
+    ``mask`` covers rows ``start`` to ``start + len(mask)``.
+    """
     slab = _slab_rows(emb)
-    for s in range(0, emb.shape[0], slab):
-        m = mask[s:s + slab]
+    for s in range(start, start + len(mask), slab):
+        m = mask[s - start:s - start + slab]
         if m.any():
             rows = np.flatnonzero(m) + s
             yield rows.astype(np.int64), emb[s:s + len(m)][m].astype(np.float32, copy=False)
@@ -753,7 +759,7 @@ _CACHE: dict[str, tuple[str, object]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _local_dir(ws: Workspace, fingerprint: str) -> str:
+def _local_dir(fingerprint: str) -> str:
     """A local directory for index files of a remote workspace (faiss needs files to mmap)."""
     base = os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
     path = os.path.join(base, fingerprint[:16])
@@ -768,10 +774,10 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
         if not os.path.exists(url):
             raise StreamPruneError(f"index: {url} is missing; re-run with --force")
         return url
-    local = os.path.join(_local_dir(ws, fingerprint), os.path.basename(rel))
+    local = os.path.join(_local_dir(fingerprint), os.path.basename(rel))
     version = json.dumps(storage.stat(url, ws.storage_options), sort_keys=True)
     tag = local + ".version"
-    if not (os.path.exists(local) and os.path.exists(tag) and open(tag).read() == version):
+    if not (os.path.exists(local) and os.path.exists(tag) and Path(tag).read_text() == version):
         fs = storage.get_fs(url, ws.storage_options)
         tmp = f"{local}.tmp-{os.getpid()}"
         storage.retry(lambda: fs.get_file(url, tmp), url)
@@ -828,9 +834,7 @@ def read_index(ws: Workspace, rel: str, fingerprint: str, ondisk: bool = False):
         return faiss.read_index(_local_file(ws, rel, fingerprint), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
     url = ws.path(rel)
     if not storage.is_remote(url):
-        if not os.path.exists(url):
-            raise StreamPruneError(f"index: {url} is missing; re-run with --force")
-        return faiss.read_index(url, flags)
+        return faiss.read_index(_local_file(ws, rel, fingerprint), flags)
     return faiss.deserialize_index(np.frombuffer(storage.read_bytes(url, ws.storage_options), np.uint8), flags)
 
 
@@ -916,11 +920,13 @@ def build_index(ws: str | Workspace, *, graph: str = "both", k: int = 20, factor
     names = {"both": GRAPHS, "seeds": ("seeds",), "all": ("all",)}.get(graph)
     if names is None:
         raise StreamPruneError(f"--graph must be one of both, seeds, all; got {graph!r}")
+    from streamprune.extrapolate.common import Rule, whole
+
     for label, value, lo in (("k", k, 1), ("nprobe", nprobe, 1), ("refine", refine, 0),
                              ("chunk-rows", chunk_rows, 1), ("recall-queries", recall_queries, 0),
                              ("ondisk-threshold", ondisk_threshold, 1)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < lo):
-            raise StreamPruneError(f"--{label} must be an integer >= {lo}, got {value!r}")
+        if value is not None:
+            Rule(whole(lo), f"a whole number >= {lo}").check(value, f"--{label}")
     return {name: _build_graph(ws, name, k=k, factory=factory, nprobe=nprobe, refine=refine,
                                chunk_rows=chunk_rows, scheduler=scheduler, force=force,
                                recall_queries=recall_queries, ondisk_threshold=ondisk_threshold, seed=seed)
@@ -939,23 +945,29 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     config = {"graph": name, "k": int(k), "factory": factory, "nprobe": nprobe, "refine": refine,
               "chunk_rows": chunk_rows, "recall_queries": int(recall_queries),
               "ondisk_threshold": ondisk_threshold, "seed": int(seed)}
-    done = ws.marker(key)
-    if not (done and done.get("fingerprint") == stage_fingerprint({"stage": "index", "config": config,
-                                                                    "inputs": inputs})):
-        # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
-        # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
-        n, d = emb.shape
+
+    def plan_graph() -> tuple[_Plan, np.ndarray]:
         mask = candidate_mask(ws, name, valid_arr[:])
         n_index = int(np.count_nonzero(mask))
         if n_index == 0:
             raise StreamPruneError(f"{key}: no valid {'seed ' if name == 'seeds' else ''}rows to index")
         device = torch_search_device()
-        engine = choose_engine(factory, n, n_index, d, _free_bytes(device))
-        plan = _plan(name, n, d, n_index, k, factory, refine, ondisk_threshold, chunk_rows, emb.chunks[0],
-                     engine=engine, device=device if engine == "torch" else None)
+        engine = choose_engine(factory, emb.shape[0], n_index, emb.shape[1], _free_bytes(device))
+        return _plan(name, emb.shape[0], emb.shape[1], n_index, k, factory, refine, ondisk_threshold, chunk_rows,
+                     emb.chunks[0], engine=engine, device=device if engine == "torch" else None), mask
+
+    # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
+    # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
+    done = ws.marker(key, check_version=not force)
+    planned = None
+    if not (done and done.get("fingerprint") == stage_fingerprint({"stage": "index", "config": config,
+                                                                    "inputs": inputs})):
+        planned = plan_graph()
     run = ws.begin("index", config, inputs, force=force, key=key)
     if run.already_done:
         return run.previous | {"skipped": True}
+    plan, mask = planned or plan_graph()  # begin() drops a marker of another version under --force
+    n, d, n_index = plan.n, plan.d, plan.n_index
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}
@@ -1041,7 +1053,7 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
         rows = sample_rows(mask, train_size(plan.n_index, plan.nlist, plan.d, ppc), seed)
         n_train = len(rows)
         streamed = train_index(index, emb, rows, seed=seed + 1234, gpu=plan.gpu)
-    _check_width(index, plan)
+    _check_width(index, plan.d, plan.name)
     write_index(ws, index, f"index/{plan.name}.trained")
     del index
     trim_heap()
@@ -1051,36 +1063,36 @@ def _train_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, seed: int
     return rec
 
 
-def _check_width(index, plan: _Plan) -> None:
-    if index.d != plan.d:
-        raise StreamPruneError(f"index-{plan.name}: the index has width {index.d} but embeddings.zarr has "
-                               f"width {plan.d}; re-run `streamprune index --force`")
+def _check_width(index, d: int, name: str) -> None:
+    if index.d != d:
+        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has "
+                               f"width {d}; re-run `streamprune index --force`")
 
 
 def _add_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, scheduler, timings: dict) -> None:
     rec = _phase_record(run, "built", plan)
     if rec is not None:
         timings["add_s"] = rec["add_s"]
-        return
-    if plan.engine == "torch":  # the vectors are loaded onto the device by the search phase
+    elif plan.engine == "torch":  # the vectors are loaded onto the device by the search phase
         timings["add_s"] = 0.0
         run.mark_chunk("built", {"add_s": 0.0, "engine": plan.engine})
-        return
-    t0 = time.time()
-    fp = run.fingerprint
-    trained = read_index(ws, f"index/{plan.name}.trained", fp)
-    _check_width(trained, plan)
-    if not plan.ondisk:
-        with _progress(plan.n, f"index {plan.name} (add)") as bar:
-            for rows, x in iter_blocks(emb, mask, bar):
-                trained.add_with_ids(x, rows)
-        write_index(ws, trained, f"index/{plan.name}.faissindex")
     else:
-        _add_ondisk(ws, run, plan, trained, mask, scheduler)
-    del trained
-    trim_heap()
-    timings["add_s"] = round(time.time() - t0, 3)
-    run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
+        t0 = time.time()
+        trained = read_index(ws, f"index/{plan.name}.trained", run.fingerprint)
+        _check_width(trained, plan.d, plan.name)
+        if not plan.ondisk:
+            with _progress(plan.n, f"index {plan.name} (add)") as bar:
+                for rows, x in iter_blocks(emb, mask, bar):
+                    trained.add_with_ids(x, rows)
+            write_index(ws, trained, f"index/{plan.name}.faissindex")
+        else:
+            _add_ondisk(ws, run, plan, trained, mask, scheduler)
+        del trained
+        trim_heap()
+        timings["add_s"] = round(time.time() - t0, 3)
+        run.mark_chunk("built", {"add_s": timings["add_s"], "engine": plan.engine})
+    if plan.ondisk:  # the merged shard indexes: a resumed merge needs them until the phase is recorded
+        storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
 
 
 def _shard_ranges(plan: _Plan) -> list[tuple[int, int]]:
@@ -1107,7 +1119,7 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
               weights=[ranges[i][1] - ranges[i][0] for i in todo], on_result=_record)
     locals_ = [_local_file(ws, rel, fp) for rel in shard_rel]
     index_url = ws.path(f"index/{plan.name}.faissindex")
-    out_dir = os.path.dirname(index_url) if not storage.is_remote(index_url) else _local_dir(ws, fp)
+    out_dir = os.path.dirname(index_url) if not storage.is_remote(index_url) else _local_dir(fp)
     os.makedirs(out_dir, exist_ok=True)
     ivfdata = os.path.join(out_dir, f"{plan.name}.ivfdata")
     if os.path.exists(ivfdata):
@@ -1116,8 +1128,6 @@ def _add_ondisk(ws: Workspace, run: StageRun, plan: _Plan, trained, mask, schedu
     if storage.is_remote(index_url):  # the next _local_file calls download them again, once
         _upload(ws, ivfdata, f"index/{plan.name}.ivfdata")
     write_index(ws, trained, f"index/{plan.name}.faissindex")
-    del trained
-    storage.remove(ws.path(f"index/{plan.name}.shards"), ws.storage_options, recursive=True)
 
 
 def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask: np.ndarray, rel: str) -> dict:
@@ -1125,18 +1135,11 @@ def _add_shard_task(ws: Workspace, name: str, fingerprint: str, start: int, mask
     bound_heap(INDEX_MMAP_THRESHOLD)
     emb, _, _ = open_embeddings(ws, f"index-{name}")
     index = read_index(ws, f"index/{name}.trained", fingerprint)
-    if index.d != emb.shape[1]:
-        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
-                               f"{emb.shape[1]}; re-run `streamprune index --force`")
-    slab = _slab_rows(emb)
+    _check_width(index, emb.shape[1], name)
     n_added = 0
-    for off in range(0, len(mask), slab):
-        m = mask[off:off + slab]
-        if m.any():
-            rows = np.flatnonzero(m).astype(np.int64) + start + off
-            x = emb[start + off:start + off + len(m)][m].astype(np.float32, copy=False)
-            index.add_with_ids(x, rows)
-            n_added += len(rows)
+    for rows, x in iter_blocks(emb, mask, start=start):
+        index.add_with_ids(x, rows)
+        n_added += len(rows)
     write_index(ws, index, rel)
     return {"n_added": n_added}
 
@@ -1164,7 +1167,7 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
         timings.update(rec["timings"])
         return rec
     t0 = time.time()
-    valid = _valid_mask(ws, plan.name, mask)
+    valid = mask if plan.name == "all" else open_embeddings(ws, f"index-{plan.name}")[1][:]  # the queries
     must_tune = plan.nlist > 0 and nprobe is None
     n_tune = min(TUNE_QUERIES, recall_queries) if must_tune else 0
     rows = sample_rows(valid, n_tune + recall_queries, seed + 7)
@@ -1212,17 +1215,7 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
     return rec
 
 
-def _valid_mask(ws: Workspace, name: str, mask: np.ndarray) -> np.ndarray:
-    """Valid rows (queries): the index mask of ``all``, re-read for ``seeds``."""
-    if name == "all":
-        return mask
-    emb, valid, _ = open_embeddings(ws, f"index-{name}")
-    return valid[:]
-
-
 def _npz_bytes(**arrays) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -1233,7 +1226,8 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     t0 = time.time()
     url = ws.path("graph", f"{plan.name}.zarr")
     n, k, cr = plan.n, plan.k, plan.chunk_rows
-    if _phase_record(run, "graph-layout", plan) is None:  # new, or begun by another engine: start over
+    layout = _phase_record(run, "graph-layout", plan)
+    if layout is None:  # new, or begun by another engine: start over
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1,
                             compressors=graph_codec())
@@ -1241,14 +1235,18 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
                             compressors=graph_codec())
         group.attrs.update({"graph": plan.name, "k": k, "metric": "euclidean", "factory": plan.factory,
                             "self_excluded": True, "engine": plan.engine})
-        run.mark_chunk("graph-layout", {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine})
-        done: set[str] = set()
-    else:
-        done = run.done_chunks()
-    starts = [s for s in range(0, n, cr) if f"search-{s // cr}" not in done]
+        # Search records name their layout: those of a layout this one wiped are never trusted.
+        layout = {"n": n, "k": k, "chunk_rows": cr, "engine": plan.engine, "id": uuid.uuid4().hex[:12]}
+        run.mark_chunk("graph-layout", layout)
+
+    def chunk_id(i: int) -> str:
+        return f"search-{layout.get('id', '')}-{i}"
+
+    done = run.done_chunks()
+    starts = [s for s in range(0, n, cr) if chunk_id(s // cr) not in done]
 
     def _record(i: int, result: dict) -> None:
-        run.mark_chunk(f"search-{starts[i] // cr}", result)
+        run.mark_chunk(chunk_id(starts[i] // cr), result)
 
     weights = [min(cr, n - s) for s in starts]
     desc = f"index {plan.name} (search)"
@@ -1289,9 +1287,7 @@ def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, param
 def _search_chunk(ws: Workspace, name: str, index, start: int, stop: int, k: int, refine: int) -> dict:
     """Search rows [start, stop) with ``index`` (faiss or :class:`TorchExactIndex`) and write their graph chunk."""
     emb, valid_arr, _ = open_embeddings(ws, f"index-{name}")
-    if index.d != emb.shape[1]:
-        raise StreamPruneError(f"index-{name}: the index has width {index.d} but embeddings.zarr has width "
-                               f"{emb.shape[1]}; re-run `streamprune index --force`")
+    _check_width(index, emb.shape[1], name)
     valid = valid_arr[start:stop]
     rows = np.flatnonzero(valid).astype(np.int64) + start
     nbr = np.full((stop - start, k), -1, np.int64)
@@ -1309,8 +1305,6 @@ def _recall(ws: Workspace, plan: _Plan) -> float | None:
     url = ws.path(f"index/{plan.name}.groundtruth.npz")
     if not storage.exists(url, ws.storage_options):
         return None
-    import io
-
     gt = np.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)))
     if not len(gt["rows"]):
         return None

@@ -553,8 +553,8 @@ def _write_keys(cat, mask: np.ndarray, url: str, storage_options: dict,
     urls: list[str] = []
     buf: list[pa.Table] = []
     buffered = 0
-    with atomic_output(url, storage_options) as f:
-        writer = pq.ParquetWriter(f, KEYS_SCHEMA, compression="zstd", use_dictionary=["shard"])
+    with atomic_output(url, storage_options) as f, \
+            pq.ParquetWriter(f, KEYS_SCHEMA, compression="zstd", use_dictionary=["shard"]) as writer:
         for line, (s, rows, keys) in enumerate(_prefetch(keys_of, todo)):
             urls.append(str(cat.shards.url.iloc[s]))
             buf.append(pa.table({"shard": pa.array(np.full(len(rows), line, np.int32)),
@@ -565,7 +565,6 @@ def _write_keys(cat, mask: np.ndarray, url: str, storage_options: dict,
                 buf, buffered = [], 0
         if buf:
             writer.write_table(pa.concat_tables(buf), row_group_size=max(buffered, 1))
-        writer.close()
     return per_shard, urls
 
 
@@ -702,7 +701,7 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     _check_name(name)
     size = reshard_size(shard_size, max_count, "reshard")
     out = storage.normalize(out)
-    if storage.normalize(out).rstrip("/") == ws.url.rstrip("/"):
+    if out.rstrip("/") == ws.url.rstrip("/"):
         raise StreamPruneError("reshard: the output location must not be the workspace itself")
     pm = ws.require(f"prune-{name}", "reshard")
     cat_m = ws.require("catalog", "reshard")
@@ -746,20 +745,23 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
         segments = []
         for s in np.unique(src[a:b]):
             sel_rows = rows[a:b][src[a:b] == s]
-            part_url = ws.path("catalog", "parts", f"{cat.shards.part.iloc[s]}.parquet")
-            segments.append((str(cat.shards.url.iloc[s]), part_url, sel_rows - int(cat.row_start[s]),
+            segments.append((str(cat.shards.url.iloc[s]), _part_url(cat, s), sel_rows - int(cat.row_start[s]),
                              int(cat.shards["size"].iloc[s]), str(cat.shards.etag.iloc[s])))
         args.append((output_url(out, i), segments, so, durable))
         weights.append(b - a)
         todo.append(i)
     log.info("reshard %s: %d output shards, %d already written", name, n_out, n_out - len(todo))
+
     def finished(j: int, info: dict) -> None:
         run.mark_chunk(todo[j], info)  # the chunk record, after the tar is complete under its final name
         infos[todo[j]] = info
 
     map_tasks(write_output_shard, args, scheduler=scheduler, desc=f"reshard {name}", unit="sample", weights=weights,
               on_result=finished)
-    infos = list(infos.values())
+    n_bytes = int(sum(info.get("bytes", 0) for info in infos.values()))
+    n_samples = int(sum(info.get("n_samples", 0) for info in infos.values()))
+    if n_samples != len(rows):  # before shards.txt: readers take it as the list of complete outputs
+        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
     urls = [output_url(out, i) for i in range(n_out)]
     # A worker killed mid-task leaves its temporary file (or an unfinished upload); the task
     # already ran again elsewhere under another temporary name.
@@ -767,10 +769,6 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     if durable and not storage.is_remote(out):
         _fsync_outputs(urls, out)
     storage.write_bytes_atomic(storage.join(out, "shards.txt"), "".join(u + "\n" for u in urls).encode(), so)
-    n_bytes = int(sum(info.get("bytes", 0) for info in infos))
-    n_samples = int(sum(info.get("n_samples", 0) for info in infos))
-    if n_samples != len(rows):
-        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
     ws.write_json({"out": out, "shards": storage.join(out, "shards.txt"), "n_shards": n_out, "n_samples": n_samples,
                    "bytes": n_bytes, "shard_size": size, "max_count": config["max_count"], "durable": bool(durable)},
                   "prune", name, "reshard.json")
@@ -867,17 +865,12 @@ def _output_sizes(out: str, storage_options: dict) -> dict[str, int]:
 
 def _fsync_outputs(urls: list[str], out: str) -> None:
     """fsync every output tar and OUT itself (cheap for tars a durable task already synced)."""
-    for u in urls:
-        fd = os.open(u, os.O_RDONLY)
+    for path in (*urls, out):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def output_url(out: str, i: int) -> str:
@@ -1322,17 +1315,6 @@ def _buffer_members(view: memoryview, base: int) -> Iterator:
         return bytes(view[pos - base:pos - base + n])
 
     return iter_headers(read_at, base, base + len(view), base + len(view))
-
-
-def _bytes_members(data: bytes, base: int) -> Iterator:
-    """Members of ``data`` (bytes [base, base + len(data)) of a shard); headers only."""
-    return _buffer_members(memoryview(data), base)
-
-
-def _file_members(f: BinaryIO, start: int, stop: int) -> Iterator:
-    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only."""
-    fd = f.fileno()
-    return iter_headers(lambda pos, n: os.pread(fd, n, pos), start, stop, os.fstat(fd).st_size)
 
 
 class _Header:

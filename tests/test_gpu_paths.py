@@ -200,6 +200,33 @@ def test_engine_change_on_resume_restarts_the_search(tmp_path, monkeypatch):
         np.testing.assert_array_equal(u, v)
 
 
+def test_search_records_of_another_engine_are_not_trusted_after_a_second_interruption(tmp_path, monkeypatch):
+    """torch run killed, then a faiss run that lays the graph out again (wiping it) fails after one
+    chunk: the next faiss run must search again the chunks only the torch run had recorded."""
+    import streamprune.index as index_mod
+    from streamprune.errors import StreamPruneError
+
+    killed, clean = _killed_torch_build(tmp_path, 3)
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    real, calls = index_mod._search_task, []
+
+    def one_then_fail(*args):
+        if calls:
+            raise StreamPruneError("killed")
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(index_mod, "_search_task", one_then_fail)
+    with pytest.raises(StreamPruneError, match="killed"):
+        build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)
+    monkeypatch.setattr(index_mod, "_search_task", real)
+    m = build_index(killed, graph="all", k=6, scheduler="sync", chunk_rows=200)["all"]
+    build_index(clean, graph="all", k=6, scheduler="sync", chunk_rows=200)
+    assert m["counts"]["engine"] == "faiss" and m["counts"]["recall_at_k"] == 1.0
+    for u, v in zip(_graph(killed, "all"), _graph(clean, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
 # --------------------------------------------------------------------------- CUDA only
 
 

@@ -456,6 +456,8 @@ def test_missing_embeddings_and_bad_options(tmp_path):
         build_index(ws, graph="some", scheduler="sync")
     with pytest.raises(StreamPruneError, match="--k must be"):
         build_index(ws, graph="all", k=0, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="--k must be a whole number >= 1, not True"):
+        build_index(ws, graph="all", k=True, scheduler="sync")  # a bool is not a count
     with pytest.raises(StreamPruneError, match="faiss cannot build 'IVF10,PQ7' for width 16"):
         build_index(ws, graph="all", factory="IVF10,PQ7", scheduler="sync")
     with pytest.raises(StreamPruneError, match="no inverted lists to put on disk"):
@@ -497,3 +499,46 @@ def test_gather_sq_distances_matches_numpy(monkeypatch, dtype):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     rows = np.sort(rng.choice(1000, 77, replace=False))
     np.testing.assert_array_equal(index_mod.gather_rows(arr, rows), x[rows].astype(np.float32))
+
+
+def test_marker_of_another_version_is_rebuilt_with_force(tmp_path):
+    """--force over an index marker of another streamprune version builds the index again (the
+    stage's own marker was read with the version check, which refused even with --force)."""
+    x = clustered(600, 8)
+    ws = make_workspace(tmp_path / "ws", x, chunk=200)
+    m = build_index(ws, graph="all", k=5, scheduler="sync")["all"]
+    with open(ws.path("_stages", "index-all.json"), "w") as f:
+        json.dump(dict(m, version="0.0.1"), f)
+    with pytest.raises(StreamPruneError, match="written by streamprune 0.0.1"):
+        build_index(ws, graph="all", k=5, scheduler="sync")
+    again = build_index(ws, graph="all", k=5, scheduler="sync", force=True)["all"]
+    assert not again.get("skipped") and again["version"] != "0.0.1"
+    assert again["counts"]["recall_at_k"] == 1.0
+
+
+def test_ondisk_add_interrupted_after_the_merge_resumes(tmp_path, monkeypatch):
+    """A run stopped after the on-disk merge but before the add phase was recorded resumes (the
+    shard indexes were removed before the record, so the resumed merge found them missing)."""
+    from streamprune.workspace import StageRun
+
+    x = clustered(3000, 16, seed=5)
+    opts = dict(graph="all", k=8, factory="IVF16,PQ4", refine=0, nprobe=8, scheduler="sync", chunk_rows=500,
+                recall_queries=100, ondisk_threshold=600)
+    ws = make_workspace(tmp_path / "ws", x, chunk=250)
+    clean = make_workspace(tmp_path / "clean", x, chunk=250)
+    real = StageRun.mark_chunk
+
+    def stop_at_built(self, chunk, info=None, errors=()):
+        if chunk == "built":
+            raise KeyboardInterrupt  # as a kill right before the record
+        return real(self, chunk, info, errors)
+
+    monkeypatch.setattr(StageRun, "mark_chunk", stop_at_built)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ws, **opts)
+    monkeypatch.setattr(StageRun, "mark_chunk", real)
+    m = build_index(ws, **opts)["all"]
+    assert m["counts"]["ondisk"] and not (tmp_path / "ws" / "index" / "all.shards").exists()
+    build_index(clean, **opts)
+    for u, v in zip(graph_arrays(ws, "all"), graph_arrays(clean, "all")):
+        np.testing.assert_array_equal(u, v)

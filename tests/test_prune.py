@@ -25,8 +25,8 @@ from streamprune import select as sel
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune import prune as prune_module
-from streamprune.prune import (OWNER_FILE, ShardPlanner, _bytes_members, _file_members, atomic_output, check_members,
-                               headers_ok, load_scores, prune, pruned_dataset, reshard)
+from streamprune.prune import (OWNER_FILE, ShardPlanner, _buffer_members, atomic_output, check_members, headers_ok,
+                               iter_headers, load_scores, prune, pruned_dataset, reshard)
 from streamprune.shards import catalog
 from streamprune.tario import iter_tar, write_tar
 from streamprune.workspace import Workspace
@@ -35,6 +35,17 @@ NAME = "du-knn-hard-0.5"
 
 
 # workspace builders -------------------------------------------------------------------------------
+def _bytes_members(data: bytes, base: int):
+    """Members of ``data`` (bytes [base, base + len(data)) of a shard); headers only."""
+    return _buffer_members(memoryview(data), base)
+
+
+def _file_members(f, start: int, stop: int):
+    """Members of a local tar file from byte ``start`` up to the one ending at (or past) ``stop``; headers only."""
+    fd = f.fileno()
+    return iter_headers(lambda pos, n: os.pread(fd, n, pos), start, stop, os.fstat(fd).st_size)
+
+
 def fake_upstream(ws: Workspace, n: int, *, seed: int = 0, invalid=(), nan=(), labels: bool = True,
                   embed: bool = True, scores: np.ndarray | None = None) -> dict:
     """Write embeddings.zarr (+ embed marker) and extrapolated/du-knn.zarr (+ marker) as the real stages would."""
@@ -187,6 +198,24 @@ def test_reshard_max_count_and_repeated_keys(tmp_path):
         seen += [(s["__key__"], s["json"], s["png"]) for s in samples]
     want = [(k, p["json"], p["png"]) for path in shards for k, p in originals([path]).items()]
     assert sorted(seen) == sorted(want)
+
+
+def test_reshard_count_mismatch_publishes_no_shard_list(tmp_path, monkeypatch):
+    """A reshard whose tasks report fewer samples than were kept fails before OUT/shards.txt exists:
+    readers take that file as the list of complete outputs."""
+    ws, _, _ = build(str(tmp_path), n_shards=2, per_shard=10)
+    real = prune_module.write_output_shard
+
+    def one_short(*args, **kwargs):
+        info = real(*args, **kwargs)
+        return {**info, "n_samples": info["n_samples"] - 1}
+
+    monkeypatch.setattr(prune_module, "write_output_shard", one_short)
+    out = str(tmp_path / "out")
+    with pytest.raises(StreamPruneError, match="were kept"):
+        prune(ws, keep_fraction=1.0, reshard=out, scheduler="sync")
+    assert not os.path.exists(os.path.join(out, "shards.txt"))
+    assert not os.path.exists(os.path.join(ws, "prune", "du-knn-hard-1", "reshard.json"))
 
 
 @pytest.mark.slow
