@@ -117,6 +117,22 @@ def test_pax_size_record_overrides_the_header_size():
     assert [len(d) for _, d, _, _ in ref] == [700, 3]
 
 
+def test_member_pax_records_override_the_global_ones():
+    """A member's own pax records take precedence over a global pax header's (as tarfile applies them)."""
+    buf = io.BytesIO()
+    names = ["d/" + "a" * 120 + ".bin", "d/" + "b" * 120 + ".bin"]  # long: each gets its own pax path record
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "global.bin"}) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 3 + i
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == ref
+    assert [n for n, _ in ref] == names
+
+
 def test_duplicate_and_unsafe_keys(tmp_path):
     path = str(tmp_path / "d.tar")
     samples = make_samples(3)
