@@ -164,6 +164,38 @@ def test_undecodable_rows_flagged_invalid(tmp_path, encode):
     assert st["errors"]["by_stage"]["embed"] == 1
 
 
+def test_resumed_run_records_each_chunk_under_its_own_id(tmp_path, monkeypatch):
+    """A run stopped after its first chunk resumes with the others, recording each under its own id:
+    the rejected rows of the chunks done before the stop and after it all reach errors.jsonl."""
+    import streamprune.embed as embed_mod
+
+    samples = make_samples(96, kind="npy", dim=8)
+    for i in (3, 40, 70):  # one undecodable row in each of the three chunks of 32 rows
+        samples[i][1]["npy"] = b"garbage"
+    os.makedirs(tmp_path / "data")
+    write_tar(str(tmp_path / "data" / "s.tar"), samples)
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "data" / "s.tar")], ws, scheduler="sync")
+    real = embed_mod._embed_task
+
+    def stop_at_the_second_chunk(*args):
+        if args[2] == 32:
+            raise RuntimeError("stopped")
+        return real(*args)
+
+    options = dict(encoder="features", decode=DecodeConfig(input="vector"), chunk_rows=32, scheduler="sync",
+                   on_error="skip")
+    monkeypatch.setattr(embed_mod, "_embed_task", stop_at_the_second_chunk)
+    with pytest.raises(RuntimeError, match="stopped"):
+        embed(ws, **options)
+    monkeypatch.setattr(embed_mod, "_embed_task", real)
+    m = embed(ws, **options)
+    assert m["counts"]["n_valid"] == 93 and m["counts"]["errors"] == 3
+    errors = [json.loads(line) for line in open(os.path.join(ws, "errors.jsonl"))]
+    assert sorted(e["key"] for e in errors if e["stage"] == "embed") == ["s0000003", "s0000040", "s0000070"]
+    assert np.flatnonzero(~_emb(ws)[2]).tolist() == [3, 40, 70]
+
+
 def test_embed_needs_training(tmp_path):
     shards = write_shards(str(tmp_path / "data"), 1, 5)
     ws = str(tmp_path / "ws")

@@ -195,11 +195,16 @@ def test_select_neighbors_drops_self_and_missing():
     np.testing.assert_allclose(dist, [[1, 2, np.inf], [1, 3, 4]])
     nbr, dist = select_neighbors(ids[:, :1], sq[:, :1], np.array([3, 0]), 2)  # fewer candidates than k: padded
     assert nbr.tolist() == [[-1, -1], [5, -1]]
+    # a candidate whose distance is not finite (NaN or inf, e.g. from a NaN embedding) is no neighbour
+    nbr, dist = select_neighbors(np.array([[4, 6, 8]]), np.array([[np.nan, 1.0, np.inf]], np.float32), np.array([0]), 3)
+    assert nbr.tolist() == [[6, -1, -1]] and dist[0, 0] == 1.0 and np.isinf(dist[0, 1:]).all()
 
 
 def test_recall_and_sampling():
     found, truth = np.array([[1, 2, 3], [4, 5, -1]]), np.array([[3, 2, 9], [4, 6, 7]])
     assert recall_at_k(found, truth) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    # a query with fewer true neighbours than k (-1 pads its truth) that finds them all has recall 1
+    assert recall_at_k(np.array([[7, 2, 9]]), np.array([[2, 7, -1]])) == 1.0
     mask = np.zeros(10_000, bool)
     mask[::7] = True
     rows = sample_rows(mask, 300, seed=1, block=1000)
@@ -231,6 +236,10 @@ def test_flat_graph_equals_brute_force(tmp_path):
         assert not (nbr == np.arange(n)[:, None]).any()  # never itself
         assert (nbr[~valid] == -1).all() and np.isinf(dist[~valid]).all()
         assert not np.isin(nbr, np.flatnonzero(~base)).any()  # only indexed rows as neighbours
+        # recall is measured on the rows the graph answers for: every valid row (fewer than
+        # recall_queries here), not only the rows the index holds
+        gt = np.load(tmp_path / "ws" / "index" / f"{name}.groundtruth.npz")
+        np.testing.assert_array_equal(gt["rows"], np.flatnonzero(valid))
     params = json.loads((tmp_path / "ws" / "index" / "params.json").read_text())
     assert params["seeds"]["recall_at_k"] == 1.0 and params["all"]["k"] == k
     # done: a second call is skipped
@@ -241,7 +250,9 @@ def test_duplicates_and_fewer_rows_than_k(tmp_path):
     base = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
     x = np.concatenate([base, base])  # row i and i + 20 are identical
     ws = make_workspace(tmp_path / "ws", x, subset=np.array([0, 3, 20]), chunk=8)
-    build_index(ws, k=5, scheduler="sync", chunk_rows=16)
+    markers = build_index(ws, k=5, scheduler="sync", chunk_rows=16)
+    # exact search finds every true neighbour, also where a row has fewer than k of them (seeds)
+    assert markers["seeds"]["counts"]["recall_at_k"] == 1.0 and markers["all"]["counts"]["recall_at_k"] == 1.0
     nbr, dist = graph_arrays(ws, "all")
     assert (nbr[:20, 0] == np.arange(20, 40)).all() and (nbr[20:, 0] == np.arange(20)).all()
     assert (dist[:, 0] < 1e-3).all() and not (nbr == np.arange(40)[:, None]).any()

@@ -80,6 +80,59 @@ def test_samples_equal_webdataset(tmp_path):
     assert len(got) == 1 and got[0].key == s.key and got[0].members == s.members
 
 
+def test_key_split_equals_webdataset_on_tricky_names(tmp_path):
+    """Keys and extensions split as webdataset does: the extension is everything after the first dot
+    of the file name (not of the path), lower-cased; a dot file has no key and is skipped."""
+    entries = [("v1.2/abc.seg.png", b"p"), ("v1.2/abc.seg.cls", b"1"), (".hidden", b"h"), ("v1.2/abc.JSON", b"{}"),
+               ("k2.PNG", b"q"), ("k2.cls", b"2"), ("d/e.f/k3.tar.gz", b"z")]
+    path = tmp_path / "t.tar"
+    path.write_bytes(_tar_bytes(entries))
+    ours = [(s.key, s.members) for s in iter_samples(str(path), ErrorPolicy())]
+    ref = [(r["__key__"], {k: v for k, v in r.items() if not k.startswith("__")})
+           for r in wds.WebDataset(str(path), shardshuffle=False)]
+    assert ours == ref
+    assert [k for k, _ in ours] == ["v1.2/abc", "k2", "d/e.f/k3"] and sorted(ours[0][1]) == ["json", "seg.cls", "seg.png"]
+
+
+def test_pax_size_record_overrides_the_header_size():
+    """A pax 'size' record (how tar writers store sizes the octal field cannot hold) sets the member's
+    size and padding; here the header's own field says 0, and the next member is still found."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("a.bin", b"x" * 700), ("b.bin", b"y" * 3)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "a.bin":
+                info.pax_headers = {"size": str(len(data))}
+            tar.addfile(info, io.BytesIO(data))
+    blob = bytearray(buf.getvalue())
+    hdr = 1024  # a.bin's own header, after the pax header and its block of records
+    assert blob[hdr:hdr + 5] == b"a.bin"
+    blob[hdr + 124:hdr + 136] = b"00000000000\0"
+    blob[hdr + 148:hdr + 156] = b"        "
+    blob[hdr + 148:hdr + 155] = b"%06o\0" % sum(blob[hdr:hdr + 512])
+    with tarfile.open(fileobj=io.BytesIO(bytes(blob))) as tar:
+        ref = [(m.name, tar.extractfile(m).read(), m.offset, m.offset_data) for m in tar.getmembers()]
+    assert [(m.name, m.data, m.offset, m.data_offset) for m in iter_tar(io.BytesIO(bytes(blob)))] == ref
+    assert [len(d) for _, d, _, _ in ref] == [700, 3]
+
+
+def test_member_pax_records_override_the_global_ones():
+    """A member's own pax records take precedence over a global pax header's (as tarfile applies them)."""
+    buf = io.BytesIO()
+    names = ["d/" + "a" * 120 + ".bin", "d/" + "b" * 120 + ".bin"]  # long: each gets its own pax path record
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "global.bin"}) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 3 + i
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == ref
+    assert [n for n, _ in ref] == names
+
+
 def test_duplicate_and_unsafe_keys(tmp_path):
     path = str(tmp_path / "d.tar")
     samples = make_samples(3)

@@ -367,6 +367,30 @@ def test_step_profile_is_written_on_request_and_changes_nothing(tmp_path):
         np.testing.assert_array_equal(_dyn(ref)[name][:], _dyn(ws)[name][:])
 
 
+@pytest.mark.parametrize("budget", [0, 1 << 20])
+def test_an_epoch_visits_every_valid_row_once_and_no_invalid_one(tmp_path, budget):
+    """train_order + batches, streamed block by block (budget 0) or from memory: one epoch's batches
+    hold each valid cached row exactly once, with its own input, and never an invalid row."""
+    from streamprune.train import SubsetData
+
+    ws = Workspace(str(tmp_path / "ws"))
+    m = 53
+    x = np.arange(m * 3, dtype=np.float32).reshape(m, 3)
+    valid = np.ones(m, bool)
+    valid[[0, 9, 10, 31, 52]] = False
+    group = zarr.open_group(ws.path("train", "cache.zarr"), mode="w")
+    group.create_array("x", data=x, chunks=(8, 3))
+    group.create_array("labels", data=np.where(valid, np.arange(m) % 4, -1), chunks=(8,))
+    group.create_array("valid", data=valid, chunks=(8,))
+    data = SubsetData(ws, "train", budget)
+    assert data.in_memory == bool(budget)
+    seen = []
+    for idx, idx_t, xb in data.batches(data.train_order(torch.Generator().manual_seed(1)), 5):
+        assert np.array_equal(idx_t.numpy(), idx) and np.array_equal(xb.numpy(), x[idx])
+        seen.extend(idx.tolist())
+    assert sorted(seen) == np.flatnonzero(valid).tolist()
+
+
 @pytest.mark.parametrize("mode", ["crop", "crop-flip"])
 def test_augment_batch_is_a_per_sample_crop_and_flip(mode):
     """The batched augmentation (one gather, flip folded into the column index) against a per-sample
