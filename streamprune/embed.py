@@ -37,7 +37,7 @@ from streamprune import storage
 from streamprune.compute import OneBehind, chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import decode_range
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_whole
 from streamprune.leases import releases_leases
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import Workspace
@@ -301,13 +301,12 @@ def check_embed_options(*, encoder: str, dtype: str, batch_size: int, chunk_rows
     (a flag here, a configuration key for ``run``)."""
     if dtype not in ("float16", "float32"):
         raise StreamPruneError(f"{name('dtype')} must be float16 or float32, not {dtype!r}")
-    from streamprune.extrapolate.common import Rule, whole
     from streamprune.models import check_model_name
 
     for flag, value, optional, least in (("batch-size", batch_size, False, 1), ("chunk-rows", chunk_rows, True, 1),
                                          ("threads", threads, True, 0)):  # --threads 0: torch's own count
         if not (value is None and optional):
-            Rule(whole(least), f"a whole number >= {least}").check(value, name(flag))
+            check_whole(value, name(flag), least)
     check_model_name(encoder, what="encoder", others=("subset", "features"))
 
 

@@ -1,6 +1,13 @@
-"""Errors a user can cause: the CLI prints their message as one line, never a traceback."""
+"""Errors a user can cause: the CLI prints their message as one line, never a traceback; the option
+checks that raise them."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
 
 
 class StreamPruneError(Exception):
@@ -21,3 +28,34 @@ class SampleError(StreamPruneError):
     def record(self, stage: str) -> dict:
         """The errors.jsonl entry for this failure."""
         return {"stage": stage, "shard": self.shard, "key": self.key, "reason": self.reason, "message": self.detail}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a method option must be: a predicate and its description, for one error message
+    whichever way the value came (a flag, the Python API or a ``run`` configuration key)."""
+
+    ok: Callable[[Any], bool]
+    what: str
+
+    def check(self, value: Any, name: str) -> None:
+        """Raise ``<name> must be <what>, not <value>`` unless ``value`` passes."""
+        if not self.ok(value):
+            raise StreamPruneError(f"{name} must be {self.what}, not {value!r}")
+
+
+def whole(least: int) -> Callable[[Any], bool]:
+    """A predicate: a whole number (not a bool) of at least ``least``."""
+    return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+
+def check_whole(value: Any, name: str, least: int = 1) -> None:
+    """Raise ``<name> must be a whole number >= <least>, not <value>`` unless ``value`` is one."""
+    Rule(whole(least), f"a whole number >= {least}").check(value, name)
+
+
+def finite(v: Any) -> bool:
+    """A real number (not a bool) that is finite."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    return isinstance(v, (int, np.integer)) or math.isfinite(v)  # ints of any size are finite

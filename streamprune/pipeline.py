@@ -16,7 +16,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_whole, whole
 from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 from streamprune.workspace import Workspace, train_key
 
@@ -169,11 +169,10 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     check_scheduler(cfg.scheduler)
     sc = s["score"]
     cache_memory = parse_memory(sc["cache_memory"], "score.cache_memory")
-    if isinstance(sc["full_runs"], bool) or not isinstance(sc["full_runs"], int) or sc["full_runs"] < 1:
-        raise StreamPruneError(f"score.full_runs must be a whole number of at least 1, not {sc['full_runs']!r}")
+    check_whole(sc["full_runs"], "score.full_runs")
     if sc["full_runs"] > 1 and not sc["full"]:
         raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
-    _whole_at_least("catalog.max_member_bytes", s["catalog"]["max_member_bytes"], 1)
+    check_whole(s["catalog"]["max_member_bytes"], "catalog.max_member_bytes", 1)
     out: dict = {}
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
@@ -201,10 +200,10 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
                             name=lambda flag: f"embed.{flag.replace('-', '_')}")
     if upto >= ORDER.index("index"):
         ix = s["index"]
-        _whole_at_least("index.k", ix["k"], 1)
+        check_whole(ix["k"], "index.k", 1)
         for key, least in (("nprobe", 1), ("refine", 0)):
             if ix[key] is not None:
-                _whole_at_least(f"index.{key}", ix[key], least)
+                check_whole(ix[key], f"index.{key}", least)
     methods = list(s["extrapolate"]["methods"])
     out["methods"], out["graph"] = methods, graphs_for(methods, s["extrapolate"]["gcn_prior"])
     if upto >= ORDER.index("index"):
@@ -224,12 +223,6 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     return out
 
 
-def _whole_at_least(option: str, value, least: int) -> None:
-    from streamprune.extrapolate.common import Rule, whole
-
-    Rule(whole(least), f"a whole number >= {least}").check(value, option)
-
-
 RUN_OPTIONS = {"knn_k": ("knn", "k"), "gcn_epochs": ("gcn", "epochs"), "gcn_k": ("gcn", "k"),
                "gcn_patience": ("gcn", "patience"), "gcn_prior": ("gcn", "prior"),
                "propagate_tol": ("propagate", "tol"), "propagate_max_iter": ("propagate", "max_iter"),
@@ -242,7 +235,7 @@ def _check_extrapolate_options(s: dict, methods: list[str]) -> None:
     """The ``[extrapolate]`` options of the methods that will run, each refused by its own name with
     the method's own rule (:func:`~streamprune.extrapolate.common.option_rules`; the method applies
     the same rule when its stage begins, but only after training)."""
-    from streamprune.extrapolate.common import option_rules, whole
+    from streamprune.extrapolate.common import option_rules
 
     x = s["extrapolate"]
     for key, (method, option) in RUN_OPTIONS.items():

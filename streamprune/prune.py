@@ -761,7 +761,9 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     n_bytes = int(sum(info.get("bytes", 0) for info in infos.values()))
     n_samples = int(sum(info.get("n_samples", 0) for info in infos.values()))
     if n_samples != len(rows):  # before shards.txt: readers take it as the list of complete outputs
-        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run with --force")
+        run.forget_chunks()  # the next run writes every shard again rather than trusting these records
+        raise StreamPruneError(f"reshard: wrote {n_samples} samples but {len(rows)} were kept; re-run it to write "
+                               "the output shards again")
     urls = [output_url(out, i) for i in range(n_out)]
     # A worker killed mid-task leaves its temporary file (or an unfinished upload); the task
     # already ran again elsewhere under another temporary name.

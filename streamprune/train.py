@@ -43,7 +43,7 @@ from streamprune.adversarial import parse_attack, pgd
 from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_whole
 from streamprune.leases import releases_leases
 from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
@@ -86,11 +86,11 @@ class TrainConfig:
             raise StreamPruneError(f"--augment must be none, crop or crop-flip, not {self.augment!r}")
         if self.dynamics not in ("eval", "train"):
             raise StreamPruneError(f"--dynamics must be eval or train, not {self.dynamics!r}")
-        _at_least("--epochs", self.epochs, 1)
-        _at_least("--batch-size", self.batch_size, 1)
+        check_whole(self.epochs, "--epochs")
+        check_whole(self.batch_size, "--batch-size")
         check_model_name(self.model)
         if self.num_classes is not None:
-            _at_least("--num-classes", self.num_classes, 2)
+            check_whole(self.num_classes, "--num-classes", 2)
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):
             raise StreamPruneError(f"--lr must be a number > 0, not {self.lr!r}")
         if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
@@ -113,11 +113,6 @@ class TrainConfig:
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and not math.isnan(value)
-
-
-def _at_least(flag: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise StreamPruneError(f"{flag} must be a whole number of at least {minimum}, not {value!r}")
 
 
 def _pseudo_k(labels: str) -> int | None:

@@ -87,7 +87,7 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
 
 
 @pytest.mark.parametrize("args,line", [
-    (["score", "--batch-size", "0"], "--batch-size must be a whole number of at least 1, not 0"),
+    (["score", "--batch-size", "0"], "--batch-size must be a whole number >= 1, not 0"),
     (["score", "--lr", "0"], "--lr must be a number > 0, not 0.0"),
     (["score", "--weight-decay", "-1"], "--weight-decay must be a number >= 0, not -1.0"),
     (["score", "--adversarial", "linf:0.1", "--pgd-steps", "0"], "invalid PGD steps 0: expected an integer >= 1"),

@@ -291,6 +291,8 @@ def test_bad_input(tmp_path):
         extrapolate_knn(ws, "aum", k=20)
     with pytest.raises(StreamPruneError, match="--k must be"):
         extrapolate_knn(ws, "aum", k=0)
+    with pytest.raises(StreamPruneError, match=r"--chunk-rows must be a whole number >= 1, not True"):
+        extrapolate_knn(ws, "aum", chunk_rows=True)  # a bool is not a count (it was taken as 1)
     with pytest.raises(StreamPruneError, match="no knn extrapolation"):
         read_extrapolated(ws, "aum", "knn")
     # embeddings replaced by a different row count behind the graph's back
@@ -433,3 +435,12 @@ def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
     shorter = [k for k in table0 if k < nbr.shape[1]]
     assert shorter and all(table1[k] == pytest.approx(table0[k], abs=1e-12) for k in shorter)
     assert max(table0.values()) < 0.999  # not a graph where any k would predict perfectly
+
+
+@pytest.mark.parametrize("method", ["knn", "kernel", "gcn"])
+def test_chunk_rows_is_refused_before_the_workspace_is_read(tmp_path, method):
+    from streamprune.extrapolate import extrapolate
+
+    for bad in (True, 0, 2.5):
+        with pytest.raises(StreamPruneError, match=rf"^--chunk-rows must be a whole number >= 1, not {bad!r}$"):
+            extrapolate(str(tmp_path / "nothing-here"), "du", method, chunk_rows=bad)

@@ -152,7 +152,7 @@ def test_run_full_runs_trains_replicas_and_refuses_a_bad_count(setup, tmp_path):
     bad = run_cli("run", *shards, "-w", str(tmp_path / "ws2"), "--config", cfg, "--scheduler", "sync", "--full",
                   "--full-runs", "0", check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
-    assert "score.full_runs must be a whole number of at least 1, not 0" in bad.stderr
+    assert "score.full_runs must be a whole number >= 1, not 0" in bad.stderr
     assert not os.path.exists(tmp_path / "ws2" / "_stages" / "catalog.json")
     bad = run_cli("run", *shards, "-w", str(tmp_path / "ws3"), "--config", cfg, "--scheduler", "sync",
                   "--full-runs", "2", check=False)
@@ -212,7 +212,7 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
      "unknown score 'nosuch'; known scores: aum, du, el2n, entropy, forgetting, influence, margin, tdds"),
     ({"score": {"epochs": 3}}, "score du: need at least window=10 epochs, got E=3"),
     ({"score": {"window": 0}}, "score du: window must be >= 1, got 0"),
-    ({"score": {"batch_size": 0}}, "--batch-size must be a whole number of at least 1, not 0"),
+    ({"score": {"batch_size": 0}}, "--batch-size must be a whole number >= 1, not 0"),
     ({"embed": {"memory_limit": "lots"}}, "embed.memory_limit must be a size such as 4GiB or 500MB, not 'lots'"),
     ({"extrapolate": {"methods": "knn,gcn", "gcn_patience": -1}},
      "extrapolate.gcn_patience must be a whole number of epochs >= 0 (0: no early stop), not -1"),
@@ -278,7 +278,7 @@ def test_run_bad_config_type_is_one_line(tmp_path):
 def test_finite_takes_any_real_number_and_nothing_else():
     import numpy as np
 
-    from streamprune.extrapolate.common import finite
+    from streamprune.errors import finite
 
     assert all(finite(v) for v in (0, -3, 2**64, 10**400, 1.5, np.float32(2), np.int64(7)))
     assert not any(finite(v) for v in (True, float("nan"), float("inf"), -np.inf, "1", None, [1]))

@@ -216,6 +216,11 @@ def test_reshard_count_mismatch_publishes_no_shard_list(tmp_path, monkeypatch):
         prune(ws, keep_fraction=1.0, reshard=out, scheduler="sync")
     assert not os.path.exists(os.path.join(out, "shards.txt"))
     assert not os.path.exists(os.path.join(ws, "prune", "du-knn-hard-1", "reshard.json"))
+    # The failed run's chunk records are not trusted: a plain re-run writes every shard again.
+    monkeypatch.setattr(prune_module, "write_output_shard", real)
+    m = prune(ws, keep_fraction=1.0, reshard=out, scheduler="sync")
+    assert m["reshard"]["counts"]["n_samples"] == 20
+    assert len(open(os.path.join(out, "shards.txt")).read().split()) == m["reshard"]["counts"]["n_shards"]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ dispatches to the function a method registered with ``register_method``.  Output
 ``extrapolated/<score>-<method>.zarr`` with ``score`` (N,) float32 and ``source`` (N,) uint8.
 """
 
+from streamprune.errors import Rule, finite, whole
 from streamprune.extrapolate.common import (
     INVALID,
     SOURCES,
@@ -19,6 +20,6 @@ from streamprune.extrapolate.knn import choose_k, extrapolate_knn, knn_predict, 
 from streamprune.extrapolate.propagate import extrapolate_propagate, propagate_block, propagate_in_memory
 
 # gcn (torch) and label-aware register themselves when `extrapolate` (or `check_method`) first imports them by name.
-__all__ = ["INVALID", "SOURCES", "check_method", "choose_bandwidth", "choose_k", "extrapolate", "extrapolate_kernel",
+__all__ = ["INVALID", "Rule", "SOURCES", "check_method", "choose_bandwidth", "choose_k", "extrapolate", "extrapolate_kernel",
            "extrapolate_knn", "extrapolate_propagate", "kernel_predict", "knn_predict", "knn_weights", "methods",
-           "propagate_block", "propagate_in_memory", "read_extrapolated", "register_method"]
+           "propagate_block", "propagate_in_memory", "read_extrapolated", "register_method", "finite", "whole"]

@@ -27,7 +27,6 @@ a valid row with no usable prediction keeps the method's code and a NaN score.
 from __future__ import annotations
 
 import importlib
-import math
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,7 +37,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import Rule, StreamPruneError
 from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace
 
@@ -69,32 +68,6 @@ def option_rules(method: str) -> dict[str, "Rule"]:
     """The option rules a method registered (importing it first, like :func:`extrapolate`)."""
     check_method(method)
     return _OPTIONS.get(method, {})
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a method option must be: a predicate and its description, for one error message
-    whichever way the value came (a flag, the Python API or a ``run`` configuration key)."""
-
-    ok: Callable[[Any], bool]
-    what: str
-
-    def check(self, value: Any, name: str) -> None:
-        """Raise ``<name> must be <what>, not <value>`` unless ``value`` passes."""
-        if not self.ok(value):
-            raise StreamPruneError(f"{name} must be {self.what}, not {value!r}")
-
-
-def whole(least: int) -> Callable[[Any], bool]:
-    """A predicate: a whole number (not a bool) of at least ``least``."""
-    return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
-
-
-def finite(v: Any) -> bool:
-    """A real number (not a bool) that is finite."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        return False
-    return isinstance(v, (int, np.integer)) or math.isfinite(v)  # ints of any size are finite
 
 
 def methods() -> list[str]:

@@ -39,10 +39,17 @@ from torch import nn
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import check_whole, Rule, StreamPruneError, whole
 from streamprune.evaluate import pearson
-from streamprune.extrapolate.common import (Rule, as_workspace, marker_key, output_path, register_method,
-                                            score_fingerprint, seed_scores, whole, write_chunks)
+from streamprune.extrapolate.common import (
+    as_workspace,
+    marker_key,
+    output_path,
+    register_method,
+    score_fingerprint,
+    seed_scores,
+    write_chunks,
+)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
 from streamprune.extrapolate.sampler import whole_graph as build_whole_graph
@@ -781,8 +788,8 @@ def _check_params(k: int, hidden: Sequence[int], dropout: float, epochs: int, ba
         raise StreamPruneError(f"learning rate must be > 0, got {lr}")
     if weight not in WEIGHTS:
         raise StreamPruneError(f"edge weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
-    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
-        raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        check_whole(chunk_rows, "--chunk-rows")
 
 
 @releases_leases

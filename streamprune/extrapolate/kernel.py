@@ -23,12 +23,10 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import StreamPruneError
+from streamprune.errors import check_whole, finite, Rule, StreamPruneError
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
-    Rule,
-    finite,
     output_path,
     register_method,
     score_fingerprint,
@@ -158,9 +156,8 @@ def extrapolate_kernel(ws: str | Workspace, score: str = "du", *, bandwidth: str
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "kernel")
     _check_bandwidth(bandwidth)
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer))
-                                   or chunk_rows < 1):
-        raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        check_whole(chunk_rows, "--chunk-rows")
     index_marker = ws.marker("index-seeds")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph 'seeds' has not been built in {ws.url}; "

@@ -15,16 +15,14 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import StreamPruneError
+from streamprune.errors import check_whole, Rule, StreamPruneError, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
-    Rule,
     output_path,
     register_method,
     score_fingerprint,
     seed_scores,
-    whole,
     write_chunks,
 )
 from streamprune.leases import releases_leases
@@ -154,12 +152,12 @@ def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "a
     """Write extrapolated/<score>-knn.zarr from the seed graph; returns the stage marker."""
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "knn")
+    OPTIONS["k"].check(k, "--k")
+    if chunk_rows is not None:
+        check_whole(chunk_rows, "--chunk-rows")
     index_marker = ws.marker(f"index-{graph}")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph '{graph}' has not been built in {ws.url}; run `streamprune index` first")
-    OPTIONS["k"].check(k, "--k")
-    if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
-        raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
     config = {"score": score, "method": "knn", "k": k, "graph": graph, "chunk_rows": chunk_rows}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)

@@ -36,18 +36,15 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import client_for, map_tasks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import finite, Rule, StreamPruneError, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
-    Rule,
-    finite,
     output_path,
     read_valid,
     register_method,
     score_fingerprint,
     seed_scores,
-    whole,
     write_chunks,
 )
 from streamprune.extrapolate.knn import _check_rows, knn_weights
