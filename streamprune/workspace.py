@@ -108,14 +108,15 @@ _FLAGS = {
     "subset": (("fraction", "--fraction", 0.2), ("seed", "--seed", 0)),
     "embed": (("encoder", "--encoder", "subset"), ("dtype", "--dtype", "float32"),
               ("normalize", "--normalize", False), ("batch_size", "--batch-size", 256),
-              ("threads", "--threads", 1)) + _DECODE_FLAGS,
+              ("threads", "--threads", 1), ("chunk_rows", "--chunk-rows", None)) + _DECODE_FLAGS,
     "index": (("graph", "--graph", None), ("k", "--k", 20), ("factory", "--factory", "auto"),
               ("nprobe", "--nprobe", None), ("refine", "--refine", None), ("chunk_rows", "--chunk-rows", None)),
     "knn": (("k", "--k", "auto"), ("chunk_rows", "--chunk-rows", None)),
     "gcn": (("k", "--k", 10), ("hidden", "--hidden", [512, 256]), ("dropout", "--dropout", 0.5),
             ("epochs", "--epochs", 25), ("batch_size", "--batch-size", 128), ("lr", "--lr", 1e-3),
             ("weight", "--weight", "exp"), ("seed", "--gcn-seed", 0), ("prior", "--prior", "knn"),
-            ("training", "--training", "auto"), ("patience", "--patience", 10)),
+            ("training", "--training", "auto"), ("patience", "--patience", 10), ("fanout", "--fanout", None),
+            ("chunk_rows", "--chunk-rows", None)),
     "propagate": (("tol", "--tol", 1e-3), ("max_iter", "--max-iter", 50), ("k", "--k", None),
                   ("chunk_rows", "--chunk-rows", None)),
     "kernel": (("bandwidth", "--bandwidth", "auto"), ("chunk_rows", "--chunk-rows", None)),
@@ -181,9 +182,12 @@ def repeat_command(key: str, markers: dict[str, dict] | None = None) -> str:
     elif key.startswith("prune-"):
         flags = _flags(_FLAGS["prune"], config)
     elif key.startswith("extrapolate-"):
-        # a GCN run without early stopping records no patience
-        flags = _flags(_FLAGS.get(config.get("method"), ()), config,
-                       **({"patience": config.get("patience", 0)} if config.get("method") == "gcn" else {}))
+        gcn = {}
+        if config.get("method") == "gcn":  # a run without early stopping records no patience; the fan-out is
+            fanout = config.get("fanout") or []  # recorded per hop, all k neighbours being the default
+            gcn = {"patience": config.get("patience", 0),
+                   "fanout": fanout if any(f < config.get("k", 10) for f in fanout) else None}
+        flags = _flags(_FLAGS.get(config.get("method"), ()), config, **gcn)
     elif m.get("stage") == "train":
         made = [s for s in markers.values() if s.get("stage") == "score" and s.get("key") != "score-label_disagreement"
                 and (s.get("inputs") or {}).get("train") == m.get("fingerprint")]

@@ -201,6 +201,23 @@ def test_rerun_hint_for_a_prune_set_can_be_pasted():
     assert rerun_command("prune-g1", {"prune-g1": {"config": by_count}}).endswith("--keep-count 300")
 
 
+def test_hints_repeat_embed_and_gcn_chunking_and_a_sampled_fanout():
+    from streamprune.workspace import repeat_command
+
+    gcn = {"method": "gcn", "score": "du", "k": 10, "hidden": [512, 256], "dropout": 0.5, "epochs": 25,
+           "batch_size": 128, "lr": 1e-3, "weight": "exp", "seed": 0, "prior": "knn", "training": "auto",
+           "patience": 10, "fanout": [5, 10, 10], "chunk_rows": 500}
+    hint = repeat_command("extrapolate-du-gcn", {"extrapolate-du-gcn": {"stage": "extrapolate", "config": gcn}})
+    assert hint == "extrapolate --score du --method gcn --fanout 5,10,10 --chunk-rows 500"
+    every = {**gcn, "fanout": [10, 10, 10], "chunk_rows": None}  # all k neighbours: the default
+    assert repeat_command("extrapolate-du-gcn", {"extrapolate-du-gcn": {"stage": "extrapolate", "config": every}}) \
+        == "extrapolate --score du --method gcn"
+    embed = {"encoder": "subset", "dtype": "float16", "normalize": False, "batch_size": 256, "threads": 1,
+             "chunk_rows": 4096, "decode": {}}
+    assert repeat_command("embed", {"embed": {"stage": "embed", "config": embed}}) == \
+        "embed --dtype float16 --chunk-rows 4096"
+
+
 def test_stale_subset_hint_repeats_its_options_and_works(shards, tmp_path):
     """After re-cataloguing, the hint for a subset made with --fraction 0.3 carries the fraction: pasted,
     it re-makes the subset instead of being refused as another configuration."""
