@@ -27,7 +27,7 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
                              "wall_s": m.get("timings", {}).get("wall_s"), "outputs": {
                                  k: ws.path(v) for k, v in m.get("outputs", {}).items()},
                              "finished": m.get("finished")}
-    running, interrupted = _runs(ws)
+    running, interrupted = _runs(ws, markers)
     cat = stages.get("catalog", {}).get("counts", {})
     errors = ws.errors()
     by_stage = Counter(e.get("stage_key", e.get("stage", "?")) for e in errors)
@@ -45,16 +45,24 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
     }
 
 
-def _runs(ws: Workspace) -> tuple[dict[str, str], dict[str, str]]:
-    """Stages a run holds now, and stages whose run stopped without committing (both: key -> holder)."""
-    running, interrupted = {}, {}
-    for name in storage.listdir(ws.path("_stages"), ws.storage_options):
-        if not name.endswith(".lease") or name == "shared.lease":
-            continue
-        info = leases.read(ws.path("_stages", name), ws.storage_options)
-        if info is not None:
-            (interrupted if leases.is_stale(info) else running)[name[:-len(".lease")]] = leases.describe(info)
-    return running, interrupted
+def _runs(ws: Workspace, markers: dict[str, dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """Stages a run is working on now, and stages a run left unfinished (killed, or failed): key -> what
+    is known of it (its lease's holder, the chunks it recorded)."""
+    running, stopped = {}, {}
+    names = storage.listdir(ws.path("_stages"), ws.storage_options)
+    leased = {n[:-len(".lease")] for n in names if n.endswith(".lease") and n != "shared.lease"}
+    records = {n for n in names if not n.endswith((".json", ".lease")) and not n.startswith(".")}
+    for key in sorted(leased | records, key=pipeline_order):
+        done_fp = str((markers.get(key) or {}).get("fingerprint", ""))[:16]  # a commit's records, not yet removed
+        fps = [fp for fp in storage.listdir(ws.path("_stages", key), ws.storage_options) if fp != done_fp]
+        n = sum(len(storage.listdir(ws.path("_stages", key, fp, "chunks"), ws.storage_options)) for fp in fps)
+        chunks = f"{n} chunk{'s' if n != 1 else ''} recorded"
+        info = leases.read(ws.path("_stages", f"{key}.lease"), ws.storage_options) if key in leased else None
+        if info is not None and not leases.is_stale(info):
+            running[key] = f"{leases.describe(info)}; {chunks}"
+        elif info is not None or fps:
+            stopped[key] = chunks + (f" by {leases.describe(info)}" if info is not None else "")
+    return running, stopped
 
 
 def format_status(info: dict) -> str:

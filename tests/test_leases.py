@@ -24,13 +24,16 @@ HOLDER = textwrap.dedent("""
     from streamprune.workspace import Workspace
     ws = Workspace(sys.argv[1])
     run = ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
+    if len(sys.argv) > 2:
+        run.mark_chunk(sys.argv[2])
     print("holding", flush=True)
     sys.stdin.read()
 """)
 
 
-def _hold_subset(ws: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, ws], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def _hold_subset(ws: str, *chunk: str) -> subprocess.Popen:
+    """A process holding the subset stage (having recorded ``chunk``, if given) until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, ws, *chunk], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "holding"
     return proc
@@ -127,13 +130,20 @@ def test_a_stage_that_fails_gives_its_lease_back(shards, tmp_path):
 
     @leases.releases_leases
     def failing_stage():
-        ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
+        run = ws.begin("subset", {"fraction": 0.5, "seed": 1}, {"catalog": ws.marker("catalog")["fingerprint"]})
         assert os.path.exists(ws.path("_stages", "subset.lease"))
+        run.mark_chunk("a")
+        run.mark_chunk("b")
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
         failing_stage()
     assert not os.path.exists(ws.path("_stages", "subset.lease")) and not leases.held()
+    from streamprune.status import status
+
+    info = status(ws)
+    assert info["interrupted"] == {"subset": "2 chunks recorded"} and not info["running"]
+    assert "subset" not in info["pending"]
 
 
 def _commit_many(ws_url: str, worker: int, n: int, go) -> None:
@@ -194,17 +204,17 @@ def test_leases_on_s3_use_conditional_creates(s3server, s3bucket):
 def test_status_shows_a_running_stage(shards, tmp_path):
     ws = str(tmp_path / "ws")
     catalog(shards, ws, scheduler="sync")
-    holder = _hold_subset(ws)
+    holder = _hold_subset(ws, "chunk-a")
     try:
         out = run_cli("status", "-w", ws).stdout
-        assert "running  subset" in out and f"pid {holder.pid} on host" in out
+        assert "running  subset" in out and f"pid {holder.pid} on host" in out and "1 chunk recorded" in out
         assert "pending  subset" not in out
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     out = run_cli("status", "-w", ws).stdout
     assert "running  subset" not in out  # its holder is dead
-    assert "stopped  subset" in out and "its next run resumes it" in out
+    assert "stopped  subset" in out and "1 chunk recorded by pid" in out and "its next run resumes it" in out
 
 
 def test_a_forked_child_does_not_release_its_parents_lease(tmp_path):

@@ -270,7 +270,7 @@ def test_status_lists_stale_stages_in_pipeline_order_with_their_options(tmp_path
     assert info["stages"]["train"]["stale"].endswith(train_hint)
     assert info["stages"]["score-du"]["stale"].startswith("train is out of date (its input 'catalog' was re-run")
     assert info["stages"]["score-du"]["stale"].endswith(train_hint)
-    assert info["stages"]["embed"]["stale"].endswith(f"`streamprune embed --normalize {w}")
+    assert info["stages"]["embed"]["stale"].endswith(f"`streamprune embed --normalize --chunk-rows 64 {w}")
     stale_lines = [line.strip() for line in format_status(info).splitlines() if "is out of date" in line]
     assert stale_lines[0].startswith("subset is out of date")
 
