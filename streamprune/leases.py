@@ -127,14 +127,11 @@ class Lease:
 
 def read(url: str, storage_options: dict | None = None) -> dict | None:
     """The contents of a lease, None when absent, {} when damaged."""
-    try:
-        info = json.loads(storage.read_bytes(url, storage_options))
-    except FileNotFoundError:
+    data = storage.read_if_exists(url, storage_options)
+    if data is None:
         return None
-    except StreamPruneError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            return None
-        raise
+    try:
+        info = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return {}  # damaged: stale
     return info if isinstance(info, dict) else {}

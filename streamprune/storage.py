@@ -526,16 +526,23 @@ def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -
                        storage_options)
 
 
-def read_json(url: str, storage_options: dict | None = None) -> Any | None:
-    """Read a JSON document, or None when it does not exist."""
+def read_if_exists(url: str, storage_options: dict | None = None) -> bytes | None:
+    """Whole object as bytes, or None when it does not exist."""
     try:
-        data = read_bytes(url, storage_options)
+        return read_bytes(url, storage_options)
     except FileNotFoundError:
         return None
     except StreamPruneError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
         raise
+
+
+def read_json(url: str, storage_options: dict | None = None) -> Any | None:
+    """Read a JSON document, or None when it does not exist."""
+    data = read_if_exists(url, storage_options)
+    if data is None:
+        return None
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -39,17 +39,10 @@ from torch import nn
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import check_whole, Rule, StreamPruneError, whole
+from streamprune.errors import Rule, StreamPruneError, check_whole, whole
 from streamprune.evaluate import pearson
-from streamprune.extrapolate.common import (
-    as_workspace,
-    marker_key,
-    output_path,
-    register_method,
-    score_fingerprint,
-    seed_scores,
-    write_chunks,
-)
+from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method, score_fingerprint,
+                                            seed_scores, write_chunks)
 from streamprune.extrapolate.sampler import (WEIGHTS, Features, GraphTable, RowSource, Subgraph, parse_fanout,
                                              sample_subgraph, standardise_prior)
 from streamprune.extrapolate.sampler import whole_graph as build_whole_graph

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import check_whole, finite, Rule, StreamPruneError
+from streamprune.errors import Rule, StreamPruneError, check_whole, finite
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,

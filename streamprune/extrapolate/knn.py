@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import check_whole, Rule, StreamPruneError, whole
+from streamprune.errors import Rule, StreamPruneError, check_whole, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,

@@ -36,7 +36,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import client_for, map_tasks
-from streamprune.errors import finite, Rule, StreamPruneError, whole
+from streamprune.errors import Rule, StreamPruneError, finite, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
