@@ -151,6 +151,13 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
             os.link(tmp, url)
         except FileExistsError:
             return False
+        except OSError:  # a file system without hard links (some FUSE mounts): O_EXCL, written at once
+            try:
+                fd = os.open(url, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         finally:
             os.unlink(tmp)
         return True
@@ -211,6 +218,9 @@ def acquire(url: str, what: str, storage_options: dict | None = None, wait: floa
                 _hold(lease)
                 return lease
         info = read(url, storage_options)
+        if info == {}:  # damaged, or (without hard links) created but not yet written: look again
+            time.sleep(WAIT_POLL_S)
+            info = read(url, storage_options)
         if info is None:
             continue  # released meanwhile
         if _mine(info) or is_stale(info):

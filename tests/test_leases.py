@@ -232,3 +232,19 @@ def test_a_forked_child_does_not_release_its_parents_lease(tmp_path):
     finally:
         leases.release(held)
     assert not os.path.exists(url)
+
+
+def test_leases_work_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    try:
+        assert json.load(open(url))["token"] == held.token
+        assert leases._create(url, b"{}", None) is False  # exclusive all the same
+        assert [p.name for p in (tmp_path / "_stages").iterdir()] == ["embed.lease"]  # no temporary file left
+    finally:
+        leases.release(held)
+    assert not os.path.exists(url)
