@@ -103,6 +103,19 @@ class Lease:
     started: float = field(default_factory=time.time)
     lost_to: dict | None = None
     owner: int = field(default_factory=threading.get_ident)
+    released: bool = False
+    # held while a renewal or the release reads and writes the object: a renewal that overlapped the
+    # release would write the lease back after it was removed, held by a live process that no longer
+    # renews it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def body(self) -> bytes:
         return json.dumps({"token": self.token, "what": self.what, "where": _where(), "pid": os.getpid(),
@@ -117,12 +130,19 @@ class Lease:
 
     def renew(self) -> None:
         """Rewrite the renewal time, or mark the lease lost when another run holds it now."""
-        info = read(self.url, self.storage_options)
-        if info is not None and info.get("token") != self.token:
-            self.lost_to = info
-            log.warning("%s: lease taken over by %s", self.what, describe(info))
-            return
-        storage.write_bytes_atomic(self.url, self.body(), self.storage_options)
+        with self._lock:
+            if self.released or self.lost_to is not None:
+                return
+            info = read(self.url, self.storage_options)
+            if info is None and _create(self.url, self.body(), self.storage_options):
+                return  # removed by a run that found it stale; nobody has taken it since
+            if info is None:
+                info = read(self.url, self.storage_options)
+            if info is not None and info.get("token") != self.token:
+                self.lost_to = info
+                log.warning("%s: lease taken over by %s", self.what, describe(info))
+                return
+            storage.write_bytes_atomic(self.url, self.body(), self.storage_options)
 
 
 def read(url: str, storage_options: dict | None = None) -> dict | None:
@@ -234,14 +254,18 @@ def release(lease: Lease) -> None:
     with _HELD_LOCK:
         if _HELD.get(lease.url) is lease:
             del _HELD[lease.url]
-    if lease.lost_to is not None:
-        return
-    try:
-        info = read(lease.url, lease.storage_options)
-        if info is not None and info.get("token") == lease.token:
-            storage.remove(lease.url, lease.storage_options)
-    except Exception as exc:  # it goes stale by itself
-        log.warning("%s: could not release its lease (%s)", lease.what, exc)
+    with lease._lock:
+        if lease.released:
+            return
+        lease.released = True
+        if lease.lost_to is not None:
+            return
+        try:
+            info = read(lease.url, lease.storage_options)
+            if info is not None and info.get("token") == lease.token:
+                storage.remove(lease.url, lease.storage_options)
+        except Exception as exc:  # it goes stale by itself
+            log.warning("%s: could not release its lease (%s)", lease.what, exc)
 
 
 def held() -> list[Lease]:

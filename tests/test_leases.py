@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -222,3 +223,30 @@ def test_a_forked_child_does_not_release_its_parents_lease(tmp_path):
     finally:
         leases.release(held)
     assert not os.path.exists(url)
+
+
+def test_a_renewal_that_overlaps_the_release_does_not_bring_the_lease_back(tmp_path, monkeypatch):
+    """The renewal thread takes its list of leases, then renews each: a stage that commits meanwhile
+    must not find its lease written back, held by a live process that no longer renews it."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    leases.release(held)
+    held.renew()  # listed before the release, renewed after it
+    assert not os.path.exists(url)
+
+    held = leases.acquire(url, "embed")
+    real_read = leases.read
+    releaser = threading.Thread(target=leases.release, args=(held,))
+
+    def read_then_release(u, storage_options=None):
+        info = real_read(u, storage_options)
+        if not releaser.is_alive() and threading.current_thread() is threading.main_thread():
+            releaser.start()  # the stage commits between the renewal's read and its write
+            releaser.join(0.5)
+        return info
+
+    monkeypatch.setattr(leases, "read", read_then_release)
+    held.renew()
+    releaser.join(10)
+    monkeypatch.setattr(leases, "read", real_read)
+    assert not os.path.exists(url) and held.released
