@@ -92,6 +92,14 @@ def _mine(info: dict) -> bool:
     return info.get("where") == _where() and info.get("pid") == os.getpid()
 
 
+def _held_here(info: dict) -> bool:
+    """Whether a live thread of this process holds the lease ``info`` (a lease of this process that
+    no live thread holds was left behind, and is taken over)."""
+    with _HELD_LOCK:
+        return any(lease.token == info.get("token") and not lease.released and lease.thread is not None
+                   and lease.thread.is_alive() for lease in _HELD.values())
+
+
 @dataclass
 class Lease:
     """A held lease: its object, the token written into it, and whether another run took it over."""
@@ -103,6 +111,7 @@ class Lease:
     started: float = field(default_factory=time.time)
     lost_to: dict | None = None
     owner: int = field(default_factory=threading.get_ident)
+    thread: threading.Thread = field(default_factory=threading.current_thread, repr=False, compare=False)
     released: bool = False
     # held while a renewal or the release reads and writes the object: a renewal that overlapped the
     # release would write the lease back after it was removed, held by a live process that no longer
@@ -111,11 +120,11 @@ class Lease:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        del state["_lock"]
+        del state["_lock"], state["thread"]
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), thread=None)
 
     def body(self) -> bytes:
         return json.dumps({"token": self.token, "what": self.what, "where": _where(), "pid": os.getpid(),
@@ -225,7 +234,7 @@ def acquire(url: str, what: str, storage_options: dict | None = None, wait: floa
     while True:
         with _HELD_LOCK:
             held = _HELD.get(url)
-        if held is not None and held.owner == threading.get_ident() and held.lost_to is None:
+        if held is not None and held.thread is threading.current_thread() and held.lost_to is None:
             return held  # a stage function taking its own lease again
         lease = Lease(url, what, storage_options)
         if _create(url, lease.body(), storage_options):
@@ -236,7 +245,7 @@ def acquire(url: str, what: str, storage_options: dict | None = None, wait: floa
         info = read(url, storage_options)
         if info is None:
             continue  # released meanwhile
-        if _mine(info) or is_stale(info):
+        if not _held_here(info) and (_mine(info) or is_stale(info)):
             if not _mine(info):
                 log.warning("%s: taking over a stale lease (%s)", what, describe(info))
             if read(url, storage_options) == info:  # not a new holder's, taken over just now by another run

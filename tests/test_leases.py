@@ -250,3 +250,42 @@ def test_a_renewal_that_overlaps_the_release_does_not_bring_the_lease_back(tmp_p
     releaser.join(10)
     monkeypatch.setattr(leases, "read", real_read)
     assert not os.path.exists(url) and held.released
+
+
+def test_a_stage_running_in_another_thread_of_this_process_keeps_its_lease(shards, tmp_path):
+    """Two threads of one process (a notebook, a service) running one stage: the second is refused,
+    as a second process would be, instead of taking over the first one's lease."""
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws.url, scheduler="sync")
+    inputs = {"catalog": ws.marker("catalog")["fingerprint"]}
+    begun, finish, runs = threading.Event(), threading.Event(), []
+
+    def first():
+        runs.append(ws.begin("subset", {"fraction": 0.5, "seed": 1}, inputs))
+        begun.set()
+        finish.wait(30)
+        leases.release(runs[0].lease)
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert begun.wait(30)
+        token = json.load(open(runs[0].lease.url))["token"]
+        with pytest.raises(StreamPruneError, match=f"another run of this stage .*pid {os.getpid()} on host"):
+            ws.begin("subset", {"fraction": 0.3, "seed": 1}, inputs, force=True)
+        assert json.load(open(runs[0].lease.url))["token"] == token
+    finally:
+        finish.set()
+        t.join(30)
+    # a lease of this process that no live thread holds was left behind: taken over
+    left = Workspace(ws.url).begin("subset", {"fraction": 0.5, "seed": 1}, inputs)
+    try:
+        abandoned = threading.Thread(target=lambda: leases.acquire(ws.path("_stages", "x.lease"), "x"))
+        abandoned.start()
+        abandoned.join()
+        assert leases.acquire(ws.path("_stages", "x.lease"), "x").thread is threading.current_thread()
+    finally:
+        for lease in leases.held():
+            leases.release(lease)
+    assert left.lease.released
+
