@@ -306,8 +306,10 @@ def _release_all() -> None:
 
 
 def _forget_in_child() -> None:
-    """A forked child holds none of its parent's leases (its exit must not release them)."""
+    """A forked child holds none of its parent's leases: neither its exit nor a commit in it releases them."""
     global _HELD_LOCK, _RENEWER
+    for lease in _HELD.values():
+        lease._lock, lease.released = threading.Lock(), True  # the lock may have been held by the renewer
     _HELD.clear()
     _HELD_LOCK, _RENEWER = threading.Lock(), None
 

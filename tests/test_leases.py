@@ -289,3 +289,18 @@ def test_a_stage_running_in_another_thread_of_this_process_keeps_its_lease(shard
             leases.release(lease)
     assert left.lease.released
 
+
+def test_a_commit_in_a_forked_child_leaves_its_parents_lease(tmp_path):
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    try:
+        pid = os.fork()
+        if pid == 0:  # a forked worker that finishes the run it was handed (StageRun.commit releases the lease)
+            leases.release(held)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert json.load(open(url))["token"] == held.token
+    finally:
+        leases.release(held)
+    assert not os.path.exists(url)
