@@ -37,6 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
+import fsspec.asyn
+
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 
@@ -96,8 +98,9 @@ def _held_here(info: dict) -> bool:
     """Whether a live thread of this process holds the lease ``info`` (a lease of this process that
     no live thread holds was left behind, and is taken over)."""
     with _HELD_LOCK:
-        return any(lease.token == info.get("token") and not lease.released and lease.thread is not None
-                   and lease.thread.is_alive() for lease in _HELD.values())
+        return info.get("token") in _CREATING or any(
+            lease.token == info.get("token") and not lease.released and lease.thread is not None
+            and lease.thread.is_alive() for lease in _HELD.values())
 
 
 @dataclass
@@ -156,17 +159,102 @@ class Lease:
 
 def read(url: str, storage_options: dict | None = None) -> dict | None:
     """The contents of a lease, None when absent, {} when damaged."""
+    return _read_tagged(url, storage_options)[0]
+
+
+def _parse(data: bytes) -> dict:
     try:
-        info = json.loads(storage.read_bytes(url, storage_options))
-    except FileNotFoundError:
-        return None
-    except StreamPruneError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            return None
-        raise
+        info = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return {}  # damaged: stale
     return info if isinstance(info, dict) else {}
+
+
+def _read_tagged(url: str, storage_options: dict | None = None) -> tuple[dict | None, str | None]:
+    """:func:`read`, with the object's ETag on object storage (of the very version read)."""
+    if storage.is_remote(url) and storage.protocol(url) in ("s3", "s3a"):
+        fs = storage.get_fs(url, storage_options)
+        bucket, key, _ = fs.split_path(url)
+
+        async def get():
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await resp["Body"].read(), resp.get("ETag")
+            finally:
+                resp["Body"].close()
+        try:
+            data, etag = storage.retry(lambda: fsspec.asyn.sync(fs.loop, get), url, storage_options=storage_options)
+        except FileNotFoundError:
+            return None, None
+        except StreamPruneError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None, None
+            raise
+        return _parse(data), etag
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return None, None
+    except StreamPruneError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return None, None
+        raise
+    return _parse(data), None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether a store refused a conditional request because its condition did not hold (or the object is gone)."""
+    while exc is not None:
+        if isinstance(exc, FileNotFoundError):
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or status in (404, 409, 412)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _remove_stale(url: str, info: dict, etag: str | None, storage_options: dict | None) -> None:
+    """Remove the lease object at ``url`` if it still is the stale lease ``info`` (read with ``etag``).
+
+    Of runs that take the same stale lease over at once, each removes it only while it is unchanged:
+    on local disk under an exclusive lock on its directory, on S3 by a delete conditional on the
+    ETag.  A check followed by a plain remove could remove the lease that another run had just
+    created in its place, and both would run.
+    """
+    if not storage.is_remote(url):
+        import fcntl
+
+        fd = os.open(os.path.dirname(url) or ".", os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks on directories: checked, not locked
+                pass
+            if read(url, storage_options) == info:
+                try:
+                    os.unlink(url)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+        return
+    if etag is not None:
+        fs = storage.get_fs(url, storage_options)
+        bucket, key, _ = fs.split_path(url)
+        try:
+            fsspec.asyn.sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            fs.invalidate_cache(url)
+            return
+        except Exception as exc:  # noqa: BLE001 - classified below
+            fs.invalidate_cache(url)
+            if _precondition_failed(exc):
+                return  # replaced or removed meanwhile: read it again
+            log.debug("conditional delete of %s refused (%s); checking and removing instead", url, exc)
+    if read(url, storage_options) == info:  # a store without conditional deletes: a window of one round trip
+        storage.remove(url, storage_options)
 
 
 def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
@@ -198,6 +286,7 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
 
 # The leases this process holds (renewed by one thread), and per thread the order they were taken.
 _HELD: dict[str, Lease] = {}
+_CREATING: set[str] = set()  # tokens of leases this process is creating (held once read back)
 _HELD_LOCK = threading.Lock()
 _RENEWER: threading.Thread | None = None
 _STOP = threading.Event()
@@ -237,19 +326,24 @@ def acquire(url: str, what: str, storage_options: dict | None = None, wait: floa
         if held is not None and held.thread is threading.current_thread() and held.lost_to is None:
             return held  # a stage function taking its own lease again
         lease = Lease(url, what, storage_options)
-        if _create(url, lease.body(), storage_options):
-            info = read(url, storage_options)
-            if info is not None and info.get("token") == lease.token:  # a store ignoring If-None-Match
-                _hold(lease)
-                return lease
-        info = read(url, storage_options)
+        with _HELD_LOCK:
+            _CREATING.add(lease.token)
+        try:
+            if _create(url, lease.body(), storage_options):
+                info = read(url, storage_options)
+                if info is not None and info.get("token") == lease.token:  # a store ignoring If-None-Match
+                    _hold(lease)
+                    return lease
+        finally:
+            with _HELD_LOCK:
+                _CREATING.discard(lease.token)
+        info, etag = _read_tagged(url, storage_options)
         if info is None:
             continue  # released meanwhile
         if not _held_here(info) and (_mine(info) or is_stale(info)):
             if not _mine(info):
                 log.warning("%s: taking over a stale lease (%s)", what, describe(info))
-            if read(url, storage_options) == info:  # not a new holder's, taken over just now by another run
-                storage.remove(url, storage_options)
+            _remove_stale(url, info, etag, storage_options)
             continue  # of runs taking it over at once, one wins the create
         if time.time() >= deadline:
             raise StreamPruneError(
@@ -311,6 +405,7 @@ def _forget_in_child() -> None:
     for lease in _HELD.values():
         lease._lock, lease.released = threading.Lock(), True  # the lock may have been held by the renewer
     _HELD.clear()
+    _CREATING.clear()
     _HELD_LOCK, _RENEWER = threading.Lock(), None
 
 

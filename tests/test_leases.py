@@ -304,3 +304,59 @@ def test_a_commit_in_a_forked_child_leaves_its_parents_lease(tmp_path):
     finally:
         leases.release(held)
     assert not os.path.exists(url)
+
+
+def _race_for_stale_lease(url: str, storage_options: dict | None, contenders: int) -> list:
+    """``contenders`` runs (threads of this process) taking over one stale lease at once; the leases they got."""
+    barrier, done = threading.Barrier(contenders), threading.Barrier(contenders)
+    got, errors = [], []
+
+    def contend():
+        barrier.wait(30)
+        try:
+            got.append(leases.acquire(url, "subset", storage_options))
+        except StreamPruneError as exc:
+            errors.append(str(exc))
+        done.wait(60)  # the winner's thread stays alive (holding) until every contender has decided
+
+    threads = [threading.Thread(target=contend) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) + len(errors) == contenders, errors
+    assert all("another run of this stage" in e for e in errors), errors
+    return got
+
+
+def test_runs_taking_over_one_stale_lease_at_once_let_one_through(tmp_path):
+    """Each run removes the stale lease only while it is unchanged (a check followed by a plain
+    remove could remove the lease another run had just created in its place, and both would run),
+    and a lease this process is creating counts as held by it."""
+    url = str(tmp_path / "_stages" / "subset.lease")
+    os.makedirs(os.path.dirname(url))
+    for _ in range(20):
+        with open(url, "wb") as f:
+            f.write(_foreign(time.time() - leases.LEASE_S - 1))
+        got = _race_for_stale_lease(url, None, 6)
+        try:
+            assert len(got) == 1, [g.token for g in got]
+            assert json.load(open(url))["token"] == got[0].token
+        finally:
+            for lease in got:
+                leases.release(lease)
+
+
+def test_runs_taking_over_one_stale_lease_on_s3_let_one_through(s3server, s3bucket):
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    fs = s3server.fs()
+    for _ in range(5):
+        fs.pipe_file(url, _foreign(time.time() - leases.LEASE_S - 1))
+        got = _race_for_stale_lease(url, opts, 6)
+        try:
+            assert len(got) == 1, [g.token for g in got]
+            assert json.loads(fs.cat_file(url))["token"] == got[0].token
+        finally:
+            for lease in got:
+                leases.release(lease)
