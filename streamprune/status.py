@@ -49,7 +49,7 @@ def _runs(ws: Workspace) -> tuple[dict[str, str], dict[str, str]]:
     """Stages a run holds now, and stages whose run stopped without committing (both: key -> holder)."""
     running, interrupted = {}, {}
     for name in storage.listdir(ws.path("_stages"), ws.storage_options):
-        if not name.endswith(".lease") or name == "shared.lease":
+        if not name.endswith(".lease") or name == "shared.lease" or name.startswith(".tmp"):
             continue
         info = leases.read(ws.path("_stages", name), ws.storage_options)
         if info is not None:

@@ -360,3 +360,14 @@ def test_runs_taking_over_one_stale_lease_on_s3_let_one_through(s3server, s3buck
         finally:
             for lease in got:
                 leases.release(lease)
+
+
+def test_status_leaves_out_a_lease_being_written(shards, tmp_path):
+    """A lease is written to a temporary file first (``.tmp-<id>-subset.lease``, left behind by a
+    run killed at that moment): status does not list it as a stage."""
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    with open(os.path.join(ws, "_stages", ".tmp-0123abcd-subset.lease"), "wb") as f:
+        f.write(_foreign(time.time()))
+    out = run_cli("status", "-w", ws).stdout
+    assert ".tmp" not in out and "running" not in out and "stopped" not in out, out
