@@ -37,6 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
+import fsspec.asyn
+
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 
@@ -92,6 +94,15 @@ def _mine(info: dict) -> bool:
     return info.get("where") == _where() and info.get("pid") == os.getpid()
 
 
+def _held_here(info: dict) -> bool:
+    """Whether a live thread of this process holds the lease ``info`` (a lease of this process that
+    no live thread holds was left behind, and is taken over)."""
+    with _HELD_LOCK:
+        return info.get("token") in _CREATING or any(
+            lease.token == info.get("token") and not lease.released and lease.thread is not None
+            and lease.thread.is_alive() for lease in _HELD.values())
+
+
 @dataclass
 class Lease:
     """A held lease: its object, the token written into it, and whether another run took it over."""
@@ -103,6 +114,20 @@ class Lease:
     started: float = field(default_factory=time.time)
     lost_to: dict | None = None
     owner: int = field(default_factory=threading.get_ident)
+    thread: threading.Thread = field(default_factory=threading.current_thread, repr=False, compare=False)
+    released: bool = False
+    # held while a renewal or the release reads and writes the object: a renewal that overlapped the
+    # release would write the lease back after it was removed, held by a live process that no longer
+    # renews it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"], state["thread"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), thread=None)
 
     def body(self) -> bytes:
         return json.dumps({"token": self.token, "what": self.what, "where": _where(), "pid": os.getpid(),
@@ -117,24 +142,112 @@ class Lease:
 
     def renew(self) -> None:
         """Rewrite the renewal time, or mark the lease lost when another run holds it now."""
-        info = read(self.url, self.storage_options)
-        if info is not None and info.get("token") != self.token:
-            self.lost_to = info
-            log.warning("%s: lease taken over by %s", self.what, describe(info))
-            return
-        storage.write_bytes_atomic(self.url, self.body(), self.storage_options)
+        with self._lock:
+            if self.released or self.lost_to is not None:
+                return
+            info = read(self.url, self.storage_options)
+            if info is None and _create(self.url, self.body(), self.storage_options):
+                return  # removed by a run that found it stale; nobody has taken it since
+            if info is None:
+                info = read(self.url, self.storage_options)
+            if info is not None and info.get("token") != self.token:
+                self.lost_to = info
+                log.warning("%s: lease taken over by %s", self.what, describe(info))
+                return
+            storage.write_bytes_atomic(self.url, self.body(), self.storage_options)
 
 
 def read(url: str, storage_options: dict | None = None) -> dict | None:
     """The contents of a lease, None when absent, {} when damaged."""
-    data = storage.read_if_exists(url, storage_options)
-    if data is None:
-        return None
+    return _read_tagged(url, storage_options)[0]
+
+
+def _parse(data: bytes) -> dict:
     try:
         info = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return {}  # damaged: stale
     return info if isinstance(info, dict) else {}
+
+
+def _read_tagged(url: str, storage_options: dict | None = None) -> tuple[dict | None, str | None]:
+    """:func:`read`, with the object's ETag on object storage (of the very version read)."""
+    if storage.is_remote(url) and storage.protocol(url) in ("s3", "s3a"):
+        fs = storage.get_fs(url, storage_options)
+        bucket, key, _ = fs.split_path(url)
+
+        async def get():
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await resp["Body"].read(), resp.get("ETag")
+            finally:
+                resp["Body"].close()
+        try:
+            data, etag = storage.retry(lambda: fsspec.asyn.sync(fs.loop, get), url, storage_options=storage_options)
+        except FileNotFoundError:
+            return None, None
+        except StreamPruneError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return None, None
+            raise
+        return _parse(data), etag
+    data = storage.read_if_exists(url, storage_options)
+    return (None, None) if data is None else (_parse(data), None)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether a store refused a conditional request because its condition did not hold (or the object is gone)."""
+    while exc is not None:
+        if isinstance(exc, FileNotFoundError):
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or status in (404, 409, 412)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _remove_stale(url: str, info: dict, etag: str | None, storage_options: dict | None) -> None:
+    """Remove the lease object at ``url`` if it still is the stale lease ``info`` (read with ``etag``).
+
+    Of runs that take the same stale lease over at once, each removes it only while it is unchanged:
+    on local disk under an exclusive lock on its directory, on S3 by a delete conditional on the
+    ETag.  A check followed by a plain remove could remove the lease that another run had just
+    created in its place, and both would run.
+    """
+    if not storage.is_remote(url):
+        import fcntl
+
+        fd = os.open(os.path.dirname(url) or ".", os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks on directories: checked, not locked
+                pass
+            if read(url, storage_options) == info:
+                try:
+                    os.unlink(url)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+        return
+    if etag is not None:
+        fs = storage.get_fs(url, storage_options)
+        bucket, key, _ = fs.split_path(url)
+        try:
+            fsspec.asyn.sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            fs.invalidate_cache(url)
+            return
+        except Exception as exc:  # noqa: BLE001 - classified below
+            fs.invalidate_cache(url)
+            if _precondition_failed(exc):
+                return  # replaced or removed meanwhile: read it again
+            log.debug("conditional delete of %s refused (%s); checking and removing instead", url, exc)
+    if read(url, storage_options) == info:  # a store without conditional deletes: a window of one round trip
+        storage.remove(url, storage_options)
 
 
 def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
@@ -173,6 +286,7 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
 
 # The leases this process holds (renewed by one thread), and per thread the order they were taken.
 _HELD: dict[str, Lease] = {}
+_CREATING: set[str] = set()  # tokens of leases this process is creating (held once read back)
 _HELD_LOCK = threading.Lock()
 _RENEWER: threading.Thread | None = None
 _STOP = threading.Event()
@@ -209,25 +323,30 @@ def acquire(url: str, what: str, storage_options: dict | None = None, wait: floa
     while True:
         with _HELD_LOCK:
             held = _HELD.get(url)
-        if held is not None and held.owner == threading.get_ident() and held.lost_to is None:
+        if held is not None and held.thread is threading.current_thread() and held.lost_to is None:
             return held  # a stage function taking its own lease again
         lease = Lease(url, what, storage_options)
-        if _create(url, lease.body(), storage_options):
-            info = read(url, storage_options)
-            if info is not None and info.get("token") == lease.token:  # a store ignoring If-None-Match
-                _hold(lease)
-                return lease
-        info = read(url, storage_options)
+        with _HELD_LOCK:
+            _CREATING.add(lease.token)
+        try:
+            if _create(url, lease.body(), storage_options):
+                info = read(url, storage_options)
+                if info is not None and info.get("token") == lease.token:  # a store ignoring If-None-Match
+                    _hold(lease)
+                    return lease
+        finally:
+            with _HELD_LOCK:
+                _CREATING.discard(lease.token)
+        info, etag = _read_tagged(url, storage_options)
         if info == {}:  # damaged, or (without hard links) created but not yet written: look again
             time.sleep(WAIT_POLL_S)
-            info = read(url, storage_options)
+            info, etag = _read_tagged(url, storage_options)
         if info is None:
             continue  # released meanwhile
-        if _mine(info) or is_stale(info):
+        if not _held_here(info) and (_mine(info) or is_stale(info)):
             if not _mine(info):
                 log.warning("%s: taking over a stale lease (%s)", what, describe(info))
-            if read(url, storage_options) == info:  # not a new holder's, taken over just now by another run
-                storage.remove(url, storage_options)
+            _remove_stale(url, info, etag, storage_options)
             continue  # of runs taking it over at once, one wins the create
         if time.time() >= deadline:
             raise StreamPruneError(
@@ -241,14 +360,18 @@ def release(lease: Lease) -> None:
     with _HELD_LOCK:
         if _HELD.get(lease.url) is lease:
             del _HELD[lease.url]
-    if lease.lost_to is not None:
-        return
-    try:
-        info = read(lease.url, lease.storage_options)
-        if info is not None and info.get("token") == lease.token:
-            storage.remove(lease.url, lease.storage_options)
-    except Exception as exc:  # it goes stale by itself
-        log.warning("%s: could not release its lease (%s)", lease.what, exc)
+    with lease._lock:
+        if lease.released:
+            return
+        lease.released = True
+        if lease.lost_to is not None:
+            return
+        try:
+            info = read(lease.url, lease.storage_options)
+            if info is not None and info.get("token") == lease.token:
+                storage.remove(lease.url, lease.storage_options)
+        except Exception as exc:  # it goes stale by itself
+            log.warning("%s: could not release its lease (%s)", lease.what, exc)
 
 
 def held() -> list[Lease]:
@@ -280,9 +403,12 @@ def _release_all() -> None:
 
 
 def _forget_in_child() -> None:
-    """A forked child holds none of its parent's leases (its exit must not release them)."""
+    """A forked child holds none of its parent's leases: neither its exit nor a commit in it releases them."""
     global _HELD_LOCK, _RENEWER
+    for lease in _HELD.values():
+        lease._lock, lease.released = threading.Lock(), True  # the lock may have been held by the renewer
     _HELD.clear()
+    _CREATING.clear()
     _HELD_LOCK, _RENEWER = threading.Lock(), None
 
 

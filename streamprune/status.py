@@ -50,7 +50,8 @@ def _runs(ws: Workspace, markers: dict[str, dict]) -> tuple[dict[str, str], dict
     is known of it (its lease's holder, the chunks it recorded)."""
     running, stopped = {}, {}
     names = storage.listdir(ws.path("_stages"), ws.storage_options)
-    leased = {n[:-len(".lease")] for n in names if n.endswith(".lease") and n != "shared.lease"}
+    leased = {n[:-len(".lease")] for n in names  # not shared.lease, nor a lease being written (.tmp-...)
+              if n.endswith(".lease") and n != "shared.lease" and not n.startswith(".")}
     records = {n for n in names if not n.endswith((".json", ".lease")) and not n.startswith(".")}
     for key in sorted(leased | records, key=pipeline_order):
         done_fp = str((markers.get(key) or {}).get("fingerprint", ""))[:16]  # a commit's records, not yet removed
@@ -60,7 +61,7 @@ def _runs(ws: Workspace, markers: dict[str, dict]) -> tuple[dict[str, str], dict
         info = leases.read(ws.path("_stages", f"{key}.lease"), ws.storage_options) if key in leased else None
         if info is not None and not leases.is_stale(info):
             running[key] = f"{leases.describe(info)}; {chunks}"
-        elif info is not None or fps:
+        elif fps or (info is not None and key not in markers):  # not a lease left behind by a commit
             stopped[key] = chunks + (f" by {leases.describe(info)}" if info is not None else "")
     return running, stopped
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -248,3 +249,164 @@ def test_leases_work_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
     finally:
         leases.release(held)
     assert not os.path.exists(url)
+
+
+def test_a_renewal_that_overlaps_the_release_does_not_bring_the_lease_back(tmp_path, monkeypatch):
+    """The renewal thread takes its list of leases, then renews each: a stage that commits meanwhile
+    must not find its lease written back, held by a live process that no longer renews it."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    leases.release(held)
+    held.renew()  # listed before the release, renewed after it
+    assert not os.path.exists(url)
+
+    held = leases.acquire(url, "embed")
+    real_read = leases.read
+    releaser = threading.Thread(target=leases.release, args=(held,))
+
+    def read_then_release(u, storage_options=None):
+        info = real_read(u, storage_options)
+        if not releaser.is_alive() and threading.current_thread() is threading.main_thread():
+            releaser.start()  # the stage commits between the renewal's read and its write
+            releaser.join(0.5)
+        return info
+
+    monkeypatch.setattr(leases, "read", read_then_release)
+    held.renew()
+    releaser.join(10)
+    monkeypatch.setattr(leases, "read", real_read)
+    assert not os.path.exists(url) and held.released
+
+
+def test_a_stage_running_in_another_thread_of_this_process_keeps_its_lease(shards, tmp_path):
+    """Two threads of one process (a notebook, a service) running one stage: the second is refused,
+    as a second process would be, instead of taking over the first one's lease."""
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws.url, scheduler="sync")
+    inputs = {"catalog": ws.marker("catalog")["fingerprint"]}
+    begun, finish, runs = threading.Event(), threading.Event(), []
+
+    def first():
+        runs.append(ws.begin("subset", {"fraction": 0.5, "seed": 1}, inputs))
+        begun.set()
+        finish.wait(30)
+        leases.release(runs[0].lease)
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert begun.wait(30)
+        token = json.load(open(runs[0].lease.url))["token"]
+        with pytest.raises(StreamPruneError, match=f"another run of this stage .*pid {os.getpid()} on host"):
+            ws.begin("subset", {"fraction": 0.3, "seed": 1}, inputs, force=True)
+        assert json.load(open(runs[0].lease.url))["token"] == token
+    finally:
+        finish.set()
+        t.join(30)
+    # a lease of this process that no live thread holds was left behind: taken over
+    left = Workspace(ws.url).begin("subset", {"fraction": 0.5, "seed": 1}, inputs)
+    try:
+        abandoned = threading.Thread(target=lambda: leases.acquire(ws.path("_stages", "x.lease"), "x"))
+        abandoned.start()
+        abandoned.join()
+        assert leases.acquire(ws.path("_stages", "x.lease"), "x").thread is threading.current_thread()
+    finally:
+        for lease in leases.held():
+            leases.release(lease)
+    assert left.lease.released
+
+
+def test_a_commit_in_a_forked_child_leaves_its_parents_lease(tmp_path):
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    try:
+        pid = os.fork()
+        if pid == 0:  # a forked worker that finishes the run it was handed (StageRun.commit releases the lease)
+            leases.release(held)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert json.load(open(url))["token"] == held.token
+    finally:
+        leases.release(held)
+    assert not os.path.exists(url)
+
+
+def _race_for_stale_lease(url: str, storage_options: dict | None, contenders: int) -> list:
+    """``contenders`` runs (threads of this process) taking over one stale lease at once; the leases they got."""
+    barrier, done = threading.Barrier(contenders), threading.Barrier(contenders)
+    got, errors = [], []
+
+    def contend():
+        barrier.wait(30)
+        try:
+            got.append(leases.acquire(url, "subset", storage_options))
+        except StreamPruneError as exc:
+            errors.append(str(exc))
+        done.wait(60)  # the winner's thread stays alive (holding) until every contender has decided
+
+    threads = [threading.Thread(target=contend) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) + len(errors) == contenders, errors
+    assert all("another run of this stage" in e for e in errors), errors
+    return got
+
+
+def test_runs_taking_over_one_stale_lease_at_once_let_one_through(tmp_path):
+    """Each run removes the stale lease only while it is unchanged (a check followed by a plain
+    remove could remove the lease another run had just created in its place, and both would run),
+    and a lease this process is creating counts as held by it."""
+    url = str(tmp_path / "_stages" / "subset.lease")
+    os.makedirs(os.path.dirname(url))
+    for _ in range(20):
+        with open(url, "wb") as f:
+            f.write(_foreign(time.time() - leases.LEASE_S - 1))
+        got = _race_for_stale_lease(url, None, 6)
+        try:
+            assert len(got) == 1, [g.token for g in got]
+            assert json.load(open(url))["token"] == got[0].token
+        finally:
+            for lease in got:
+                leases.release(lease)
+
+
+def test_runs_taking_over_one_stale_lease_on_s3_let_one_through(s3server, s3bucket):
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    fs = s3server.fs()
+    for _ in range(5):
+        fs.pipe_file(url, _foreign(time.time() - leases.LEASE_S - 1))
+        got = _race_for_stale_lease(url, opts, 6)
+        try:
+            assert len(got) == 1, [g.token for g in got]
+            assert json.loads(fs.cat_file(url))["token"] == got[0].token
+        finally:
+            for lease in got:
+                leases.release(lease)
+
+
+def test_status_leaves_out_a_lease_being_written(shards, tmp_path):
+    """A lease is written to a temporary file first (``.tmp-<id>-subset.lease``, left behind by a
+    run killed at that moment): status does not list it as a stage."""
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    with open(os.path.join(ws, "_stages", ".tmp-0123abcd-subset.lease"), "wb") as f:
+        f.write(_foreign(time.time()))
+    out = run_cli("status", "-w", ws).stdout
+    assert ".tmp" not in out and "running" not in out and "stopped" not in out, out
+
+
+def test_status_ignores_a_lease_left_behind_by_a_finished_stage(shards, tmp_path):
+    """A run killed between writing its marker and releasing its lease: the stage is done, not stopped."""
+    from streamprune.status import status
+
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=1)
+    with open(os.path.join(ws, "_stages", "subset.lease"), "wb") as f:
+        f.write(_foreign(time.time() - leases.LEASE_S - 1))
+    info = status(ws)
+    assert info["stages"]["subset"]["done"] and not info["interrupted"] and not info["running"]
