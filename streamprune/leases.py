@@ -9,10 +9,11 @@ the holding process.  A second run finds it and stops with one line naming the h
 
 A lease is *stale*, and the next run takes it over, when its holder stopped renewing it for
 ``LEASE_S`` seconds (a crashed machine) or, on the same host and process namespace, when the
-holding process no longer exists (a killed run resumes at once).  The process that holds a lease
-may take it again (a stage re-run after an error in the same Python session).  Leases are
-released when the stage commits, when the stage function that took them returns or raises
-(:func:`releases_leases`), and at interpreter exit.
+holding process no longer exists (a killed run resumes at once), or when it is a lease of this
+process that no live thread holds.  A stale lease is removed only while it is unchanged (under
+``flock`` on local disk, by a delete conditional on its ETag on S3), so of several runs taking it
+over at once one goes on.  Leases are released when the stage commits, when the stage function
+that took them returns or raises (:func:`releases_leases`), and at interpreter exit.
 
 A renewal that finds another holder's token marks the lease lost; the run then refuses to record
 chunks or commit (:meth:`Lease.check`).  Writes it issued before noticing are not undone: that can
@@ -113,7 +114,6 @@ class Lease:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     started: float = field(default_factory=time.time)
     lost_to: dict | None = None
-    owner: int = field(default_factory=threading.get_ident)
     thread: threading.Thread = field(default_factory=threading.current_thread, repr=False, compare=False)
     released: bool = False
     # held while a renewal or the release reads and writes the object: a renewal that overlapped the
@@ -384,13 +384,13 @@ def releases_leases(fn: F) -> F:
     """Decorate a stage function: the leases its thread takes while it runs are released when it ends."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        me = threading.get_ident()
-        before = {id(lease) for lease in held()}
+        me = threading.current_thread()
+        before = set(map(id, held()))
         try:
             return fn(*args, **kwargs)
         finally:
             for lease in held():
-                if lease.owner == me and id(lease) not in before:
+                if lease.thread is me and id(lease) not in before:
                     release(lease)
     return wrapper  # type: ignore[return-value]
 
