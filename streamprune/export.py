@@ -9,9 +9,9 @@ score arrays of a few bytes.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -128,18 +128,15 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
     fields = [pa.field("url", pa.string()), pa.field("key", pa.string()), pa.field("row", pa.int64()),
               pa.field("label", pa.int64())] + [pa.field(c, pa.float32()) for c in cols]
     schema = pa.schema(fields)
-    sink = io.BytesIO() if storage.is_remote(output) else None
-    target = sink if sink is not None else _local_tmp(output)
+    # Written shard by shard to a local file (beside a local output; in the temporary directory for
+    # object storage, then uploaded in parts): memory holds one shard, never the whole table.
+    target = _local_tmp(output)
     try:
         _write_table(cat, cols, labels, schema, fmt, target)
-    except BaseException:
-        if sink is None and os.path.exists(target):
-            os.remove(target)  # no half-written temp file left beside the output
-        raise
-    if sink is not None:
-        storage.write_bytes_atomic(output, sink.getvalue(), ws.storage_options)
-    else:
-        os.replace(target, output)
+        storage.upload_file(target, output, ws.storage_options)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)  # no half-written or uploaded temp file left behind
     return {"output": output, "rows": cat.n_samples, "columns": [f.name for f in fields]}
 
 
@@ -161,5 +158,9 @@ def _write_table(cat: Catalog, cols: dict[str, np.ndarray], labels: np.ndarray, 
 
 
 def _local_tmp(output: str) -> str:
+    if storage.is_remote(output):
+        fd, path = tempfile.mkstemp(prefix="streamprune-scores-", suffix=os.path.splitext(output)[1])
+        os.close(fd)
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     return f"{output}.tmp-{os.getpid()}"

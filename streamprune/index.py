@@ -789,14 +789,7 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
 
 def _upload(ws: Workspace, local: str, rel: str) -> None:
     """Publish a local file as workspace file ``rel`` (atomic rename locally, one upload remotely)."""
-    url = ws.path(rel)
-    if not storage.is_remote(url):
-        if os.path.abspath(local) != url:
-            os.makedirs(os.path.dirname(url), exist_ok=True)
-            os.replace(local, url)
-        return
-    fs = storage.get_fs(url, ws.storage_options)
-    storage.retry(lambda: fs.put_file(local, url), url)
+    storage.upload_file(local, ws.path(rel), ws.storage_options)
 
 
 def write_index(ws: Workspace, index, rel: str) -> None:

@@ -520,6 +520,17 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
     retry(lambda: fs.pipe_file(url, data), url, storage_options=storage_options)
 
 
+def upload_file(local: str, url: str, storage_options: dict | None = None) -> None:
+    """Publish the local file ``local`` as ``url`` (a rename locally; a streamed, retried upload remotely)."""
+    if not is_remote(url):
+        if os.path.abspath(local) != os.path.abspath(url):
+            os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
+            os.replace(local, url)
+        return
+    fs = get_fs(url, storage_options)
+    retry(lambda: fs.put_file(local, url), url, storage_options=storage_options)
+
+
 def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -> None:
     """Atomically write a JSON document."""
     write_bytes_atomic(url, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode(),

@@ -103,3 +103,22 @@ def test_failed_export_leaves_no_temp_file(tmp_path):
     out = run_cli("scores", "-w", ws, "-o", str(tmp_path / "s.csv"), check=False)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert sorted(os.listdir(tmp_path)) == ["d.csv", "data", "ws"]
+
+
+def test_export_to_object_storage_streams_through_a_local_file(tmp_path, s3server, s3bucket, monkeypatch):
+    """The table goes to S3 from a temporary file written shard by shard (not from memory), which is removed."""
+    import tempfile
+
+    shards = write_shards(str(tmp_path / "data"), 3, 20, kind="npy", dim=8)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    url = f"s3://{s3bucket}/out/scores.parquet"
+    export_scores(ws, url, storage_options=s3server.storage_options)
+    export_scores(ws, str(tmp_path / "local.parquet"))
+    fs = s3server.fs()
+    assert fs.cat_file(url) == (tmp_path / "local.parquet").read_bytes()
+    assert len(pd.read_parquet(tmp_path / "local.parquet")) == 60
+    assert list(spool.iterdir()) == []
