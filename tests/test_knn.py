@@ -437,10 +437,24 @@ def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
     assert max(table0.values()) < 0.999  # not a graph where any k would predict perfectly
 
 
-@pytest.mark.parametrize("method", ["knn", "kernel", "gcn"])
+@pytest.mark.parametrize("method", ["knn", "kernel", "gcn", "label-aware"])
 def test_chunk_rows_is_refused_before_the_workspace_is_read(tmp_path, method):
     from streamprune.extrapolate import extrapolate
 
     for bad in (True, 0, 2.5):
         with pytest.raises(StreamPruneError, match=rf"^--chunk-rows must be a whole number >= 1, not {bad!r}$"):
             extrapolate(str(tmp_path / "nothing-here"), "du", method, chunk_rows=bad)
+
+
+@pytest.mark.parametrize("method", ["label-aware"])
+def test_k_is_refused_before_the_workspace_is_read(tmp_path, method):
+    # `extrapolate --method knn,label-aware --k auto` hands 'auto' to every method that takes --k
+    from streamprune.extrapolate import extrapolate
+    from streamprune.extrapolate.label_aware import compute_disagreement
+
+    for bad in ("auto", True, 0, -3, 2.5):
+        with pytest.raises(StreamPruneError, match=rf"^--k must be a whole number >= 1, not {bad!r}$"):
+            extrapolate(str(tmp_path / "nothing-here"), "du", method, k=bad)
+        if method == "label-aware":
+            with pytest.raises(StreamPruneError, match=rf"^--k must be a whole number >= 1, not {bad!r}$"):
+                compute_disagreement(str(tmp_path / "nothing-here"), k=bad)

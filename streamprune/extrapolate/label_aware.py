@@ -25,11 +25,12 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import StreamPruneError
+from streamprune.errors import Rule, StreamPruneError, check_whole, whole
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 SOURCE_LABEL_AWARE = 3
+OPTIONS = {"k": Rule(whole(1), "a whole number >= 1")}
 
 
 # pure functions --------------------------------------------------------------------------------
@@ -188,6 +189,13 @@ def _graph_labels(graph, labels: np.ndarray, valid: np.ndarray, r0: int, r1: int
     return own, nl, graph["distances"][r0:r1, :k]
 
 
+def _check_options(k: int | None, chunk_rows: int | None) -> None:
+    if k is not None:
+        OPTIONS["k"].check(k, "--k")
+    if chunk_rows is not None:
+        check_whole(chunk_rows, "--chunk-rows")
+
+
 def disagreement_path() -> str:
     """Workspace-relative path of the label-disagreement array."""
     return "scores/label_disagreement.zarr"
@@ -201,6 +209,7 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
     ``k`` defaults to min(20, the graph's k); ``chunk_rows`` to the graph's zarr chunk (each read
     decompresses its chunks once).  A resumed run keeps the chunking of the run it resumes.
     """
+    _check_options(k, chunk_rows)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     emb_m = ws.require("embed", "label disagreement")
     graph_m = ws.require("index-all", "label disagreement")
@@ -274,6 +283,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
     from streamprune.extrapolate import common
     from streamprune.scores import get_score
 
+    _check_options(k, chunk_rows)
     ws = common.as_workspace(ws, storage_options)
     dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, storage_options=storage_options)
     chunk_rows = chunk_rows or 1 << 16
@@ -308,7 +318,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
 def _register() -> None:
     from streamprune.extrapolate.common import register_method
 
-    register_method("label-aware", extrapolate_label_aware)
+    register_method("label-aware", extrapolate_label_aware, OPTIONS)
 
 
 _register()
