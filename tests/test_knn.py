@@ -437,7 +437,7 @@ def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
     assert max(table0.values()) < 0.999  # not a graph where any k would predict perfectly
 
 
-@pytest.mark.parametrize("method", ["knn", "kernel", "gcn", "label-aware"])
+@pytest.mark.parametrize("method", ["knn", "kernel", "gcn", "label-aware", "propagate"])
 def test_chunk_rows_is_refused_before_the_workspace_is_read(tmp_path, method):
     from streamprune.extrapolate import extrapolate
 
@@ -446,7 +446,7 @@ def test_chunk_rows_is_refused_before_the_workspace_is_read(tmp_path, method):
             extrapolate(str(tmp_path / "nothing-here"), "du", method, chunk_rows=bad)
 
 
-@pytest.mark.parametrize("method", ["label-aware"])
+@pytest.mark.parametrize("method", ["label-aware", "propagate"])
 def test_k_is_refused_before_the_workspace_is_read(tmp_path, method):
     # `extrapolate --method knn,label-aware --k auto` hands 'auto' to every method that takes --k
     from streamprune.extrapolate import extrapolate
