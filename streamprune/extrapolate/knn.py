@@ -37,10 +37,11 @@ MAX_VALIDATION_ROWS = 100_000  # seed rows used by choose_k (Pearson to about ±
 # --------------------------------------------------------------------------- pure math
 
 
-def knn_weights(distances: np.ndarray) -> np.ndarray:
+def knn_weights(distances: np.ndarray, dtype=np.float32) -> np.ndarray:
     """exp(-(d - d_min)) per row, d_min over the row's finite distances; missing (inf/NaN) get 0.
 
-    Proportional to exp(-d) within a row, without underflow for large distances.
+    Proportional to exp(-d) within a row, without underflow for large distances.  Computed in
+    float64, returned as ``dtype``.
     """
     d = np.asarray(distances, np.float64)
     ok = np.isfinite(d)
@@ -48,7 +49,7 @@ def knn_weights(distances: np.ndarray) -> np.ndarray:
     dmin = np.where(np.isfinite(dmin), dmin, 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
         w = np.exp(-(np.where(ok, d, 0.0) - dmin))
-    return np.where(ok, w, 0.0).astype(np.float32)
+    return np.where(ok, w, 0.0).astype(dtype, copy=False)
 
 
 def knn_predict(neighbor_scores: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:

@@ -26,23 +26,14 @@ import zarr
 
 from streamprune import storage
 from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.extrapolate.knn import knn_weights
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
-SOURCE_LABEL_AWARE = 3
 OPTIONS = {"k": Rule(whole(1), "a whole number >= 1")}
 
 
 # pure functions --------------------------------------------------------------------------------
-def neighbour_weights(distances: np.ndarray) -> np.ndarray:
-    """exp(−(d − d_min)) per row; missing neighbours (inf/NaN distance) weigh 0."""
-    d = np.asarray(distances, np.float64)
-    ok = np.isfinite(d)
-    dmin = np.min(np.where(ok, d, np.inf), axis=1, keepdims=True)
-    dmin = np.where(np.isfinite(dmin), dmin, 0.0)
-    return np.where(ok, np.exp(-(np.where(ok, d, 0.0) - dmin)), 0.0)
-
-
 def label_disagreement(own: np.ndarray, neighbour_labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
     """Weighted fraction of neighbours whose label differs from the row's own (NaN when undefined).
 
@@ -51,7 +42,7 @@ def label_disagreement(own: np.ndarray, neighbour_labels: np.ndarray, distances:
     """
     own = np.asarray(own)
     nl = np.asarray(neighbour_labels)
-    w = neighbour_weights(distances) * (nl >= 0)
+    w = knn_weights(distances, np.float64) * (nl >= 0)
     total = w.sum(axis=1)
     diff = (w * (nl != own[:, None])).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -64,7 +55,7 @@ def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances:
                        num_classes: int) -> np.ndarray:
     """True where the weighted neighbour majority label is not the row's own label."""
     nl = np.asarray(neighbour_labels)
-    w = neighbour_weights(distances) * (nl >= 0)
+    w = knn_weights(distances, np.float64) * (nl >= 0)
     cells = (np.arange(len(own))[:, None] * num_classes + np.clip(nl, 0, None)).reshape(-1)
     votes = np.bincount(cells, weights=w.reshape(-1), minlength=len(own) * num_classes).reshape(len(own), num_classes)
     has = votes.sum(axis=1) > 0
