@@ -138,6 +138,25 @@ def _marker_s(ws: Workspace, key: str) -> float | None:
     return float(m["timings"]["wall_s"]) if m else None
 
 
+def _path_stages(ws: Workspace, score: str, method: str) -> dict[str, list[str]]:
+    """The markers of one extrapolation path beyond training, scoring and embedding, by part:
+    the graphs the method reads (knn: the one it was run on; gcn with the kNN prior: both) and,
+    for label-aware, the label-disagreement stage it runs first."""
+    config = (ws.marker(f"extrapolate-{score}-{method}") or {}).get("config", {})
+    if method == "knn":
+        graphs = [config.get("graph", "seeds")]
+    elif method == "kernel":
+        graphs = ["seeds"]
+    elif method == "gcn" and config.get("prior", "knn") == "knn":
+        graphs = ["all", "seeds"]
+    else:
+        graphs = ["all"]
+    out = {"index": [f"index-{g}" for g in graphs]}
+    if method == "label-aware":
+        out["disagreement"] = ["score-label_disagreement"]
+    return out
+
+
 def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
     """Measured wall time of each extrapolation path vs full-data scoring, and the speedup."""
     full = [_marker_s(ws, "train-full"), _marker_s(ws, f"score-{score}-full")]
@@ -145,8 +164,11 @@ def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
     base = {"train": _marker_s(ws, "train"), "score": _marker_s(ws, f"score-{score}"), "embed": _marker_s(ws, "embed")}
     rows = {}
     for method in methods:
-        graph = "index-seeds" if method in ("knn", "kernel") else "index-all"
-        parts = dict(base, index=_marker_s(ws, graph), extrapolate=_marker_s(ws, f"extrapolate-{score}-{method}"))
+        parts = dict(base)
+        for part, keys in _path_stages(ws, score, method).items():
+            walls = [w for w in (_marker_s(ws, key) for key in keys) if w is not None]
+            parts[part] = sum(walls) if walls else None
+        parts["extrapolate"] = _marker_s(ws, f"extrapolate-{score}-{method}")
         known = {k: v for k, v in parts.items() if v is not None}
         total = sum(known.values())
         rows[method] = {"parts_s": known, "total_s": round(total, 3),
