@@ -402,15 +402,21 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
                                              strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
-    out["inputs"] = evaluation_inputs(markers)  # so that `report` can tell when these figures went stale
+    out["inputs"] = evaluation_inputs(markers, score)  # so that `report` can tell when these figures went stale
     ws.write_json(out, "eval", f"{score}.json")
     return out
 
 
-def evaluation_inputs(markers: dict[str, dict]) -> dict[str, str]:
-    """Fingerprints of the markers an evaluation reads: subset, scores and extrapolations."""
-    return {k: m["fingerprint"] for k, m in sorted(markers.items())
-            if k == "subset" or k.startswith(("score-", "extrapolate-"))}
+def _read_by_evaluation(key: str, score: str) -> bool:
+    """Whether an evaluation of ``score`` reads the marker ``key``: the subset, the seed and full-data
+    scores of ``score`` and its extrapolations, and what hard-clean ranks by (label disagreement, AUM)."""
+    return (key in ("subset", f"score-{score}", "score-label_disagreement", "score-aum")
+            or key.startswith((f"score-{score}-full", f"extrapolate-{score}-")))
+
+
+def evaluation_inputs(markers: dict[str, dict], score: str) -> dict[str, str]:
+    """Fingerprints of the markers an evaluation of ``score`` reads: subset, scores and extrapolations."""
+    return {k: m["fingerprint"] for k, m in sorted(markers.items()) if _read_by_evaluation(k, score)}
 
 
 def evaluation_outdated(evaluation: dict, markers: dict[str, dict]) -> list[str]:
@@ -419,7 +425,9 @@ def evaluation_outdated(evaluation: dict, markers: dict[str, dict]) -> list[str]
     recorded = evaluation.get("inputs")
     if recorded is None:
         return []
-    now = evaluation_inputs(markers)
+    score = evaluation["score"]
+    recorded = {k: v for k, v in recorded.items() if _read_by_evaluation(k, score)}  # older records kept every score's
+    now = evaluation_inputs(markers, score)
     return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
 
 

@@ -383,6 +383,11 @@ def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     md = open(os.path.join(tmp_path, "r2", "report.md")).read()
     assert "**Out of date:** these figures are out of date: extrapolate-du-knn changed" in md
     assert evaluation_outdated({k: v for k, v in out.items() if k != "inputs"}, ws.markers()) == []
+    # another score's results are not what an evaluation of du read: they do not make it stale
+    out = evaluate(ws, "du")
+    add_scores(ws, "el2n", values)
+    extrapolate_knn(ws, "el2n", k=10, chunk_rows=100)
+    assert evaluation_outdated(out, ws.markers()) == []
 
 
 def test_one_seed_pruning_table_shows_no_spread():
