@@ -345,6 +345,10 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     ws.require("catalog", "evaluate")
     t0 = time.time()
+    if pruning_curve_keeps and "hard-clean" in strategies:
+        from streamprune.prune import seed_margin_marker
+
+        seed_margin_marker(ws)  # computes the seeds' AUM on first use: before the record of what was read
     markers = ws.markers()  # one read: the columns, and the record of what they were made from
     arrays, runs = _sources_and_runs(ws, score, markers=markers)
     if "full" not in arrays:

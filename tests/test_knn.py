@@ -390,6 +390,32 @@ def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     assert evaluation_outdated(out, ws.markers()) == []
 
 
+def test_evaluation_with_hard_clean_is_current_when_it_made_the_seed_margin(tmp_path, monkeypatch):
+    """hard-clean computes the subset model's AUM (score-aum) on first use; an evaluation that made it
+    must not read as out of date because of it."""
+    import streamprune.evaluate as ev
+    import streamprune.prune as prune
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=400)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 400})
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    add_scores(ws, "du", np.where(valid, smooth_score(x), np.nan).astype(np.float32), full=True)
+
+    def margin(w):  # what it does without training here: the AUM marker, made once
+        if w.marker("score-aum") is None:
+            add_scores(w, "aum", values)
+        return w.marker("score-aum")
+
+    def curve(w, score, keeps, epochs, test_shards, **kw):  # the curve asks for the margin, as hard-clean does
+        prune.seed_margin_marker(w)
+        return {}
+
+    monkeypatch.setattr(prune, "seed_margin_marker", margin)
+    monkeypatch.setattr(ev, "pruning_curve", curve)
+    out = ev.evaluate(ws, "du", pruning_curve_keeps=[0.5], test_shards=["unused"], strategies=("hard-clean",))
+    assert "score-aum" in out["inputs"] and ev.evaluation_outdated(out, ws.markers()) == []
+
+
 def test_one_seed_pruning_table_shows_no_spread():
     """With one seed there is no standard deviation to show: no '±0.0000' that reads as zero variance."""
     from streamprune.evaluate import format_evaluation
