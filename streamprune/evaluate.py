@@ -138,6 +138,25 @@ def _marker_s(ws: Workspace, key: str) -> float | None:
     return float(m["timings"]["wall_s"]) if m else None
 
 
+def _path_stages(ws: Workspace, score: str, method: str) -> dict[str, list[str]]:
+    """The markers of one extrapolation path beyond training, scoring and embedding, by part:
+    the graphs the method reads (knn: the one it was run on; gcn with the kNN prior: both) and,
+    for label-aware, the label-disagreement stage it runs first."""
+    config = (ws.marker(f"extrapolate-{score}-{method}") or {}).get("config", {})
+    if method == "knn":
+        graphs = [config.get("graph", "seeds")]
+    elif method == "kernel":
+        graphs = ["seeds"]
+    elif method == "gcn" and config.get("prior", "knn") == "knn":
+        graphs = ["all", "seeds"]
+    else:
+        graphs = ["all"]
+    out = {"index": [f"index-{g}" for g in graphs]}
+    if method == "label-aware":
+        out["disagreement"] = ["score-label_disagreement"]
+    return out
+
+
 def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
     """Measured wall time of each extrapolation path vs full-data scoring, and the speedup."""
     full = [_marker_s(ws, "train-full"), _marker_s(ws, f"score-{score}-full")]
@@ -145,8 +164,11 @@ def cost_table(ws: Workspace, score: str, methods: list[str]) -> dict:
     base = {"train": _marker_s(ws, "train"), "score": _marker_s(ws, f"score-{score}"), "embed": _marker_s(ws, "embed")}
     rows = {}
     for method in methods:
-        graph = "index-seeds" if method in ("knn", "kernel") else "index-all"
-        parts = dict(base, index=_marker_s(ws, graph), extrapolate=_marker_s(ws, f"extrapolate-{score}-{method}"))
+        parts = dict(base)
+        for part, keys in _path_stages(ws, score, method).items():
+            walls = [w for w in (_marker_s(ws, key) for key in keys) if w is not None]
+            parts[part] = sum(walls) if walls else None
+        parts["extrapolate"] = _marker_s(ws, f"extrapolate-{score}-{method}")
         known = {k: v for k, v in parts.items() if v is not None}
         total = sum(known.values())
         rows[method] = {"parts_s": known, "total_s": round(total, 3),
@@ -323,6 +345,10 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     ws.require("catalog", "evaluate")
     t0 = time.time()
+    if pruning_curve_keeps and "hard-clean" in strategies:
+        from streamprune.prune import seed_margin_marker
+
+        seed_margin_marker(ws)  # computes the seeds' AUM on first use: before the record of what was read
     markers = ws.markers()  # one read: the columns, and the record of what they were made from
     arrays, runs = _sources_and_runs(ws, score, markers=markers)
     if "full" not in arrays:
@@ -380,15 +406,21 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
         out["pruning_curve"] = pruning_curve(ws, score, pruning_curve_keeps, epochs, test_shards, seeds=seeds,
                                              strategies=strategies, sources=curve_sources)
     out["wall_s"] = round(time.time() - t0, 3)
-    out["inputs"] = evaluation_inputs(markers)  # so that `report` can tell when these figures went stale
+    out["inputs"] = evaluation_inputs(markers, score)  # so that `report` can tell when these figures went stale
     ws.write_json(out, "eval", f"{score}.json")
     return out
 
 
-def evaluation_inputs(markers: dict[str, dict]) -> dict[str, str]:
-    """Fingerprints of the markers an evaluation reads: subset, scores and extrapolations."""
-    return {k: m["fingerprint"] for k, m in sorted(markers.items())
-            if k == "subset" or k.startswith(("score-", "extrapolate-"))}
+def _read_by_evaluation(key: str, score: str) -> bool:
+    """Whether an evaluation of ``score`` reads the marker ``key``: the subset, the seed and full-data
+    scores of ``score`` and its extrapolations, and what hard-clean ranks by (label disagreement, AUM)."""
+    return (key in ("subset", f"score-{score}", "score-label_disagreement", "score-aum")
+            or key.startswith((f"score-{score}-full", f"extrapolate-{score}-")))
+
+
+def evaluation_inputs(markers: dict[str, dict], score: str) -> dict[str, str]:
+    """Fingerprints of the markers an evaluation of ``score`` reads: subset, scores and extrapolations."""
+    return {k: m["fingerprint"] for k, m in sorted(markers.items()) if _read_by_evaluation(k, score)}
 
 
 def evaluation_outdated(evaluation: dict, markers: dict[str, dict]) -> list[str]:
@@ -397,7 +429,9 @@ def evaluation_outdated(evaluation: dict, markers: dict[str, dict]) -> list[str]
     recorded = evaluation.get("inputs")
     if recorded is None:
         return []
-    now = evaluation_inputs(markers)
+    score = evaluation["score"]
+    recorded = {k: v for k, v in recorded.items() if _read_by_evaluation(k, score)}  # older records kept every score's
+    now = evaluation_inputs(markers, score)
     return sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
 
 

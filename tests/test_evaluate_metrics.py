@@ -56,3 +56,32 @@ def test_oracle_gap_hand_case():
     assert g["oracle"] == 20 and g["pearson_at_chosen"] == 0.5 and g["gap"] == pytest.approx(0.2)  # tie -> smaller
     assert oracle_gap(20, {}, {10: 0.5, 20: 0.7})["gap"] == pytest.approx(0.0)
     assert oracle_gap(10, {}, {10: float("nan")})["oracle"] is None
+
+
+def test_cost_counts_every_stage_on_a_methods_path(tmp_path):
+    # label-aware runs the label-disagreement stage first, gcn's kNN prior reads the seeds graph
+    # and knn may run on the all-rows graph: each path's time counts those stages
+    from streamprune.evaluate import cost_table
+    from streamprune.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    walls = {"train-full": 100.0, "score-du-full": 10.0, "train": 10.0, "score-du": 1.0, "embed": 2.0,
+             "index-seeds": 3.0, "index-all": 4.0, "score-label_disagreement": 5.0}
+    configs = {"knn": {"graph": "all"}, "kernel": {}, "gcn": {"prior": "knn"}, "propagate": {},
+               "label-aware": {}}
+    for method in configs:
+        walls[f"extrapolate-du-{method}"] = 0.5
+    for key, wall in walls.items():
+        method = key.removeprefix("extrapolate-du-")
+        ws.write_json({"key": key, "config": configs.get(method, {}), "timings": {"wall_s": wall}}, "_stages",
+                      f"{key}.json")
+    got = cost_table(ws, "du", list(configs))
+    assert got["full_s"] == 110.0
+    base = 10.0 + 1.0 + 2.0 + 0.5
+    totals = {m: row["total_s"] for m, row in got["methods"].items()}
+    assert totals == {"knn": base + 4.0, "kernel": base + 3.0, "gcn": base + 7.0, "propagate": base + 4.0,
+                      "label-aware": base + 4.0 + 5.0}
+    assert got["methods"]["label-aware"]["parts_s"]["disagreement"] == 5.0
+    ws.write_json({"key": "extrapolate-du-gcn", "config": {"prior": "none"}, "timings": {"wall_s": 0.5}}, "_stages",
+                  "extrapolate-du-gcn.json")
+    assert cost_table(ws, "du", ["gcn"])["methods"]["gcn"]["total_s"] == base + 4.0

@@ -241,6 +241,9 @@ def test_small_helpers():
     assert parse_fanout((5, None, 99), 3, 10) == (5, 10, 10)
     with pytest.raises(StreamPruneError, match="one value per layer"):
         parse_fanout((5, 5), 3, 10)
+    for bad in (0, -1, 2.5, True, (5, -1, 5)):  # a negative fan-out once meant every neighbour, silently
+        with pytest.raises(StreamPruneError, match=r"^fanout values must be whole numbers >= 1, not "):
+            parse_fanout(bad, 3, 10)
     tr, va = split_seeds(100, 0)
     assert len(va) == 10 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 100
     assert np.isclose(pearson([1, 2, 3], [2, 4, 6.5]), 0.99, atol=0.01) and np.isnan(pearson([1, 1], [1, 2]))

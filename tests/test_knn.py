@@ -383,6 +383,37 @@ def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     md = open(os.path.join(tmp_path, "r2", "report.md")).read()
     assert "**Out of date:** these figures are out of date: extrapolate-du-knn changed" in md
     assert evaluation_outdated({k: v for k, v in out.items() if k != "inputs"}, ws.markers()) == []
+    # another score's results are not what an evaluation of du read: they do not make it stale
+    out = evaluate(ws, "du")
+    add_scores(ws, "el2n", values)
+    extrapolate_knn(ws, "el2n", k=10, chunk_rows=100)
+    assert evaluation_outdated(out, ws.markers()) == []
+
+
+def test_evaluation_with_hard_clean_is_current_when_it_made_the_seed_margin(tmp_path, monkeypatch):
+    """hard-clean computes the subset model's AUM (score-aum) on first use; an evaluation that made it
+    must not read as out of date because of it."""
+    import streamprune.evaluate as ev
+    import streamprune.prune as prune
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=400)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 400})
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    add_scores(ws, "du", np.where(valid, smooth_score(x), np.nan).astype(np.float32), full=True)
+
+    def margin(w):  # what it does without training here: the AUM marker, made once
+        if w.marker("score-aum") is None:
+            add_scores(w, "aum", values)
+        return w.marker("score-aum")
+
+    def curve(w, score, keeps, epochs, test_shards, **kw):  # the curve asks for the margin, as hard-clean does
+        prune.seed_margin_marker(w)
+        return {}
+
+    monkeypatch.setattr(prune, "seed_margin_marker", margin)
+    monkeypatch.setattr(ev, "pruning_curve", curve)
+    out = ev.evaluate(ws, "du", pruning_curve_keeps=[0.5], test_shards=["unused"], strategies=("hard-clean",))
+    assert "score-aum" in out["inputs"] and ev.evaluation_outdated(out, ws.markers()) == []
 
 
 def test_one_seed_pruning_table_shows_no_spread():
@@ -437,10 +468,24 @@ def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
     assert max(table0.values()) < 0.999  # not a graph where any k would predict perfectly
 
 
-@pytest.mark.parametrize("method", ["knn", "kernel", "gcn"])
+@pytest.mark.parametrize("method", ["knn", "kernel", "gcn", "label-aware", "propagate"])
 def test_chunk_rows_is_refused_before_the_workspace_is_read(tmp_path, method):
     from streamprune.extrapolate import extrapolate
 
     for bad in (True, 0, 2.5):
         with pytest.raises(StreamPruneError, match=rf"^--chunk-rows must be a whole number >= 1, not {bad!r}$"):
             extrapolate(str(tmp_path / "nothing-here"), "du", method, chunk_rows=bad)
+
+
+@pytest.mark.parametrize("method", ["label-aware", "propagate"])
+def test_k_is_refused_before_the_workspace_is_read(tmp_path, method):
+    # `extrapolate --method knn,label-aware --k auto` hands 'auto' to every method that takes --k
+    from streamprune.extrapolate import extrapolate
+    from streamprune.extrapolate.label_aware import compute_disagreement
+
+    for bad in ("auto", True, 0, -3, 2.5):
+        with pytest.raises(StreamPruneError, match=rf"^--k must be a whole number >= 1, not {bad!r}$"):
+            extrapolate(str(tmp_path / "nothing-here"), "du", method, k=bad)
+        if method == "label-aware":
+            with pytest.raises(StreamPruneError, match=rf"^--k must be a whole number >= 1, not {bad!r}$"):
+                compute_disagreement(str(tmp_path / "nothing-here"), k=bad)

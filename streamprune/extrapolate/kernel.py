@@ -33,7 +33,7 @@ from streamprune.extrapolate.common import (
     seed_scores,
     write_chunks,
 )
-from streamprune.extrapolate.knn import MAX_VALIDATION_ROWS, _check_rows, pearson
+from streamprune.extrapolate.knn import MAX_VALIDATION_ROWS, _check_rows, pearson, validation_rows
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
@@ -118,9 +118,7 @@ def validation_sample(ws: Workspace, score: str, max_rows: int = MAX_VALIDATION_
 
     nbr_arr, dist_arr = read_graph(ws, "seeds")
     seeds = seed_scores(ws, score)
-    rows = seeds.rows[np.isfinite(seeds.values) & (seeds.rows < nbr_arr.shape[0])]
-    if len(rows) > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    rows = validation_rows(seeds, nbr_arr.shape[0], max_rows, seed)
     k = nbr_arr.shape[1]
     if not len(rows):
         return np.zeros((0, k)), np.zeros((0, k)), np.zeros(0)

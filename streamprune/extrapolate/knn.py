@@ -17,6 +17,7 @@ import zarr
 from streamprune import storage
 from streamprune.errors import Rule, StreamPruneError, check_whole, whole
 from streamprune.extrapolate.common import (
+    SeedScores,
     as_workspace,
     marker_key,
     output_path,
@@ -37,10 +38,11 @@ MAX_VALIDATION_ROWS = 100_000  # seed rows used by choose_k (Pearson to about ±
 # --------------------------------------------------------------------------- pure math
 
 
-def knn_weights(distances: np.ndarray) -> np.ndarray:
+def knn_weights(distances: np.ndarray, dtype=np.float32) -> np.ndarray:
     """exp(-(d - d_min)) per row, d_min over the row's finite distances; missing (inf/NaN) get 0.
 
-    Proportional to exp(-d) within a row, without underflow for large distances.
+    Proportional to exp(-d) within a row, without underflow for large distances.  Computed in
+    float64, returned as ``dtype``.
     """
     d = np.asarray(distances, np.float64)
     ok = np.isfinite(d)
@@ -48,7 +50,7 @@ def knn_weights(distances: np.ndarray) -> np.ndarray:
     dmin = np.where(np.isfinite(dmin), dmin, 0.0)
     with np.errstate(over="ignore", invalid="ignore"):
         w = np.exp(-(np.where(ok, d, 0.0) - dmin))
-    return np.where(ok, w, 0.0).astype(np.float32)
+    return np.where(ok, w, 0.0).astype(dtype, copy=False)
 
 
 def knn_predict(neighbor_scores: np.ndarray, distances: np.ndarray, k: int) -> np.ndarray:
@@ -120,14 +122,21 @@ def _predict_chunk(ws: Workspace, start: int, stop: int, score: str, graph: str,
     return knn_predict(seed_scores(ws, score).lookup(nbr), dist, k)
 
 
+def validation_rows(seeds: SeedScores, n: int, max_rows: int = MAX_VALIDATION_ROWS, seed: int = 0) -> np.ndarray:
+    """Held-out seed rows for choosing a parameter: those with a finite score among the graph's ``n``
+    rows, at most ``max_rows`` of them (a fixed random sample), sorted."""
+    rows = seeds.rows[np.isfinite(seeds.values) & (seeds.rows < n)]
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    return rows
+
+
 def validation_table(ws: Workspace, score: str, graph: str = "seeds", max_rows: int = MAX_VALIDATION_ROWS,
                      seed: int = 0) -> tuple[int, dict[int, float], int]:
     """(chosen k, {k: Pearson}, rows used) by leave-one-out prediction of seed rows from the graph."""
     nbr_arr, dist_arr = _open_graph(ws, graph)
     seeds = seed_scores(ws, score)
-    rows = seeds.rows[np.isfinite(seeds.values) & (seeds.rows < nbr_arr.shape[0])]
-    if len(rows) > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    rows = validation_rows(seeds, nbr_arr.shape[0], max_rows, seed)
     if len(rows) < 3:
         ks = k_candidates(nbr_arr.shape[1])
         return ks[0], {k: float("nan") for k in ks}, int(len(rows))

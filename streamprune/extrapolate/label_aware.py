@@ -25,23 +25,15 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import StreamPruneError
+from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.extrapolate.knn import knn_weights
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
-SOURCE_LABEL_AWARE = 3
+OPTIONS = {"k": Rule(whole(1), "a whole number >= 1")}
 
 
 # pure functions --------------------------------------------------------------------------------
-def neighbour_weights(distances: np.ndarray) -> np.ndarray:
-    """exp(−(d − d_min)) per row; missing neighbours (inf/NaN distance) weigh 0."""
-    d = np.asarray(distances, np.float64)
-    ok = np.isfinite(d)
-    dmin = np.min(np.where(ok, d, np.inf), axis=1, keepdims=True)
-    dmin = np.where(np.isfinite(dmin), dmin, 0.0)
-    return np.where(ok, np.exp(-(np.where(ok, d, 0.0) - dmin)), 0.0)
-
-
 def label_disagreement(own: np.ndarray, neighbour_labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
     """Weighted fraction of neighbours whose label differs from the row's own (NaN when undefined).
 
@@ -50,7 +42,7 @@ def label_disagreement(own: np.ndarray, neighbour_labels: np.ndarray, distances:
     """
     own = np.asarray(own)
     nl = np.asarray(neighbour_labels)
-    w = neighbour_weights(distances) * (nl >= 0)
+    w = knn_weights(distances, np.float64) * (nl >= 0)
     total = w.sum(axis=1)
     diff = (w * (nl != own[:, None])).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -63,7 +55,7 @@ def majority_disagrees(own: np.ndarray, neighbour_labels: np.ndarray, distances:
                        num_classes: int) -> np.ndarray:
     """True where the weighted neighbour majority label is not the row's own label."""
     nl = np.asarray(neighbour_labels)
-    w = neighbour_weights(distances) * (nl >= 0)
+    w = knn_weights(distances, np.float64) * (nl >= 0)
     cells = (np.arange(len(own))[:, None] * num_classes + np.clip(nl, 0, None)).reshape(-1)
     votes = np.bincount(cells, weights=w.reshape(-1), minlength=len(own) * num_classes).reshape(len(own), num_classes)
     has = votes.sum(axis=1) > 0
@@ -188,6 +180,13 @@ def _graph_labels(graph, labels: np.ndarray, valid: np.ndarray, r0: int, r1: int
     return own, nl, graph["distances"][r0:r1, :k]
 
 
+def _check_options(k: int | None, chunk_rows: int | None) -> None:
+    if k is not None:
+        OPTIONS["k"].check(k, "--k")
+    if chunk_rows is not None:
+        check_whole(chunk_rows, "--chunk-rows")
+
+
 def disagreement_path() -> str:
     """Workspace-relative path of the label-disagreement array."""
     return "scores/label_disagreement.zarr"
@@ -201,6 +200,7 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
     ``k`` defaults to min(20, the graph's k); ``chunk_rows`` to the graph's zarr chunk (each read
     decompresses its chunks once).  A resumed run keeps the chunking of the run it resumes.
     """
+    _check_options(k, chunk_rows)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     emb_m = ws.require("embed", "label disagreement")
     graph_m = ws.require("index-all", "label disagreement")
@@ -274,6 +274,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
     from streamprune.extrapolate import common
     from streamprune.scores import get_score
 
+    _check_options(k, chunk_rows)
     ws = common.as_workspace(ws, storage_options)
     dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, storage_options=storage_options)
     chunk_rows = chunk_rows or 1 << 16
@@ -308,7 +309,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
 def _register() -> None:
     from streamprune.extrapolate.common import register_method
 
-    register_method("label-aware", extrapolate_label_aware)
+    register_method("label-aware", extrapolate_label_aware, OPTIONS)
 
 
 _register()

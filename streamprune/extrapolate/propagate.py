@@ -36,7 +36,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import client_for, map_tasks
-from streamprune.errors import Rule, StreamPruneError, finite, whole
+from streamprune.errors import Rule, StreamPruneError, check_whole, finite, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
@@ -257,11 +257,9 @@ OPTIONS = {"tol": Rule(lambda v: finite(v) and v >= 0, "a finite number >= 0"),
 def _check_options(tol: float, max_iter: int, k: int | None, chunk_rows: int | None) -> None:
     OPTIONS["tol"].check(tol, "--tol")
     OPTIONS["max_iter"].check(max_iter, "--max-iter")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        raise StreamPruneError(f"--k must be an integer >= 1, got {k!r}")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer))
-                                   or chunk_rows < 1):
-        raise StreamPruneError(f"--chunk-rows must be an integer >= 1, got {chunk_rows!r}")
+    for value, name in ((k, "--k"), (chunk_rows, "--chunk-rows")):
+        if value is not None:
+            check_whole(value, name)
 
 
 def _setup(ws: Workspace, run: StageRun, key: str, score: str, n: int, chunk_rows: int) -> dict:

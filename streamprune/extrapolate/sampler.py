@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, whole
 from streamprune.extrapolate.knn import knn_weights
 
 WEIGHTS = ("exp", "sqrt")
@@ -286,14 +286,13 @@ def parse_fanout(fanout: int | Sequence[int | None] | None, n_layers: int, k: in
     """Per-hop fan-out (hop 0 = the seeds' neighbours); None or values >= k mean all k."""
     if fanout is None:
         return (k,) * n_layers
-    if isinstance(fanout, (int, np.integer)):
-        fanout = (int(fanout),) * n_layers
-    fanout = tuple(k if f is None or f < 0 or f > k else int(f) for f in fanout)
+    fanout = (fanout,) * n_layers if np.ndim(fanout) == 0 else tuple(fanout)
     if len(fanout) != n_layers:
         raise StreamPruneError(f"fanout needs one value per layer ({n_layers}), got {len(fanout)}")
-    if any(f == 0 for f in fanout):
-        raise StreamPruneError("fanout values must be positive")
-    return fanout
+    for f in fanout:
+        if f is not None and not whole(1)(f):
+            raise StreamPruneError(f"fanout values must be whole numbers >= 1, not {f!r}")
+    return tuple(k if f is None or f > k else int(f) for f in fanout)
 
 
 # ------------------------------------------------------------------------------------- zarr I/O
