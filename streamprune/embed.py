@@ -37,7 +37,7 @@ from streamprune import storage
 from streamprune.compute import OneBehind, chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import decode_range
-from streamprune.errors import StreamPruneError, check_whole
+from streamprune.errors import SampleError, StreamPruneError, check_whole
 from streamprune.leases import releases_leases
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import Workspace
@@ -215,16 +215,17 @@ def finish_chunk(ws: Workspace, started: dict, spec: dict) -> dict:
         if pending is not None:
             emb[valid] = pending.result()
     t_encode = started["start_s"] + time.perf_counter() - t0
+    emb = emb.astype(spec["dtype"], copy=False)  # checked as stored: float16 overflows to inf beyond 65504
     bad = valid & ~np.isfinite(emb).all(axis=1)
     cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
     for i in np.flatnonzero(bad):
-        from streamprune.errors import SampleError
-
-        shard = cat.shards.url.iloc[int(cat.shard_of([rows[i]])[0])]
-        handler.handle(SampleError("embedding contains NaN/inf", shard, str(cat.keys([rows[i]])[0]), reason="nan"))
+        shard = cat.urls[int(cat.shard_of([rows[i]])[0])]
+        what = "embedding contains NaN/inf" + (" as float16" if spec["dtype"] == "float16" else "")
+        handler.handle(SampleError(what, shard, str(cat.keys([rows[i]])[0]), reason="nan"))
     valid &= ~bad
     if not valid.all():
         emb[~valid] = 0
+        labels = np.where(valid, labels, -1)
     if spec["pseudo"] is not None:
         from streamprune.pseudo import assign
 
@@ -245,7 +246,7 @@ def write_encoded(ws: Workspace, encoded: dict, spec: dict) -> dict:
     t0 = time.perf_counter()
     with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
-        write_chunk(group, r0, emb.astype(spec["dtype"], copy=False), labels, valid)
+        write_chunk(group, r0, emb, labels, valid)
     return {"n": len(labels), "n_valid": int(valid.sum()), "errors": encoded["errors"],
             "encode_s": encoded["encode_s"], "write_s": time.perf_counter() - t0}
 

@@ -229,3 +229,23 @@ def test_bad_option_with_force_keeps_the_earlier_results(reference, tmp_path, ar
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert says in proc.stderr, proc.stderr
     assert {name: open(os.path.join(ws, "_stages", name)).read() for name in os.listdir(os.path.join(ws, "_stages"))} == before
+
+
+def test_float16_overflow_is_an_invalid_row(tmp_path):
+    """A vector finite in float32 but beyond float16's range would be stored as inf: the row is
+    rejected like any NaN/inf embedding, not kept as valid."""
+    from shardgen import npy_bytes
+
+    samples = make_samples(8, kind="npy", dim=4)
+    samples[5][1]["npy"] = npy_bytes(np.array([1e5, 0, 0, 0], np.float32))
+    os.makedirs(tmp_path / "data")
+    write_tar(str(tmp_path / "data" / "s.tar"), samples)
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "data" / "s.tar")], ws, scheduler="sync")
+    options = dict(encoder="features", dtype="float16", decode=DecodeConfig(input="vector"), scheduler="sync")
+    with pytest.raises(StreamPruneError, match=r"key s0000005: embedding contains NaN/inf"):
+        embed(ws, **options)
+    m = embed(ws, on_error="skip", force=True, **options)
+    emb, labels, valid = _emb(ws)
+    assert m["counts"]["n_valid"] == 7 and np.flatnonzero(~valid).tolist() == [5]
+    assert np.isfinite(emb.astype(np.float32)).all() and labels[5] == -1
