@@ -236,3 +236,28 @@ def test_stale_note_names_only_what_the_command_made_stale(tmp_path):
     recat = run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync")
     assert "note: 3 result(s) made from the previous ones are now out of date (score-el2n, subset, train)" \
         in recat.stderr
+
+
+def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path):
+    """A shard truncated after `catalog`: the samples still whole are read, and every lost one has
+    its own record (one ranged read covers them all, so one record for the run would leave the
+    others invalid without a word)."""
+    from streamprune.shards import ErrorPolicy, read_rows
+
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    write_tar(path, make_samples(6, kind="npy"))
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog([path], ws, scheduler="sync")
+    cat = Catalog(ws)
+    cut = int(cat.part(0).end[3])  # samples 0-3 whole, 4 and 5 gone
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])
+    handler = ErrorPolicy("skip")
+    got = [(row, s.key) for row, s in read_rows(cat, np.arange(6), handler)]
+    assert got == [(i, f"s{i:07d}") for i in range(4)]
+    assert [(e["key"], e["reason"]) for e in handler.records] == [("s0000004", "changed_shard"),
+                                                                  ("s0000005", "changed_shard")]
+    with pytest.raises(StreamPruneError, match=r"s\.tar, key s0000004: shard is shorter than catalogued"):
+        list(read_rows(cat, np.arange(6), ErrorPolicy("fail")))
+
