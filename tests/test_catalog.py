@@ -261,3 +261,26 @@ def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path):
     with pytest.raises(StreamPruneError, match=r"s\.tar, key s0000004: shard is shorter than catalogued"):
         list(read_rows(cat, np.arange(6), ErrorPolicy("fail")))
 
+
+def test_member_name_not_utf8_is_one_line(tmp_path):
+    """A member name that is not UTF-8 cannot be a key (keys are stored as text): rejected with one
+    line naming shard and key, not a traceback from the catalog table."""
+    import io
+    import tarfile
+
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ["a.cls", "b\xff.cls", "b\xff.png", "c.cls"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"1"))
+    out = run_cli("catalog", path, "-w", str(tmp_path / "ws"), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert "s.tar, key b\\xff: member name 'b\\xff.cls' is not valid UTF-8" in out.stderr, out.stderr
+    m = catalog([path], str(tmp_path / "ws"), scheduler="sync", on_error="skip")
+    assert m["counts"]["n_samples"] == 2
+    assert Catalog(Workspace(str(tmp_path / "ws"))).keys().tolist() == ["a", "c"]
+    errors = [json.loads(line) for line in open(tmp_path / "ws" / "errors.jsonl")]
+    assert [(e["key"], e["reason"]) for e in errors] == [("b\\xff", "unsafe_name")]
