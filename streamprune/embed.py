@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -328,9 +329,11 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         if train_m["counts"].get("pseudo_k"):
             pseudo = _load_pseudo(ws)
     decode = decode or DecodeConfig()
+    # Pseudo-labels replace the samples' labels: read none, as training did (a sample without one is valid).
+    read = replace(decode, label_key="none") if pseudo is not None else decode
     n = int(cat_m["counts"]["n_samples"])
     cat = Catalog(ws)
-    input_shape, in_dtype = _probe(cat, decode, on_error, n)
+    input_shape, in_dtype = _probe(cat, read, on_error, n)
     probe_enc = Encoder(ws, encoder, normalize, device, threads, input_shape)
     dim = probe_enc.dim if probe_enc.dim > 0 else int(np.prod(input_shape))
     if encoder == "features" and len(input_shape) != 1:
@@ -363,7 +366,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         run.mark_chunk("layout", {"dim": dim})
     done = run.done_chunks()
     todo = [c for c in range(math.ceil(n / chunk_rows)) if str(c) not in done]
-    spec = {"on_error": on_error, "decode": decode.to_dict(), "input_shape": list(input_shape), "encoder": encoder,
+    spec = {"on_error": on_error, "decode": read.to_dict(), "input_shape": list(input_shape), "encoder": encoder,
             "normalize": normalize, "device": device, "threads": threads, "dim": dim, "batch_size": batch_size,
             "dtype": dtype, "pseudo": pseudo}
 

@@ -249,3 +249,20 @@ def test_float16_overflow_is_an_invalid_row(tmp_path):
     emb, labels, valid = _emb(ws)
     assert m["counts"]["n_valid"] == 7 and np.flatnonzero(~valid).tolist() == [5]
     assert np.isfinite(emb.astype(np.float32)).all() and labels[5] == -1
+
+
+def test_pseudo_labels_need_no_label_member(tmp_path):
+    """Trained on pseudo-labels, the model never read a label: embedding reads none either, so
+    samples without a .cls stay valid (they were trained on) and get their cluster as label."""
+    samples = make_samples(60, kind="npy", dim=8)
+    for _, members in samples[::3]:
+        del members["cls"]
+    os.makedirs(tmp_path / "data")
+    write_tar(str(tmp_path / "data" / "s.tar"), samples)
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "data" / "s.tar")], ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=1, labels="pseudo:3"), DecodeConfig(input="vector"), scheduler="sync")
+    m = embed(ws, scheduler="sync")
+    emb, labels, valid = _emb(ws)
+    assert m["counts"]["n_valid"] == 60 and valid.all() and set(labels.tolist()) <= {0, 1, 2}
