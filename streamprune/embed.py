@@ -232,7 +232,7 @@ def finish_chunk(ws: Workspace, started: dict, spec: dict) -> dict:
 
         centroids = np.asarray(spec["pseudo"], np.float32)
         flat = x.reshape(len(x), -1).astype(np.float32)
-        if flat.dtype == np.float32 and x.dtype == np.uint8:
+        if x.dtype == np.uint8:  # as training clustered them: images scaled to [0, 1]
             flat /= 255.0
         labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
     return {"r0": r0, "emb": emb, "labels": labels, "valid": valid, "errors": handler.records,
