@@ -72,7 +72,9 @@ class Encoder:
         elif kind != "features":
             from streamprune.models import build_model
 
-            self.model = build_model(kind, input_shape, num_classes=2)
+            with torch.random.fork_rng(devices=[]):  # one network in every worker process, whatever its RNG state
+                torch.manual_seed(0)
+                self.model = build_model(kind, input_shape, num_classes=2)
             self.model.eval()
         if self.model is not None:
             self.model.to(self.device)

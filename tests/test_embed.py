@@ -266,3 +266,16 @@ def test_pseudo_labels_need_no_label_member(tmp_path):
     m = embed(ws, scheduler="sync")
     emb, labels, valid = _emb(ws)
     assert m["counts"]["n_valid"] == 60 and valid.all() and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_untrained_builtin_encoder_is_the_same_network_everywhere(tmp_path):
+    """``--encoder mlp`` builds an untrained network in every worker process: its weights must not
+    depend on the process's random state, or chunks (and a resumed run) would use other networks."""
+    shards = write_shards(str(tmp_path / "data"), 2, 16, kind="npy", dim=8)
+    out = []
+    for name in ("a", "b"):
+        ws = str(tmp_path / name)
+        catalog(shards, ws, scheduler="sync")
+        embed(ws, encoder="mlp", decode=DecodeConfig(input="vector"), chunk_rows=16, scheduler="sync")
+        out.append(_emb(ws)[0])
+    assert np.array_equal(out[0], out[1])
