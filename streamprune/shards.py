@@ -294,9 +294,9 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
 
 
 # catalog -------------------------------------------------------------------------------------
-def shard_id(url: str, size: int, etag: str) -> str:
-    """Content-addressed id of a shard version: its catalog part is reused while this holds."""
-    return hashlib.sha256(f"{url}\n{size}\n{etag}".encode()).hexdigest()[:20]
+def shard_id(url: str, size: int, etag: str, max_member_bytes: int) -> str:
+    """Id of a shard version scanned under a member limit: its catalog part is reused while this holds."""
+    return hashlib.sha256(f"{url}\n{size}\n{etag}\n{max_member_bytes}".encode()).hexdigest()[:20]
 
 
 def scan_shard(url: str, part_url: str, on_error: str, storage_options: dict | None,
@@ -342,7 +342,7 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
     stats = map_tasks(storage.stat, [(u, ws.storage_options) for u in urls], scheduler="threads", desc="stat shards") \
         if len(urls) > 1 else [storage.stat(u, ws.storage_options) for u in urls]
     table = pd.DataFrame({"url": urls, "size": [s["size"] for s in stats], "etag": [s["etag"] for s in stats]})
-    table["part"] = [shard_id(u, s, e) for u, s, e in zip(table.url, table["size"], table.etag)]
+    table["part"] = [shard_id(u, s, e, max_member_bytes) for u, s, e in zip(table.url, table["size"], table.etag)]
     config = {"on_error": on_error, "max_member_bytes": max_member_bytes}
     inputs = {"shards": fingerprint_shards(table)}
     run = ws.begin("catalog", config, inputs, force=force)
@@ -363,6 +363,9 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
         counts.append(len(meta))
         side = storage.read_json(storage.join(part_dir, f"{part}.parquet.errors.json"), ws.storage_options)
         errors.extend(side or [])
+    if errors and on_error == "fail":  # recorded by a skip-mode scan whose part this run re-uses
+        e = errors[0]
+        raise SampleError(e["message"], e["shard"], e["key"], reason=e["reason"])
     table["n_samples"] = np.asarray(counts, np.int64)
     table["row_start"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
     buf = io.BytesIO()

@@ -284,3 +284,21 @@ def test_member_name_not_utf8_is_one_line(tmp_path):
     assert Catalog(Workspace(str(tmp_path / "ws"))).keys().tolist() == ["a", "c"]
     errors = [json.loads(line) for line in open(tmp_path / "ws" / "errors.jsonl")]
     assert [(e["key"], e["reason"]) for e in errors] == [("b\\xff", "unsafe_name")]
+
+
+def test_parts_are_not_reused_across_scan_options(tmp_path):
+    """A part records what its scan rejected: one made under a smaller --max-member-bytes is not
+    reused under a bigger one (the sample it left out is read), and one whose scan skipped errors
+    does not let a fail-mode run through."""
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    samples = make_samples(4, kind="npy", dim=64)  # .npy members of 384 bytes
+    samples[2][1]["cls"] = b"1" * 1000
+    write_tar(path, samples)
+    ws = str(tmp_path / "ws")
+    m = catalog([path], ws, scheduler="sync", on_error="skip", max_member_bytes=500)
+    assert m["counts"]["n_samples"] == 3 and m["counts"]["errors"] == 1
+    with pytest.raises(StreamPruneError, match=r"key s0000002: member s0000002\.cls is 1000 bytes"):
+        catalog([path], ws, scheduler="sync", max_member_bytes=500, force=True)
+    m = catalog([path], ws, scheduler="sync", force=True)
+    assert m["counts"]["n_samples"] == 4 and m["counts"]["errors"] == 0
