@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -37,7 +38,7 @@ from streamprune import storage
 from streamprune.compute import OneBehind, chunk_rows_for, disk_errors, map_tasks, parse_memory
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import decode_range
-from streamprune.errors import StreamPruneError, check_whole
+from streamprune.errors import SampleError, StreamPruneError, check_whole
 from streamprune.leases import releases_leases
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import Workspace
@@ -71,7 +72,9 @@ class Encoder:
         elif kind != "features":
             from streamprune.models import build_model
 
-            self.model = build_model(kind, input_shape, num_classes=2)
+            with torch.random.fork_rng(devices=[]):  # one network in every worker process, whatever its RNG state
+                torch.manual_seed(0)
+                self.model = build_model(kind, input_shape, num_classes=2)
             self.model.eval()
         if self.model is not None:
             self.model.to(self.device)
@@ -215,22 +218,23 @@ def finish_chunk(ws: Workspace, started: dict, spec: dict) -> dict:
         if pending is not None:
             emb[valid] = pending.result()
     t_encode = started["start_s"] + time.perf_counter() - t0
+    emb = emb.astype(spec["dtype"], copy=False)  # checked as stored: float16 overflows to inf beyond 65504
     bad = valid & ~np.isfinite(emb).all(axis=1)
     cat = Catalog(ws) if bad.any() else None  # only to name the shard and key of a bad row
     for i in np.flatnonzero(bad):
-        from streamprune.errors import SampleError
-
-        shard = cat.shards.url.iloc[int(cat.shard_of([rows[i]])[0])]
-        handler.handle(SampleError("embedding contains NaN/inf", shard, str(cat.keys([rows[i]])[0]), reason="nan"))
+        shard = cat.urls[int(cat.shard_of([rows[i]])[0])]
+        what = "embedding contains NaN/inf" + (" as float16" if spec["dtype"] == "float16" else "")
+        handler.handle(SampleError(what, shard, str(cat.keys([rows[i]])[0]), reason="nan"))
     valid &= ~bad
     if not valid.all():
         emb[~valid] = 0
+        labels = np.where(valid, labels, -1)
     if spec["pseudo"] is not None:
         from streamprune.pseudo import assign
 
         centroids = np.asarray(spec["pseudo"], np.float32)
         flat = x.reshape(len(x), -1).astype(np.float32)
-        if flat.dtype == np.float32 and x.dtype == np.uint8:
+        if x.dtype == np.uint8:  # as training clustered them: images scaled to [0, 1]
             flat /= 255.0
         labels = np.where(valid, assign(flat, centroids), -1) if len(flat) else labels
     return {"r0": r0, "emb": emb, "labels": labels, "valid": valid, "errors": handler.records,
@@ -245,7 +249,7 @@ def write_encoded(ws: Workspace, encoded: dict, spec: dict) -> dict:
     t0 = time.perf_counter()
     with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
-        write_chunk(group, r0, emb.astype(spec["dtype"], copy=False), labels, valid)
+        write_chunk(group, r0, emb, labels, valid)
     return {"n": len(labels), "n_valid": int(valid.sum()), "errors": encoded["errors"],
             "encode_s": encoded["encode_s"], "write_s": time.perf_counter() - t0}
 
@@ -327,9 +331,11 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         if train_m["counts"].get("pseudo_k"):
             pseudo = _load_pseudo(ws)
     decode = decode or DecodeConfig()
+    # Pseudo-labels replace the samples' labels: read none, as training did (a sample without one is valid).
+    read = replace(decode, label_key="none") if pseudo is not None else decode
     n = int(cat_m["counts"]["n_samples"])
     cat = Catalog(ws)
-    input_shape, in_dtype = _probe(cat, decode, on_error, n)
+    input_shape, in_dtype = _probe(cat, read, on_error, n)
     probe_enc = Encoder(ws, encoder, normalize, device, threads, input_shape)
     dim = probe_enc.dim if probe_enc.dim > 0 else int(np.prod(input_shape))
     if encoder == "features" and len(input_shape) != 1:
@@ -362,7 +368,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         run.mark_chunk("layout", {"dim": dim})
     done = run.done_chunks()
     todo = [c for c in range(math.ceil(n / chunk_rows)) if str(c) not in done]
-    spec = {"on_error": on_error, "decode": decode.to_dict(), "input_shape": list(input_shape), "encoder": encoder,
+    spec = {"on_error": on_error, "decode": read.to_dict(), "input_shape": list(input_shape), "encoder": encoder,
             "normalize": normalize, "device": device, "threads": threads, "dim": dim, "batch_size": batch_size,
             "dtype": dtype, "pseudo": pseudo}
 

@@ -104,6 +104,22 @@ def unsafe_name(name: str) -> bool:
             or any(p == ".." for p in _SEPARATORS.split(name)))
 
 
+def _not_utf8(name: str) -> bool:
+    """A name whose bytes are not UTF-8 (read with surrogateescape): it cannot be stored as a key."""
+    if name.isascii():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(name: str) -> str:
+    """A name as printable text: bytes that are not UTF-8 written as escapes (``b\\xff``)."""
+    return name if name.isascii() else name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def iter_members(fileobj: BinaryIO, shard: str, handler: ErrorPolicy, read_data: bool = False,
                  max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, base_offset: int = 0) -> Iterator[Member]:
     """Regular files of a tar stream, in order; corruption and oversized members go to ``handler``."""
@@ -113,7 +129,7 @@ def iter_members(fileobj: BinaryIO, shard: str, handler: ErrorPolicy, read_data:
             last_name = m.name
             oversized = m.size > max_member_bytes
             if oversized:
-                handler.handle(SampleError(f"member {m.name} is {m.size} bytes, over the limit of "
+                handler.handle(SampleError(f"member {_shown(m.name)} is {m.size} bytes, over the limit of "
                                            f"{max_member_bytes} (--max-member-bytes); not read", shard,
                                            _key_of(m.name), reason="too_large"))
             yield Member(m.name, m.offset, m.end, m.size, m.data, oversized)
@@ -131,7 +147,7 @@ def _key_of(name: str | None) -> str | None:
     if name is None:
         return None
     parts = split_name(name)
-    return parts[0] if parts else name
+    return _shown(parts[0] if parts else name)
 
 
 def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -> Iterator[Sample]:
@@ -139,7 +155,8 @@ def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -
 
     A sample with a reported problem is dropped whole (the report names its key).  Unsafe
     member names (absolute, ``..``, NUL) are rejected rather than sanitised, like ``prune
-    --reshard`` does: a sanitised name could collide with another sample's key.
+    --reshard`` does: a sanitised name could collide with another sample's key.  So are names
+    that are not UTF-8, which no key (stored as text) can hold.
     """
     seen: set[str] = set()
     current: Sample | None = None
@@ -151,15 +168,17 @@ def group_samples(members: Iterable[Member], shard: str, handler: ErrorPolicy) -
     for m in members:
         if m.broken:
             return  # the in-progress sample is incomplete; iter_members reported it
-        if unsafe_name(m.name):
+        not_utf8 = _not_utf8(m.name)
+        if not_utf8 or unsafe_name(m.name):
             key = _key_of(m.name)
             if current is not None and current.key == key and bad_current:
                 continue  # another member of a sample already reported
             done = finish(current, bad_current)
             if done is not None:
                 yield done
-            handler.handle(SampleError(f"unsafe member name {m.name!r} (absolute path or '..'); rejected",
-                                       shard, key, reason="unsafe_name"))
+            why = (f"member name '{_shown(m.name)}' is not valid UTF-8" if not_utf8
+                   else f"unsafe member name {m.name!r} (absolute path or '..')")
+            handler.handle(SampleError(f"{why}; rejected", shard, key, reason="unsafe_name"))
             current, bad_current = Sample(key, m.offset, m.end, {}), True
             continue
         parts = split_name(m.name)
@@ -252,13 +271,13 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
         for run in runs:
             start, stop = int(offs[run[0]]), int(ends[run[-1]])
             blob = storage.read_range(url, start, stop, cat.ws.storage_options)
-            if len(blob) != stop - start:
-                handler.handle(SampleError(f"shard is shorter than catalogued (wanted bytes {start}-{stop})", url,
-                                           keys[run[0]], reason="changed_shard"))
-                continue
             parse = ErrorPolicy("skip", stage=handler.stage, quiet=True)  # one report per sample, below
             for j in run:
                 o, e = int(offs[j]) - start, int(ends[j]) - start
+                if e > len(blob):  # the shard ends before this sample does
+                    handler.handle(SampleError(f"shard is shorter than catalogued (wanted bytes {offs[j]}-{ends[j]})",
+                                               url, keys[j], reason="changed_shard"))
+                    continue
                 plain = _plain_sample(blob[o:e], keys[j], int(offs[j]), int(ends[j]), cat.max_member_bytes)
                 if plain is not None:
                     yield int(rows[group[j]]), plain
@@ -275,9 +294,9 @@ def read_rows(cat: "Catalog", rows: np.ndarray, handler: ErrorPolicy,
 
 
 # catalog -------------------------------------------------------------------------------------
-def shard_id(url: str, size: int, etag: str) -> str:
-    """Content-addressed id of a shard version: its catalog part is reused while this holds."""
-    return hashlib.sha256(f"{url}\n{size}\n{etag}".encode()).hexdigest()[:20]
+def shard_id(url: str, size: int, etag: str, max_member_bytes: int) -> str:
+    """Id of a shard version scanned under a member limit: its catalog part is reused while this holds."""
+    return hashlib.sha256(f"{url}\n{size}\n{etag}\n{max_member_bytes}".encode()).hexdigest()[:20]
 
 
 def scan_shard(url: str, part_url: str, on_error: str, storage_options: dict | None,
@@ -323,7 +342,7 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
     stats = map_tasks(storage.stat, [(u, ws.storage_options) for u in urls], scheduler="threads", desc="stat shards") \
         if len(urls) > 1 else [storage.stat(u, ws.storage_options) for u in urls]
     table = pd.DataFrame({"url": urls, "size": [s["size"] for s in stats], "etag": [s["etag"] for s in stats]})
-    table["part"] = [shard_id(u, s, e) for u, s, e in zip(table.url, table["size"], table.etag)]
+    table["part"] = [shard_id(u, s, e, max_member_bytes) for u, s, e in zip(table.url, table["size"], table.etag)]
     config = {"on_error": on_error, "max_member_bytes": max_member_bytes}
     inputs = {"shards": fingerprint_shards(table)}
     run = ws.begin("catalog", config, inputs, force=force)
@@ -344,6 +363,9 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
         counts.append(len(meta))
         side = storage.read_json(storage.join(part_dir, f"{part}.parquet.errors.json"), ws.storage_options)
         errors.extend(side or [])
+    if errors and on_error == "fail":  # recorded by a skip-mode scan whose part this run re-uses
+        e = errors[0]
+        raise SampleError(e["message"], e["shard"], e["key"], reason=e["reason"])
     table["n_samples"] = np.asarray(counts, np.int64)
     table["row_start"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
     buf = io.BytesIO()

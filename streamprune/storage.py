@@ -353,8 +353,7 @@ def is_transient(exc: BaseException) -> bool:
     return any(m in text for m in _TRANSIENT_MARKERS)
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None,
-          storage_options: dict | None = None) -> T:
+def retry(fn: Callable[[], T], what: str, storage_options: dict | None = None) -> T:
     """Call ``fn`` retrying transient storage errors with jittered exponential backoff.
 
     The policy comes from ``storage_options``/the environment (:class:`RetryPolicy`); errors
@@ -362,7 +361,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_dela
     is a one-line ``StreamPruneError`` without credentials.
     """
     policy = RetryPolicy.from_options(storage_options)
-    attempts = policy.attempts if attempts is None else attempts
+    attempts = policy.attempts
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -376,10 +375,9 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None, base_dela
                     tries = policy.attempts if _retried_inside(exc) else attempt
                     msg += f" (gave up after {tries} attempt{'s' if tries != 1 else ''})"
                 raise StreamPruneError(msg) from exc
-            delay = (policy.delay(attempt) if base_delay is None
-                     else base_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
+            delay = policy.delay(attempt)
             log.info("storage: %s on %s; retry %d of %d in %.2fs", type(exc).__name__, what, attempt,
-                        attempts - 1, delay)
+                     attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -236,3 +236,69 @@ def test_stale_note_names_only_what_the_command_made_stale(tmp_path):
     recat = run_cli("catalog", *shards[:2], "-w", ws, "--scheduler", "sync")
     assert "note: 3 result(s) made from the previous ones are now out of date (score-el2n, subset, train)" \
         in recat.stderr
+
+
+def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path):
+    """A shard truncated after `catalog`: the samples still whole are read, and every lost one has
+    its own record (one ranged read covers them all, so one record for the run would leave the
+    others invalid without a word)."""
+    from streamprune.shards import ErrorPolicy, read_rows
+
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    write_tar(path, make_samples(6, kind="npy"))
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog([path], ws, scheduler="sync")
+    cat = Catalog(ws)
+    cut = int(cat.part(0).end[3])  # samples 0-3 whole, 4 and 5 gone
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:cut])
+    handler = ErrorPolicy("skip")
+    got = [(row, s.key) for row, s in read_rows(cat, np.arange(6), handler)]
+    assert got == [(i, f"s{i:07d}") for i in range(4)]
+    assert [(e["key"], e["reason"]) for e in handler.records] == [("s0000004", "changed_shard"),
+                                                                  ("s0000005", "changed_shard")]
+    with pytest.raises(StreamPruneError, match=r"s\.tar, key s0000004: shard is shorter than catalogued"):
+        list(read_rows(cat, np.arange(6), ErrorPolicy("fail")))
+
+
+def test_member_name_not_utf8_is_one_line(tmp_path):
+    """A member name that is not UTF-8 cannot be a key (keys are stored as text): rejected with one
+    line naming shard and key, not a traceback from the catalog table."""
+    import io
+    import tarfile
+
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for name in ["a.cls", "b\xff.cls", "b\xff.png", "c.cls"]:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"1"))
+    out = run_cli("catalog", path, "-w", str(tmp_path / "ws"), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert "s.tar, key b\\xff: member name 'b\\xff.cls' is not valid UTF-8" in out.stderr, out.stderr
+    m = catalog([path], str(tmp_path / "ws"), scheduler="sync", on_error="skip")
+    assert m["counts"]["n_samples"] == 2
+    assert Catalog(Workspace(str(tmp_path / "ws"))).keys().tolist() == ["a", "c"]
+    errors = [json.loads(line) for line in open(tmp_path / "ws" / "errors.jsonl")]
+    assert [(e["key"], e["reason"]) for e in errors] == [("b\\xff", "unsafe_name")]
+
+
+def test_parts_are_not_reused_across_scan_options(tmp_path):
+    """A part records what its scan rejected: one made under a smaller --max-member-bytes is not
+    reused under a bigger one (the sample it left out is read), and one whose scan skipped errors
+    does not let a fail-mode run through."""
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    samples = make_samples(4, kind="npy", dim=64)  # .npy members of 384 bytes
+    samples[2][1]["cls"] = b"1" * 1000
+    write_tar(path, samples)
+    ws = str(tmp_path / "ws")
+    m = catalog([path], ws, scheduler="sync", on_error="skip", max_member_bytes=500)
+    assert m["counts"]["n_samples"] == 3 and m["counts"]["errors"] == 1
+    with pytest.raises(StreamPruneError, match=r"key s0000002: member s0000002\.cls is 1000 bytes"):
+        catalog([path], ws, scheduler="sync", max_member_bytes=500, force=True)
+    m = catalog([path], ws, scheduler="sync", force=True)
+    assert m["counts"]["n_samples"] == 4 and m["counts"]["errors"] == 0

@@ -229,3 +229,53 @@ def test_bad_option_with_force_keeps_the_earlier_results(reference, tmp_path, ar
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert says in proc.stderr, proc.stderr
     assert {name: open(os.path.join(ws, "_stages", name)).read() for name in os.listdir(os.path.join(ws, "_stages"))} == before
+
+
+def test_float16_overflow_is_an_invalid_row(tmp_path):
+    """A vector finite in float32 but beyond float16's range would be stored as inf: the row is
+    rejected like any NaN/inf embedding, not kept as valid."""
+    from shardgen import npy_bytes
+
+    samples = make_samples(8, kind="npy", dim=4)
+    samples[5][1]["npy"] = npy_bytes(np.array([1e5, 0, 0, 0], np.float32))
+    os.makedirs(tmp_path / "data")
+    write_tar(str(tmp_path / "data" / "s.tar"), samples)
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "data" / "s.tar")], ws, scheduler="sync")
+    options = dict(encoder="features", dtype="float16", decode=DecodeConfig(input="vector"), scheduler="sync")
+    with pytest.raises(StreamPruneError, match=r"key s0000005: embedding contains NaN/inf"):
+        embed(ws, **options)
+    m = embed(ws, on_error="skip", force=True, **options)
+    emb, labels, valid = _emb(ws)
+    assert m["counts"]["n_valid"] == 7 and np.flatnonzero(~valid).tolist() == [5]
+    assert np.isfinite(emb.astype(np.float32)).all() and labels[5] == -1
+
+
+def test_pseudo_labels_need_no_label_member(tmp_path):
+    """Trained on pseudo-labels, the model never read a label: embedding reads none either, so
+    samples without a .cls stay valid (they were trained on) and get their cluster as label."""
+    samples = make_samples(60, kind="npy", dim=8)
+    for _, members in samples[::3]:
+        del members["cls"]
+    os.makedirs(tmp_path / "data")
+    write_tar(str(tmp_path / "data" / "s.tar"), samples)
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "data" / "s.tar")], ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=1, labels="pseudo:3"), DecodeConfig(input="vector"), scheduler="sync")
+    m = embed(ws, scheduler="sync")
+    emb, labels, valid = _emb(ws)
+    assert m["counts"]["n_valid"] == 60 and valid.all() and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_untrained_builtin_encoder_is_the_same_network_everywhere(tmp_path):
+    """``--encoder mlp`` builds an untrained network in every worker process: its weights must not
+    depend on the process's random state, or chunks (and a resumed run) would use other networks."""
+    shards = write_shards(str(tmp_path / "data"), 2, 16, kind="npy", dim=8)
+    out = []
+    for name in ("a", "b"):
+        ws = str(tmp_path / name)
+        catalog(shards, ws, scheduler="sync")
+        embed(ws, encoder="mlp", decode=DecodeConfig(input="vector"), chunk_rows=16, scheduler="sync")
+        out.append(_emb(ws)[0])
+    assert np.array_equal(out[0], out[1])
