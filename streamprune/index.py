@@ -780,7 +780,7 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
     if not (os.path.exists(local) and os.path.exists(tag) and Path(tag).read_text() == version):
         fs = storage.get_fs(url, ws.storage_options)
         tmp = f"{local}.tmp-{os.getpid()}"
-        storage.retry(lambda: fs.get_file(url, tmp), url)
+        storage.retry(lambda: fs.get_file(url, tmp), url, storage_options=ws.storage_options)
         os.replace(tmp, local)
         with open(tag, "w") as f:
             f.write(version)

@@ -594,7 +594,7 @@ def atomic_output(url: str, storage_options: dict | None = None, block_size: int
                 os.unlink(tmp)
         return
     fs = storage.get_fs(url, storage_options)
-    f = storage.retry(lambda: fs.open(url, "wb", block_size=block_size), url)
+    f = storage.retry(lambda: fs.open(url, "wb", block_size=block_size), url, storage_options=storage_options)
     try:
         yield f
     except BaseException:
@@ -852,7 +852,7 @@ def _output_sizes(out: str, storage_options: dict) -> dict[str, int]:
             return {e.name: e.stat().st_size for e in it if _OUTPUT_RE.fullmatch(e.name) and e.is_file()}
     fs = storage.get_fs(out, storage_options)
     try:
-        entries = storage.retry(lambda: fs.ls(out, detail=True, refresh=True), out)
+        entries = storage.retry(lambda: fs.ls(out, detail=True, refresh=True), out, storage_options=storage_options)
     except StreamPruneError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return {}
