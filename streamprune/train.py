@@ -332,10 +332,9 @@ def _write_epoch(g: zarr.Group, epoch: int, dyn: _Dyn, labels: np.ndarray, valid
     g["loss"][epoch] = np.where(valid, dyn.loss, np.nan).astype(np.float32)
 
 
-def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, gen, amp: bool,
+def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, num_classes: int, device, attack, gen, amp: bool,
                batch_size: int = 1024) -> _Dyn:
-    c = model.head.out_features
-    logits = np.full((data.m, c), np.nan, np.float32)
+    logits = np.full((data.m, num_classes), np.nan, np.float32)
     loss = np.full(data.m, np.nan, np.float32)
     parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # copied to the host once, not per batch
 
@@ -740,7 +739,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
             if cfg.dynamics == "train":
                 dyn = _Dyn(train_logits, train_loss)
             else:
-                dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
+                dyn = _eval_pass(model, data, labels_t, num_classes, device, attack, gen, amp)
                 parts_s["eval_s"] += time.time() - t_steps  # its outputs are on the host: nothing queued
             # The epoch's dynamics, then (when due) its checkpoint, written while the next epoch trains.
             # Checkpoints are timed, not per epoch: a snapshot copies ~90 MB off the GPU, and

@@ -485,3 +485,40 @@ def test_optimizer_state_loads_into_the_other_implementation(optimizer, layout):
         return model.weight.detach().clone()
 
     torch.testing.assert_close(run(True), run(False))
+
+
+USER_HEAD_MODEL = """
+import torch
+from torch import nn
+
+
+class DropHead(nn.Module):
+    def __init__(self, d, k):
+        super().__init__()
+        self.body = nn.Linear(d, 8)
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, k))  # a head that is not one nn.Linear
+        self.embed_dim = 8
+
+    def embed(self, x):
+        return torch.relu(self.body(x.flatten(1)))
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def make(input_shape, num_classes):
+    return DropHead(int(torch.tensor(input_shape).prod()), num_classes)
+"""
+
+
+def test_user_model_whose_head_is_not_a_linear_layer_trains(vec_ws, tmp_path, monkeypatch):
+    """The eval pass sizes its logits by the number of classes, not by the head's ``out_features``."""
+    import sys
+
+    (tmp_path / "headmodels.py").write_text(USER_HEAD_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "headmodels", raising=False)
+    m = train(vec_ws, TrainConfig(model="headmodels:make", epochs=2, batch_size=64), DecodeConfig(), scheduler="sync")
+    assert m["counts"]["num_classes"] == 4
+    assert _dyn(vec_ws)["logits"].shape[2] == 4 and np.isfinite(_dyn(vec_ws)["true_prob"][:]).all()
+
