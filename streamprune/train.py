@@ -99,6 +99,9 @@ class TrainConfig:
             raise StreamPruneError("--checkpoint-every must be >= 0 seconds")
         if not (isinstance(self.labels, str) and (self.labels == "supervised" or _pseudo_k(self.labels))):
             raise StreamPruneError(f"--labels must be 'supervised' or 'pseudo:K', not {self.labels!r}")
+        if self.num_classes is not None and self.labels != "supervised" and self.num_classes != _pseudo_k(self.labels):
+            raise StreamPruneError(f"--num-classes {self.num_classes} disagrees with --labels {self.labels}: "
+                                   "pseudo-labels have K classes")
         # validates the attack and, when there is one, --pgd-steps and --pgd-step-size
         parse_attack(self.adversarial, steps=self.pgd_steps, step_size=self.pgd_step_size)
 
@@ -574,7 +577,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
         _save(ws.path(key, "pseudo.pt"), {"centroids": torch.from_numpy(centroids), "k": pseudo_k}, ws.storage_options)
         data.labels = labels
         extra["pseudo_k"] = pseudo_k
-    num_classes = cfg.num_classes or int(labels[data.valid].max()) + 1
+    num_classes = pseudo_k or cfg.num_classes or int(labels[data.valid].max()) + 1
     if num_classes < 2:
         raise StreamPruneError(f"{key}: found only {num_classes} class among the labels; need at least 2")
     result = _fit(ws, run, key, cfg, data, labels, num_classes)

@@ -522,3 +522,15 @@ def test_user_model_whose_head_is_not_a_linear_layer_trains(vec_ws, tmp_path, mo
     assert m["counts"]["num_classes"] == 4
     assert _dyn(vec_ws)["logits"].shape[2] == 4 and np.isfinite(_dyn(vec_ws)["true_prob"][:]).all()
 
+
+def test_pseudo_labels_have_k_classes_whatever_num_classes_says(vec_ws):
+    """With pseudo:K the model has K outputs; a --num-classes that disagrees is one line, not an
+    IndexError from the loss (K > num_classes) or unused outputs (K < num_classes)."""
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="--num-classes 3 .* pseudo:5"):
+        TrainConfig(model="mlp", epochs=1, labels="pseudo:5", num_classes=3)
+    m = train(vec_ws, TrainConfig(model="mlp", epochs=1, labels="pseudo:5", num_classes=5), DecodeConfig(),
+              scheduler="sync")
+    assert m["counts"]["num_classes"] == 5 and _dyn(vec_ws)["logits"].shape[2] == 5
+
