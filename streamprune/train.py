@@ -128,6 +128,13 @@ def _pseudo_k(labels: str) -> int | None:
     return None
 
 
+def check_label_source(cfg: TrainConfig, decode: DecodeConfig) -> None:
+    """Refuse supervised training with ``--label-key none``: no labels would be decoded to train on."""
+    if not _pseudo_k(cfg.labels) and decode.label_key == "none":
+        raise StreamPruneError("--label-key none decodes no labels: supervised training needs them "
+                               "(give --label-key, or train on --labels pseudo:K)")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
     if name == "auto":
@@ -534,6 +541,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     """
     from streamprune.subset import subset_rows
 
+    check_label_source(cfg, decode)
+    pseudo_k = _pseudo_k(cfg.labels)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     key = train_key(full, replica)
     cat_m = ws.require("catalog", key)
@@ -551,7 +560,6 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     rows = np.arange(cat_m["counts"]["n_samples"], dtype=np.int64) if full else subset_rows(ws)
     if len(rows) == 0:
         raise StreamPruneError(f"{key}: no rows to train on")
-    pseudo_k = _pseudo_k(cfg.labels)
     if pseudo_k and decode.label_key != "none":
         decode = DecodeConfig(**{**decode.to_dict(), "label_key": "none"})
     cache_key = "train-full" if replica else key

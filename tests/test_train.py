@@ -534,3 +534,13 @@ def test_pseudo_labels_have_k_classes_whatever_num_classes_says(vec_ws):
               scheduler="sync")
     assert m["counts"]["num_classes"] == 5 and _dyn(vec_ws)["logits"].shape[2] == 5
 
+
+def test_supervised_training_without_labels_is_one_line(vec_ws):
+    """--label-key none decodes no labels: supervised training on them would train every row on
+    class 0 (with --num-classes) and score nothing."""
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="--label-key none .* --labels pseudo:K"):
+        train(vec_ws, TrainConfig(model="mlp", epochs=1, num_classes=4), DecodeConfig(label_key="none"),
+              scheduler="sync")
+    assert not os.path.exists(os.path.join(vec_ws, "train", "cache.zarr"))
