@@ -243,21 +243,29 @@ class SubsetData:
         A GPU cache gets each block of positions copied to the device once: indexing device tensors
         with host indices copies them per batch, and each such copy waits for the GPU to drain,
         which leaves the GPU idle while the host queues the next step.
+
+        Streamed blocks carry their last partial batch over into the next block, so every batch but
+        the last is full: an epoch takes the ceil(rows / batch_size) steps that the cosine schedule
+        of :func:`make_optimizer` counts.
         """
-        for block in order:
-            if self.in_memory:
+        if self.in_memory:
+            for block in order:
                 block_t = torch.from_numpy(block).to(self.x.device)
                 for b in range(0, len(block), batch_size):
                     idx_t = block_t[b:b + batch_size]
                     yield block[b:b + batch_size], idx_t, self._load(idx_t)
-            else:
-                srt = np.sort(block)
-                data = self._load(srt)
-                where = np.searchsorted(srt, block)
-                for b in range(0, len(block), batch_size):
-                    sel = where[b:b + batch_size]
-                    idx = block[b:b + batch_size]
-                    yield idx, torch.from_numpy(idx), data[torch.from_numpy(sel)]
+            return
+        idx, x = np.zeros(0, np.int64), self._load(np.zeros(0, np.int64))
+        for block in order:
+            srt = np.sort(block)
+            idx = np.concatenate([idx, block])
+            x = torch.cat([x, self._load(srt)[torch.from_numpy(np.searchsorted(srt, block))]])
+            n_full = len(idx) - len(idx) % batch_size
+            for b in range(0, n_full, batch_size):
+                yield idx[b:b + batch_size], torch.from_numpy(idx[b:b + batch_size]), x[b:b + batch_size]
+            idx, x = idx[n_full:], x[n_full:]
+        if len(idx):
+            yield idx, torch.from_numpy(idx), x
 
 
 def fits_gpu(nbytes: int, device: torch.device, fraction: float = GPU_CACHE_FRACTION) -> bool:

@@ -384,11 +384,15 @@ def test_an_epoch_visits_every_valid_row_once_and_no_invalid_one(tmp_path, budge
     group.create_array("valid", data=valid, chunks=(8,))
     data = SubsetData(ws, "train", budget)
     assert data.in_memory == bool(budget)
-    seen = []
+    seen, sizes = [], []
     for idx, idx_t, xb in data.batches(data.train_order(torch.Generator().manual_seed(1)), 5):
         assert np.array_equal(idx_t.numpy(), idx) and np.array_equal(xb.numpy(), x[idx])
         seen.extend(idx.tolist())
+        sizes.append(len(idx))
     assert sorted(seen) == np.flatnonzero(valid).tolist()
+    # full batches but the last, across the streamed blocks too: as many steps as the cosine
+    # schedule (make_optimizer) counts per epoch, so the learning rate ends at its minimum
+    assert sizes == [5] * 9 + [3]
 
 
 @pytest.mark.parametrize("mode", ["crop", "crop-flip"])
