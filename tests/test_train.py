@@ -525,6 +525,10 @@ def test_user_model_whose_head_is_not_a_linear_layer_trains(vec_ws, tmp_path, mo
     m = train(vec_ws, TrainConfig(model="headmodels:make", epochs=2, batch_size=64), DecodeConfig(), scheduler="sync")
     assert m["counts"]["num_classes"] == 4
     assert _dyn(vec_ws)["logits"].shape[2] == 4 and np.isfinite(_dyn(vec_ws)["true_prob"][:]).all()
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="score influence: needs a model whose head is one nn.Linear"):
+        compute_scores(vec_ws, ["influence"])
 
 
 def test_pseudo_labels_have_k_classes_whatever_num_classes_says(vec_ws):
