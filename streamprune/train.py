@@ -17,9 +17,9 @@ Flow of the ``train`` stage (marker ``_stages/train.json``, or ``train-full`` wi
    one chunk), so batches are gathered, scaled and augmented on the GPU.
 3. **dynamics** — after every epoch an eval pass (default; ``dynamics="train"`` records the
    training pass instead) writes logits, true-class probability, correctness and loss of every
-   subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then the epoch's
-   checkpoint is written; a killed run resumes after the last checkpoint and reproduces the
-   same dynamics.
+   subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then, every
+   ``checkpoint_seconds`` and after the last epoch, a checkpoint is written (after that epoch's
+   dynamics); a killed run resumes after the last checkpoint and reproduces the same dynamics.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ class TrainConfig:
         parse_attack(self.adversarial, steps=self.pgd_steps, step_size=self.pgd_step_size)
 
     def fingerprint_dict(self) -> dict:
-        """Options that change results (device and memory budget do not on CPU)."""
+        """The options that identify a run's results: all but the memory budget and the checkpoint
+        interval, which are resource settings (a streamed cache shuffles more coarsely, so its dynamics
+        differ: the marker's ``timings.in_memory`` says which path ran)."""
         d = asdict(self)
         d.pop("memory_budget")
         d.pop("checkpoint_seconds")
@@ -163,13 +165,11 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
     info = run.chunk_done("cache-layout")
     if info is None or tuple(info["shape"]) != shape:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
-        item = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        rows_per_chunk = chunk_rows
-        group.create_array("x", shape=(m, *shape), chunks=(rows_per_chunk, *shape), dtype=dtype, fill_value=0,
+        group.create_array("x", shape=(m, *shape), chunks=(chunk_rows, *shape), dtype=dtype, fill_value=0,
                            compressors=None)
-        group.create_array("labels", shape=(m,), chunks=(rows_per_chunk,), dtype="int64", fill_value=-1)
-        group.create_array("valid", shape=(m,), chunks=(rows_per_chunk,), dtype="bool", fill_value=False)
-        group.attrs.update({"input_shape": list(shape), "dtype": str(np.dtype(dtype)), "item_bytes": item})
+        group.create_array("labels", shape=(m,), chunks=(chunk_rows,), dtype="int64", fill_value=-1)
+        group.create_array("valid", shape=(m,), chunks=(chunk_rows,), dtype="bool", fill_value=False)
+        group.attrs.update({"input_shape": list(shape), "dtype": str(np.dtype(dtype))})
         run.mark_chunk("cache-layout", {"shape": list(shape), "dtype": str(np.dtype(dtype))})
     done = run.done_chunks()
     starts = [s for s in range(0, m, chunk_rows) if f"cache-{s // chunk_rows}" not in done]
@@ -190,15 +190,14 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
 class SubsetData:
     """The decoded cache as batches: in (GPU or host) memory when it fits, else block-shuffled from zarr."""
 
-    def __init__(self, ws: Workspace, key: str, memory_budget: int, labels: np.ndarray | None = None,
-                 device: torch.device | None = None):
+    def __init__(self, ws: Workspace, key: str, memory_budget: int, device: torch.device | None = None):
         self.group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r")
         self.x_arr = self.group["x"]
         self.m = self.x_arr.shape[0]
         self.shape = tuple(self.x_arr.shape[1:])
         self.is_image = len(self.shape) == 3
         self.valid = self.group["valid"][:]
-        self.labels = labels if labels is not None else self.group["labels"][:]
+        self.labels = self.group["labels"][:]
         self.chunk = self.x_arr.chunks[0]
         nbytes = self.m * int(np.prod(self.shape)) * self.x_arr.dtype.itemsize
         self.on_gpu = device is not None and device.type == "cuda" and fits_gpu(nbytes, device)
@@ -520,9 +519,6 @@ class _CheckpointWriter:
         _save(storage.join(self.ckpt_dir, _ckpt_name(epoch)), snapshot, self.storage_options)
         for old in ckpts_before(self.ckpt_dir, epoch, self.storage_options):
             storage.remove(storage.join(self.ckpt_dir, old), self.storage_options)
-
-    def wait(self) -> None:
-        self.background.wait()
 
     def close(self) -> None:
         self.background.close()
