@@ -177,7 +177,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
         from streamprune.scoring import check_scores
-        from streamprune.train import TrainConfig
+        from streamprune.train import TrainConfig, check_label_source
 
         out["train"] = TrainConfig(**{k: sc[k] for k in ("model", "model_kwargs", "epochs", "batch_size", "optimizer",
                                                          "lr", "weight_decay", "seed", "augment", "dynamics", "labels",
@@ -186,6 +186,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
                                    checkpoint_seconds=float(sc["checkpoint_every"]),
                                    **({"memory_budget": cache_memory} if cache_memory is not None else {}))
         out["decode"] = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
+        check_label_source(out["train"], out["decode"])
         if not sc["scores"]:
             raise StreamPruneError("score.scores names no score")
         out["params"] = {"window": sc["window"], "decay": sc["decay"], "el2n_epochs": sc["el2n_epochs"]}

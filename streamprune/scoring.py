@@ -146,6 +146,10 @@ def _influence(ws: Workspace, train_key: str, cache_key: str, labels: np.ndarray
     from streamprune.train import SubsetData, load_model
 
     model, _ = load_model(ws, train_key)
+    head = model.head
+    if not isinstance(head, torch.nn.Linear):
+        raise StreamPruneError(f"score influence: needs a model whose head is one nn.Linear (the layer it "
+                               f"perturbs); this model's head is {type(head).__name__}")
     data = SubsetData(ws, cache_key, memory_budget=0)
     feats = []
     with torch.no_grad():
@@ -155,7 +159,6 @@ def _influence(ws: Workspace, train_key: str, cache_key: str, labels: np.ndarray
                 x = torch.from_numpy(np.asarray(data.x_arr[b:b + 1024])[v])
                 feats.append(model.embed(data.to_float(x)).numpy())
     features = np.concatenate(feats).astype(np.float64)
-    head = model.head
     return spec.fn(features, labels[valid], head.weight.detach().double().numpy(),
                    head.bias.detach().double().numpy(), **kwargs)
 

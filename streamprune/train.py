@@ -17,9 +17,9 @@ Flow of the ``train`` stage (marker ``_stages/train.json``, or ``train-full`` wi
    one chunk), so batches are gathered, scaled and augmented on the GPU.
 3. **dynamics** — after every epoch an eval pass (default; ``dynamics="train"`` records the
    training pass instead) writes logits, true-class probability, correctness and loss of every
-   subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then the epoch's
-   checkpoint is written; a killed run resumes after the last checkpoint and reproduces the
-   same dynamics.
+   subset row to ``dynamics.zarr`` (epoch slabs: each epoch owns its chunks).  Then, every
+   ``checkpoint_seconds`` and after the last epoch, a checkpoint is written (after that epoch's
+   dynamics); a killed run resumes after the last checkpoint and reproduces the same dynamics.
 """
 
 from __future__ import annotations
@@ -99,11 +99,16 @@ class TrainConfig:
             raise StreamPruneError("--checkpoint-every must be >= 0 seconds")
         if not (isinstance(self.labels, str) and (self.labels == "supervised" or _pseudo_k(self.labels))):
             raise StreamPruneError(f"--labels must be 'supervised' or 'pseudo:K', not {self.labels!r}")
+        if self.num_classes is not None and self.labels != "supervised" and self.num_classes != _pseudo_k(self.labels):
+            raise StreamPruneError(f"--num-classes {self.num_classes} disagrees with --labels {self.labels}: "
+                                   "pseudo-labels have K classes")
         # validates the attack and, when there is one, --pgd-steps and --pgd-step-size
         parse_attack(self.adversarial, steps=self.pgd_steps, step_size=self.pgd_step_size)
 
     def fingerprint_dict(self) -> dict:
-        """Options that change results (device and memory budget do not on CPU)."""
+        """The options that identify a run's results: all but the memory budget and the checkpoint
+        interval, which are resource settings (a streamed cache shuffles more coarsely, so its dynamics
+        differ: the marker's ``timings.in_memory`` says which path ran)."""
         d = asdict(self)
         d.pop("memory_budget")
         d.pop("checkpoint_seconds")
@@ -123,6 +128,13 @@ def _pseudo_k(labels: str) -> int | None:
             return None
         return k if k >= 2 else None
     return None
+
+
+def check_label_source(cfg: TrainConfig, decode: DecodeConfig) -> None:
+    """Refuse supervised training with ``--label-key none``: no labels would be decoded to train on."""
+    if not _pseudo_k(cfg.labels) and decode.label_key == "none":
+        raise StreamPruneError("--label-key none decodes no labels: supervised training needs them "
+                               "(give --label-key, or train on --labels pseudo:K)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,13 +165,11 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
     info = run.chunk_done("cache-layout")
     if info is None or tuple(info["shape"]) != shape:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
-        item = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        rows_per_chunk = chunk_rows
-        group.create_array("x", shape=(m, *shape), chunks=(rows_per_chunk, *shape), dtype=dtype, fill_value=0,
+        group.create_array("x", shape=(m, *shape), chunks=(chunk_rows, *shape), dtype=dtype, fill_value=0,
                            compressors=None)
-        group.create_array("labels", shape=(m,), chunks=(rows_per_chunk,), dtype="int64", fill_value=-1)
-        group.create_array("valid", shape=(m,), chunks=(rows_per_chunk,), dtype="bool", fill_value=False)
-        group.attrs.update({"input_shape": list(shape), "dtype": str(np.dtype(dtype)), "item_bytes": item})
+        group.create_array("labels", shape=(m,), chunks=(chunk_rows,), dtype="int64", fill_value=-1)
+        group.create_array("valid", shape=(m,), chunks=(chunk_rows,), dtype="bool", fill_value=False)
+        group.attrs.update({"input_shape": list(shape), "dtype": str(np.dtype(dtype))})
         run.mark_chunk("cache-layout", {"shape": list(shape), "dtype": str(np.dtype(dtype))})
     done = run.done_chunks()
     starts = [s for s in range(0, m, chunk_rows) if f"cache-{s // chunk_rows}" not in done]
@@ -180,15 +190,14 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
 class SubsetData:
     """The decoded cache as batches: in (GPU or host) memory when it fits, else block-shuffled from zarr."""
 
-    def __init__(self, ws: Workspace, key: str, memory_budget: int, labels: np.ndarray | None = None,
-                 device: torch.device | None = None):
+    def __init__(self, ws: Workspace, key: str, memory_budget: int, device: torch.device | None = None):
         self.group = zarr.open_group(storage.zarr_store(ws.path(key, "cache.zarr"), ws.storage_options), mode="r")
         self.x_arr = self.group["x"]
         self.m = self.x_arr.shape[0]
         self.shape = tuple(self.x_arr.shape[1:])
         self.is_image = len(self.shape) == 3
         self.valid = self.group["valid"][:]
-        self.labels = labels if labels is not None else self.group["labels"][:]
+        self.labels = self.group["labels"][:]
         self.chunk = self.x_arr.chunks[0]
         nbytes = self.m * int(np.prod(self.shape)) * self.x_arr.dtype.itemsize
         self.on_gpu = device is not None and device.type == "cuda" and fits_gpu(nbytes, device)
@@ -233,21 +242,29 @@ class SubsetData:
         A GPU cache gets each block of positions copied to the device once: indexing device tensors
         with host indices copies them per batch, and each such copy waits for the GPU to drain,
         which leaves the GPU idle while the host queues the next step.
+
+        Streamed blocks carry their last partial batch over into the next block, so every batch but
+        the last is full: an epoch takes the ceil(rows / batch_size) steps that the cosine schedule
+        of :func:`make_optimizer` counts.
         """
-        for block in order:
-            if self.in_memory:
+        if self.in_memory:
+            for block in order:
                 block_t = torch.from_numpy(block).to(self.x.device)
                 for b in range(0, len(block), batch_size):
                     idx_t = block_t[b:b + batch_size]
                     yield block[b:b + batch_size], idx_t, self._load(idx_t)
-            else:
-                srt = np.sort(block)
-                data = self._load(srt)
-                where = np.searchsorted(srt, block)
-                for b in range(0, len(block), batch_size):
-                    sel = where[b:b + batch_size]
-                    idx = block[b:b + batch_size]
-                    yield idx, torch.from_numpy(idx), data[torch.from_numpy(sel)]
+            return
+        idx, x = np.zeros(0, np.int64), self._load(np.zeros(0, np.int64))
+        for block in order:
+            srt = np.sort(block)
+            idx = np.concatenate([idx, block])
+            x = torch.cat([x, self._load(srt)[torch.from_numpy(np.searchsorted(srt, block))]])
+            n_full = len(idx) - len(idx) % batch_size
+            for b in range(0, n_full, batch_size):
+                yield idx[b:b + batch_size], torch.from_numpy(idx[b:b + batch_size]), x[b:b + batch_size]
+            idx, x = idx[n_full:], x[n_full:]
+        if len(idx):
+            yield idx, torch.from_numpy(idx), x
 
 
 def fits_gpu(nbytes: int, device: torch.device, fraction: float = GPU_CACHE_FRACTION) -> bool:
@@ -332,10 +349,9 @@ def _write_epoch(g: zarr.Group, epoch: int, dyn: _Dyn, labels: np.ndarray, valid
     g["loss"][epoch] = np.where(valid, dyn.loss, np.nan).astype(np.float32)
 
 
-def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, device, attack, gen, amp: bool,
+def _eval_pass(model, data: SubsetData, labels_t: torch.Tensor, num_classes: int, device, attack, gen, amp: bool,
                batch_size: int = 1024) -> _Dyn:
-    c = model.head.out_features
-    logits = np.full((data.m, c), np.nan, np.float32)
+    logits = np.full((data.m, num_classes), np.nan, np.float32)
     loss = np.full(data.m, np.nan, np.float32)
     parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # copied to the host once, not per batch
 
@@ -504,9 +520,6 @@ class _CheckpointWriter:
         for old in ckpts_before(self.ckpt_dir, epoch, self.storage_options):
             storage.remove(storage.join(self.ckpt_dir, old), self.storage_options)
 
-    def wait(self) -> None:
-        self.background.wait()
-
     def close(self) -> None:
         self.background.close()
 
@@ -532,6 +545,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     """
     from streamprune.subset import subset_rows
 
+    check_label_source(cfg, decode)
+    pseudo_k = _pseudo_k(cfg.labels)
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     key = train_key(full, replica)
     cat_m = ws.require("catalog", key)
@@ -549,7 +564,6 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     rows = np.arange(cat_m["counts"]["n_samples"], dtype=np.int64) if full else subset_rows(ws)
     if len(rows) == 0:
         raise StreamPruneError(f"{key}: no rows to train on")
-    pseudo_k = _pseudo_k(cfg.labels)
     if pseudo_k and decode.label_key != "none":
         decode = DecodeConfig(**{**decode.to_dict(), "label_key": "none"})
     cache_key = "train-full" if replica else key
@@ -575,7 +589,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
         _save(ws.path(key, "pseudo.pt"), {"centroids": torch.from_numpy(centroids), "k": pseudo_k}, ws.storage_options)
         data.labels = labels
         extra["pseudo_k"] = pseudo_k
-    num_classes = cfg.num_classes or int(labels[data.valid].max()) + 1
+    num_classes = pseudo_k or cfg.num_classes or int(labels[data.valid].max()) + 1
     if num_classes < 2:
         raise StreamPruneError(f"{key}: found only {num_classes} class among the labels; need at least 2")
     result = _fit(ws, run, key, cfg, data, labels, num_classes)
@@ -740,7 +754,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
             if cfg.dynamics == "train":
                 dyn = _Dyn(train_logits, train_loss)
             else:
-                dyn = _eval_pass(model, data, labels_t, device, attack, gen, amp)
+                dyn = _eval_pass(model, data, labels_t, num_classes, device, attack, gen, amp)
                 parts_s["eval_s"] += time.time() - t_steps  # its outputs are on the host: nothing queued
             # The epoch's dynamics, then (when due) its checkpoint, written while the next epoch trains.
             # Checkpoints are timed, not per epoch: a snapshot copies ~90 MB off the GPU, and

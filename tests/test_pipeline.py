@@ -294,6 +294,8 @@ def test_finite_takes_any_real_number_and_nothing_else():
     ({"score": {"model": "nosuch"}}, "unknown model 'nosuch'"),
     ({"score": {"image_size": 0}}, "--image-size must be a whole number of pixels >= 1, not 0"),
     ({"catalog": {"max_member_bytes": -1}}, "catalog.max_member_bytes must be a whole number >= 1, not -1"),
+    ({"score": {"label_key": "none"}}, "--label-key none decodes no labels: supervised training needs them"),
+    ({"score": {"labels": "pseudo:5", "num_classes": 3}}, "--num-classes 3 disagrees with --labels pseudo:5"),
 ])
 def test_run_refuses_later_stages_options_before_the_first_stage(override, says):
     """Options of the embed and index stages, the model and the catalog's limits are checked before

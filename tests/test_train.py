@@ -384,11 +384,15 @@ def test_an_epoch_visits_every_valid_row_once_and_no_invalid_one(tmp_path, budge
     group.create_array("valid", data=valid, chunks=(8,))
     data = SubsetData(ws, "train", budget)
     assert data.in_memory == bool(budget)
-    seen = []
+    seen, sizes = [], []
     for idx, idx_t, xb in data.batches(data.train_order(torch.Generator().manual_seed(1)), 5):
         assert np.array_equal(idx_t.numpy(), idx) and np.array_equal(xb.numpy(), x[idx])
         seen.extend(idx.tolist())
+        sizes.append(len(idx))
     assert sorted(seen) == np.flatnonzero(valid).tolist()
+    # full batches but the last, across the streamed blocks too: as many steps as the cosine
+    # schedule (make_optimizer) counts per epoch, so the learning rate ends at its minimum
+    assert sizes == [5] * 9 + [3]
 
 
 @pytest.mark.parametrize("mode", ["crop", "crop-flip"])
@@ -485,3 +489,66 @@ def test_optimizer_state_loads_into_the_other_implementation(optimizer, layout):
         return model.weight.detach().clone()
 
     torch.testing.assert_close(run(True), run(False))
+
+
+USER_HEAD_MODEL = """
+import torch
+from torch import nn
+
+
+class DropHead(nn.Module):
+    def __init__(self, d, k):
+        super().__init__()
+        self.body = nn.Linear(d, 8)
+        self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, k))  # a head that is not one nn.Linear
+        self.embed_dim = 8
+
+    def embed(self, x):
+        return torch.relu(self.body(x.flatten(1)))
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def make(input_shape, num_classes):
+    return DropHead(int(torch.tensor(input_shape).prod()), num_classes)
+"""
+
+
+def test_user_model_whose_head_is_not_a_linear_layer_trains(vec_ws, tmp_path, monkeypatch):
+    """The eval pass sizes its logits by the number of classes, not by the head's ``out_features``."""
+    import sys
+
+    (tmp_path / "headmodels.py").write_text(USER_HEAD_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "headmodels", raising=False)
+    m = train(vec_ws, TrainConfig(model="headmodels:make", epochs=2, batch_size=64), DecodeConfig(), scheduler="sync")
+    assert m["counts"]["num_classes"] == 4
+    assert _dyn(vec_ws)["logits"].shape[2] == 4 and np.isfinite(_dyn(vec_ws)["true_prob"][:]).all()
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="score influence: needs a model whose head is one nn.Linear"):
+        compute_scores(vec_ws, ["influence"])
+
+
+def test_pseudo_labels_have_k_classes_whatever_num_classes_says(vec_ws):
+    """With pseudo:K the model has K outputs; a --num-classes that disagrees is one line, not an
+    IndexError from the loss (K > num_classes) or unused outputs (K < num_classes)."""
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="--num-classes 3 .* pseudo:5"):
+        TrainConfig(model="mlp", epochs=1, labels="pseudo:5", num_classes=3)
+    m = train(vec_ws, TrainConfig(model="mlp", epochs=1, labels="pseudo:5", num_classes=5), DecodeConfig(),
+              scheduler="sync")
+    assert m["counts"]["num_classes"] == 5 and _dyn(vec_ws)["logits"].shape[2] == 5
+
+
+def test_supervised_training_without_labels_is_one_line(vec_ws):
+    """--label-key none decodes no labels: supervised training on them would train every row on
+    class 0 (with --num-classes) and score nothing."""
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="--label-key none .* --labels pseudo:K"):
+        train(vec_ws, TrainConfig(model="mlp", epochs=1, num_classes=4), DecodeConfig(label_key="none"),
+              scheduler="sync")
+    assert not os.path.exists(os.path.join(vec_ws, "train", "cache.zarr"))
