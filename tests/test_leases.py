@@ -218,15 +218,27 @@ def test_status_shows_a_running_stage(shards, tmp_path):
     assert "stopped  subset" in out and "1 chunk recorded by pid" in out and "its next run resumes it" in out
 
 
-def test_a_forked_child_does_not_release_its_parents_lease(tmp_path):
+def _exit_normally(held) -> int:
+    """A forked worker that returns normally: its exit releases what it holds (nothing)."""
+    code = 0 if not leases.held() else 1
+    leases._release_all()
+    return code
+
+
+def _commit_in_child(held) -> int:
+    """A forked worker that finishes the run it was handed (StageRun.commit releases the lease)."""
+    leases.release(held)
+    return 0
+
+
+@pytest.mark.parametrize("child", [_exit_normally, _commit_in_child])
+def test_a_forked_child_never_releases_its_parents_lease(tmp_path, child):
     url = str(tmp_path / "_stages" / "embed.lease")
     held = leases.acquire(url, "embed")
     try:
         pid = os.fork()
-        if pid == 0:  # the child exits through atexit, as a forked worker that returns normally would
-            code = 0 if not leases.held() else 1
-            leases._release_all()
-            os._exit(code)
+        if pid == 0:
+            os._exit(child(held))
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert json.load(open(url))["token"] == held.token
@@ -314,22 +326,6 @@ def test_a_stage_running_in_another_thread_of_this_process_keeps_its_lease(shard
         for lease in leases.held():
             leases.release(lease)
     assert left.lease.released
-
-
-def test_a_commit_in_a_forked_child_leaves_its_parents_lease(tmp_path):
-    url = str(tmp_path / "_stages" / "embed.lease")
-    held = leases.acquire(url, "embed")
-    try:
-        pid = os.fork()
-        if pid == 0:  # a forked worker that finishes the run it was handed (StageRun.commit releases the lease)
-            leases.release(held)
-            os._exit(0)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert json.load(open(url))["token"] == held.token
-    finally:
-        leases.release(held)
-    assert not os.path.exists(url)
 
 
 def _race_for_stale_lease(url: str, storage_options: dict | None, contenders: int) -> list:
