@@ -284,7 +284,7 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
     return True
 
 
-# The leases this process holds (renewed by one thread), and per thread the order they were taken.
+# The leases this process holds (renewed by one thread) by URL, and those it is creating.
 _HELD: dict[str, Lease] = {}
 _CREATING: set[str] = set()  # tokens of leases this process is creating (held once read back)
 _HELD_LOCK = threading.Lock()
