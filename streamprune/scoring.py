@@ -2,7 +2,8 @@
 
 One marker per score (``_stages/score-<name>[-full].json``) so that asking for another score later
 re-uses the training run.  Scores are computed over column chunks of the dynamics (every score is
-per-sample), so memory is bounded by ``chunk`` x epochs x classes, not by the subset size.
+per-sample) of at most ``SCORE_CHUNK_BYTES``, so memory is bounded whatever the subset size and the
+number of classes.
 Rows whose sample could not be decoded (skipped under ``--on-error skip``) get NaN.
 """
 
@@ -22,6 +23,18 @@ from streamprune.scores import get_score
 from streamprune.workspace import Workspace, train_key
 
 SCORE_PARAMS = ("window", "decay", "ddof", "damping", "el2n_epochs")
+SCORE_CHUNK_BYTES = 256 << 20  # dynamics read per chunk of rows (the score functions hold a few times this)
+SCORE_CHUNK_ROWS = 65536  # at most this many rows per chunk
+
+
+def score_chunk_rows(epochs: int, classes: int, needs: tuple[str, ...], logits_chunk_rows: int) -> int:
+    """Rows of dynamics read at once for a score of ``needs``: within :data:`SCORE_CHUNK_BYTES`, and,
+    when that is below :data:`SCORE_CHUNK_ROWS`, whole zarr chunks of logits (each read once)."""
+    per_row = 4 * epochs * sum(classes if need == "logits" else 1 for need in needs if need != "labels")
+    rows = max(1, SCORE_CHUNK_BYTES // max(1, per_row))
+    if rows >= SCORE_CHUNK_ROWS:
+        return SCORE_CHUNK_ROWS
+    return max(logits_chunk_rows, rows // logits_chunk_rows * logits_chunk_rows) if rows >= logits_chunk_rows else rows
 
 
 def score_key(name: str, full: bool, replica: int = 0) -> str:
@@ -83,8 +96,12 @@ def _score_error(name: str, exc: Exception) -> StreamPruneError:
 @releases_leases
 def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool = False, replica: int = 0,
                    params: dict | None = None, force: bool = False, storage_options: dict | None = None,
-                   chunk: int = 65536) -> list[dict]:
-    """Compute each named score from the dynamics of the ``train`` (``train-full``, ``train-full-r<N>``) stage."""
+                   chunk: int | None = None) -> list[dict]:
+    """Compute each named score from the dynamics of the ``train`` (``train-full``, ``train-full-r<N>``) stage.
+
+    ``chunk``: rows of dynamics per step (default :func:`score_chunk_rows`: memory bounded whatever the
+    number of classes; 30 epochs of 1,000-class logits are 120 kB a row).
+    """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     tkey = train_key(full, replica)
     tm = ws.require(tkey, "score")
@@ -111,8 +128,10 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
                 out[valid] = _influence(ws, tkey, cache_key, labels, valid, spec, kwargs)
             else:
                 dyn = zarr.open_group(storage.zarr_store(ws.path(tkey, "dynamics.zarr"), ws.storage_options), mode="r")
-                for i0 in range(0, m, chunk):
-                    sl = slice(i0, min(m, i0 + chunk))
+                epochs, _, classes = dyn["logits"].shape
+                step = chunk or score_chunk_rows(epochs, classes, spec.needs, dyn["logits"].chunks[1])
+                for i0 in range(0, m, step):
+                    sl = slice(i0, min(m, i0 + step))
                     v = valid[sl]
                     if not v.any():
                         continue

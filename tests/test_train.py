@@ -552,3 +552,31 @@ def test_supervised_training_without_labels_is_one_line(vec_ws):
         train(vec_ws, TrainConfig(model="mlp", epochs=1, num_classes=4), DecodeConfig(label_key="none"),
               scheduler="sync")
     assert not os.path.exists(os.path.join(vec_ws, "train", "cache.zarr"))
+
+
+def test_score_chunks_stay_within_their_memory_whatever_the_classes(vec_ws, monkeypatch):
+    from streamprune import scoring
+    from streamprune.scoring import SCORE_CHUNK_BYTES, score_chunk_rows
+
+    # 30 epochs of 1,000-class logits (120 kB a row): whole zarr chunks of logits, within the budget
+    rows = score_chunk_rows(30, 1000, ("logits", "labels"), 2097)
+    assert rows % 2097 == 0 and rows * 30 * 1000 * 4 <= SCORE_CHUNK_BYTES
+    assert score_chunk_rows(30, 10, ("true_prob",), 209715) == scoring.SCORE_CHUNK_ROWS  # small rows: the cap
+    assert score_chunk_rows(10**6, 10**4, ("logits",), 5) == 1  # one row over the budget: one at a time
+    # Scores computed in chunks of a few rows equal the score functions over the whole dynamics.
+    from streamprune.scores import get_score
+
+    train(vec_ws, TrainConfig(model="mlp", epochs=6, batch_size=32, lr=0.05), DecodeConfig(), scheduler="sync")
+    monkeypatch.setattr(scoring, "SCORE_CHUNK_BYTES", 6 * 4 * 4 * 7)  # 7 rows of 6 epochs x 4 classes
+    seen = []
+    real = scoring.score_chunk_rows
+    monkeypatch.setattr(scoring, "score_chunk_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    compute_scores(vec_ws, ["el2n", "aum"])
+    assert len(seen) == 2 and all(1 <= r <= 7 for r in seen)
+    g = _dyn(vec_ws)
+    labels = np.load(os.path.join(vec_ws, "train", "labels.npy"))
+    for name in ("el2n", "aum"):
+        spec = get_score(name)
+        arrays = {"labels": labels, **{k: g[k][:] for k in spec.needs if k != "labels"}}
+        want = spec.fn(*(arrays[k] for k in spec.needs))
+        np.testing.assert_allclose(read_score(Workspace(vec_ws), name), want, rtol=1e-5, atol=1e-6)
