@@ -182,15 +182,9 @@ def _read_tagged(url: str, storage_options: dict | None = None) -> tuple[dict | 
                 return await resp["Body"].read(), resp.get("ETag")
             finally:
                 resp["Body"].close()
-        try:
-            data, etag = storage.retry(lambda: fsspec.asyn.sync(fs.loop, get), url, storage_options=storage_options)
-        except FileNotFoundError:
-            return None, None
-        except StreamPruneError as exc:
-            if isinstance(exc.__cause__, FileNotFoundError):
-                return None, None
-            raise
-        return _parse(data), etag
+        got = storage.none_if_missing(lambda: storage.retry(lambda: fsspec.asyn.sync(fs.loop, get), url,
+                                                            storage_options=storage_options))
+        return (None, None) if got is None else (_parse(got[0]), got[1])
     data = storage.read_if_exists(url, storage_options)
     return (None, None) if data is None else (_parse(data), None)
 

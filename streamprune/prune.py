@@ -851,14 +851,10 @@ def _output_sizes(out: str, storage_options: dict) -> dict[str, int]:
         with os.scandir(out) as it:
             return {e.name: e.stat().st_size for e in it if _OUTPUT_RE.fullmatch(e.name) and e.is_file()}
     fs = storage.get_fs(out, storage_options)
-    try:
-        entries = storage.retry(lambda: fs.ls(out, detail=True, refresh=True), out, storage_options=storage_options)
-    except StreamPruneError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            return {}
-        raise
+    entries = storage.none_if_missing(lambda: storage.retry(lambda: fs.ls(out, detail=True, refresh=True), out,
+                                                            storage_options=storage_options))
     sizes = {}
-    for e in entries:
+    for e in entries or []:
         name = e["name"].rstrip("/").rsplit("/", 1)[-1]
         if _OUTPUT_RE.fullmatch(name):
             sizes[name] = int(e.get("size") or 0)

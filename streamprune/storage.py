@@ -535,16 +535,21 @@ def write_json_atomic(url: str, obj: Any, storage_options: dict | None = None) -
                        storage_options)
 
 
-def read_if_exists(url: str, storage_options: dict | None = None) -> bytes | None:
-    """Whole object as bytes, or None when it does not exist."""
+def none_if_missing(fn: Callable[[], T]) -> T | None:
+    """``fn()`` (a storage call, retried or not), or None when what it reads does not exist."""
     try:
-        return read_bytes(url, storage_options)
+        return fn()
     except FileNotFoundError:
         return None
     except StreamPruneError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return None
         raise
+
+
+def read_if_exists(url: str, storage_options: dict | None = None) -> bytes | None:
+    """Whole object as bytes, or None when it does not exist."""
+    return none_if_missing(lambda: read_bytes(url, storage_options))
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any | None:
@@ -564,13 +569,9 @@ def listdir(url: str, storage_options: dict | None = None) -> list[str]:
     if not is_remote(url):
         return sorted(os.listdir(url)) if os.path.isdir(url) else []
     fs = get_fs(url, storage_options)
-    try:
-        entries = retry(lambda: fs.ls(url, detail=False, refresh=True), url, storage_options=storage_options)
-    except StreamPruneError as exc:
-        if isinstance(exc.__cause__, FileNotFoundError):
-            return []
-        raise
-    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    entries = none_if_missing(lambda: retry(lambda: fs.ls(url, detail=False, refresh=True), url,
+                                            storage_options=storage_options))
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries or [])
 
 
 def remove(url: str, storage_options: dict | None = None, recursive: bool = False) -> None:
