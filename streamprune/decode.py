@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from streamprune.errors import SampleError, StreamPruneError
+from streamprune.errors import Rule, SampleError, StreamPruneError, whole
 from streamprune.shards import Sample
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -45,11 +45,9 @@ class DecodeConfig:
             raise StreamPruneError(f"--label-key must be 'cls', 'json.<field>' or 'none', not {self.label_key!r}")
         if self.image_mode not in ("auto", "L", "RGB"):
             raise StreamPruneError(f"image mode must be auto, L or RGB, not {self.image_mode!r}")
-        size = self.image_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
-            raise StreamPruneError(f"--image-size must be a whole number of pixels >= 1, not {size!r}")
-        if size is not None:
-            object.__setattr__(self, "image_size", int(size))  # a numpy int would reach the marker as a string
+        if self.image_size is not None:
+            Rule(whole(1), "a whole number of pixels >= 1").check(self.image_size, "--image-size")
+            object.__setattr__(self, "image_size", int(self.image_size))  # a numpy int: a string in the marker
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -172,7 +172,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     check_whole(sc["full_runs"], "score.full_runs")
     if sc["full_runs"] > 1 and not sc["full"]:
         raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
-    check_whole(s["catalog"]["max_member_bytes"], "catalog.max_member_bytes", 1)
+    check_whole(s["catalog"]["max_member_bytes"], "catalog.max_member_bytes")
     out: dict = {}
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig

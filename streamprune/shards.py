@@ -24,7 +24,7 @@ import pandas as pd
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import SampleError, StreamPruneError
+from streamprune.errors import Rule, SampleError, StreamPruneError, whole
 from streamprune.leases import releases_leases
 from streamprune.tario import TarError, iter_tar, plain_members
 from streamprune.workspace import Workspace
@@ -32,6 +32,7 @@ from streamprune.workspace import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20  # --max-member-bytes: a bigger member is rejected unread
+MEMBER_LIMIT = Rule(whole(1), "a whole number of bytes >= 1")  # what --max-member-bytes must be
 
 
 # error policy --------------------------------------------------------------------------------
@@ -334,9 +335,7 @@ def catalog(shards: Iterable[str], workspace: str | Workspace, *, storage_option
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     ErrorPolicy(on_error)  # validate early
-    if isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, (int, np.integer)) \
-            or max_member_bytes < 1:
-        raise StreamPruneError(f"--max-member-bytes must be a whole number of bytes >= 1, not {max_member_bytes!r}")
+    MEMBER_LIMIT.check(max_member_bytes, "--max-member-bytes")
     t0 = time.time()
     urls = storage.expand_shards(list(shards), ws.storage_options)
     stats = map_tasks(storage.stat, [(u, ws.storage_options) for u in urls], scheduler="threads", desc="stat shards") \
