@@ -55,6 +55,8 @@ def retained_recall(kept: np.ndarray, kept_ref: np.ndarray) -> float:
 def tail_spearman(pred: np.ndarray, ref: np.ndarray, tail: float = 0.1) -> dict:
     """Spearman of pred vs ref within the top and the bottom ``tail`` fraction of ref."""
     ok = np.isfinite(pred) & np.isfinite(ref)
+    if not ok.any():
+        return {"top": float("nan"), "bottom": float("nan")}
     p, r = pred[ok], ref[ok]
     lo, hi = np.quantile(r, [tail, 1 - tail])
     return {"top": spearman(p[r >= hi], r[r >= hi]), "bottom": spearman(p[r <= lo], r[r <= lo])}
@@ -118,6 +120,11 @@ def score_sources(ws: Workspace, score: str, who: str = "evaluate",
 def reference_runs(ws: Workspace, score: str) -> list[np.ndarray]:
     """Full-data scores of every full-data run, run 0 (``<score>_full``) first, then its replicas."""
     return _sources_and_runs(ws, score)[1]
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN unless b > 0 (full-data runs that do not agree make no yardstick)."""
+    return a / b if b > 0 else float("nan")
 
 
 def reference_agreement(runs: list[np.ndarray], rows: np.ndarray) -> dict:
@@ -388,13 +395,17 @@ def evaluate(workspace: str | Workspace, score: str = "du", *, pruning_curve_kee
             out["fidelity"][m].update({
                 "pearson_nonseed_vs_runs": vs_runs,
                 # 1.0: the method agrees with a full-data run as well as another full-data run does
-                "vs_runs_over_retest": vs_runs / out["reference"]["retest_pearson"]["mean"],
+                "vs_runs_over_retest": _ratio(vs_runs, out["reference"]["retest_pearson"]["mean"]),
                 "pearson_nonseed_vs_mean": pearson(pred[ok], ref_mean[ok]),
                 "spearman_nonseed_vs_mean": spearman(pred[ok], ref_mean[ok])})
         sq = {"tail_spearman": tail_spearman(pred[valid], full[valid]), "retained_recall": {}}
         both = valid & np.isfinite(pred)
         for keep in (0.3, 0.5, 0.7, 0.9):
-            k = keep_count_from(int(both.sum()), keep_fraction=keep)
+            try:
+                k = keep_count_from(int(both.sum()), keep_fraction=keep)
+            except ValueError:  # too few predicted rows to keep any (a method that predicted none)
+                sq["retained_recall"][str(keep)] = float("nan")
+                continue
             a = select("hard", np.where(both, pred, np.nan), None, k, higher_is_harder=higher)
             b = select("hard", np.where(both, full, np.nan), None, k, higher_is_harder=higher)
             sq["retained_recall"][str(keep)] = retained_recall(a, b)

@@ -37,6 +37,8 @@ def plot_histograms(arrays: dict[str, np.ndarray], path: str, score: str) -> Non
         vals = arr[np.isfinite(arr)]
         if name not in ("seed", "full") and seed is not None:
             vals = arr[np.isfinite(arr) & ~np.isfinite(seed)]  # extrapolated rows only
+        if len(vals) == 0:  # a method that predicted no row: nothing to draw (its NaN figures say so)
+            continue
         ax.hist(vals, bins=bins, density=True, histtype="step", linewidth=1.6,
                 label=f"{name} ({len(vals)} rows)")
     ax.set_xlabel(score)

@@ -362,6 +362,35 @@ def test_evaluate_reports_how_full_data_runs_agree_and_fidelity_against_their_me
     assert "vs mean of 3" in text and f"Pearson {ref['retest_pearson']['mean']:.3f}" in text
 
 
+def test_evaluate_and_report_a_method_that_predicted_no_row(tmp_path):
+    """A method whose output is all NaN, beside full-data runs that do not agree at all, gives NaN
+    figures in the evaluation and the report, not a traceback."""
+    from streamprune.evaluate import evaluate, format_evaluation
+    from streamprune.extrapolate.common import output_path
+    from streamprune.report import report
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=400)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 400})
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    group = zarr.open_group(storage.zarr_store(ws.path(output_path("du", "knn")), None), mode="r+")
+    group["score"][:] = np.nan
+    rows = np.flatnonzero(valid)
+    rows = rows[np.isin(rows, subset, invert=True)][:64]
+    a, b = np.full(400, np.nan, np.float32), np.full(400, np.nan, np.float32)
+    a[rows] = np.tile([1, -1], 32)  # +-1 patterns of period 2 and 4: Pearson exactly 0
+    b[rows] = np.tile([1, 1, -1, -1], 16)
+    add_scores(ws, "du", a, full=True, replica=0)
+    add_scores(ws, "du", b, full=True, replica=1)
+    out = evaluate(ws, "du")
+    assert out["reference"]["retest_pearson"]["mean"] == 0.0
+    f = out["fidelity"]["knn"]
+    assert np.isnan(f["pearson_nonseed"]) and np.isnan(f["vs_runs_over_retest"])
+    assert all(np.isnan(v) for v in out["selection_quality"]["knn"]["retained_recall"].values())
+    assert "knn                  nan" in format_evaluation(out)
+    report(ws, str(tmp_path / "r"))
+    assert "## Evaluation" in open(os.path.join(tmp_path, "r", "report.md")).read()
+
+
 def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     """evaluate records the markers it read; a report after one of them was re-run shows the
     figures under an out-of-date line naming it (an evaluation from before the record: no flag)."""
