@@ -16,6 +16,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (
     SeedScores,
     as_workspace,
@@ -67,17 +68,6 @@ def knn_predict(neighbor_scores: np.ndarray, distances: np.ndarray, k: int) -> n
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(total > 0, num / np.where(total > 0, total, 1.0), np.nan)
     return out.astype(np.float32)
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation over pairs where both are finite (NaN when undefined)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2:
-        return float("nan")
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
 def k_candidates(graph_k: int, candidates: tuple[int, ...] = K_CANDIDATES) -> list[int]:
