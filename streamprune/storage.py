@@ -37,8 +37,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors from object storage worth retrying: connection problems, timeouts, throttling, 5xx.
-_TRANSIENT_MARKERS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "503", "500", "502",
-                      "504", "connection", "temporarily", "reset by peer", "internalerror")
+_TRANSIENT_MARKERS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "connection", "temporarily",
+                      "reset by peer", "internalerror")
+_TRANSIENT_STATUS = re.compile(r"(?<!\d)50[0234](?!\d)")  # an HTTP status, not a digit run such as 15003
+# Errors that no retry mends: missing or forbidden paths, and programming or data errors whose
+# text may still name a number or word above ("expected 500 rows", "connection_id").
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError,
+              KeyError, IndexError, AttributeError, AssertionError, ArithmeticError, NotImplementedError)
 _THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
                      "TooManyRequestsException", "RequestThrottled", "RequestTimeout", "RequestTimeoutException",
                      "PriorRequestNotComplete", "InternalError", "ServiceUnavailable"}
@@ -345,12 +350,12 @@ def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether an error from storage is worth retrying."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, _PERMANENT):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     text = f"{type(exc).__name__} {exc}".lower()
-    return any(m in text for m in _TRANSIENT_MARKERS)
+    return any(m in text for m in _TRANSIENT_MARKERS) or bool(_TRANSIENT_STATUS.search(text))
 
 
 def retry(fn: Callable[[], T], what: str, storage_options: dict | None = None) -> T:

@@ -98,6 +98,25 @@ def test_retry_policy_from_environment_and_options(monkeypatch):
     assert storage.get_fs("s3://b/x", {"anon": True, "retries": 3, "timeout": 3}) is not fs
 
 
+def test_which_errors_are_retried():
+    transient = [TimeoutError("read"), ConnectionResetError(104, "reset"),
+                 OSError(5, "An error occurred (InternalError) when calling the GetObject operation"),
+                 OSError("503 Service Unavailable"), RuntimeError("server replied 502")]
+    permanent = [FileNotFoundError("s3://b/k"), PermissionError("denied"), ValueError("expected 500 rows, got 499"),
+                 KeyError("connection_id"), OSError("shard 15003 is truncated"), OSError("bad magic number")]
+    assert [storage.is_transient(e) for e in transient] == [True] * len(transient)
+    assert [storage.is_transient(e) for e in permanent] == [False] * len(permanent)
+    calls = []
+
+    def bad_rows():
+        calls.append(1)
+        raise ValueError("expected 500 rows, got 499")
+
+    with pytest.raises(StreamPruneError, match="expected 500 rows") as err:  # tried once, not retried
+        storage.retry(bad_rows, "reading x", {"retries": 3, "retry_backoff": 0.01})
+    assert calls == [1] and "gave up" not in str(err.value)
+
+
 # transient faults: retried, results identical -------------------------------------------------
 def test_catalog_through_transient_faults_cli(s3server, root, data, proxy, tmp_path):
     shards, prefix = data
