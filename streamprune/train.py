@@ -24,6 +24,7 @@ Flow of the ``train`` stage (marker ``_stages/train.json``, or ``train-full`` wi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -592,7 +593,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     num_classes = pseudo_k or cfg.num_classes or int(labels[data.valid].max()) + 1
     if num_classes < 2:
         raise StreamPruneError(f"{key}: found only {num_classes} class among the labels; need at least 2")
-    result = _fit(ws, run, key, cfg, data, labels, num_classes)
+    with _deterministic_on(resolve_device(cfg.device)):
+        result = _fit(ws, run, key, cfg, data, labels, num_classes)
     n_valid = int(data.valid.sum())
     return run.commit(
         outputs={"cache": f"{cache_key}/cache.zarr", "dynamics": f"{key}/dynamics.zarr", "model": f"{key}/model.pt"},
@@ -682,13 +684,24 @@ def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg:
     return np.concatenate(outs) if outs else np.zeros((0, num_classes), np.float32)
 
 
+@contextlib.contextmanager
+def _deterministic_on(device: torch.device) -> Iterator[None]:
+    """torch's deterministic algorithms for a CPU run (a resumed run equals an uninterrupted one,
+    bit for bit), then the caller's setting again: the switch is process-wide."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetData, labels: np.ndarray,
          num_classes: int) -> dict:
     device = resolve_device(cfg.device)
     amp = device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_model(cfg.model, data.shape, num_classes, **cfg.model_kwargs).to(device)
     if device.type == "cuda" and data.is_image:
         model = model.to(memory_format=torch.channels_last)
@@ -769,8 +782,13 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                 last_ckpt = time.time()
             bar.update(1)
             bar.set_postfix(loss=f"{np.nanmean(dyn.loss):.3f}", acc=f"{float((dyn.logits.argmax(1) == labels)[data.valid].mean()):.3f}")
-    finally:
-        writer.close()  # the last checkpoint is on disk (or its error raised) before the model
+    except BaseException:
+        try:
+            writer.close()  # the checkpoints written so far are on disk: the resume starts from them
+        except Exception as exc:  # noqa: BLE001 - the training error is the one to report
+            log.warning("%s: a checkpoint write failed too: %s", key, exc)
+        raise
+    writer.close()  # the last checkpoint is on disk (or its error raised) before the model
     bar.close()
     train_s = time.time() - t0
     _save(ws.path(key, "model.pt"), {"spec": model_spec(model), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},

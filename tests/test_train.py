@@ -324,6 +324,32 @@ def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_
     assert seen[-1] == 5 and sorted(os.listdir(ckpt_dir)) == ["ckpt-0003.pt"]
 
 
+def test_a_training_error_is_not_masked_by_a_failed_checkpoint_write(vec_ws, monkeypatch):
+    """Training that fails while a background write has failed too reports the training error; and
+    the process-wide deterministic switch a CPU run turns on is the caller's again afterwards."""
+    import streamprune.train as tr
+
+    def write_fails(*args):
+        raise OSError("disk full")
+
+    calls = []
+
+    def step_fails(device):
+        calls.append(device)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in epoch 1")
+
+    monkeypatch.setattr(tr, "_write_epoch", write_fails)
+    monkeypatch.setattr(tr, "sync_device", step_fails)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="out of memory in epoch 1"):
+        train(vec_ws, TrainConfig(model="mlp", epochs=3, batch_size=32), DecodeConfig(), scheduler="sync")
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(tr, "sync_device", lambda device: None)  # with training fine, the write's error is raised
+    with pytest.raises(OSError, match="disk full"):
+        train(vec_ws, TrainConfig(model="mlp", epochs=3, batch_size=32), DecodeConfig(), scheduler="sync")
+
+
 def test_decode_only_tasks_leave_workers_without_torch(tmp_path):
     """The training cache's tasks and embed's decode-only tasks never import torch in a worker
     (~190 MiB and ~2 s per worker process); the cache equals one built in-process."""
