@@ -54,6 +54,12 @@ def check_whole(value: Any, name: str, least: int = 1) -> None:
     Rule(whole(least), f"a whole number >= {least}").check(value, name)
 
 
+def check_optional_whole(value: Any, name: str, least: int = 1) -> None:
+    """:func:`check_whole` for an option whose None means "choose for me"."""
+    if value is not None:
+        check_whole(value, name, least)
+
+
 def finite(v: Any) -> bool:
     """A real number (not a bool) that is finite."""
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):

@@ -56,7 +56,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import disk_errors, map_tasks
-from streamprune.errors import StreamPruneError, check_whole
+from streamprune.errors import StreamPruneError, check_optional_whole
 from streamprune.heap import bound_heap, trim_heap
 from streamprune.leases import releases_leases
 from streamprune.workspace import StageRun, Workspace, fingerprint as stage_fingerprint
@@ -917,8 +917,7 @@ def build_index(ws: str | Workspace, *, graph: str = "both", k: int = 20, factor
     for label, value, lo in (("k", k, 1), ("nprobe", nprobe, 1), ("refine", refine, 0),
                              ("chunk-rows", chunk_rows, 1), ("recall-queries", recall_queries, 0),
                              ("ondisk-threshold", ondisk_threshold, 1)):
-        if value is not None:
-            check_whole(value, f"--{label}", lo)
+        check_optional_whole(value, f"--{label}", lo)
     return {name: _build_graph(ws, name, k=k, factory=factory, nprobe=nprobe, refine=refine,
                                chunk_rows=chunk_rows, scheduler=scheduler, force=force,
                                recall_queries=recall_queries, ondisk_threshold=ondisk_threshold, seed=seed)

@@ -16,7 +16,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
-from streamprune.errors import StreamPruneError, check_whole, whole
+from streamprune.errors import StreamPruneError, check_optional_whole, check_whole, whole
 from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 from streamprune.workspace import Workspace, train_key
 
@@ -203,8 +203,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         ix = s["index"]
         check_whole(ix["k"], "index.k", 1)
         for key, least in (("nprobe", 1), ("refine", 0)):
-            if ix[key] is not None:
-                check_whole(ix[key], f"index.{key}", least)
+            check_optional_whole(ix[key], f"index.{key}", least)
     methods = list(s["extrapolate"]["methods"])
     out["methods"], out["graph"] = methods, graphs_for(methods, s["extrapolate"]["gcn_prior"])
     if upto >= ORDER.index("index"):

@@ -44,7 +44,7 @@ from streamprune.adversarial import parse_attack, pgd
 from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
-from streamprune.errors import StreamPruneError, check_whole
+from streamprune.errors import StreamPruneError, check_optional_whole, check_whole
 from streamprune.leases import releases_leases
 from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
@@ -90,8 +90,7 @@ class TrainConfig:
         check_whole(self.epochs, "--epochs")
         check_whole(self.batch_size, "--batch-size")
         check_model_name(self.model)
-        if self.num_classes is not None:
-            check_whole(self.num_classes, "--num-classes", 2)
+        check_optional_whole(self.num_classes, "--num-classes", 2)
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):
             raise StreamPruneError(f"--lr must be a number > 0, not {self.lr!r}")
         if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):

@@ -39,7 +39,7 @@ from torch import nn
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, whole
 from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method, score_fingerprint,
                                             seed_scores, write_chunks)
@@ -781,8 +781,7 @@ def _check_params(k: int, hidden: Sequence[int], dropout: float, epochs: int, ba
         raise StreamPruneError(f"learning rate must be > 0, got {lr}")
     if weight not in WEIGHTS:
         raise StreamPruneError(f"edge weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
-    if chunk_rows is not None:
-        check_whole(chunk_rows, "--chunk-rows")
+    check_optional_whole(chunk_rows, "--chunk-rows")
 
 
 @releases_leases

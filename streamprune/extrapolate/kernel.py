@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import Rule, StreamPruneError, check_whole, finite
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, finite
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
@@ -154,8 +154,7 @@ def extrapolate_kernel(ws: str | Workspace, score: str = "du", *, bandwidth: str
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "kernel")
     _check_bandwidth(bandwidth)
-    if chunk_rows is not None:
-        check_whole(chunk_rows, "--chunk-rows")
+    check_optional_whole(chunk_rows, "--chunk-rows")
     index_marker = ws.marker("index-seeds")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph 'seeds' has not been built in {ws.url}; "

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, whole
 from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (
     SeedScores,
@@ -152,8 +152,7 @@ def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "a
     ws = as_workspace(ws, storage_options)
     key = marker_key(score, "knn")
     OPTIONS["k"].check(k, "--k")
-    if chunk_rows is not None:
-        check_whole(chunk_rows, "--chunk-rows")
+    check_optional_whole(chunk_rows, "--chunk-rows")
     index_marker = ws.marker(f"index-{graph}")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph '{graph}' has not been built in {ws.url}; run `streamprune index` first")

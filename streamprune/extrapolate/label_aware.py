@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import Rule, StreamPruneError, check_whole, whole
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, whole
 from streamprune.extrapolate.knn import knn_weights
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
@@ -183,8 +183,7 @@ def _graph_labels(graph, labels: np.ndarray, valid: np.ndarray, r0: int, r1: int
 def _check_options(k: int | None, chunk_rows: int | None) -> None:
     if k is not None:
         OPTIONS["k"].check(k, "--k")
-    if chunk_rows is not None:
-        check_whole(chunk_rows, "--chunk-rows")
+    check_optional_whole(chunk_rows, "--chunk-rows")
 
 
 def disagreement_path() -> str:

@@ -36,7 +36,7 @@ import zarr
 
 from streamprune import storage
 from streamprune.compute import client_for, map_tasks
-from streamprune.errors import Rule, StreamPruneError, check_whole, finite, whole
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, finite, whole
 from streamprune.extrapolate.common import (
     as_workspace,
     marker_key,
@@ -258,8 +258,7 @@ def _check_options(tol: float, max_iter: int, k: int | None, chunk_rows: int | N
     OPTIONS["tol"].check(tol, "--tol")
     OPTIONS["max_iter"].check(max_iter, "--max-iter")
     for value, name in ((k, "--k"), (chunk_rows, "--chunk-rows")):
-        if value is not None:
-            check_whole(value, name)
+        check_optional_whole(value, name)
 
 
 def _setup(ws: Workspace, run: StageRun, key: str, score: str, n: int, chunk_rows: int) -> dict:
