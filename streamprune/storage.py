@@ -457,11 +457,21 @@ def open_read(url: str, storage_options: dict | None = None, block_size: int = 8
 
 
 def read_range(url: str, start: int, end: int, storage_options: dict | None = None) -> bytes:
-    """Bytes [start, end) of an object, with retries on object storage."""
+    """Bytes [start, end) of an object, with retries on object storage; fewer (none) where the
+    object ends before ``end`` (``start``), on local disk and object storage alike."""
     if not is_remote(url):
         return _local(url, lambda: _pread(url, start, end))
     fs = get_fs(url, storage_options)
-    return retry(lambda: fs.cat_file(url, start=start, end=end), url, storage_options=storage_options)
+
+    def read() -> bytes:
+        try:
+            return fs.cat_file(url, start=start, end=end)
+        except OSError as exc:
+            if _s3_code(exc) == "InvalidRange":  # S3 answers a range past the end with an error
+                return b""
+            raise
+
+    return retry(read, url, storage_options=storage_options)
 
 
 def _pread(path: str, start: int, end: int) -> bytes:

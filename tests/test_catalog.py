@@ -238,21 +238,35 @@ def test_stale_note_names_only_what_the_command_made_stale(tmp_path):
         in recat.stderr
 
 
-def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path, where, request):
     """A shard truncated after `catalog`: the samples still whole are read, and every lost one has
     its own record (one ranged read covers them all, so one record for the run would leave the
-    others invalid without a word)."""
+    others invalid without a word).  On S3 a ranged read past the end is answered differently
+    (the object's bytes up to its end, or an InvalidRange error when none are left)."""
     from streamprune.shards import ErrorPolicy, read_rows
 
     os.makedirs(tmp_path / "data")
     path = str(tmp_path / "data" / "s.tar")
     write_tar(path, make_samples(6, kind="npy"))
-    ws = Workspace(str(tmp_path / "ws"))
-    catalog([path], ws, scheduler="sync")
-    cat = Catalog(ws)
-    cut = int(cat.part(0).end[3])  # samples 0-3 whole, 4 and 5 gone
     data = open(path, "rb").read()
-    open(path, "wb").write(data[:cut])
+    if where == "s3":
+        s3server = request.getfixturevalue("s3server")
+        url, opts = f"s3://{request.getfixturevalue('s3bucket')}/data/s.tar", s3server.storage_options
+        s3server.fs().pipe_file(url[5:], data)
+        ws = Workspace(url.rsplit("/", 2)[0] + "/ws", opts)
+        catalog([url], ws, scheduler="sync")
+
+        def cut_to(n):
+            s3server.fs().pipe_file(url[5:], data[:n])
+    else:
+        ws = Workspace(str(tmp_path / "ws"))
+        catalog([path], ws, scheduler="sync")
+
+        def cut_to(n):
+            open(path, "wb").write(data[:n])
+    cat = Catalog(ws)
+    cut_to(int(cat.part(0).end[3]))  # samples 0-3 whole, 4 and 5 gone
     handler = ErrorPolicy("skip")
     got = [(row, s.key) for row, s in read_rows(cat, np.arange(6), handler)]
     assert got == [(i, f"s{i:07d}") for i in range(4)]
@@ -260,6 +274,10 @@ def test_shard_cut_short_after_catalog_reports_each_lost_sample(tmp_path):
                                                                   ("s0000005", "changed_shard")]
     with pytest.raises(StreamPruneError, match=r"s\.tar, key s0000004: shard is shorter than catalogued"):
         list(read_rows(cat, np.arange(6), ErrorPolicy("fail")))
+    handler = ErrorPolicy("skip")  # a read that starts past the new end: no byte of it is left
+    assert list(read_rows(cat, np.array([4, 5]), handler)) == []
+    assert [(e["key"], e["reason"]) for e in handler.records] == [("s0000004", "changed_shard"),
+                                                                  ("s0000005", "changed_shard")]
 
 
 def test_member_name_not_utf8_is_one_line(tmp_path):
