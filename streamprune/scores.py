@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamprune.errors import whole
+
 __all__ = [
     "SCORES",
     "ScoreSpec",
@@ -584,6 +586,7 @@ class ScoreSpec:
     needs: tuple[str, ...]
     higher_is_harder: bool = True
     description: str = ""
+    revision: int = 1  # raised when the definition changes: workspaces computed under an older one re-score
 
 
 SCORES: dict[str, ScoreSpec] = {}
@@ -596,12 +599,14 @@ def register_score(
     higher_is_harder: bool = True,
     description: str = "",
     *,
+    revision: int = 1,
     overwrite: bool = False,
 ) -> ScoreSpec:
     """Add a score to :data:`SCORES` so :func:`compute_score` can find it; refuses to replace one unless ``overwrite``.
 
     ``needs`` names the arrays (keys of the dynamics dict, e.g. "true_prob", "logits", "correct",
-    "labels") that are passed positionally to ``fn`` in that order.
+    "labels") that are passed positionally to ``fn`` in that order.  Raise ``revision`` when ``fn``
+    changes what it computes: scores stored under an older revision are then computed again.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_score: name must be a non-empty string, got {name!r}")
@@ -610,9 +615,11 @@ def register_score(
     needs_t = (needs,) if isinstance(needs, str) else tuple(needs)
     if not needs_t or not all(isinstance(k, str) and k for k in needs_t):
         raise ValueError(f"register_score: needs for {name!r} must be non-empty strings, got {needs!r}")
+    if not whole(1)(revision):
+        raise ValueError(f"register_score: revision for {name!r} must be a whole number >= 1, got {revision!r}")
     if name in SCORES and not overwrite:
         raise ValueError(f"register_score: a score named {name!r} is already registered (pass overwrite=True)")
-    spec = ScoreSpec(name, fn, needs_t, bool(higher_is_harder), description)
+    spec = ScoreSpec(name, fn, needs_t, bool(higher_is_harder), description, revision)
     SCORES[name] = spec
     return spec
 
@@ -643,7 +650,8 @@ def compute_score(name: str, dynamics: dict[str, np.ndarray], **kwargs) -> np.nd
 register_score("du", du, ("true_prob",), True, "Dynamic Uncertainty: windowed std of true-class probability")
 register_score("tdds", tdds, ("logits",), True, "Temporal Dual-Depth Scoring of prediction changes")
 register_score("el2n", _el2n_early, ("logits", "labels"), True, "Error L2 norm of softmax minus one-hot label")
-register_score("forgetting", forgetting, ("correct",), True, "Number of correct -> incorrect transitions")
+register_score("forgetting", forgetting, ("correct",), True, "Number of correct -> incorrect transitions",
+               revision=2)  # 2: a row never classified correctly scores E (it scored 0)
 register_score("aum", aum, ("logits", "labels"), False, "Area under the logit margin (low = hard)")
 register_score("entropy", entropy, ("logits",), True, "Final-epoch predictive entropy")
 register_score("margin", margin, ("logits", "labels"), False, "Final-epoch probability margin (low = hard)")

@@ -111,7 +111,10 @@ def compute_scores(workspace: str | Workspace, names: list[str], *, full: bool =
         spec = get_score(name)
         kwargs = score_kwargs(spec, params)
         key = score_key(name, full, replica)
-        run = ws.begin("score", {"score": name, "params": kwargs}, {"train": tm["fingerprint"]}, force=force, key=key)
+        config = {"score": name, "params": kwargs}
+        if spec.revision > 1:  # a revision 1 adds nothing: markers from before revisions existed stay current
+            config["revision"] = spec.revision
+        run = ws.begin("score", config, {"train": tm["fingerprint"]}, force=force, key=key)
         if run.already_done:
             markers.append(run.previous | {"skipped": True})
             continue

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from streamprune.decode import DecodeConfig
+from streamprune.errors import StreamPruneError
 from streamprune.scoring import compute_scores, read_score
 from streamprune.shards import Catalog, ErrorPolicy, catalog, read_rows
 from streamprune.subset import subset, subset_rows
@@ -51,6 +52,30 @@ def test_train_records_dynamics_and_scores(vec_ws):
     again = compute_scores(vec_ws, ["du", "tdds"], params={"window": 3})
     assert again[0].get("skipped") and not again[1].get("skipped")
     assert train(vec_ws, cfg, DecodeConfig(), scheduler="sync").get("skipped")
+
+
+def test_a_score_whose_definition_changed_is_computed_again(vec_ws, monkeypatch):
+    """forgetting is at revision 2 (never-learned rows score E, where they scored 0): one computed
+    under revision 1 is out of date, named so, and replaced with --force; the other scores stay."""
+    import dataclasses
+
+    from streamprune import scores
+
+    train(vec_ws, TrainConfig(model="mlp", epochs=10, batch_size=32), DecodeConfig(), scheduler="sync")
+    current = scores.SCORES["forgetting"]
+    assert current.revision == 2
+    monkeypatch.setitem(scores.SCORES, "forgetting", dataclasses.replace(current, revision=1))
+    compute_scores(vec_ws, ["du", "forgetting"])
+    monkeypatch.setitem(scores.SCORES, "forgetting", current)
+    with pytest.raises(StreamPruneError, match=r"score-forgetting: .* another configuration \(changed: revision "
+                                               r"\(unset\) -> 2\); use --force"):
+        compute_scores(vec_ws, ["du", "forgetting"])
+    assert compute_scores(vec_ws, ["du"])[0].get("skipped")
+    again = compute_scores(vec_ws, ["forgetting"], force=True)[0]
+    assert again["config"]["revision"] == 2 and not again.get("skipped")
+    assert compute_scores(vec_ws, ["du", "forgetting"])[1].get("skipped")
+    with pytest.raises(ValueError, match="revision for 'mine' must be a whole number >= 1"):
+        scores.register_score("mine", scores.du, ("true_prob",), revision=0)
 
 
 def test_influence_score_streams_the_cache_and_matches_the_formula(vec_ws):
