@@ -171,7 +171,7 @@ def iter_tar(f: BinaryIO, read_data: bool = True, base_offset: int = 0,
             if prefix:
                 name = prefix + b"/" + name
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        if first_offset is None:
+        if first_offset is None and kind != b"g":  # a global header is not part of the member after it
             first_offset = start
         if kind in (b"L", b"x", b"g", b"K"):
             if size > MAX_EXTENDED_HEADER:

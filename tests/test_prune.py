@@ -200,6 +200,34 @@ def test_reshard_max_count_and_repeated_keys(tmp_path):
     assert sorted(seen) == sorted(want)
 
 
+def test_reshard_leaves_out_a_global_pax_header(tmp_path):
+    """A global pax header (git archive writes one first) applies to every member after it: copied
+    with the sample it precedes into an output, it would apply to the samples of other shards
+    there. The catalogued bytes of a sample start after it, so no output holds one."""
+    d = tmp_path / "data"
+    d.mkdir()
+    plain = str(d / "a.tar")
+    write_tar(plain, make_samples(4))
+    archived = str(d / "b.tar")
+    with tarfile.open(archived, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "commit 1234"}) as tar:
+        for key, payload in make_samples(3, start=100):
+            for ext, data in payload.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ws = str(tmp_path / "ws")
+    catalog([plain, archived], ws, scheduler="sync")
+    fake_upstream(Workspace(ws), 7)
+    out = str(tmp_path / "out")
+    prune(ws, keep_fraction=1.0, reshard=out, scheduler="sync")
+    [url] = open(os.path.join(out, "shards.txt")).read().split()
+    with tarfile.open(url) as tar:
+        tar.getmembers()
+        assert tar.pax_headers == {}  # the global records of every header read
+    got = {s["__key__"]: _payload(s) for s in wds.WebDataset(url, shardshuffle=False)}
+    assert got == originals([plain, archived]) and len(got) == 7
+
+
 def test_reshard_count_mismatch_publishes_no_shard_list(tmp_path, monkeypatch):
     """A reshard whose tasks report fewer samples than were kept fails before OUT/shards.txt exists:
     readers take that file as the list of complete outputs."""

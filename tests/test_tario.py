@@ -131,6 +131,11 @@ def test_member_pax_records_override_the_global_ones():
         ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == ref
     assert [n for n, _ in ref] == names
+    # a member's bytes start at its own (or its pax) header, after the global header, as in tarfile
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert [m.offset for m in iter_tar(io.BytesIO(data))] == [m.offset for m in tar.getmembers()]
+    assert data[1024 + 156:1024 + 157] == b"x"  # the first member's pax header, after the global one
+    assert next(iter_tar(io.BytesIO(data))).offset == 1024
 
 
 def test_duplicate_and_unsafe_keys(tmp_path):
