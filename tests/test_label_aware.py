@@ -454,6 +454,38 @@ def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     check_mapping(np.delete(aum_score, rows), aum_seed, False)
 
 
+def test_label_aware_extrapolation_killed_then_resumed(tmp_path):
+    """Killed while writing its chunks, the next run writes the rest; the result equals an
+    uninterrupted run's."""
+    import glob
+    import os
+
+    from helpers import kill_python_when
+    from streamprune.decode import DecodeConfig
+    from streamprune.extrapolate import extrapolate, read_extrapolated
+    from streamprune.scoring import compute_scores
+    from streamprune.subset import subset
+    from streamprune.train import TrainConfig, train
+    from streamprune.workspace import Workspace
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    subset(ws, fraction=0.3, seed=0)
+    train(ws, TrainConfig(model="mlp", epochs=4, batch_size=32), DecodeConfig(input="vector"), scheduler="sync")
+    compute_scores(ws, ["du"], params={"window": 3})
+    code = ("from streamprune.extrapolate import extrapolate; "
+            f"extrapolate({ws!r}, 'du', 'label-aware', k=20, chunk_rows=32)")
+    pattern = os.path.join(ws, "_stages", "extrapolate-du-label-aware", "*", "chunks", "rows-*.json")
+    kill_python_when(code, lambda: len(glob.glob(pattern)) >= 3, env={"STREAMPRUNE_TASK_DELAY": "0.2"}, timeout=120)
+    w = Workspace(ws)
+    assert w.marker("extrapolate-du-label-aware") is None and 3 <= len(glob.glob(pattern)) < 13
+    resumed = extrapolate(ws, "du", "label-aware", k=20, chunk_rows=32)
+    assert not resumed.get("skipped") and resumed["counts"]["n_predicted"] > 0
+    got = [a[:] for a in read_extrapolated(w, "du", "label-aware")]
+    extrapolate(ws, "du", "label-aware", k=20, chunk_rows=32, force=True)
+    for have, want in zip(got, read_extrapolated(w, "du", "label-aware")):
+        np.testing.assert_array_equal(have, want[:])
+
+
 def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
     import json
 
