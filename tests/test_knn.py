@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.extrapolate import SOURCES, extrapolate, read_extrapolated, register_method
-from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores
+from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores, write_chunks
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, k_candidates, knn_predict, knn_weights, pearson
 from streamprune.index import build_index
 from streamprune.workspace import Workspace
@@ -253,6 +253,39 @@ def test_killed_extrapolation_resumes_identically(tmp_path):
     assert resumed["counts"] == expected["counts"]
     for got, want in zip(read_extrapolated(ws, "du", "knn"), read_extrapolated(clean, "du", "knn")):
         np.testing.assert_array_equal(got[:], want[:])
+
+
+def _row_values(ws, start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop, dtype=np.float32) + 0.5
+
+
+def _row_values_killed_at_40(ws, start: int, stop: int) -> np.ndarray:
+    if start >= 40:
+        raise RuntimeError("killed")
+    return _row_values(ws, start, stop)
+
+
+def test_a_run_resumed_with_other_chunk_rows_writes_every_row(tmp_path):
+    """A killed run resumed with another chunking (label-aware's --chunk-rows is not part of its
+    configuration) starts its output afresh, and writes again the rows it recorded in the old one."""
+    n = 100
+    ws = make_workspace(tmp_path / "ws", np.zeros((n, 2), np.float32), subset=np.array([3, 50]))
+    add_scores(ws, "du", np.float32([7.0, 8.0]))
+
+    def begin():
+        return ws.begin("extrapolate", {"score": "du", "method": "knn"}, {}, key="extrapolate-du-knn")
+
+    killed = begin()
+    with pytest.raises(RuntimeError, match="killed"):
+        write_chunks(ws, killed, "du", "knn", n, _row_values_killed_at_40, chunk_rows=20)
+    assert {"rows-0", "rows-1"} <= killed.done_chunks()
+    counts = write_chunks(ws, begin(), "du", "knn", n, _row_values, chunk_rows=32)
+    group = zarr.open_group(storage.zarr_store(ws.path("extrapolated", "du-knn.zarr")), mode="r")
+    want = np.arange(n, dtype=np.float32) + 0.5
+    want[[3, 50]] = 7.0, 8.0
+    np.testing.assert_array_equal(group["score"][:], want)
+    np.testing.assert_array_equal(group["source"][:], np.where(np.isin(np.arange(n), [3, 50]), 0, 1))
+    assert (counts["n"], counts["n_seed"], counts["n_predicted"], counts["n_invalid"]) == (n, 2, 98, 0)
 
 
 def test_dispatch_and_registry(tmp_path, monkeypatch):
