@@ -516,6 +516,10 @@ class StageRun:
         """Drop the chunk records of this run: their outputs are known to be gone or replaced."""
         storage.remove(storage.join(self._dir, "chunks"), self.ws.storage_options, recursive=True)
 
+    def forget_chunk(self, chunk: str | int) -> None:
+        """Drop the record of one chunk: its output is gone or replaced, and it is done again."""
+        storage.remove(storage.join(self._dir, "chunks", f"{chunk}.json"), self.ws.storage_options)
+
     def chunk_errors(self) -> list[dict]:
         """Errors recorded by the finished chunks of this run, in chunk order."""
         out: list[dict] = []

@@ -23,6 +23,9 @@ def test_retained_recall():
     kept = np.array([1, 1, 0, 0, 1], bool)
     ref = np.array([1, 0, 1, 0, 1], bool)
     assert retained_recall(kept, ref) == pytest.approx(2 / 3)
+    # a share of the reference selection, whatever the size of the method's own
+    assert retained_recall(np.ones(5, bool), ref) == 1.0
+    assert retained_recall(np.array([1, 0, 0, 0, 0], bool), ref) == pytest.approx(1 / 3)
 
 
 def test_tail_spearman():
@@ -31,6 +34,17 @@ def test_tail_spearman():
     pred[90:] = pred[90:][::-1]  # top decile reversed, bottom intact
     t = tail_spearman(pred, ref)
     assert t["top"] == pytest.approx(-1.0) and t["bottom"] == pytest.approx(1.0)
+
+
+def test_tail_spearman_keeps_the_rows_at_the_quantile():
+    """Rows whose reference equals the tail's quantile belong to the tail (scores with ties, such as
+    forgetting counts, have many there)."""
+    ref = np.arange(11, dtype=float)  # the 0.3 tails end exactly at 3 and 7: rows 0-3 and 7-10
+    pred = ref.copy()
+    pred[7] = 100.0  # top tail: ranks 4, 1, 2, 3 against 1, 2, 3, 4
+    pred[[0, 3]] = 50.0, -100.0  # bottom tail: ranks 4, 2, 3, 1 against 1, 2, 3, 4
+    t = tail_spearman(pred, ref, tail=0.3)
+    assert t["top"] == pytest.approx(-0.2) and t["bottom"] == pytest.approx(-0.8)
 
 
 def test_error_jaccard_agreement_per_class():

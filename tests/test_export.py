@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from streamprune.decode import DecodeConfig
-from streamprune.export import _column_name, export_scores
+from streamprune.export import _column_name, export_scores, row_labels
 from streamprune.scoring import compute_scores, read_score
 from streamprune.shards import catalog
 from streamprune.subset import subset, subset_rows
@@ -88,6 +88,19 @@ def test_results_of_replaced_inputs_are_left_out_or_refused(tmp_path):
     assert not st["stages"]["extrapolate-du-knn"]["done"] and "out of date" in st["stages"]["extrapolate-du-knn"]["stale"]
     assert st["stages"]["score-du"]["done"] and st["stages"]["score-du"]["stale"] is None
     assert "stale    extrapolate-du-knn" in run_cli("status", "-w", ws).stdout
+
+
+def test_labels_of_an_out_of_date_embedding_are_not_used(tmp_path):
+    """Labels come from current stages only: embeddings made for a replaced catalog may not even have its rows."""
+    ws = Workspace(str(tmp_path / "ws"))
+    old = ws.begin("catalog", {"shards": ["a.tar"]}, {}).commit({}, {"n_samples": 4})
+    g = zarr.open_group(ws.path("embeddings.zarr"), mode="w")
+    g.create_array("labels", data=np.array([3, 1, 2, 0]))
+    ws.begin("embed", {"test": 1}, {"catalog": old["fingerprint"]}).commit({"embeddings": "embeddings.zarr"}, {"n": 4})
+    assert row_labels(ws, 4).tolist() == [3, 1, 2, 0]
+    ws.begin("catalog", {"shards": ["a.tar", "b.tar"]}, {}, force=True).commit({}, {"n_samples": 6})
+    assert ws.outdated("embed") == ("embed", "catalog")
+    assert row_labels(ws, 6).tolist() == [-1] * 6
 
 
 def test_failed_export_leaves_no_temp_file(tmp_path):

@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.extrapolate import SOURCES, extrapolate, read_extrapolated, register_method
-from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores
+from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores, write_chunks
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, k_candidates, knn_predict, knn_weights, pearson
 from streamprune.index import build_index
 from streamprune.workspace import Workspace
@@ -197,6 +197,20 @@ def test_seed_lookup_dense_table_equals_the_binary_search(monkeypatch):
     assert np.isnan(SeedScores(np.zeros(0, np.int64), np.zeros(0, np.float32), "fp").lookup(np.array([0, 3]))).all()
 
 
+def test_seed_scores_are_read_again_when_the_score_is_recomputed(tmp_path):
+    """seed_scores caches per process: a score re-run since (a new marker) is read again, not served stale."""
+    ws = make_workspace(tmp_path / "ws", np.zeros((10, 2), np.float32), subset=np.array([1, 4, 7]))
+    add_scores(ws, "du", np.array([0.1, 0.2, 0.3], np.float32))
+    np.testing.assert_array_equal(seed_scores(ws, "du").values, np.float32([0.1, 0.2, 0.3]))
+    arr = zarr.open_array(storage.zarr_store(ws.path("scores", "du.zarr")), mode="r+")
+    arr[:] = np.float32([0.7, 0.8, 0.9])
+    ws.begin("score", {"score": "du", "params": {"window": 3}}, {}, key="score-du", force=True).commit(
+        {"score": "scores/du.zarr"}, {"n": 3})
+    again = seed_scores(Workspace(ws.url), "du")
+    np.testing.assert_array_equal(again.values, np.float32([0.7, 0.8, 0.9]))
+    assert again.fingerprint == ws.marker("score-du")["fingerprint"]
+
+
 def test_finalize_chunk_keeps_seeds_and_marks_invalid():
     seeds = SeedScores(np.array([1, 4, 12]), np.array([7.0, np.nan, 9.0], np.float32), "fp")
     score, source = finalize_chunk(0, np.arange(6, dtype=np.float32), np.array([1, 1, 0, 1, 1, 1], bool), seeds, "knn")
@@ -239,7 +253,9 @@ def test_auto_k_uses_seed_scores_only(tmp_path):
     assert extrapolate_knn(ws, "du", k="auto", chunk_rows=100)["skipped"]
 
 
-def test_killed_extrapolation_resumes_identically(tmp_path):
+def test_killed_extrapolation_resumes_identically(tmp_path, monkeypatch):
+    from streamprune.extrapolate import knn
+
     ws, *_ = scored_workspace(tmp_path / "killed", n=1200, chunk=50)
     clean, *_ = scored_workspace(tmp_path / "clean", n=1200, chunk=50)
     code = (f"from streamprune.extrapolate.knn import extrapolate_knn; "
@@ -248,11 +264,54 @@ def test_killed_extrapolation_resumes_identically(tmp_path):
     pattern = os.path.join(ws.url, "_stages", "extrapolate-du-knn", "*", "chunks", "rows-*.json")
     kill_python_when(code, lambda: len(glob.glob(pattern)) >= 3, env=env, timeout=120)
     assert ws.marker("extrapolate-du-knn") is None and 3 <= len(glob.glob(pattern)) < 24
+    done = {int(os.path.basename(p)[len("rows-"):-len(".json")]) for p in glob.glob(pattern)}
+    predicted, predict = [], knn._predict_chunk
+
+    def recorded(ws, start, stop, *args):
+        predicted.append(start // 50)
+        return predict(ws, start, stop, *args)
+
+    monkeypatch.setattr(knn, "_predict_chunk", recorded)
     resumed = extrapolate_knn(ws, "du", k="auto", chunk_rows=50)
+    assert sorted(predicted) == sorted(set(range(24)) - done)  # the recorded chunks are not predicted again
+    monkeypatch.undo()
     expected = extrapolate_knn(clean, "du", k="auto", chunk_rows=50)
     assert resumed["counts"] == expected["counts"]
     for got, want in zip(read_extrapolated(ws, "du", "knn"), read_extrapolated(clean, "du", "knn")):
         np.testing.assert_array_equal(got[:], want[:])
+
+
+def _row_values(ws, start: int, stop: int) -> np.ndarray:
+    return np.arange(start, stop, dtype=np.float32) + 0.5
+
+
+def _row_values_killed_at_40(ws, start: int, stop: int) -> np.ndarray:
+    if start >= 40:
+        raise RuntimeError("killed")
+    return _row_values(ws, start, stop)
+
+
+def test_a_run_resumed_with_other_chunk_rows_writes_every_row(tmp_path):
+    """A killed run resumed with another chunking (label-aware's --chunk-rows is not part of its
+    configuration) starts its output afresh, and writes again the rows it recorded in the old one."""
+    n = 100
+    ws = make_workspace(tmp_path / "ws", np.zeros((n, 2), np.float32), subset=np.array([3, 50]))
+    add_scores(ws, "du", np.float32([7.0, 8.0]))
+
+    def begin():
+        return ws.begin("extrapolate", {"score": "du", "method": "knn"}, {}, key="extrapolate-du-knn")
+
+    killed = begin()
+    with pytest.raises(RuntimeError, match="killed"):
+        write_chunks(ws, killed, "du", "knn", n, _row_values_killed_at_40, chunk_rows=20)
+    assert {"rows-0", "rows-1"} <= killed.done_chunks()
+    counts = write_chunks(ws, begin(), "du", "knn", n, _row_values, chunk_rows=32)
+    group = zarr.open_group(storage.zarr_store(ws.path("extrapolated", "du-knn.zarr")), mode="r")
+    want = np.arange(n, dtype=np.float32) + 0.5
+    want[[3, 50]] = 7.0, 8.0
+    np.testing.assert_array_equal(group["score"][:], want)
+    np.testing.assert_array_equal(group["source"][:], np.where(np.isin(np.arange(n), [3, 50]), 0, 1))
+    assert (counts["n"], counts["n_seed"], counts["n_predicted"], counts["n_invalid"]) == (n, 2, 98, 0)
 
 
 def test_dispatch_and_registry(tmp_path, monkeypatch):

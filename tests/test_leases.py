@@ -125,6 +125,18 @@ def test_a_run_that_lost_its_lease_records_nothing_more(shards, tmp_path):
     assert os.path.exists(run.lease.url)  # the new holder's lease stays
 
 
+def test_a_release_before_the_renewal_noticed_a_takeover_leaves_the_new_holders_lease(tmp_path):
+    """A run that stalled, was taken over and then ends before a renewal told it so must not remove
+    the lease of the run that took its stage over."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    held = leases.acquire(url, "embed")
+    with open(url, "wb") as f:  # taken over while this run stalled; no renewal has run since
+        f.write(_foreign(time.time()))
+    assert held.lost_to is None
+    leases.release(held)
+    assert json.load(open(url))["token"] == "t-other"
+
+
 def test_a_stage_that_fails_gives_its_lease_back(shards, tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     catalog(shards, ws.url, scheduler="sync")

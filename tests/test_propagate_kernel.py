@@ -265,6 +265,8 @@ def test_gaussian_weights_far_and_missing():
     assert w[0, 0] == 1.0 and w[0, 2] == 0.0 and 0 <= w[0, 1] < 1
     assert np.isnan(kernel_predict(np.array([[np.nan, 1.0]]), np.array([[1.0, np.inf]]), 1.0))[0]
     assert median_distance(np.ones((2, 2)), np.array([[0.0, 0.0], [0.0, 2.0]])) == 2.0
+    # a median of 0 (duplicates of the seeds) falls back to the smallest positive distance, not the largest
+    assert median_distance(np.ones((2, 3)), np.array([[0.0, 0.0, 0.0], [0.0, 0.5, 2.0]])) == 0.5
     assert median_distance(np.full((1, 2), np.nan), np.ones((1, 2))) == 1.0
 
 

@@ -25,8 +25,8 @@ from streamprune import select as sel
 from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune import prune as prune_module
-from streamprune.prune import (OWNER_FILE, ShardPlanner, _buffer_members, atomic_output, check_members, headers_ok,
-                               iter_headers, load_scores, prune, pruned_dataset, reshard)
+from streamprune.prune import (OWNER_FILE, ShardPlanner, _buffer_members, atomic_output, check_members,
+                               check_options, headers_ok, iter_headers, load_scores, prune, pruned_dataset, reshard)
 from streamprune.shards import catalog
 from streamprune.tario import iter_tar, write_tar
 from streamprune.workspace import Workspace
@@ -337,6 +337,18 @@ def test_clear_errors(tmp_path):
     assert prune(ws, keep_fraction=0.6, name="x", force=True)["counts"]["n_kept"] == 11
     with pytest.raises(StreamPruneError, match="stage 'prune-nope' has not run"):
         reshard(ws, "nope", str(tmp_path / "out"))
+
+
+def test_hard_clean_noise_fraction_is_checked_up_front():
+    """--noise-fraction is 'auto' or a fraction in [0, 1): 0 (drop nothing) is allowed."""
+    def opts(nf):
+        return check_options(score="du", source="knn", strategy="hard-clean", keep_fraction=0.5, noise_fraction=nf)
+
+    assert opts(0)["opts"] == {"noise_fraction": 0} and opts(0.25)["opts"] == {"noise_fraction": 0.25}
+    assert opts("auto")["opts"] == {"noise_fraction": "auto"}
+    for bad in (1, 1.5, -0.1, "most"):
+        with pytest.raises(StreamPruneError, match="--noise-fraction must be 'auto' or a fraction in"):
+            opts(bad)
 
 
 def test_seed_source_random_without_scores_and_influence(tmp_path):

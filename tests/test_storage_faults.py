@@ -117,6 +117,52 @@ def test_which_errors_are_retried():
     assert calls == [1] and "gave up" not in str(err.value)
 
 
+def test_s3_retry_handler_retries_throttling_and_server_errors_within_the_policy():
+    from types import SimpleNamespace
+
+    handler = storage._RetryHandler(RetryPolicy(retries=2, retry_backoff=0.01))
+
+    def response(status: int, code: str = "") -> tuple:
+        return SimpleNamespace(status_code=status), ({"Error": {"Code": code}} if code else {})
+
+    assert handler(1, response=response(429)) > 0  # Too Many Requests, whatever its error code
+    assert handler(2, response=response(503, "SlowDown")) > 0
+    assert handler(3, response=response(503, "SlowDown")) is None  # the third of 3 attempts was the last
+    assert handler(1, response=response(403, "AccessDenied")) is None
+    assert handler(1, response=response(200)) is None
+
+
+def test_retry_makes_every_attempt_of_the_policy_at_errors_outside_s3_requests():
+    """Errors no S3 request handler saw (local or mounted storage) are retried by storage.retry itself."""
+    calls = []
+
+    def reset():
+        calls.append(1)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    with pytest.raises(StreamPruneError, match=r"Connection reset by peer \(gave up after 3 attempts\)$"):
+        storage.retry(reset, "/mnt/data/a.tar", {"retries": 2, "retry_backoff": 0})
+    assert len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    calls.clear()
+    with pytest.raises(StreamPruneError) as err:
+        storage.retry(missing, "/mnt/data/b.tar", {"retries": 2, "retry_backoff": 0})
+    assert len(calls) == 1 and "gave up" not in str(err.value)  # not transient: not retried
+    outcomes = iter([TimeoutError("timed out"), "ok"])
+
+    def flaky():
+        out = next(outcomes)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    assert storage.retry(flaky, "/mnt/data/c.tar", {"retries": 2, "retry_backoff": 0}) == "ok"
+
+
 # transient faults: retried, results identical -------------------------------------------------
 def test_catalog_through_transient_faults_cli(s3server, root, data, proxy, tmp_path):
     shards, prefix = data

@@ -72,6 +72,18 @@ def test_chunk_records_are_per_fingerprint(tmp_path):
     assert not os.path.exists(tmp_path / "ws" / "_stages" / "embed")
 
 
+def test_a_chunk_record_killed_before_its_rename_is_not_done(tmp_path):
+    """A record is written to `.tmp-<id>-<chunk>.json`, then renamed: a run killed in between leaves
+    the temporary file, and its chunk is not finished (subset reads the record names as task numbers)."""
+    ws = Workspace(str(tmp_path / "ws"))
+    run = ws.begin("subset", {"fraction": 0.5}, {"catalog": "c"})
+    run.mark_chunk(4, {"tasks": 4, "rows": 10})
+    chunks = tmp_path / "ws" / "_stages" / "subset" / run.fingerprint[:16] / "chunks"
+    (chunks / ".tmp-0123abcd-5.json").write_text('{"chunk": "5", "tas')
+    assert run.done_chunks() == {"4"}
+    assert ws.begin("subset", {"fraction": 0.5}, {"catalog": "c"}).done_chunks() == {"4"}
+
+
 def test_status_json(shards, tmp_path):
     ws = str(tmp_path / "ws")
     run_cli("catalog", *shards, "-w", ws, "--scheduler", "sync")

@@ -262,11 +262,18 @@ def finalize_chunk(start: int, predicted: np.ndarray, valid: np.ndarray, seeds: 
 
 
 def open_output(ws: Workspace, run: StageRun, score: str, method: str, n: int, chunk_rows: int) -> zarr.Group:
-    """The output group, created (empty: NaN / 255) unless this run already created it."""
+    """The output group, created (empty: NaN / 255) unless this run already created it with this layout.
+
+    A run resumed with another ``chunk_rows`` (an option that need not be part of a method's
+    configuration) starts the output afresh, and forgets the rows it recorded in the old layout.
+    """
     url = ws.path(output_path(score, method))
     rec = run.chunk_done("output-layout")
     if rec is not None and rec.get("n") == n and rec.get("chunk_rows") == chunk_rows:
         return zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
+    for chunk in run.done_chunks():
+        if chunk.startswith("rows-"):
+            run.forget_chunk(chunk)
     group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
     group.create_array("score", shape=(n,), chunks=(chunk_rows,), dtype="float32", fill_value=np.nan)
     group.create_array("source", shape=(n,), chunks=(chunk_rows,), dtype="uint8", fill_value=INVALID)
