@@ -18,6 +18,7 @@ from streamprune.extrapolate import SOURCES, extrapolate, read_extrapolated, reg
 from streamprune.extrapolate.common import SeedScores, finalize_chunk, lookup, seed_scores, write_chunks
 from streamprune.extrapolate.knn import choose_k, extrapolate_knn, k_candidates, knn_predict, knn_weights, pearson
 from streamprune.index import build_index
+from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 from helpers import kill_python_when
 from test_index import clustered, make_workspace
@@ -301,11 +302,15 @@ def test_a_run_resumed_with_other_chunk_rows_writes_every_row(tmp_path):
     def begin():
         return ws.begin("extrapolate", {"score": "du", "method": "knn"}, {}, key="extrapolate-du-knn")
 
-    killed = begin()
-    with pytest.raises(RuntimeError, match="killed"):
-        write_chunks(ws, killed, "du", "knn", n, _row_values_killed_at_40, chunk_rows=20)
-    assert {"rows-0", "rows-1"} <= killed.done_chunks()
-    counts = write_chunks(ws, begin(), "du", "knn", n, _row_values, chunk_rows=32)
+    @releases_leases  # as a stage function: the lease this thread takes is given back at the end
+    def killed_then_resumed():
+        killed = begin()
+        with pytest.raises(RuntimeError, match="killed"):
+            write_chunks(ws, killed, "du", "knn", n, _row_values_killed_at_40, chunk_rows=20)
+        assert {"rows-0", "rows-1"} <= killed.done_chunks()
+        return write_chunks(ws, begin(), "du", "knn", n, _row_values, chunk_rows=32)
+
+    counts = killed_then_resumed()
     group = zarr.open_group(storage.zarr_store(ws.path("extrapolated", "du-knn.zarr")), mode="r")
     want = np.arange(n, dtype=np.float32) + 0.5
     want[[3, 50]] = 7.0, 8.0
