@@ -198,7 +198,8 @@ def check_label(label: int, num_classes: int | None, shard: str, key: str) -> No
         raise SampleError(f"label {label} is implausibly large (over {MAX_LABEL}); pass --num-classes if the "
                           "dataset really has that many classes", shard, key, reason="label_range")
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise SampleError(f"label {label} out of range [0, {num_classes})", shard, key, reason="label_range")
+        bound = MAX_LABEL + 1 if num_classes is None else num_classes
+        raise SampleError(f"label {label} out of range [0, {bound})", shard, key, reason="label_range")
 
 
 def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: tuple[int, ...] | None,

@@ -409,12 +409,6 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
         inputs["disagreement"] = dm["fingerprint"]
         margin_marker = seed_margin_marker(ws)
         inputs["seed_margin"] = margin_marker["fingerprint"] if margin_marker else None
-    run = ws.begin("prune", config, inputs, force=force, key=f"prune-{name}")
-    if run.already_done:
-        return run.previous | {"skipped": True}
-    t0 = time.time()
-    noise_info: dict = {}
-
     if scores is None:
         scores = np.zeros(n, np.float32)
     n_nan = int(np.isnan(scores).sum())
@@ -424,6 +418,18 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
         scores[~valid] = np.nan  # an undecodable sample is never kept, whatever its score
     del valid
     eligible_count = int((~np.isnan(scores)).sum())
+    if strategy != "influence-budget":  # before begin: a refused count leaves a --force run's old results in place
+        try:
+            sel.keep_count_from(eligible_count, keep_fraction, keep_count)
+        except ValueError as exc:
+            raise StreamPruneError(f"prune: {strategy}: {exc} ({n} rows: {n_invalid} invalid, {n_nan} without a "
+                                   f"score, {eligible_count} eligible)") from None
+    run = ws.begin("prune", config, inputs, force=force, key=f"prune-{name}")
+    if run.already_done:
+        return run.previous | {"skipped": True}
+    t0 = time.time()
+    noise_info: dict = {}
+
     labels, label_source = load_labels(ws, n, embed_labels)
     del embed_labels
     if strategy == "balanced":

@@ -141,9 +141,13 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise StreamPruneError(f"--device must be auto, cpu or cuda[:N], not {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamPruneError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
+    return device
 
 
 # cache ---------------------------------------------------------------------------------------
@@ -557,7 +561,7 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
         inputs["train-full"] = ws.require("train-full", key)["fingerprint"]
         cfg = replace(cfg, seed=cfg.seed + replica)
     config = {"train": cfg.fingerprint_dict(), "decode": decode.to_dict(), "on_error": on_error}
-    run = ws.begin("train", config, inputs, force=force, key=key)
+    run = ws.begin("train", config, inputs, force=force, key=key, check=lambda: resolve_device(cfg.device))
     if run.already_done:
         return run.previous | {"skipped": True}
     t0 = time.time()

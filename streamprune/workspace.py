@@ -26,7 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from streamprune import __version__, leases, storage
 from streamprune.errors import StreamPruneError
@@ -391,11 +391,14 @@ class Workspace:
                 if line:
                     raise StreamPruneError(f"{for_stage}: {line} first")
 
-    def begin(self, stage: str, config: dict, inputs: dict, force: bool = False, key: str | None = None) -> "StageRun":
+    def begin(self, stage: str, config: dict, inputs: dict, force: bool = False, key: str | None = None,
+              check: Callable[[], Any] | None = None) -> "StageRun":
         """Start (or resume, or skip) a stage run for ``config`` over ``inputs``.
 
         ``key`` names the marker when a stage has several independent outputs (e.g. one per
-        score); it defaults to the stage name.
+        score); it defaults to the stage name.  ``check`` runs only when the stage is about to run,
+        before ``force`` removes anything: what it refuses (say a device this machine lacks) leaves
+        the workspace as it was, and a finished run is still skipped.
         """
         self.check_version(force)
         name = key or stage
@@ -409,17 +412,18 @@ class Workspace:
         # Everything below (markers replaced, records dropped) and the run itself hold the stage's lease.
         held = leases.acquire(self.path("_stages", f"{name}.lease"), name, self.storage_options)
         try:
-            return self._begin_held(stage, name, fp, config, inputs, force, held)
+            return self._begin_held(stage, name, fp, config, inputs, force, held, check)
         except BaseException:
             leases.release(held)
             raise
 
     def _begin_held(self, stage: str, name: str, fp: str, config: dict, inputs: dict, force: bool,
-                    held: leases.Lease) -> "StageRun":
+                    held: leases.Lease, check: Callable[[], Any] | None) -> "StageRun":
         old = self.marker(name, check_version=not force)  # again: a run that held the lease may have committed
-        if old is not None and old.get("version") is not None and not _compatible(str(old["version"]), __version__):
+        other_version = old is not None and old.get("version") is not None and not _compatible(str(old["version"]),
+                                                                                                __version__)
+        if other_version:
             old = None  # --force over a marker of another version: start afresh
-            storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
         if old is not None and old.get("fingerprint") != fp and old.get("config") != config and not force:
             was, now = _flat(old.get("config", {})), _flat(config)
             changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
@@ -435,8 +439,10 @@ class Workspace:
         if old is not None and old.get("fingerprint") == fp:
             leases.release(held)
             return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
+        if check is not None:
+            check()
         run = StageRun(self, stage, name, fp, config, inputs, lease=held)
-        if old is not None:
+        if old is not None or other_version:
             log.info("%s: config or inputs changed, re-running", name)
             storage.remove(self.path("_stages", f"{name}.json"), self.storage_options)
         # Drop records of interrupted runs under other fingerprints: never mix configs.

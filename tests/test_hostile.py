@@ -317,6 +317,8 @@ def test_label_range():
     for label, num_classes in [(-1, None), (-1, 4), (4, 4), (MAX_LABEL + 1, None), (10**30, None)]:
         with pytest.raises(SampleError, match=r"shard s\.tar, key k1: label .*(out of range|implausibly large)"):
             check_label(label, num_classes, "s.tar", "k1")
+    with pytest.raises(SampleError, match=r"label -1 out of range \[0, 1048576\)$"):  # not "[0, None)"
+        check_label(-1, None, "s.tar", "k1")
 
 
 @pytest.mark.parametrize("data,message", [

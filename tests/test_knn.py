@@ -368,6 +368,16 @@ def test_bad_input(tmp_path):
         extrapolate_knn(ws, "aum", k=5)
 
 
+def test_k_over_the_graph_with_force_keeps_the_finished_result(tmp_path):
+    """A refused --k leaves the workspace as it was, --force or not (the finished result was removed first)."""
+    ws, *_ = scored_workspace(tmp_path / "ws", n=200)
+    done = extrapolate_knn(ws, "du", k=5)
+    with pytest.raises(StreamPruneError, match="k=50 exceeds the graph's k=20"):
+        extrapolate_knn(ws, "du", k=50, force=True)
+    assert ws.marker("extrapolate-du-knn")["fingerprint"] == done["fingerprint"]
+    read_extrapolated(ws, "du", "knn")
+
+
 def test_evaluate_reports_the_oracle_k_and_gap(tmp_path):
     from streamprune.evaluate import knn_k_oracle
 

@@ -400,6 +400,28 @@ def test_disagreement_needs_labels(tmp_path):
         compute_disagreement(ws)
 
 
+def test_label_aware_force_replaces_the_disagreement_and_a_refused_k_keeps_it(tmp_path):
+    """--force with another --k re-makes the disagreement (it was refused, naming --force itself); a k
+    over the graph's is refused before --force removes anything."""
+    from streamprune.errors import StreamPruneError
+    from streamprune.extrapolate import extrapolate
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path)
+    subset(ws, fraction=0.3, seed=0)
+    w = Workspace(ws)
+    add_scores(w, "du", np.random.default_rng(0).random(len(subset_rows(w))).astype(np.float32))
+    extrapolate(ws, "du", "label-aware", k=10)
+    m = extrapolate(ws, "du", "label-aware", k=15, force=True)
+    assert w.marker("score-label_disagreement")["config"]["k"] == 15 and m["config"]["k"] == 15
+    with pytest.raises(StreamPruneError, match="k=30 but the all-rows graph has only 20 neighbours"):
+        extrapolate(ws, "du", "label-aware", k=30, force=True)
+    assert w.marker("score-label_disagreement")["config"]["k"] == 15
+    assert w.marker("extrapolate-du-label-aware")["fingerprint"] == m["fingerprint"]
+
+
 def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):
     from streamprune.decode import DecodeConfig
     from streamprune.extrapolate import extrapolate, read_extrapolated

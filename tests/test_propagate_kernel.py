@@ -436,6 +436,16 @@ def test_dask_cluster_and_threads_equal_sync(base, tmp_path, dask_cluster):
                 np.testing.assert_array_equal(got, ref)
 
 
+def test_propagate_k_over_the_graph_with_force_keeps_the_finished_result(base, tmp_path):
+    """A refused k leaves the workspace as it was, --force or not (the finished result was removed first)."""
+    ws = clone(base, tmp_path)
+    done = extrapolate_propagate(ws, "du", max_iter=3)
+    with pytest.raises(StreamPruneError, match="k=11 exceeds the graph's k=10"):
+        extrapolate_propagate(ws, "du", max_iter=3, k=11, force=True)
+    assert ws.marker("extrapolate-du-propagate")["fingerprint"] == done["fingerprint"]
+    outputs(ws, "propagate")
+
+
 def test_bad_input(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 3)).astype(np.float32)

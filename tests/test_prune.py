@@ -351,6 +351,15 @@ def test_hard_clean_noise_fraction_is_checked_up_front():
             opts(bad)
 
 
+def test_a_count_over_the_eligible_rows_with_force_keeps_the_finished_selection(tmp_path):
+    """A refused keep count leaves the workspace as it was, --force or not (the finished marker was removed first)."""
+    ws, _, _ = build(str(tmp_path), n_shards=2, per_shard=10)
+    done = prune(ws, keep_fraction=0.5, name="x")
+    with pytest.raises(StreamPruneError, match="cannot keep 30 rows: only 20 eligible"):
+        prune(ws, keep_count=30, name="x", force=True)
+    assert Workspace(ws).marker("prune-x")["fingerprint"] == done["fingerprint"]
+
+
 def test_seed_source_random_without_scores_and_influence(tmp_path):
     shards = write_shards(str(tmp_path / "data"), 2, 10)
     ws = Workspace(str(tmp_path / "ws"))

@@ -594,6 +594,23 @@ def test_pseudo_labels_have_k_classes_whatever_num_classes_says(vec_ws):
     assert m["counts"]["num_classes"] == 5 and _dyn(vec_ws)["logits"].shape[2] == 5
 
 
+def test_a_device_this_machine_lacks_is_one_line_and_keeps_the_finished_run_with_force(vec_ws):
+    """--device is refused before --force removes the previous run (it was part of the configuration)."""
+    from dataclasses import replace
+
+    from streamprune.errors import StreamPruneError
+
+    cfg = TrainConfig(model="mlp", epochs=2, batch_size=32)
+    done = train(vec_ws, cfg, DecodeConfig(), scheduler="sync")
+    bad = [("tpu", "--device must be auto, cpu or cuda")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "CUDA is not available"))
+    for device, why in bad:
+        with pytest.raises(StreamPruneError, match=why):
+            train(vec_ws, replace(cfg, device=device), DecodeConfig(), scheduler="sync", force=True)
+        assert Workspace(vec_ws).marker("train")["fingerprint"] == done["fingerprint"]
+
+
 def test_supervised_training_without_labels_is_one_line(vec_ws):
     """--label-key none decodes no labels: supervised training on them would train every row on
     class 0 (with --num-classes) and score nothing."""

@@ -53,6 +53,20 @@ def test_stage_needs_its_input(tmp_path):
     assert out.returncode == 1 and "run `streamprune catalog` first" in out.stderr
 
 
+def test_begin_checks_only_a_run_that_will_run_and_before_force_removes_anything(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    done = ws.begin("s", {"a": 1}, {}).commit({}, {})
+
+    def refuse():
+        raise StreamPruneError("this machine cannot run it")
+
+    assert ws.begin("s", {"a": 1}, {}, check=refuse).already_done  # a finished run is skipped, unchecked
+    with pytest.raises(StreamPruneError, match="cannot run it"):
+        ws.begin("s", {"a": 2}, {}, force=True, check=refuse)
+    assert ws.marker("s")["fingerprint"] == done["fingerprint"]
+    ws.begin("s", {"a": 2}, {}, force=True).commit({}, {})  # the refused run released its lease
+
+
 def test_chunk_records_are_per_fingerprint(tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     run = ws.begin("embed", {"a": 1}, {"x": "1"})

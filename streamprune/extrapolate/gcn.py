@@ -830,12 +830,12 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
               "training": training, "resident_steps": resident_steps,
               # only when on: 0 is training before the option existed, so older results still match
               **({"patience": int(patience)} if patience else {})}
-    run = ws.begin("extrapolate", config, inputs, force=force, key=key)
+    from streamprune.train import resolve_device
+
+    run = ws.begin("extrapolate", config, inputs, force=force, key=key, check=lambda: resolve_device(device))
     if run.already_done:
         _remove_activations(ws, score, len(widths))
         return run.previous | {"skipped": True}
-    from streamprune.train import resolve_device
-
     dev = resolve_device(device)
     timings: dict = {}
     ckpt_rel = f"gcn/{score}/model.pt"

@@ -156,23 +156,23 @@ def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "a
     index_marker = ws.marker(f"index-{graph}")
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph '{graph}' has not been built in {ws.url}; run `streamprune index` first")
+    nbr_arr, _ = _open_graph(ws, graph)
+    n, graph_k = nbr_arr.shape
+    if k != "auto" and k > graph_k:  # before begin: a refused option leaves a --force run's old results in place
+        raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
+                               f"rebuild it with `streamprune index --k {k}`")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
     config = {"score": score, "method": "knn", "k": k, "graph": graph, "chunk_rows": chunk_rows}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)
     if run.already_done:
         return run.previous | {"skipped": True}
     t0 = time.time()
-    nbr_arr, _ = _open_graph(ws, graph)
-    n, graph_k = nbr_arr.shape
     _check_rows(ws, n, key)
     rec = run.chunk_done("choose-k")
     if rec is None:
         if k == "auto":
             chosen, table, n_val = validation_table(ws, score, graph)
         else:
-            if k > graph_k:
-                raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
-                                       f"rebuild it with `streamprune index --k {k}`")
             chosen, table, n_val = int(k), {}, 0
         rec = {"k": int(chosen), "validation": {str(c): v for c, v in table.items()}, "n_validation": n_val}
         run.mark_chunk("choose-k", rec)

@@ -203,8 +203,12 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     emb_m = ws.require("embed", "label disagreement")
     graph_m = ws.require("index-all", "label disagreement")
+    graph = zarr.open_group(storage.zarr_store(ws.path("graph", "all.zarr"), ws.storage_options), mode="r")
     if k is None:
         k = min(20, int(graph_m["counts"]["k"]))
+    if graph["neighbors"].shape[1] < k:  # before begin: a refused option leaves a --force run's old results in place
+        raise StreamPruneError(f"label disagreement: k={k} but the all-rows graph has only "
+                               f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k}`")
     run = ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": k},
                    {"embed": emb_m["fingerprint"], "graph": graph_m["fingerprint"]}, force=force,
                    key="score-label_disagreement")
@@ -213,10 +217,6 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
     t0 = time.time()
     labels, valid = _labels_valid(ws)
     n = len(labels)
-    graph = zarr.open_group(storage.zarr_store(ws.path("graph", "all.zarr"), ws.storage_options), mode="r")
-    if graph["neighbors"].shape[1] < k:
-        raise StreamPruneError(f"label disagreement: k={k} but the all-rows graph has only "
-                               f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k}`")
     url = ws.path(disagreement_path())
     if run.chunk_done("layout") is None:
         zarr.create_array(storage.zarr_store(url, ws.storage_options), shape=(n,),
@@ -275,7 +275,7 @@ def extrapolate_label_aware(ws: str | Workspace, score: str = "du", *, k: int | 
 
     _check_options(k, chunk_rows)
     ws = common.as_workspace(ws, storage_options)
-    dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, storage_options=storage_options)
+    dm = compute_disagreement(ws, k=k, chunk_rows=chunk_rows, force=force, storage_options=storage_options)
     chunk_rows = chunk_rows or 1 << 16
     seeds = common.seed_scores(ws, score)
     try:

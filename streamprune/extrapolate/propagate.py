@@ -360,19 +360,19 @@ def extrapolate_propagate(ws: str | Workspace, score: str = "du", *, tol: float 
     if index_marker is None:
         raise StreamPruneError(f"{key}: graph 'all' has not been built in {ws.url}; "
                                "run `streamprune index --graph all` first")
+    from streamprune.index import read_graph
+
+    nbr_arr, _ = read_graph(ws, "all")
+    n, graph_k = nbr_arr.shape
+    if k is not None and k > graph_k:  # before begin: a refused option leaves a --force run's old results in place
+        raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
+                               f"rebuild it with `streamprune index --graph all --k {k}`")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
     config = {"score": score, "method": "propagate", "tol": float(tol), "max_iter": int(max_iter),
               "k": None if k is None else int(k), "chunk_rows": chunk_rows}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)
     if run.already_done:
         return run.previous | {"skipped": True}
-    from streamprune.index import read_graph
-
-    nbr_arr, _ = read_graph(ws, "all")
-    n, graph_k = nbr_arr.shape
-    if k is not None and k > graph_k:
-        raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
-                               f"rebuild it with `streamprune index --graph all --k {k}`")
     _check_rows(ws, n, key)
     rows_per_task = int(chunk_rows or nbr_arr.chunks[0])
     t0 = time.time()
