@@ -303,9 +303,12 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     from streamprune.embed import embed
 
     e = s["embed"]
+    # the subset model's encoder decodes as training did (its marker says how); another encoder reads
+    # the samples the way [score] says (label key, input kind, image size), not with the defaults
+    decode_for_embed = None if e["encoder"] == "subset" else decode
     stage("embed", lambda: embed(ws, encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
-                                 chunk_rows=e["chunk_rows"], normalize=e["normalize"], on_error=on_error,
-                                 scheduler=sched, force=force, memory_limit=e["memory_limit"]))
+                                 chunk_rows=e["chunk_rows"], normalize=e["normalize"], decode=decode_for_embed,
+                                 on_error=on_error, scheduler=sched, force=force, memory_limit=e["memory_limit"]))
     if until == "embed":
         return _finish(timings, outputs, echo)
 

@@ -321,3 +321,31 @@ def test_run_timing_table_fits_long_stage_names():
     ends = {line.index("s  status") + 1 if line.startswith("stage") else line.index(".") + 2 for line in table}
     assert len(ends) == 1  # every wall time ends in the column of the header's 'wall s'
     assert table[2].split() == ["extrapolate", "du-label-aware-with-suffix", "2.5", "skipped"]
+
+
+def test_run_embeds_with_another_encoder_the_way_score_decodes(tmp_path):
+    """With ``[embed] encoder`` other than the subset model, embed reads the samples as ``[score]``
+    says (here: labels in a .json field, no .cls), not with the default decoding."""
+    import json
+
+    from shardgen import make_samples
+    from streamprune.pipeline import run_pipeline
+    from streamprune.tario import write_tar
+
+    os.makedirs(tmp_path / "data")
+    shards, labels = [], []
+    for s in range(2):
+        samples = make_samples(20, start=s * 20, kind="npy")
+        for _, payload in samples:
+            label = int(payload.pop("cls"))
+            payload["json"] = json.dumps({"lab": label}).encode()
+            labels.append(label)
+        shards.append(str(tmp_path / "data" / f"shard-{s:06d}.tar"))
+        write_tar(shards[-1], samples)
+    cfg = RunConfig.load(None, {"score": {"model": "mlp", "epochs": 3, "window": 2, "input": "vector",
+                                          "label_key": "json.lab"},
+                                "embed": {"encoder": "features"}}, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, until="embed", echo=lambda line: None)
+    g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
+    assert g["valid"][:].all() and g["labels"][:].tolist() == labels
