@@ -46,7 +46,7 @@ from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError, check_optional_whole, check_whole
 from streamprune.leases import releases_leases
-from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
+from streamprune.models import build_from_spec, build_model, check_model_name, check_model_options, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import StageRun, Workspace, train_key
 
@@ -90,6 +90,7 @@ class TrainConfig:
         check_whole(self.epochs, "--epochs")
         check_whole(self.batch_size, "--batch-size")
         check_model_name(self.model)
+        check_model_options(self.model, self.model_kwargs)
         check_optional_whole(self.num_classes, "--num-classes", 2)
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):
             raise StreamPruneError(f"--lr must be a number > 0, not {self.lr!r}")
