@@ -266,7 +266,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
         elif isinstance(result, dict) and "fingerprint" not in result and "skipped" not in result:
             results = list(result.values())  # several markers by name (index: seeds and all)
         else:
-            results = [result]
+            results = [result, result.get("reshard")]  # prune's selection and its reshard (when --reshard)
         skipped = all(r.get("skipped") for r in results if isinstance(r, dict))
         timings.append((name, time.time() - t0, skipped))
         echo(f"{name:<{width}} {'skipped (done)' if skipped else 'done'} in {time.time() - t0:.1f}s")

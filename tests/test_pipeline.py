@@ -349,3 +349,23 @@ def test_run_embeds_with_another_encoder_the_way_score_decodes(tmp_path):
     run_pipeline(shards, ws, cfg, until="embed", echo=lambda line: None)
     g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
     assert g["valid"][:].all() and g["labels"][:].tolist() == labels
+
+
+def test_run_reports_a_reshard_written_again(tmp_path):
+    """A run whose prune selection is done but whose --reshard output is written again (its shards.txt
+    gone, as after a run killed mid-reshard) reports prune as run, not 'nothing to do'."""
+    from streamprune.pipeline import run_pipeline
+
+    shards = write_shards(str(tmp_path / "data"), 2, 20, kind="npy", dim=8)
+    out_dir = tmp_path / "out"
+    cfg = RunConfig.load(None, {"subset": {"fraction": 0.5},
+                                "score": {"model": "mlp", "epochs": 3, "window": 2, "input": "vector"},
+                                "index": {"k": 5}, "prune": {"name": "p", "reshard": str(out_dir)}}, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, echo=lambda line: None)
+    os.remove(out_dir / "shards.txt")
+    lines: list[str] = []
+    out = run_pipeline(shards, ws, cfg, echo=lines.append)
+    assert (out_dir / "shards.txt").exists()
+    assert {t["stage"]: t["skipped"] for t in out["timings"]}["prune"] is False
+    assert not any("nothing to do" in line for line in lines)
