@@ -111,6 +111,7 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--window", "0"], "score du: window must be >= 1, got 0"),
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
+    (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
     (["score", "--scheduler", "bogus"],
      "--scheduler must be local, threads, sync or a dask scheduler address such as tcp://host:8786, not 'bogus'"),
 ])
