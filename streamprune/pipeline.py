@@ -174,6 +174,9 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
     check_whole(s["catalog"]["max_member_bytes"], "catalog.max_member_bytes")
     out: dict = {}
+    fraction = s["subset"]["fraction"]
+    if upto >= ORDER.index("subset") and not 0.0 < fraction <= 1.0:
+        raise StreamPruneError(f"subset.fraction must be in (0, 1], not {fraction}")
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
         from streamprune.scoring import check_scores

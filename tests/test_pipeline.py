@@ -285,6 +285,7 @@ def test_finite_takes_any_real_number_and_nothing_else():
 
 
 @pytest.mark.parametrize("override, says", [
+    ({"subset": {"fraction": 1.5}}, "subset.fraction must be in (0, 1], not 1.5"),
     ({"index": {"k": 0}}, "index.k must be a whole number >= 1, not 0"),
     ({"index": {"refine": -1}}, "index.refine must be a whole number >= 0, not -1"),
     ({"embed": {"dtype": "float8"}}, "embed.dtype must be float16 or float32, not 'float8'"),
