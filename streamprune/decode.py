@@ -1,7 +1,8 @@
 """Turning samples into model inputs and labels: images, feature vectors, labels.
 
 Images (``png/jpg/jpeg/webp``) decode to uint8 arrays (C, H, W) and feature vectors (``.npy``)
-to float32 arrays; the model sees images scaled to [0, 1].  Labels come from ``.cls`` (an
+to float32 arrays; the model sees images scaled to [0, 1].  A grayscale image in a dataset of
+colour images gets three equal channels, as converting it to RGB would.  Labels come from ``.cls`` (an
 integer as text) or a JSON field (``json.label``), or are absent (``none``, unsupervised).
 Every failure is a ``SampleError`` naming shard and key, handled by the caller's policy.
 """
@@ -35,7 +36,7 @@ class DecodeConfig:
 
     input: str = "auto"  # auto | image | vector
     label_key: str = "cls"  # cls | json.<field> | none
-    image_mode: str = "auto"  # auto (as stored: L or RGB) | L | RGB
+    image_mode: str = "auto"  # auto (as stored: L or RGB; L among RGB images becomes RGB) | L | RGB
     image_size: int | None = None  # resize square images to this size (None: keep)
 
     def __post_init__(self) -> None:
@@ -227,10 +228,12 @@ def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: 
                 check_label(y, num_classes, shard, sample.key)
             if input_shape is None:
                 input_shape = tuple(x.shape)
+            if x.ndim == 3 and x.shape[0] == 1 and len(input_shape) == 3 and input_shape[0] == 3:
+                x = np.repeat(x, 3, axis=0)  # a grayscale image among colour ones: R = G = B, as PIL's L -> RGB
             if tuple(x.shape) != tuple(input_shape):
+                resize = x.ndim == 3 and len(input_shape) == 3 and x.shape[1:] != tuple(input_shape[1:])
                 raise SampleError(f"input shape {tuple(x.shape)} differs from the dataset's {tuple(input_shape)}"
-                                  + (" (set --image-size)" if x.ndim == 3 else ""), shard, sample.key,
-                                  reason="shape")
+                                  + (" (set --image-size)" if resize else ""), shard, sample.key, reason="shape")
         except SampleError as err:
             handler.handle(err)
             continue

@@ -8,6 +8,7 @@ find.  The test split (clean labels) is written to its own shards for evaluation
 
 from __future__ import annotations
 
+import filecmp
 import io
 import json
 import os
@@ -29,6 +30,17 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.roll(np.roll(img, dy, axis=0), dx, axis=1)
     out = out * rng.uniform(0.8, 1.2) + rng.normal(0, 12, size=img.shape)
     return np.clip(out, 0, 255)
+
+
+def _write_tar(path: str, samples: list) -> None:
+    """``write_tar``, leaving an existing file with the same bytes untouched: a local shard's mtime is
+    part of the catalog's fingerprint, so rewriting it would make a re-run demo start over, not resume."""
+    new = f"{path}.new"
+    write_tar(new, samples)
+    if os.path.exists(path) and filecmp.cmp(path, new, shallow=False):
+        os.remove(new)
+    else:
+        os.replace(new, path)
 
 
 def make_demo(out_dir: str, *, n_shards: int = 10, augment: int = 3, noise: float = 0.1,
@@ -65,10 +77,10 @@ def make_demo(out_dir: str, *, n_shards: int = 10, augment: int = 3, noise: floa
     shards = []
     for s in range(n_shards):
         path = os.path.join(out_dir, "train", f"digits-{s:06d}.tar")
-        write_tar(path, samples[s * per_shard:(s + 1) * per_shard])
+        _write_tar(path, samples[s * per_shard:(s + 1) * per_shard])
         shards.append(path)
     test_path = os.path.join(out_dir, "test", "digits-test-000000.tar")
-    write_tar(test_path, [(f"t{i:04d}", {"png": _png(images[i]), "cls": str(int(labels[i])).encode()})
+    _write_tar(test_path, [(f"t{i:04d}", {"png": _png(images[i]), "cls": str(int(labels[i])).encode()})
                           for i in test_idx])
     return {"train_pattern": os.path.join(out_dir, "train", f"digits-{{000000..{n_shards - 1:06d}}}.tar"),
             "train": shards, "test": [test_path], "n_train": len(train), "n_test": len(test_idx),

@@ -84,6 +84,7 @@ __all__ = [
     "HookedEmbeddingModel",
     "EmbedAdapter",
     "build_model",
+    "check_model_options",
     "model_spec",
     "build_from_spec",
 ]
@@ -413,7 +414,10 @@ def _build_user_model(
     path: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]
 ) -> nn.Module:
     factory = _load_factory(path)
-    model = factory(input_shape=input_shape, num_classes=num_classes, **kwargs)
+    try:
+        model = factory(input_shape=input_shape, num_classes=num_classes, **kwargs)
+    except Exception as e:  # a wrong keyword, a bad option value, any error of the user's code
+        raise ModelConfigError(f"model factory {path!r} failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ModelConfigError(
             f"model factory {path!r} returned {type(model).__name__}, expected a torch.nn.Module"
@@ -487,6 +491,25 @@ def check_model_name(name: Any, what: str = "model", others: Sequence[str] = ())
                                "or a factory path 'package.module:callable'")
 
 
+_SET_BY_STREAMPRUNE = ("input_shape", "num_classes")
+
+
+def check_model_options(name: str, kwargs: Any) -> None:
+    """Refuse model options :func:`build_model` could not take, before a stage starts: not a mapping
+    of names, the input shape or class count (taken from the data), a built-in model's unknown option."""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelConfigError(f"model options (--model-kwargs) must be a JSON object of names, not {kwargs!r}")
+    taken = [k for k in _SET_BY_STREAMPRUNE if k in kwargs]
+    if taken:
+        raise ModelConfigError(f"model options (--model-kwargs) may not set {', '.join(taken)}: it comes from the data")
+    key = name.lower() if isinstance(name, str) else name
+    if key in BUILTIN_MODELS:
+        allowed = set(inspect.signature(BUILTIN_MODELS[key][0]).parameters) - _IMPLIED
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ModelConfigError(f"unknown option(s) {unknown} for model {key!r}; accepted: {sorted(allowed)}")
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
     """Build a model by name (``"resnet18"``, ``"cnn"``, ``"mlp"`` or ``"pkg.mod:callable"``).
 
@@ -505,18 +528,18 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
         model = _build_user_model(name, shape, num_classes, dict(kwargs))
     else:
         key = name.lower()
-        cls, make, needs_image = BUILTIN_MODELS[key]
+        _, make, needs_image = BUILTIN_MODELS[key]
         if needs_image and len(shape) != 3:
             raise ModelConfigError(
                 f"model {key!r} needs a 3-D input shape (C, H, W), got {shape}"
             )
-        allowed = set(inspect.signature(cls).parameters) - _IMPLIED
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise ModelConfigError(
-                f"unknown option(s) {unknown} for model {key!r}; accepted: {sorted(allowed)}"
-            )
-        model = make(shape, num_classes, **kwargs)
+        check_model_options(key, kwargs)
+        try:
+            model = make(shape, num_classes, **kwargs)
+        except ModelConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # an option of the wrong type: "x" or [3] for a width
+            raise ModelConfigError(f"model {key!r}: bad option in {kwargs}: {e}") from None
         name = key
 
     spec = {

@@ -174,6 +174,9 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         raise StreamPruneError("score.full_runs needs score.full (--full): replicas are full-data runs")
     check_whole(s["catalog"]["max_member_bytes"], "catalog.max_member_bytes")
     out: dict = {}
+    fraction = s["subset"]["fraction"]
+    if upto >= ORDER.index("subset") and not 0.0 < fraction <= 1.0:
+        raise StreamPruneError(f"subset.fraction must be in (0, 1], not {fraction}")
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
         from streamprune.scoring import check_scores
@@ -266,7 +269,7 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
         elif isinstance(result, dict) and "fingerprint" not in result and "skipped" not in result:
             results = list(result.values())  # several markers by name (index: seeds and all)
         else:
-            results = [result]
+            results = [result, result.get("reshard")]  # prune's selection and its reshard (when --reshard)
         skipped = all(r.get("skipped") for r in results if isinstance(r, dict))
         timings.append((name, time.time() - t0, skipped))
         echo(f"{name:<{width}} {'skipped (done)' if skipped else 'done'} in {time.time() - t0:.1f}s")
@@ -303,9 +306,12 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     from streamprune.embed import embed
 
     e = s["embed"]
+    # the subset model's encoder decodes as training did (its marker says how); another encoder reads
+    # the samples the way [score] says (label key, input kind, image size), not with the defaults
+    decode_for_embed = None if e["encoder"] == "subset" else decode
     stage("embed", lambda: embed(ws, encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
-                                 chunk_rows=e["chunk_rows"], normalize=e["normalize"], on_error=on_error,
-                                 scheduler=sched, force=force, memory_limit=e["memory_limit"]))
+                                 chunk_rows=e["chunk_rows"], normalize=e["normalize"], decode=decode_for_embed,
+                                 on_error=on_error, scheduler=sched, force=force, memory_limit=e["memory_limit"]))
     if until == "embed":
         return _finish(timings, outputs, echo)
 

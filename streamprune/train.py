@@ -46,7 +46,7 @@ from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
 from streamprune.errors import StreamPruneError, check_optional_whole, check_whole
 from streamprune.leases import releases_leases
-from streamprune.models import build_from_spec, build_model, check_model_name, model_spec
+from streamprune.models import build_from_spec, build_model, check_model_name, check_model_options, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
 from streamprune.workspace import StageRun, Workspace, train_key
 
@@ -90,7 +90,9 @@ class TrainConfig:
         check_whole(self.epochs, "--epochs")
         check_whole(self.batch_size, "--batch-size")
         check_model_name(self.model)
+        check_model_options(self.model, self.model_kwargs)
         check_optional_whole(self.num_classes, "--num-classes", 2)
+        check_device(self.device)
         if self.lr is not None and not (_is_number(self.lr) and 0 < self.lr < math.inf):
             raise StreamPruneError(f"--lr must be a number > 0, not {self.lr!r}")
         if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
@@ -137,8 +139,19 @@ def check_label_source(cfg: TrainConfig, decode: DecodeConfig) -> None:
                                "(give --label-key, or train on --labels pseudo:K)")
 
 
+def check_device(name) -> None:
+    """Refuse a device name torch cannot read (a typo such as 'gpu') before any work is done."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise StreamPruneError(f"--device must be auto, cpu or cuda (cuda:N), not {name!r}") from None
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -38,6 +38,22 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert os.path.exists(report) and os.path.exists(os.path.join(os.path.dirname(report), "pruning_curve.png"))
 
 
+def test_demo_data_written_again_leaves_the_stages_done(tmp_path):
+    """`streamprune demo DIR` run again (after an interrupt) writes the same shards: an unchanged file
+    is left as it was, so its catalog (and every stage after it) is still done and the demo resumes."""
+    from streamprune.demo import make_demo
+    from streamprune.shards import catalog
+
+    data, ws = str(tmp_path / "data"), str(tmp_path / "ws")
+    info = make_demo(data, n_shards=2, augment=0)
+    catalog(info["train"], ws, scheduler="sync")
+    make_demo(data, n_shards=2, augment=0)
+    assert catalog(info["train"], ws, scheduler="sync").get("skipped")
+    make_demo(data, n_shards=2, augment=0, noise=0.2)  # other data: written, catalogued again
+    assert not catalog(info["train"], ws, scheduler="sync").get("skipped")
+    assert not [n for d, _, names in os.walk(data) for n in names if not n.endswith(".tar")]
+
+
 def test_extrapolate_options_apply_per_method():
     from streamprune.cli import extrapolate_options
 
@@ -95,6 +111,7 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--window", "0"], "score du: window must be >= 1, got 0"),
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
+    (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
     (["score", "--scheduler", "bogus"],
      "--scheduler must be local, threads, sync or a dask scheduler address such as tcp://host:8786, not 'bogus'"),
 ])

@@ -393,6 +393,36 @@ def test_bad_images():
             decode_input(_sample(png=data), DecodeConfig(), "s.tar")
 
 
+def test_grayscale_image_among_colour_ones_gets_three_channels(tmp_path):
+    """A grayscale image in a colour dataset (ImageNet has some) is decoded as its RGB conversion, not
+    rejected as a shape mismatch with advice (--image-size) that cannot help; a colour image among
+    grayscale ones is still refused, without that advice."""
+    from PIL import Image
+
+    from shardgen import png_bytes
+    from streamprune.decode import decode_rows
+    from streamprune.shards import Catalog
+    from streamprune.tario import write_tar
+    from streamprune.workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    colour = [rng.integers(0, 255, size=(12, 12, 3)) for _ in range(3)]
+    gray = rng.integers(0, 255, size=(12, 12))
+    write_tar(str(tmp_path / "a.tar"), [(f"k{i}", {"png": png_bytes(img), "cls": b"1"})
+                                        for i, img in enumerate([colour[0], gray, colour[1], colour[2]])])
+    catalog([str(tmp_path / "a.tar")], str(tmp_path / "ws"), scheduler="sync")
+    cat = Catalog(Workspace(str(tmp_path / "ws")))
+    for size in (None, 8):
+        xs, _, valid = decode_rows(cat, np.arange(4), DecodeConfig(image_size=size), ErrorPolicy("fail"), None)
+        assert valid.all() and xs.shape == (4, 3, size or 12, size or 12)
+        img = Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
+        img = img if size is None else img.resize((size, size), Image.BILINEAR)
+        assert np.array_equal(xs[1], np.asarray(img).transpose(2, 0, 1))
+    with pytest.raises(SampleError, match=r"key k0: input shape \(3, 12, 12\) differs from the dataset's "
+                                          r"\(1, 12, 12\)$"):
+        decode_rows(cat, np.arange(4), DecodeConfig(), ErrorPolicy("fail"), (1, 12, 12))
+
+
 # bad rows through score and embed (CLI) ------------------------------------------------------
 def _bad_vector_shard(path: str) -> dict[str, str]:
     """A shard of npy samples each broken in one way; returns key -> what is wrong."""

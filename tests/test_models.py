@@ -164,6 +164,34 @@ def test_factory_path_without_callable():
         build_model("json:", (8,), 2)
 
 
+
+@pytest.mark.parametrize("name,kwargs,says", [
+    ("mlp", {"hidden": "x"}, r"model 'mlp': bad option in \{'hidden': 'x'\}"),
+    ("mlp", {"dropout": [0.1]}, r"model 'mlp': bad option"),
+    ("cnn", {"channels": 5}, r"model 'cnn': bad option in \{'channels': 5\}"),
+    ("cnn", {"embed_dim": "wide"}, r"model 'cnn': bad option"),
+])
+def test_bad_option_values_are_one_error(name, kwargs, says):
+    """An option of the wrong type (--model-kwargs '{"hidden": "x"}') is a ModelConfigError naming the
+    model, not a bare TypeError/ValueError from deep inside the constructor."""
+    shape = (1, 8, 8) if name == "cnn" else (8,)
+    with pytest.raises(StreamPruneError, match=says):
+        build_model(name, shape, 3, **kwargs)
+
+
+def test_training_refuses_model_options_it_cannot_pass():
+    """--model-kwargs that are not an object, set the shape or class count, or name an unknown option
+    of a built-in are refused when the training options are made, before any data is read."""
+    from streamprune.train import TrainConfig
+
+    for kwargs, says in (([1], "must be a JSON object"), ({"num_classes": 3}, "may not set num_classes"),
+                         ({"input_shape": [8]}, "may not set input_shape"),
+                         ({"depth": 3}, r"unknown option\(s\) \['depth'\] for model 'mlp'")):
+        with pytest.raises(StreamPruneError, match=says):
+            TrainConfig(model="mlp", model_kwargs=kwargs)
+    TrainConfig(model="mlp", model_kwargs={"hidden": 32})
+
+
 # ------------------------------------------------------------- user factories
 
 MYMODELS = textwrap.dedent(
@@ -258,6 +286,12 @@ def test_user_factory_bad_returns(mymodels):
         build_model("mymodels:make_no_linear", (5,), 3)
     with pytest.raises(ValueError, match=r"cannot import model factory 'mymodels:missing': .*missing"):
         build_model("mymodels:missing", (5,), 3)
+
+
+def test_user_factory_error_is_one_error(mymodels):
+    """A factory that raises (here: an option it does not take) is reported as a ModelConfigError naming it."""
+    with pytest.raises(StreamPruneError, match=r"model factory 'mymodels:make' failed: TypeError: .*'depth'"):
+        build_model("mymodels:make", (5,), 3, depth=2)
 
 
 def test_user_factory_spec_round_trip(mymodels):

@@ -285,6 +285,7 @@ def test_finite_takes_any_real_number_and_nothing_else():
 
 
 @pytest.mark.parametrize("override, says", [
+    ({"subset": {"fraction": 1.5}}, "subset.fraction must be in (0, 1], not 1.5"),
     ({"index": {"k": 0}}, "index.k must be a whole number >= 1, not 0"),
     ({"index": {"refine": -1}}, "index.refine must be a whole number >= 0, not -1"),
     ({"embed": {"dtype": "float8"}}, "embed.dtype must be float16 or float32, not 'float8'"),
@@ -321,3 +322,51 @@ def test_run_timing_table_fits_long_stage_names():
     ends = {line.index("s  status") + 1 if line.startswith("stage") else line.index(".") + 2 for line in table}
     assert len(ends) == 1  # every wall time ends in the column of the header's 'wall s'
     assert table[2].split() == ["extrapolate", "du-label-aware-with-suffix", "2.5", "skipped"]
+
+
+def test_run_embeds_with_another_encoder_the_way_score_decodes(tmp_path):
+    """With ``[embed] encoder`` other than the subset model, embed reads the samples as ``[score]``
+    says (here: labels in a .json field, no .cls), not with the default decoding."""
+    import json
+
+    from shardgen import make_samples
+    from streamprune.pipeline import run_pipeline
+    from streamprune.tario import write_tar
+
+    os.makedirs(tmp_path / "data")
+    shards, labels = [], []
+    for s in range(2):
+        samples = make_samples(20, start=s * 20, kind="npy")
+        for _, payload in samples:
+            label = int(payload.pop("cls"))
+            payload["json"] = json.dumps({"lab": label}).encode()
+            labels.append(label)
+        shards.append(str(tmp_path / "data" / f"shard-{s:06d}.tar"))
+        write_tar(shards[-1], samples)
+    cfg = RunConfig.load(None, {"score": {"model": "mlp", "epochs": 3, "window": 2, "input": "vector",
+                                          "label_key": "json.lab"},
+                                "embed": {"encoder": "features"}}, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, until="embed", echo=lambda line: None)
+    g = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="r")
+    assert g["valid"][:].all() and g["labels"][:].tolist() == labels
+
+
+def test_run_reports_a_reshard_written_again(tmp_path):
+    """A run whose prune selection is done but whose --reshard output is written again (its shards.txt
+    gone, as after a run killed mid-reshard) reports prune as run, not 'nothing to do'."""
+    from streamprune.pipeline import run_pipeline
+
+    shards = write_shards(str(tmp_path / "data"), 2, 20, kind="npy", dim=8)
+    out_dir = tmp_path / "out"
+    cfg = RunConfig.load(None, {"subset": {"fraction": 0.5},
+                                "score": {"model": "mlp", "epochs": 3, "window": 2, "input": "vector"},
+                                "index": {"k": 5}, "prune": {"name": "p", "reshard": str(out_dir)}}, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, echo=lambda line: None)
+    os.remove(out_dir / "shards.txt")
+    lines: list[str] = []
+    out = run_pipeline(shards, ws, cfg, echo=lines.append)
+    assert (out_dir / "shards.txt").exists()
+    assert {t["stage"]: t["skipped"] for t in out["timings"]}["prune"] is False
+    assert not any("nothing to do" in line for line in lines)
