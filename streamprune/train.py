@@ -139,25 +139,22 @@ def check_label_source(cfg: TrainConfig, decode: DecodeConfig) -> None:
                                "(give --label-key, or train on --labels pseudo:K)")
 
 
-def check_device(name) -> None:
-    """Refuse a device name torch cannot read (a typo such as 'gpu') before any work is done."""
+def check_device(name) -> torch.device | None:
+    """The device ``name`` names (None for 'auto'); a name torch cannot read (a typo such as 'gpu')
+    is refused in one line, before any work is done."""
     if name == "auto":
-        return
+        return None
     try:
-        torch.device(name)
+        return torch.device(name)
     except (RuntimeError, TypeError):
         raise StreamPruneError(f"--device must be auto, cpu or cuda (cuda:N), not {name!r}") from None
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU."""
-    check_device(name)
-    if name == "auto":
+    device = check_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise StreamPruneError(f"--device must be auto, cpu or cuda[:N], not {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamPruneError("--device cuda requested but CUDA is not available")
     return device
