@@ -311,7 +311,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     decode_for_embed = None if e["encoder"] == "subset" else decode
     stage("embed", lambda: embed(ws, encoder=e["encoder"], dtype=e["dtype"], batch_size=e["batch_size"],
                                  chunk_rows=e["chunk_rows"], normalize=e["normalize"], decode=decode_for_embed,
-                                 on_error=on_error, scheduler=sched, force=force, memory_limit=e["memory_limit"]))
+                                 device=sc["device"], on_error=on_error, scheduler=sched, force=force,
+                                 memory_limit=e["memory_limit"]))
     if until == "embed":
         return _finish(timings, outputs, echo)
 
@@ -331,6 +332,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
     for score_name in sc["scores"]:
         for m in methods:
             opts = {option: x[key] for key, (method, option) in RUN_OPTIONS.items() if method == m}
+            if m == "gcn":
+                opts["device"] = sc["device"]  # [score] device is the run's: embed and the GCN use it too
             stage(f"extrapolate {score_name}-{m}",
                   lambda: extrapolate(ws, score_name, m, force=force, scheduler=sched, **opts))
     if until == "extrapolate":

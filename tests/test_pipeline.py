@@ -352,6 +352,34 @@ def test_run_embeds_with_another_encoder_the_way_score_decodes(tmp_path):
     assert g["valid"][:].all() and g["labels"][:].tolist() == labels
 
 
+def test_run_uses_the_score_device_for_embed_and_the_gcn(tmp_path, monkeypatch):
+    """``[score] device`` is the run's device: the embedding pass and the GCN get it, not 'auto' (a
+    GPU the user asked not to use)."""
+    import streamprune.embed
+    import streamprune.extrapolate
+    from streamprune.pipeline import run_pipeline
+
+    seen = {}
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def call(*args, **kwargs):
+            seen[name if name == "embed" else args[2]] = kwargs.get("device")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    spy(streamprune.embed, "embed")
+    spy(streamprune.extrapolate, "extrapolate")
+    shards = write_shards(str(tmp_path / "data"), 2, 40, kind="npy", dim=8)
+    cfg = RunConfig.load(None, {"score": {"model": "mlp", "epochs": 3, "window": 2, "device": "cpu"},
+                                "subset": {"fraction": 0.5},
+                                "extrapolate": {"methods": ["knn", "gcn"], "gcn_epochs": 2}}, scheduler="sync")
+    run_pipeline(shards, str(tmp_path / "ws"), cfg, until="extrapolate", echo=lambda line: None)
+    assert seen == {"embed": "cpu", "knn": None, "gcn": "cpu"}
+
+
 def test_run_reports_a_reshard_written_again(tmp_path):
     """A run whose prune selection is done but whose --reshard output is written again (its shards.txt
     gone, as after a run killed mid-reshard) reports prune as run, not 'nothing to do'."""
