@@ -120,15 +120,8 @@ def _prune_stats(ws: Workspace) -> dict[str, dict]:
     return out
 
 
-def report(workspace: str | Workspace, output: str | None = None, score: str = "du",
-           storage_options: dict | None = None) -> dict:
-    """Write PNG plots and report.md to ``output`` (default WS/report); returns their paths."""
-    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
-    ws.require("catalog", "report")
-    out_dir = output or ws.path("report")
-    remote = storage.is_remote(out_dir)
-    local_dir = tempfile.mkdtemp(prefix="streamprune-report-") if remote else out_dir
-    os.makedirs(local_dir, exist_ok=True)
+def _write_report(ws: Workspace, local_dir: str, score: str) -> list[str]:
+    """The plots and report.md in ``local_dir``; returns their file names."""
     markers = ws.markers()  # one read: the columns, and whether the evaluation and pruned sets are current
     arrays = score_sources(ws, score, who="report", markers=markers)
     if not arrays:
@@ -173,9 +166,23 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
     with open(os.path.join(local_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
     files.append("report.md")
-    if remote:
-        for name in files:
-            with open(os.path.join(local_dir, name), "rb") as f:
-                storage.write_bytes_atomic(storage.join(out_dir, name), f.read(), ws.storage_options)
+    return files
+
+
+def report(workspace: str | Workspace, output: str | None = None, score: str = "du",
+           storage_options: dict | None = None) -> dict:
+    """Write PNG plots and report.md to ``output`` (default WS/report); returns their paths."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
+    ws.require("catalog", "report")
+    out_dir = output or ws.path("report")
+    if storage.is_remote(out_dir):  # written locally, then uploaded; the local copies go either way
+        with tempfile.TemporaryDirectory(prefix="streamprune-report-") as local_dir:
+            files = _write_report(ws, local_dir, score)
+            for name in files:
+                with open(os.path.join(local_dir, name), "rb") as f:
+                    storage.write_bytes_atomic(storage.join(out_dir, name), f.read(), ws.storage_options)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        files = _write_report(ws, out_dir, score)
     return {"dir": out_dir, "files": [storage.join(out_dir, f) for f in files],
             "report": storage.join(out_dir, "report.md")}

@@ -465,6 +465,27 @@ def test_evaluate_and_report_a_method_that_predicted_no_row(tmp_path):
     assert "## Evaluation" in open(os.path.join(tmp_path, "r", "report.md")).read()
 
 
+def test_report_to_object_storage_leaves_no_local_copy(tmp_path, monkeypatch, s3server, s3bucket):
+    """A report written to s3:// is drawn in a temporary folder, uploaded, and the folder removed."""
+    import tempfile
+
+    from streamprune.report import report
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=300)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 300})
+    extrapolate_knn(ws, "du", k=10, chunk_rows=100)
+    add_scores(ws, "du", np.where(valid, smooth_score(x), np.nan).astype(np.float32), full=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = report(Workspace(ws.url, s3server.storage_options), f"s3://{s3bucket}/report")
+    fs = s3server.fs()
+    assert sorted(os.path.basename(p) for p in fs.ls(f"{s3bucket}/report")) == ["report.md", "scatter.png",
+                                                                               "scores_hist.png"]
+    assert "## Extrapolated vs full-data scores" in fs.cat_file(out["report"][5:]).decode()
+    assert os.listdir(scratch) == []
+
+
 def test_report_flags_an_evaluation_made_before_a_rerun(tmp_path):
     """evaluate records the markers it read; a report after one of them was re-run shows the
     figures under an out-of-date line naming it (an evaluation from before the record: no flag)."""
