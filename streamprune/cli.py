@@ -196,6 +196,9 @@ def subset(workspace, storage_options, fraction, seed, force, scheduler):
 
 def decode_options(fn):
     """How samples are decoded: label source, input kind, image size."""
+    fn = click.option("--image-mode", type=click.Choice(["auto", "L", "RGB"]), default="auto", show_default=True,
+                      help="Image channels: auto (the first image's; a grayscale image among colour ones becomes "
+                           "colour), L (grayscale) or RGB.")(fn)
     fn = click.option("--image-size", type=int, default=None, help="Resize images to this square size.")(fn)
     fn = click.option("--input", "input_kind", type=click.Choice(["auto", "image", "vector"]), default="auto",
                       show_default=True, help="Model input: an image member or an .npy vector.")(fn)
@@ -244,7 +247,7 @@ def decode_options(fn):
 @click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 @notes_stale
-def score(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, score_names,
+def score(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key, score_names,
           epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
           adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs,
           cache_memory, checkpoint_every, fraction, subset_seed):
@@ -264,7 +267,7 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
                       adversarial=adversarial, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size,
                       num_classes=num_classes, device=device, checkpoint_seconds=checkpoint_every,
                       **_cache_memory(cache_memory))
-    decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
+    decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size, image_mode=image_mode)
     if full_runs < 1 or (full_runs > 1 and not full):
         raise StreamPruneError("--full-runs needs --full and must be at least 1")
     names = [n.strip() for n in score_names.split(",") if n.strip()]
@@ -302,15 +305,16 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, in
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task (0: torch's default).")
 @click.option("--memory-limit", default=None, help="Memory per dask worker, e.g. 4GiB: sizes chunks and local workers.")
 @notes_stale
-def embed(workspace, storage_options, scheduler, on_error, force, image_size, input_kind, label_key, encoder, dtype,
+def embed(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key, encoder, dtype,
           batch_size, chunk_rows, normalize, device, threads, memory_limit):
     """Embed every sample into embeddings.zarr (N, D), with labels and a valid mask."""
     from streamprune.decode import DecodeConfig
     from streamprune.embed import embed as run
 
     decode = None
-    if encoder != "subset" or image_size is not None or input_kind != "auto" or label_key != "cls":
-        decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size)
+    if (encoder != "subset" or image_size is not None or image_mode != "auto" or input_kind != "auto"
+            or label_key != "cls"):
+        decode = DecodeConfig(input=input_kind, label_key=label_key, image_size=image_size, image_mode=image_mode)
     m = run(workspace, encoder=encoder, dtype=dtype, batch_size=batch_size, chunk_rows=chunk_rows, normalize=normalize,
             decode=decode, device=device, threads=threads, on_error=on_error, scheduler=scheduler, force=force,
             storage_options=storage_options, memory_limit=memory_limit)

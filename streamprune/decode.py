@@ -231,9 +231,11 @@ def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: 
             if x.ndim == 3 and x.shape[0] == 1 and len(input_shape) == 3 and input_shape[0] == 3:
                 x = np.repeat(x, 3, axis=0)  # a grayscale image among colour ones: R = G = B, as PIL's L -> RGB
             if tuple(x.shape) != tuple(input_shape):
-                resize = x.ndim == 3 and len(input_shape) == 3 and x.shape[1:] != tuple(input_shape[1:])
+                image = x.ndim == 3 and len(input_shape) == 3
+                hint = (" (set --image-size)" if image and x.shape[1:] != tuple(input_shape[1:])
+                        else " (set --image-mode RGB)" if image and x.shape[0] == 3 and input_shape[0] == 1 else "")
                 raise SampleError(f"input shape {tuple(x.shape)} differs from the dataset's {tuple(input_shape)}"
-                                  + (" (set --image-size)" if resize else ""), shard, sample.key, reason="shape")
+                                  + hint, shard, sample.key, reason="shape")
         except SampleError as err:
             handler.handle(err)
             continue

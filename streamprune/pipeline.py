@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict] = {
               "optimizer": "sgd", "lr": None, "weight_decay": 5e-4, "seed": 0, "augment": "none", "dynamics": "eval",
               "labels": "supervised", "adversarial": None, "pgd_steps": 5, "pgd_step_size": None, "num_classes": None,
               "device": "auto", "window": 10, "decay": 0.9, "el2n_epochs": None, "full": False, "full_runs": 1,
-              "label_key": "cls", "input": "auto", "image_size": None, "cache_memory": None, "checkpoint_every": 30.0},
+              "label_key": "cls", "input": "auto", "image_size": None, "image_mode": "auto", "cache_memory": None, "checkpoint_every": 30.0},
     "embed": {"encoder": "subset", "dtype": "float32", "batch_size": 256, "chunk_rows": None, "normalize": False,
               "memory_limit": None},
     "index": {"k": 20, "factory": "auto", "nprobe": None, "refine": None},
@@ -188,7 +188,8 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
                                                          "device")},
                                    checkpoint_seconds=float(sc["checkpoint_every"]),
                                    **({"memory_budget": cache_memory} if cache_memory is not None else {}))
-        out["decode"] = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"])
+        out["decode"] = DecodeConfig(input=sc["input"], label_key=sc["label_key"], image_size=sc["image_size"],
+                                     image_mode=sc["image_mode"])
         check_label_source(out["train"], out["decode"])
         if not sc["scores"]:
             raise StreamPruneError("score.scores names no score")

@@ -265,3 +265,35 @@ def test_guide_names_each_scheduler_default():
         default = next(p for p in command.params if "--scheduler" in p.opts).get_default(click.Context(command))
         if default != "local":
             assert f"`{name}`, which defaults to `{default}`" in claim, (name, default)
+
+
+def test_image_mode_rgb_reads_a_colour_dataset_whose_first_image_is_grayscale(tmp_path):
+    """The dataset's channels come from its first image; when that one is grayscale, the colour ones
+    are refused naming --image-mode RGB, with which score and embed take every image as colour
+    (and `run` as [score] image_mode)."""
+    import json
+
+    import numpy as np
+
+    from shardgen import png_bytes
+    from streamprune.pipeline import RunConfig, check_config
+    from streamprune.tario import write_tar
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, size=(8, 8))] + [rng.integers(0, 255, size=(8, 8, 3)) for _ in range(23)]
+    os.makedirs(tmp_path / "data")
+    shard = str(tmp_path / "data" / "a.tar")
+    write_tar(shard, [(f"k{i:02d}", {"png": png_bytes(img), "cls": str(i % 2).encode()}) for i, img in enumerate(images)])
+    ws = str(tmp_path / "ws")
+    run_cli("catalog", shard, "-w", ws, "--scheduler", "sync")
+    args = ["score", "-w", ws, "--fraction", "1.0", "--epochs", "2", "--window", "2", "--model", "mlp",
+            "--scheduler", "sync"]
+    bad = run_cli(*args, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "key k01: input shape (3, 8, 8) differs from the dataset's (1, 8, 8) (set --image-mode RGB)" in bad.stderr
+    run_cli(*args, "--image-mode", "RGB")
+    run_cli("embed", "-w", ws, "--scheduler", "sync")
+    marker = json.load(open(os.path.join(ws, "_stages", "train.json")))
+    assert marker["config"]["decode"]["image_mode"] == "RGB" and marker["counts"]["n_valid"] == 24
+    assert json.load(open(os.path.join(ws, "_stages", "embed.json")))["counts"]["n_valid"] == 24
+    assert check_config(RunConfig.load(None, {"score": {"image_mode": "RGB"}}))["decode"].image_mode == "RGB"

@@ -396,7 +396,7 @@ def test_bad_images():
 def test_grayscale_image_among_colour_ones_gets_three_channels(tmp_path):
     """A grayscale image in a colour dataset (ImageNet has some) is decoded as its RGB conversion, not
     rejected as a shape mismatch with advice (--image-size) that cannot help; a colour image among
-    grayscale ones is still refused, without that advice."""
+    grayscale ones is refused with the option that mends it, --image-mode RGB, and with it decodes."""
     from PIL import Image
 
     from shardgen import png_bytes
@@ -419,8 +419,17 @@ def test_grayscale_image_among_colour_ones_gets_three_channels(tmp_path):
         img = img if size is None else img.resize((size, size), Image.BILINEAR)
         assert np.array_equal(xs[1], np.asarray(img).transpose(2, 0, 1))
     with pytest.raises(SampleError, match=r"key k0: input shape \(3, 12, 12\) differs from the dataset's "
-                                          r"\(1, 12, 12\)$"):
+                                          r"\(1, 12, 12\) \(set --image-mode RGB\)$"):
         decode_rows(cat, np.arange(4), DecodeConfig(), ErrorPolicy("fail"), (1, 12, 12))
+    write_tar(str(tmp_path / "b.tar"), [(f"k{i}", {"png": png_bytes(img), "cls": b"1"})
+                                        for i, img in enumerate([gray, colour[0], colour[1]])])  # grayscale first
+    catalog([str(tmp_path / "b.tar")], str(tmp_path / "ws-b"), scheduler="sync")
+    cat = Catalog(Workspace(str(tmp_path / "ws-b")))
+    handler = ErrorPolicy("skip")
+    assert decode_rows(cat, np.arange(3), DecodeConfig(), handler, None)[2].tolist() == [True, False, False]
+    assert [r["message"].endswith("(set --image-mode RGB)") for r in handler.records] == [True, True]
+    xs, _, valid = decode_rows(cat, np.arange(3), DecodeConfig(image_mode="RGB"), ErrorPolicy("fail"), None)
+    assert valid.all() and xs.shape == (3, 3, 12, 12) and np.array_equal(xs[0], xs[0][[1, 2, 0]])
 
 
 # bad rows through score and embed (CLI) ------------------------------------------------------
