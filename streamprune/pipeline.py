@@ -36,7 +36,8 @@ DEFAULTS: dict[str, dict] = {
     "extrapolate": {"methods": ["knn"], "knn_k": "auto", "gcn_epochs": 25, "gcn_k": 10, "gcn_prior": "knn",
                     "gcn_patience": 10,
                     "propagate_tol": 1e-3, "propagate_max_iter": 50, "kernel_bandwidth": "auto"},
-    "prune": {"source": None, "strategy": "hard", "keep_fraction": 0.7, "name": None, "reshard": None},
+    "prune": {"score": None, "source": None, "strategy": "hard", "keep_fraction": 0.7, "name": None, "seed": 0,
+              "noise_fraction": None, "reshard": None, "shard_size": None, "max_count": None},
 }
 
 
@@ -58,7 +59,11 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "extrapolate.methods": ((list,), "a list of method names"),
     "extrapolate.knn_k": ((int, str), "an integer or 'auto'"),
     "extrapolate.kernel_bandwidth": ((float, str), "a number or 'auto'"),
+    "prune.score": ((str,), "a string"),
     "prune.source": ((str,), "a string"),
+    "prune.noise_fraction": ((float, str), "a fraction or 'auto'"),
+    "prune.shard_size": ((str, int), "a size such as 4GiB"),
+    "prune.max_count": ((int,), "an integer"),
     "prune.name": ((str,), "a string"),
     "prune.reshard": ((str,), "a string"),
 }
@@ -222,8 +227,21 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         from streamprune.prune import check_options
 
         p = s["prune"]
-        check_options(score=sc["scores"][0], source=p["source"] or methods[-1], strategy=p["strategy"],
-                      keep_fraction=p["keep_fraction"], name=p["name"], reshard=p["reshard"])
+        if p["score"] is not None and p["score"] not in sc["scores"]:
+            raise StreamPruneError(f"prune.score must be one of the run's scores ({', '.join(sc['scores'])}), "
+                                   f"not {p['score']!r}")
+        check_options(**prune_options(s, methods))
+    return out
+
+
+def prune_options(s: dict, methods: list[str]) -> dict:
+    """:func:`~streamprune.prune.prune`'s options from ``[prune]``: the score is the first of
+    ``[score] scores`` unless named, the source the last extrapolation method unless named."""
+    p = s["prune"]
+    out = {"score": p["score"] or s["score"]["scores"][0], "source": p["source"] or methods[-1],
+           **{key: p[key] for key in ("strategy", "keep_fraction", "name", "reshard", "shard_size", "max_count")}}
+    if p["noise_fraction"] is not None:  # hard-clean's; another strategy refuses it by name
+        out["noise_fraction"] = p["noise_fraction"]
     return out
 
 
@@ -342,11 +360,8 @@ def _run_stages(shards: list[str], workspace: str, cfg: RunConfig, until: str, s
 
     from streamprune.prune import prune
 
-    p = s["prune"]
-    source = p["source"] or methods[-1]
-    pm = stage("prune", lambda: prune(ws, score=sc["scores"][0], source=source, strategy=p["strategy"],
-                                      keep_fraction=p["keep_fraction"], name=p["name"], reshard=p["reshard"],
-                                      scheduler=sched, force=force))
+    pm = stage("prune", lambda: prune(ws, **prune_options(s, methods), seed=s["prune"]["seed"], scheduler=sched,
+                                      force=force))
     outputs["prune"] = pm
     return _finish(timings, outputs, echo)
 

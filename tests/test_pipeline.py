@@ -1,6 +1,7 @@
 """`streamprune run`: all stages, skip when done, resume after SIGKILL with identical outputs."""
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -378,6 +379,35 @@ def test_run_uses_the_score_device_for_embed_and_the_gcn(tmp_path, monkeypatch):
                                 "extrapolate": {"methods": ["knn", "gcn"], "gcn_epochs": 2}}, scheduler="sync")
     run_pipeline(shards, str(tmp_path / "ws"), cfg, until="extrapolate", echo=lambda line: None)
     assert seen == {"embed": "cpu", "knn": None, "gcn": "cpu"}
+
+
+def test_run_prunes_by_the_named_score_with_the_reshard_options(tmp_path):
+    """``[prune]`` names the score (default: the first of ``[score] scores``), the seed and hard-clean's
+    noise fraction, and the reshard's shard size and sample count; each is checked before the first stage."""
+    import json
+
+    import webdataset as wds
+
+    from streamprune.pipeline import check_config, run_pipeline
+
+    base = {"score": {"model": "mlp", "epochs": 3, "window": 2, "scores": ["du", "el2n"]}, "subset": {"fraction": 0.5}}
+    for prune_opts, line in (({"score": "aum"}, "prune.score must be one of the run's scores (du, el2n), not 'aum'"),
+                             ({"noise_fraction": 0.1}, "prune: strategy hard does not take noise_fraction"),
+                             ({"max_count": 5}, "prune: --shard-size and --max-count apply to --reshard OUT"),
+                             ({"shard_size": "big", "reshard": "out"}, "--shard-size must be a size")):
+        with pytest.raises(StreamPruneError, match=re.escape(line)):
+            check_config(RunConfig.load(None, {**base, "prune": prune_opts}))
+    out = str(tmp_path / "out")
+    cfg = RunConfig.load(None, {**base, "prune": {"score": "el2n", "keep_fraction": 0.5, "reshard": out,
+                                                  "max_count": 7}}, scheduler="sync")
+    shards = write_shards(str(tmp_path / "data"), 2, 40, kind="npy", dim=8)
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, echo=lambda line: None)
+    (name,) = os.listdir(os.path.join(ws, "prune"))
+    marker = json.load(open(os.path.join(ws, "_stages", f"prune-{name}.json")))
+    assert marker["config"]["score"] == "el2n" and marker["counts"]["n_kept"] == 40
+    sizes = [len(list(wds.WebDataset(u, shardshuffle=False))) for u in open(os.path.join(out, "shards.txt")).read().split()]
+    assert sum(sizes) == 40 and max(sizes) == 7
 
 
 def test_run_reports_a_reshard_written_again(tmp_path):
