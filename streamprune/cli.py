@@ -275,7 +275,8 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, im
     check_scores(names, params, epochs)  # before any training
     check_scheduler(scheduler)
     if fraction is not None and not full:
-        run_subset(workspace, fraction=fraction, seed=subset_seed, storage_options=storage_options, force=force)
+        run_subset(workspace, fraction=fraction, seed=subset_seed, storage_options=storage_options, force=force,
+                   scheduler=scheduler)
     for replica in range(full_runs):
         m = train(workspace, cfg, decode, full=full, replica=replica, on_error=on_error, scheduler=scheduler,
                   force=force, storage_options=storage_options)

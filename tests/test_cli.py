@@ -297,3 +297,18 @@ def test_image_mode_rgb_reads_a_colour_dataset_whose_first_image_is_grayscale(tm
     assert marker["config"]["decode"]["image_mode"] == "RGB" and marker["counts"]["n_valid"] == 24
     assert json.load(open(os.path.join(ws, "_stages", "embed.json")))["counts"]["n_valid"] == 24
     assert check_config(RunConfig.load(None, {"score": {"image_mode": "RGB"}}))["decode"].image_mode == "RGB"
+
+
+def test_score_selects_its_subset_on_the_given_scheduler(tmp_path, monkeypatch):
+    import streamprune.subset
+    from streamprune.errors import StreamPruneError
+
+    seen = []
+
+    def subset(*args, **kwargs):
+        seen.append(kwargs.get("scheduler"))
+        raise StreamPruneError("stop here")
+
+    monkeypatch.setattr(streamprune.subset, "subset", subset)
+    result = _invoke("score", "-w", str(tmp_path / "ws"), "--fraction", "0.5", "--scheduler", "threads")
+    assert result.exit_code == 1 and seen == ["threads"]
