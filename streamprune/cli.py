@@ -247,10 +247,10 @@ def decode_options(fn):
 @click.option("--fraction", type=float, default=None, help="Run `subset` with this fraction first.")
 @click.option("--subset-seed", type=int, default=0, show_default=True)
 @notes_stale
-def score(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key, score_names,
-          epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics, labels,
-          adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full, full_runs,
-          cache_memory, checkpoint_every, fraction, subset_seed):
+def score(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key,
+          score_names, epochs, model, model_kwargs, batch_size, optimizer, lr, weight_decay, seed, augment, dynamics,
+          labels, adversarial, pgd_steps, pgd_step_size, num_classes, device, window, decay, el2n_epochs, full,
+          full_runs, cache_memory, checkpoint_every, fraction, subset_seed):
     """Train on the subset (or all rows with --full) and compute seed scores."""
     from streamprune.compute import check_scheduler
     from streamprune.decode import DecodeConfig
@@ -306,8 +306,8 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, im
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads per task (0: torch's default).")
 @click.option("--memory-limit", default=None, help="Memory per dask worker, e.g. 4GiB: sizes chunks and local workers.")
 @notes_stale
-def embed(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key, encoder, dtype,
-          batch_size, chunk_rows, normalize, device, threads, memory_limit):
+def embed(workspace, storage_options, scheduler, on_error, force, image_size, image_mode, input_kind, label_key,
+          encoder, dtype, batch_size, chunk_rows, normalize, device, threads, memory_limit):
     """Embed every sample into embeddings.zarr (N, D), with labels and a valid mask."""
     from streamprune.decode import DecodeConfig
     from streamprune.embed import embed as run

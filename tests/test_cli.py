@@ -283,7 +283,8 @@ def test_image_mode_rgb_reads_a_colour_dataset_whose_first_image_is_grayscale(tm
     images = [rng.integers(0, 255, size=(8, 8))] + [rng.integers(0, 255, size=(8, 8, 3)) for _ in range(23)]
     os.makedirs(tmp_path / "data")
     shard = str(tmp_path / "data" / "a.tar")
-    write_tar(shard, [(f"k{i:02d}", {"png": png_bytes(img), "cls": str(i % 2).encode()}) for i, img in enumerate(images)])
+    write_tar(shard, [(f"k{i:02d}", {"png": png_bytes(img), "cls": str(i % 2).encode()})
+                      for i, img in enumerate(images)])
     ws = str(tmp_path / "ws")
     run_cli("catalog", shard, "-w", ws, "--scheduler", "sync")
     args = ["score", "-w", ws, "--fraction", "1.0", "--epochs", "2", "--window", "2", "--model", "mlp",

@@ -406,7 +406,8 @@ def test_run_prunes_by_the_named_score_with_the_reshard_options(tmp_path):
     (name,) = os.listdir(os.path.join(ws, "prune"))
     marker = json.load(open(os.path.join(ws, "_stages", f"prune-{name}.json")))
     assert marker["config"]["score"] == "el2n" and marker["counts"]["n_kept"] == 40
-    sizes = [len(list(wds.WebDataset(u, shardshuffle=False))) for u in open(os.path.join(out, "shards.txt")).read().split()]
+    urls = open(os.path.join(out, "shards.txt")).read().split()
+    sizes = [len(list(wds.WebDataset(u, shardshuffle=False))) for u in urls]
     assert sum(sizes) == 40 and max(sizes) == 7
 
 
