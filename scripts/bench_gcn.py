@@ -154,10 +154,10 @@ def setup_times(path: str, k: int, score: str = "du", block: int = 4096) -> dict
     out: dict = {}
     n = zarr.open_group(os.path.join(path, "embeddings.zarr"), mode="r")["emb"].shape[0]
 
-    def timed(fn):
+    def timed(fn):  # unrounded: the ratios below divide them (a 1 ms rounding is most of a small lookup)
         t = time.perf_counter()
         value = fn()
-        return value, round(time.perf_counter() - t, 3)
+        return value, time.perf_counter() - t
 
     # the prior: now, then as before (4,096-row blocks, binary search), and the values compared
     run = ws.begin("extrapolate", {"bench-setup": n}, {}, force=True, key="bench-prior")
@@ -180,7 +180,8 @@ def setup_times(path: str, k: int, score: str = "du", block: int = 4096) -> dict
     seeds = common.seed_scores(ws, score)
     seeds.lookup(ids[:1])  # builds the table
     _, dense_s = timed(lambda: seeds.lookup(ids))
-    out["prior"] = {"graph_chunks_s": now, "blocks_of_%d_s" % block: before, "ratio": round(before / max(now, 1e-9), 1),
+    out["prior"] = {"graph_chunks_s": round(now, 3), "blocks_of_%d_s" % block: round(before, 3),
+                    "ratio": round(before / max(now, 1e-9), 1),
                     "same_values": bool(np.array_equal(new, old, equal_nan=True))}
     out["lookup"] = {"ids": list(ids.shape), "dense_ms": round(dense_s * 1e3, 1), "search_ms": round(search_s * 1e3, 1),
                      "ratio": round(search_s / max(dense_s, 1e-9), 1)}
@@ -190,7 +191,7 @@ def setup_times(path: str, k: int, score: str = "du", block: int = 4096) -> dict
     table = GraphTable(zarr.open_group(os.path.join(path, "graph", "all.zarr"), mode="r"), k, valid, "exp", 1 << 40)
     a, sampler_s = timed(lambda: sample_subgraph(np.arange(n), table, (None,) * 3))
     b, blocks_s = timed(lambda: whole_graph(table, 3))
-    out["whole_graph"] = {"row_blocks_s": blocks_s, "sampler_s": sampler_s,
+    out["whole_graph"] = {"row_blocks_s": round(blocks_s, 3), "sampler_s": round(sampler_s, 3),
                           "ratio": round(sampler_s / max(blocks_s, 1e-9), 2),
                           "same_arrays": all(np.array_equal(getattr(a, f), getattr(b, f))
                                              for f in ("nodes", "prefix", "crow", "col", "val"))}
@@ -209,7 +210,8 @@ def setup_times(path: str, k: int, score: str = "du", block: int = 4096) -> dict
 
     x1, device_s = timed(lambda: device_features(feats, rows, "cpu"))
     x2, host_s = timed(host_built)
-    out["features"] = {"rows": n, "dim": feats.dim, "assembled_on_device_s": device_s, "built_on_host_s": host_s,
+    out["features"] = {"rows": n, "dim": feats.dim, "assembled_on_device_s": round(device_s, 3),
+                       "built_on_host_s": round(host_s, 3),
                        "ratio": round(host_s / max(device_s, 1e-9), 2), "same_values": bool(torch.equal(x1, x2))}
     return out
 
