@@ -537,6 +537,20 @@ def test_missing_graph_and_bad_parameters(base, tmp_path):
         extrapolate_gcn(ws, "du", **SMALL)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_leaves_the_finished_result(base, tmp_path):
+    """A re-run with other options and --force on --device cuda, on a machine without CUDA, is refused
+    before --force removes anything; the finished result stays, and is still skipped as it was."""
+    ws = clone(base, tmp_path)
+    done = extrapolate_gcn(ws, "du", k=8, **QUICK)
+    before = read_out(ws)
+    with pytest.raises(StreamPruneError, match="--device cuda requested but CUDA is not available"):
+        extrapolate_gcn(ws, "du", k=8, device="cuda", force=True, **{**QUICK, "epochs": 2})
+    assert Workspace(ws).marker("extrapolate-du-gcn")["fingerprint"] == done["fingerprint"]
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(read_out(ws), before))
+    assert extrapolate_gcn(ws, "du", k=8, device="cuda", **QUICK).get("skipped")
+
+
 def test_too_few_seed_scores(tmp_path):
     d = make_ws(tmp_path / "ws", n=60, fraction=0.1, k=5, invalid=(3,))
     zarr.create_array(str(tmp_path / "ws" / "scores" / "du.zarr"), data=np.full(len(d["rows"]), np.nan, np.float32),
