@@ -420,7 +420,9 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
     eligible_count = int((~np.isnan(scores)).sum())
     if strategy != "influence-budget":  # before begin: a refused count leaves a --force run's old results in place
         try:
-            sel.keep_count_from(eligible_count, keep_fraction, keep_count)
+            k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)
+            if strategy == "ccs":  # what is left after its drop of the hardest rows
+                sel.ccs_keep_count(k, eligible_count, opts.get("beta", sel.CCS_BETA))
         except ValueError as exc:
             raise StreamPruneError(f"prune: {strategy}: {exc} ({n} rows: {n_invalid} invalid, {n_nan} without a "
                                    f"score, {eligible_count} eligible)") from None

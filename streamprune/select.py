@@ -141,7 +141,21 @@ def ccs_strata(values: np.ndarray, n_strata: int) -> np.ndarray:
     return np.clip(b, 0, n_strata - 1)
 
 
-def ccs(scores: np.ndarray, keep_count: int, seed: int = 0, beta: float = 0.1, n_strata: int = 50) -> np.ndarray:
+CCS_BETA = 0.1  # ccs drops the hardest 10 % of the eligible rows by default
+
+
+def ccs_keep_count(keep_count: int, n_eligible: int, beta: float = CCS_BETA) -> tuple[int, int]:
+    """(rows to keep, rows sampled from) for ccs: ``keep_count`` checked against the eligible rows
+    but the hardest ``floor(beta * n_eligible)``; ValueError when it does not fit."""
+    if not 0.0 <= float(beta) < 1.0:
+        raise ValueError(f"ccs: beta must be in [0, 1), got {beta}")
+    n_drop = int(math.floor(float(beta) * n_eligible))
+    k = _check_count(keep_count, n_eligible - n_drop,
+                     f"rows left after dropping the hardest {n_drop} (beta={beta}); lower beta or keep fewer")
+    return k, n_eligible - n_drop
+
+
+def ccs(scores: np.ndarray, keep_count: int, seed: int = 0, beta: float = CCS_BETA, n_strata: int = 50) -> np.ndarray:
     """Coverage-centric coreset (Zheng et al., ICLR 2023): drop the hardest ``beta``, then stratified sampling.
 
     The hardest ``floor(beta * n_eligible)`` rows are dropped as likely label noise; the remaining
@@ -149,18 +163,13 @@ def ccs(scores: np.ndarray, keep_count: int, seed: int = 0, beta: float = 0.1, n
     :func:`ccs_budgets` and each stratum's share is drawn uniformly at random (``seed``).
     """
     s = _as_scores(scores)
-    if not 0.0 <= float(beta) < 1.0:
-        raise ValueError(f"ccs: beta must be in [0, 1), got {beta}")
     if int(n_strata) < 1:
         raise ValueError(f"ccs: n_strata must be >= 1, got {n_strata}")
-    n_eligible = int((~np.isnan(s)).sum())
-    n_drop = int(math.floor(float(beta) * n_eligible))
-    k = _check_count(keep_count, n_eligible - n_drop,
-                     f"rows left after dropping the hardest {n_drop} (beta={beta}); lower beta or keep fewer")
+    k, n_pool = ccs_keep_count(keep_count, int((~np.isnan(s)).sum()), beta)
     mask = np.zeros(len(s), bool)
     if k == 0:
         return mask
-    pool = _top_k(-s, n_eligible - n_drop)  # the easiest rows, i.e. all but the hardest n_drop
+    pool = _top_k(-s, n_pool)  # the easiest rows, i.e. all but the hardest floor(beta * n_eligible)
     idx = np.flatnonzero(pool)
     strata = ccs_strata(s[idx], int(n_strata))
     budgets = ccs_budgets(np.bincount(strata, minlength=int(n_strata)), k)

@@ -358,6 +358,11 @@ def test_a_count_over_the_eligible_rows_with_force_keeps_the_finished_selection(
     with pytest.raises(StreamPruneError, match="cannot keep 30 rows: only 20 eligible"):
         prune(ws, keep_count=30, name="x", force=True)
     assert Workspace(ws).marker("prune-x")["fingerprint"] == done["fingerprint"]
+    # ccs samples from what is left after dropping the hardest floor(beta * 20) = 2
+    with pytest.raises(StreamPruneError, match=r"cannot keep 19 rows: only 18 rows left after dropping the hardest 2"):
+        prune(ws, strategy="ccs", keep_count=19, name="x", force=True)
+    assert Workspace(ws).marker("prune-x")["fingerprint"] == done["fingerprint"]
+    assert prune(ws, strategy="ccs", keep_count=18, name="x", force=True)["counts"]["n_kept"] == 18
 
 
 def test_seed_source_random_without_scores_and_influence(tmp_path):
