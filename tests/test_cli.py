@@ -54,6 +54,25 @@ def test_demo_data_written_again_leaves_the_stages_done(tmp_path):
     assert not [n for d, _, names in os.walk(data) for n in names if not n.endswith(".tar")]
 
 
+def test_demo_data_records_the_flipped_labels_and_keeps_the_test_digits_apart(tmp_path):
+    """Each demo training sample's .json says whether its .cls was flipped and what the clean label
+    is; the count of flips is the one reported, and no test digit is among the training sources."""
+    import json
+
+    import webdataset as wds
+
+    from streamprune.demo import make_demo
+
+    info = make_demo(str(tmp_path / "data"), n_shards=2, augment=0)
+    train = [s for url in info["train"] for s in wds.WebDataset(url, shardshuffle=False)]
+    meta = [json.loads(s["json"]) for s in train]
+    assert len(train) == info["n_train"] and 0 < info["n_noisy"] == sum(m["noisy"] for m in meta)
+    assert all(m["noisy"] == (int(s["cls"]) != m["clean_label"]) for s, m in zip(train, meta))
+    test_keys = {s["__key__"] for s in wds.WebDataset(info["test"][0], shardshuffle=False)}
+    assert len(test_keys) == info["n_test"] and info["n_train"] + info["n_test"] == 1797  # every digit once
+    assert not {f"t{m['source']:04d}" for m in meta} & test_keys
+
+
 def test_extrapolate_options_apply_per_method():
     from streamprune.cli import extrapolate_options
 
@@ -112,6 +131,9 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
     (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
+    (["score", "--full-runs", "2"], "--full-runs needs --full and must be at least 1"),
+    (["score", "--score", "el2n", "--el2n-epochs", "50"],
+     "score el2n: el2n_epochs must be a whole number of epochs in [1, E=30], got 50"),
     (["score", "--scheduler", "bogus"],
      "--scheduler must be local, threads, sync or a dask scheduler address such as tcp://host:8786, not 'bogus'"),
 ])
@@ -313,3 +335,95 @@ def test_score_selects_its_subset_on_the_given_scheduler(tmp_path, monkeypatch):
     monkeypatch.setattr(streamprune.subset, "subset", subset)
     result = _invoke("score", "-w", str(tmp_path / "ws"), "--fraction", "0.5", "--scheduler", "threads")
     assert result.exit_code == 1 and seen == ["threads"]
+
+
+def _stop_at(monkeypatch, target: str) -> dict:
+    """Replace the library function ``target`` ("module.name") by one that records its arguments and
+    stops the command with a one-line error; returns what it records."""
+    import importlib
+
+    from streamprune.errors import StreamPruneError
+
+    seen: dict = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs, args=args)
+        raise StreamPruneError("stopped here")
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, stop)
+    return seen
+
+
+@pytest.mark.parametrize("args,target,given", [
+    (["catalog", "a.tar", "--max-member-bytes", "123", "--on-error", "skip"], "streamprune.shards.catalog",
+     {"max_member_bytes": 123, "on_error": "skip"}),
+    (["subset", "--fraction", "0.3", "--seed", "3"], "streamprune.subset.subset", {"fraction": 0.3, "seed": 3}),
+    (["embed", "--normalize", "--label-key", "json.y"], "streamprune.embed.embed", {"normalize": True}),
+    (["index", "--nprobe", "7", "--refine", "2"], "streamprune.index.build_index", {"nprobe": 7, "refine": 2}),
+    (["prune", "--durable", "--strategy", "hard-clean", "--noise-fraction", "0.1"], "streamprune.prune.prune",
+     {"durable": True, "strategy": "hard-clean", "noise_fraction": 0.1}),
+    (["prune", "--strategy", "hard-clean", "--noise-fraction", "auto"], "streamprune.prune.prune",
+     {"noise_fraction": "auto"}),
+    (["evaluate", "--seeds", "3"], "streamprune.evaluate.evaluate", {"seeds": 3}),
+])
+def test_flags_reach_the_library_function(tmp_path, monkeypatch, args, target, given):
+    """Each command hands its flags, parsed, to the one library function it calls."""
+    seen = _stop_at(monkeypatch, target)
+    result = _invoke(*args, "-w", str(tmp_path / "ws"))
+    assert result.exit_code == 1 and result.stderr.splitlines()[-1] == "Error: stopped here"
+    assert {k: seen.get(k) for k in given} == given
+    if args[0] == "embed":  # a decoding flag makes embed decode as told, not as the subset's training did
+        assert seen["decode"].label_key == "json.y"
+
+
+def test_run_flags_override_the_config_file(tmp_path, monkeypatch):
+    """Every flag of `run` lands in its stage's table of the configuration handed to the pipeline."""
+    path = tmp_path / "run.toml"
+    path.write_text('scheduler = "threads"\n[prune]\nkeep_fraction = 0.5\nreshard = "/from/file"\n')
+    seen = _stop_at(monkeypatch, "streamprune.pipeline.run_pipeline")
+    result = _invoke("run", "a.tar", "-w", str(tmp_path / "ws"), "--config", str(path), "--until", "index",
+                     "--scheduler", "sync", "--on-error", "skip", "--force", "--fraction", "0.3", "--score", "du,el2n",
+                     "--epochs", "12", "--model", "mlp", "--full", "--full-runs", "2", "--methods", "knn,gcn",
+                     "--strategy", "easy", "--keep-fraction", "0.4", "--reshard", str(tmp_path / "out"))
+    assert result.stderr.splitlines()[-1] == "Error: stopped here"
+    shards, ws, cfg = seen["args"]
+    assert shards == ["a.tar"] and seen["until"] == "index"
+    assert (cfg.scheduler, cfg.on_error, cfg.force) == ("sync", "skip", True)
+    s = cfg.stages
+    assert s["subset"]["fraction"] == 0.3 and s["extrapolate"]["methods"] == ["knn", "gcn"]
+    assert {k: s["score"][k] for k in ("scores", "epochs", "model", "full", "full_runs")} == {
+        "scores": ["du", "el2n"], "epochs": 12, "model": "mlp", "full": True, "full_runs": 2}
+    assert {k: s["prune"][k] for k in ("strategy", "keep_fraction", "reshard")} == {
+        "strategy": "easy", "keep_fraction": 0.4, "reshard": str(tmp_path / "out")}
+
+
+def test_interrupted_command_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C in a stage is one line saying that the same command resumes, and the shell's exit status 130."""
+    import streamprune.subset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streamprune.subset, "subset", interrupted)
+    result = _invoke("subset", "-w", str(tmp_path / "ws"))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == ["interrupted; re-run the same command to resume"]
+
+
+@pytest.mark.parametrize("flags,level", [([], "WARNING"), (["-v"], "INFO"), (["-vv"], "DEBUG")])
+def test_verbose_flag_sets_the_log_level(tmp_path, monkeypatch, flags, level):
+    """No -v: warnings only; -v: the stages' info lines; -vv: debug lines too."""
+    import logging
+
+    seen = {}
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
+    noisy = {name: logging.getLogger(name).level  # the command quietens these: put them back after
+             for name in ("distributed", "tornado", "asyncio", "fsspec", "s3fs", "botocore", "aiobotocore")}
+    try:
+        _invoke(*flags, "status", "-w", str(tmp_path))
+    finally:
+        for name, was in noisy.items():
+            logging.getLogger(name).setLevel(was)
+    assert logging.getLevelName(seen["level"]) == level

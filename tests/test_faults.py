@@ -566,6 +566,22 @@ def test_one_behind_runs_in_order_one_step_behind_and_reraises():
     bg.close(quiet=True)  # a caller already unwinding keeps its own error
 
 
+def _refuse(directory: str, i: int) -> int:
+    open(os.path.join(directory, f"{i}-{time.time_ns()}"), "w").close()  # one file per run of the task
+    raise StreamPruneError(f"row {i}: bad input")
+
+
+def test_a_user_error_in_a_task_is_its_own_line_and_never_retried(tmp_path):
+    """A StreamPruneError raised in a task on a cluster reaches the caller as it was raised, after one
+    run: retries are for tasks whose worker died, not for bad input."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        with pytest.raises(StreamPruneError) as err:
+            map_tasks(_refuse, [(str(tmp_path), 0)], scheduler=cluster.scheduler_address, desc="refuse")
+    assert str(err.value) == "row 0: bad input" and len(os.listdir(tmp_path)) == 1
+
+
 def _slow_square(x: int) -> int:
     time.sleep(0.3)
     return x * x

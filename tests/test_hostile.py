@@ -393,6 +393,40 @@ def test_bad_images():
             decode_input(_sample(png=data), DecodeConfig(), "s.tar")
 
 
+def test_auto_input_prefers_the_image_of_a_sample_with_both():
+    from shardgen import png_bytes
+
+    sample = _sample(png=png_bytes(np.zeros((8, 8))), npy=npy_bytes(np.ones(4, np.float32)))
+    assert decode_input(sample, DecodeConfig(), "s.tar").shape == (1, 8, 8)
+    assert decode_input(sample, DecodeConfig(input="vector"), "s.tar").shape == (4,)
+
+
+@pytest.mark.parametrize("mode", ["1", "I;16"])
+def test_bilevel_and_wide_grayscale_images_decode_to_one_channel(mode):
+    """Grayscale stored as 1-bit or 16-bit pixels is grayscale: one channel under --image-mode auto."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (8, 6)).save(buf, format="PNG")
+    assert decode_input(_sample(png=buf.getvalue()), DecodeConfig(), "s.tar").shape == (1, 6, 8)
+
+
+def test_a_chunk_is_decoded_to_the_datasets_shape_not_its_first_samples(tmp_path):
+    """embed's reader holds each chunk to the dataset's input shape: an odd first sample is the one
+    refused, not the rest of its chunk."""
+    from streamprune.decode_tasks import decode_range
+    from streamprune.tario import write_tar
+    from streamprune.workspace import Workspace
+
+    vectors = [np.ones(4, np.float32)] + [np.ones(8, np.float32)] * 3
+    write_tar(str(tmp_path / "a.tar"), [(f"k{i}", {"npy": npy_bytes(v), "cls": b"1"}) for i, v in enumerate(vectors)])
+    ws = str(tmp_path / "ws")
+    catalog([str(tmp_path / "a.tar")], ws, scheduler="sync")
+    spec = {"on_error": "skip", "decode": DecodeConfig(input="vector").to_dict(), "input_shape": [8]}
+    out = decode_range(Workspace(ws), 0, 4, spec)
+    assert out["x"].shape == (4, 8) and out["valid"].tolist() == [False, True, True, True]
+
+
 def test_grayscale_image_among_colour_ones_gets_three_channels(tmp_path):
     """A grayscale image in a colour dataset (ImageNet has some) is decoded as its RGB conversion, not
     rejected as a shape mismatch with advice (--image-size) that cannot help; a colour image among

@@ -465,6 +465,18 @@ def test_evaluate_and_report_a_method_that_predicted_no_row(tmp_path):
     assert "## Evaluation" in open(os.path.join(tmp_path, "r", "report.md")).read()
 
 
+def test_report_without_an_extrapolation_has_no_scatter_plot(tmp_path):
+    """Seed and full-data scores but no extrapolated ones: the report shows the distributions, and no
+    scatter of extrapolated against full-data scores (there is nothing to plot)."""
+    from streamprune.report import report
+
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 200})
+    add_scores(ws, "du", smooth_score(x).astype(np.float32), full=True)
+    out = report(ws, str(tmp_path / "r"))
+    assert sorted(os.path.basename(f) for f in out["files"]) == ["report.md", "scores_hist.png"]
+
+
 def test_report_to_object_storage_leaves_no_local_copy(tmp_path, monkeypatch, s3server, s3bucket):
     """A report written to s3:// is drawn in a temporary folder, uploaded, and the folder removed."""
     import tempfile

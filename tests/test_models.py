@@ -98,6 +98,9 @@ def test_resnet_width_multiplier():
     assert full.conv1.kernel_size == (3, 3) and full.conv1.stride == (1, 1)
     assert [len(layer) for layer in (full.layer1, full.layer2, full.layer3, full.layer4)] == [2, 2, 2, 2]
     assert not any(isinstance(m, nn.MaxPool2d) for m in full.modules())
+    # CIFAR-style: the stages halve the resolution three times (32x32 in, 4x4 into the pooling)
+    assert [layer[0].conv1.stride for layer in (full.layer1, full.layer2, full.layer3, full.layer4)] == [
+        (1, 1), (2, 2), (2, 2), (2, 2)]
     n_params = sum(p.numel() for p in full.parameters())
     assert 11_000_000 < n_params < 11_300_000  # the usual CIFAR ResNet-18 size
     small = build_model("resnet18", (3, 32, 32), 10, width=0.5)
@@ -224,6 +227,25 @@ MYMODELS = textwrap.dedent(
     def make_with_embed(input_shape, num_classes):
         return WithEmbed(math.prod(input_shape), num_classes)
 
+    class NoWidth(nn.Module):
+        def __init__(self, d, k):
+            super().__init__()
+            self.body = nn.Linear(d, 6)
+            self.head = nn.Linear(6, k)
+
+        def embed(self, x):
+            return torch.tanh(self.body(x.flatten(1)))
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+        def forward_with_embedding(self, x):
+            features = self.embed(x)
+            return self.head(features), features
+
+    def make_no_width(input_shape, num_classes):
+        return NoWidth(math.prod(input_shape), num_classes)
+
     def make_not_a_module(input_shape, num_classes):
         return "nope"
 
@@ -279,6 +301,43 @@ def test_user_factory_with_embed(mymodels):
         torch.testing.assert_close(logits, model.model(x))
 
 
+def test_user_factory_without_embed_dim_gets_it_from_the_head(mymodels):
+    model = build_model("mymodels:make_no_width", (5,), 3)
+    assert isinstance(model, EmbedAdapter) and model.embed_dim == 6 and model.head is model.model.head
+
+
+class _EmbedOnly(nn.Module):
+    """A user model with ``embed`` and ``forward_with_embedding`` but no ``head`` or ``embed_dim``."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def embed(self, x):
+        return self.drop(x.flatten(1) * self.scale)
+
+    def forward(self, x):
+        return self.embed(x).sum(1, keepdim=True)
+
+    def forward_with_embedding(self, x):
+        features = self.embed(x)
+        return features.sum(1, keepdim=True), features
+
+
+def test_embed_adapter_probes_the_width_and_keeps_the_models_own_single_pass():
+    """Without ``embed_dim`` or a linear head the width comes from one probe pass, which leaves the
+    model in the mode it was in; logits and features come from the model's one pass, so that with
+    dropout active they still belong together."""
+    model = _EmbedOnly().train()
+    adapter = EmbedAdapter(model, (2, 3))
+    assert adapter.embed_dim == 6
+    assert model.training and model.drop.training
+    torch.manual_seed(0)
+    logits, features = adapter.forward_with_embedding(torch.ones(4, 2, 3))
+    torch.testing.assert_close(logits, features.sum(1, keepdim=True))
+
+
 def test_user_factory_bad_returns(mymodels):
     with pytest.raises(ValueError, match="expected a torch.nn.Module"):
         build_model("mymodels:make_not_a_module", (5,), 3)
@@ -324,6 +383,12 @@ def test_spec_round_trip(name, shape, kwargs, dim):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
     assert model_spec(rebuilt) == spec
+
+
+def test_spec_names_a_builtin_model_in_lower_case():
+    """A built-in's name is taken in any case and recorded as the registry's name, so that "MLP" and
+    "mlp" describe the same model."""
+    assert model_spec(build_model("MLP", (4,), 2))["name"] == "mlp"
 
 
 def test_spec_requires_build_model():

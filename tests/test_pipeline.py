@@ -171,6 +171,8 @@ def test_run_full_runs_trains_replicas_and_refuses_a_bad_count(setup, tmp_path):
     ('[extrapolate]\nknn_k = "x"\nmethods = 3', "extrapolate.methods must be a list of method names, not 3"),
     ("[prune]\nreshard = 5", "prune.reshard must be a string, not 5"),
     ("scheduler = 3", "scheduler must be a string, not 3"),
+    ("on_error = 3", "on_error must be a string, not 3"),
+    ("[score]\nepochs = true", "score.epochs must be an integer, not True"),
 ])
 def test_config_types_are_checked_on_load(tmp_path, toml, line):
     path = tmp_path / "run.toml"
@@ -230,6 +232,7 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
     ({"extrapolate": {"methods": "gcn", "gcn_k": 50}},
      "extrapolate.gcn_k = 50 needs as many neighbours per row in the graph, which holds index.k = 20: raise index.k "
      "or lower gcn_k"),
+    ({"score": {"scores": []}}, "score.scores names no score"),
 ])
 def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
     from streamprune.pipeline import run_pipeline
@@ -261,6 +264,9 @@ def test_run_options_use_the_methods_own_rules():
 
 def test_run_checks_only_the_stages_it_runs(tmp_path):
     from streamprune.pipeline import check_config
+
+    # the bounds themselves are allowed: a subset of every row, a GCN reading every neighbour of the graph
+    check_config(RunConfig.load(None, {"subset": {"fraction": 1.0}, "extrapolate": {"methods": "gcn", "gcn_k": 20}}))
 
     cfg = RunConfig.load(None, {"prune": {"keep_fraction": 0}, "extrapolate": {"methods": ["bogus"]}})
     assert check_config(cfg, "embed")["train"].epochs == 30  # --until embed: prune and extrapolate never run
@@ -309,6 +315,25 @@ def test_run_refuses_later_stages_options_before_the_first_stage(override, says)
     assert says in str(err.value)
     if "index" in override:  # --until embed never runs the index stage: its options are not its business
         check_config(RunConfig.load(None, override), "embed")
+
+
+def test_run_trains_with_the_score_tables_checkpoint_and_cache_options():
+    from streamprune.pipeline import check_config
+
+    checked = check_config(RunConfig.load(None, {"score": {"checkpoint_every": 0, "cache_memory": "1MiB"}}))
+    assert checked["train"].checkpoint_seconds == 0 and checked["train"].memory_budget == 1 << 20
+
+
+def test_prune_reads_the_first_score_and_the_last_method_unless_named():
+    from streamprune.pipeline import prune_options
+
+    cfg = RunConfig.load(None, {"score": {"scores": ["el2n", "du"]}, "extrapolate": {"methods": ["knn", "gcn"]}})
+    opts = prune_options(cfg.stages, ["knn", "gcn"])
+    assert (opts["score"], opts["source"]) == ("el2n", "gcn") and "noise_fraction" not in opts
+    cfg = RunConfig.load(None, {"score": {"scores": ["el2n", "du"]},
+                                "prune": {"score": "du", "source": "knn", "strategy": "hard-clean", "noise_fraction": 0.1}})
+    opts = prune_options(cfg.stages, ["knn", "gcn"])
+    assert (opts["score"], opts["source"], opts["strategy"], opts["noise_fraction"]) == ("du", "knn", "hard-clean", 0.1)
 
 
 def test_run_timing_table_fits_long_stage_names():
@@ -429,3 +454,38 @@ def test_run_reports_a_reshard_written_again(tmp_path):
     assert (out_dir / "shards.txt").exists()
     assert {t["stage"]: t["skipped"] for t in out["timings"]}["prune"] is False
     assert not any("nothing to do" in line for line in lines)
+
+
+def test_run_hands_each_stage_the_options_of_its_own_table(tmp_path):
+    """``[catalog]`` on_error and max_member_bytes, ``[subset]`` seed, ``[index]`` nprobe and ``[prune]``
+    seed reach their stages: each stage's marker records the value of its table, not the default."""
+    import json
+
+    from shardgen import make_samples
+    from streamprune.pipeline import run_pipeline
+    from streamprune.tario import write_tar
+
+    os.makedirs(tmp_path / "data")
+    shards = []
+    for s in range(2):
+        samples = make_samples(30, start=s * 30, kind="npy")
+        if s == 0:
+            samples[0][1]["txt"] = b"x" * 5000  # over max_member_bytes: the catalog skips this sample
+        shards.append(str(tmp_path / "data" / f"shard-{s:06d}.tar"))
+        write_tar(shards[-1], samples)
+    cfg = RunConfig.load(None, {"catalog": {"on_error": "skip", "max_member_bytes": 4096},
+                                "subset": {"fraction": 0.5, "seed": 3},
+                                "score": {"model": "mlp", "epochs": 3, "window": 2, "input": "vector"},
+                                "index": {"k": 5, "factory": "IVF2,Flat", "nprobe": 2},
+                                "prune": {"strategy": "random", "seed": 4, "name": "p"}}, scheduler="sync")
+    ws = str(tmp_path / "ws")
+    run_pipeline(shards, ws, cfg, echo=lambda line: None)
+
+    def config(key):
+        return json.load(open(os.path.join(ws, "_stages", f"{key}.json")))["config"]
+
+    assert config("catalog") == {"on_error": "skip", "max_member_bytes": 4096}
+    assert json.load(open(os.path.join(ws, "_stages", "catalog.json")))["counts"]["errors"] == 1
+    assert config("subset")["seed"] == 3
+    assert config("index-seeds")["nprobe"] == 2
+    assert config("prune-p")["seed"] == 4

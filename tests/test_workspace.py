@@ -109,6 +109,35 @@ def test_status_json(shards, tmp_path):
     assert "200 in 10 shards" in text
 
 
+def test_status_text_marks_a_stale_stage():
+    from streamprune.status import format_status
+
+    def stage(stale):
+        return {"counts": {}, "wall_s": 1.0, "outputs": {}, "stale": stale}
+
+    info = {"workspace": "ws", "version": "x", "n_samples": 10, "n_shards": 1, "pending": [],
+            "stages": {"catalog": stage(None), "subset": stage("made from a catalog since replaced")},
+            "errors": {"total": 0, "file": "errors.jsonl"}}
+    lines = format_status(info).splitlines()
+    assert lines[2].split()[:2] == ["done", "catalog"] and lines[3].split()[:2] == ["stale", "subset"]
+
+
+def test_status_lists_stages_only_not_the_workspace_files_lease(shards, tmp_path):
+    """The lease that guards the workspace's shared files, held while a stage commits, is no stage:
+    status lists nothing running or stopped for it."""
+    from streamprune import leases
+    from streamprune.status import status
+
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    lease = leases.acquire(Workspace(ws).path("_stages", "shared.lease"), "workspace files")
+    try:
+        info = status(ws)
+    finally:
+        leases.release(lease)
+    assert info["stages"]["catalog"]["done"] and not info["running"] and not info["interrupted"]
+
+
 def test_marker_of_another_version_is_refused_unless_forced(shards, tmp_path):
     ws = str(tmp_path / "ws")
     catalog(shards, ws, scheduler="sync")
