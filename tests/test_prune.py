@@ -457,6 +457,23 @@ def test_check_members_rejects_unsafe_names_and_changed_bytes(tmp_path, from_fil
         _check(good, "a", end=len(good) - 512, via_file=via_file)
 
 
+def test_report_flags_a_pruned_set_made_before_its_scores_were_remade(tmp_path):
+    """A pruned set whose scores were re-made since is shown under an out-of-date line naming them."""
+    from streamprune.report import report
+
+    ws, _, _ = build(str(tmp_path), 2, 10)
+    prune(ws, keep_fraction=0.5, name="p")
+    report(ws, str(tmp_path / "r1"))
+    md = open(os.path.join(tmp_path, "r1", "report.md")).read()
+    assert "### p" in md and "Out of date" not in md
+    w = Workspace(ws)
+    w.begin("extrapolate", {"test": 2}, {}, key="extrapolate-du-knn", force=True).commit(
+        {"score": "extrapolated/du-knn.zarr"}, {"n": 20})
+    report(ws, str(tmp_path / "r2"))
+    after = open(os.path.join(tmp_path, "r2", "report.md")).read().split("### p", 1)[1].lstrip()
+    assert after.startswith("**Out of date:** prune-p is out of date (its input 'scores' was re-run since)")
+
+
 def test_reshard_refuses_a_changed_shard(tmp_path):
     ws, shards, _ = build(str(tmp_path), 2, 10)
     prune(ws, keep_fraction=0.5, name="p")
