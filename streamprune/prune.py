@@ -418,14 +418,19 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
         scores[~valid] = np.nan  # an undecodable sample is never kept, whatever its score
     del valid
     eligible_count = int((~np.isnan(scores)).sum())
+
+    def refused(exc: ValueError) -> StreamPruneError:
+        return StreamPruneError(f"prune: {strategy}: {exc} ({n} rows: {n_invalid} invalid, {n_nan} without a score, "
+                                f"{eligible_count} eligible)")
+
+    k = None  # influence-budget keeps what its eps allows
     if strategy != "influence-budget":  # before begin: a refused count leaves a --force run's old results in place
         try:
             k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)
             if strategy == "ccs":  # what is left after its drop of the hardest rows
                 sel.ccs_keep_count(k, eligible_count, opts.get("beta", sel.CCS_BETA))
         except ValueError as exc:
-            raise StreamPruneError(f"prune: {strategy}: {exc} ({n} rows: {n_invalid} invalid, {n_nan} without a "
-                                   f"score, {eligible_count} eligible)") from None
+            raise refused(exc) from None
     run = ws.begin("prune", config, inputs, force=force, key=f"prune-{name}")
     if run.already_done:
         return run.previous | {"skipped": True}
@@ -448,18 +453,15 @@ def _select_stage(ws: Workspace, *, name: str, score: str, source: str, strategy
         if strategy == "influence-budget":
             mask, _ = sel.influence_budget(scores, opts["eps"])
         elif strategy == "hard-clean":
-            k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)
             noise, drop_count, noise_info = _noise_for_hard_clean(ws, scores, opts["noise_fraction"], margin_marker)
             mask = sel.select(strategy, scores, labels, k, seed, higher_is_harder=direction, noise=noise,
                               drop_count=drop_count)
             del noise
             noise_info["dropped"] = int(min(drop_count, max(0, eligible_count - k)))
         else:
-            k = sel.keep_count_from(eligible_count, keep_fraction, keep_count)
             mask = sel.select(strategy, scores, labels, k, seed, higher_is_harder=direction, **opts)
     except ValueError as exc:
-        raise StreamPruneError(f"prune: {strategy}: {exc} ({n} rows: {n_invalid} invalid, {n_nan} without a score, "
-                               f"{eligible_count} eligible)") from None
+        raise refused(exc) from None
     if (mask & np.isnan(scores)).any():  # strategies never keep NaN rows; refuse loudly if one ever did
         raise StreamPruneError("prune: internal error: the selection kept rows without a score")
     t_select = time.time() - t0
