@@ -179,8 +179,7 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
         with tempfile.TemporaryDirectory(prefix="streamprune-report-") as local_dir:
             files = _write_report(ws, local_dir, score)
             for name in files:
-                with open(os.path.join(local_dir, name), "rb") as f:
-                    storage.write_bytes_atomic(storage.join(out_dir, name), f.read(), ws.storage_options)
+                storage.upload_file(os.path.join(local_dir, name), storage.join(out_dir, name), ws.storage_options)
     else:
         os.makedirs(out_dir, exist_ok=True)
         files = _write_report(ws, out_dir, score)
