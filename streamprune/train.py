@@ -586,7 +586,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
                     None if pseudo_k else cfg.num_classes)
     t_cache = time.time() - t0
 
-    data = SubsetData(ws, cache_key, cfg.memory_budget, device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    data = SubsetData(ws, cache_key, cfg.memory_budget, device=device)
     labels = data.labels.copy()
     extra: dict = {}
     if pseudo_k and replica:  # the same pseudo-labels as the run it replicates
@@ -606,8 +607,8 @@ def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *,
     num_classes = pseudo_k or cfg.num_classes or int(labels[data.valid].max()) + 1
     if num_classes < 2:
         raise StreamPruneError(f"{key}: found only {num_classes} class among the labels; need at least 2")
-    with _deterministic_on(resolve_device(cfg.device)):
-        result = _fit(ws, run, key, cfg, data, labels, num_classes)
+    with _deterministic_on(device):
+        result = _fit(ws, run, key, cfg, data, labels, num_classes, device)
     n_valid = int(data.valid.sum())
     return run.commit(
         outputs={"cache": f"{cache_key}/cache.zarr", "dynamics": f"{key}/dynamics.zarr", "model": f"{key}/model.pt"},
@@ -711,8 +712,7 @@ def _deterministic_on(device: torch.device) -> Iterator[None]:
 
 
 def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetData, labels: np.ndarray,
-         num_classes: int) -> dict:
-    device = resolve_device(cfg.device)
+         num_classes: int, device: torch.device) -> dict:
     amp = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.shape, num_classes, **cfg.model_kwargs).to(device)
