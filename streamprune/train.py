@@ -711,6 +711,23 @@ def _deterministic_on(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+def _rng_state(device: torch.device) -> dict:
+    """The random streams a checkpoint carries: the host generator (dropout on the CPU, and the
+    seeds of everything drawn there) and, on a CUDA device, its generator (dropout there)."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what :func:`_rng_state` saved; a checkpoint of a CPU run (no CUDA stream) resumed on
+    a GPU keeps the stream the run's seed set."""
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetData, labels: np.ndarray,
          num_classes: int, device: torch.device) -> dict:
     amp = device.type == "cuda"
@@ -733,7 +750,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
         model.load_state_dict(state["model"])
         load_optimizer_state(opt, state["opt"], _on_cuda(model))
         sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
+        _set_rng_state(state, device)
         start_epoch = state["epoch"] + 1
         g = _dyn_group(ws, key, data.m, num_classes, cfg.epochs, create=False)
         log.info("%s: resuming after epoch %d", key, start_epoch - 1)
@@ -789,7 +806,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
             # H200; a resumed run re-trains the epochs after the last checkpoint.
             due = epoch == cfg.epochs - 1 or time.time() - last_ckpt >= cfg.checkpoint_seconds
             snapshot = _host_copy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                   "rng": torch.get_rng_state(), "epoch": epoch}) if due else None
+                                   **_rng_state(device), "epoch": epoch}) if due else None
             writer.save(epoch, snapshot, before=lambda epoch=epoch, dyn=dyn: _write_epoch(g, epoch, dyn, labels, data.valid))
             if due:
                 last_ckpt = time.time()

@@ -377,3 +377,22 @@ def test_tf32_scope_is_safe_across_threads():
         assert seen == [True, True] and flag.allow_tf32 is False
     finally:
         flag.allow_tf32 = old
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_checkpoint_rng_state_carries_the_cuda_stream():
+    """A CUDA run's checkpoint carries the device's generator (dropout there draws from it): after a
+    restore, the device draws what it drew after the save; a CPU run's checkpoint has no CUDA stream."""
+    from streamprune.train import _host_copy, _rng_state, _set_rng_state
+
+    dev = torch.device("cuda")
+    torch.manual_seed(3)
+    torch.rand(5, device=dev)
+    state = _host_copy(_rng_state(dev))
+    expected_cuda, expected_cpu = torch.rand(7, device=dev).cpu(), torch.rand(7)
+    torch.rand(11, device=dev), torch.rand(11)
+    _set_rng_state(state, dev)
+    assert torch.equal(torch.rand(7, device=dev).cpu(), expected_cuda)
+    assert torch.equal(torch.rand(7), expected_cpu)
+    assert "cuda_rng" not in _rng_state(torch.device("cpu"))
+

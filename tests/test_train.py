@@ -648,3 +648,19 @@ def test_score_chunks_stay_within_their_memory_whatever_the_classes(vec_ws, monk
         arrays = {"labels": labels, **{k: g[k][:] for k in spec.needs if k != "labels"}}
         want = spec.fn(*(arrays[k] for k in spec.needs))
         np.testing.assert_allclose(read_score(Workspace(vec_ws), name), want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_rng_state_round_trips_on_the_cpu():
+    """The host generator a checkpoint carries restores the stream it saved (dropout on the CPU)."""
+    import torch
+
+    from streamprune.train import _rng_state, _set_rng_state
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    state = _rng_state(cpu)
+    assert set(state) == {"rng"}
+    expected = torch.rand(9)
+    torch.rand(4)
+    _set_rng_state(state, cpu)
+    assert torch.equal(torch.rand(9), expected)
