@@ -780,7 +780,8 @@ def build_table(results: dict, n: int, epochs: int, subset: float) -> list[dict]
     train_b = bare.get("train", {}).get("img_per_s")
     fwd_b = bare.get("forward", {}).get("img_per_s")
     dec_b = bare.get("decode", {}).get("decode_per_s")
-    knn_b = (bare.get("knn_product_dim") or bare.get("knn") or {}).get("rows_per_s")
+    widths = sorted(int(key[5:]) for key in bare if key.startswith("knn_d") and key[5:].isdigit())
+    knn_b = (bare.get("knn_product_dim") or (bare[f"knn_d{widths[-1]}"] if widths else {})).get("rows_per_s")
     gcn_b = bare.get("gcn", {}).get("nodes_per_s")
     rows: list[dict] = []
 

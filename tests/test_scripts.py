@@ -76,11 +76,27 @@ def test_script_imports_exist(script):
 
 def test_gpu_e2e_arguments():
     """bench_gpu_e2e's options as scripts/gpu_session.sh passes them."""
+    args = _bench_gpu_e2e().parse_args(["--n", "1000", "--epochs", "2", "--no-full", "--workdir", "/tmp/x",
+                                     "--out", "/tmp/x/b.json", "--skip-bare", "--stages", "embed"])
+    assert (args.n, args.epochs, args.full, args.stages) == (1000, 2, False, ["embed"])
+
+
+def _bench_gpu_e2e():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import bench_gpu_e2e
     finally:
         sys.path.remove(os.path.join(ROOT, "scripts"))
-    args = bench_gpu_e2e.parse_args(["--n", "1000", "--epochs", "2", "--no-full", "--workdir", "/tmp/x",
-                                     "--out", "/tmp/x/b.json", "--skip-bare", "--stages", "embed"])
-    assert (args.n, args.epochs, args.full, args.stages) == (1000, 2, False, ["embed"])
+    return bench_gpu_e2e
+
+
+@pytest.mark.parametrize("bare, expected", [
+    ({"knn_d128": {"rows_per_s": 4e5}, "knn_d512": {"rows_per_s": 1e5}, "knn_product_dim": {"rows_per_s": 1e5}}, 0.5),
+    ({"knn_d64": {"rows_per_s": 8e5}, "knn_d128": {"rows_per_s": 4e5}}, 0.125),  # no 512: the widest
+])
+def test_gpu_e2e_table_compares_the_graph_with_the_bare_knn(bare, expected):
+    """The index rows of bench_gpu_e2e's table hold the graph's rows/s against the bare exact kNN's."""
+    mk = {"counts": {"n_index": 1000, "engine": "torch", "factory": "auto"}, "timings": {"wall_s": 0.02}}
+    results = {"bare": bare, "product": {"stages": {"index": {"wall_s": 0.05}}}, "markers": {"index-all": mk}}
+    row = next(r for r in _bench_gpu_e2e().build_table(results, 1000, 2, 0.2) if r["stage"].startswith("  index-all"))
+    assert row["samples_per_s"] == 50_000 and row["ratio"] == pytest.approx(expected)
