@@ -84,6 +84,7 @@ TUNE_QUERIES = 500
 GRAPH_CHUNK_ROWS = 1 << 16
 TASK_CANDIDATES = 1 << 22
 SLAB_BYTES = 64 << 20  # rows of embeddings.zarr read at once by gathers and streaming passes
+LOCAL_COPY_HEADROOM = 1 << 30  # free local disk left beside a local copy of remote embeddings
 INDEX_MMAP_THRESHOLD = 4 << 20  # buffers from here are mmap-served (heap.bound_heap): slabs, candidates, results
 KMEANS_NITER = 10  # CPU; 20 with a GPU
 TORCH_GPU_FRACTION = 0.4  # of free GPU memory the indexed vectors (float32) may take for the torch engine
@@ -787,6 +788,65 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
     return local
 
 
+_NO_ROOM_WARNED: set[str] = set()
+
+
+def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr.Array:
+    """The embeddings the exact re-rank reads: ``emb`` itself in a local workspace; for an ``s3://``
+    one, a copy on this host's disk, made once per host and embedding run.
+
+    The re-rank of every search chunk reads candidates from all over the rows, so each chunk would
+    fetch the whole of a remote embeddings.zarr again (N rows per chunk, N²/chunk over the stage).
+    The copy is fetched once (N rows) and read from local disk after that.  It lives in the cache
+    of index files (``$STREAMPRUNE_CACHE``) under the embed run's identity (its fingerprint and
+    commit time), made under a file lock so that the worker processes of one host share it.  Where
+    the local disk lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the remote array is read, with
+    one warning per process.
+    """
+    if not storage.is_remote(ws.path("embeddings.zarr")):
+        return emb
+    version = stage_fingerprint([embed_marker.get("fingerprint"), embed_marker.get("finished"),
+                                 embed_marker.get("timings", {}).get("wall_s"), list(emb.shape), str(emb.dtype)])
+    base = _local_dir(version)
+    path, done = os.path.join(base, "embeddings.zarr"), os.path.join(base, "embeddings.done")
+    with _locked(os.path.join(base, "embeddings.lock")):
+        if not os.path.exists(done):
+            need = int(np.prod(emb.shape)) * emb.dtype.itemsize
+            free = shutil.disk_usage(base).free
+            if free < need + LOCAL_COPY_HEADROOM:
+                if version not in _NO_ROOM_WARNED:
+                    _NO_ROOM_WARNED.add(version)
+                    log.warning("index: no room for a local copy of %s (%.1f GiB, %.1f GiB free in %s); the "
+                                "re-rank reads it remotely, once per search chunk", ws.path("embeddings.zarr"),
+                                need / 2**30, free / 2**30, base)
+                return emb
+            shutil.rmtree(path, ignore_errors=True)  # a copy cut short by a kill
+            with disk_errors(f"index: copying {ws.path('embeddings.zarr')} to {path}"):
+                copy = zarr.create_array(zarr.storage.LocalStore(path), shape=emb.shape, chunks=emb.chunks,
+                                         dtype=emb.dtype, fill_value=0, compressors=None)
+                slab = _slab_rows(emb)
+                for s in range(0, emb.shape[0], slab):
+                    copy[s:s + slab] = emb[s:s + slab]
+                Path(done).touch()
+    return zarr.open_array(zarr.storage.LocalStore(path), mode="r")
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on a local file (the processes of one host), where the file system has locks."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: each process may copy, into the same place
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def _upload(ws: Workspace, local: str, rel: str) -> None:
     """Publish a local file as workspace file ``rel`` (atomic rename locally, one upload remotely)."""
     storage.upload_file(local, ws.path(rel), ws.storage_options)
@@ -962,6 +1022,10 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
     log.info("%s: %s over %d rows of width %d (refine %d, %s, engine %s)", key, plan.factory, n_index, d,
              plan.refine, "on disk" if plan.ondisk else "in memory", plan.engine)
     timings: dict = {}
+    if plan.engine == "faiss" and plan.refine:  # every phase then reads this host's copy of remote embeddings
+        t0 = time.time()
+        emb = local_embeddings(ws, emb, embed_marker)
+        timings["local_copy_s"] = round(time.time() - t0, 3)
     trained = _train_phase(ws, run, plan, emb, mask, seed, timings)
     _add_phase(ws, run, plan, emb, mask, scheduler, timings)
     torch_index = _LazyTorchIndex(emb, mask, plan, timings)  # the torch engine's rows, loaded once for both phases
@@ -1277,8 +1341,10 @@ def _search_task(ws: Workspace, name: str, fingerprint: str, ondisk: bool, param
 
 def _search_chunk(ws: Workspace, name: str, index, start: int, stop: int, k: int, refine: int) -> dict:
     """Search rows [start, stop) with ``index`` (faiss or :class:`TorchExactIndex`) and write their graph chunk."""
-    emb, valid_arr, _ = open_embeddings(ws, f"index-{name}")
+    emb, valid_arr, embed_marker = open_embeddings(ws, f"index-{name}")
     _check_width(index, emb.shape[1], name)
+    if refine:
+        emb = local_embeddings(ws, emb, embed_marker)
     valid = valid_arr[start:stop]
     rows = np.flatnonzero(valid).astype(np.int64) + start
     nbr = np.full((stop - start, k), -1, np.int64)

@@ -17,7 +17,8 @@ answer:
   shorter than S sees a timeout);
 * ``reset=True``: the connection is closed without an answer.
 
-``requests`` counts every request seen, ``faults`` those that got a fault.
+``requests`` counts every request seen, ``faults`` those that got a fault; ``seen`` lists the
+(method, path) of every request, ``log`` the faulted ones with their outcome.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FaultProxy:
         self.requests = 0
         self.faults = 0
         self.log: list[tuple[str, str, str]] = []  # (method, path, outcome)
+        self.seen: list[tuple[str, str]] = []  # (method, path) of every request
         self.set()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -154,6 +156,7 @@ class FaultProxy:
 
             def _forward(self) -> None:
                 body = self._body()
+                proxy.seen.append((self.command, self.path))
                 if proxy._pick(self.path) and self._fault():
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)

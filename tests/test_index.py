@@ -411,6 +411,91 @@ def test_s3_workspace_ondisk(tmp_path, s3server, s3bucket, monkeypatch):
         np.testing.assert_array_equal(u, v)
 
 
+def _remote_embeddings(ws: Workspace, x: np.ndarray, chunk: int, config: dict | None = None) -> None:
+    group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="w")
+    group.create_array("emb", data=x, chunks=(chunk, x.shape[1]))
+    group.create_array("valid", data=np.ones(len(x), bool), chunks=(chunk,))
+    ws.begin("embed", config or {"test": 1}, {}, force=True).commit({"embeddings": "embeddings.zarr"}, {"n": len(x)})
+
+
+def test_s3_workspace_rerank_fetches_the_embeddings_once(tmp_path, s3server, s3bucket, monkeypatch):
+    """The exact re-rank of an s3:// workspace reads a local copy of embeddings.zarr: each of its
+    chunks is fetched once by the stage, not once per search chunk, and the graph is the same as a
+    local workspace's.  A later embed run (same config, other vectors) is not served the old copy."""
+    from faultproxy import FaultProxy
+
+    x = clustered(4000, 8, seed=5)
+    opts = dict(graph="all", k=5, factory="IVF16,PQ2", nprobe=4, refine=2, scheduler="sync", chunk_rows=500,
+                recall_queries=100)
+    local = make_workspace(tmp_path / "local", x, chunk=500)
+    build_index(local, **opts)
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        remote = Workspace(f"s3://{s3bucket}/ws", {**s3server.storage_options, "client_kwargs": client})
+        _remote_embeddings(remote, x, 500)
+        del proxy.seen[:]
+        m = build_index(remote, **opts)["all"]
+        fetched = [path for method, path in proxy.seen if method == "GET" and "/embeddings.zarr/emb/c/" in path]
+    assert m["timings"]["local_copy_s"] >= 0
+    assert len(fetched) == len(set(fetched)) == len(x) // 500  # 8 search chunks, each chunk of rows read once
+    for u, v in zip(graph_arrays(local, "all"), graph_arrays(remote, "all")):
+        np.testing.assert_array_equal(u, v)
+    # An embed run again with the same config (its fingerprint unchanged) and other vectors, and the
+    # graph built again: the copy of the earlier embed run is not used.
+    y = clustered(4000, 8, seed=6)
+    other = make_workspace(tmp_path / "other", y, chunk=500)
+    build_index(other, **opts)
+    _remote_embeddings(remote, y, 500)
+    storage.remove(remote.path("_stages", "index-all.json"), remote.storage_options)
+    build_index(remote, **opts)
+    for u, v in zip(graph_arrays(other, "all"), graph_arrays(remote, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_local_copy_of_remote_embeddings_cut_short_is_made_again(tmp_path, s3server, s3bucket, monkeypatch):
+    """A copy killed before it was finished (no completion mark) is replaced by a whole one; a
+    finished one is reused as it is."""
+    from streamprune.index import local_embeddings, open_embeddings
+
+    x = clustered(1000, 8, seed=8)
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    _remote_embeddings(remote, x, 300)
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    emb, _, marker = open_embeddings(remote, "test")
+    first = local_embeddings(remote, emb, marker)
+    np.testing.assert_array_equal(first[:], x)
+    copy_dir = os.path.dirname(str(first.store.root))
+    zarr.open_array(first.store.root, mode="r+")[0:300] = 0  # a partial copy: rows missing ...
+    os.remove(os.path.join(copy_dir, "embeddings.done"))  # ... and never marked done
+    again = local_embeddings(remote, emb, marker)
+    np.testing.assert_array_equal(again[:], x)
+    zarr.open_array(again.store.root, mode="r+")[0:1] = 7  # a finished copy is read, not fetched again
+    assert local_embeddings(remote, emb, marker)[0, 0] == 7
+
+
+def test_s3_workspace_rerank_without_local_room_reads_remotely(tmp_path, s3server, s3bucket, monkeypatch, caplog):
+    """No room on the local disk for a copy: the re-rank reads the remote embeddings (one warning)."""
+    import streamprune.index as index_mod
+
+    x = clustered(2000, 8, seed=7)
+    opts = dict(graph="all", k=5, factory="IVF16,PQ2", nprobe=4, refine=2, scheduler="sync", chunk_rows=500,
+                recall_queries=100)
+    local = make_workspace(tmp_path / "local", x, chunk=500)
+    build_index(local, **opts)
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    _remote_embeddings(remote, x, 500)
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(index_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    with caplog.at_level("WARNING", logger="streamprune.index"):
+        build_index(remote, **opts)
+    assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records
+                                                           if "no room for a local copy" in r.message)) == 1
+    assert not glob.glob(str(tmp_path / "cache" / "*" / "embeddings.zarr"))
+    for u, v in zip(graph_arrays(local, "all"), graph_arrays(remote, "all")):
+        np.testing.assert_array_equal(u, v)
+
+
 # --------------------------------------------------------------------------- crash and resume
 
 
