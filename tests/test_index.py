@@ -474,6 +474,37 @@ def test_local_copy_of_remote_embeddings_cut_short_is_made_again(tmp_path, s3ser
     assert local_embeddings(remote, emb, marker)[0, 0] == 7
 
 
+def test_processes_of_one_host_share_one_local_copy(tmp_path, s3server, s3bucket):
+    """Processes asking for the local copy at once (a host's dask workers) wait for one copy: the
+    embeddings are fetched once, and each process reads them whole."""
+    import subprocess
+    import sys
+
+    from faultproxy import FaultProxy
+
+    x = clustered(3000, 16, seed=9)
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts = {**s3server.storage_options, "client_kwargs": client}
+        remote = Workspace(f"s3://{s3bucket}/ws", opts)
+        _remote_embeddings(remote, x, 100)
+        del proxy.seen[:]
+        code = ("import json, sys, numpy as np\n"
+                "from streamprune.index import local_embeddings, open_embeddings\n"
+                "from streamprune.workspace import Workspace\n"
+                f"ws = Workspace({remote.url!r}, json.loads(sys.argv[1]))\n"
+                "emb, _, marker = open_embeddings(ws, 'test')\n"
+                "print(float(np.asarray(local_embeddings(ws, emb, marker)[:], np.float64).sum()))\n")
+        env = {**os.environ, "STREAMPRUNE_CACHE": str(tmp_path / "cache")}
+        procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(opts)], stdout=subprocess.PIPE, text=True,
+                                  env=env) for _ in range(3)]
+        sums = [float(p.communicate(timeout=120)[0]) for p in procs]
+        fetched = [path for method, path in proxy.seen if method == "GET" and "/embeddings.zarr/emb/c/" in path]
+    assert all(p.returncode == 0 for p in procs)
+    assert sums == [pytest.approx(float(x.astype(np.float64).sum()), rel=1e-9)] * 3
+    assert len(fetched) == len(set(fetched)) == 30  # 30 chunks of 100 rows, fetched by one process
+
+
 def test_s3_workspace_rerank_without_local_room_reads_remotely(tmp_path, s3server, s3bucket, monkeypatch, caplog):
     """No room on the local disk for a copy: the re-rank reads the remote embeddings (one warning)."""
     import streamprune.index as index_mod
