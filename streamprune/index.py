@@ -762,8 +762,7 @@ _CACHE_LOCK = threading.Lock()
 
 def _local_dir(fingerprint: str) -> str:
     """A local directory for index files of a remote workspace (faiss needs files to mmap)."""
-    base = os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
-    path = os.path.join(base, fingerprint[:16])
+    path = os.path.join(_cache_base(), fingerprint[:16])
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -789,27 +788,37 @@ def _local_file(ws: Workspace, rel: str, fingerprint: str) -> str:
 
 
 _NO_ROOM_WARNED: set[str] = set()
+_IN_USE: dict[str, tuple[str, int]] = {}  # workspace's copies -> (the copy this process reads, its shared lock)
+_IN_USE_LOCK = threading.Lock()
+
+
+def _cache_base() -> str:
+    return os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
 
 
 def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr.Array:
     """The embeddings the exact re-rank reads: ``emb`` itself in a local workspace; for an ``s3://``
-    one, a copy on this host's disk, made once per host and embedding run.
+    one, a copy on this host's disk, made once per host and embed run.
 
     The re-rank of every search chunk reads candidates from all over the rows, so each chunk would
     fetch the whole of a remote embeddings.zarr again (N rows per chunk, N²/chunk over the stage).
-    The copy is fetched once (N rows) and read from local disk after that.  It lives in the cache
-    of index files (``$STREAMPRUNE_CACHE``) under the embed run's identity (its fingerprint and
-    commit time), made under a file lock so that the worker processes of one host share it.  Where
-    the local disk lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the remote array is read, with
-    one warning per process.
+    The copy is fetched once (N rows) and read from local disk after that.  It lives in the local
+    cache (``$STREAMPRUNE_CACHE``) under the workspace and the embed run's identity (fingerprint
+    and commit time).  The processes of a host share it: one copies under a file lock, and each
+    holds a shared lock on it while it may read it.  A host keeps one copy per workspace: making a
+    new one removes the workspace's older copies that no process holds.  Where the local disk
+    lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the remote array is read, with one warning
+    per process.
     """
     if not storage.is_remote(ws.path("embeddings.zarr")):
         return emb
     version = stage_fingerprint([embed_marker.get("fingerprint"), embed_marker.get("finished"),
                                  embed_marker.get("timings", {}).get("wall_s"), list(emb.shape), str(emb.dtype)])
-    base = _local_dir(version)
-    path, done = os.path.join(base, "embeddings.zarr"), os.path.join(base, "embeddings.done")
-    with _locked(os.path.join(base, "embeddings.lock")):
+    home = os.path.join(_cache_base(), "embeddings", stage_fingerprint(ws.url)[:16])
+    base = _hold_copy(home, os.path.join(home, version[:16]))
+    _evict_copies(home, keep=base)
+    path, done = os.path.join(base, "embeddings.zarr"), os.path.join(base, "done")
+    with _locked(os.path.join(base, "copy.lock")):
         if not os.path.exists(done):
             need = int(np.prod(emb.shape)) * emb.dtype.itemsize
             free = shutil.disk_usage(base).free
@@ -829,6 +838,58 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
                     copy[s:s + slab] = emb[s:s + slab]
                 Path(done).touch()
     return zarr.open_array(zarr.storage.LocalStore(path), mode="r")
+
+
+def _hold_copy(home: str, base: str) -> str:
+    """Hold a shared lock on copy directory ``base`` for this process (dropping its hold on another
+    copy of the same workspace); returns ``base``, created if missing."""
+    import fcntl
+
+    with _IN_USE_LOCK:
+        held = _IN_USE.get(home)
+        if held is not None and held[0] == base and os.path.isdir(base):
+            return base
+        if held is not None:
+            os.close(held[1])  # this process now reads another copy of the workspace
+            del _IN_USE[home]
+        for _ in range(10):  # a directory removed between our open and our lock is made again
+            os.makedirs(base, exist_ok=True)
+            try:
+                fd = os.open(os.path.join(base, "use.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError:  # a file system without locks: copies are never removed from under a reader
+                pass
+            if os.path.isdir(base) and os.path.exists(os.path.join(base, "use.lock")):
+                _IN_USE[home] = (base, fd)
+                return base
+            os.close(fd)
+        raise StreamPruneError(f"index: could not hold the local copy of the embeddings in {base}")
+
+
+def _evict_copies(home: str, keep: str) -> None:
+    """Remove the copies of the workspace in ``home`` other than ``keep`` that no process holds."""
+    import fcntl
+
+    for entry in os.listdir(home):
+        other = os.path.join(home, entry)
+        if other == keep or not os.path.isdir(other):
+            continue
+        try:
+            fd = os.open(os.path.join(other, "use.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no process reads it
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(other, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 @contextmanager

@@ -467,7 +467,7 @@ def test_local_copy_of_remote_embeddings_cut_short_is_made_again(tmp_path, s3ser
     np.testing.assert_array_equal(first[:], x)
     copy_dir = os.path.dirname(str(first.store.root))
     zarr.open_array(first.store.root, mode="r+")[0:300] = 0  # a partial copy: rows missing ...
-    os.remove(os.path.join(copy_dir, "embeddings.done"))  # ... and never marked done
+    os.remove(os.path.join(copy_dir, "done"))  # ... and never marked done
     again = local_embeddings(remote, emb, marker)
     np.testing.assert_array_equal(again[:], x)
     zarr.open_array(again.store.root, mode="r+")[0:1] = 7  # a finished copy is read, not fetched again
@@ -505,6 +505,54 @@ def test_processes_of_one_host_share_one_local_copy(tmp_path, s3server, s3bucket
     assert len(fetched) == len(set(fetched)) == 30  # 30 chunks of 100 rows, fetched by one process
 
 
+def test_a_host_keeps_one_copy_per_workspace_and_none_that_a_process_reads_is_removed(tmp_path, s3server, s3bucket,
+                                                                                        monkeypatch):
+    """A new embed run's copy replaces the workspace's older ones, except one that another process
+    still reads; that one goes with the next copy made after the process has ended."""
+    import subprocess
+    import sys
+
+    from streamprune.index import local_embeddings, open_embeddings
+
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    copies = lambda: sorted(glob.glob(str(tmp_path / "cache" / "embeddings" / "*" / "*" / "done")))  # noqa: E731
+
+    def embed_and_copy(seed: int) -> np.ndarray:
+        x = clustered(500, 8, seed=seed)
+        _remote_embeddings(remote, x, 100)
+        emb, _, marker = open_embeddings(remote, "test")
+        np.testing.assert_array_equal(local_embeddings(remote, emb, marker)[:], x)
+        return x
+
+    embed_and_copy(10)
+    first = copies()
+    embed_and_copy(11)
+    assert len(copies()) == 1 and copies() != first  # the first run's copy is gone
+    # another process reads the current copy and keeps it open
+    code = ("import json, sys, time\n"
+            "from streamprune.index import local_embeddings, open_embeddings\n"
+            "from streamprune.workspace import Workspace\n"
+            f"ws = Workspace({remote.url!r}, json.loads(sys.argv[1]))\n"
+            "emb, _, marker = open_embeddings(ws, 'test')\n"
+            "local_embeddings(ws, emb, marker)\n"
+            "print('reading', flush=True)\n"
+            "sys.stdin.read()\n")
+    reader = subprocess.Popen([sys.executable, "-c", code, json.dumps(s3server.storage_options)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        held = copies()
+        embed_and_copy(12)
+        assert len(copies()) == 2 and set(held) <= set(copies())  # not removed from under its reader
+    finally:
+        reader.communicate("", timeout=60)
+    x = embed_and_copy(13)
+    assert len(copies()) == 1 and not set(held) & set(copies())
+    emb, _, marker = open_embeddings(remote, "test")
+    np.testing.assert_array_equal(local_embeddings(remote, emb, marker)[:], x)
+
+
 def test_s3_workspace_rerank_without_local_room_reads_remotely(tmp_path, s3server, s3bucket, monkeypatch, caplog):
     """No room on the local disk for a copy: the re-rank reads the remote embeddings (one warning)."""
     import streamprune.index as index_mod
@@ -522,7 +570,7 @@ def test_s3_workspace_rerank_without_local_room_reads_remotely(tmp_path, s3serve
         build_index(remote, **opts)
     assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records
                                                            if "no room for a local copy" in r.message)) == 1
-    assert not glob.glob(str(tmp_path / "cache" / "*" / "embeddings.zarr"))
+    assert not glob.glob(str(tmp_path / "cache" / "embeddings" / "*" / "*" / "embeddings.zarr"))
     for u, v in zip(graph_arrays(local, "all"), graph_arrays(remote, "all")):
         np.testing.assert_array_equal(u, v)
 
