@@ -803,17 +803,17 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
     The re-rank of every search chunk reads candidates from all over the rows, so each chunk would
     fetch the whole of a remote embeddings.zarr again (N rows per chunk, N²/chunk over the stage).
     The copy is fetched once (N rows) and read from local disk after that.  It lives in the local
-    cache (``$STREAMPRUNE_CACHE``) under the workspace and the embed run's identity (fingerprint
-    and commit time).  The processes of a host share it: one copies under a file lock, and each
-    holds a shared lock on it while it may read it.  A host keeps one copy per workspace: making a
+    cache (``$STREAMPRUNE_CACHE``) under the workspace and the embed run's identity (the ``run`` id
+    of its marker; commit time for markers written before it existed).  The processes of a host
+    share it: one copies under a file lock, and each holds a shared lock on it while it may read it.  A host keeps one copy per workspace: making a
     new one removes the workspace's older copies that no process holds.  Where the local disk
     lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the remote array is read, with one warning
     per process.
     """
     if not storage.is_remote(ws.path("embeddings.zarr")):
         return emb
-    version = stage_fingerprint([embed_marker.get("fingerprint"), embed_marker.get("finished"),
-                                 embed_marker.get("timings", {}).get("wall_s"), list(emb.shape), str(emb.dtype)])
+    run = embed_marker.get("run") or [embed_marker.get("finished"), embed_marker.get("timings", {}).get("wall_s")]
+    version = stage_fingerprint([embed_marker.get("fingerprint"), run, list(emb.shape), str(emb.dtype)])
     home = os.path.join(_cache_base(), "embeddings", stage_fingerprint(ws.url)[:16])
     base = _hold_copy(home, os.path.join(home, version[:16]))
     _evict_copies(home, keep=base)

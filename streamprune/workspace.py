@@ -24,6 +24,7 @@ import re
 import shlex
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -557,6 +558,7 @@ class StageRun:
             "timings": {"wall_s": round(wall, 3), **(timings or {})},
             "version": __version__,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run": uuid.uuid4().hex,  # this run's identity: runs of one config share the fingerprint
         }
         with self.ws.exclusive():
             self.ws._replace_errors(self.key, errors)
