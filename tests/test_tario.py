@@ -151,6 +151,19 @@ def test_duplicate_and_unsafe_keys(tmp_path):
         ("s0000000", "duplicate_key"), ("../evil", "unsafe_name"), ("/abs", "unsafe_name")]
 
 
+def test_a_sample_with_the_same_member_twice_is_rejected(tmp_path):
+    """Two members of one sample with the same extension (k.cls, k.cls in a row): the sample is rejected as a
+    duplicate naming the member, the samples around it are read."""
+    path = str(tmp_path / "d.tar")
+    with open(path, "wb") as f:
+        f.write(_tar_bytes([("a.cls", b"0"), ("k.cls", b"1"), ("k.png", b"p"), ("k.cls", b"2"), ("z.cls", b"3")]))
+    with pytest.raises(SampleError, match=r"shard .*d\.tar, key k: duplicate member k\.cls"):
+        list(iter_samples(path, ErrorPolicy("fail")))
+    policy = ErrorPolicy("skip")
+    assert [(s.key, s.members) for s in iter_samples(path, policy)] == [("a", {"cls": b"0"}), ("z", {"cls": b"3"})]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [("k", "duplicate_key")]
+
+
 def test_oversized_member_rejected(tmp_path):
     path = str(tmp_path / "big.tar")
     write_tar(path, [("a", {"bin": b"x" * 10}), ("b", {"bin": b"y" * 5000, "cls": b"1"}), ("c", {"bin": b"z"})])
