@@ -1,7 +1,9 @@
 """Catalog: rows, keys and offsets from local disk and S3; bad input; crash-then-resume."""
 
+import io
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,7 +14,7 @@ from streamprune.shards import Catalog, catalog, read_sample_range
 from streamprune.workspace import Workspace
 from helpers import count_files, kill_when, run_cli
 from shardgen import make_samples, write_shards
-from streamprune.tario import write_tar
+from streamprune.tario import iter_tar, write_tar
 
 
 def _table(ws_url, storage_options=None):
@@ -142,8 +144,6 @@ def _bad_shards(d):
     (4, r"shard .*e-dup\.tar, key s0000201: duplicate key"),
 ])
 def test_bad_input_one_clear_line(tmp_path, which, expect):
-    import re
-
     bad = _bad_shards(str(tmp_path / "data"))
     out = run_cli("catalog", bad[0], bad[which], "-w", str(tmp_path / "ws"), "--scheduler", "sync", check=False)
     assert out.returncode == 1, out.stdout
@@ -320,3 +320,65 @@ def test_parts_are_not_reused_across_scan_options(tmp_path):
         catalog([path], ws, scheduler="sync", max_member_bytes=500, force=True)
     m = catalog([path], ws, scheduler="sync", force=True)
     assert m["counts"]["n_samples"] == 4 and m["counts"]["errors"] == 0
+
+
+def test_shard_rewritten_in_place_after_catalog_reports_each_changed_sample(tmp_path):
+    """A shard re-written after `catalog` with the same byte layout but other keys, or with a member of one sample
+    renamed: the catalogued byte ranges no longer hold the catalogued samples, and each one is reported as a
+    changed shard (the renamed one with what the tar reader found), never returned under the catalog's key."""
+    from streamprune.shards import ErrorPolicy, read_rows
+
+    os.makedirs(tmp_path / "data")
+    path = str(tmp_path / "data" / "s.tar")
+    write_tar(path, make_samples(4, kind="npy"))
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog([path], ws, scheduler="sync")
+    cat = Catalog(ws)
+    before = open(path, "rb").read()
+    write_tar(path, make_samples(4, kind="npy", prefix="t"))
+    assert len(open(path, "rb").read()) == len(before)
+    handler = ErrorPolicy("skip")
+    assert list(read_rows(cat, np.arange(4), handler)) == []
+    assert [(e["key"], e["reason"]) for e in handler.records] == [(f"s{i:07d}", "changed_shard") for i in range(4)]
+    assert all("sample bytes do not match the catalog (shard changed since `catalog`?)" in e["message"]
+               for e in handler.records)
+    with pytest.raises(StreamPruneError, match=r"s\.tar, key s0000000: sample bytes do not match the catalog"):
+        list(read_rows(cat, np.arange(4), ErrorPolicy("fail")))
+
+    # the third sample's second member renamed in place to an unsafe name: its first member still parses
+    # under the catalog's key, but the sample is not what was catalogued
+    second = [m.offset for m in iter_tar(io.BytesIO(before)) if m.name.startswith("s0000002.")][1]
+    damaged = bytearray(before)
+    assert damaged[second:second + 12] == b"s0000002.cls"
+    damaged[second:second + 12] = b"/s000002.cls"
+    damaged[second + 148:second + 156] = b"        "
+    damaged[second + 148:second + 155] = b"%06o\0" % sum(damaged[second:second + 512])
+    open(path, "wb").write(bytes(damaged))
+    handler = ErrorPolicy("skip")
+    assert [(row, s.key) for row, s in read_rows(cat, np.arange(4), handler)] == [
+        (0, "s0000000"), (1, "s0000001"), (3, "s0000003")]
+    assert [(e["key"], e["reason"]) for e in handler.records] == [("s0000002", "changed_shard")]
+    assert re.search(r"do not match the catalog \(shard changed since `catalog`\?\): .*unsafe member name "
+                     r"'/s000002\.cls'", handler.records[0]["message"]), handler.records[0]["message"]
+
+
+def test_catalog_read_errors_name_the_problem(tmp_path):
+    """Reading a catalog: a missing shard table says to re-run catalog, row ids outside the catalog are refused
+    with its range, and an --on-error mode other than fail or skip is named."""
+    from streamprune.shards import ErrorPolicy
+
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(write_shards(str(tmp_path / "data"), 2, 5), ws, scheduler="sync")
+    cat = Catalog(ws)
+    assert cat.shard_of(np.array([0, 4, 5, 9])).tolist() == [0, 0, 1, 1]
+    for bad in ([10], [-1], [3, 10]):
+        with pytest.raises(StreamPruneError, match=r"row ids out of range \[0, 10\)"):
+            cat.shard_of(np.array(bad))
+    with pytest.raises(StreamPruneError, match=r"row ids out of range"):
+        cat.keys(np.array([12]))
+    os.remove(ws.path("catalog", "shards.parquet"))
+    with pytest.raises(StreamPruneError, match=r"catalog file .*shards\.parquet is missing; re-run "
+                                               r"`streamprune catalog --force`"):
+        Catalog(ws)
+    with pytest.raises(StreamPruneError, match="--on-error must be 'fail' or 'skip', not 'ignore'"):
+        ErrorPolicy("ignore")

@@ -251,6 +251,23 @@ def test_storage_error_line_names_the_path_it_mentions():
     assert error_line(exc) == "not found: object storage"
 
 
+def test_file_urls_and_bad_paths_and_options_are_one_line(shards, tmp_path):
+    """file:// shard and workspace URLs are the local paths they name; a shard path that does not exist and
+    storage options that are JSON but not an object are refused with one line naming them."""
+    import pandas as pd
+
+    ws = str(tmp_path / "ws")
+    assert _invoke("catalog", *(f"file://{s}" for s in shards), "-w", f"file://{ws}", "--scheduler",
+                   "sync").exit_code == 0
+    assert pd.read_parquet(os.path.join(ws, "catalog", "shards.parquet")).url.tolist() == sorted(shards)
+    missing = str(tmp_path / "data" / "nope.tar")
+    result = _invoke("catalog", shards[0], missing, "-w", str(tmp_path / "ws2"), "--scheduler", "sync")
+    assert result.exit_code == 1 and result.stderr.splitlines() == [f"Error: shard not found: {missing}"]
+    result = _invoke("catalog", *shards, "-w", str(tmp_path / "ws2"), "--storage-options", '["key"]')
+    assert result.exit_code == 1 and result.stderr.splitlines() == ["Error: --storage-options must be a JSON object"]
+    assert not os.path.exists(tmp_path / "ws2")
+
+
 @pytest.mark.parametrize("methods", ["", ",", " , "])
 def test_extrapolate_without_a_method_is_one_line(tmp_path, methods):
     result = _invoke("extrapolate", "-w", str(tmp_path / "ws"), "--method", methods)

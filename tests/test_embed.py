@@ -127,6 +127,28 @@ def test_features_encoder_float16_and_normalize(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
+def test_features_encoder_needs_vectors_and_some_sample_must_decode(tmp_path):
+    """--encoder features over images is refused (it needs .npy vectors); a catalog whose samples all fail to
+    decode (skipped) is refused rather than embedded as all-invalid rows; neither writes embeddings."""
+    ws = str(tmp_path / "ws")
+    catalog(write_shards(str(tmp_path / "data"), 1, 6), ws, scheduler="sync")
+    with pytest.raises(StreamPruneError, match=r"embed --encoder features needs samples with an \.npy vector "
+                                               r"\(use --input vector\)"):
+        embed(ws, encoder="features", scheduler="sync")
+    assert not os.path.exists(os.path.join(ws, "embeddings.zarr"))
+
+    bad = make_samples(6, kind="npy")
+    for _, members in bad:
+        members["npy"] = b"not an array"
+    os.makedirs(tmp_path / "bad")
+    write_tar(str(tmp_path / "bad" / "s.tar"), bad)
+    ws2 = str(tmp_path / "ws2")
+    catalog([str(tmp_path / "bad" / "s.tar")], ws2, scheduler="sync")
+    with pytest.raises(StreamPruneError, match="embed: no decodable sample in the catalog"):
+        embed(ws2, encoder="features", decode=DecodeConfig(input="vector"), on_error="skip", scheduler="sync")
+    assert not os.path.exists(os.path.join(ws2, "embeddings.zarr"))
+
+
 def test_user_factory_encoder(tmp_path, monkeypatch):
     (tmp_path / "myenc.py").write_text(
         "import torch\n"

@@ -9,6 +9,7 @@ import pytest
 import zarr
 
 from streamprune.decode import DecodeConfig
+from streamprune.errors import StreamPruneError
 from streamprune.export import _column_name, export_scores, row_labels
 from streamprune.scoring import compute_scores, read_score
 from streamprune.shards import catalog
@@ -20,7 +21,8 @@ from shardgen import write_shards
 
 
 @pytest.mark.parametrize("path,col", [("extrapolated/du-knn.zarr", "du_knn"), ("extrapolated/du-gcn.zarr", "du_gcn"),
-                                      ("extrapolated/el2n-label-aware.zarr", "el2n_label_aware")])
+                                      ("extrapolated/el2n-label-aware.zarr", "el2n_label_aware"),
+                                      ("extrapolated/du-my-method.zarr", "du_my_method")])  # a plugin's method
 def test_column_names(path, col):
     assert _column_name(path) == col
 
@@ -135,3 +137,22 @@ def test_export_to_object_storage_streams_through_a_local_file(tmp_path, s3serve
     assert fs.cat_file(url) == (tmp_path / "local.parquet").read_bytes()
     assert len(pd.read_parquet(tmp_path / "local.parquet")) == 60
     assert list(spool.iterdir()) == []
+
+
+def test_output_format_and_mis_sized_columns(tmp_path, caplog):
+    """--output must name a .parquet or .csv file; an extrapolated array that does not hold one value per catalog
+    row is left out with a warning naming it and both counts, the other columns exported."""
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(write_shards(str(tmp_path / "data"), 2, 10, kind="npy", dim=4), ws, scheduler="sync")
+    with pytest.raises(StreamPruneError, match=r"--output must end with \.parquet or \.csv: .*s\.json"):
+        export_scores(ws, str(tmp_path / "s.json"))
+    for method, n in (("knn", 20), ("kernel", 19)):
+        g = zarr.open_group(ws.path("extrapolated", f"du-{method}.zarr"), mode="w")
+        g.create_array("score", shape=(n,), dtype="float32")[:] = np.arange(n, dtype=np.float32)
+        ws.begin("extrapolate", {"score": "du", "method": method}, {}, key=f"extrapolate-du-{method}").commit(
+            {"extrapolated": f"extrapolated/du-{method}.zarr"}, {"n": n})
+    with caplog.at_level("WARNING", logger="streamprune.export"):
+        export_scores(ws, str(tmp_path / "s.csv"))
+    df = pd.read_csv(tmp_path / "s.csv")
+    assert list(df.columns) == ["url", "key", "row", "label", "du_knn"] and list(df.du_knn) == list(range(20))
+    assert "scores: leaving out du_kernel: 19 rows, the catalog has 20" in caplog.text

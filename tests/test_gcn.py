@@ -537,6 +537,23 @@ def test_missing_graph_and_bad_parameters(base, tmp_path):
         extrapolate_gcn(ws, "du", **SMALL)
 
 
+@pytest.mark.parametrize("kwargs,says", [
+    ({"hidden": ()}, r"hidden widths must be positive integers, got \[\]"),
+    ({"hidden": (64, 0)}, r"hidden widths must be positive integers, got \[64, 0\]"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1\.0"),
+    ({"batch_size": 0}, "batch size must be >= 1, not 0"),
+    ({"lr": 0.0}, r"learning rate must be > 0, got 0\.0"),
+    ({"lr": float("nan")}, "learning rate must be > 0, got nan"),
+    ({"training": "fast"}, "--training must be one of .*, got 'fast'"),
+])
+def test_bad_parameters_are_refused_before_any_work(tmp_path, kwargs, says):
+    """Each out-of-range GCN parameter is named with its value before the workspace is read or written."""
+    ws = str(tmp_path / "ws")
+    with pytest.raises(StreamPruneError, match=says):
+        extrapolate_gcn(ws, "du", **kwargs)
+    assert not os.path.exists(ws)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_device_this_machine_lacks_leaves_the_finished_result(base, tmp_path):
     """A re-run with other options and --force on --device cuda, on a machine without CUDA, is refused

@@ -104,6 +104,21 @@ def test_a_damaged_lease_is_stale():
     assert leases.is_stale({}) and leases.is_stale({"renewed": "x", "pid": 1})
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe not json", b'{"token": "abc", "pi', b"[1, 2]"])
+def test_a_damaged_lease_file_does_not_block_the_stage(shards, tmp_path, caplog, content):
+    """A lease file that is not a JSON object (bytes of a dying disk, a write cut short) is stale: the next run
+    takes it over with a warning and runs, instead of waiting for a holder that does not exist."""
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    lease_file = tmp_path / "ws" / "_stages" / "subset.lease"
+    lease_file.write_bytes(content)
+    with caplog.at_level("WARNING", logger="streamprune.leases"):
+        m = subset(ws, fraction=0.5, seed=1)
+    assert not m.get("skipped") and Workspace(ws).marker("subset")["fingerprint"] == m["fingerprint"]
+    assert "subset: taking over a stale lease" in caplog.text
+    assert not lease_file.exists()
+
+
 def test_a_run_that_lost_its_lease_records_nothing_more(shards, tmp_path):
     ws = Workspace(str(tmp_path / "ws"))
     catalog(shards, ws.url, scheduler="sync")

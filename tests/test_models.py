@@ -181,6 +181,64 @@ def test_bad_option_values_are_one_error(name, kwargs, says):
     with pytest.raises(StreamPruneError, match=says):
         build_model(name, shape, 3, **kwargs)
 
+@pytest.mark.parametrize("name,kwargs,says", [
+    ("cnn", {"channels": []}, r"cnn: channels must be a non-empty list of positive ints, got \[\]"),
+    ("cnn", {"channels": [8, 0]}, r"cnn: channels must be a non-empty list of positive ints, got \[8, 0\]"),
+    ("cnn", {"embed_dim": 0}, "cnn: embed_dim must be positive, got 0"),
+    ("cnn", {"dropout": 1.0}, r"cnn: dropout must be in \[0, 1\), got 1\.0"),
+    ("mlp", {"hidden": 0}, "mlp: hidden must be positive, got 0"),
+    ("mlp", {"dropout": -0.1}, r"mlp: dropout must be in \[0, 1\), got -0\.1"),
+])
+def test_out_of_range_option_values_name_the_option(name, kwargs, says):
+    """An option of the right type but outside its range is refused naming the option, its range and the value."""
+    shape = (1, 8, 8) if name == "cnn" else (8,)
+    with pytest.raises(StreamPruneError, match=says):
+        build_model(name, shape, 3, **kwargs)
+
+
+def test_cnn_dropout_applies_to_its_features_in_training_only():
+    """cnn's dropout drops features while training (two passes differ) and none in eval mode."""
+    model = _build("cnn", (1, 8, 8), {"dropout": 0.5, "embed_dim": 64})
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.5]
+    x = _batch((1, 8, 8))
+    model.train()
+    a, b = model.embed(x), model.embed(x)
+    assert not torch.equal(a, b) and (a == 0).float().mean() > 0.3
+    model.eval()
+    assert torch.equal(model.embed(x), model.embed(x))
+
+
+def test_resnet_zero_init_residual_zeroes_each_blocks_last_norm():
+    """zero_init_residual starts every residual branch at zero: the second batch norm's weight of each block."""
+    plain = _build("resnet18", (3, 8, 8), {"width": 0.25})
+    zeroed = _build("resnet18", (3, 8, 8), {"width": 0.25, "zero_init_residual": True})
+    blocks = [m for m in zeroed.modules() if hasattr(m, "bn2")]
+    assert len(blocks) == 8 and all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.all(b.bn2.weight == 1) for b in plain.modules() if hasattr(b, "bn2"))
+
+
+def test_spec_of_a_wrapped_model_is_the_wrapped_models():
+    """A model wrapped as DataParallel/DDP do (``.module``) or torch.compile does (``._orig_mod``) keeps its spec."""
+    model = _build("mlp", (8,), {"hidden": 16})
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    for attr in ("module", "_orig_mod"):
+        assert model_spec(Wrapper(model, attr)) == model_spec(model)
+    with pytest.raises(StreamPruneError, match="Wrapper was not built by build_model"):
+        model_spec(Wrapper(nn.Linear(2, 2), "module"))
+
+
+def test_factory_attribute_that_is_not_callable():
+    """A factory path naming a module attribute that is not callable is refused naming the attribute."""
+    with pytest.raises(StreamPruneError, match=r"cannot import model factory 'json:__doc__': '__doc__' is not "
+                                               r"callable"):
+        build_model("json:__doc__", (8,), 2)
+
+
 
 def test_training_refuses_model_options_it_cannot_pass():
     """--model-kwargs that are not an object, set the shape or class count, or name an unknown option

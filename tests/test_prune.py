@@ -407,6 +407,124 @@ def test_balanced_keeps_the_same_fraction_per_class(tmp_path):
         assert abs(c["kept"] - c["eligible"] * 29 / 97) < 1
 
 
+def _seed_subset(ws: Workspace, rows) -> None:
+    """subset/rows.zarr (+ marker) holding ``rows``, as the subset stage writes it."""
+    rows = np.asarray(rows, np.int64)
+    zarr.create_array(storage.zarr_store(ws.path("subset", "rows.zarr")), shape=rows.shape, dtype="int64",
+                      chunks=(max(1, len(rows)),))[:] = rows
+    ws.begin("subset", {"test": 1}, {}).commit({"rows": "subset/rows.zarr"}, {"n_subset": len(rows)})
+
+
+def _train_labels(ws: Workspace, key: str, labels) -> None:
+    """KEY/labels.npy (+ a finished KEY marker), as training leaves them."""
+    os.makedirs(ws.path(key), exist_ok=True)
+    np.save(ws.path(key, "labels.npy"), np.asarray(labels, np.int64))
+    ws.begin("train", {"test": 1}, {}, key=key).commit({"labels": f"{key}/labels.npy"}, {})
+
+
+def test_balanced_without_embedding_labels_takes_the_training_labels(tmp_path, caplog):
+    """Without labels in embeddings.zarr, balanced takes train-full/labels.npy (every row); one of the wrong
+    length is passed over for train/labels.npy, which labels the seed rows only: the others (label -1) are
+    kept as a class of their own, with a warning counting them."""
+    ws, _, up = build(str(tmp_path), 2, 10, labels=False)
+    w = Workspace(ws)
+    full = np.where(np.arange(20) < 4, 0, 1)  # 4 rows of class 0, 16 of class 1
+    _train_labels(w, "train-full", full)
+    prune(ws, strategy="balanced", keep_fraction=0.5, name="full")
+    stats = json.load(open(os.path.join(ws, "prune", "full", "stats.json")))
+    assert stats["label_source"] == "train-full/labels.npy"
+    assert stats["per_class"] == {"0": {"eligible": 4, "kept": 2}, "1": {"eligible": 16, "kept": 8}}
+    kept = pd.read_parquet(os.path.join(ws, "prune", "full", "keys.parquet")).row.to_numpy()
+    want = [r for c, k in ((0, 2), (1, 8)) for r in np.flatnonzero(full == c)[np.argsort(-up["score"][full == c])[:k]]]
+    assert sorted(kept.tolist()) == sorted(int(r) for r in want)
+
+    _train_labels(w, "train-full", full[:19])  # not one label per catalog row: not used
+    _seed_subset(w, [0, 1, 2, 3])
+    _train_labels(w, "train", [0, 0, 1, 1])
+    with caplog.at_level("WARNING", logger="streamprune.prune"):
+        prune(ws, strategy="balanced", keep_fraction=0.5, name="seed")
+    stats = json.load(open(os.path.join(ws, "prune", "seed", "stats.json")))
+    assert stats["label_source"] == "train/labels.npy (seed rows only)"
+    assert stats["per_class"] == {"-1": {"eligible": 16, "kept": 8}, "0": {"eligible": 2, "kept": 1},
+                                  "1": {"eligible": 2, "kept": 1}}
+    assert "16 eligible rows have no label (from train/labels.npy (seed rows only))" in caplog.text
+
+
+def test_missing_or_mis_sized_score_arrays_are_named(tmp_path):
+    """A finished marker whose score array is gone, or holds another number of rows than the catalog (or the
+    subset, for seed scores), is refused with the array's path and the command that re-makes it."""
+    ws, _, up = build(str(tmp_path), 2, 10)
+    w = Workspace(ws)
+    ext = w.path("extrapolated", "du-knn.zarr")
+    shutil.rmtree(os.path.join(ext, "score"))
+    with pytest.raises(StreamPruneError, match=rf"prune: {re.escape(ext)} has no score array .*re-run "
+                                               r"`streamprune extrapolate --score du --method knn --force`"):
+        prune(ws, keep_fraction=0.5)
+    zarr.create_array(storage.zarr_store(os.path.join(ext, "score")), shape=(19,), dtype="float32",
+                      chunks=(64,))[:] = up["score"][:19]
+    with pytest.raises(StreamPruneError, match="prune: du scores from knn have 19 rows but the catalog has 20"):
+        load_scores(w, "du", "knn")
+    with pytest.raises(StreamPruneError, match="prune: scores have 19 rows but the catalog has 20; re-run"):
+        prune(ws, keep_fraction=0.5)
+
+    _seed_subset(w, [2, 5, 7])
+    w.begin("score", {"test": 1}, {}, key="score-du").commit({"score": "scores/du.zarr"}, {"n": 3})
+    with pytest.raises(StreamPruneError, match=rf"prune: {re.escape(w.path('scores', 'du.zarr'))} is missing; "
+                                               r"re-run `streamprune score --force`"):
+        load_scores(w, "du", "seed")
+    zarr.create_array(storage.zarr_store(w.path("scores", "du.zarr")), shape=(2,), dtype="float32",
+                      chunks=(2,))[:] = [0.1, 0.2]
+    with pytest.raises(StreamPruneError, match=r"scores/du.zarr has 2 rows but the subset has 3; "
+                                               r"re-run `streamprune score --score du`"):
+        load_scores(w, "du", "seed")
+
+
+def test_an_unfinished_embedding_is_refused(tmp_path):
+    """embeddings.zarr without a finished embed stage (a killed embed run) is not read for valid rows or labels."""
+    shards = write_shards(str(tmp_path / "data"), 2, 10)
+    ws = Workspace(str(tmp_path / "ws"))
+    catalog(shards, ws, scheduler="sync")
+    fake_upstream(ws, 20, embed=False)
+    zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="w")
+    with pytest.raises(StreamPruneError, match="embeddings.zarr exists but the embed stage has not finished; "
+                                               "finish `streamprune embed`"):
+        prune(ws, keep_fraction=0.5)
+
+
+def test_influence_budget_takes_no_keep_fraction_or_count():
+    """influence-budget keeps what its eps allows: a keep fraction or count beside it is refused up front."""
+    for keep in ({"keep_fraction": 0.5}, {"keep_count": 3}):
+        with pytest.raises(StreamPruneError, match="influence-budget keeps what its eps allows; do not give"):
+            check_options(score="du", source="seed", strategy="influence-budget", eps=1.0, **keep)
+    assert check_options(score="du", source="seed", strategy="influence-budget", eps=1.0)["opts"] == {"eps": 1.0}
+
+
+def test_pruned_view_lookup_and_its_errors(tmp_path):
+    """pruned_dataset finds the only prune set of a workspace (path or Workspace), and otherwise names the sets to
+    choose from; a set without shards.txt, or with an empty one, is a clear error; reshard refuses to write into
+    the workspace itself."""
+    ws, shards, up = build(str(tmp_path), 2, 10)
+    orig = originals(shards)
+    prune(ws, keep_fraction=0.5, name="a")
+    want = keys_of(expected_hardest(up, 0.5))
+    assert_same_samples(list(pruned_dataset(ws)), want, orig)
+    assert_same_samples(list(pruned_dataset(Workspace(ws))), want, orig)
+    prune(ws, keep_count=3, name="b")
+    with pytest.raises(StreamPruneError, match=rf"{re.escape(ws)}: no shards.txt here; give the prune directory "
+                                               r"\(WS/prune/<name>\) or name= \(a, b\)"):
+        pruned_dataset(ws)
+    assert_same_samples(list(pruned_dataset(ws, name="b")), keys_of(expected_hardest(up, 0.15)), orig)
+    with pytest.raises(StreamPruneError, match="no prune outputs in this workspace"):
+        pruned_dataset(str(tmp_path / "data"))
+    with pytest.raises(StreamPruneError, match=r"prune/c: no shards.txt \(run `streamprune prune` first\)"):
+        pruned_dataset(ws, name="c")
+    open(os.path.join(ws, "prune", "b", "shards.txt"), "w").write("\n")
+    with pytest.raises(StreamPruneError, match=r"prune/b/shards.txt lists no shards"):
+        pruned_dataset(ws, name="b")
+    with pytest.raises(StreamPruneError, match="reshard: the output location must not be the workspace itself"):
+        reshard(ws, "a", ws + "/")
+
+
 # tar checks ----------------------------------------------------------------------------------------
 def _raw_tar(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()

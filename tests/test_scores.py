@@ -291,6 +291,50 @@ def test_el2n_errors():
         el2n(z, np.array([0, 1, 2]))
 
 
+def test_epoch_selection_by_mask_and_its_errors():
+    """el2n over a boolean epoch mask equals el2n over the epochs it marks; a mask of another length, epochs that
+    are not integers, a slice selecting none, and el2n_epochs given with epochs are refused naming the problem."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(4, 6, 3))
+    y = rng.integers(0, 3, 6)
+    mask = np.array([True, False, True, False])
+    np.testing.assert_allclose(el2n(z, y, epochs=mask), el2n(z[[0, 2]], y))
+    np.testing.assert_allclose(el2n(z, y, epochs=mask), (el2n(z[0], y) + el2n(z[2], y)) / 2)
+    with pytest.raises(ValueError, match=r"el2n: boolean epochs mask must have shape \(4,\), got \(3,\)"):
+        el2n(z, y, epochs=np.array([True, False, True]))
+    with pytest.raises(ValueError, match=r"el2n: epochs must be None, an int, a slice or a 1-D integer sequence, "
+                                         r"got \[0\.5, 1\.0\]"):
+        el2n(z, y, epochs=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"el2n: epochs selects no epoch \(E=4\)"):
+        el2n(z, y, epochs=slice(3, 1))
+    with pytest.raises(ValueError, match=r"el2n: epochs selects no epoch \(E=4\)"):
+        el2n(z, y, epochs=np.zeros(4, bool))
+    with pytest.raises(ValueError, match="el2n: give el2n_epochs or epochs, not both"):
+        get_score("el2n").fn(z, y, el2n_epochs=2, epochs=[0])
+
+
+def test_malformed_score_inputs_name_the_argument():
+    """Logits that are not real numbers or hold no class, a window that is not an integer, bad influence solver
+    limits and a score name that is not a string are refused naming the argument and the value."""
+    features, labels, weight, bias = random_head(5)
+    y = np.array([0, 1])
+    cases = [
+        (lambda: el2n(np.zeros((2, 2, 3), complex), y), "el2n: logits must be a real numeric array, got dtype "
+                                                         "complex128"),
+        (lambda: el2n(np.zeros((2, 2, 0)), y), r"el2n: logits need at least one epoch and one class, got shape "
+                                               r"\(2, 2, 0\)"),
+        (lambda: tdds(np.zeros((4, 2, 3)), window=2.0), r"tdds: window must be an integer, got 2\.0"),
+        (lambda: influence(features, labels, weight, bias, cg_max_iter=0),
+         "influence: cg_max_iter must be a positive integer, got 0"),
+        (lambda: influence(features, labels, weight, bias, exact_max_params=-1),
+         "influence: exact_max_params must be a non-negative integer, got -1"),
+        (lambda: register_score("", du, ("true_prob",)), "register_score: name must be a non-empty string, got ''"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
 # --------------------------------------------------------------------------- forgetting
 
 

@@ -119,6 +119,40 @@ def test_impossible_counts_are_clear_errors():
         sel.select("balanced", s, None, 1)
 
 
+def test_unsigned_integer_scores_are_ranked_as_numbers():
+    """Integer scores are converted before negation: the easiest of unsigned scores 0, 1, 2 is the 0 (negating
+    them as uint8 would wrap 0 to the top)."""
+    u = np.array([0, 1, 2, 7], np.uint8)
+    assert sel.keep_easiest(u, 2).tolist() == [True, True, False, False]
+    assert sel.select("hard", u, None, 1, higher_is_harder=False).tolist() == [True, False, False, False]
+    assert sel.keep_hardest(u, 1).tolist() == [False, False, False, True]
+
+
+def test_malformed_arguments_name_what_is_wrong():
+    """Each bad argument of the selection functions is a ValueError naming the argument and its value."""
+    s = np.array([0.3, 0.1, np.nan, 0.7])
+    cases = [
+        (lambda: sel.keep_hardest(s.reshape(2, 2), 1), r"scores must be a 1-d array, got shape \(2, 2\)"),
+        (lambda: sel.keep_hardest(s, 1.0), r"keep count must be an integer, got 1\.0"),
+        (lambda: sel.keep_hardest(s, True), r"keep count must be an integer, got True"),
+        (lambda: sel.keep_count_from(10, keep_fraction="half"),
+         r"keep fraction must be a number in \(0, 1\], got 'half'"),
+        (lambda: sel.ccs(s, 1, beta=1.0), r"ccs: beta must be in \[0, 1\), got 1\.0"),
+        (lambda: sel.ccs(s, 1, beta=-0.1), r"ccs: beta must be in \[0, 1\), got -0\.1"),
+        (lambda: sel.ccs(s, 1, n_strata=0), "ccs: n_strata must be >= 1, got 0"),
+        (lambda: sel.balanced(s, np.zeros(3), 1), r"balanced: labels shape \(3,\) does not match scores shape "
+                                                  r"\(4,\)"),
+        (lambda: sel.hard_clean(s, np.zeros(5), 1, 1), r"hard-clean: noise scores have shape \(5,\), scores \(4,\)"),
+        (lambda: sel.select("influence-budget", s), "influence-budget needs eps"),
+        (lambda: sel.select("random", None, None, 1), "random: give scores .* or an eligible mask"),
+        (lambda: sel.select("ccs", s, None, None), "strategy ccs needs a keep count"),
+        (lambda: sel.select("hard-clean", s, None, 1), "hard-clean needs noise scores"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
 def test_keep_count_from():
     assert sel.keep_count_from(10, keep_fraction=0.25) == 3  # 2.5 rounds half up
     assert sel.keep_count_from(10, keep_fraction=1.0) == 10

@@ -151,6 +151,19 @@ def test_duplicate_and_unsafe_keys(tmp_path):
         ("s0000000", "duplicate_key"), ("../evil", "unsafe_name"), ("/abs", "unsafe_name")]
 
 
+def test_a_sample_with_the_same_member_twice_is_rejected(tmp_path):
+    """Two members of one sample with the same extension (k.cls, k.cls in a row): the sample is rejected as a
+    duplicate naming the member, the samples around it are read."""
+    path = str(tmp_path / "d.tar")
+    with open(path, "wb") as f:
+        f.write(_tar_bytes([("a.cls", b"0"), ("k.cls", b"1"), ("k.png", b"p"), ("k.cls", b"2"), ("z.cls", b"3")]))
+    with pytest.raises(SampleError, match=r"shard .*d\.tar, key k: duplicate member k\.cls"):
+        list(iter_samples(path, ErrorPolicy("fail")))
+    policy = ErrorPolicy("skip")
+    assert [(s.key, s.members) for s in iter_samples(path, policy)] == [("a", {"cls": b"0"}), ("z", {"cls": b"3"})]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [("k", "duplicate_key")]
+
+
 def test_oversized_member_rejected(tmp_path):
     path = str(tmp_path / "big.tar")
     write_tar(path, [("a", {"bin": b"x" * 10}), ("b", {"bin": b"y" * 5000, "cls": b"1"}), ("c", {"bin": b"z"})])
@@ -179,6 +192,110 @@ def test_bad_octal_size_is_a_tar_error(field):
     blob[148:155] = b"%06o\0" % sum(blob[:512])
     with pytest.raises(TarError, match="bad size field"):
         list(iter_tar(io.BytesIO(bytes(blob))))
+
+
+def _member_bytes(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One ustar header (type ``kind``) and its padded payload, without end-of-archive blocks."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = len(data), kind
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + data + b"\0" * (-len(data) % 512)
+
+
+def _with_size_field(member: bytes, field: bytes) -> bytes:
+    """``member`` with its header's size field replaced by ``field`` (12 bytes) and its checksum redone."""
+    blob = bytearray(member)
+    blob[124:136] = field
+    blob[148:156] = b"        "
+    blob[148:155] = b"%06o\0" % sum(blob[:512])
+    return bytes(blob)
+
+
+class _Unseekable(io.RawIOBase):
+    """A stream that can only be read forward, 777 bytes at a time."""
+
+    def __init__(self, data: bytes):
+        self.b = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        chunk = self.b.read(min(len(buf), 777))
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_gnu_base256_size_field():
+    """A GNU base-256 size field (how GNU tar writes sizes of 8 GiB and more) is read as tarfile reads it;
+    a negative one (leading 0xff) is corruption, and the fast plain-member parser leaves it to the full reader."""
+    from streamprune.tario import plain_members
+
+    blob = _with_size_field(_member_bytes("a.cls", b"0123456789abcde"), b"\x80" + (15).to_bytes(11, "big"))
+    with tarfile.open(fileobj=io.BytesIO(blob + b"\0" * 1024)) as tar:
+        ref = [(m.name, m.size, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert ref == [("a.cls", 15, b"0123456789abcde")]
+    assert [(m.name, m.size, m.data) for m in iter_tar(io.BytesIO(blob))] == ref
+    assert plain_members(blob) == [("a.cls", b"0123456789abcde")]
+    negative = _with_size_field(blob, b"\xff" * 12)
+    with pytest.raises(TarError, match="negative size field in tar header at byte 0"):
+        list(iter_tar(io.BytesIO(negative)))
+    assert plain_members(negative) is None
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("garbage", [b"0 path=zero.bin\n", b"-20 path=back.bin\n", b"x1 path=nan.bin\n",
+                                     b"no-space-here"])
+def test_malformed_pax_records_end_the_record_list(garbage):
+    """Records of a pax header are read up to the first malformed one (a length of 0 or below, not a number,
+    no space): what came before applies, the rest is ignored, and reading neither stalls nor goes back."""
+    records = b"20 path=renamed.bin\n" + garbage
+    blob = (_member_bytes("././@PaxHeader", records, tarfile.XHDTYPE) + _member_bytes("a.bin", b"x" * 5)
+            + _member_bytes("b.bin", b"y" * 3) + b"\0" * 1024)
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(blob))] == [("renamed.bin", b"x" * 5), ("b.bin", b"yyy")]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_truncation_inside_or_after_an_extended_header(fmt):
+    """A tar cut inside a long-name or pax header, or right after one (its member missing), is a truncation
+    naming the byte, not a tar that ends cleanly."""
+    data = _tar_bytes([("d/" + "n" * 150 + ".bin", b"z" * 10)], fmt)
+    assert data[156:157] in (b"L", b"x")
+    with pytest.raises(TarError, match=r"truncated tar \(inside an extended header\) at byte 600"):
+        list(iter_tar(io.BytesIO(data[:600])))
+    with pytest.raises(TarError, match=r"truncated tar \(extended header without its member\) at byte 1024"):
+        list(iter_tar(io.BytesIO(data[:1024])))
+
+
+@pytest.mark.parametrize("unseekable", [False, True])
+def test_truncated_payload_is_found_when_payloads_are_skipped(unseekable):
+    """Skipping payloads (headers only, or members over max_member_bytes) still finds a member whose payload is
+    cut off, seekable stream or not; a member missing only its padding is complete."""
+    data = _tar_bytes([("a.bin", b"x" * 3000)])
+
+    def stream(blob):
+        return _Unseekable(blob) if unseekable else io.BytesIO(blob)
+
+    for kwargs in ({"read_data": False}, {"max_member_bytes": 100}):
+        with pytest.raises(TarError, match="truncated tar inside member a.bin at byte 2000"):
+            list(iter_tar(stream(data[:2000]), **kwargs))
+        got = [(m.name, m.size, m.data) for m in iter_tar(stream(data[:512 + 3000]), **kwargs)]
+        assert got == [("a.bin", 3000, None)]
+
+
+def test_plain_member_parser_gives_up_on_what_it_cannot_read_whole():
+    """The fast parser of catalogued samples returns None (and the full reader takes over) for a trailing
+    partial block, a payload reaching past the blob, a member over the size limit or a header without a name;
+    it never returns a shortened payload."""
+    from streamprune.tario import plain_members
+
+    blob = _member_bytes("k.cls", b"7") + _member_bytes("k.png", b"p" * 600)
+    assert plain_members(blob) == [("k.cls", b"7"), ("k.png", b"p" * 600)]
+    assert plain_members(blob, max_member_bytes=600) == [("k.cls", b"7"), ("k.png", b"p" * 600)]
+    assert plain_members(blob + b"\0" * 100) is None
+    assert plain_members(blob[:-1]) is None
+    assert plain_members(blob[:512 + 512 + 512]) is None
+    assert plain_members(blob, max_member_bytes=599) is None
+    assert plain_members(_member_bytes("", b"7")) is None
 
 
 def test_member_whose_padding_is_cut_off_is_still_read():

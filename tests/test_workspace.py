@@ -375,3 +375,27 @@ def test_rerun_options_follow_the_cli_defaults():
             assert flag in defaults("extrapolate")
             want = params[path].default
             assert (list(want) if isinstance(want, tuple) else want) == default, (method, flag)
+
+
+def test_a_workspace_file_of_something_else_is_refused(tmp_path):
+    """A streamprune.json that is not a workspace's (no version) is named, not read as an empty workspace and
+    overwritten; an empty workspace location is refused."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "streamprune.json").write_text('{"name": "my-package", "stages": []}')
+    ws = Workspace(str(tmp_path / "ws"))
+    with pytest.raises(StreamPruneError, match=r"ws/streamprune\.json is not a streamprune workspace file"):
+        ws.metadata()
+    with pytest.raises(StreamPruneError, match="a workspace is required"):
+        Workspace("")
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    """When the final rename of an atomic write fails (here the target is a directory), the temporary file it
+    wrote is removed and the target is left as it was."""
+    from streamprune import storage
+
+    target = tmp_path / "out" / "x.json"
+    target.mkdir(parents=True)
+    with pytest.raises(OSError):
+        storage.write_bytes_atomic(str(target), b"{}")
+    assert os.listdir(tmp_path / "out") == ["x.json"] and target.is_dir() and not os.listdir(target)
