@@ -34,7 +34,9 @@ os.environ.setdefault("STREAMPRUNE_PROGRESS", "0")
 
 
 def write_embeddings(ws, n: int, d: int, chunk: int, seed: int) -> int:
-    """Clustered vectors (Gaussian blobs on random 16-d patches) into ``ws``'s embeddings.zarr; returns its chunk bytes."""
+    """Clustered vectors (Gaussian blobs on random 16-d patches) into ``ws``'s embeddings.zarr.
+
+    Returns the bytes of one of its chunks."""
     import zarr
 
     from streamprune import storage

@@ -805,10 +805,10 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
     The copy is fetched once (N rows) and read from local disk after that.  It lives in the local
     cache (``$STREAMPRUNE_CACHE``) under the workspace and the embed run's identity (the ``run`` id
     of its marker; commit time for markers written before it existed).  The processes of a host
-    share it: one copies under a file lock, and each holds a shared lock on it while it may read it.  A host keeps one copy per workspace: making a
-    new one removes the workspace's older copies that no process holds.  Where the local disk
-    lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the remote array is read, with one warning
-    per process.
+    share it: one copies under a file lock, and each holds a shared lock on it while it may read it.
+    A host keeps one copy per workspace: making a new one removes the workspace's older copies that
+    no process holds.  Where the local disk lacks room for it (plus ``LOCAL_COPY_HEADROOM``) the
+    remote array is read, with one warning per process.
     """
     if not storage.is_remote(ws.path("embeddings.zarr")):
         return emb

@@ -565,7 +565,8 @@ def test_s3_workspace_rerank_without_local_room_reads_remotely(tmp_path, s3serve
     remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
     _remote_embeddings(remote, x, 500)
     monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(index_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20))
+    full = shutil._ntuple_diskusage(1 << 40, 1 << 40, 1 << 20)  # 1 MiB free
+    monkeypatch.setattr(index_mod.shutil, "disk_usage", lambda path: full)
     with caplog.at_level("WARNING", logger="streamprune.index"):
         build_index(remote, **opts)
     assert [r.message for r in caplog.records].count(next(r.message for r in caplog.records
