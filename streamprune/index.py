@@ -797,11 +797,12 @@ def _cache_base() -> str:
 
 
 def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr.Array:
-    """The embeddings the exact re-rank reads: ``emb`` itself in a local workspace; for an ``s3://``
+    """Embeddings to read rows from at random: ``emb`` itself in a local workspace; for an ``s3://``
     one, a copy on this host's disk, made once per host and embed run.
 
-    The re-rank of every search chunk reads candidates from all over the rows, so each chunk would
-    fetch the whole of a remote embeddings.zarr again (N rows per chunk, N²/chunk over the stage).
+    The exact re-rank of every search chunk reads candidates from all over the rows (as do the
+    GCN's streamed tasks, the neighbours of their rows), so each chunk would fetch the whole of a
+    remote embeddings.zarr again (N rows per chunk, N²/chunk over the stage).
     The copy is fetched once (N rows) and read from local disk after that.  It lives in the local
     cache (``$STREAMPRUNE_CACHE``) under the workspace and the embed run's identity (the ``run`` id
     of its marker; commit time for markers written before it existed).  The processes of a host
@@ -825,12 +826,12 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
             if free < need + LOCAL_COPY_HEADROOM:
                 if version not in _NO_ROOM_WARNED:
                     _NO_ROOM_WARNED.add(version)
-                    log.warning("index: no room for a local copy of %s (%.1f GiB, %.1f GiB free in %s); the "
-                                "re-rank reads it remotely, once per search chunk", ws.path("embeddings.zarr"),
+                    log.warning("no room for a local copy of %s (%.1f GiB, %.1f GiB free in %s); its rows are "
+                                "read remotely, the whole array once per task", ws.path("embeddings.zarr"),
                                 need / 2**30, free / 2**30, base)
                 return emb
             shutil.rmtree(path, ignore_errors=True)  # a copy cut short by a kill
-            with disk_errors(f"index: copying {ws.path('embeddings.zarr')} to {path}"):
+            with disk_errors(f"copying {ws.path('embeddings.zarr')} to {path}"):
                 copy = zarr.create_array(zarr.storage.LocalStore(path), shape=emb.shape, chunks=emb.chunks,
                                          dtype=emb.dtype, fill_value=0, compressors=None)
                 slab = _slab_rows(emb)
@@ -866,7 +867,7 @@ def _hold_copy(home: str, base: str) -> str:
                 _IN_USE[home] = (base, fd)
                 return base
             os.close(fd)
-        raise StreamPruneError(f"index: could not hold the local copy of the embeddings in {base}")
+        raise StreamPruneError(f"could not hold the local copy of the embeddings in {base}")
 
 
 def _evict_copies(home: str, keep: str) -> None:

@@ -10,6 +10,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamprune import storage
 from streamprune.errors import StreamPruneError
 from streamprune.extrapolate import extrapolate, methods
 from streamprune.evaluate import pearson
@@ -293,6 +294,31 @@ def test_layerwise_equals_full_graph_both_paths(base, tmp_path, prior):
         results[name] = score
     assert np.allclose(results["mem"], results["stream"], atol=1e-5, equal_nan=True)
     assert extrapolate_gcn(str(tmp_path / "mem"), "du", k=8, chunk_rows=64, prior=prior, **QUICK).get("skipped")
+
+
+@pytest.mark.slow
+def test_streamed_gcn_over_s3_reads_the_embeddings_once(base, tmp_path, s3server, s3bucket, monkeypatch):
+    """Streamed training gathers and layer tasks of an s3:// workspace read its embeddings from this
+    host's copy: each chunk of embeddings.zarr is fetched once, not once per gather, and the
+    predictions equal a local workspace's."""
+    from faultproxy import FaultProxy
+
+    local = clone(base, tmp_path, "local")
+    extrapolate_gcn(local, "du", k=8, chunk_rows=256, memory_limit=0, prior="none", **QUICK)
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts = {**s3server.storage_options, "client_kwargs": client}
+        s3server.fs().put(base["ws"] + "/", f"{s3bucket}/ws/", recursive=True)
+        remote = Workspace(f"s3://{s3bucket}/ws", opts)
+        del proxy.seen[:]
+        extrapolate_gcn(remote, "du", k=8, chunk_rows=256, memory_limit=0, prior="none", **QUICK)
+        fetched = [path for method, path in proxy.seen if method == "GET" and "/embeddings.zarr/emb/c/" in path]
+    n_chunks = -(-len(base["valid"]) // 64)
+    assert len(fetched) == len(set(fetched)) == n_chunks
+    g = zarr.open_group(storage.zarr_store(remote.path("extrapolated", "du-gcn.zarr"), opts), mode="r")
+    score, _ = read_out(local)
+    np.testing.assert_allclose(g["score"][:], score, rtol=1e-5, atol=1e-6)
 
 
 def test_training_learns_the_smooth_score(base, tmp_path):

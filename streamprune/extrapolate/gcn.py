@@ -594,13 +594,23 @@ def _prior_path(score: str) -> str:
 
 
 def node_features(ws: Workspace, score: str, emb_g, valid: RowSource, num_classes: int, memory_limit: int,
-                  prior_scale: tuple[float, float] | None) -> Features:
+                  prior_scale: tuple[float, float] | None, random_access: bool = False) -> Features:
     """Layer-1 inputs: embeddings and labels (and the kNN prior when ``prior_scale`` is given), held in
-    memory when all N rows of them fit ``memory_limit``, else gathered from zarr."""
-    n, d = emb_g["emb"].shape
+    memory when all N rows of them fit ``memory_limit``, else gathered from zarr.
+
+    ``random_access``: the caller gathers rows from all over (sampled training, streamed layer
+    tasks); embeddings not held in memory are then read from this host's copy of an ``s3://``
+    workspace's (:func:`streamprune.index.local_embeddings`), not fetched again for each gather.
+    """
+    from streamprune.index import local_embeddings
+
+    emb = emb_g["emb"]
+    n, d = emb.shape
     lim = memory_limit if n * (4 * d + 8 + 4 * (prior_scale is not None)) <= memory_limit else 0
+    if random_access and not lim:
+        emb = local_embeddings(ws, emb, ws.require("embed", "extrapolate-gcn"))
     prior = RowSource(_open_array(ws, _prior_path(score)), lim, np.float32) if prior_scale is not None else None
-    return Features(RowSource(emb_g["emb"], lim, np.float32), RowSource(emb_g["labels"], lim, np.int64), valid,
+    return Features(RowSource(emb, lim, np.float32), RowSource(emb_g["labels"], lim, np.int64), valid,
                     num_classes, prior, prior_scale or (0.0, 1.0))
 
 
@@ -656,7 +666,7 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
     src: dict = {"valid": valid, "table": GraphTable(graph_g, k, valid, kind, 0)}
     if layer == 1:
         src["prev"] = node_features(ws, score, emb_g, valid, num_classes, memory_limit,
-                                    prior and (prior["mean"], prior["std"]))
+                                    prior and (prior["mean"], prior["std"]), random_access=True)
         src["in_memory"] = src["prev"].emb.in_memory
     else:
         src["prev"] = RowSource(_open_array(ws, _act_path(score, layer - 1)), memory_limit, np.float32)
@@ -862,7 +872,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                             lambda: resident_bytes(n, n * (k + 1), in_dim, widths)) == "resident"
         # the prior's scale is the target's, set by fit_gcn from the training split
         features = node_features(ws, score, emb_g, valid, num_classes, 0 if whole_training else memory_limit,
-                                 (0.0, 1.0) if prior_info else None)
+                                 (0.0, 1.0) if prior_info else None, random_access=not whole_training)
         table = GraphTable(graph, k, valid, weight, memory_limit)
         res = fit_gcn(features, table, seeds.rows[use], seeds.values[use], widths=widths, dropout=dropout,
                       epochs=epochs, batch_size=batch_size, lr=lr, fanout=fanouts, seed=seed, device=dev,
