@@ -271,11 +271,25 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
     fs = storage.get_fs(url, storage_options)
     try:
         storage.retry(lambda: fs.pipe_file(url, data, mode="create"), url, storage_options=storage_options)
-    except StreamPruneError:
-        if storage.exists(url, storage_options):
-            return False  # the store refused the conditional write: it exists
+    except StreamPruneError as exc:
+        # The store refused the conditional write: the lease exists, or did a moment ago (runs
+        # taking over one stale lease remove and create it at once); the caller reads it again.
+        if _create_refused(exc) or storage.exists(url, storage_options):
+            return False
         raise
     return True
+
+
+def _create_refused(exc: BaseException | None) -> bool:
+    """Whether a store refused a create-if-absent because the object existed (HTTP 412 or 409)."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # The leases this process holds (renewed by one thread) by URL, and those it is creating.

@@ -355,6 +355,25 @@ def test_a_stage_running_in_another_thread_of_this_process_keeps_its_lease(shard
     assert left.lease.released
 
 
+def test_a_create_refused_for_a_lease_gone_a_moment_later_is_tried_again(s3server, s3bucket):
+    """Runs taking over one stale lease at once remove and create it: a run's create-if-absent can be
+    refused (412) for a lease that is gone when it looks again.  The run tries again, and does not
+    fail with the store's refusal."""
+    from faultproxy import FaultProxy
+
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts = {**s3server.storage_options, "client_kwargs": client}
+        proxy.set(status=412, code="PreconditionFailed", first=1, match="subset.lease")
+        lease = leases.acquire(url, "subset", opts)
+        try:
+            assert proxy.faults == 1 and proxy.log[0][0] == "PUT"
+            assert leases.read(url, opts)["token"] == lease.token
+        finally:
+            leases.release(lease)
+
+
 def _race_for_stale_lease(url: str, storage_options: dict | None, contenders: int) -> list:
     """``contenders`` runs (threads of this process) taking over one stale lease at once; the leases they got."""
     barrier, done = threading.Barrier(contenders), threading.Barrier(contenders)
