@@ -368,6 +368,28 @@ def test_bad_input(tmp_path):
         extrapolate_knn(ws, "aum", k=5)
 
 
+def test_auto_k_with_fewer_than_three_scored_seeds_takes_the_smallest_k(tmp_path):
+    """With only two seeds holding a finite score no correlation can be measured (two points always
+    correlate perfectly): --k auto takes the smallest candidate the graph allows, reports every
+    candidate's Pearson as NaN and predicts with it."""
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
+    # the two closest valid seeds: each is the other's nearest neighbour, so both get a prediction
+    pos = np.flatnonzero(valid[subset] & np.isfinite(values))
+    d = np.linalg.norm(x[subset[pos]][:, None] - x[subset[pos]][None], axis=2) + np.eye(len(pos)) * 1e9
+    scored = pos[list(np.unravel_index(np.argmin(d), d.shape))]
+    few = np.full(len(subset), np.nan, np.float32)
+    few[scored] = values[scored]
+    add_scores(ws, "el2n", few)
+    m = extrapolate_knn(ws, "el2n", k="auto")
+    c = m["counts"]
+    assert c["k"] == 10 and c["n_validation"] == 2 and c["n_seed"] == 2
+    assert set(c["validation_pearson"]) == {"10", "20"} and all(np.isnan(v) for v in c["validation_pearson"].values())
+    ref_score, ref_source = knn_reference(x, valid, subset, few, 10)
+    score, source = (a[:] for a in read_extrapolated(ws, "el2n", "knn"))
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_allclose(score, ref_score, rtol=1e-5, atol=1e-5)
+
+
 def test_k_over_the_graph_with_force_keeps_the_finished_result(tmp_path):
     """A refused --k leaves the workspace as it was, --force or not (the finished result was removed first)."""
     ws, *_ = scored_workspace(tmp_path / "ws", n=200)
