@@ -607,6 +607,23 @@ def test_pruning_table_columns_line_up():
         assert len(row) == len(head) and row[first_keep_end - len("0.9000±0.0100"):first_keep_end] == "0.9000±0.0100"
 
 
+def test_validation_rows_above_the_cap_are_a_fixed_sorted_sample():
+    """k is chosen on at most max_rows seed rows: above it, a fixed random sample (sorted, drawn only from seeds
+    with a finite score that the graph holds); at the cap, every such row."""
+    from streamprune.extrapolate.knn import validation_rows
+
+    rows = np.arange(0, 100, 2)
+    values = np.ones(len(rows), np.float32)
+    values[::5] = np.nan
+    seeds = SeedScores(rows, values, "fp")
+    eligible = rows[np.isfinite(values) & (rows < 90)]
+    np.testing.assert_array_equal(validation_rows(seeds, 90, max_rows=len(eligible)), eligible)
+    got = validation_rows(seeds, 90, max_rows=7)
+    assert len(got) == 7 and (np.diff(got) > 0).all() and np.isin(got, eligible).all()
+    np.testing.assert_array_equal(validation_rows(seeds, 90, max_rows=7), got)
+    assert not np.array_equal(validation_rows(seeds, 90, max_rows=7, seed=1), got)
+
+
 def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):
     """Leave-one-out k selection: a graph that lists a seed row among its own neighbours (distance
     0, first) must give the table of the graph without it, for every k the shorter lists can give."""
