@@ -245,7 +245,7 @@ def sample_rows(mask: np.ndarray, size: int, seed: int, block: int = 1 << 22) ->
         if hi > lo:
             out.append(np.flatnonzero(m)[pick[lo:hi] - seen] + s)
         seen += c
-    return np.concatenate(out).astype(np.int64)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)  # size 0: no block holds one
 
 
 def _slab_rows(emb: zarr.Array) -> int:
