@@ -178,6 +178,23 @@ def test_refused_plan_with_force_keeps_the_earlier_index(tmp_path):
     assert ws.marker("index-all") == before
 
 
+def test_more_inverted_lists_than_indexed_rows_is_refused_before_force_removes_anything(tmp_path):
+    """faiss trains one centroid per list on indexed rows: more lists than the rows an index holds cannot be
+    trained, so the factory is refused up front naming both counts, and --force keeps the earlier graph."""
+    x = clustered(300, 8)
+    ws = make_workspace(tmp_path / "ws", x, subset=np.arange(0, 300, 3), chunk=100)
+    built = build_index(ws, graph="both", k=5, factory="IVF64,Flat", scheduler="sync")
+    assert built["all"]["counts"]["nlist"] == 64  # 300 rows: 64 lists train
+    graph = graph_arrays(ws, "seeds")
+    for force in (False, True):
+        with pytest.raises(StreamPruneError, match=r"^index-seeds: factory 'IVF128,Flat' has 128 inverted lists but "
+                                                   r"only 100 rows are indexed"):
+            build_index(ws, graph="seeds", k=5, factory="IVF128,Flat", scheduler="sync", force=force)
+    assert ws.marker("index-seeds") == built["seeds"]
+    for got, want in zip(graph_arrays(ws, "seeds"), graph):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_sizes():
     assert auto_nlist(250_000) == 2000
     assert ondisk_rows(32) == (4 << 30) // 40
