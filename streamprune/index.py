@@ -245,7 +245,7 @@ def sample_rows(mask: np.ndarray, size: int, seed: int, block: int = 1 << 22) ->
         if hi > lo:
             out.append(np.flatnonzero(m)[pick[lo:hi] - seen] + s)
         seen += c
-    return np.concatenate(out).astype(np.int64)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)  # size 0: no block holds one
 
 
 def _slab_rows(emb: zarr.Array) -> int:
@@ -1140,6 +1140,9 @@ def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine:
         raise StreamPruneError(f"index-{name}: {n_index} rows exceed the on-disk threshold ({threshold}) but "
                                f"factory {factory!r} (fast-scan) keeps its lists in memory; use a PQ factory "
                                "without 'fs' or raise --ondisk-threshold")
+    if desc["nlist"] > n_index:  # k-means trains each list's centroid on a row of its own
+        raise StreamPruneError(f"index-{name}: factory {factory!r} has {desc['nlist']} inverted lists but only "
+                               f"{n_index} rows are indexed; use at most {n_index} lists or --factory auto")
     return _Plan(name=name, factory=factory, nlist=desc["nlist"], m=desc["m"], code_size=desc["code_size"],
                  n=n, d=d, n_index=n_index, k=int(k), refine=int(refine), ondisk=ondisk,
                  ondisk_threshold=int(threshold), chunk_rows=int(chunk_rows), gpu=use_gpu())

@@ -77,6 +77,8 @@ def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
     config = ((markers or {}).get(key) or {}).get("config") or {}
     if key == "score-label_disagreement":
         return "extrapolate --method label-aware"
+    if key.startswith("index-"):  # `index` alone builds both graphs
+        return f"index --graph {key[len('index-'):]}"
     if key.startswith("extrapolate-") and config.get("method"):
         return f"extrapolate --score {config.get('score')} --method {config['method']}"
     if key.startswith("prune-") and config.get("source"):
@@ -110,7 +112,7 @@ _FLAGS = {
     "embed": (("encoder", "--encoder", "subset"), ("dtype", "--dtype", "float32"),
               ("normalize", "--normalize", False), ("batch_size", "--batch-size", 256),
               ("threads", "--threads", 1), ("chunk_rows", "--chunk-rows", None)) + _DECODE_FLAGS,
-    "index": (("graph", "--graph", None), ("k", "--k", 20), ("factory", "--factory", "auto"),
+    "index": (("k", "--k", 20), ("factory", "--factory", "auto"),
               ("nprobe", "--nprobe", None), ("refine", "--refine", None), ("chunk_rows", "--chunk-rows", None)),
     "knn": (("k", "--k", "auto"), ("chunk_rows", "--chunk-rows", None)),
     "gcn": (("k", "--k", 10), ("hidden", "--hidden", [512, 256]), ("dropout", "--dropout", 0.5),

@@ -253,6 +253,27 @@ def test_bad_option_with_force_keeps_the_earlier_results(reference, tmp_path, ar
     assert {name: open(os.path.join(ws, "_stages", name)).read() for name in os.listdir(os.path.join(ws, "_stages"))} == before
 
 
+def test_subset_encoder_refuses_samples_decoded_to_another_shape(reference, tmp_path):
+    """The subset model over samples decoded at another size than it was trained on is refused before
+    anything is written, naming both shapes (--force or not: the earlier embeddings stay)."""
+    import re
+    import shutil
+
+    from streamprune.train import load_model
+
+    ws = str(tmp_path / "ws")
+    shutil.copytree(reference[0], ws)
+    trained = tuple(load_model(Workspace(ws))[1]["input_shape"])
+    assert trained[1:] == (8, 8)  # the shards' 8x8 images
+    before = Workspace(ws).marker("embed")
+    for force in (False, True):
+        with pytest.raises(StreamPruneError, match=re.escape(f"embed: samples decode to shape {trained[:1] + (4, 4)} "
+                                                             f"but the subset model was trained on {trained}")):
+            embed(ws, decode=DecodeConfig(image_size=4), chunk_rows=32, scheduler="sync", force=force)
+    assert Workspace(ws).marker("embed") == before
+    np.testing.assert_array_equal(_emb(ws)[0], reference[3][0])
+
+
 def test_float16_overflow_is_an_invalid_row(tmp_path):
     """A vector finite in float32 but beyond float16's range would be stored as inf: the row is
     rejected like any NaN/inf embedding, not kept as valid."""

@@ -148,6 +148,26 @@ def _random_table(n, k, seed):
     return nbrs, valid, table
 
 
+def test_graph_table_refuses_a_k_the_graph_lacks_and_a_neighbour_outside_it():
+    """A table takes 1..width neighbours per row (the stage checks --k first; a table built directly is
+    checked too), and a neighbour id beyond the graph's rows is named with its row instead of being read."""
+    nbrs = np.array([[1, 2], [0, 2], [0, 5], [1, -1], [2, 3]])
+    dist = np.array([[0.1, 0.2], [0.1, 0.3], [0.2, 0.4], [0.5, np.inf], [0.3, 0.6]], np.float32)
+    group, valid = {"neighbors": nbrs, "distances": dist}, RowSource(np.ones(5, bool))
+    for k in (0, 3):
+        with pytest.raises(StreamPruneError, match=rf"^k={k} but the graph holds 2 neighbours per row$"):
+            GraphTable(group, k, valid, "exp", 1 << 30)
+    ids, _, w = GraphTable(group, 1, valid, "exp", 1 << 30)(np.arange(5))  # the bad id lies beyond k = 1
+    np.testing.assert_array_equal(ids, nbrs[:, :1])
+    assert (w > 0).all()
+    for memory_limit in (1 << 30, 0):  # held in memory, or read from the arrays per call
+        table = GraphTable(group, 2, valid, "exp", memory_limit)
+        table(np.array([0, 1]))
+        for rows in (lambda: table(np.array([4, 2])), lambda: table.span(0, 5)):
+            with pytest.raises(StreamPruneError, match=r"^graph row 2 holds a neighbour id outside \[0, 5\)$"):
+                rows()
+
+
 def _bfs(seeds, nbrs, valid, hops):
     level = [set(seeds.tolist())]
     seen = set(level[0])

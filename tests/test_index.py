@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -177,6 +178,23 @@ def test_refused_plan_with_force_keeps_the_earlier_index(tmp_path):
     assert ws.marker("index-all") == before
 
 
+def test_more_inverted_lists_than_indexed_rows_is_refused_before_force_removes_anything(tmp_path):
+    """faiss trains one centroid per list on indexed rows: more lists than the rows an index holds cannot be
+    trained, so the factory is refused up front naming both counts, and --force keeps the earlier graph."""
+    x = clustered(300, 8)
+    ws = make_workspace(tmp_path / "ws", x, subset=np.arange(0, 300, 3), chunk=100)
+    built = build_index(ws, graph="both", k=5, factory="IVF64,Flat", scheduler="sync")
+    assert built["all"]["counts"]["nlist"] == 64  # 300 rows: 64 lists train
+    graph = graph_arrays(ws, "seeds")
+    for force in (False, True):
+        with pytest.raises(StreamPruneError, match=r"^index-seeds: factory 'IVF128,Flat' has 128 inverted lists but "
+                                                   r"only 100 rows are indexed"):
+            build_index(ws, graph="seeds", k=5, factory="IVF128,Flat", scheduler="sync", force=force)
+    assert ws.marker("index-seeds") == built["seeds"]
+    for got, want in zip(graph_arrays(ws, "seeds"), graph):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_sizes():
     assert auto_nlist(250_000) == 2000
     assert ondisk_rows(32) == (4 << 30) // 40
@@ -211,6 +229,8 @@ def test_recall_and_sampling():
     assert len(rows) == 300 and len(set(rows)) == 300 and mask[rows].all() and (np.diff(rows) > 0).all()
     np.testing.assert_array_equal(rows, sample_rows(mask, 300, seed=1, block=4096))
     assert len(sample_rows(mask, 10**6, seed=1)) == mask.sum()
+    none = sample_rows(mask, 0, seed=1, block=1000)  # no queries asked for: none, as int64 row ids
+    assert none.shape == (0,) and none.dtype == np.int64
 
 
 # --------------------------------------------------------------------------- graphs
@@ -244,6 +264,25 @@ def test_flat_graph_equals_brute_force(tmp_path):
     assert params["seeds"]["recall_at_k"] == 1.0 and params["all"]["k"] == k
     # done: a second call is skipped
     assert build_index(ws, k=k, scheduler="sync", chunk_rows=128)["all"]["skipped"]
+
+
+def test_zero_recall_queries_skip_the_recall_check_and_the_tuning(tmp_path):
+    """recall_queries=0 skips measuring recall (none is reported, no ground truth is written) and an IVF
+    index's nprobe tuning (nprobe 32); the graph is the exact one all the same."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 6)).astype(np.float32)
+    valid = rng.random(500) > 0.1
+    ws = make_workspace(tmp_path / "ws", x, valid=valid)
+    m = build_index(ws, graph="all", k=5, scheduler="sync", recall_queries=0)["all"]
+    assert m["counts"]["recall_at_k"] is None and m["counts"]["recall_queries"] == 0
+    assert not os.path.exists(ws.path("index", "all.groundtruth.npz"))
+    ref_nbr, ref_dist = brute_force(x, valid, valid, 5)
+    nbr, dist = graph_arrays(ws, "all")
+    np.testing.assert_array_equal(nbr, ref_nbr)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    ivf = build_index(ws, graph="all", k=5, factory="IVF4,Flat", scheduler="sync", recall_queries=0, force=True)
+    assert ivf["all"]["counts"]["nprobe"] == 32 and ivf["all"]["counts"]["recall_at_k"] is None
+    np.testing.assert_array_equal(graph_arrays(ws, "all")[0], ref_nbr)  # 32 probes of 4 lists: every row
 
 
 def test_duplicates_and_fewer_rows_than_k(tmp_path):
@@ -651,6 +690,31 @@ def test_missing_embeddings_and_bad_options(tmp_path):
     none_valid = make_workspace(tmp_path / "nv", x, valid=np.zeros(200, bool), chunk=50)
     with pytest.raises(StreamPruneError, match="no valid rows to index"):
         build_index(none_valid, graph="all", scheduler="sync")
+
+
+def test_embeddings_of_another_form_and_a_lost_graph_are_named(tmp_path):
+    """An emb array that is not an (N, D) float16/float32 matrix is refused naming what it holds, before anything is
+    built; a graph whose arrays are gone after it finished is named rather than read; only two graphs exist."""
+    x = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)
+    for data, says in ((x[:, 0], r"emb must be \(N, D\), got shape \(200,\)"),
+                       (x.astype(np.int64), "emb must be float16 or float32, got int64"),
+                       (x.astype(np.float64), "emb must be float16 or float32, got float64")):
+        ws = make_workspace(tmp_path / str(data.dtype), x, chunk=50)
+        group = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr")), mode="r+")
+        del group["emb"]
+        group.create_array("emb", data=data, chunks=(50,) + data.shape[1:])
+        with pytest.raises(StreamPruneError, match=rf"^index-all: {re.escape(ws.path('embeddings.zarr'))}/{says}$"):
+            build_index(ws, graph="all", k=5, scheduler="sync")
+        assert ws.marker("index-all") is None and not os.path.exists(ws.path("graph"))
+
+    ws = make_workspace(tmp_path / "lost", x, chunk=50)
+    build_index(ws, graph="all", k=5, scheduler="sync")
+    shutil.rmtree(ws.path("graph", "all.zarr", "neighbors"))
+    with pytest.raises(StreamPruneError, match=rf"^graph {re.escape(ws.path('graph', 'all.zarr'))} is missing or "
+                                               "incomplete"):
+        read_graph(ws, "all")
+    with pytest.raises(StreamPruneError, match=r"^graph must be one of seeds, all; got 'both'$"):
+        read_graph(ws, "both")
 
 
 # --------------------------------------------------------------------------- gathers

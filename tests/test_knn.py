@@ -368,6 +368,28 @@ def test_bad_input(tmp_path):
         extrapolate_knn(ws, "aum", k=5)
 
 
+def test_auto_k_with_fewer_than_three_scored_seeds_takes_the_smallest_k(tmp_path):
+    """With only two seeds holding a finite score no correlation can be measured (two points always
+    correlate perfectly): --k auto takes the smallest candidate the graph allows, reports every
+    candidate's Pearson as NaN and predicts with it."""
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
+    # the two closest valid seeds: each is the other's nearest neighbour, so both get a prediction
+    pos = np.flatnonzero(valid[subset] & np.isfinite(values))
+    d = np.linalg.norm(x[subset[pos]][:, None] - x[subset[pos]][None], axis=2) + np.eye(len(pos)) * 1e9
+    scored = pos[list(np.unravel_index(np.argmin(d), d.shape))]
+    few = np.full(len(subset), np.nan, np.float32)
+    few[scored] = values[scored]
+    add_scores(ws, "el2n", few)
+    m = extrapolate_knn(ws, "el2n", k="auto")
+    c = m["counts"]
+    assert c["k"] == 10 and c["n_validation"] == 2 and c["n_seed"] == 2
+    assert set(c["validation_pearson"]) == {"10", "20"} and all(np.isnan(v) for v in c["validation_pearson"].values())
+    ref_score, ref_source = knn_reference(x, valid, subset, few, 10)
+    score, source = (a[:] for a in read_extrapolated(ws, "el2n", "knn"))
+    np.testing.assert_array_equal(source, ref_source)
+    np.testing.assert_allclose(score, ref_score, rtol=1e-5, atol=1e-5)
+
+
 def test_k_over_the_graph_with_force_keeps_the_finished_result(tmp_path):
     """A refused --k leaves the workspace as it was, --force or not (the finished result was removed first)."""
     ws, *_ = scored_workspace(tmp_path / "ws", n=200)
@@ -583,6 +605,23 @@ def test_pruning_table_columns_line_up():
     for label in ("knn/hard", long_label):
         row = next(line for line in lines if line.startswith(label + " "))
         assert len(row) == len(head) and row[first_keep_end - len("0.9000±0.0100"):first_keep_end] == "0.9000±0.0100"
+
+
+def test_validation_rows_above_the_cap_are_a_fixed_sorted_sample():
+    """k is chosen on at most max_rows seed rows: above it, a fixed random sample (sorted, drawn only from seeds
+    with a finite score that the graph holds); at the cap, every such row."""
+    from streamprune.extrapolate.knn import validation_rows
+
+    rows = np.arange(0, 100, 2)
+    values = np.ones(len(rows), np.float32)
+    values[::5] = np.nan
+    seeds = SeedScores(rows, values, "fp")
+    eligible = rows[np.isfinite(values) & (rows < 90)]
+    np.testing.assert_array_equal(validation_rows(seeds, 90, max_rows=len(eligible)), eligible)
+    got = validation_rows(seeds, 90, max_rows=7)
+    assert len(got) == 7 and (np.diff(got) > 0).all() and np.isin(got, eligible).all()
+    np.testing.assert_array_equal(validation_rows(seeds, 90, max_rows=7), got)
+    assert not np.array_equal(validation_rows(seeds, 90, max_rows=7, seed=1), got)
 
 
 def test_validation_leaves_each_seed_out_when_the_graph_holds_it(tmp_path):

@@ -559,6 +559,57 @@ def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
     assert noisy[dropped].sum() >= 0.6 * noisy.sum()
 
 
+def test_hard_clean_prune_makes_or_remakes_the_label_disagreement_it_ranks_by(tmp_path):
+    """hard-clean ranks rows by label disagreement: without one it computes it (k = min(20, the graph's k)); one
+    made from embeddings and a graph re-made since is recomputed from the current graph with the k it was made
+    with: the run goes on instead of being refused for an out-of-date input, and ranks by the new values."""
+    import zarr
+
+    from streamprune.decode import DecodeConfig
+    from streamprune.embed import embed
+    from streamprune.extrapolate import extrapolate
+    from streamprune.extrapolate.label_aware import compute_disagreement, read_disagreement
+    from streamprune.index import build_index
+    from streamprune.prune import prune
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    w = Workspace(ws)
+    subset(ws, fraction=0.3, seed=0)
+    add_scores(w, "du", np.random.default_rng(0).random(len(subset_rows(w))).astype(np.float32))
+
+    def seeds_and_knn(force=False):
+        build_index(ws, graph="seeds", k=10, scheduler="sync", force=force)
+        extrapolate(ws, "du", "knn", k=10, force=force)
+
+    def hard_clean(name):
+        return prune(ws, score="du", source="knn", strategy="hard-clean", keep_fraction=0.5, noise_fraction=0.1,
+                     name=name, scheduler="sync")
+
+    def current_disagreement(k):
+        dm = w.marker("score-label_disagreement")
+        assert dm["config"]["k"] == k and w.outdated("score-label_disagreement") is None
+        g, labels = zarr.open_group(f"{ws}/graph/all.zarr"), zarr.open_group(f"{ws}/embeddings.zarr")["labels"][:]
+        nb, dist = g["neighbors"][:, :k], g["distances"][:, :k]
+        np.testing.assert_allclose(read_disagreement(w), _brute(labels, labels[nb], dist), rtol=1e-6)
+        return dm
+
+    seeds_and_knn()
+    assert w.marker("score-label_disagreement") is None
+    assert hard_clean("a")["inputs"]["disagreement"] == current_disagreement(20)["fingerprint"]
+    compute_disagreement(ws, k=10, force=True)
+    old = read_disagreement(w)
+    embed(ws, encoder="features", normalize=True, scheduler="sync", force=True, decode=DecodeConfig(input="vector"))
+    build_index(ws, graph="all", k=20, scheduler="sync", force=True)
+    seeds_and_knn(force=True)
+    assert w.outdated("score-label_disagreement") is not None
+    m = hard_clean("b")
+    assert m["inputs"]["disagreement"] == current_disagreement(10)["fingerprint"]
+    assert not np.allclose(read_disagreement(w), old, equal_nan=True)  # the new graph did change it
+
+
 def test_seed_margin_needs_a_training_run_with_two_classes(tmp_path):
     from streamprune.prune import seed_margin_marker
     from streamprune.workspace import Workspace

@@ -355,6 +355,21 @@ def test_kernel_stage_uses_seed_scores_only(base, tmp_path):
                                               0.3)[pred], rtol=1e-6, atol=1e-6)
 
 
+def test_kernel_rerun_of_a_finished_run_is_skipped(base, tmp_path):
+    """The same kernel run again returns the finished marker marked skipped and leaves its output as it
+    was (here overwritten by hand: a real re-run would have rewritten it); another bandwidth is refused."""
+    ws = clone(base, tmp_path)
+    done = extrapolate_kernel(ws, "du", bandwidth=0.3, chunk_rows=400)
+    score = zarr.open_array(storage.zarr_store(ws.path("extrapolated", "du-kernel.zarr", "score")), mode="r+")
+    score[:] = -1.0
+    again = extrapolate_kernel(ws, "du", bandwidth=0.3, chunk_rows=400)
+    assert again["skipped"] and again["fingerprint"] == done["fingerprint"] and again["counts"] == done["counts"]
+    assert (outputs(ws, "kernel")[0] == -1.0).all()
+    with pytest.raises(StreamPruneError, match=r"extrapolate-du-kernel: .* another configuration "
+                                               r"\(changed: bandwidth 0.3 -> 0.5\)"):
+        extrapolate_kernel(ws, "du", bandwidth=0.5, chunk_rows=400)
+
+
 def test_dispatch(base, tmp_path):
     ws = clone(base, tmp_path)
     assert {"propagate", "kernel"} <= set(methods())

@@ -622,6 +622,34 @@ def test_supervised_training_without_labels_is_one_line(vec_ws):
     assert not os.path.exists(os.path.join(vec_ws, "train", "cache.zarr"))
 
 
+@pytest.mark.parametrize("option, says", [
+    ({"optimizer": "adam"}, "--optimizer must be sgd or adamw, not 'adam'"),
+    ({"augment": "flip"}, "--augment must be none, crop or crop-flip, not 'flip'"),
+    ({"dynamics": "test"}, "--dynamics must be eval or train, not 'test'"),
+    ({"checkpoint_seconds": -1}, "--checkpoint-every must be >= 0 seconds"),
+    ({"checkpoint_seconds": float("nan")}, "--checkpoint-every must be >= 0 seconds"),
+    ({"labels": "pseudo:1"}, "--labels must be 'supervised' or 'pseudo:K', not 'pseudo:1'"),
+    ({"labels": "pseudo:many"}, "--labels must be 'supervised' or 'pseudo:K', not 'pseudo:many'"),
+    ({"labels": "kmeans"}, "--labels must be 'supervised' or 'pseudo:K', not 'kmeans'"),
+])
+def test_training_options_out_of_their_range_are_named(option, says):
+    """Each training option outside what it accepts is refused in one line naming the option and the value."""
+    with pytest.raises(StreamPruneError) as err:
+        TrainConfig(model="mlp", **option)
+    assert str(err.value) == says
+
+
+def test_labels_of_a_single_class_are_refused(tmp_path):
+    """A subset whose labels are all one class has no margin to learn: refused naming the class count."""
+    shards = write_shards(str(tmp_path / "data"), 2, 20, kind="npy", dim=8, classes=1)
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.5, seed=0)
+    with pytest.raises(StreamPruneError, match=r"^train: found only 1 class among the labels; need at least 2$"):
+        train(ws, TrainConfig(model="mlp", epochs=1), DecodeConfig(input="vector"), scheduler="sync")
+    assert Workspace(ws).marker("train") is None
+
+
 def test_score_chunks_stay_within_their_memory_whatever_the_classes(vec_ws, monkeypatch):
     from streamprune import scoring
     from streamprune.scoring import SCORE_CHUNK_BYTES, score_chunk_rows

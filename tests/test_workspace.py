@@ -347,6 +347,99 @@ def test_a_removed_input_is_named_missing_and_pending(tmp_path):
     assert info["stages"]["subset"]["done"]
 
 
+def test_index_hints_name_their_graph_and_can_be_pasted(tmp_path):
+    """A graph's hints name that graph: `index` alone builds both, so a refusal's `index ... --force`
+    would replace the other graph too.  The stale hint, pasted, rebuilds only its graph."""
+    import shlex
+
+    import numpy as np
+
+    from streamprune.index import build_index
+    from streamprune.status import status
+    from test_index import clustered, make_workspace
+
+    ws = make_workspace(tmp_path / "ws", clustered(300, 4), subset=np.arange(0, 300, 3), chunk=50)
+    built = build_index(ws, graph="both", k=10, scheduler="sync")
+    with pytest.raises(StreamPruneError) as err:
+        build_index(ws, graph="seeds", k=5, scheduler="sync")
+    assert str(err.value).startswith(f"index-seeds: workspace {ws.url} already holds results of another configuration "
+                                     "(changed: k 10 -> 5); use --force")
+    assert str(err.value).endswith("`streamprune index --graph seeds ... --force` only this one)")
+    ws.begin("embed", {"test": 2}, {}, force=True).commit({"embeddings": "embeddings.zarr"}, {"n": 300})
+    stages = status(ws)["stages"]
+    for name in ("seeds", "all"):
+        assert stages[f"index-{name}"]["stale"] == (f"index-{name} is out of date (its input 'embed' was re-run "
+                                                    f"since); re-run `streamprune index --graph {name} --k 10 "
+                                                    f"-w {ws.url}`")
+    hint = re.search(r"re-run `streamprune (.*)`$", stages["index-seeds"]["stale"]).group(1)
+    run_cli(*shlex.split(hint), "--scheduler", "sync")
+    stages = status(ws)["stages"]
+    assert stages["index-seeds"]["done"] and stages["index-seeds"]["stale"] is None
+    assert ws.marker("index-all")["fingerprint"] == built["all"]["fingerprint"] and stages["index-all"]["stale"]
+
+
+def test_score_hints_recompute_the_score_on_its_current_training_run(tmp_path):
+    """A score made from a training run that has been re-run since is out of date, with a hint carrying the score's
+    own options and the current run's; a replica's score takes the options of the first full run (the command
+    re-makes every replica with them; without that run, the replica's own less its seed offset).  A refused score
+    names the score, full run and replica count."""
+    from streamprune.status import status
+    from streamprune.workspace import repeat_command
+
+    ws = Workspace(str(tmp_path / "ws"))
+    cat = _chain(ws, TRAIN)
+    sub = ws.marker("subset")
+    full = {**TRAIN, "train": {**TRAIN["train"], "epochs": 6}}
+    inputs = {"catalog": cat["fingerprint"], "subset": sub["fingerprint"]}
+    made = {}
+    for replica, key in enumerate(("train-full", "train-full-r1")):
+        old = ws.begin("train", {**full, "train": {**full["train"], "seed": replica, "lr": 0.1}}, inputs,
+                       key=key).commit({}, {})
+        made[key] = ws.begin("score", {"score": "du", "params": {"window": 4}}, {"train": old["fingerprint"]},
+                             key="score-du" + key[len("train"):]).commit({}, {})
+        again = {**full["train"], "seed": replica} | ({"epochs": 8} if replica else {})
+        ws.begin("train", {**full, "train": again}, inputs, key=key, force=True).commit({}, {})
+    ws.begin("train", {**TRAIN, "train": {**TRAIN["train"], "epochs": 7}}, inputs, force=True).commit({}, {})
+    stages = status(ws)["stages"]
+    w = f"-w {ws.url}`"
+    assert stages["score-du"]["stale"] == ("score-du is out of date (its input 'train' was re-run since); re-run "
+                                           f"`streamprune score --score du --window 4 --model mlp --epochs 7 "
+                                           f"--input vector {w}")
+    assert stages["score-du-full"]["stale"].endswith(
+        f"`streamprune score --score du --full --window 4 --model mlp --epochs 6 --input vector {w}")
+    assert stages["score-du-full-r1"]["stale"].endswith(
+        f"`streamprune score --score du --full --full-runs 2 --window 4 --model mlp --epochs 6 --input vector {w}")
+    # without the first full run, a replica's own options less its seed offset (replica 2 of --seed 3 ran seed 5)
+    markers = {"train-full-r2": {"stage": "train", "config": {**TRAIN, "train": {**TRAIN["train"], "seed": 5}}},
+               "score-el2n-full-r2": {"stage": "score", "config": {"score": "el2n", "params": {}}}}
+    assert repeat_command("score-el2n-full-r2", markers) == \
+        "score --score el2n --full --full-runs 3 --model mlp --epochs 5 --seed 3 --input vector"
+    for key, says in (("score-du-full-r1", "`streamprune score --score du --full --full-runs 2 ... --force`"),
+                      ("score-du", "`streamprune score --score du ... --force`")):
+        with pytest.raises(StreamPruneError, match=r"\(changed: params.window 4 -> 5\); use --force") as err:
+            ws.begin("score", {"score": "du", "params": {"window": 5}}, made["train-full"]["inputs"], key=key)
+        assert str(err.value).endswith(f"{says} only this one)")
+
+
+def test_refusals_of_label_disagreement_and_reshard_name_their_command(tmp_path):
+    """The label disagreement is made by label-aware extrapolation and a reshard by prune --reshard: a refused
+    re-run with other options names those commands, not the stage's name."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": 20}, {},
+             key="score-label_disagreement").commit({}, {})
+    with pytest.raises(StreamPruneError) as err:
+        ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": 10}, {}, key="score-label_disagreement")
+    assert "(changed: k 20 -> 10)" in str(err.value)
+    assert str(err.value).endswith("`streamprune extrapolate --method label-aware ... --force` only this one)")
+    ws.begin("prune", {"name": "half", "out": "/data/out", "shard_size": 100, "max_count": None}, {},
+             key="reshard-half").commit({}, {})
+    with pytest.raises(StreamPruneError) as err:
+        ws.begin("prune", {"name": "half", "out": "/data/out", "shard_size": 200, "max_count": None}, {},
+                 key="reshard-half")
+    assert "(changed: shard_size 100 -> 200)" in str(err.value)
+    assert str(err.value).endswith("`streamprune prune --name half ... --reshard /data/out ... --force` only this one)")
+
+
 def test_rerun_options_follow_the_cli_defaults():
     """A hint leaves out an option at its CLI default: the defaults the hints assume are those of the commands
     (and of each extrapolation method), so a default that changes there cannot leave a hint wrong."""
@@ -363,7 +456,7 @@ def test_rerun_options_follow_the_cli_defaults():
         return {o: p.get_default(ctx) for p in cli.commands[command].params for o in p.opts}
 
     for command, table in (("subset", _FLAGS["subset"]), ("score", _TRAIN_FLAGS + _SCORE_FLAGS),
-                           ("embed", _FLAGS["embed"]), ("index", _FLAGS["index"][1:]), ("prune", _FLAGS["prune"])):
+                           ("embed", _FLAGS["embed"]), ("index", _FLAGS["index"]), ("prune", _FLAGS["prune"])):
         cli_defaults = defaults(command)
         for _, flag, default in table:
             given = cli_defaults[flag]
