@@ -204,7 +204,7 @@ def open_embeddings(ws: Workspace, for_stage: str) -> tuple[zarr.Array, zarr.Arr
         emb, valid = group["emb"], group["valid"]
     except (FileNotFoundError, KeyError) as exc:
         raise StreamPruneError(f"{for_stage}: {url} is missing or incomplete ({exc}); "
-                               "re-run `streamprune embed`") from None
+                               "re-run `streamprune embed --force`") from None
     if emb.ndim != 2 or emb.shape[1] < 1:
         raise StreamPruneError(f"{for_stage}: {url}/emb must be (N, D), got shape {emb.shape}")
     if emb.dtype not in (np.float16, np.float32):

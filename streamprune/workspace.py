@@ -321,6 +321,11 @@ class Workspace:
                                    f"run `streamprune {command_for(stage)}` first")
         return m
 
+    def missing_outputs(self, marker: dict) -> list[str]:
+        """The outputs a finished stage's marker names that are gone from the workspace (its URLs)."""
+        urls = [self.path(rel) for rel in (marker.get("outputs") or {}).values() if isinstance(rel, str)]
+        return [url for url in urls if not storage.exists(url, self.storage_options)]
+
     def markers(self) -> dict[str, dict]:
         """Every finished stage's marker by key (one listing; remote markers are read concurrently)."""
         names = [n[:-5] for n in storage.listdir(self.path("_stages"), self.storage_options)
@@ -410,7 +415,8 @@ class Workspace:
             self.check_current(inputs, name)
         old = self.marker(name, check_version=not force)
         if old is not None and old.get("fingerprint") == fp and _compatible(str(old.get("version", __version__)),
-                                                                            __version__):
+                                                                            __version__) and not (
+                force and self.missing_outputs(old)):
             return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
         # Everything below (markers replaced, records dropped) and the run itself hold the stage's lease.
         held = leases.acquire(self.path("_stages", f"{name}.lease"), name, self.storage_options)
@@ -440,8 +446,12 @@ class Workspace:
                 f"(`run --force` replaces every stage whose options changed; "
                 f"`streamprune {rerun_command(name, {name: old})} ... --force` only this one)")
         if old is not None and old.get("fingerprint") == fp:
-            leases.release(held)
-            return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
+            gone = self.missing_outputs(old) if force else []
+            if not gone:
+                leases.release(held)
+                return StageRun(self, stage, name, fp, config, inputs, already_done=True, previous=old)
+            log.warning("%s: finished, but %s %s missing: running it again (--force)", name, ", ".join(gone),
+                        "is" if len(gone) == 1 else "are")
         if check is not None:
             check()
         run = StageRun(self, stage, name, fp, config, inputs, lease=held)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from streamprune import __version__
@@ -35,6 +36,43 @@ def test_refuses_other_config_unless_forced(shards, tmp_path):
     meta = json.load(open(os.path.join(ws, "streamprune.json")))
     assert meta["stages"]["subset"]["fraction"] == 0.5 and meta["version"] == __version__
     assert len(meta["inputs"]["shards"]) == 10 and {"url", "size", "etag"} <= set(meta["inputs"]["shards"][0])
+
+
+def test_force_runs_a_finished_stage_again_when_its_outputs_are_gone(shards, tmp_path, caplog):
+    """A finished stage whose outputs were deleted: a plain re-run still skips it (no check of the
+    workspace), the consumer's error says to re-run with --force, and --force makes them again."""
+    import shutil
+
+    import zarr
+
+    from streamprune.index import build_index, read_graph
+    from streamprune.subset import subset_rows
+
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    subset(ws, fraction=0.3, seed=0)
+    rows = subset_rows(Workspace(ws))
+    shutil.rmtree(os.path.join(ws, "subset", "rows.zarr"))
+    assert subset(ws, fraction=0.3, seed=0)["skipped"]
+    assert not subset(ws, fraction=0.3, seed=0, force=True).get("skipped")
+    assert (subset_rows(Workspace(ws)) == rows).all()
+    assert subset(ws, fraction=0.3, seed=0, force=True)["skipped"]  # all there: --force changes nothing
+    # a graph: the error of a stage reading it names the command that makes it again
+    w = Workspace(ws)
+    group = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="w")
+    n = 100
+    group.create_array("emb", data=np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32), chunks=(50, 4))
+    group.create_array("valid", data=np.ones(n, bool), chunks=(50,))
+    w.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": n})
+    build_index(ws, graph="all", k=3, scheduler="sync")
+    before = read_graph(w, "all")[0][:]
+    shutil.rmtree(os.path.join(ws, "graph", "all.zarr"))
+    with pytest.raises(StreamPruneError, match=r"re-run `streamprune index --force`"):
+        read_graph(w, "all")
+    with caplog.at_level("WARNING", logger="streamprune.workspace"):
+        build_index(ws, graph="all", k=3, scheduler="sync", force=True)
+    assert any("graph/all.zarr is missing: running it again (--force)" in r.message for r in caplog.records)
+    assert (read_graph(w, "all")[0][:] == before).all()
 
 
 def test_refuses_other_version(shards, tmp_path):
