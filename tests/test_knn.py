@@ -347,6 +347,9 @@ def test_bad_input(tmp_path):
     add_scores(ws, "du", np.full(100, np.inf, np.float32))
     with pytest.raises(StreamPruneError, match="infinite values"):
         extrapolate_knn(ws, "du")
+    add_scores(ws, "forgetting", np.full(100, np.nan, np.float32))  # knn and kernel committed all-NaN outputs
+    with pytest.raises(StreamPruneError, match=r"scores/forgetting.zarr has no value: all 100 seed rows are NaN"):
+        extrapolate_knn(ws, "forgetting", k=5)
     add_scores(ws, "el2n", np.zeros(99, np.float32))
     with pytest.raises(StreamPruneError, match="99 values but the subset has 100 rows"):
         extrapolate_knn(ws, "el2n", k=5)

@@ -219,6 +219,9 @@ def seed_scores(ws: Workspace, score: str) -> SeedScores:
     if np.isinf(values).any():
         raise StreamPruneError(f"extrapolate: scores/{score}.zarr holds infinite values "
                                f"(first at seed row {int(rows[np.isinf(values)][0])})")
+    if len(values) and np.isnan(values).all():
+        raise StreamPruneError(f"extrapolate: scores/{score}.zarr has no value: all {len(values)} seed rows are NaN "
+                               "(none decoded, or the score is undefined on them); nothing to extrapolate from")
     if len(rows) > 1 and not (np.diff(rows) > 0).all():
         raise StreamPruneError("extrapolate: subset/rows.zarr is not strictly increasing; re-run `streamprune subset`")
     seeds = SeedScores(rows, values, marker["fingerprint"])
