@@ -322,8 +322,12 @@ class Workspace:
         return m
 
     def missing_outputs(self, marker: dict) -> list[str]:
-        """The outputs a finished stage's marker names that are gone from the workspace (its URLs)."""
-        urls = [self.path(rel) for rel in (marker.get("outputs") or {}).values() if isinstance(rel, str)]
+        """The outputs a finished stage's marker names that are gone from the workspace (their URLs).
+
+        A cache (training's decoded subset) is not a result: deleting it to free disk leaves the
+        stage finished."""
+        urls = [self.path(rel) for name, rel in (marker.get("outputs") or {}).items()
+                if isinstance(rel, str) and name != "cache"]
         return [url for url in urls if not storage.exists(url, self.storage_options)]
 
     def markers(self) -> dict[str, dict]:

@@ -57,8 +57,10 @@ def test_force_runs_a_finished_stage_again_when_its_outputs_are_gone(shards, tmp
     assert not subset(ws, fraction=0.3, seed=0, force=True).get("skipped")
     assert (subset_rows(Workspace(ws)) == rows).all()
     assert subset(ws, fraction=0.3, seed=0, force=True)["skipped"]  # all there: --force changes nothing
-    # a graph: the error of a stage reading it names the command that makes it again
     w = Workspace(ws)
+    assert w.missing_outputs({"outputs": {"cache": "train/cache.zarr", "model": None}}) == []  # not results
+    assert w.missing_outputs({"outputs": {"model": "train/model.pt"}}) == [w.path("train/model.pt")]
+    # a graph: the error of a stage reading it names the command that makes it again
     group = zarr.open_group(os.path.join(ws, "embeddings.zarr"), mode="w")
     n = 100
     group.create_array("emb", data=np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32), chunks=(50, 4))
