@@ -616,9 +616,13 @@ def test_a_device_this_machine_lacks_leaves_the_finished_result(base, tmp_path):
 
 def test_too_few_seed_scores(tmp_path):
     d = make_ws(tmp_path / "ws", n=60, fraction=0.1, k=5, invalid=(3,))
-    zarr.create_array(str(tmp_path / "ws" / "scores" / "du.zarr"), data=np.full(len(d["rows"]), np.nan, np.float32),
-                      overwrite=True)
-    with pytest.raises(StreamPruneError, match="finite score"):
+    values = np.full(len(d["rows"]), np.nan, np.float32)
+    zarr.create_array(str(tmp_path / "ws" / "scores" / "du.zarr"), data=values, overwrite=True)
+    with pytest.raises(StreamPruneError, match=r"scores/du.zarr has no value: all \d+ seed rows are NaN"):
+        extrapolate_gcn(d["ws"], "du", k=5, **SMALL)
+    values[:3] = 1.0  # three scored seeds: too few to train on
+    zarr.create_array(str(tmp_path / "ws" / "scores" / "du.zarr"), data=values, overwrite=True)
+    with pytest.raises(StreamPruneError, match=r"only \d seed rows have a valid embedding and a finite score"):
         extrapolate_gcn(d["ws"], "du", k=5, **SMALL)
 
 

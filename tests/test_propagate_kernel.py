@@ -481,9 +481,11 @@ def test_bad_input(tmp_path):
     one_line(e)
     with pytest.raises(StreamPruneError, match="score 'du' has not been computed"):
         extrapolate_kernel(ws, "du")
-    add_scores(ws, "du", np.full(50, np.nan, np.float32))
-    with pytest.raises(StreamPruneError, match="no seed row has a valid embedding and a finite 'du' score"):
-        extrapolate_propagate(ws, "du")
+    add_scores(ws, "du", np.full(50, np.nan, np.float32))  # no seed has a score: refused by every method
+    for method in (extrapolate_propagate, extrapolate_kernel):
+        with pytest.raises(StreamPruneError, match=r"scores/du.zarr has no value: all 50 seed rows are NaN") as e:
+            method(ws, "du")
+        one_line(e)
     add_scores(ws, "el2n", np.zeros(50, np.float32))
     for bad in ({"tol": -1.0}, {"tol": float("nan")}, {"max_iter": 0}, {"max_iter": 2.5}, {"k": 0},
                 {"chunk_rows": 0}):
