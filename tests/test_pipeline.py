@@ -1,5 +1,6 @@
 """`streamprune run`: all stages, skip when done, resume after SIGKILL with identical outputs."""
 
+import io
 import os
 import re
 
@@ -489,3 +490,34 @@ def test_run_hands_each_stage_the_options_of_its_own_table(tmp_path):
     assert config("subset")["seed"] == 3
     assert config("index-seeds")["nprobe"] == 2
     assert config("prune-p")["seed"] == 4
+
+
+@pytest.mark.slow
+def test_run_on_object_storage_equals_a_local_run(setup, tmp_path, s3server, s3bucket):
+    """`run` over shards and a workspace on S3, its stages on worker processes, with an IVF-PQ index
+    (its re-rank reads the host's local copy of the embeddings): the same scores and the same kept
+    samples as a local run of the same config; the pruned shard list names the S3 shards."""
+    tmp, shards, _, _, _ = setup
+    cfg = tmp_path / "ivf.toml"
+    cfg.write_text(CONFIG.replace("[index]\nk = 10", '[index]\nk = 10\nfactory = "IVF8,PQ4x4"'))
+    local = str(tmp_path / "local")
+    run_cli("run", *shards, "-w", local, "--config", str(cfg), "--scheduler", "sync")
+    fs = s3server.fs()
+    for path in shards:
+        fs.put_file(path, f"{s3bucket}/data/{os.path.basename(path)}")
+    remote = f"s3://{s3bucket}/ws"
+    env = {**s3server.env, "STREAMPRUNE_CACHE": str(tmp_path / "cache")}
+    out = run_cli("run", *[f"s3://{s3bucket}/data/{os.path.basename(p)}" for p in shards], "-w", remote,
+                  "--config", str(cfg), env=env)
+    assert "shards.txt: s3://" in out.stdout
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*/*/done"))) == 1  # one copy, shared by the workers
+    opts = s3server.storage_options
+    from streamprune import storage
+
+    for m in ("knn", "label-aware"):
+        got = zarr.open_group(storage.zarr_store(f"{remote}/extrapolated/du-{m}.zarr", opts), mode="r")["score"][:]
+        np.testing.assert_array_equal(got, _outputs(local)[m])
+    kept = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{remote}/prune/p/keys.parquet", opts)))
+    pd.testing.assert_frame_equal(kept[["row", "key"]], _outputs(local)["keys"][["row", "key"]])
+    listed = storage.read_bytes(f"{remote}/prune/p/shards.txt", opts).decode().split()
+    assert listed and all(u.startswith(f"s3://{s3bucket}/data/") for u in listed)
