@@ -817,7 +817,6 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
     version = stage_fingerprint([embed_marker.get("fingerprint"), run, list(emb.shape), str(emb.dtype)])
     home = os.path.join(_cache_base(), "embeddings", stage_fingerprint(ws.url)[:16])
     base = _hold_copy(home, os.path.join(home, version[:16]))
-    _evict_copies(home, keep=base)
     path, done = os.path.join(base, "embeddings.zarr"), os.path.join(base, "done")
     with _locked(os.path.join(base, "copy.lock")):
         if not os.path.exists(done):
@@ -843,7 +842,8 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
 
 def _hold_copy(home: str, base: str) -> str:
     """Hold a shared lock on copy directory ``base`` for this process (dropping its hold on another
-    copy of the same workspace); returns ``base``, created if missing."""
+    copy of the same workspace); returns ``base``, created if missing.  Taking a new hold removes
+    the workspace's other copies that no process holds (:func:`_evict_copies`)."""
     import fcntl
 
     with _IN_USE_LOCK:
@@ -865,6 +865,7 @@ def _hold_copy(home: str, base: str) -> str:
                 pass
             if os.path.isdir(base) and os.path.exists(os.path.join(base, "use.lock")):
                 _IN_USE[home] = (base, fd)
+                _evict_copies(home, keep=base)
                 return base
             os.close(fd)
         raise StreamPruneError(f"could not hold the local copy of the embeddings in {base}")
