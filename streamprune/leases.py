@@ -189,18 +189,25 @@ def _read_tagged(url: str, storage_options: dict | None = None) -> tuple[dict | 
     return (None, None) if data is None else (_parse(data), None)
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """Whether a store refused a conditional request because its condition did not hold (or the object is gone)."""
+def _s3_answer(exc: BaseException | None) -> tuple[str, int | None] | None:
+    """(error code, HTTP status) of the first store answer in ``exc``'s chain; a FileNotFoundError met
+    first reads as ("NoSuchKey", 404); None when the chain holds neither."""
     while exc is not None:
         if isinstance(exc, FileNotFoundError):
-            return True
+            return "NoSuchKey", 404
         response = getattr(exc, "response", None)
         if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or status in (404, 409, 412)
+            return str(response.get("Error", {}).get("Code", "")), response.get("ResponseMetadata", {}).get(
+                "HTTPStatusCode")
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether a store refused a conditional request because its condition did not hold (or the object is gone)."""
+    answer = _s3_answer(exc)
+    return answer is not None and (answer[0] in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
+                                   or answer[1] in (404, 409, 412))
 
 
 def _remove_stale(url: str, info: dict, etag: str | None, storage_options: dict | None) -> None:
@@ -282,14 +289,9 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
 
 def _create_refused(exc: BaseException | None) -> bool:
     """Whether a store refused a create-if-absent because the object existed (HTTP 412 or 409)."""
-    while exc is not None:
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
-        exc = exc.__cause__ or exc.__context__
-    return False
+    answer = _s3_answer(exc)
+    return answer is not None and (answer[0] in ("PreconditionFailed", "ConditionalRequestConflict")
+                                   or answer[1] in (409, 412))
 
 
 # The leases this process holds (renewed by one thread) by URL, and those it is creating.
