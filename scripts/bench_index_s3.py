@@ -99,9 +99,7 @@ def main() -> None:
         os.environ["STREAMPRUNE_CACHE"] = os.path.join(tmp, "cache")
         with SeaweedS3(os.path.join(tmp, "s3")) as s3, FaultProxy(s3.endpoint_url) as proxy:
             s3.make_bucket("bench")
-            opts = s3.storage_options
-            opts = {**opts, "client_kwargs": {**opts["client_kwargs"], "endpoint_url": proxy.endpoint_url}}
-            ws = Workspace("s3://bench/ws", opts)
+            ws = Workspace("s3://bench/ws", proxy.storage_options(s3.storage_options))
             chunk_bytes = write_embeddings(ws, args.n, args.d, args.chunk, args.seed)
             n_chunks = -(-args.n // args.chunk)
             results["emb_bytes"] = args.n * args.d * 4

@@ -4,7 +4,7 @@ Usage::
 
     with FaultProxy(s3server.endpoint_url) as proxy:
         proxy.set(status=503, first=3)          # the first 3 requests get 503 SlowDown
-        opts = {**s3server.storage_options, "client_kwargs": {..., "endpoint_url": proxy.endpoint_url}}
+        opts = proxy.storage_options(s3server.storage_options)   # the same server, through the proxy
 
 Requests are forwarded byte for byte (the Host header included, so SigV4 signatures made for
 the proxy's address still verify upstream).  A request selected for a fault — one of the first
@@ -84,6 +84,11 @@ class FaultProxy:
     def endpoint_url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def storage_options(self, options: dict, **extra) -> dict:
+        """fsspec ``options`` for the upstream server, sent through this proxy instead (plus ``extra``)."""
+        client = {**options.get("client_kwargs", {}), "endpoint_url": self.endpoint_url}
+        return {**options, "client_kwargs": client, **extra}
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> "FaultProxy":

@@ -327,8 +327,7 @@ def test_streamed_gcn_over_s3_reads_the_embeddings_once(base, tmp_path, s3server
     extrapolate_gcn(local, "du", k=8, chunk_rows=256, memory_limit=0, prior="none", **QUICK)
     monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
     with FaultProxy(s3server.endpoint_url) as proxy:
-        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
-        opts = {**s3server.storage_options, "client_kwargs": client}
+        opts = proxy.storage_options(s3server.storage_options)
         s3server.fs().put(base["ws"] + "/", f"{s3bucket}/ws/", recursive=True)
         remote = Workspace(f"s3://{s3bucket}/ws", opts)
         del proxy.seen[:]

@@ -439,10 +439,7 @@ def test_s3_workspace_ondisk(tmp_path, s3server, s3bucket, monkeypatch):
     local = make_workspace(tmp_path / "local", x, chunk=500)
     build_index(local, **opts)
     remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
-    group = zarr.open_group(storage.zarr_store(remote.path("embeddings.zarr"), remote.storage_options), mode="w")
-    group.create_array("emb", data=x, chunks=(500, 8))
-    group.create_array("valid", data=np.ones(len(x), bool), chunks=(500,))
-    remote.begin("embed", {"test": 1}, {}).commit({"embeddings": "embeddings.zarr"}, {"n": len(x)})
+    _remote_embeddings(remote, x, 500)
     monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
     m = build_index(remote, **opts)["all"]
     assert m["counts"]["ondisk"] and remote.exists("index", "all.ivfdata")
@@ -470,8 +467,7 @@ def test_s3_workspace_rerank_fetches_the_embeddings_once(tmp_path, s3server, s3b
     build_index(local, **opts)
     monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
     with FaultProxy(s3server.endpoint_url) as proxy:
-        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
-        remote = Workspace(f"s3://{s3bucket}/ws", {**s3server.storage_options, "client_kwargs": client})
+        remote = Workspace(f"s3://{s3bucket}/ws", proxy.storage_options(s3server.storage_options))
         _remote_embeddings(remote, x, 500)
         del proxy.seen[:]
         m = build_index(remote, **opts)["all"]
@@ -523,8 +519,7 @@ def test_processes_of_one_host_share_one_local_copy(tmp_path, s3server, s3bucket
 
     x = clustered(3000, 16, seed=9)
     with FaultProxy(s3server.endpoint_url) as proxy:
-        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
-        opts = {**s3server.storage_options, "client_kwargs": client}
+        opts = proxy.storage_options(s3server.storage_options)
         remote = Workspace(f"s3://{s3bucket}/ws", opts)
         _remote_embeddings(remote, x, 100)
         del proxy.seen[:]

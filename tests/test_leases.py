@@ -363,8 +363,7 @@ def test_a_create_refused_for_a_lease_gone_a_moment_later_is_tried_again(s3serve
 
     url = f"s3://{s3bucket}/ws/_stages/subset.lease"
     with FaultProxy(s3server.endpoint_url) as proxy:
-        client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
-        opts = {**s3server.storage_options, "client_kwargs": client}
+        opts = proxy.storage_options(s3server.storage_options)
         proxy.set(status=412, code="PreconditionFailed", first=1, match="subset.lease")
         lease = leases.acquire(url, "subset", opts)
         try:

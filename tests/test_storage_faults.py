@@ -59,8 +59,7 @@ def root(bucket, request):
 
 def _opts(s3server, proxy, **retry) -> dict:
     """Storage options that reach the server through the proxy."""
-    client = {**s3server.storage_options["client_kwargs"], "endpoint_url": proxy.endpoint_url}
-    return {**s3server.storage_options, "client_kwargs": client, **retry}
+    return proxy.storage_options(s3server.storage_options, **retry)
 
 
 def _env(s3server, endpoint: str, **retry) -> dict:
