@@ -499,22 +499,25 @@ def selection_stats(scores: np.ndarray, labels: np.ndarray | None, mask: np.ndar
     n_kept = int(mask.sum())
     qs = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
 
-    def quantiles(v: np.ndarray) -> dict:
-        return {f"{q:g}": float(x) for q, x in zip(qs, np.quantile(v, qs))} if v.size else {}
+    def quantiles(v: np.ndarray) -> dict:  # v is a copy: partitioned in place, not copied again
+        return {f"{q:g}": float(x) for q, x in zip(qs, np.quantile(v, qs, overwrite_input=True))} if v.size else {}
 
+    score_quantiles = quantiles(scores[eligible])
     kept_scores = scores[mask]
+    kept_range = [float(kept_scores.min()), float(kept_scores.max())] if kept_scores.size else None
     out: dict[str, Any] = {
         "n_rows": int(len(scores)), "n_eligible": n_eligible, "n_kept": n_kept,
         "realised_keep_fraction": n_kept / n_eligible if n_eligible else 0.0,
         "kept_fraction_of_all_rows": n_kept / len(scores) if len(scores) else 0.0,
         "higher_is_harder": direction,
-        "score_quantiles": quantiles(scores[eligible]),
+        "score_quantiles": score_quantiles,
         "kept_score_quantiles": quantiles(kept_scores),
-        "kept_score_range": [float(kept_scores.min()), float(kept_scores.max())] if kept_scores.size else None,
+        "kept_score_range": kept_range,
     }
-    if labels is not None:
-        el, ec = np.unique(labels[eligible], return_counts=True)
-        kl, kc = np.unique(labels[mask], return_counts=True)
+    del kept_scores
+    if labels is not None:  # counted chunk by chunk: no sorted copy of the labels
+        el, ec = sel.value_counts(labels, eligible)
+        kl, kc = sel.value_counts(labels, mask)
         kept = dict(zip(kl.tolist(), kc.tolist()))
         out["per_class"] = {str(c): {"eligible": int(e), "kept": int(kept.get(c, 0))} for c, e in zip(el.tolist(), ec)}
     nz = per_shard_kept > 0

@@ -12,15 +12,21 @@ Conventions shared by every strategy:
 * The realised count equals the requested one exactly; asking for more rows than are eligible
   raises ``ValueError`` with the numbers.
 
-Memory (per eligible row, besides the inputs): ``keep_hardest``/``keep_easiest`` 4-8 B (one
-float copy for a partition), ``random`` 8 B, ``ccs``/``balanced``/``influence_budget`` ~24 B
-(index arrays for a sort).  The output mask is 1 B per row.
+Memory per row, besides the inputs and the 1 B output mask (``scripts/bench_select.py``):
+``keep_hardest`` 5 B (one float copy for a partition), ``keep_easiest`` 9 B, ``random`` 14 B (numpy's
+draw without replacement holds a permutation of the eligible rows), ``hard_clean`` 12 B,
+``influence_budget`` 10 B (one sort order), ``ccs`` 11 B (its drop of the hardest rows partitions
+a negated copy), ``balanced`` 4 B.  Only ``influence_budget`` holds a sort order over all rows:
+``ccs`` and ``balanced`` find the rows of each stratum or class in a few passes, each holding the
+row ids of at most ``max(GROUP_ROWS, N / 16)`` rows (or of one larger stratum or class), and every
+other temporary is one chunk of ``CHUNK_ROWS`` rows.  Those figures hold from N = 16 x GROUP_ROWS
+(67M rows) on; below, one group or chunk of up to 4M rows adds at most ~130 MB.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -30,6 +36,10 @@ STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
     "hard": (), "easy": (), "ccs": ("beta", "n_strata"), "balanced": (), "random": ("eligible",),
     "influence-budget": ("eps",), "hard-clean": ("noise", "drop_count"),
 }
+
+
+CHUNK_ROWS = 1 << 22  # rows per step of a chunked pass
+GROUP_ROWS = 1 << 22  # ccs, balanced: at most this many row ids (or N/16) found per pass over the rows
 
 
 # helpers -------------------------------------------------------------------------------------
@@ -104,6 +114,59 @@ def _top_k_of(s: np.ndarray, eligible: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def value_counts(values: np.ndarray, where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, their counts) of ``values`` (at ``where``), one chunk at a time:
+    ``np.unique`` without a sorted copy of the whole array."""
+    parts, counts = [], []
+    for a in range(0, len(values), CHUNK_ROWS):
+        v = values[a:a + CHUNK_ROWS]
+        u, c = np.unique(v if where is None else v[where[a:a + CHUNK_ROWS]], return_counts=True)
+        parts.append(u)
+        counts.append(c)
+    if not parts:
+        return np.zeros(0, values.dtype), np.zeros(0, np.int64)
+    keys, inverse = np.unique(np.concatenate(parts), return_inverse=True)
+    total = np.zeros(len(keys), np.int64)
+    np.add.at(total, inverse, np.concatenate(counts))
+    return keys, total
+
+
+def rows_by_value(values: np.ndarray, keys: np.ndarray, counts: np.ndarray,
+                  where: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, rows)`` for each of the sorted ``keys``: the rows (ascending) where ``values == keys[i]``
+    (and ``where``), ``counts[i]`` of them; every value (at ``where``) must be a key or lie outside
+    ``[keys[0], keys[-1]]``.  Consecutive keys are taken together in one pass over
+    ``values`` while their rows number at most ``max(GROUP_ROWS, N / 16)``: the row ids of one group
+    are held at a time, never an (N,) sort order."""
+    limit = max(GROUP_ROWS, len(values) // 16)
+    b = 0
+    while b < len(keys):
+        e, total = b + 1, int(counts[b])
+        while e < len(keys) and total + int(counts[e]) <= limit:
+            total += int(counts[e])
+            e += 1
+        lo, hi = keys[b], keys[e - 1]
+        rows = np.empty(total, np.int64)
+        at = 0
+        for a in range(0, len(values), CHUNK_ROWS):
+            v = values[a:a + CHUNK_ROWS]
+            hit = (v >= lo) & (v <= hi)
+            if where is not None:
+                hit &= where[a:a + CHUNK_ROWS]
+            found = np.flatnonzero(hit)
+            rows[at:at + len(found)] = found + a
+            at += len(found)
+        if at != total:
+            raise ValueError(f"rows_by_value: {at} rows hold values in [{lo}, {hi}], the counts say {total}")
+        order = np.argsort(values[rows], kind="stable")  # by value; rows of one value stay ascending
+        rows = rows[order]
+        del order
+        bounds = np.append(0, np.cumsum(counts[b:e]))
+        for i in range(b, e):
+            yield i, rows[bounds[i - b]:bounds[i - b + 1]]
+        b = e
+
+
 # strategies ------------------------------------------------------------------------------------
 def keep_hardest(scores: np.ndarray, keep_count: int) -> np.ndarray:
     """Keep the ``keep_count`` highest-scoring rows (ties: lower row id first)."""
@@ -129,12 +192,13 @@ def ccs_budgets(counts: np.ndarray, budget: int) -> np.ndarray:
     return out
 
 
-def ccs_strata(values: np.ndarray, n_strata: int) -> np.ndarray:
-    """Equal-width stratum index in [0, n_strata) of each value over [min, max] (max in the top one)."""
+def ccs_strata(values: np.ndarray, n_strata: int, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Equal-width stratum index in [0, n_strata) of each value over [min, max] (max in the top one);
+    ``bounds`` gives (min, max) of a larger set the values are part of."""
     v = np.asarray(values, np.float64)
     if v.size == 0:
         return np.zeros(0, np.int64)
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = bounds if bounds is not None else (float(v.min()), float(v.max()))
     if hi <= lo:
         return np.zeros(v.size, np.int64)
     b = np.floor((v - lo) / (hi - lo) * n_strata).astype(np.int64)
@@ -163,22 +227,30 @@ def ccs(scores: np.ndarray, keep_count: int, seed: int = 0, beta: float = CCS_BE
     :func:`ccs_budgets` and each stratum's share is drawn uniformly at random (``seed``).
     """
     s = _as_scores(scores)
-    if int(n_strata) < 1:
+    n_strata = int(n_strata)
+    if n_strata < 1:
         raise ValueError(f"ccs: n_strata must be >= 1, got {n_strata}")
     k, n_pool = ccs_keep_count(keep_count, int((~np.isnan(s)).sum()), beta)
     mask = np.zeros(len(s), bool)
     if k == 0:
         return mask
     pool = _top_k(-s, n_pool)  # the easiest rows, i.e. all but the hardest floor(beta * n_eligible)
-    idx = np.flatnonzero(pool)
-    strata = ccs_strata(s[idx], int(n_strata))
-    budgets = ccs_budgets(np.bincount(strata, minlength=int(n_strata)), k)
-    order = np.argsort(strata, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(strata, minlength=int(n_strata)))])
+    lo, hi = np.inf, -np.inf
+    for a in range(0, len(s), CHUNK_ROWS):
+        v = s[a:a + CHUNK_ROWS][pool[a:a + CHUNK_ROWS]]
+        if v.size:
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    # each pool row's stratum (ccs_strata over the pool's range); n_strata marks the rows outside the pool
+    strata = np.full(len(s), n_strata, np.min_scalar_type(n_strata))
+    for a in range(0, len(s), CHUNK_ROWS):
+        p = pool[a:a + CHUNK_ROWS]
+        strata[a:a + CHUNK_ROWS][p] = ccs_strata(s[a:a + CHUNK_ROWS][p], n_strata, (lo, hi))
+    del pool
+    counts = np.bincount(strata, minlength=n_strata + 1)[:n_strata]
+    budgets = ccs_budgets(counts, k)
     rng = np.random.default_rng(seed)
-    for b in range(int(n_strata)):
+    for b, members in rows_by_value(strata, np.arange(n_strata), counts):
         if budgets[b]:
-            members = idx[order[bounds[b]:bounds[b + 1]]]
             mask[members[rng.choice(len(members), int(budgets[b]), replace=False)]] = True
     return mask
 
@@ -210,29 +282,43 @@ def balanced(scores: np.ndarray, labels: np.ndarray, keep_count: int) -> np.ndar
     labels = np.asarray(labels)
     if labels.shape != s.shape:
         raise ValueError(f"balanced: labels shape {labels.shape} does not match scores shape {s.shape}")
-    idx = np.flatnonzero(~np.isnan(s))
-    k = _check_count(keep_count, len(idx))
+    eligible = ~np.isnan(s)
+    k = _check_count(keep_count, int(eligible.sum()))
     mask = np.zeros(len(s), bool)
     if k == 0:
         return mask
-    lab = labels[idx]
-    order = np.lexsort((-s[idx], lab))  # by class, then hardest first; stable: lower row on ties
-    _, counts = np.unique(lab, return_counts=True)
+    classes, counts = value_counts(labels, eligible)
     quotas = largest_remainder(counts, k)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    take = np.concatenate([order[a:a + q] for a, q in zip(starts, quotas)])
-    mask[idx[take]] = True
+    for c, rows in rows_by_value(labels, classes, counts, eligible):
+        if quotas[c]:  # the class's hardest rows; ties: the lower row
+            mask[rows[_top_k_of(s[rows], np.ones(len(rows), bool), int(quotas[c]))]] = True
     return mask
 
 
 def random(eligible: np.ndarray, keep_count: int, seed: int = 0) -> np.ndarray:
     """Keep ``keep_count`` rows drawn uniformly without replacement among the ``eligible`` rows."""
     eligible = np.asarray(eligible, bool)
-    idx = np.flatnonzero(eligible)
-    k = _check_count(keep_count, len(idx))
+    k = _check_count(keep_count, int(eligible.sum()))
     mask = np.zeros(len(eligible), bool)
-    mask[idx[np.random.default_rng(seed).choice(len(idx), k, replace=False)]] = True
+    mark_nth_true(eligible, np.random.default_rng(seed).choice(int(eligible.sum()), k, replace=False), mask)
     return mask
+
+
+def mark_nth_true(flags: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+    """Set ``out`` at the rows of the ``positions``-th True values of ``flags``: ``out[np.flatnonzero(flags)
+    [positions]] = True`` without the (N,) index array.  ``positions`` (int64) is sorted in place."""
+    positions.sort()
+    seen = done = 0
+    for a in range(0, len(flags), CHUNK_ROWS):
+        f = flags[a:a + CHUNK_ROWS]
+        count = int(np.count_nonzero(f))
+        upto = int(np.searchsorted(positions, seen + count))
+        if upto > done:
+            out[np.flatnonzero(f)[positions[done:upto] - seen] + a] = True
+            done = upto
+        seen += count
+    if done < len(positions):
+        raise IndexError(f"position {int(positions[done])} is beyond the {seen} set flags")
 
 
 def influence_budget(norms: np.ndarray, eps: float) -> tuple[np.ndarray, float]:
@@ -246,16 +332,23 @@ def influence_budget(norms: np.ndarray, eps: float) -> tuple[np.ndarray, float]:
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"influence-budget: eps must be >= 0, got {eps}")
-    idx = np.flatnonzero(~np.isnan(s))
-    vals = s[idx].astype(np.float64)
-    if vals.size and vals.min() < 0:
-        raise ValueError(f"influence-budget: norms must be >= 0 (row {int(idx[np.argmin(vals)])} has {vals.min()})")
-    order = np.argsort(vals, kind="stable")
-    n_remove = int(np.searchsorted(np.cumsum(vals[order]), eps, side="right"))
-    mask = np.zeros(len(s), bool)
-    mask[idx] = True
-    mask[idx[order[:n_remove]]] = False
-    fraction = (len(idx) - n_remove) / len(idx) if len(idx) else 0.0
+    eligible = ~np.isnan(s)
+    n_eligible = int(eligible.sum())
+    low = float(np.min(s, where=eligible, initial=np.inf))
+    if low < 0:
+        raise ValueError(f"influence-budget: norms must be >= 0 (row {int(np.flatnonzero(s == low)[0])} has {low})")
+    order = np.argsort(s, kind="stable")  # NaN last; ties: the lower row first
+    n_remove, total = 0, 0.0
+    for a in range(0, n_eligible, CHUNK_ROWS):  # running sums in float64, in the order of one np.cumsum
+        part = order[a:min(a + CHUNK_ROWS, n_eligible)]
+        sums = np.cumsum(np.concatenate(([total], s[part].astype(np.float64))))[1:]
+        n_remove = a + int(np.searchsorted(sums, eps, side="right"))
+        if n_remove < a + len(part):
+            break
+        total = float(sums[-1])
+    mask = eligible
+    mask[order[:n_remove]] = False
+    fraction = (n_eligible - n_remove) / n_eligible if n_eligible else 0.0
     return mask, fraction
 
 

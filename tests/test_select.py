@@ -322,3 +322,82 @@ def test_influence_budget_example_and_errors():
     with pytest.raises(ValueError, match="eps"):
         sel.influence_budget(np.array([1.0]), -1.0)
     assert sel.select("influence_budget", np.array([3.0, 1.0]), eps=1.0).tolist() == [True, False]
+
+
+# chunked passes ----------------------------------------------------------------------------------
+def sorted_reference(strategy: str, s: np.ndarray, labels: np.ndarray, k: int, seed: int, beta: float,
+                     n_strata: int, eps: float) -> np.ndarray:
+    """What each strategy keeps, computed with (N,) sort orders and index arrays over all rows at once."""
+    idx = np.flatnonzero(~np.isnan(s))
+    mask = np.zeros(len(s), bool)
+    rng = np.random.default_rng(seed)
+    if strategy == "random":
+        mask[idx[rng.choice(len(idx), k, replace=False)]] = True
+    elif strategy == "balanced":
+        order = np.lexsort((-s[idx], labels[idx]))
+        _, counts = np.unique(labels[idx], return_counts=True)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        for a, q in zip(starts, sel.largest_remainder(counts, k)):
+            mask[idx[order[a:a + q]]] = True
+    elif strategy == "ccs":
+        pool = np.flatnonzero(reference_top(-s, len(idx) - int(math.floor(beta * len(idx)))))
+        strata = sel.ccs_strata(s[pool], n_strata)
+        budgets = sel.ccs_budgets(np.bincount(strata, minlength=n_strata), k)
+        for b in range(n_strata):
+            if budgets[b]:
+                members = pool[strata == b]
+                mask[members[rng.choice(len(members), int(budgets[b]), replace=False)]] = True
+    else:  # influence-budget: remove the smallest norms while their float64 running sum stays <= eps
+        order = idx[np.argsort(s[idx].astype(np.float64), kind="stable")]
+        n_remove = int(np.searchsorted(np.cumsum(s[order].astype(np.float64)), eps, side="right"))
+        mask[idx] = True
+        mask[order[:n_remove]] = False
+    return mask
+
+
+@settings(max_examples=150, deadline=None)
+@given(scored(max_n=70, few_values=True), st.integers(1, 9), st.integers(1, 12), st.integers(0, 3),
+       st.sampled_from([0.0, 0.1, 0.3]), st.integers(1, 9), st.data())
+def test_chunked_passes_keep_what_full_sorts_keep(sk, chunk_rows, group_rows, seed, beta, n_strata, data):
+    """ccs, balanced, random and influence-budget find rows a chunk, and a group of strata or classes,
+    at a time; with chunks and groups of a few rows they keep exactly what whole-array sorts keep."""
+    s, labels = sk
+    ne = int((~np.isnan(s)).sum())
+    assume(ne >= 1)
+    k = data.draw(st.integers(1, ne - int(math.floor(beta * ne))))
+    eps = data.draw(st.floats(0, 100))
+    norms = np.abs(s)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sel, "CHUNK_ROWS", chunk_rows)
+        mp.setattr(sel, "GROUP_ROWS", group_rows)
+        got = {"random": sel.random(~np.isnan(s), k, seed), "balanced": sel.balanced(s, labels, k),
+               "ccs": sel.ccs(s, k, seed=seed, beta=beta, n_strata=n_strata),
+               "influence-budget": sel.influence_budget(norms, eps)[0]}
+        keys, counts = sel.value_counts(labels, ~np.isnan(s))
+    for name, mask in got.items():
+        want = sorted_reference(name, norms if name == "influence-budget" else s, labels, k, seed, beta, n_strata, eps)
+        np.testing.assert_array_equal(mask, want, err_msg=name)
+    want_keys, want_counts = np.unique(labels[~np.isnan(s)], return_counts=True)
+    np.testing.assert_array_equal(keys, want_keys)
+    np.testing.assert_array_equal(counts, want_counts)
+
+
+def test_rows_by_value_groups_keys_and_refuses_values_that_are_not_keys(monkeypatch):
+    monkeypatch.setattr(sel, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(sel, "GROUP_ROWS", 4)
+    values = np.array([5, 1, 5, 3, 1, 1, 9, 3, 5, 5, 1])
+    keys, counts = sel.value_counts(values)
+    assert keys.tolist() == [1, 3, 5, 9] and counts.tolist() == [4, 2, 4, 1]
+    found = {int(keys[i]): rows.tolist() for i, rows in sel.rows_by_value(values, keys, counts)}
+    assert found == {1: [1, 4, 5, 10], 3: [3, 7], 5: [0, 2, 8, 9], 9: [6]}
+    where = values != 5
+    keys, counts = sel.value_counts(values, where)
+    assert {int(keys[i]): r.tolist() for i, r in sel.rows_by_value(values, keys, counts, where)} == {
+        1: [1, 4, 5, 10], 3: [3, 7], 9: [6]}
+    with pytest.raises(ValueError):  # 5 lies between the keys 3 and 9 but is not one of them
+        list(sel.rows_by_value(values, np.array([1, 3, 9]), np.array([4, 2, 1])))
+    out = np.zeros(len(values), bool)
+    sel.mark_nth_true(where, np.array([6, 0, 3]), out)
+    assert np.flatnonzero(out).tolist() == np.flatnonzero(where)[[0, 3, 6]].tolist()
+    with pytest.raises(IndexError, match="beyond the 7 set flags"):
+        sel.mark_nth_true(where, np.array([7]), out)
