@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -27,7 +28,7 @@ _FROM = re.compile(r"^\s*from\s+(streamprune(?:\.\w+)*)\s+import\s+([\w, ]+?)\s*
 
 def test_every_script_is_checked():
     assert {"bench_decode.py", "bench_extrapolation.py", "bench_gcn.py", "bench_gpu_e2e.py", "bench_index.py",
-            "bench_index_s3.py", "bench_prune.py", "bench_scale.py", "bench_train.py"} <= set(SCRIPTS)
+            "bench_index_s3.py", "bench_prune.py", "bench_scale.py", "bench_select.py", "bench_train.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -100,3 +101,22 @@ def test_gpu_e2e_table_compares_the_graph_with_the_bare_knn(bare, expected):
     results = {"bare": bare, "product": {"stages": {"index": {"wall_s": 0.05}}}, "markers": {"index-all": mk}}
     row = next(r for r in _bench_gpu_e2e().build_table(results, 1000, 2, 0.2) if r["stage"].startswith("  index-all"))
     assert row["samples_per_s"] == 50_000 and row["ratio"] == pytest.approx(expected)
+
+
+def test_bench_select_measures_every_strategy(tmp_path):
+    """bench_select runs each strategy at N and 2N and writes what it kept and its bytes per row."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_select.py"), "--n", "20000",
+                          "--scale", "2", "--chunk-rows", "1000", "--group-rows", "1000", "--json",
+                          str(tmp_path / "r.json")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["chunk_rows"] == 1000 and sorted(results["rows"]) == ["20000", "40000"]
+    for n, by_strategy in results["rows"].items():
+        assert len(by_strategy) == 7
+        for name, r in by_strategy.items():
+            eligible = int(n) - round(0.01 * int(n))  # 1 % NaN scores, drawn
+            if name != "influence-budget":  # keeps what its eps allows
+                assert abs(r["kept"] - 0.5 * eligible) < 0.01 * int(n), (n, name, r)
+            assert r["select_b_per_row"] > 0 and r["stats_b_per_row"] > 0
+        assert f"| {name} |" in out.stdout
