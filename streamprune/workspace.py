@@ -212,8 +212,10 @@ def missing_input(role: str, markers: dict[str, dict]) -> bool:
 
 def pipeline_order(key: str, marker: dict | None = None) -> tuple[int, str]:
     """Sort key putting markers in the order their stages run (subset before train before score ...)."""
-    stage = (marker or {}).get("stage") or ("train" if key.startswith("train") else command_for(key).split()[0])
     order = ("catalog", "subset", "train", "score", "embed", "index", "extrapolate", "prune")
+    if key == "score-label_disagreement":  # a score stage made by `extrapolate --method label-aware` from
+        return (order.index("extrapolate"), "")  # graph/all: after index, before the extrapolations that read it
+    stage = (marker or {}).get("stage") or ("train" if key.startswith("train") else command_for(key).split()[0])
     return (order.index(stage) if stage in order else len(order), key)
 
 

@@ -370,6 +370,29 @@ def test_status_lists_stale_stages_in_pipeline_order_with_their_options(tmp_path
     assert stale_lines[0].startswith("subset is out of date")
 
 
+def test_label_disagreement_is_listed_after_the_graph_it_reads(tmp_path):
+    """score-label_disagreement is a score marker made by `extrapolate --method label-aware` from graph/all: after a
+    re-embed, status lists it after index-all, so that the first stale line names the graph, the one to re-run first
+    (re-running label-aware first is refused while index-all is out of date)."""
+    from streamprune.status import format_status, status
+
+    ws = Workspace(str(tmp_path / "ws"))
+    _chain(ws, TRAIN)
+    emb = ws.marker("embed")["fingerprint"]
+    graph = ws.begin("index", {"k": 20}, {"embed": emb}, key="index-all").commit({}, {})["fingerprint"]
+    dis = ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": 20}, {"embed": emb, "graph": graph},
+                   key="score-label_disagreement").commit({}, {})["fingerprint"]
+    ws.begin("extrapolate", {"score": "du", "method": "label-aware", "k": 20},
+             {"disagreement": dis, "score": ws.marker("score-du")["fingerprint"]},
+             key="extrapolate-du-label-aware").commit({}, {})
+    ws.begin("embed", {"dtype": "float16"}, ws.marker("embed")["inputs"], force=True).commit({}, {})  # re-embedded
+    info = status(ws)
+    assert list(info["stages"])[-4:] == ["embed", "index-all", "score-label_disagreement",
+                                         "extrapolate-du-label-aware"]
+    stale_lines = [line.strip() for line in format_status(info).splitlines() if "is out of date" in line]
+    assert stale_lines[0].startswith("index-all is out of date (its input 'embed' was re-run since)")
+
+
 def test_a_removed_input_is_named_missing_and_pending(tmp_path):
     """A `--force` re-run that failed leaves its stage without a marker: what was made from it says the input
     is missing (not re-run), names the command that makes it with its last options, and status lists it pending."""
