@@ -93,8 +93,8 @@ def rerun_command(key: str, markers: dict[str, dict] | None = None) -> str:
 
 # (config path, CLI flag, CLI default) of the options a marker records: a re-run hint carries those
 # whose recorded value is not the default, so that pasting it repeats the run instead of being
-# refused as "another configuration".  Options resolved at run time (embed's and the GCN's chunk
-# rows, the GCN's fanout) are left out: a re-run resolves them again.
+# refused as "another configuration".  Options resolved at run time (chunk rows, the GCN's fanout)
+# are recorded resolved, so a hint carries the value the run used (`--chunk-rows 8192`).
 _DECODE_FLAGS = (("decode.input", "--input", "auto"), ("decode.label_key", "--label-key", "cls"),
                  ("decode.image_size", "--image-size", None), ("on_error", "--on-error", "fail"))
 _TRAIN_FLAGS = (("train.model", "--model", "cnn"), ("train.model_kwargs", "--model-kwargs", {}),
