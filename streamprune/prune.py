@@ -49,7 +49,7 @@ import zarr
 from streamprune import select as sel
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_seed
 from streamprune.heap import bound_heap
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
@@ -221,7 +221,8 @@ def default_name(score: str, source: str, strategy: str, keep_fraction: float | 
 
 def check_options(*, score: str, source: str, strategy: str, keep_fraction: float | None = None,
                   keep_count: int | None = None, name: str | None = None, reshard: str | None = None,
-                  shard_size: int | str | None = None, max_count: int | None = None, **strategy_opts: Any) -> dict:
+                  shard_size: int | str | None = None, max_count: int | None = None, seed: int = 0,
+                  **strategy_opts: Any) -> dict:
     """:func:`prune`'s options checked before any work (``run`` checks them before its first stage).
 
     Returns the canonical ``strategy``, the score ``direction``, the view's ``name`` and the
@@ -233,6 +234,10 @@ def check_options(*, score: str, source: str, strategy: str, keep_fraction: floa
         raise StreamPruneError(f"prune: {exc}") from None
     if source not in ALL_SOURCES and not _method_source(source):
         raise _unknown_source(source)
+    try:
+        check_seed(seed, "--seed")
+    except StreamPruneError as exc:
+        raise StreamPruneError(f"prune: {exc}") from None
     strategy_opts = dict(strategy_opts)
     direction = bool(strategy_opts.pop("higher_is_harder", higher_is_harder(score)))
     eps = strategy_opts.get("eps")
@@ -299,7 +304,7 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     checked = check_options(score=score, source=source, strategy=strategy, keep_fraction=keep_fraction,
                             keep_count=keep_count, name=name, reshard=reshard, shard_size=shard_size,
-                            max_count=max_count, **strategy_opts)
+                            max_count=max_count, seed=seed, **strategy_opts)
     strategy, direction, name, strategy_opts = (checked[k] for k in ("strategy", "direction", "name", "opts"))
 
     if reshard is not None:  # refuse another prune set's OUT before the selection's work, not after it
