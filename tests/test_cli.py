@@ -128,6 +128,8 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--adversarial", "linf:0.1", "--pgd-steps", "0"], "invalid PGD steps 0: expected an integer >= 1"),
     (["score", "--score", "du,nosuch"], f"unknown score 'nosuch'; known scores: {KNOWN_SCORES}"),
     (["score", "--window", "0"], "score du: window must be >= 1, got 0"),
+    (["score", "--window", "1"],
+     "score du: window must be >= 2 for a std with ddof=1 (it divides by window - ddof), got 1"),
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
     (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
