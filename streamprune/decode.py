@@ -42,7 +42,7 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.input not in ("auto", "image", "vector"):
             raise StreamPruneError(f"input kind must be auto, image or vector, not {self.input!r}")
-        if not (self.label_key in ("cls", "none") or self.label_key.startswith("json.")):
+        if not (self.label_key in ("cls", "none") or (self.label_key.startswith("json.") and self.label_key[5:])):
             raise StreamPruneError(f"--label-key must be 'cls', 'json.<field>' or 'none', not {self.label_key!r}")
         if self.image_mode not in ("auto", "L", "RGB"):
             raise StreamPruneError(f"image mode must be auto, L or RGB, not {self.image_mode!r}")

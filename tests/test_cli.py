@@ -132,6 +132,7 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
      "score du: window must be >= 2 for a std with ddof=1 (it divides by window - ddof), got 1"),
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
+    (["score", "--label-key", "json."], "--label-key must be 'cls', 'json.<field>' or 'none', not 'json.'"),
     (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
     (["score", "--full-runs", "2"], "--full-runs needs --full and must be at least 1"),
     (["score", "--seed", "18446744073709551616"],
