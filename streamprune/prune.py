@@ -309,6 +309,7 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
 
     if reshard is not None:  # refuse another prune set's OUT before the selection's work, not after it
         out = storage.normalize(reshard)
+        check_reshard_out(ws, out)
         _check_owner(out, storage.read_json(storage.join(out, OWNER_FILE), ws.storage_options), ws, name, force,
                      ws.storage_options)
 
@@ -372,6 +373,17 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, mar
             "drop_target": drop, "seed_rows_ranked_apart": int(seed.sum()),
             "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}
     return noise, drop, info
+
+
+def check_reshard_out(ws: Workspace, out: str) -> None:
+    """Refuse a reshard OUT that is the workspace or lies inside it: its shards.txt would replace a prune
+    set's own (OUT = WS/prune/<name>), and a stage's --force would remove the new shards with its results."""
+    root, where = ws.url.rstrip("/"), out.rstrip("/")
+    if where == root:
+        raise StreamPruneError("reshard: the output location must not be the workspace itself")
+    if where.startswith(root + "/"):
+        raise StreamPruneError(f"reshard: the output location {out} is inside the workspace {ws.url}; "
+                               "write the new shards outside it")
 
 
 def _check_name(name: str) -> None:
@@ -716,8 +728,7 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     _check_name(name)
     size = reshard_size(shard_size, max_count, "reshard")
     out = storage.normalize(out)
-    if out.rstrip("/") == ws.url.rstrip("/"):
-        raise StreamPruneError("reshard: the output location must not be the workspace itself")
+    check_reshard_out(ws, out)
     pm = ws.require(f"prune-{name}", "reshard")
     cat_m = ws.require("catalog", "reshard")
     config = {"name": name, "out": out, "shard_size": size, "max_count": None if max_count is None else int(max_count)}
