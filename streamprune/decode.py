@@ -42,7 +42,7 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.input not in ("auto", "image", "vector"):
             raise StreamPruneError(f"input kind must be auto, image or vector, not {self.input!r}")
-        if not (self.label_key in ("cls", "none") or self.label_key.startswith("json.")):
+        if not (self.label_key in ("cls", "none") or (self.label_key.startswith("json.") and self.label_key[5:])):
             raise StreamPruneError(f"--label-key must be 'cls', 'json.<field>' or 'none', not {self.label_key!r}")
         if self.image_mode not in ("auto", "L", "RGB"):
             raise StreamPruneError(f"image mode must be auto, L or RGB, not {self.image_mode!r}")
@@ -203,6 +203,22 @@ def check_label(label: int, num_classes: int | None, shard: str, key: str) -> No
         raise SampleError(f"label {label} out of range [0, {bound})", shard, key, reason="label_range")
 
 
+def fit_input(x: np.ndarray, input_shape: tuple[int, ...], shard: str, key: str,
+              whose: str = "the dataset's") -> np.ndarray:
+    """``x`` in the dataset's ``input_shape`` (a grayscale image among colour ones gets three channels), else a
+    :class:`SampleError` naming both shapes (``whose``: what the shape is of; the decode flag that would
+    help is hinted only for the dataset itself)."""
+    if x.ndim == 3 and x.shape[0] == 1 and len(input_shape) == 3 and input_shape[0] == 3:
+        x = np.repeat(x, 3, axis=0)  # a grayscale image among colour ones: R = G = B, as PIL's L -> RGB
+    if tuple(x.shape) != tuple(input_shape):
+        image = x.ndim == 3 and len(input_shape) == 3 and whose == "the dataset's"
+        hint = (" (set --image-size)" if image and x.shape[1:] != tuple(input_shape[1:])
+                else " (set --image-mode RGB)" if image and x.shape[0] == 3 and input_shape[0] == 1 else "")
+        raise SampleError(f"input shape {tuple(x.shape)} differs from {whose} {tuple(input_shape)}" + hint,
+                          shard, key, reason="shape")
+    return x
+
+
 def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: tuple[int, ...] | None,
                 num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode the given sorted rows: inputs (n, *shape), labels (n,), valid (n,) bool.
@@ -228,14 +244,7 @@ def decode_rows(cat, rows: np.ndarray, cfg: DecodeConfig, handler, input_shape: 
                 check_label(y, num_classes, shard, sample.key)
             if input_shape is None:
                 input_shape = tuple(x.shape)
-            if x.ndim == 3 and x.shape[0] == 1 and len(input_shape) == 3 and input_shape[0] == 3:
-                x = np.repeat(x, 3, axis=0)  # a grayscale image among colour ones: R = G = B, as PIL's L -> RGB
-            if tuple(x.shape) != tuple(input_shape):
-                image = x.ndim == 3 and len(input_shape) == 3
-                hint = (" (set --image-size)" if image and x.shape[1:] != tuple(input_shape[1:])
-                        else " (set --image-mode RGB)" if image and x.shape[0] == 3 and input_shape[0] == 1 else "")
-                raise SampleError(f"input shape {tuple(x.shape)} differs from the dataset's {tuple(input_shape)}"
-                                  + hint, shard, sample.key, reason="shape")
+            x = fit_input(x, input_shape, shard, sample.key)
         except SampleError as err:
             handler.handle(err)
             continue

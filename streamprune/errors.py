@@ -65,3 +65,15 @@ def finite(v: Any) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         return False
     return isinstance(v, (int, np.integer)) or math.isfinite(v)  # ints of any size are finite
+
+
+SEED_LIMIT = 2**63
+"""Seeds are below this in magnitude: the subset hash salts with 8 bytes and torch seeds with 64 bits."""
+
+
+def check_seed(value: Any, name: str, signed: bool = False) -> None:
+    """Raise ``<name> must be a whole number from 0 (or -2^63) to 2^63-1, not <value>`` unless ``value`` is
+    one; ``signed``: negative seeds are accepted too (the subset hash and torch take them)."""
+    least = -SEED_LIMIT if signed else 0
+    Rule(lambda v: whole(least)(v) and v < SEED_LIMIT,
+         f"a whole number from {'-2^63' if signed else 0} to 2^63-1").check(value, name)

@@ -235,14 +235,20 @@ def _rows_data(ws: Workspace):
     return SubsetData(ws, key, memory_budget=1 << 62)
 
 
-def _test_data(test_shards: list[str], decode, storage_options: dict):
-    from streamprune.decode import decode_input, decode_label
+def _test_data(test_shards: list[str], decode, storage_options: dict, input_shape: tuple[int, ...]):
+    """Inputs and labels of the test shards, each input in the training rows' ``input_shape`` (a test sample of
+    another shape, e.g. of another dataset, is refused in one line naming its shard and key)."""
+    from streamprune.decode import decode_input, decode_label, fit_input
+    from streamprune.errors import SampleError
     from streamprune.shards import ErrorPolicy, iter_samples
 
     xs, ys = [], []
     for url in storage.expand_shards(test_shards, storage_options):
         for s in iter_samples(url, ErrorPolicy("fail"), storage_options):
-            xs.append(decode_input(s, decode, url))
+            try:
+                xs.append(fit_input(decode_input(s, decode, url), input_shape, url, s.key, "the training rows'"))
+            except SampleError as err:
+                raise StreamPruneError(f"evaluate --test: {err}") from None
             ys.append(decode_label(s, decode, url))
     if not xs:
         raise StreamPruneError("evaluate: the test shards hold no samples")
@@ -268,7 +274,7 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
     labels = data.labels
     valid = data.valid & (labels >= 0)
     num_classes = int(labels[valid].max()) + 1
-    x_test, y_test = _test_data(test_shards, decode, ws.storage_options)
+    x_test, y_test = _test_data(test_shards, decode, ws.storage_options, data.shape)
     x_test_t = torch.from_numpy(x_test)
     arrays = score_sources(ws, score)
     sources = sources or [s for s in ("full", "knn", "gcn", "label-aware", "propagate", "kernel") if s in arrays]

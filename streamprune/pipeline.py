@@ -16,7 +16,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
-from streamprune.errors import StreamPruneError, check_optional_whole, check_whole, whole
+from streamprune.errors import StreamPruneError, check_optional_whole, check_seed, check_whole, whole
 from streamprune.shards import DEFAULT_MAX_MEMBER_BYTES
 from streamprune.workspace import Workspace, train_key
 
@@ -183,6 +183,8 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
     fraction = s["subset"]["fraction"]
     if upto >= ORDER.index("subset") and not 0.0 < fraction <= 1.0:
         raise StreamPruneError(f"subset.fraction must be in (0, 1], not {fraction}")
+    if upto >= ORDER.index("subset"):
+        check_seed(s["subset"]["seed"], "subset.seed", signed=True)
     if upto >= ORDER.index("score"):
         from streamprune.decode import DecodeConfig
         from streamprune.scoring import check_scores
@@ -231,7 +233,7 @@ def check_config(cfg: RunConfig, until: str = "prune") -> dict:
         if p["score"] is not None and p["score"] not in sc["scores"]:
             raise StreamPruneError(f"prune.score must be one of the run's scores ({', '.join(sc['scores'])}), "
                                    f"not {p['score']!r}")
-        check_options(**prune_options(s, methods))
+        check_options(**prune_options(s, methods), seed=p["seed"])
     return out
 
 

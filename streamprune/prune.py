@@ -49,7 +49,7 @@ import zarr
 from streamprune import select as sel
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_seed
 from streamprune.heap import bound_heap
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
@@ -221,7 +221,8 @@ def default_name(score: str, source: str, strategy: str, keep_fraction: float | 
 
 def check_options(*, score: str, source: str, strategy: str, keep_fraction: float | None = None,
                   keep_count: int | None = None, name: str | None = None, reshard: str | None = None,
-                  shard_size: int | str | None = None, max_count: int | None = None, **strategy_opts: Any) -> dict:
+                  shard_size: int | str | None = None, max_count: int | None = None, seed: int = 0,
+                  **strategy_opts: Any) -> dict:
     """:func:`prune`'s options checked before any work (``run`` checks them before its first stage).
 
     Returns the canonical ``strategy``, the score ``direction``, the view's ``name`` and the
@@ -233,6 +234,10 @@ def check_options(*, score: str, source: str, strategy: str, keep_fraction: floa
         raise StreamPruneError(f"prune: {exc}") from None
     if source not in ALL_SOURCES and not _method_source(source):
         raise _unknown_source(source)
+    try:
+        check_seed(seed, "--seed")
+    except StreamPruneError as exc:
+        raise StreamPruneError(f"prune: {exc}") from None
     strategy_opts = dict(strategy_opts)
     direction = bool(strategy_opts.pop("higher_is_harder", higher_is_harder(score)))
     eps = strategy_opts.get("eps")
@@ -299,11 +304,12 @@ def prune(workspace: str | Workspace, *, score: str = "du", source: str = "knn",
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     checked = check_options(score=score, source=source, strategy=strategy, keep_fraction=keep_fraction,
                             keep_count=keep_count, name=name, reshard=reshard, shard_size=shard_size,
-                            max_count=max_count, **strategy_opts)
+                            max_count=max_count, seed=seed, **strategy_opts)
     strategy, direction, name, strategy_opts = (checked[k] for k in ("strategy", "direction", "name", "opts"))
 
     if reshard is not None:  # refuse another prune set's OUT before the selection's work, not after it
         out = storage.normalize(reshard)
+        check_reshard_out(ws, out)
         _check_owner(out, storage.read_json(storage.join(out, OWNER_FILE), ws.storage_options), ws, name, force,
                      ws.storage_options)
 
@@ -367,6 +373,17 @@ def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, mar
             "drop_target": drop, "seed_rows_ranked_apart": int(seed.sum()),
             "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}
     return noise, drop, info
+
+
+def check_reshard_out(ws: Workspace, out: str) -> None:
+    """Refuse a reshard OUT that is the workspace or lies inside it: its shards.txt would replace a prune
+    set's own (OUT = WS/prune/<name>), and a stage's --force would remove the new shards with its results."""
+    root, where = ws.url.rstrip("/"), out.rstrip("/")
+    if where == root:
+        raise StreamPruneError("reshard: the output location must not be the workspace itself")
+    if where.startswith(root + "/"):
+        raise StreamPruneError(f"reshard: the output location {out} is inside the workspace {ws.url}; "
+                               "write the new shards outside it")
 
 
 def _check_name(name: str) -> None:
@@ -714,8 +731,7 @@ def reshard(workspace: str | Workspace, name: str, out: str, *, shard_size: int 
     _check_name(name)
     size = reshard_size(shard_size, max_count, "reshard")
     out = storage.normalize(out)
-    if out.rstrip("/") == ws.url.rstrip("/"):
-        raise StreamPruneError("reshard: the output location must not be the workspace itself")
+    check_reshard_out(ws, out)
     pm = ws.require(f"prune-{name}", "reshard")
     cat_m = ws.require("catalog", "reshard")
     config = {"name": name, "out": out, "shard_size": size, "max_count": None if max_count is None else int(max_count)}

@@ -387,10 +387,31 @@ def retry(fn: Callable[[], T], what: str, storage_options: dict | None = None) -
     raise AssertionError("unreachable")
 
 
+MAX_BRACE_NAMES = 10_000_000
+"""Most names one brace pattern may expand to: braceexpand builds each ``{A..B}`` range as a list, so an
+extra digit in a range (``{000..0099999999}``) held the command for minutes and gigabytes before the first
+name was looked at; ten times the shards of a billion rows at a thousand samples a shard."""
+
+_INT_RANGE = re.compile(r"(?<!\\)\{(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?\}")
+
+
+def brace_names(spec: str) -> int:
+    """How many names the integer ranges of brace pattern ``spec`` expand to at most (their sizes' product;
+    comma alternatives are not counted)."""
+    n = 1
+    for first, last, step in _INT_RANGE.findall(spec):
+        n *= abs(int(last) - int(first)) // max(1, int(step or 1)) + 1
+    return n
+
+
 def expand_shards(specs: Iterable[str], storage_options: dict | None = None) -> list[str]:
     """Expand shard specs (paths, globs, brace patterns, directories/prefixes) to sorted URLs."""
     urls: set[str] = set()
     for spec in specs:
+        names = brace_names(spec)
+        if names > MAX_BRACE_NAMES:
+            raise StreamPruneError(f"shard pattern {spec!r} expands to {names:,} names, more than the "
+                                   f"{MAX_BRACE_NAMES:,} allowed; check its {{first..last}} range")
         for pattern in braceexpand(spec):
             found = _expand_one(pattern, storage_options)
             if not found:

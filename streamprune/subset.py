@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from streamprune import storage
-from streamprune.errors import StreamPruneError
+from streamprune.errors import StreamPruneError, check_seed
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
@@ -72,6 +72,7 @@ def subset(workspace: str | Workspace, *, fraction: float = 0.2, seed: int = 0, 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace, storage_options)
     if not 0.0 < fraction <= 1.0:
         raise StreamPruneError(f"--fraction must be in (0, 1], got {fraction}")
+    check_seed(seed, "--seed", signed=True)
     cat_marker = ws.require("catalog", "subset")
     config = {"fraction": float(fraction), "seed": int(seed)}
     run = ws.begin("subset", config, {"catalog": cat_marker["fingerprint"]}, force=force)

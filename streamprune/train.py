@@ -44,7 +44,7 @@ from streamprune.adversarial import parse_attack, pgd
 from streamprune.compute import OneBehind, map_tasks
 from streamprune.decode import DecodeConfig, decode_rows
 from streamprune.decode_tasks import cache_rows
-from streamprune.errors import StreamPruneError, check_optional_whole, check_whole
+from streamprune.errors import StreamPruneError, check_optional_whole, check_seed, check_whole
 from streamprune.leases import releases_leases
 from streamprune.models import build_from_spec, build_model, check_model_name, check_model_options, model_spec
 from streamprune.shards import Catalog, ErrorPolicy
@@ -89,6 +89,7 @@ class TrainConfig:
             raise StreamPruneError(f"--dynamics must be eval or train, not {self.dynamics!r}")
         check_whole(self.epochs, "--epochs")
         check_whole(self.batch_size, "--batch-size")
+        check_seed(self.seed, "--seed", signed=True)
         check_model_name(self.model)
         check_model_options(self.model, self.model_kwargs)
         check_optional_whole(self.num_classes, "--num-classes", 2)
@@ -120,6 +121,12 @@ class TrainConfig:
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and not math.isnan(value)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's shuffle: ``seed * 100003 + epoch`` modulo 2^64, the value torch takes for it
+    (torch reads a negative seed as its two's complement; a large one would overflow)."""
+    return (int(seed) * 100003 + int(epoch)) % 2**64
 
 
 def _pseudo_k(labels: str) -> int | None:
@@ -675,7 +682,7 @@ def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg:
     model = build_model(cfg.model, tuple(x.shape[1:]), num_classes, **cfg.model_kwargs).to(device)
     opt, sched = make_optimizer(model, cfg, len(x))
     for epoch in range(cfg.epochs):
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         model.train()
         perm = torch.randperm(len(x), generator=gen)
         for b in range(0, len(x), cfg.batch_size):
@@ -767,7 +774,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.time()
-            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
             model.train()
             train_logits = np.full((data.m, num_classes), np.nan, np.float32) if cfg.dynamics == "train" else None
             train_loss = np.full(data.m, np.nan, np.float32) if cfg.dynamics == "train" else None

@@ -382,3 +382,19 @@ def test_catalog_read_errors_name_the_problem(tmp_path):
         Catalog(ws)
     with pytest.raises(StreamPruneError, match="--on-error must be 'fail' or 'skip', not 'ignore'"):
         ErrorPolicy("ignore")
+
+
+def test_a_brace_range_with_a_digit_too_many_is_one_line_not_a_hang(shards, tmp_path):
+    """braceexpand builds each {A..B} range as a list before the first name is looked at: an extra digit in a
+    range held catalog for minutes and gigabytes; such a pattern is refused in one line, before any work."""
+    from streamprune.storage import MAX_BRACE_NAMES, brace_names
+
+    assert [brace_names(p) for p in ("d-{000000..000099}.tar", "d-{5..1}", "d-{1..9..2}-{a,b}", r"d-\{1..9}")] == [
+        100, 5, 5, 1]
+    ws = str(tmp_path / "ws")
+    pattern = os.path.join(os.path.dirname(shards[0]), "shard-{000000..0099999999999}.tar")
+    with pytest.raises(StreamPruneError) as err:
+        catalog([shards[0], pattern], ws, scheduler="sync")
+    assert str(err.value) == (f"shard pattern {pattern!r} expands to 100,000,000,000 names, more than the "
+                              f"{MAX_BRACE_NAMES:,} allowed; check its {{first..last}} range")
+    assert not os.path.exists(os.path.join(ws, "_stages"))

@@ -128,10 +128,15 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--adversarial", "linf:0.1", "--pgd-steps", "0"], "invalid PGD steps 0: expected an integer >= 1"),
     (["score", "--score", "du,nosuch"], f"unknown score 'nosuch'; known scores: {KNOWN_SCORES}"),
     (["score", "--window", "0"], "score du: window must be >= 1, got 0"),
+    (["score", "--window", "1"],
+     "score du: window must be >= 2 for a std with ddof=1 (it divides by window - ddof), got 1"),
     (["score", "--epochs", "2"], "score du: need at least window=10 epochs, got E=2"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
+    (["score", "--label-key", "json."], "--label-key must be 'cls', 'json.<field>' or 'none', not 'json.'"),
     (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),
     (["score", "--full-runs", "2"], "--full-runs needs --full and must be at least 1"),
+    (["score", "--seed", "18446744073709551616"],
+     "--seed must be a whole number from -2^63 to 2^63-1, not 18446744073709551616"),
     (["score", "--score", "el2n", "--el2n-epochs", "50"],
      "score el2n: el2n_epochs must be a whole number of epochs in [1, E=30], got 50"),
     (["score", "--scheduler", "bogus"],
@@ -167,6 +172,7 @@ def test_evaluate_refuses_bad_arguments(tmp_path, args, line):
      "prune: --noise-fraction must be 'auto' or a fraction in [0, 1), not 'abc'"),
     (["--reshard", "{tmp}/out", "--shard-size", "abc"], "--shard-size must be a size such as 4GiB or 500MB, not 'abc'"),
     (["--reshard", "{tmp}/out", "--max-count", "0"], "prune: --max-count must be >= 1, got 0"),
+    (["--strategy", "ccs", "--seed", "-1"], "prune: --seed must be a whole number from 0 to 2^63-1, not -1"),
 ])
 def test_prune_refuses_bad_options_before_the_selection(tmp_path, args, line):
     ws = str(tmp_path / "ws")

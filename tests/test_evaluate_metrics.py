@@ -99,3 +99,25 @@ def test_cost_counts_every_stage_on_a_methods_path(tmp_path):
     ws.write_json({"key": "extrapolate-du-gcn", "config": {"prior": "none"}, "timings": {"wall_s": 0.5}}, "_stages",
                   "extrapolate-du-gcn.json")
     assert cost_table(ws, "du", ["gcn"])["methods"]["gcn"]["total_s"] == base + 4.0
+
+
+def test_test_shards_of_another_input_shape_are_one_line(tmp_path):
+    """--test shards whose inputs differ from the training rows' (vectors for an image model, another image size)
+    were a torch RuntimeError traceback from the first pruning-curve model; now one line names the shard and key.
+    Grayscale test images for a colour model get three channels, as grayscale training rows do."""
+    from shardgen import write_shards
+    from streamprune.decode import DecodeConfig
+    from streamprune.errors import StreamPruneError
+    from streamprune.evaluate import _test_data
+
+    vectors = write_shards(str(tmp_path / "vec"), 1, 3, kind="npy")
+    images = write_shards(str(tmp_path / "png"), 1, 3, kind="png")  # 8x8 grayscale
+    with pytest.raises(StreamPruneError) as err:
+        _test_data(vectors, DecodeConfig(), None, (1, 8, 8))
+    assert str(err.value) == (f"evaluate --test: shard {vectors[0]}, key s0000000: input shape (8,) differs from "
+                              "the training rows' (1, 8, 8)")
+    with pytest.raises(StreamPruneError, match=r"key s0000000: input shape \(1, 8, 8\) differs from the training "
+                                               r"rows' \(1, 16, 16\)$"):
+        _test_data(images, DecodeConfig(), None, (1, 16, 16))
+    x, y = _test_data(images, DecodeConfig(), None, (3, 8, 8))
+    assert x.shape == (3, 3, 8, 8) and np.array_equal(x[:, 0], x[:, 2]) and y.tolist() == [0, 1, 2]

@@ -590,6 +590,7 @@ def test_missing_graph_and_bad_parameters(base, tmp_path):
     ({"lr": 0.0}, r"learning rate must be > 0, got 0\.0"),
     ({"lr": float("nan")}, "learning rate must be > 0, got nan"),
     ({"training": "fast"}, "--training must be one of .*, got 'fast'"),
+    ({"seed": -1}, r"^--gcn-seed must be a whole number from 0 to 2\^63-1, not -1$"),
 ])
 def test_bad_parameters_are_refused_before_any_work(tmp_path, kwargs, says):
     """Each out-of-range GCN parameter is named with its value before the workspace is read or written."""

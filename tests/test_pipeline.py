@@ -234,6 +234,8 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
      "extrapolate.gcn_k = 50 needs as many neighbours per row in the graph, which holds index.k = 20: raise index.k "
      "or lower gcn_k"),
     ({"score": {"scores": []}}, "score.scores names no score"),
+    ({"subset": {"seed": 2**64}}, "subset.seed must be a whole number from -2^63 to 2^63-1, not 18446744073709551616"),
+    ({"prune": {"seed": -1}}, "prune: --seed must be a whole number from 0 to 2^63-1, not -1"),
 ])
 def test_run_refuses_bad_options_before_any_stage(tmp_path, overrides, line):
     from streamprune.pipeline import run_pipeline

@@ -525,6 +525,26 @@ def test_pruned_view_lookup_and_its_errors(tmp_path):
         reshard(ws, "a", ws + "/")
 
 
+def test_reshard_inside_the_workspace_is_refused_before_the_selection(tmp_path):
+    """OUT = WS/prune/<name> wrote the reshard's shards.txt over the prune set's own, which then listed the
+    new tars, not the kept rows of the original shards; any OUT inside the workspace is now refused, by
+    prune before its selection runs."""
+    ws, _, _ = build(str(tmp_path), 2, 10)
+    out = os.path.join(ws, "prune", "a")
+    says = rf"^reshard: the output location {re.escape(out)} is inside the workspace {re.escape(ws)}; write the new"
+    with pytest.raises(StreamPruneError, match=says):
+        prune(ws, keep_fraction=0.5, name="a", reshard=out, scheduler="sync")
+    assert Workspace(ws).marker("prune-a") is None and not os.path.exists(out)
+    prune(ws, keep_fraction=0.5, name="a")
+    before = open(os.path.join(out, "shards.txt")).read()
+    with pytest.raises(StreamPruneError, match=says):
+        reshard(ws, "a", out + "/", scheduler="sync")
+    assert open(os.path.join(out, "shards.txt")).read() == before
+    assert not [n for n in os.listdir(out) if n.startswith("pruned-")]
+    reshard(ws, "a", str(tmp_path / "out"), scheduler="sync")  # beside the workspace, not in it: fine
+    assert os.path.exists(tmp_path / "out" / "shards.txt")
+
+
 # tar checks ----------------------------------------------------------------------------------------
 def _raw_tar(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()

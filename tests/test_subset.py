@@ -66,6 +66,23 @@ def test_subset_stage_stable_when_shards_appended(tmp_path):
     assert subset(ws, fraction=0.3, seed=3).get("skipped")
 
 
+def test_a_seed_outside_64_bits_is_refused_before_force_replaces_the_subset(tmp_path):
+    """The key hash salts with the seed's 8 bytes: a larger seed was an OverflowError traceback, raised after
+    --force had already dropped the finished subset."""
+    from streamprune.errors import StreamPruneError
+
+    ws = str(tmp_path / "ws")
+    catalog(write_shards(str(tmp_path / "data"), 2, 20), ws, scheduler="sync")
+    done = subset(ws, fraction=0.5, seed=-3)
+    for seed in (2**63, -(2**63) - 1, 1.5):
+        with pytest.raises(StreamPruneError, match=rf"^--seed must be a whole number from -2\^63 to 2\^63-1, "
+                                                   rf"not {seed}$"):
+            subset(ws, fraction=0.5, seed=seed, force=True)
+    assert subset(ws, fraction=0.5, seed=-3)["fingerprint"] == done["fingerprint"]
+    assert subset(ws, fraction=0.5, seed=-3).get("skipped")
+    subset(ws, fraction=0.5, seed=2**63 - 1, force=True)  # the bounds themselves are seeds
+
+
 def test_subset_writes_in_chunks(tmp_path):
     shards = write_shards(str(tmp_path / "data"), 4, 50)
     ws = str(tmp_path / "ws")

@@ -631,12 +631,29 @@ def test_supervised_training_without_labels_is_one_line(vec_ws):
     ({"labels": "pseudo:1"}, "--labels must be 'supervised' or 'pseudo:K', not 'pseudo:1'"),
     ({"labels": "pseudo:many"}, "--labels must be 'supervised' or 'pseudo:K', not 'pseudo:many'"),
     ({"labels": "kmeans"}, "--labels must be 'supervised' or 'pseudo:K', not 'kmeans'"),
+    ({"seed": 2**64}, "--seed must be a whole number from -2^63 to 2^63-1, not 18446744073709551616"),
+    ({"seed": 1.5}, "--seed must be a whole number from -2^63 to 2^63-1, not 1.5"),
 ])
 def test_training_options_out_of_their_range_are_named(option, says):
     """Each training option outside what it accepts is refused in one line naming the option and the value."""
     with pytest.raises(StreamPruneError) as err:
         TrainConfig(model="mlp", **option)
     assert str(err.value) == says
+
+
+def test_every_accepted_seed_seeds_each_epoch_as_before():
+    """An epoch's shuffle seed is seed * 100003 + epoch as torch reads it: a seed whose product overflowed
+    torch's 64 bits (a traceback once training began) now wraps, and every seed that worked keeps its stream."""
+    from streamprune.train import epoch_seed
+
+    def stream(s: int) -> list[float]:
+        return torch.rand(3, generator=torch.Generator().manual_seed(s)).tolist()
+
+    for seed in (0, 7, -5, 2**40):
+        assert stream(epoch_seed(seed, 3)) == stream(seed * 100003 + 3)
+    for seed in (10**15, 2**63 - 1, -2**63):
+        assert 0 <= epoch_seed(seed, 29) < 2**64
+        TrainConfig(model="mlp", seed=seed)
 
 
 def test_labels_of_a_single_class_are_refused(tmp_path):

@@ -39,7 +39,7 @@ from torch import nn
 
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import Rule, StreamPruneError, check_optional_whole, whole
+from streamprune.errors import Rule, StreamPruneError, check_optional_whole, check_seed, whole
 from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method, score_fingerprint,
                                             seed_scores, write_chunks)
@@ -816,6 +816,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     key = marker_key(score, "gcn")
     _check_params(k, hidden, dropout, epochs, batch_size, lr, weight, chunk_rows)
     check_patience(patience)
+    check_seed(seed, "--gcn-seed")
     OPTIONS["prior"].check(prior, "--prior")
     if training not in TRAINING:
         raise StreamPruneError(f"--training must be one of {', '.join(TRAINING)}, got {training!r}")
