@@ -49,7 +49,7 @@ import zarr
 from streamprune import select as sel
 from streamprune import storage
 from streamprune.compute import map_tasks
-from streamprune.errors import StreamPruneError, check_seed
+from streamprune.errors import StreamPruneError, check_seed, finite
 from streamprune.heap import bound_heap
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
@@ -247,6 +247,8 @@ def check_options(*, score: str, source: str, strategy: str, keep_fraction: floa
         if keep_fraction is not None or keep_count is not None:
             raise StreamPruneError("prune: influence-budget keeps what its eps allows; do not give a keep fraction "
                                    "or count")
+        if not finite(eps) or eps < 0:
+            raise StreamPruneError(f"prune: --eps must be a finite number >= 0, not {eps!r}")
     elif (keep_fraction is None) == (keep_count is None):
         raise StreamPruneError("prune: give exactly one of --keep-fraction and --keep-count")
     elif keep_fraction is not None:

@@ -497,6 +497,9 @@ def test_influence_budget_takes_no_keep_fraction_or_count():
         with pytest.raises(StreamPruneError, match="influence-budget keeps what its eps allows; do not give"):
             check_options(score="du", source="seed", strategy="influence-budget", eps=1.0, **keep)
     assert check_options(score="du", source="seed", strategy="influence-budget", eps=1.0)["opts"] == {"eps": 1.0}
+    for eps in (-1.0, float("nan"), float("inf"), "1", True):  # refused before any scores are read, in one line
+        with pytest.raises(StreamPruneError, match=r"^prune: --eps must be a finite number >= 0, not "):
+            check_options(score="du", source="seed", strategy="influence-budget", eps=eps)
 
 
 def test_pruned_view_lookup_and_its_errors(tmp_path):
