@@ -289,6 +289,8 @@ def describe_storage_error(exc: BaseException, url: str, storage_options: dict |
     code = _s3_code(exc)
     if isinstance(exc, FileNotFoundError):
         out = f"not found: {url}"
+    elif isinstance(exc, (FileExistsError, NotADirectoryError)):  # mkdir over a file; a file used as a folder
+        out = f"cannot access {url}: a file is where a directory is needed ({name})"
     elif isinstance(exc, PermissionError) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
         label = (f"HTTP {code}: " if code.isdigit() else f"{code}: ") if code else ""
         out = f"permission denied: {url} ({label}{msg}); check the credentials"

@@ -249,6 +249,21 @@ def test_unwritable_output_names_the_given_path(shards, tmp_path):
     assert result.exit_code == 1 and result.stderr.splitlines() == ["Error: not found: /proc/s.csv"]
 
 
+def test_a_file_in_place_of_a_directory_is_named_as_such(shards, tmp_path):
+    """An output path or workspace under a plain file says a file is where a directory is needed."""
+    ws = str(tmp_path / "ws")
+    assert _invoke("catalog", *shards, "-w", ws, "--scheduler", "sync").exit_code == 0
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for args, path in ((("scores", "-w", ws, "-o", f"{blocker}/s.csv"), str(blocker)),
+                       (("report", "-w", ws, "-o", f"{blocker}/r"), f"{blocker}/r"),
+                       (("status", "-w", str(blocker)), f"{blocker}/streamprune.json")):
+        result = _invoke(*args)
+        assert result.exit_code == 1 and result.stderr.splitlines() == [
+            f"Error: cannot access {path}: a file is where a directory is needed "
+            f"({'FileExistsError' if args[0] == 'scores' else 'NotADirectoryError'})"], (args, result.stderr)
+
+
 def test_storage_error_line_names_the_path_it_mentions():
     from streamprune.storage import error_line
 
