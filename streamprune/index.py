@@ -796,6 +796,13 @@ def _cache_base() -> str:
     return os.environ.get("STREAMPRUNE_CACHE") or os.path.join(tempfile.gettempdir(), "streamprune-cache")
 
 
+def embed_version(embed_marker: dict, arr) -> str:
+    """Identity of an embed run's arrays for local copies: its ``run`` id (commit time for markers
+    written before it existed), with the array's shape and dtype."""
+    run = embed_marker.get("run") or [embed_marker.get("finished"), embed_marker.get("timings", {}).get("wall_s")]
+    return stage_fingerprint([embed_marker.get("fingerprint"), run, list(arr.shape), str(arr.dtype)])
+
+
 def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr.Array:
     """Embeddings to read rows from at random: ``emb`` itself in a local workspace; for an ``s3://``
     one, a copy on this host's disk, made once per host and embed run.
@@ -813,31 +820,76 @@ def local_embeddings(ws: Workspace, emb: zarr.Array, embed_marker: dict) -> zarr
     """
     if not storage.is_remote(ws.path("embeddings.zarr")):
         return emb
-    run = embed_marker.get("run") or [embed_marker.get("finished"), embed_marker.get("timings", {}).get("wall_s")]
-    version = stage_fingerprint([embed_marker.get("fingerprint"), run, list(emb.shape), str(emb.dtype)])
+    version = embed_version(embed_marker, emb)
     home = os.path.join(_cache_base(), "embeddings", stage_fingerprint(ws.url)[:16])
     base = _hold_copy(home, os.path.join(home, version[:16]))
-    path, done = os.path.join(base, "embeddings.zarr"), os.path.join(base, "done")
-    with _locked(os.path.join(base, "copy.lock")):
-        if not os.path.exists(done):
-            need = int(np.prod(emb.shape)) * emb.dtype.itemsize
-            free = shutil.disk_usage(base).free
-            if free < need + LOCAL_COPY_HEADROOM:
-                if version not in _NO_ROOM_WARNED:
-                    _NO_ROOM_WARNED.add(version)
-                    log.warning("no room for a local copy of %s (%.1f GiB, %.1f GiB free in %s); its rows are "
-                                "read remotely, the whole array once per task", ws.path("embeddings.zarr"),
-                                need / 2**30, free / 2**30, base)
-                return emb
-            shutil.rmtree(path, ignore_errors=True)  # a copy cut short by a kill
-            with disk_errors(f"copying {ws.path('embeddings.zarr')} to {path}"):
-                copy = zarr.create_array(zarr.storage.LocalStore(path), shape=emb.shape, chunks=emb.chunks,
-                                         dtype=emb.dtype, fill_value=0, compressors=None)
-                slab = _slab_rows(emb)
-                for s in range(0, emb.shape[0], slab):
-                    copy[s:s + slab] = emb[s:s + slab]
-                Path(done).touch()
+    path = os.path.join(base, "embeddings.zarr")
+
+    def copy() -> None:
+        shutil.rmtree(path, ignore_errors=True)  # a copy cut short by a kill
+        out = zarr.create_array(zarr.storage.LocalStore(path), shape=emb.shape, chunks=emb.chunks,
+                                dtype=emb.dtype, fill_value=0, compressors=None)
+        slab = _slab_rows(emb)
+        for s in range(0, emb.shape[0], slab):
+            out[s:s + slab] = emb[s:s + slab]
+
+    if not _copy_once(base, emb, ws.path("embeddings.zarr"), version, copy):
+        return emb
     return zarr.open_array(zarr.storage.LocalStore(path), mode="r")
+
+
+def local_rows(ws: Workspace, arr, rel: str, version: str | None, group: str | None = None):
+    """Workspace array ``rel`` to gather rows from at random: ``arr`` itself in a local workspace;
+    for an ``s3://`` one, a plain copy on this host's disk opened as a read-only ``np.memmap``
+    (each gather then reads only the pages of its rows), made once per host and ``version``.
+
+    As :func:`local_embeddings` (shared under a file lock, one held copy per ``group`` and host,
+    older unheld copies removed, remote reads with one warning without room), for the other arrays
+    the GCN's streamed tasks gather neighbour rows of: labels, validity, the kNN prior and each
+    layer's activations (``group`` puts a score's layers together, so that the copy of one layer
+    replaces that of the layer before).  ``version`` None (an array without an identity): no copy.
+    """
+    if version is None or not storage.is_remote(ws.path(rel)):
+        return arr
+    home = os.path.join(_cache_base(), "arrays", stage_fingerprint([ws.url, group or rel])[:16])
+    version = stage_fingerprint([version, rel, list(arr.shape), str(arr.dtype)])
+    base = _hold_copy(home, os.path.join(home, version[:16]))
+    path = os.path.join(base, "rows.npy")
+
+    def copy() -> None:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=arr.dtype, shape=tuple(arr.shape))
+        unit = int((getattr(arr, "shards", None) or arr.chunks)[0])  # whole shards, or chunks, per read
+        row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+        step = unit * max(1, SLAB_BYTES // max(1, row_bytes * unit))
+        for s in range(0, arr.shape[0], step):
+            out[s:s + step] = arr[s:s + step]
+        out.flush()
+        del out
+
+    if not _copy_once(base, arr, ws.path(rel), version, copy):
+        return arr
+    return np.load(path, mmap_mode="r")
+
+
+def _copy_once(base: str, arr, what: str, version: str, copy) -> bool:
+    """Run ``copy()`` into copy directory ``base`` unless a finished copy is there (one process of
+    the host at a time); False, with one warning per process, when the local disk lacks room."""
+    done = os.path.join(base, "done")
+    with _locked(os.path.join(base, "copy.lock")):
+        if os.path.exists(done):
+            return True
+        need = int(np.prod(arr.shape)) * arr.dtype.itemsize
+        free = shutil.disk_usage(base).free
+        if free < need + LOCAL_COPY_HEADROOM:
+            if version not in _NO_ROOM_WARNED:
+                _NO_ROOM_WARNED.add(version)
+                log.warning("no room for a local copy of %s (%.1f GiB, %.1f GiB free in %s); its rows are "
+                            "read remotely, the whole array once per task", what, need / 2**30, free / 2**30, base)
+            return False
+        with disk_errors(f"copying {what} to {base}"):
+            copy()
+            Path(done).touch()
+    return True
 
 
 def _hold_copy(home: str, base: str) -> str:
@@ -868,7 +920,7 @@ def _hold_copy(home: str, base: str) -> str:
                 _evict_copies(home, keep=base)
                 return base
             os.close(fd)
-        raise StreamPruneError(f"could not hold the local copy of the embeddings in {base}")
+        raise StreamPruneError(f"could not hold the local copy in {base}")
 
 
 def _evict_copies(home: str, keep: str) -> None:

@@ -509,6 +509,43 @@ def test_local_copy_of_remote_embeddings_cut_short_is_made_again(tmp_path, s3ser
     assert local_embeddings(remote, emb, marker)[0, 0] == 7
 
 
+def test_local_rows_copy_follows_the_array_write_it_was_made_from(tmp_path, s3server, s3bucket, monkeypatch):
+    """local_rows: a remote array's copy is a read-only memmap of the whole array, reused while its version
+    stands, made again when cut short, replaced (and the old one removed) for a new write of the array; an
+    array without a version, or a local workspace's, is returned as it is."""
+    from streamprune.index import local_rows
+
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    rel = "gcn/du/h1.zarr"
+
+    def write(x: np.ndarray) -> zarr.Array:
+        arr = zarr.create_array(storage.zarr_store(remote.path(rel), remote.storage_options), shape=x.shape,
+                                chunks=(7, x.shape[1]), shards=(21, x.shape[1]), dtype="float32", overwrite=True)
+        arr[:] = x
+        return arr
+
+    x = np.random.default_rng(0).random((50, 3), dtype=np.float32)
+    arr = write(x)
+    first = local_rows(remote, arr, rel, "write-1", group="acts")
+    assert isinstance(first, np.memmap) and not first.flags.writeable
+    np.testing.assert_array_equal(first, x)
+    copy_dir = os.path.dirname(first.filename)
+    os.remove(os.path.join(copy_dir, "done"))  # a copy never marked done is made again
+    np.lib.format.open_memmap(first.filename, mode="r+")[:] = 0
+    np.testing.assert_array_equal(local_rows(remote, arr, rel, "write-1", group="acts"), x)
+    np.lib.format.open_memmap(first.filename, mode="r+")[0, 0] = 7  # a finished copy is read, not fetched again
+    assert local_rows(remote, arr, rel, "write-1", group="acts")[0, 0] == 7
+    y = x + 1
+    arr = write(y)
+    second = local_rows(remote, arr, rel, "write-2", group="acts")
+    np.testing.assert_array_equal(second, y)
+    assert os.path.dirname(second.filename) != copy_dir and not os.path.exists(copy_dir)  # no process holds it
+    assert local_rows(remote, arr, rel, None) is arr
+    local = zarr.create_array(zarr.storage.LocalStore(str(tmp_path / "h1.zarr")), shape=(4, 2), dtype="float32")
+    assert local_rows(Workspace(str(tmp_path / "lws")), local, rel, "write-1") is local
+
+
 def test_processes_of_one_host_share_one_local_copy(tmp_path, s3server, s3bucket):
     """Processes asking for the local copy at once (a host's dask workers) wait for one copy: the
     embeddings are fetched once, and each process reads them whole."""

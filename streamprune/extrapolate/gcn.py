@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -602,16 +603,20 @@ def node_features(ws: Workspace, score: str, emb_g, valid: RowSource, num_classe
     tasks); embeddings not held in memory are then read from this host's copy of an ``s3://``
     workspace's (:func:`streamprune.index.local_embeddings`), not fetched again for each gather.
     """
-    from streamprune.index import local_embeddings
+    from streamprune.index import embed_version, local_embeddings, local_rows
 
-    emb = emb_g["emb"]
+    emb, labels = emb_g["emb"], emb_g["labels"]
+    prior = _open_array(ws, _prior_path(score)) if prior_scale is not None else None
     n, d = emb.shape
     lim = memory_limit if n * (4 * d + 8 + 4 * (prior_scale is not None)) <= memory_limit else 0
     if random_access and not lim:
-        emb = local_embeddings(ws, emb, ws.require("embed", "extrapolate-gcn"))
-    prior = RowSource(_open_array(ws, _prior_path(score)), lim, np.float32) if prior_scale is not None else None
-    return Features(RowSource(emb, lim, np.float32), RowSource(emb_g["labels"], lim, np.int64), valid,
-                    num_classes, prior, prior_scale or (0.0, 1.0))
+        marker = ws.require("embed", "extrapolate-gcn")
+        emb = local_embeddings(ws, emb, marker)
+        labels = local_rows(ws, labels, "embeddings.zarr/labels", embed_version(marker, labels))
+        if prior is not None:
+            prior = local_rows(ws, prior, _prior_path(score), prior.attrs.get("id"))
+    return Features(RowSource(emb, lim, np.float32), RowSource(labels, lim, np.int64), valid, num_classes,
+                    RowSource(prior, lim, np.float32) if prior is not None else None, prior_scale or (0.0, 1.0))
 
 
 def write_prior(ws: Workspace, run: StageRun, score: str, n: int) -> dict:
@@ -635,7 +640,8 @@ def write_prior(ws: Workspace, run: StageRun, score: str, n: int) -> dict:
     nbr_arr, dist_arr = read_graph(ws, "seeds")
     gc = int(nbr_arr.chunks[0])
     arr = zarr.create_array(storage.zarr_store(ws.path(_prior_path(score)), ws.storage_options), shape=(n,),
-                            chunks=(max(1, min(n, gc)),), dtype="float32", fill_value=np.nan, overwrite=True)
+                            chunks=(max(1, min(n, gc)),), dtype="float32", fill_value=np.nan, overwrite=True,
+                            attributes={"id": uuid.uuid4().hex})  # names this write for hosts' local copies
     seeds = seed_scores(ws, score)
     for r0 in range(0, n, gc):
         r1 = min(n, r0 + gc)
@@ -653,6 +659,18 @@ def _open_array(ws: Workspace, rel: str, mode: str = "r"):
     return zarr.open_array(storage.zarr_store(ws.path(rel), ws.storage_options), mode=mode)
 
 
+def valid_source(ws: Workspace, emb_g, memory_limit: int) -> RowSource:
+    """Every row's validity, gathered at the neighbours of each chunk or batch: held in memory when it
+    fits ``memory_limit``, else read from this host's copy of a remote workspace's."""
+    from streamprune.index import embed_version, local_rows
+
+    valid = emb_g["valid"]
+    if valid.nbytes > memory_limit:
+        valid = local_rows(ws, valid, "embeddings.zarr/valid", embed_version(ws.require("embed", "extrapolate-gcn"),
+                                                                             valid))
+    return RowSource(valid, memory_limit, bool)
+
+
 def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_classes: int,
                   memory_limit: int, prior: dict | None = None) -> dict:
     """Row sources of a layer: ``prev`` (layer input rows), ``table`` (graph rows) and ``valid``.
@@ -660,16 +678,22 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
     The previous layer (node features for layer 1) is read into memory when it fits
     ``memory_limit`` bytes, else gathered from zarr per chunk; graph rows are read as spans.
     """
+    from streamprune.index import local_rows
+
     emb_g = zarr.open_group(storage.zarr_store(ws.path("embeddings.zarr"), ws.storage_options), mode="r")
     graph_g = zarr.open_group(storage.zarr_store(ws.path("graph/all.zarr"), ws.storage_options), mode="r")
-    valid = RowSource(emb_g["valid"], memory_limit, bool)
+    valid = valid_source(ws, emb_g, memory_limit)
     src: dict = {"valid": valid, "table": GraphTable(graph_g, k, valid, kind, 0)}
     if layer == 1:
         src["prev"] = node_features(ws, score, emb_g, valid, num_classes, memory_limit,
                                     prior and (prior["mean"], prior["std"]), random_access=True)
         src["in_memory"] = src["prev"].emb.in_memory
     else:
-        src["prev"] = RowSource(_open_array(ws, _act_path(score, layer - 1)), memory_limit, np.float32)
+        act = _open_array(ws, _act_path(score, layer - 1))
+        if act.nbytes > memory_limit:
+            act = local_rows(ws, act, _act_path(score, layer - 1), act.attrs.get("id"),
+                             group=f"gcn/{score}/activations")
+        src["prev"] = RowSource(act, memory_limit, np.float32)
         src["in_memory"] = src["prev"].in_memory
     return src
 
@@ -858,7 +882,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
         model, ckpt = load_checkpoint(ws, score)
     else:
         t0 = time.time()
-        valid = RowSource(emb_g["valid"], memory_limit, bool)
+        valid = valid_source(ws, emb_g, memory_limit)
         use = np.isfinite(seeds.values) & valid.take(seeds.rows)
         if use.sum() < 10:
             raise StreamPruneError(f"{key}: only {int(use.sum())} seed rows have a valid embedding and a finite "
@@ -1006,7 +1030,7 @@ def _create_activations(ws: Workspace, score: str, layer: int, n: int, width: in
     shards = {"shards": (chunk_rows, width)} if rows < min(chunk_rows, n) else {}
     zarr.create_array(storage.zarr_store(ws.path(_act_path(score, layer)), ws.storage_options), shape=(n, width),
                       chunks=(rows, width), dtype="float32", fill_value=0.0, compressors=None, overwrite=True,
-                      **shards)
+                      attributes={"id": uuid.uuid4().hex}, **shards)  # the id names this write for local copies
 
 
 def _remove_activations(ws: Workspace, score: str, n_layers: int) -> None:

@@ -332,13 +332,14 @@ def gather_rows(arr, rows: np.ndarray, out: np.ndarray | None = None, max_bytes:
 
 
 class RowSource:
-    """Rows of a zarr array, held in memory when it fits ``memory_limit`` bytes, else gathered."""
+    """Rows of a zarr array, held in memory when it fits ``memory_limit`` bytes, else gathered (a
+    numpy array is in memory already; an ``np.memmap``, a local copy on disk, is gathered from)."""
 
     def __init__(self, arr, memory_limit: int = 0, dtype=None):
         self.arr = arr
         self.dtype = np.dtype(dtype or arr.dtype)
         nbytes = int(np.prod(arr.shape)) * self.dtype.itemsize
-        self.in_memory = isinstance(arr, np.ndarray) or nbytes <= memory_limit
+        self.in_memory = (isinstance(arr, np.ndarray) and not isinstance(arr, np.memmap)) or nbytes <= memory_limit
         self.data = np.asarray(arr[...] if not isinstance(arr, np.ndarray) else arr, self.dtype) if self.in_memory else None
 
     @property
