@@ -219,6 +219,23 @@ def test_finalize_chunk_keeps_seeds_and_marks_invalid():
     assert source.tolist() == [1, 0, 255, 1, 1, 1]
 
 
+def test_finalize_chunk_an_invalid_seed_row_stays_invalid_with_a_measured_score():
+    """A seed row whose embedding is invalid gets NaN / 255, not its measured score."""
+    seeds = SeedScores(np.array([1, 2]), np.array([7.0, 8.0], np.float32), "fp")
+    score, source = finalize_chunk(0, np.arange(4, dtype=np.float32), np.array([1, 1, 0, 1], bool), seeds, "knn")
+    np.testing.assert_array_equal(score, [0, 7, np.nan, 3])
+    assert source.tolist() == [1, 0, 255, 1]
+
+
+def test_seed_lookup_gives_nan_for_every_negative_id():
+    """Ids below -1 are not seeds either: the dense table must not read them from its end."""
+    seeds = SeedScores(np.array([0, 2, 3]), np.array([1.0, 2.0, 3.0], np.float32), "fp")
+    assert seeds._dense is not None
+    ids = np.array([[-1, -2, -3, -4], [3, 2, 1, 0]])
+    np.testing.assert_array_equal(seeds.lookup(ids), [[np.nan] * 4, [3.0, 2.0, np.nan, 1.0]])
+    np.testing.assert_array_equal(lookup(seeds.rows, seeds.values, ids), seeds.lookup(ids))
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -235,6 +252,15 @@ def test_knn_stage_equals_brute_force_reference(tmp_path):
     seed_pos = np.flatnonzero(np.isfinite(values))
     np.testing.assert_array_equal(score[subset[seed_pos]], values[seed_pos])
     assert m["counts"]["n_seed"] == len(seed_pos) and m["counts"]["n_invalid"] == int((~valid).sum())
+
+
+def test_knn_is_made_again_from_a_rebuilt_seed_graph(tmp_path):
+    """The same options over a rebuilt seeds graph are not served the result of the old graph."""
+    ws, x, valid, subset, values = scored_workspace(tmp_path / "ws", n=200)
+    first = extrapolate_knn(ws, "du", k=5)
+    build_index(ws, graph="seeds", k=10, scheduler="sync", force=True)
+    again = extrapolate_knn(ws, "du", k=5)
+    assert not again.get("skipped") and again["fingerprint"] != first["fingerprint"]
 
 
 def test_auto_k_uses_seed_scores_only(tmp_path):
@@ -319,6 +345,51 @@ def test_a_run_resumed_with_other_chunk_rows_writes_every_row(tmp_path):
     assert (counts["n"], counts["n_seed"], counts["n_predicted"], counts["n_invalid"]) == (n, 2, 98, 0)
 
 
+def _row_values_nan_from_60(ws, start: int, stop: int) -> np.ndarray:
+    values = np.arange(start, stop, dtype=np.float32)
+    values[values >= 60] = np.nan
+    return values
+
+
+def test_write_chunks_counts_keep_unpredicted_and_invalid_rows_apart(tmp_path):
+    """A valid row without a prediction counts in n_nan, an invalid row (a seed one included) in n_invalid
+    only, and neither is in n_predicted, the mean or the std."""
+    n = 100
+    valid = np.ones(n, bool)
+    valid[[10, 70, 90]] = False
+    ws = make_workspace(tmp_path / "ws", np.zeros((n, 2), np.float32), valid=valid, subset=np.array([3, 65, 70]))
+    add_scores(ws, "du", np.float32([7.0, 8.0, 9.0]))
+
+    @releases_leases
+    def run():
+        begun = ws.begin("extrapolate", {"score": "du", "method": "knn"}, {}, key="extrapolate-du-knn")
+        return write_chunks(ws, begun, "du", "knn", n, _row_values_nan_from_60, chunk_rows=32)
+
+    counts = run()
+    group = zarr.open_group(storage.zarr_store(ws.path("extrapolated", "du-knn.zarr")), mode="r")
+    score, source = group["score"][:], group["source"][:]
+    want = np.where(np.arange(n) < 60, np.arange(n, dtype=np.float32), np.nan)
+    want[[3, 65]] = 7.0, 8.0
+    want[~valid] = np.nan
+    np.testing.assert_array_equal(score, want)
+    assert source[70] == 255 and source[3] == source[65] == 0
+    scored = want[np.isfinite(want)]
+    assert (counts["n"], counts["n_seed"], counts["n_invalid"], counts["n_nan"]) == (n, 2, 3, 37)
+    assert counts["n_predicted"] == len(scored) - 2 == 58
+    assert counts["mean"] == pytest.approx(scored.mean()) and counts["std"] == pytest.approx(scored.std())
+
+
+def test_seed_scores_refuse_subset_rows_out_of_order(tmp_path):
+    """Unsorted or repeated subset rows would pair scores with the wrong rows (the lookups search them)."""
+    ws = make_workspace(tmp_path / "ws", np.zeros((10, 2), np.float32), subset=np.array([1, 4, 7]))
+    add_scores(ws, "du", np.float32([0.1, 0.2, 0.3]))
+    rows = zarr.open_array(storage.zarr_store(ws.path("subset", "rows.zarr")), mode="r+")
+    for bad in ([4, 1, 7], [1, 4, 4]):
+        rows[:] = bad
+        with pytest.raises(StreamPruneError, match="subset/rows.zarr is not strictly increasing"):
+            seed_scores(Workspace(ws.url), "du")
+
+
 def test_dispatch_and_registry(tmp_path, monkeypatch):
     from streamprune.extrapolate import common
 
@@ -368,6 +439,11 @@ def test_bad_input(tmp_path):
     group.create_array("emb", data=x[:250], chunks=(50, 4))
     group.create_array("valid", data=np.ones(250, bool), chunks=(50,))
     with pytest.raises(StreamPruneError, match="the graph has 300 rows but embeddings.zarr has 250"):
+        extrapolate_knn(ws, "aum", k=5)
+    del group["emb"], group["valid"]  # more rows than the graph: as stale, not a graph to read the first 300 of
+    group.create_array("emb", data=np.concatenate([x, x[:50]]), chunks=(50, 4))
+    group.create_array("valid", data=np.ones(350, bool), chunks=(50,))
+    with pytest.raises(StreamPruneError, match="the graph has 300 rows but embeddings.zarr has 350"):
         extrapolate_knn(ws, "aum", k=5)
 
 

@@ -82,6 +82,15 @@ def test_quantile_map_reproduces_reference_distribution():
     assert math.isnan(quantile_map(np.array([np.nan, 1.0]), ref)[0])
 
 
+def test_quantile_map_leaves_out_nan_reference_values():
+    """Seed rows without a measured score (NaN) are not part of the scale the other rows are mapped onto."""
+    ref = np.array([0.0, np.nan, 1.0, 2.0, np.nan, 3.0])
+    v = np.array([0.3, np.nan, 0.1, 0.2])
+    got = quantile_map(v, ref)
+    np.testing.assert_array_equal(got, quantile_map(v, ref[np.isfinite(ref)]))
+    assert np.isnan(got[1]) and np.isfinite(got[[0, 2, 3]]).all() and got[2] < got[3] < got[0]
+
+
 def test_quantile_mapper_chunk_by_chunk_equals_average_ranks():
     from scipy.stats import rankdata
 
@@ -420,6 +429,34 @@ def test_label_aware_force_replaces_the_disagreement_and_a_refused_k_keeps_it(tm
         extrapolate(ws, "du", "label-aware", k=30, force=True)
     assert w.marker("score-label_disagreement")["config"]["k"] == 15
     assert w.marker("extrapolate-du-label-aware")["fingerprint"] == m["fingerprint"]
+
+
+def test_label_aware_is_made_again_from_a_rebuilt_graph_and_ranks_an_unregistered_score_high_is_hard(tmp_path):
+    """A rebuilt all-rows graph makes the disagreement and the label-aware scores again (same options: not
+    skipped, not stale); a score no module registered maps high disagreement onto high scores."""
+    from scipy.stats import spearmanr
+
+    from streamprune.extrapolate import extrapolate, read_extrapolated
+    from streamprune.extrapolate.label_aware import read_disagreement
+    from streamprune.index import build_index
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    subset(ws, fraction=0.3, seed=0)
+    w = Workspace(ws)
+    rows = subset_rows(w)
+    add_scores(w, "mine", np.random.default_rng(0).random(len(rows)).astype(np.float32))
+    first = extrapolate(ws, "mine", "label-aware", k=10)
+    build_index(ws, graph="all", k=12, scheduler="sync", force=True)  # another graph: its rows' neighbours move
+    again = extrapolate(ws, "mine", "label-aware", k=10)
+    assert not again.get("skipped") and again["fingerprint"] != first["fingerprint"]
+    assert w.marker("score-label_disagreement")["inputs"]["graph"] == w.marker("index-all")["fingerprint"]
+    others = np.setdiff1d(np.arange(400), rows)
+    dis = read_disagreement(w)[others]
+    score = read_extrapolated(w, "mine", "label-aware")[0][:][others]
+    assert spearmanr(dis, score).statistic > 0.95
 
 
 def test_label_aware_extrapolation_keeps_seeds_on_seed_scale(tmp_path):

@@ -78,7 +78,7 @@ def harmonic_reference(nbr, dist, clamp, valid):
     return f, reach
 
 
-def write_graph(ws, name, x, valid, base, k, chunk):
+def write_graph(ws, name, x, valid, base, k, chunk, force=False):
     """graph/<name>.zarr by exact search (each valid row's k nearest ``base`` rows but itself) + marker."""
     n = len(x)
     xd = x.astype(np.float64)
@@ -92,8 +92,8 @@ def write_graph(ws, name, x, valid, base, k, chunk):
     group = zarr.open_group(storage.zarr_store(ws.path("graph", f"{name}.zarr")), mode="w")
     group.create_array("neighbors", data=np.where(missing, -1, idx).astype(np.int64), chunks=(chunk, k))
     group.create_array("distances", data=np.where(missing, np.inf, dist).astype(np.float32), chunks=(chunk, k))
-    ws.begin("index", {"graph": name, "k": k}, {}, key=f"index-{name}").commit({"graph": f"graph/{name}.zarr"},
-                                                                              {"n": n, "k": k})
+    run = ws.begin("index", {"graph": name, "k": k}, {}, key=f"index-{name}", force=force)
+    run.commit({"graph": f"graph/{name}.zarr"}, {"n": n, "k": k})
 
 
 def build_ws(root, n=1200, d=3, fraction=0.2, seed=0, chunk=150, k=10):
@@ -268,6 +268,8 @@ def test_gaussian_weights_far_and_missing():
     # a median of 0 (duplicates of the seeds) falls back to the smallest positive distance, not the largest
     assert median_distance(np.ones((2, 3)), np.array([[0.0, 0.0, 0.0], [0.0, 0.5, 2.0]])) == 0.5
     assert median_distance(np.full((1, 2), np.nan), np.ones((1, 2))) == 1.0
+    # neighbours without a seed score (NaN) are no part of the bandwidth's unit
+    assert median_distance(np.array([[1.0, np.nan, np.nan]]), np.array([[0.5, 3.0, 4.0]])) == 0.5
 
 
 def test_choose_bandwidth_prefers_the_informative_scale():
@@ -285,6 +287,16 @@ def test_choose_bandwidth_prefers_the_informative_scale():
     # no defined correlation anywhere: the multiple closest to 1
     h, mult, table, _ = choose_bandwidth(np.ones((5, 3)), np.ones((5, 3)), np.arange(5.0))
     assert mult == 1.0 and all(np.isnan(v) for v in table.values())
+
+
+def test_choose_bandwidth_ties_go_to_the_smaller_multiple():
+    """One neighbour per row: every bandwidth predicts the same, so all tie and the smallest multiple wins."""
+    rng = np.random.default_rng(1)
+    target = rng.standard_normal(50)
+    scores = (target + 0.5 * rng.standard_normal(50))[:, None]
+    h, mult, table, med = choose_bandwidth(scores, rng.random((50, 1)) + 0.5, target)
+    assert len(set(table.values())) == 1 and np.isfinite(table[mult])
+    assert mult == min(table) == 0.1 and h == pytest.approx(0.1 * med)
 
 
 # --------------------------------------------------------------------------- the stages
@@ -320,6 +332,29 @@ def test_propagate_stage_equals_in_memory_and_predicts(base, tmp_path):
     assert m["counts"]["iterations"] == 2 and not m["counts"]["converged"]
 
 
+def test_propagate_ignores_the_measured_scores_of_invalid_seed_rows(base, tmp_path):
+    """A seed row whose embedding is invalid but whose score is finite (the subset model scored it) takes no
+    part: not in the seed mean or std, not clamped, and its output row stays NaN / 255."""
+    ws = clone(base, tmp_path)
+    x, valid, subset = base["x"], base["valid"], base["subset"]
+    values = smooth_score(x[subset])
+    bad = ~valid[subset]
+    assert bad.sum() >= 3
+    values[bad] = 50.0  # far off the others: a mean or a neighbour that used them would show
+    add_scores(ws, "el2n", values)
+    m = extrapolate_propagate(ws, "el2n", chunk_rows=400)
+    use = values[~bad]
+    assert m["counts"]["seed_mean"] == pytest.approx(use.mean()) and m["counts"]["seed_std"] == pytest.approx(use.std())
+    assert m["counts"]["n_seeds"] == len(use)
+    nbr, dist = (a[:] for a in read_graph(ws, "all"))
+    clamp = np.full(len(x), np.nan)
+    clamp[subset] = values
+    ref = propagate_in_memory(nbr, dist, clamp, valid)
+    score, source = (a[:] for a in read_extrapolated(ws, "el2n", "propagate"))
+    np.testing.assert_allclose(score[valid], ref.values[valid], rtol=1e-6, atol=1e-6)
+    assert np.isnan(score[subset[bad]]).all() and (source[subset[bad]] == 255).all()
+
+
 def test_kernel_stage_uses_seed_scores_only(base, tmp_path):
     ws = clone(base, tmp_path)
     x, valid, subset, values = base["x"], base["valid"], base["subset"], base["values"]
@@ -353,6 +388,19 @@ def test_kernel_stage_uses_seed_scores_only(base, tmp_path):
     np.testing.assert_allclose(outputs(ws, "kernel")[0][pred],
                                kernel_predict(np.where(nbr >= 0, seed_value[np.maximum(nbr, 0)], np.nan), gdist,
                                               0.3)[pred], rtol=1e-6, atol=1e-6)
+
+
+def test_propagate_and_kernel_are_made_again_from_a_rebuilt_graph(base, tmp_path):
+    """The same options over a rebuilt graph are not served the result of the old graph."""
+    ws = clone(base, tmp_path)
+    x, valid = base["x"], base["valid"]
+    first = {"propagate": extrapolate_propagate(ws, "du", max_iter=2), "kernel": extrapolate_kernel(ws, "du")}
+    in_subset = np.isin(np.arange(len(x)), base["subset"])
+    write_graph(ws, "all", x, valid, valid, 6, 150, force=True)
+    write_graph(ws, "seeds", x, valid, valid & in_subset, 6, 150, force=True)
+    again = {"propagate": extrapolate_propagate(ws, "du", max_iter=2), "kernel": extrapolate_kernel(ws, "du")}
+    for method, marker in again.items():
+        assert not marker.get("skipped") and marker["fingerprint"] != first[method]["fingerprint"], method
 
 
 def test_kernel_rerun_of_a_finished_run_is_skipped(base, tmp_path):
