@@ -134,8 +134,9 @@ def main() -> None:
                     print(f"N={n:>8} {label:>12}: {json.dumps(r)}", flush=True)
     runs = results["runs"]
     a, b = (args.n, 2 * args.n)
-    results["growth_2n_over_n"] = {label: round(runs[f"{b} {label}"]["total_gets"] / runs[f"{a} {label}"]["total_gets"], 2)
-                                   for label in ("remote", "local copies")}
+    results["growth_2n_over_n"] = {
+        label: round(runs[f"{b} {label}"]["total_gets"] / runs[f"{a} {label}"]["total_gets"], 2)
+        for label in ("remote", "local copies")}
     print(json.dumps(results["growth_2n_over_n"]))
     if args.out:
         with open(args.out, "w") as f:
