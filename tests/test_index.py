@@ -712,6 +712,15 @@ def test_embeddings_of_another_form_and_a_lost_graph_are_named(tmp_path):
         read_graph(ws, "both")
 
 
+@pytest.mark.parametrize("bad", [-1, 300])
+def test_subset_rows_outside_the_embeddings_are_refused(tmp_path, bad):
+    """A subset row below 0 or at/after the last embedding row is refused naming it (a negative row
+    would otherwise make the last row a seed)."""
+    ws = make_workspace(tmp_path / "ws", clustered(300, 8), subset=np.array([bad, 5, 100]))
+    with pytest.raises(StreamPruneError, match=rf"^index-seeds: subset row {bad} is outside the 300 rows of "):
+        build_index(ws, graph="seeds", k=5, scheduler="sync")
+
+
 # --------------------------------------------------------------------------- gathers
 
 
