@@ -222,8 +222,9 @@ def candidate_mask(ws: Workspace, name: str, valid: np.ndarray) -> np.ndarray:
 
     rows = subset_rows(ws)
     if len(rows) and (rows[0] < 0 or rows[-1] >= len(valid)):
-        raise StreamPruneError(f"index-seeds: subset rows reach {rows[-1]} but embeddings.zarr has "
-                               f"{len(valid)} rows; re-run `streamprune embed`")
+        bad = rows[0] if rows[0] < 0 else rows[-1]
+        raise StreamPruneError(f"index-seeds: subset row {bad} is outside the {len(valid)} rows of embeddings.zarr; "
+                               "re-run `streamprune embed`")
     mask = np.zeros(len(valid), bool)
     mask[rows] = True
     mask &= valid

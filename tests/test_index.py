@@ -445,6 +445,17 @@ def test_s3_workspace_ondisk(tmp_path, s3server, s3bucket, monkeypatch):
     assert m["counts"]["ondisk"] and remote.exists("index", "all.ivfdata")
     for u, v in zip(graph_arrays(local, "all"), graph_arrays(remote, "all")):
         np.testing.assert_array_equal(u, v)
+    # a host that did not build it (an empty local cache) fetches the inverted lists beside the index file
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "other-host"))
+    clear_cache()
+    try:
+        index = cached_index(remote, "all", m["fingerprint"], True, {"nprobe": 4})
+        rows = np.arange(0, 3000, 300)
+        emb = zarr.open_group(storage.zarr_store(local.path("embeddings.zarr")), mode="r")["emb"]
+        nbr, _ = search_rows(index, x[rows], rows, 5, 2, emb)
+    finally:
+        clear_cache()
+    np.testing.assert_array_equal(nbr, graph_arrays(local, "all")[0][rows])
 
 
 def _remote_embeddings(ws: Workspace, x: np.ndarray, chunk: int, config: dict | None = None) -> None:
@@ -749,6 +760,15 @@ def test_embeddings_of_another_form_and_a_lost_graph_are_named(tmp_path):
         read_graph(ws, "both")
 
 
+@pytest.mark.parametrize("bad", [-1, 300])
+def test_subset_rows_outside_the_embeddings_are_refused(tmp_path, bad):
+    """A subset row below 0 or at/after the last embedding row is refused naming it (a negative row
+    would otherwise make the last row a seed)."""
+    ws = make_workspace(tmp_path / "ws", clustered(300, 8), subset=np.array([bad, 5, 100]))
+    with pytest.raises(StreamPruneError, match=rf"^index-seeds: subset row {bad} is outside the 300 rows of "):
+        build_index(ws, graph="seeds", k=5, scheduler="sync")
+
+
 # --------------------------------------------------------------------------- gathers
 
 
@@ -814,3 +834,216 @@ def test_ondisk_add_interrupted_after_the_merge_resumes(tmp_path, monkeypatch):
     build_index(clean, **opts)
     for u, v in zip(graph_arrays(ws, "all"), graph_arrays(clean, "all")):
         np.testing.assert_array_equal(u, v)
+
+
+# --------------------------------------------------------------------------- behaviour pinned by a mutation audit
+
+
+def test_select_neighbors_ties_keep_candidate_order_and_rounding_below_zero_is_distance_zero():
+    """Equal distances keep the candidates' order also past the few candidates a plain sort keeps in
+    order, and a squared distance rounded below zero (a duplicate row) is distance 0, not NaN."""
+    ids = np.random.default_rng(0).permutation(np.arange(1, 201))[None, :]
+    sq = np.where(ids % 2 == 0, 1.0, 2.0).astype(np.float32)
+    nbr, dist = select_neighbors(ids, sq, np.array([0]), 120)
+    want = np.concatenate([ids[0][ids[0] % 2 == 0], ids[0][ids[0] % 2 == 1]])[:120]
+    assert nbr[0].tolist() == want.tolist()
+    nbr, dist = select_neighbors(np.array([[5, 6]]), np.array([[-1e-6, 4.0]], np.float32), np.array([0]), 2)
+    assert nbr.tolist() == [[5, 6]] and dist.tolist() == [[0.0, 2.0]]
+
+
+def test_recall_skips_queries_without_true_neighbours():
+    """A query with no true neighbour (a seed whose graph holds no other seed) is not scored: it
+    neither lowers nor raises the mean; with none scored the recall is NaN."""
+    found, truth = np.array([[1, 2], [5, 6]]), np.array([[2, 1], [-1, -1]])
+    assert recall_at_k(found, truth) == 1.0
+    assert np.isnan(recall_at_k(found[1:], truth[1:]))
+
+
+def test_exact_knn_over_blocks_is_exact():
+    """The ground truth over several blocks of rows: each query's k nearest other rows, also when they
+    all lie in the query's own block (each block and the merge must keep k + 1, one being the query)."""
+    from streamprune.index import exact_knn
+
+    n, k = 120, 5
+    x = np.zeros((n, 2), np.float32)
+    x[:, 0] = np.arange(n) ** 1.5  # no ties; the nearest rows are the adjacent ones
+    blocks = [(np.arange(s, min(n, s + 40)), x[s:s + 40]) for s in range(0, n, 40)]
+    q = np.array([0, 20, 39, 40, 119])
+    nbr, dist = exact_knn(x[q], q, blocks, k)
+    ref_nbr, ref_dist = brute_force(x, np.isin(np.arange(n), q), np.ones(n, bool), k)
+    np.testing.assert_array_equal(nbr, ref_nbr[q])
+    np.testing.assert_allclose(dist, ref_dist[q], rtol=1e-5)
+
+
+def test_an_index_without_inverted_lists_is_trained_on_a_sample(tmp_path):
+    """A factory that needs training but has no inverted lists (plain PQ) trains on up to 65,536 rows."""
+    assert train_size(600, 0, 8) == 600 and train_size(10**6, 0, 8) == 1 << 16
+    ws = make_workspace(tmp_path / "ws", clustered(600, 8), chunk=200)
+    m = build_index(ws, graph="all", k=5, factory="PQ4x4", scheduler="sync")["all"]
+    assert m["counts"]["factory"] == "PQ4x4" and ws.read_json("index", "params.json")["all"]["n_train"] == 600
+
+
+def test_search_params_reach_the_inverted_lists_and_their_hnsw_quantizer():
+    """nprobe goes to the IVF, and an HNSW quantizer searches at least 2·nprobe (never under 64)."""
+    import faiss
+
+    from streamprune.index import make_index, set_search_params
+
+    index = make_index(8, "IVF256_HNSW32,Flat")
+    ivf = faiss.extract_index_ivf(index)
+    for nprobe, ef in ((48, 96), (16, 64)):
+        set_search_params(index, {"nprobe": nprobe})
+        assert ivf.nprobe == nprobe and faiss.downcast_index(ivf.quantizer).hnsw.efSearch == ef
+
+
+def test_refine_one_reranks_with_exact_distances():
+    """refine=1 re-ranks k candidates with exact distances (only refine=0 keeps the PQ's distances)."""
+    import faiss
+
+    from streamprune.index import make_index
+
+    x = clustered(2000, 16, seed=3)
+    emb = zarr.create_array(zarr.storage.MemoryStore(), shape=x.shape, chunks=(500, 16), dtype="float32")
+    emb[:] = x
+    index = make_index(16, "IVF8,PQ2x4")
+    index.train(x)
+    index.add_with_ids(x, np.arange(len(x)))
+    faiss.extract_index_ivf(index).nprobe = 8
+    rows = np.arange(0, 2000, 40)
+    for refine, exact in ((1, True), (0, False)):
+        nbr, dist = search_rows(index, x[rows], rows, 5, refine, emb)
+        assert (nbr >= 0).all() and not (nbr == rows[:, None]).any()
+        true = np.sqrt(((x[rows][:, None, :].astype(np.float64) - x[nbr]) ** 2).sum(-1))
+        assert np.allclose(dist, true, rtol=1e-4, atol=1e-4) == exact
+
+
+def test_explicit_nprobe_is_searched_with_and_reported_recall_is_the_graphs(tmp_path):
+    """An explicit nprobe is used and recorded (no tuning), and the recall reported is that of the
+    written graph on the ground-truth rows, to 4 decimals."""
+    x = np.random.default_rng(2).standard_normal((800, 16)).astype(np.float32)
+    ws = make_workspace(tmp_path / "ws", x, chunk=200)
+    m = build_index(ws, graph="all", k=5, factory="IVF16,Flat", nprobe=2, scheduler="sync")["all"]
+    params = ws.read_json("index", "params.json")["all"]
+    assert m["counts"]["nprobe"] == params["nprobe"] == 2 and params["nprobe_table"] == {}
+    gt = np.load(ws.path("index", "all.groundtruth.npz"))
+    nbr, _ = read_graph(ws, "all")
+    recall = recall_at_k(nbr.get_orthogonal_selection((gt["rows"],)), gt["ids"])
+    assert m["counts"]["recall_at_k"] == round(recall, 4) < 0.9  # 2 of 16 lists: clearly inexact
+
+
+def test_tuning_and_recall_queries_split_the_rows_and_tuning_can_probe_every_list(tmp_path, monkeypatch):
+    """With fewer valid rows than tuning plus recall queries, half tune nprobe and the other half, none
+    of them a tuning query, measure recall; nprobe may go up to every list."""
+    import streamprune.index as index_mod
+
+    x = np.random.default_rng(1).standard_normal((600, 128)).astype(np.float32)
+    ws = make_workspace(tmp_path / "ws", x, chunk=200)
+    tuned = []
+    real = index_mod.search_rows
+    monkeypatch.setattr(index_mod, "search_rows", lambda index, q, rows, *a: tuned.append(rows) or real(index, q,
+                                                                                                        rows, *a))
+    monkeypatch.setattr(index_mod, "_search_phase", lambda *a, **kw: None)  # only the tuning searches here
+    monkeypatch.setattr(index_mod, "_recall", lambda *a, **kw: None)
+    m = build_index(ws, graph="all", k=5, factory="IVF32,Flat", scheduler="sync")["all"]
+    table = ws.read_json("index", "params.json")["all"]["nprobe_table"]
+    assert list(table) == ["16", "32"] and table["16"] < 0.95 and m["counts"]["nprobe"] == 32
+    gt_rows = np.load(ws.path("index", "all.groundtruth.npz"))["rows"]
+    assert m["counts"]["recall_queries"] == len(gt_rows) == 300
+    assert all(len(np.intersect1d(rows, gt_rows)) == 0 and len(rows) == 300 for rows in tuned)
+
+
+def test_cached_index_is_loaded_again_for_a_rewritten_file_or_other_search_parameters(tmp_path):
+    """A worker keeps the index it loaded, but not past a rewrite of the file (an index built again
+    under the same stage fingerprint) nor for other search parameters."""
+    import faiss
+
+    from streamprune.index import make_index, write_index
+
+    ws = Workspace(str(tmp_path / "ws"))
+    x = clustered(400, 8)
+    path = ws.path("index", "all.faissindex")
+
+    def write(n_rows: int, mtime_s: int) -> None:
+        index = make_index(8, "IVF4,Flat")
+        index.train(x)
+        index.add_with_ids(x[:n_rows], np.arange(n_rows))
+        write_index(ws, index, "index/all.faissindex")
+        os.utime(path, ns=(mtime_s * 10**9, mtime_s * 10**9))  # a version tag of its own, however fast
+
+    clear_cache()
+    try:
+        write(100, 1_000_000)
+        first = cached_index(ws, "all", "fp", False, {"nprobe": 1})
+        assert cached_index(ws, "all", "fp", False, {"nprobe": 1}) is first
+        other = cached_index(ws, "all", "fp", False, {"nprobe": 3})
+        assert faiss.extract_index_ivf(other).nprobe == 3
+        write(300, 2_000_000)
+        assert cached_index(ws, "all", "fp", False, {"nprobe": 3}).ntotal == 300
+    finally:
+        clear_cache()
+
+
+def _interrupt_search_records(monkeypatch, after: int) -> None:
+    """Stop a run (as a kill would) when it is about to record its search chunk number ``after + 1``."""
+    from streamprune.workspace import StageRun
+
+    real = StageRun.mark_chunk
+    recorded = []
+
+    def mark_chunk(self, chunk, info=None, errors=()):
+        if str(chunk).startswith("search-"):
+            if len(recorded) == after:
+                raise KeyboardInterrupt
+            recorded.append(chunk)
+        return real(self, chunk, info, errors)
+
+    monkeypatch.setattr(StageRun, "mark_chunk", mark_chunk)
+
+
+def test_each_resumed_search_runs_exactly_the_chunks_not_recorded(tmp_path, monkeypatch):
+    """Each resumed run searches only the chunks no earlier run recorded and records them under their
+    own ids: a second interruption neither redoes finished chunks nor loses any."""
+    import streamprune.index as index_mod
+    from streamprune.workspace import StageRun
+
+    x = np.random.default_rng(5).standard_normal((1000, 8)).astype(np.float32)
+    ws = make_workspace(tmp_path / "ws", x, chunk=100)
+    opts = dict(graph="all", k=4, scheduler="sync", chunk_rows=100)
+    real_mark, real_task = StageRun.mark_chunk, index_mod._search_task
+    searched = []
+    monkeypatch.setattr(index_mod, "_search_task", lambda *a: searched.append(a[5]) or real_task(*a))
+    for run, want in ((1, [0, 100, 200, 300]), (2, [300, 400, 500, 600])):
+        _interrupt_search_records(monkeypatch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(ws, **opts)
+        monkeypatch.setattr(StageRun, "mark_chunk", real_mark)
+        assert searched == want, run  # the last one searched, written, and stopped before its record
+        del searched[:]
+    m = build_index(ws, **opts)["all"]
+    assert searched == [600, 700, 800, 900] and m["counts"]["recall_at_k"] == 1.0
+    ref_nbr, ref_dist = brute_force(x, np.ones(1000, bool), np.ones(1000, bool), 4)
+    np.testing.assert_array_equal(graph_arrays(ws, "all")[0], ref_nbr)
+
+
+def test_search_records_of_a_wiped_graph_layout_are_not_trusted(tmp_path, monkeypatch):
+    """A run stopped with the torch engine and resumed where only faiss searches writes a new graph;
+    the chunks the torch run recorded were wiped with its layout and are searched again."""
+    from streamprune.workspace import StageRun
+
+    x = np.random.default_rng(6).standard_normal((800, 8)).astype(np.float32)
+    ws = make_workspace(tmp_path / "ws", x, chunk=100)
+    opts = dict(graph="all", k=4, scheduler="sync", chunk_rows=100)
+    real_mark = StageRun.mark_chunk
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "cpu")
+    _interrupt_search_records(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(ws, **opts)
+    monkeypatch.setattr(StageRun, "mark_chunk", real_mark)
+    assert _records(ws.url, "index-all", "search-") == 3
+    monkeypatch.setenv("STREAMPRUNE_INDEX_DEVICE", "none")
+    m = build_index(ws, **opts)["all"]
+    assert m["counts"]["engine"] == "faiss"
+    ref_nbr, ref_dist = brute_force(x, np.ones(800, bool), np.ones(800, bool), 4)
+    nbr, dist = graph_arrays(ws, "all")
+    np.testing.assert_array_equal(nbr, ref_nbr)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
