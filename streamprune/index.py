@@ -872,6 +872,18 @@ def local_rows(ws: Workspace, arr, rel: str, version: str | None, group: str | N
     return np.load(path, mmap_mode="r")
 
 
+def drop_copies(ws: Workspace, group: str) -> None:
+    """Let go of this process's copy in :func:`local_rows`' ``group`` and remove the group's copies that
+    no process holds (after a stage whose arrays they copied has removed them)."""
+    home = os.path.join(_cache_base(), "arrays", stage_fingerprint([ws.url, group])[:16])
+    with _IN_USE_LOCK:
+        held = _IN_USE.pop(home, None)
+        if held is not None:
+            os.close(held[1])
+    if os.path.isdir(home):
+        _evict_copies(home, keep="")
+
+
 def _copy_once(base: str, arr, what: str, version: str, copy) -> bool:
     """Run ``copy()`` into copy directory ``base`` unless a finished copy is there (one process of
     the host at a time); False, with one warning per process, when the local disk lacks room."""

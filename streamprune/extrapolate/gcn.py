@@ -651,6 +651,9 @@ def write_prior(ws: Workspace, run: StageRun, score: str, n: int) -> dict:
     return info
 
 
+_ACT_GROUP = "gcn/{score}/activations"  # the layers' local copies share one place: each replaces the one before
+
+
 def _act_path(score: str, layer: int) -> str:
     return f"gcn/{score}/h{layer}.zarr"
 
@@ -692,7 +695,7 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
         act = _open_array(ws, _act_path(score, layer - 1))
         if act.nbytes > memory_limit:
             act = local_rows(ws, act, _act_path(score, layer - 1), act.attrs.get("id"),
-                             group=f"gcn/{score}/activations")
+                             group=_ACT_GROUP.format(score=score))
         src["prev"] = RowSource(act, memory_limit, np.float32)
         src["in_memory"] = src["prev"].in_memory
     return src
@@ -1034,8 +1037,13 @@ def _create_activations(ws: Workspace, score: str, layer: int, n: int, width: in
 
 
 def _remove_activations(ws: Workspace, score: str, n_layers: int) -> None:
+    """Remove the layers' activations, and this host's copies of them that no process reads (those of
+    other hosts go when a later run there makes new ones)."""
+    from streamprune.index import drop_copies
+
     for layer in range(1, n_layers + 1):
         storage.remove(ws.path(_act_path(score, layer)), ws.storage_options, recursive=True)
+    drop_copies(ws, _ACT_GROUP.format(score=score))
 
 
 register_method("gcn", extrapolate_gcn, OPTIONS)
