@@ -656,3 +656,29 @@ def test_seed_margin_needs_a_training_run_with_two_classes(tmp_path):
     run = ws.begin("train", {"model": "mlp"}, {}, key="train")
     run.commit(outputs={}, counts={"num_classes": 1})
     assert seed_margin_marker(ws) is None  # one class: no margin to measure
+
+
+def test_hard_clean_reports_the_drop_its_keep_count_allows(tmp_path):
+    """A noise fraction larger than the rows the keep count leaves to drop: stats and marker say how many
+    rows were dropped as likely mislabelled (what the keep count allowed), beside the target."""
+    import json
+
+    from streamprune.extrapolate import extrapolate
+    from streamprune.index import build_index
+    from streamprune.prune import prune
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    w = Workspace(ws)
+    subset(ws, fraction=0.3, seed=0)
+    add_scores(w, "du", np.random.default_rng(0).random(len(subset_rows(w))).astype(np.float32))
+    build_index(ws, graph="seeds", k=10, scheduler="sync")
+    extrapolate(ws, "du", "knn", k=10)
+    m = prune(ws, score="du", source="knn", strategy="hard-clean", keep_fraction=0.9, noise_fraction=0.5, name="hc",
+              scheduler="sync")
+    stats = json.loads(open(f"{ws}/prune/hc/stats.json").read())
+    n = stats["n_eligible"]
+    assert stats["hard_clean"]["drop_target"] == round(0.5 * n) > n - stats["n_kept"]
+    assert stats["hard_clean"]["dropped"] == m["counts"]["hard_clean_dropped"] == n - stats["n_kept"] > 0

@@ -955,3 +955,256 @@ def test_low_is_hard_scores_keep_their_lowest_rows(tmp_path):
     m2 = prune(ws, score="aum", keep_fraction=0.25, name="aum-high", higher_is_harder=True, scheduler="sync")
     kept_high = pd.read_parquet(tmp_path / "ws" / "prune" / "aum-high" / "keys.parquet").row.to_numpy()
     assert m2["counts"]["n_kept"] == 30 and np.array_equal(np.sort(kept_high), expected_hardest(up, 0.25))
+
+
+# behaviour pinned by deliberate breaks of the selection and reshard code ----------------------------------
+def _uneven_workspace(root) -> tuple[str, list[str], dict]:
+    """Three shards of 10, 5 and 7 samples; every row of the middle one is easy (keeps nothing)."""
+    d = os.path.join(root, "data")
+    os.makedirs(d)
+    shards = []
+    for name, n, start in (("a", 10, 0), ("b", 5, 10), ("c", 7, 15)):
+        shards.append(os.path.join(d, f"{name}.tar"))
+        write_tar(shards[-1], make_samples(n, start=start))
+    ws = os.path.join(root, "ws")
+    catalog(shards, ws, scheduler="sync")
+    score = np.random.default_rng(3).random(22).astype(np.float32) + 1
+    score[10:15] = 0
+    up = fake_upstream(Workspace(ws), 22, scores=score, invalid=(1,), nan=(2, 16))
+    return ws, shards, up
+
+
+def test_stats_count_rows_classes_and_shards(tmp_path):
+    ws, shards, up = _uneven_workspace(str(tmp_path))
+    m = prune(ws, keep_fraction=0.5, name="p")
+    stats = json.loads(open(os.path.join(ws, "prune", "p", "stats.json")).read())
+    assert open(os.path.join(ws, "prune", "p", "shards.txt")).read().split() == [shards[0], shards[2]]
+    assert stats["n_rows"] == 22 and stats["n_invalid"] == 1 and stats["n_no_score"] == 2
+    assert stats["n_eligible"] == 19 and stats["n_kept"] == m["counts"]["n_kept"] == 10
+    assert stats["kept_fraction_of_all_rows"] == pytest.approx(10 / 22)
+    assert m["counts"]["n_shards"] == stats["n_shards_kept"] == 2 and stats["n_shards_dropped"] == 1
+    kept = pd.read_parquet(os.path.join(ws, "prune", "p", "keys.parquet")).row.to_numpy()
+    assert stats["per_shard"]["total"] == [10, 7]  # aligned with shards.txt: the dropped shard's 5 left out
+    assert stats["per_shard"]["kept"] == [int((kept < 10).sum()), int((kept >= 15).sum())]
+    eligible = np.ones(22, bool)
+    eligible[[1, 2, 16]] = False
+    assert stats["per_class"] == {str(c): {"eligible": int((eligible & (up["labels"] == c)).sum()),
+                                           "kept": int((up["labels"][kept] == c).sum())} for c in range(4)}
+
+
+def test_keys_stay_in_row_order_past_the_read_ahead(tmp_path):
+    # More shards than the keys writer reads ahead: keys.parquet and shards.txt stay in catalog order.
+    ws, shards, _ = build(str(tmp_path), n_shards=11, per_shard=2)
+    prune(ws, keep_fraction=1.0, name="all")
+    table = pd.read_parquet(os.path.join(ws, "prune", "all", "keys.parquet"))
+    assert table.row.tolist() == list(range(22)) and table.key.tolist() == keys_of(range(22))
+    assert table.shard.tolist() == [r // 2 for r in range(22)]
+    assert open(os.path.join(ws, "prune", "all", "shards.txt")).read().split() == sorted(shards)
+
+
+def test_pruned_view_of_shards_that_repeat_keys(tmp_path):
+    # Two shards with the same keys in one row group of keys.parquet: a key kept in one shard only is
+    # yielded from that shard only.
+    d = tmp_path / "data"
+    d.mkdir()
+    shards = []
+    for name in ("a", "b"):
+        shards.append(str(d / f"{name}.tar"))
+        write_tar(shards[-1], make_samples(6, seed=ord(name)))
+    ws = str(tmp_path / "ws")
+    catalog(shards, ws, scheduler="sync")
+    score = np.array([1, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1], np.float32)
+    fake_upstream(Workspace(ws), 12, scores=score)
+    prune(ws, keep_fraction=0.5, name="p")
+    got = sorted((s["__url__"], s["__key__"]) for s in pruned_dataset(ws, name="p"))
+    assert got == sorted((shards[r // 6], f"s{r % 6:07d}") for r in np.flatnonzero(score))
+
+
+def test_reshard_tars_end_with_the_end_of_archive_and_their_counted_bytes(tmp_path):
+    ws, _, _ = build(str(tmp_path), 2, 10)
+    out = str(tmp_path / "out")
+    m = prune(ws, keep_fraction=0.5, reshard=out, max_count=3, scheduler="sync")["reshard"]
+    urls = open(os.path.join(out, "shards.txt")).read().split()
+    assert len(urls) == m["counts"]["n_shards"] == 4
+    for u in urls:
+        data = open(u, "rb").read()
+        members = list(iter_tar(io.BytesIO(data), read_data=False))
+        assert data.endswith(b"\0" * 1024) and members[-1].end == len(data) - 1024
+    assert m["counts"]["bytes"] == sum(os.path.getsize(u) for u in urls)
+
+
+def _rewrite_keeping_size_and_mtime(path: str, samples) -> None:
+    """Rewrite a shard with other bytes of the same length and put back its modification time."""
+    st = os.stat(path)
+    write_tar(path, samples)
+    assert os.path.getsize(path) == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("block", [None, 2048])  # a sample per buffer batch, or larger than the buffer
+def test_reshard_checks_member_names_of_a_shard_changed_in_place(tmp_path, monkeypatch, block):
+    # A key renamed in place (same length, same size and mtime): the shard's stat matches the catalog,
+    # the member headers do not.
+    ws, shards, _ = build(str(tmp_path), 2, 10)
+    prune(ws, keep_fraction=1.0, name="p")
+    samples = make_samples(10)
+    samples[4] = ("s0000099", samples[4][1])
+    _rewrite_keeping_size_and_mtime(sorted(shards)[0], samples)
+    if block:
+        monkeypatch.setattr(prune_module, "READ_BLOCK", block)
+    with pytest.raises(StreamPruneError, match=r"member 's0000099\.\w+' where the catalog has key s0000004"):
+        reshard(ws, "p", str(tmp_path / "out"), scheduler="sync")
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tar")]
+
+
+def test_reshard_refuses_a_shard_whose_size_or_etag_alone_changed(tmp_path):
+    ws, shards, _ = build(str(tmp_path), 2, 10)
+    prune(ws, keep_fraction=1.0, name="p")
+    first = sorted(shards)[0]
+    original, catalogued = open(first, "rb").read(), os.stat(first)
+    # Other payload bytes, same headers and size: only the etag (mtime) tells.
+    samples = make_samples(10)
+    samples[2] = (samples[2][0], {**samples[2][1], "cls": b"9"})
+    write_tar(first, samples)
+    assert os.path.getsize(first) == len(original) and open(first, "rb").read() != original
+    with pytest.raises(StreamPruneError, match=r"changed since `streamprune catalog` \(size/etag"):
+        reshard(ws, "p", str(tmp_path / "out"), scheduler="sync")
+    # Other payload bytes and a block appended, the old mtime put back: only the size tells.
+    with open(first, "ab") as f:
+        f.write(b"\0" * 512)
+    os.utime(first, ns=(catalogued.st_atime_ns, catalogued.st_mtime_ns))
+    with pytest.raises(StreamPruneError, match=r"changed since `streamprune catalog` \(size/etag"):
+        reshard(ws, "p", str(tmp_path / "out2"), scheduler="sync")
+
+
+def _failing_after(monkeypatch, n_ok: int) -> None:
+    """write_output_shard succeeds ``n_ok`` times, then fails (an interrupted reshard)."""
+    real = prune_module.write_output_shard
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n_ok:
+            raise OSError("disk gone")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "write_output_shard", flaky)
+
+
+def test_a_failed_reshard_over_finished_outputs_hides_their_shard_list(tmp_path, monkeypatch):
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    out = str(tmp_path / "out")
+    prune(ws, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync")
+    _failing_after(monkeypatch, 2)
+    with pytest.raises(OSError, match="disk gone"):
+        prune(ws, keep_fraction=0.3, reshard=out, max_count=5, scheduler="sync", force=True)
+    # Two tars are the new set's now: the old list would name a mix of both sets.
+    assert not os.path.exists(os.path.join(out, "shards.txt"))
+
+
+def test_an_interrupted_reshard_resumed_after_another_set_replaced_out(tmp_path, monkeypatch):
+    # The interrupted run's chunk records describe tars the other set replaced with tars of the same
+    # sizes (same sample count, same padded sizes): they are written again, not trusted.
+    ws, shards, _ = build(str(tmp_path), 4, 15)
+    ws2 = str(tmp_path / "ws2")
+    catalog(shards, ws2, scheduler="sync")
+    fake_upstream(Workspace(ws2), 60, seed=7)
+    prune(ws, keep_fraction=0.5)
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as mp:
+        _failing_after(mp, 3)
+        with pytest.raises(OSError, match="disk gone"):
+            reshard(ws, NAME, out, max_count=5, scheduler="sync")
+    prune(ws2, keep_fraction=0.5, reshard=out, max_count=5, scheduler="sync", force=True)
+    other = tars_in(out)
+    reshard(ws, NAME, out, max_count=5, scheduler="sync", force=True)
+    got = tars_in(out)
+    ref = str(tmp_path / "ref")
+    reshard(ws, NAME, ref, max_count=5, scheduler="sync", force=True)
+    want = tars_in(ref)
+    assert sorted(other) == sorted(want) and other != want
+    assert [len(other[k]) for k in sorted(other)[:3]] == [len(want[k]) for k in sorted(want)[:3]]
+    assert got == want
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsynced descriptor through /proc")
+def test_durable_reshard_syncs_each_tar_before_its_rename_and_out_before_its_shard_list(tmp_path, monkeypatch):
+    ws, _, _ = build(str(tmp_path), 2, 10)
+    prune(ws, keep_fraction=0.5, name="p")
+    out = str(tmp_path / "out")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    m = reshard(ws, "p", out, max_count=3, scheduler="sync", durable=True)
+    tars = [os.path.basename(u) for u in open(os.path.join(out, "shards.txt")).read().split()]
+    assert len(tars) == m["counts"]["n_shards"] == 4
+    for t in tars:
+        [(i, tmp)] = [(i, e[1]) for i, e in enumerate(events) if e[0] == "replace" and e[2] == t]
+        assert ("fsync", tmp) in events[:i]
+    [listed] = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == "shards.txt"]
+    assert ("fsync", "out") in events[:listed]
+
+
+def test_chunk_records_of_a_resumed_reshard_describe_their_own_tars(tmp_path, monkeypatch):
+    # A later resume trusts a record for the tar of the same number (after checking its size only).
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    prune(ws, keep_fraction=0.5, name="p")
+    out = str(tmp_path / "out")
+    for _ in range(2):  # interrupted twice: the second run writes shards 2 and 3 only
+        with monkeypatch.context() as mp:
+            _failing_after(mp, 2)
+            with pytest.raises(OSError, match="disk gone"):
+                reshard(ws, "p", out, max_count=5, scheduler="sync")
+    stage = os.path.join(ws, "_stages", "reshard-p")
+    [run_dir] = os.listdir(stage)  # the records of this configuration's runs
+    chunks = os.path.join(stage, run_dir, "chunks")
+    records = {f: json.load(open(os.path.join(chunks, f))) for f in os.listdir(chunks)}
+    assert sorted(records) == [f"{i}.json" for i in range(4)]
+    for f, info in records.items():
+        assert info["url"] == prune_module.output_url(out, int(f.split(".")[0]))
+        assert info["bytes"] == os.path.getsize(info["url"])
+
+
+def test_fast_header_check_refuses_what_it_cannot_vouch_for():
+    """headers_ok is True only where check_members would pass: a member running past its sample's end (the
+    buffer may hold the next run of samples from elsewhere in the shard there), a symlink member, or '..'
+    after the key's prefix make it False, and the complete check refuses each."""
+    inner = _raw_tar([("k2.bin", b"x" * 100)])  # a valid tar header inside the first sample's payload
+    block = _raw_tar([("k1.bin", inner)])
+    starts, keys = np.array([0, 512], np.int64), np.array(["k1", "k2"], object)
+    assert not headers_ok(np.frombuffer(block, np.uint8), starts, keys)
+    with pytest.raises(StreamPruneError, match="member boundary"):  # the first sample alone, as a run of its own
+        check_members(_bytes_members(block[:512], 0), 0, 512, starts[:1], np.array([512]), keys[:1], "s.tar")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("k1.cls"), io.BytesIO(b""))
+        link = tarfile.TarInfo("k1.lnk")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    symlink = buf.getvalue()[:1024]
+    escape = _raw_tar([("k1.x/../../evil", b"x")])
+    for data in (symlink, escape):
+        assert not headers_ok(np.frombuffer(data, np.uint8), np.array([0]), np.array(["k1"], object))
+        with pytest.raises(StreamPruneError):
+            _check(data, "k1")
+
+
+def test_reshard_through_a_copy_buffer_that_fills_within_a_source_shard(tmp_path, monkeypatch):
+    # Three samples per buffer, output shards of about ten: the buffer is written out and refilled
+    # several times per source shard, with gaps between the kept runs it holds.
+    ws, _, _ = build(str(tmp_path), 4, 15)
+    prune(ws, keep_fraction=0.7, reshard=str(tmp_path / "a"), shard_size=60_000, scheduler="sync")
+    ref = tars_in(str(tmp_path / "a"))
+    monkeypatch.setattr(prune_module, "READ_BLOCK", 20_000)
+    reshard(ws, "du-knn-hard-0.7", str(tmp_path / "b"), shard_size=60_000, scheduler="sync", force=True)
+    assert tars_in(str(tmp_path / "b")) == ref and len(ref) >= 2
