@@ -519,3 +519,40 @@ def test_a_held_lease_is_renewed_while_its_run_goes_on(tmp_path):
     url = str(tmp_path / "_stages" / "embed.lease")
     out = subprocess.run([sys.executable, "-c", RENEWING, url], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "renewed", out.stderr
+
+
+def test_a_lease_is_created_only_where_none_is(tmp_path):
+    url = str(tmp_path / "_stages" / "embed.lease")
+    assert leases._create(url, _foreign(time.time()), None) is True
+    assert leases._create(url, b"{}", None) is False
+    assert json.load(open(url))["token"] == "t-other"
+    assert [p.name for p in (tmp_path / "_stages").iterdir()] == ["embed.lease"]
+
+
+def test_a_stale_lease_on_s3_replaced_meanwhile_is_not_removed(s3server, s3bucket):
+    """The delete of a stale lease is conditional on the ETag it was read with: a lease created in its
+    place meanwhile (by a run that took it over first) stays."""
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    fs = s3server.fs()
+    fs.pipe_file(url, _foreign(time.time() - leases.LEASE_S - 1))
+    info, etag = leases._read_tagged(url, opts)
+    assert leases.is_stale(info) and etag
+    fs.pipe_file(url, _foreign(time.time()))  # another run took it over first
+    leases._remove_stale(url, info, etag, opts)
+    assert json.loads(fs.cat_file(url))["renewed"] > info["renewed"]
+
+
+def test_a_create_refused_with_an_unknown_answer_while_the_lease_exists_names_its_holder(s3server, s3bucket):
+    """A store that refuses the conditional create with an answer other than 412 or 409: the lease is
+    there, so the run is refused naming its holder, not with the store's answer."""
+    from faultproxy import FaultProxy
+
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    s3server.fs().pipe_file(url, _foreign(time.time()))
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        opts = proxy.storage_options(s3server.storage_options)
+        proxy.set(status=400, code="InvalidRequest", first=1, match="subset.lease")
+        with pytest.raises(StreamPruneError, match="another run of this stage .*pid 4242 on host elsewhere"):
+            leases.acquire(url, "subset", opts)
+        assert proxy.faults == 1 and proxy.log[0][0] == "PUT"
