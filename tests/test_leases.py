@@ -451,3 +451,108 @@ def test_status_ignores_a_lease_left_behind_by_a_finished_stage(shards, tmp_path
         f.write(_foreign(time.time() - leases.LEASE_S - 1))
     info = status(ws)
     assert info["stages"]["subset"]["done"] and not info["interrupted"] and not info["running"]
+
+
+def test_a_run_that_finds_the_stage_finished_once_it_holds_the_lease_gives_it_back(tmp_path, monkeypatch):
+    """Another run committed the stage between this run's first look at its marker and taking the lease:
+    this run skips the stage and gives the lease back, so that the stage's next run is not refused."""
+    ws = Workspace(str(tmp_path / "ws"))
+    done = ws.begin("s", {"a": 1}, {}).commit({}, {})
+    real, looks = Workspace.marker, []
+
+    def first_look_before_the_commit(self, stage, **kwargs):
+        looks.append(stage)
+        return None if len(looks) == 1 else real(self, stage, **kwargs)
+
+    monkeypatch.setattr(Workspace, "marker", first_look_before_the_commit)
+    run = ws.begin("s", {"a": 1}, {})
+    assert run.already_done and run.previous["run"] == done["run"] and len(looks) == 2
+    assert not leases.held() and not os.path.exists(ws.path("_stages", "s.lease"))
+
+
+def test_a_live_lease_of_another_host_with_this_process_id_is_not_taken_over(tmp_path):
+    """Process ids repeat across hosts (containers all start from pid 1): a lease naming this pid on
+    another host is another run's, live until it expires."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    os.makedirs(os.path.dirname(url))
+    other = dict(json.loads(_foreign(time.time())), pid=os.getpid())
+    with open(url, "w") as f:
+        json.dump(other, f)
+    with pytest.raises(StreamPruneError, match=f"another run of this stage .*pid {os.getpid()} on host elsewhere"):
+        leases.acquire(url, "embed")
+    assert json.load(open(url))["token"] == "t-other"
+
+
+def test_a_create_that_another_run_overwrote_at_once_is_not_held(tmp_path, monkeypatch):
+    """A store that ignores create-if-absent: the lease is read back after creating it, and a run whose
+    lease another run's create replaced at once does not hold it."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    os.makedirs(os.path.dirname(url))
+
+    def overwritten_at_once(u, data, storage_options):
+        with open(u, "wb") as f:
+            f.write(_foreign(time.time()))
+        return True
+
+    monkeypatch.setattr(leases, "_create", overwritten_at_once)
+    with pytest.raises(StreamPruneError, match="another run of this stage .*pid 4242"):
+        leases.acquire(url, "embed")
+    assert not leases.held()
+
+
+RENEWING = textwrap.dedent("""
+    import json, sys, time
+    from streamprune import leases
+    leases.RENEW_S = 0.05
+    held = leases.acquire(sys.argv[1], "embed")
+    first = json.load(open(sys.argv[1]))["renewed"]
+    deadline = time.time() + 30
+    while json.load(open(sys.argv[1]))["renewed"] == first and time.time() < deadline:
+        time.sleep(0.05)
+    print("renewed" if json.load(open(sys.argv[1]))["renewed"] > first else "not renewed")
+""")
+
+
+def test_a_held_lease_is_renewed_while_its_run_goes_on(tmp_path):
+    """The holding process rewrites its lease's renewal time in the background: a run longer than
+    LEASE_S keeps its stage instead of being taken over as stale."""
+    url = str(tmp_path / "_stages" / "embed.lease")
+    out = subprocess.run([sys.executable, "-c", RENEWING, url], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "renewed", out.stderr
+
+
+def test_a_lease_is_created_only_where_none_is(tmp_path):
+    url = str(tmp_path / "_stages" / "embed.lease")
+    assert leases._create(url, _foreign(time.time()), None) is True
+    assert leases._create(url, b"{}", None) is False
+    assert json.load(open(url))["token"] == "t-other"
+    assert [p.name for p in (tmp_path / "_stages").iterdir()] == ["embed.lease"]
+
+
+def test_a_stale_lease_on_s3_replaced_meanwhile_is_not_removed(s3server, s3bucket):
+    """The delete of a stale lease is conditional on the ETag it was read with: a lease created in its
+    place meanwhile (by a run that took it over first) stays."""
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    fs = s3server.fs()
+    fs.pipe_file(url, _foreign(time.time() - leases.LEASE_S - 1))
+    info, etag = leases._read_tagged(url, opts)
+    assert leases.is_stale(info) and etag
+    fs.pipe_file(url, _foreign(time.time()))  # another run took it over first
+    leases._remove_stale(url, info, etag, opts)
+    assert json.loads(fs.cat_file(url))["renewed"] > info["renewed"]
+
+
+def test_a_create_refused_with_an_unknown_answer_while_the_lease_exists_names_its_holder(s3server, s3bucket):
+    """A store that refuses the conditional create with an answer other than 412 or 409: the lease is
+    there, so the run is refused naming its holder, not with the store's answer."""
+    from faultproxy import FaultProxy
+
+    url = f"s3://{s3bucket}/ws/_stages/subset.lease"
+    s3server.fs().pipe_file(url, _foreign(time.time()))
+    with FaultProxy(s3server.endpoint_url) as proxy:
+        opts = proxy.storage_options(s3server.storage_options)
+        proxy.set(status=400, code="InvalidRequest", first=1, match="subset.lease")
+        with pytest.raises(StreamPruneError, match="another run of this stage .*pid 4242 on host elsewhere"):
+            leases.acquire(url, "subset", opts)
+        assert proxy.faults == 1 and proxy.log[0][0] == "PUT"

@@ -555,3 +555,91 @@ def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         storage.write_bytes_atomic(str(target), b"{}")
     assert os.listdir(tmp_path / "out") == ["x.json"] and target.is_dir() and not os.listdir(target)
+
+
+def test_a_run_replacing_a_marker_removes_it_before_it_runs(tmp_path):
+    """A run with other options or inputs (or over a marker of another version) removes the old marker as
+    it starts: when it fails, the stage is not listed as finished with results the run has overwritten."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("s", {"a": 1}, {}).commit({}, {})
+    run = ws.begin("s", {"a": 2}, {}, force=True)
+    assert not run.already_done and ws.marker("s") is None
+    done = run.commit({}, {})
+    ws.begin("s", {"a": 2}, {"x": "new"})
+    assert ws.marker("s") is None
+    path = tmp_path / "ws" / "_stages" / "s.json"
+    path.write_text(json.dumps(dict(done, version="0.0.1")))
+    assert not ws.begin("s", {"a": 2}, {}, force=True).already_done
+    assert not path.exists()
+
+
+def test_a_marker_of_another_patch_release_is_used(tmp_path):
+    """Workspaces are compatible across patch releases: a finished stage is skipped, not refused."""
+    ws = Workspace(str(tmp_path / "ws"))
+    done = ws.begin("s", {"a": 1}, {}).commit({}, {})
+    patch = __version__.rsplit(".", 1)[0] + ".99"
+    for name in ("streamprune.json", os.path.join("_stages", "s.json")):
+        path = tmp_path / "ws" / name
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), version=patch)))
+    run = ws.begin("s", {"a": 1}, {})
+    assert run.already_done and run.previous["run"] == done["run"]
+
+
+def test_force_overrides_a_workspace_of_another_version(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("s", {"a": 1}, {}).commit({}, {})
+    path = tmp_path / "ws" / "streamprune.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), version="9.9.0")))
+    with pytest.raises(StreamPruneError, match="made by streamprune 9.9.0"):
+        ws.begin("t", {"a": 1}, {})
+    ws.begin("t", {"a": 1}, {}, force=True).commit({}, {})
+    assert ws.metadata()["version"] == __version__ and set(ws.markers()) == {"s", "t"}
+
+
+def test_a_commit_replaces_the_errors_of_its_own_key_only(tmp_path):
+    """Two markers of one stage (scores): re-running one replaces its errors.jsonl entries and keeps the other's."""
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("score", {"score": "a"}, {}, key="score-a").commit({}, {}, errors=[{"key": "a1", "reason": "bad"}])
+    ws.begin("score", {"score": "b"}, {}, key="score-b").commit({}, {}, errors=[{"key": "b1", "reason": "bad"}])
+    ws.begin("score", {"score": "a", "w": 2}, {}, key="score-a", force=True).commit(
+        {}, {}, errors=[{"key": "a2", "reason": "bad"}])
+    assert sorted((e["stage_key"], e["key"]) for e in ws.errors()) == [("score-a", "a2"), ("score-b", "b1")]
+
+
+def test_an_error_list_killed_before_its_rename_is_not_counted(tmp_path):
+    """A chunk's errors are written to `.tmp-<id>-<chunk>.jsonl`, then renamed: a run killed in between leaves
+    the temporary file, whose errors belong to no finished chunk."""
+    ws = Workspace(str(tmp_path / "ws"))
+    run = ws.begin("subset", {"fraction": 0.5}, {"catalog": "c"})
+    run.mark_chunk(4, errors=[{"key": "k4", "reason": "bad"}])
+    errors = tmp_path / "ws" / "_stages" / "subset" / run.fingerprint[:16] / "errors"
+    (errors / ".tmp-0123abcd-5.jsonl").write_text('{"key": "k5", "reason": "bad"}\n{"key": "k6", "rea')
+    assert [e["key"] for e in run.chunk_errors()] == ["k4"]
+    assert run.commit({}, {})["counts"]["errors"] == 1 and [e["key"] for e in ws.errors()] == ["k4"]
+
+
+def test_a_marker_killed_before_its_rename_is_not_a_finished_stage(tmp_path):
+    ws = Workspace(str(tmp_path / "ws"))
+    done = ws.begin("s", {"a": 1}, {}).commit({}, {})
+    (tmp_path / "ws" / "_stages" / ".tmp-0123abcd-t.json").write_text(json.dumps(dict(done, key="t")))
+    assert set(ws.markers()) == {"s"}
+
+
+def test_a_chunk_whose_errors_could_not_be_written_is_not_done(tmp_path, monkeypatch):
+    """A chunk's errors are written before its record: a run that fails (or is killed) in between does the
+    chunk again on resume instead of losing the errors it found."""
+    from streamprune import storage
+
+    ws = Workspace(str(tmp_path / "ws"))
+    run = ws.begin("subset", {"fraction": 0.5}, {"catalog": "c"})
+    write = storage.write_bytes_atomic
+
+    def disk_full_for_error_lists(url, data, storage_options=None):
+        if url.endswith(".jsonl"):
+            raise OSError(28, "No space left on device")
+        write(url, data, storage_options)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", disk_full_for_error_lists)
+    with pytest.raises(OSError, match="No space left"):
+        run.mark_chunk(0, errors=[{"key": "k0", "reason": "bad"}])
+    assert run.done_chunks() == set()
