@@ -266,7 +266,7 @@ class SeaweedS3:
             f"-master.port.grpc={p['master_grpc']}",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=128",  # like `weed mini`: many small volumes
-            "-volume.max=0",  # auto: free disk / volume size limit
+            "-volume.max=1000",  # volumes grow on demand; 0 (free disk / size limit) ran out on a fuller disk
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
             "-volume.preStopSeconds=0",
@@ -324,6 +324,9 @@ class SeaweedS3:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         (self.workdir / "conf").mkdir(exist_ok=True)
+        # One volume per bucket (weed grows 7 at a time by default): the test run's server serves one
+        # bucket per S3 test, and the volume slots are limited.
+        (self.workdir / "conf" / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         self._write_config()
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
