@@ -235,11 +235,7 @@ def ccs(scores: np.ndarray, keep_count: int, seed: int = 0, beta: float = CCS_BE
     if k == 0:
         return mask
     pool = _top_k(-s, n_pool)  # the easiest rows, i.e. all but the hardest floor(beta * n_eligible)
-    lo, hi = np.inf, -np.inf
-    for a in range(0, len(s), CHUNK_ROWS):
-        v = s[a:a + CHUNK_ROWS][pool[a:a + CHUNK_ROWS]]
-        if v.size:
-            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    lo, hi = float(np.min(s, where=pool, initial=np.inf)), float(np.max(s, where=pool, initial=-np.inf))
     # each pool row's stratum (ccs_strata over the pool's range); n_strata marks the rows outside the pool
     strata = np.full(len(s), n_strata, np.min_scalar_type(n_strata))
     for a in range(0, len(s), CHUNK_ROWS):
