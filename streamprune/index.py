@@ -852,7 +852,7 @@ def local_rows(ws: Workspace, arr, rel: str, version: str | None, group: str | N
     """
     if version is None or not storage.is_remote(ws.path(rel)):
         return arr
-    home = os.path.join(_cache_base(), "arrays", stage_fingerprint([ws.url, group or rel])[:16])
+    home = _rows_home(ws, group or rel)
     version = stage_fingerprint([version, rel, list(arr.shape), str(arr.dtype)])
     base = _hold_copy(home, os.path.join(home, version[:16]))
     path = os.path.join(base, "rows.npy")
@@ -872,10 +872,15 @@ def local_rows(ws: Workspace, arr, rel: str, version: str | None, group: str | N
     return np.load(path, mmap_mode="r")
 
 
+def _rows_home(ws: Workspace, group: str) -> str:
+    """The cache directory of :func:`local_rows`' copies of one array (or group of arrays) of a workspace."""
+    return os.path.join(_cache_base(), "arrays", stage_fingerprint([ws.url, group])[:16])
+
+
 def drop_copies(ws: Workspace, group: str) -> None:
     """Let go of this process's copy in :func:`local_rows`' ``group`` and remove the group's copies that
     no process holds (after a stage whose arrays they copied has removed them)."""
-    home = os.path.join(_cache_base(), "arrays", stage_fingerprint([ws.url, group])[:16])
+    home = _rows_home(ws, group)
     with _IN_USE_LOCK:
         held = _IN_USE.pop(home, None)
         if held is not None:
