@@ -204,14 +204,14 @@ def check_label(label: int, num_classes: int | None, shard: str, key: str) -> No
 
 
 def fit_input(x: np.ndarray, input_shape: tuple[int, ...], shard: str, key: str,
-              whose: str = "the dataset's") -> np.ndarray:
+              whose: str = "the dataset's", hint: bool = True) -> np.ndarray:
     """``x`` in the dataset's ``input_shape`` (a grayscale image among colour ones gets three channels), else a
-    :class:`SampleError` naming both shapes (``whose``: what the shape is of; the decode flag that would
-    help is hinted only for the dataset itself)."""
+    :class:`SampleError` naming both shapes (``whose``: what the shape is of; ``hint``: name the decode
+    flag that would help, for the dataset's own samples)."""
     if x.ndim == 3 and x.shape[0] == 1 and len(input_shape) == 3 and input_shape[0] == 3:
         x = np.repeat(x, 3, axis=0)  # a grayscale image among colour ones: R = G = B, as PIL's L -> RGB
     if tuple(x.shape) != tuple(input_shape):
-        image = x.ndim == 3 and len(input_shape) == 3 and whose == "the dataset's"
+        image = hint and x.ndim == 3 and len(input_shape) == 3
         hint = (" (set --image-size)" if image and x.shape[1:] != tuple(input_shape[1:])
                 else " (set --image-mode RGB)" if image and x.shape[0] == 3 and input_shape[0] == 1 else "")
         raise SampleError(f"input shape {tuple(x.shape)} differs from {whose} {tuple(input_shape)}" + hint,

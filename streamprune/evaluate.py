@@ -246,7 +246,8 @@ def _test_data(test_shards: list[str], decode, storage_options: dict, input_shap
     for url in storage.expand_shards(test_shards, storage_options):
         for s in iter_samples(url, ErrorPolicy("fail"), storage_options):
             try:
-                xs.append(fit_input(decode_input(s, decode, url), input_shape, url, s.key, "the training rows'"))
+                xs.append(fit_input(decode_input(s, decode, url), input_shape, url, s.key, "the training rows'",
+                                    hint=False))
             except SampleError as err:
                 raise StreamPruneError(f"evaluate --test: {err}") from None
             ys.append(decode_label(s, decode, url))
