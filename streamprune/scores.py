@@ -189,7 +189,7 @@ def du(true_prob: np.ndarray, window: int = 10, ddof: float = 1) -> np.ndarray:
     _check_ndim(x, 2, "du", "true_prob", "(E, n)")
     _check_finite(x, "du", "true_prob", _AXES_EPOCH_SAMPLE)
     _check_window(x.shape[0], window, 1, "du")
-    if not np.isscalar(ddof) or not 0 <= ddof < math.inf:
+    if not np.isscalar(ddof) or not (math.isfinite(ddof) and ddof >= 0):
         raise ValueError(f"du: ddof must be a finite number >= 0, got {ddof!r}")
     if ddof >= window:  # the window is what is short: a std over J epochs divides by J - ddof
         raise ValueError(f"du: window must be >= {math.floor(ddof) + 1} for a std with ddof={ddof} "
