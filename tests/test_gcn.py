@@ -567,6 +567,28 @@ def test_resident_training_bounds_its_steps_per_epoch(base):
 
 
 @pytest.mark.slow
+def test_cluster_workers_let_go_of_their_activation_copies(base, tmp_path, s3server, s3bucket, monkeypatch):
+    """On a dask cluster that outlives the stage, each worker process holds its host's copy of the
+    activations it gathered from: the stage tells every worker to let go, so the copies go with the
+    activations instead of staying on the workers' disks until a later run."""
+    from dask.distributed import LocalCluster
+
+    monkeypatch.setenv("STREAMPRUNE_CACHE", str(tmp_path / "cache"))  # before the workers start: they inherit it
+    s3server.fs().put(base["ws"] + "/", f"{s3bucket}/ws/", recursive=True)
+    remote = Workspace(f"s3://{s3bucket}/ws", s3server.storage_options)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        extrapolate_gcn(remote, "du", k=8, chunk_rows=128, memory_limit=0, scheduler=cluster.scheduler_address,
+                        prior="none", **QUICK)
+        copies = {home.name: sorted(p.name for p in home.iterdir() if p.is_dir())
+                  for home in (tmp_path / "cache" / "arrays").iterdir()}
+    from streamprune.index import _rows_home
+
+    act = os.path.basename(_rows_home(remote, "gcn/du/activations"))
+    assert act in copies and copies[act] == [], copies  # the workers made copies there, and let go of them
+    assert sum(len(v) > 0 for v in copies.values()) == 2  # labels and validity keep theirs
+
+
+@pytest.mark.slow
 def test_distributed_scheduler_streams(base, tmp_path, dask_cluster):
     ws = clone(base, tmp_path)
     m = extrapolate_gcn(ws, "du", k=8, chunk_rows=128, scheduler=dask_cluster, **QUICK)

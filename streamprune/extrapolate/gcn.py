@@ -39,7 +39,7 @@ import zarr
 from torch import nn
 
 from streamprune import storage
-from streamprune.compute import map_tasks
+from streamprune.compute import LOCAL_SCHEDULERS, client_for, map_tasks
 from streamprune.errors import Rule, StreamPruneError, check_optional_whole, check_seed, whole
 from streamprune.evaluate import pearson
 from streamprune.extrapolate.common import (as_workspace, marker_key, output_path, register_method, score_fingerprint,
@@ -932,7 +932,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
                    "epochs_run": len(ckpt["history"]) - 1})  # fewer than the epochs: stopped early (patience)
     marker = run.commit(outputs={"extrapolated": output_path(score, "gcn"), "model": ckpt_rel}, counts=counts,
                         timings=timings)
-    _remove_activations(ws, score, len(widths))
+    _remove_activations(ws, score, len(widths), scheduler)
     return marker
 
 
@@ -1036,14 +1036,18 @@ def _create_activations(ws: Workspace, score: str, layer: int, n: int, width: in
                       attributes={"id": uuid.uuid4().hex}, **shards)  # the id names this write for local copies
 
 
-def _remove_activations(ws: Workspace, score: str, n_layers: int) -> None:
-    """Remove the layers' activations, and this host's copies of them that no process reads (those of
-    other hosts go when a later run there makes new ones)."""
+def _remove_activations(ws: Workspace, score: str, n_layers: int, scheduler: str | None = None) -> None:
+    """Remove the layers' activations and the local copies of them: this host's, and on a dask
+    cluster (``scheduler`` an address) each worker's, whose process holds its copy until told to let go."""
     from streamprune.index import drop_copies
 
     for layer in range(1, n_layers + 1):
         storage.remove(ws.path(_act_path(score, layer)), ws.storage_options, recursive=True)
-    drop_copies(ws, _ACT_GROUP.format(score=score))
+    group = _ACT_GROUP.format(score=score)
+    if scheduler is not None and scheduler not in LOCAL_SCHEDULERS and storage.is_remote(ws.url):
+        with client_for(scheduler) as client:
+            client.run(drop_copies, ws, group)
+    drop_copies(ws, group)
 
 
 register_method("gcn", extrapolate_gcn, OPTIONS)
