@@ -6,7 +6,7 @@ from collections import Counter
 
 from streamprune import leases, storage
 from streamprune.errors import StreamPruneError
-from streamprune.workspace import STAGES, Workspace, missing_input, pipeline_order
+from streamprune.workspace import STAGES, Workspace, dependency_order, missing_input, pipeline_order
 
 
 def status(workspace: str | Workspace, storage_options: dict | None = None) -> dict:
@@ -18,7 +18,8 @@ def status(workspace: str | Workspace, storage_options: dict | None = None) -> d
     stages: dict[str, dict] = {}
     markers = ws.markers()
     missing: list[str] = []  # inputs whose marker is gone while results made from them remain
-    for name, m in sorted(markers.items(), key=lambda item: pipeline_order(*item)):
+    for name in dependency_order(markers):
+        m = markers[name]
         stale = ws.outdated_line(name, markers)
         found = ws.outdated(name, markers) if stale else None
         if found and missing_input(found[1], markers) and found[1] not in missing:

@@ -213,10 +213,25 @@ def missing_input(role: str, markers: dict[str, dict]) -> bool:
 def pipeline_order(key: str, marker: dict | None = None) -> tuple[int, str]:
     """Sort key putting markers in the order their stages run (subset before train before score ...)."""
     order = ("catalog", "subset", "train", "score", "embed", "index", "extrapolate", "prune")
-    if key == "score-label_disagreement":  # a score stage made by `extrapolate --method label-aware` from
-        return (order.index("extrapolate"), "")  # graph/all: after index, before the extrapolations that read it
     stage = (marker or {}).get("stage") or ("train" if key.startswith("train") else command_for(key).split()[0])
     return (order.index(stage) if stage in order else len(order), key)
+
+
+def dependency_order(markers: dict[str, dict]) -> list[str]:
+    """The keys of ``markers``, each after the markers whose results it read (the fingerprints its
+    recorded inputs name), otherwise in :func:`pipeline_order`.  Re-running stale stages in this
+    order re-makes every input before what reads it, whichever stage made it: label disagreement is
+    a score that reads the all-rows graph, made by `extrapolate --method label-aware`."""
+    key_of = {m["fingerprint"]: key for key, m in markers.items() if m.get("fingerprint")}
+    reads = {key: {key_of[fp] for fp in (m.get("inputs") or {}).values() if isinstance(fp, str) and fp in key_of}
+             - {key} for key, m in markers.items()}
+    waiting = sorted(markers, key=lambda key: pipeline_order(key, markers[key]))
+    placed: list[str] = []
+    while waiting:  # tens of markers: the first one ready, by a scan
+        key = next((k for k in waiting if reads[k] <= set(placed)), waiting[0])  # [0]: a cycle, made by no stage
+        waiting.remove(key)
+        placed.append(key)
+    return placed
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

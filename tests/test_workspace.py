@@ -393,6 +393,29 @@ def test_label_disagreement_is_listed_after_the_graph_it_reads(tmp_path):
     assert stale_lines[0].startswith("index-all is out of date (its input 'embed' was re-run since)")
 
 
+def test_status_lists_each_stage_after_the_results_it_read(tmp_path):
+    """Order comes from the inputs a marker records, not from its stage's name: a score stage that reads an
+    extrapolation (as a plug-in could) is listed after it, and an unrelated score keeps the pipeline's place."""
+    from streamprune.status import status
+    from streamprune.workspace import dependency_order
+
+    ws = Workspace(str(tmp_path / "ws"))
+    _chain(ws, TRAIN)
+    graph = ws.begin("index", {"k": 20}, {"embed": ws.marker("embed")["fingerprint"]},
+                     key="index-all").commit({}, {})["fingerprint"]
+    knn = ws.begin("extrapolate", {"score": "du", "method": "knn"},
+                   {"graph": graph, "score": ws.marker("score-du")["fingerprint"]},
+                   key="extrapolate-du-knn").commit({}, {})["fingerprint"]
+    ws.begin("score", {"score": "agreement"}, {"knn": knn}, key="score-agreement").commit({}, {})
+    order = list(status(ws)["stages"])
+    assert order.index("score-agreement") > order.index("extrapolate-du-knn")
+    assert order.index("score-du") < order.index("embed") < order.index("index-all")
+    markers = ws.markers()
+    assert dependency_order(markers)[:3] == ["catalog", "subset", "train"]
+    markers["catalog"]["inputs"] = {"loop": markers["train"]["fingerprint"]}  # a cycle: no stage makes one
+    assert sorted(dependency_order(markers)) == sorted(markers)
+
+
 def test_a_removed_input_is_named_missing_and_pending(tmp_path):
     """A `--force` re-run that failed leaves its stage without a marker: what was made from it says the input
     is missing (not re-run), names the command that makes it with its last options, and status lists it pending."""
