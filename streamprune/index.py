@@ -80,6 +80,11 @@ TARGET_RECALL = 0.95
 NPROBE_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_NPROBE = 32  # when no tuning queries are available
 DEFAULT_REFINE = 4
+# --refine auto re-ranks only while the embeddings are at most this big: every search chunk reads them
+# whole (candidates are spread over all rows), about 1.5 s per GiB from the page cache against ~17 s for
+# the chunk's search (measured at 2M rows of 256-d); above it the re-rank outgrows the search, and past
+# the page cache each chunk reads them from disk.
+RERANK_MAX_BYTES = 8 << 30
 TUNE_QUERIES = 500
 GRAPH_CHUNK_ROWS = 1 << 16
 TASK_CANDIDATES = 1 << 22
@@ -1138,7 +1143,8 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
         device = torch_search_device()
         engine = choose_engine(factory, emb.shape[0], n_index, emb.shape[1], _free_bytes(device))
         return _plan(name, emb.shape[0], emb.shape[1], n_index, k, factory, refine, ondisk_threshold, chunk_rows,
-                     emb.chunks[0], engine=engine, device=device if engine == "torch" else None), mask
+                     emb.chunks[0], engine=engine, device=device if engine == "torch" else None,
+                     row_bytes=emb.shape[1] * emb.dtype.itemsize), mask
 
     # The plan refuses what cannot be built (the factory, its lists on disk) before begin()
     # replaces an earlier run's marker; a finished run of this config and inputs is skipped below.
@@ -1189,12 +1195,18 @@ def _build_graph(ws: Workspace, name: str, *, k: int, factory: str, nprobe: int 
 
 def _plan(name: str, n: int, d: int, n_index: int, k: int, factory: str, refine: int | None,
           ondisk_threshold: int | None, chunk_rows: int | None, emb_chunk_rows: int, engine: str = "faiss",
-          device: str | None = None) -> _Plan:
+          device: str | None = None, row_bytes: int | None = None) -> _Plan:
     if engine == "torch":  # exact: no index, no re-rank from zarr (TorchExactIndex re-ranks on the device)
         return _Plan(name=name, factory="Flat", nlist=0, m=0, code_size=4 * d, n=n, d=d, n_index=n_index, k=int(k),
                      refine=0, ondisk=False, ondisk_threshold=int(ondisk_threshold or ondisk_rows(4 * d)),
                      chunk_rows=int(chunk_rows or default_chunk_rows(emb_chunk_rows, k + 1)), gpu=False,
                      engine="torch", device=device)
+    emb_bytes = n * (row_bytes or 4 * d)
+    if refine is None and emb_bytes > RERANK_MAX_BYTES:
+        refine = 0
+        log.warning("index-%s: no exact re-rank: each search chunk would read all %.1f GiB of embeddings.zarr "
+                    "again; %s (pass --refine 4 to re-rank all the same)", name, emb_bytes / 2**30,
+                    "wider PQ codes instead" if factory == "auto" else "the index's distances are kept")
     if factory == "auto":
         factory = auto_params(n_index, d, refine=(DEFAULT_REFINE if refine is None else refine) > 0)["factory"]
     desc = describe_index(make_index(d, factory))

@@ -156,6 +156,26 @@ def test_plan_sizes_pq_codes_by_rerank():
     assert (without.factory, without.refine, without.code_size) == ("IVF16384_HNSW32,PQ64", 0, 64)
 
 
+def test_plan_turns_the_rerank_off_for_embeddings_too_big_to_reread(caplog):
+    """Every search chunk re-reads the whole embeddings for its re-rank: `--refine` auto keeps it only up to
+    RERANK_MAX_BYTES of embeddings (in their stored dtype), then widens the PQ codes instead and says so; an
+    explicit --refine is kept."""
+    from streamprune.index import RERANK_MAX_BYTES, _plan
+
+    rows = RERANK_MAX_BYTES // 512  # 128-d float32 rows of 512 B: exactly the limit
+    at = _plan("all", rows, 128, rows, 20, "auto", None, None, None, 4096, row_bytes=512)
+    assert (at.refine, at.code_size) == (4, 16) and not caplog.records
+    over = _plan("all", rows + 1, 128, rows + 1, 20, "auto", None, None, None, 4096, row_bytes=512)
+    assert (over.refine, over.code_size) == (0, 32)
+    assert "no exact re-rank" in caplog.text and "8.0 GiB" in caplog.text and "--refine 4" in caplog.text
+    half = _plan("all", 2 * rows, 128, 2 * rows, 20, "auto", None, None, None, 4096, row_bytes=256)  # float16
+    assert half.refine == 4
+    forced = _plan("all", 2 * rows, 128, 2 * rows, 20, "auto", 4, None, None, 4096, row_bytes=512)
+    assert (forced.refine, forced.code_size) == (4, 16)
+    given = _plan("all", 2 * rows, 128, 2 * rows, 20, "IVF1024,PQ16", None, None, None, 4096, row_bytes=512)
+    assert (given.refine, given.code_size) == (0, 16)
+
+
 def test_explicit_fast_scan_factory_is_refused_on_disk():
     """Fast-scan inverted lists cannot be merged on disk: one line, before anything is built."""
     from streamprune.index import _plan
