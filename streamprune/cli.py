@@ -332,7 +332,8 @@ def embed(workspace, storage_options, scheduler, on_error, force, image_size, im
 @click.option("--k", type=int, default=20, show_default=True)
 @click.option("--factory", default="auto", show_default=True, help='faiss factory string, e.g. "IVF4096,PQ32".')
 @click.option("--nprobe", type=int, default=None)
-@click.option("--refine", type=int, default=None, help="Re-rank the top R*k candidates exactly (default: 4 for PQ up to 8 GiB of embeddings, else 0).")
+@click.option("--refine", type=int, default=None,
+              help="Re-rank the top R*k candidates exactly (default: 4 for PQ up to 8 GiB of embeddings, else 0).")
 @click.option("--chunk-rows", type=int, default=None)
 @click.option("--scheduler", default="local", show_default=True,
               help="dask scheduler adding and searching rows: local (worker processes), threads, sync, or "
