@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -68,9 +69,27 @@ class _Group(click.Group):
             if line is None:
                 raise
             raise click.ClickException(line) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated):
+                click.echo("terminated (SIGTERM); re-run the same command to resume", err=True)
+                sys.exit(128 + signal.SIGTERM)
             click.echo("interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler preempting or cancelling the job), unwound as Ctrl-C is.
+
+    The default action ended the process on the spot: no line said why, and the leases of the running
+    stages stayed behind; a re-run on another host (a rescheduled pod, the next node of a batch
+    queue) was refused until they expired.  Unwinding releases them, and each chunk is either
+    recorded complete or redone.
+    """
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -671,6 +690,7 @@ def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, qu
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="streamprune")
 
 

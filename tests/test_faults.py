@@ -232,6 +232,79 @@ def test_disk_full_message_names_the_target_file():
         raise PermissionError(errno.EACCES, "denied")
 
 
+# --------------------------------------------------------------------------- signals
+
+
+def _signal_mid_embed(ws: str, sig: int, scheduler: str, group: bool = False) -> subprocess.CompletedProcess:
+    """Run `embed` through the CLI; once 3 chunks are recorded send ``sig`` to it (to its whole process
+    group with ``group``, as a terminal's Ctrl-C or a batch scheduler's cancel does)."""
+    import signal
+
+    argv = [sys.executable, "-m", "streamprune.cli", "embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler",
+            scheduler]
+    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.2"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(_records(ws, "embed")) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_sigterm_mid_stage_is_one_line_and_releases_the_lease(trained, tmp_path):
+    """SIGTERM (kill, a batch scheduler preempting the job) unwinds like Ctrl-C: one line, exit 143, the
+    stage's lease released (a re-run on another host need not wait for it to expire), and the re-run
+    resumes to the embeddings of an uninterrupted run."""
+    import signal
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    out = _signal_mid_embed(ws, signal.SIGTERM, "sync")
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert out.stderr.strip() == "terminated (SIGTERM); re-run the same command to resume"
+    assert not glob.glob(os.path.join(ws, "_stages", "*.lease")) and not _leftovers(ws)
+    done = _records(ws, "embed")
+    assert 3 <= len(done) < N_ROWS // CHUNK and not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+def test_local_cluster_workers_ignore_sigint():
+    """Ctrl-C reaches every process of the terminal's group: the local cluster's workers ignore it (each
+    printed a KeyboardInterrupt traceback above the command's line) and the stage's process stops them."""
+    import signal
+
+    from streamprune import compute
+
+    with compute.client_for("local", 2) as client:
+        assert set(client.run(lambda: signal.getsignal(signal.SIGINT) is signal.SIG_IGN).values()) == {True}
+        pids = client.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+        assert sorted(map_tasks(_square, [(i,) for i in range(4)], scheduler=client.scheduler.address)) == [0, 1, 4, 9]
+        assert client.run(os.getpid) == pids  # the same processes: none was interrupted
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_local_cluster_is_one_line(trained, tmp_path):
+    import signal
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    out = _signal_mid_embed(ws, signal.SIGINT, "local", group=True)
+    assert out.returncode == 130 and out.stderr.strip() == "interrupted; re-run the same command to resume", \
+        out.stderr
+    assert not glob.glob(os.path.join(ws, "_stages", "*.lease"))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    _assert_same_embeddings(trained["ref"], ws)
+
+
 # --------------------------------------------------------------------------- memory limits
 
 
