@@ -34,13 +34,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import DISK_FULL_ERRNOS, StreamPruneError
 
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("local", "threads", "sync", "processes")
 MEMORY_SHARE = 0.25  # of a worker's memory limit that one task's chunk-sized arrays may take
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class _Failed:

@@ -248,7 +248,7 @@ def write_encoded(ws: Workspace, encoded: dict, spec: dict) -> dict:
     r1 = r0 + len(labels)
     url = ws.path("embeddings.zarr")
     t0 = time.perf_counter()
-    with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
+    with disk_errors(f"embed: rows {r0}-{r1}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
         write_chunk(group, r0, emb, labels, valid)
     return {"n": len(labels), "n_valid": int(valid.sum()), "errors": encoded["errors"],

@@ -24,14 +24,15 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import DISK_FULL_ERRNOS, StreamPruneError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -541,7 +542,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(url)}")
         try:
-            with open(tmp, "wb") as f:
+            with naming(url), open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -638,7 +639,48 @@ def zarr_store(url: str, storage_options: dict | None = None):
     if is_remote(url):
         fs = get_fs(url, storage_options, asynchronous=True)  # the same retry policy as every other request
         return zarr.storage.FsspecStore(fs, path=fs._strip_protocol(url))
-    return zarr.storage.LocalStore(url)
+    return _local_store_class()(url)
+
+
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Give a full disk's OSError (ENOSPC, EDQUOT, EFBIG) raised without a file name the name ``path``: a
+    failed ``write()`` carries none, and its one line could not say which file (so which disk) it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in DISK_FULL_ERRNOS:
+            exc.filename = path
+        raise
+
+
+_LOCAL_STORE: list[type] = []
+
+
+def _local_store_class() -> type:
+    """zarr's LocalStore whose failed writes name their file (:func:`naming`); made on first use, so that
+    importing this module does not import zarr."""
+    if not _LOCAL_STORE:
+        import zarr
+
+        class NamingLocalStore(zarr.storage.LocalStore):
+            async def set(self, key: str, value: Any) -> None:
+                with naming(os.path.join(str(self.root), key)):
+                    await super().set(key, value)
+
+            async def set_if_not_exists(self, key: str, value: Any) -> None:
+                with naming(os.path.join(str(self.root), key)):
+                    await super().set_if_not_exists(key, value)
+
+        NamingLocalStore.__module__, NamingLocalStore.__qualname__ = __name__, "NamingLocalStore"  # picklable
+        _LOCAL_STORE.append(NamingLocalStore)
+    return _LOCAL_STORE[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NamingLocalStore":  # what a pickled store names
+        return _local_store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def buffered(data: bytes) -> io.BytesIO:

@@ -126,8 +126,8 @@ def test_disk_full_during_embed_fails_cleanly_and_resumes(trained, tmp_path):
     out = _run_code(_fill_disk_code(pattern, 3, 2048, argv), {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip()
-    assert "\n" not in line and line.startswith("Error: embed: writing rows ")
-    assert f"of {os.path.join(ws, 'embeddings.zarr')}: file too large (EFBIG); " in line
+    assert "\n" not in line and line.startswith("Error: embed: rows ")
+    assert f": file too large (EFBIG) writing {os.path.join(ws, 'embeddings.zarr', 'emb', 'c')}{os.sep}" in line
     assert line.endswith("re-run the same command to resume")
     assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
     done = [int(c) for c in _records(ws, "embed")]
@@ -164,7 +164,7 @@ def test_disk_full_during_client_path_embed_fails_cleanly_and_resumes(trained, t
     out = _run_code(code, {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("Error: embed: writing rows ") and "file too large (EFBIG)" in line, out.stderr
+    assert line.startswith("Error: embed: rows ") and "file too large (EFBIG) writing " in line, out.stderr
     assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
     done = [int(c) for c in _records(ws, "embed")]
     assert 3 <= len(done) < N_ROWS // CHUNK
@@ -186,7 +186,7 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
                     {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip()
-    assert "\n" not in line and line.startswith("Error: catalog: file too large (EFBIG); ")
+    assert "\n" not in line and line.startswith(f"Error: catalog: file too large (EFBIG) writing {parts}{os.sep}")
     written = glob.glob(os.path.join(parts, "*.parquet"))
     assert 3 <= len(written) < 8 and not _leftovers(ws)
     for p in written:  # a part (the catalog's chunk record) exists only complete
@@ -195,6 +195,41 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
     a, b = Catalog(Workspace(ws)), Catalog(Workspace(trained["ws"]))
     assert np.array_equal(a.keys(), b.keys())
     pd.testing.assert_frame_equal(a.shards[["url", "n_samples", "row_start"]], b.shards[["url", "n_samples", "row_start"]])
+
+
+def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
+    """A failed write() raises ENOSPC/EFBIG without a file name; zarr's local store, the atomic JSON writer
+    and the atomic output files (reshard tars, keys) name theirs, so the one line says which disk is full."""
+    ws = shutil.copytree(trained["ws"], str(tmp_path / "ws"))
+    out = str(tmp_path / "out")
+    code = (
+        "import pickle, resource, signal, numpy as np, zarr\n"
+        "from streamprune import storage\n"
+        "from streamprune.compute import disk_full_message\n"
+        "from streamprune.prune import atomic_output\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "store = storage.zarr_store(%(out)r + '/a.zarr')\n"
+        "assert pickle.loads(pickle.dumps(store)) == store\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "def tar():\n"
+        "    with atomic_output(%(out)r + '/c.tar') as f:\n"
+        "        f.write(bytes(8192))\n"
+        "for write in (lambda: zarr.create_array(store, data=np.ones(4096), compressors=None),\n"
+        "              lambda: storage.write_bytes_atomic(%(out)r + '/b.json', bytes(8192)), tar):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except Exception as exc:\n"
+        "        print(disk_full_message(exc))\n") % {"out": out}
+    got = _run_code(code, {})
+    assert got.returncode == 0, got.stderr
+    lines = got.stdout.splitlines()
+    assert len(lines) == 3, got.stdout
+    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar")):
+        assert line.startswith(f"file too large (EFBIG) writing {os.path.join(out, name)}; free space"), line
+    argv = ["subset", "-w", ws, "--fraction", "0.3", "--force"]
+    got = _run_code(_fill_disk_code(os.path.join(ws, "*.json"), 1, 300, argv), {})
+    assert got.returncode == 1 and got.stderr.startswith(
+        f"Error: file too large (EFBIG) writing {os.path.join(ws, 'subset', 'rows.zarr')}{os.sep}"), got.stderr
 
 
 def test_disk_full_message_names_the_target_file():
