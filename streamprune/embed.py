@@ -358,7 +358,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         return run.previous | {"skipped": True}
     t0 = time.time()
     url = ws.path("embeddings.zarr")
-    layout = run.chunk_done("layout")
+    layout = run.layout("layout", url)
     if layout is None:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("emb", shape=(n, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0,

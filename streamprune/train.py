@@ -183,7 +183,7 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
     if shape is None:
         raise StreamPruneError(f"{key}: no decodable sample among {m} rows")
     url = ws.path(key, "cache.zarr")
-    info = run.chunk_done("cache-layout")
+    info = run.layout("cache-layout", url, "cache-")
     if info is None or tuple(info["shape"]) != shape:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("x", shape=(m, *shape), chunks=(chunk_rows, *shape), dtype=dtype, fill_value=0,

@@ -537,6 +537,24 @@ class StageRun:
                                   {"chunk": str(chunk), "n_errors": len(errors), **(info or {})},
                                   self.ws.storage_options)
 
+    def layout(self, record: str, url: str, chunks: str = "") -> dict | None:
+        """The record ``record`` of the zarr output at ``url`` that this run created, or None: the caller
+        creates the output (again) and records it.
+
+        An output removed while the run's records stayed (deleted by hand after a failed run) makes them
+        describe rows that are gone: its records, and those of the chunks whose ids start with
+        ``chunks``, are dropped, and the chunks are done again.
+        """
+        rec = self.chunk_done(record)
+        if rec is not None and storage.exists(storage.join(url, "zarr.json"), self.ws.storage_options):
+            return rec
+        stale = sorted(c for c in self.done_chunks() if c.startswith(chunks) and c != record)
+        if rec is not None:
+            log.warning("%s: %s is gone; doing its %d recorded chunks again", self.key, url, len(stale))
+        for chunk in stale + [record] * (rec is not None):
+            self.forget_chunk(chunk)
+        return None
+
     def forget_chunks(self) -> None:
         """Drop the chunk records of this run: their outputs are known to be gone or replaced."""
         storage.remove(storage.join(self._dir, "chunks"), self.ws.storage_options, recursive=True)

@@ -584,6 +584,35 @@ def test_killed_ondisk_index_add_resumes_identically(tmp_path):
         np.testing.assert_array_equal(a[:], b[:])
 
 
+def test_output_removed_by_hand_mid_run_is_written_again(trained, tmp_path):
+    """A user who deletes the half-written output of a killed run (to "start clean") and runs the same
+    command again gets the output of an uninterrupted run: the chunk records that described the removed
+    rows are dropped, not trusted (they said: not found, naming the workspace; or left rows empty)."""
+    from streamprune.index import build_index, read_graph
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    code = f"from streamprune.embed import embed; embed({ws!r}, chunk_rows={CHUNK}, scheduler='sync')"
+    kill_python_when(code, lambda: len(_records(ws, "embed")) >= 3, env={"STREAMPRUNE_TASK_DELAY": "0.2"},
+                     timeout=120)
+    shutil.rmtree(os.path.join(ws, "embeddings.zarr"))
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    assert f"embed: {os.path.join(ws, 'embeddings.zarr')} is gone; doing its " in out.stderr
+    _assert_same_embeddings(trained["ref"], ws)
+
+    x = np.random.default_rng(5).standard_normal((600, 8)).astype(np.float32)
+    opts = dict(graph="all", k=4, factory="Flat", refine=0, scheduler="sync", chunk_rows=50, recall_queries=50)
+    clean = _embedding_workspace(str(tmp_path / "clean"), x, 100)
+    killed = _embedding_workspace(str(tmp_path / "killed"), x, 100)
+    build_index(clean, **opts)
+    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
+    kill_python_when(code, lambda: len(_records(killed.url, "index-all", "search-")) >= 2,
+                     env={"STREAMPRUNE_TASK_DELAY": "0.2"}, timeout=120)
+    shutil.rmtree(os.path.join(killed.url, "graph", "all.zarr"))
+    build_index(killed, **opts)
+    for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
+        np.testing.assert_array_equal(a[:], b[:])
+
+
 def _touch(directory: str, i: int) -> int:
     open(os.path.join(directory, str(i)), "w").close()  # the task has started
     return i
