@@ -459,11 +459,9 @@ def _kept_chunk_rows(ws: Workspace, config: dict) -> int | None:
 
 
 def _load_pseudo(ws: Workspace) -> list:
-    import io
+    from streamprune.train import load_torch
 
-    state = torch.load(io.BytesIO(storage.read_bytes(ws.path("train", "pseudo.pt"), ws.storage_options)),
-                       map_location="cpu", weights_only=False)
-    return state["centroids"].numpy().tolist()
+    return load_torch(ws.path("train", "pseudo.pt"), ws.storage_options)["centroids"].numpy().tolist()
 
 
 def open_embeddings(ws: Workspace) -> zarr.Group:

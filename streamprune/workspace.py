@@ -487,8 +487,17 @@ class Workspace:
         url = self.path("errors.jsonl")
         if not storage.exists(url, self.storage_options):
             return []
-        text = storage.read_bytes(url, self.storage_options).decode()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(storage.read_bytes(url, self.storage_options).decode(errors="replace").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise StreamPruneError(f"{url} line {i + 1} is not valid JSON ({exc.msg}); it was damaged or "
+                                       "edited: fix or remove that line (a stage that runs again rewrites its own "
+                                       "lines)") from None
+        return out
 
     def _replace_errors(self, stage_key: str, records: list[dict]) -> None:
         kept = [e for e in self.errors() if e.get("stage_key", e.get("stage")) != stage_key]

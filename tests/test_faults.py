@@ -340,6 +340,40 @@ def test_ctrl_c_on_a_local_cluster_is_one_line(trained, tmp_path):
     _assert_same_embeddings(trained["ref"], ws)
 
 
+# --------------------------------------------------------------------------- damaged workspace files
+
+
+def test_damaged_checkpoint_and_errors_file_are_one_line_and_repairable(trained, tmp_path):
+    """A damaged model.pt or errors.jsonl (a copy cut short, an edit) stops the stage with one line naming
+    the file and saying what to do, instead of torch's or json's traceback; doing it repairs the workspace."""
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    model = os.path.join(ws, "train", "model.pt")
+    with open(model, "r+b") as f:
+        f.truncate(100)
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (f"Error: {model} is damaged or not a checkpoint (RuntimeError: PytorchStreamReader "
+                                  "failed reading zip archive: failed finding central directory); remove it (and "
+                                  "re-run the stage that wrote it, with --force) or use a new workspace")
+    os.unlink(model)
+    train(ws, TrainConfig(model="mlp", epochs=1, batch_size=32), DecodeConfig(), scheduler="sync", force=True)
+
+    errors = os.path.join(ws, "errors.jsonl")
+    with open(errors, "a") as f:
+        f.write('{"stage": "embed", "key": \n')
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    n = len(open(errors).read().splitlines())
+    assert out.stderr.strip() == (f"Error: {errors} line {n} is not valid JSON (Expecting value); it was damaged or "
+                                  "edited: fix or remove that line (a stage that runs again rewrites its own lines)")
+    with open(errors) as f:
+        lines = f.read().splitlines()[:-1]
+    with open(errors, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")  # resumes and commits
+    _assert_same_embeddings(trained["ref"], ws)
+
+
 # --------------------------------------------------------------------------- memory limits
 
 
