@@ -22,7 +22,8 @@ _PATH_PARAMS = ("output", "workspace", "reshard", "config_path", "shards", "test
 
 
 def _one_line(exc: Exception, params: dict | None = None) -> str | None:
-    """The line for a storage failure raised inside zarr/s3fs, or a full disk anywhere; None for a bug.
+    """The line for a storage failure raised inside zarr/s3fs, zarr data that cannot be decoded, or a full
+    disk anywhere; None for a bug.
 
     ``params`` (a command's options) name the paths the user gave, for an error that carries no file name.
     """
@@ -33,7 +34,7 @@ def _one_line(exc: Exception, params: dict | None = None) -> str | None:
     for name in _PATH_PARAMS:
         value = (params or {}).get(name)
         given += [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
-    line = disk_full_message(exc) or storage.error_line(exc, given)
+    line = disk_full_message(exc) or storage.error_line(exc, given) or storage.zarr_read_error_line(exc)
     return None if line is None else storage.redact(line)
 
 

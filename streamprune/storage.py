@@ -351,6 +351,40 @@ def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
     return msg + (" (gave up after retries)" if is_transient(exc) or _retry_code(exc) else "")
 
 
+_ZARR_WRITES = frozenset({"_set_selection", "write", "write_batch", "set", "_save_metadata", "save_metadata"})
+
+
+def zarr_read_error_line(exc: BaseException) -> str | None:
+    """One line for zarr data that cannot be decoded (a chunk or ``zarr.json`` cut short, overwritten or
+    written by another tool), else None.
+
+    zarr raises what its codecs raise (a zstd or blosc error, a reshape to the chunk's shape, a JSON
+    error) without the file's name; it is read from the innermost zarr frame that holds a
+    ``store_path`` (the array, or the group whose zarr.json failed).  Errors of zarr's writes (a
+    wrong shape given by a caller) and storage errors (:func:`error_line`) are not this.
+    """
+    if isinstance(exc, (OSError, StreamPruneError)):
+        return None
+    tb, in_zarr, where, writing = exc.__traceback__, False, None, False
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if f"{os.sep}zarr{os.sep}" in code.co_filename:
+            in_zarr = True
+            writing = writing or code.co_name in _ZARR_WRITES
+            path = tb.tb_frame.f_locals.get("store_path")
+            if type(path).__name__ == "StorePath":
+                where = str(path).removeprefix("file://")
+                if code.co_name.startswith(("_from_bytes", "_read_metadata")):
+                    where = join(where, "zarr.json")
+        tb = tb.tb_next
+    if not in_zarr or writing:
+        return None
+    first = (str(exc).splitlines() or [""])[0]
+    return (f"{where or 'zarr data of the workspace'} cannot be read ({type(exc).__name__}: {first}): it is damaged or "
+            "was written by another tool; remove the output of the stage that wrote it and re-run that stage with "
+            "--force, or use a new workspace")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether an error from storage is worth retrying."""
     if isinstance(exc, _PERMANENT):

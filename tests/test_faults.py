@@ -374,6 +374,34 @@ def test_damaged_checkpoint_and_errors_file_are_one_line_and_repairable(trained,
     _assert_same_embeddings(trained["ref"], ws)
 
 
+def test_damaged_zarr_data_is_one_line_naming_the_array(trained, tmp_path):
+    """A zarr chunk or zarr.json cut short raised its codec's error (zstd, blosc, a reshape, JSON) with a
+    traceback; it is one line naming the array.  A caller's wrong write inside zarr stays a bug (no line)."""
+    from streamprune import storage
+
+    ws = shutil.copytree(trained["tmp"] / "clean", str(tmp_path / "ws"))
+    chunk = os.path.join(ws, "embeddings.zarr", "emb", "c", "0", "0")
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    out = run_cli("index", "-w", ws, "--graph", "all", "--k", "5", "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().startswith(f"Error: {os.path.join(ws, 'embeddings.zarr', 'emb')} cannot be read "
+                                         "(ValueError: cannot reshape array of size 25 into shape ("), out.stderr
+    assert out.stderr.strip().endswith("): it is damaged or was written by another tool; remove the output of the "
+                                       "stage that wrote it and re-run that stage with --force, or use a new workspace")
+    meta = os.path.join(ws, "embeddings.zarr", "labels", "zarr.json")
+    with open(meta, "r+b") as f:
+        f.truncate(40)
+    line = storage.zarr_read_error_line(pytest.raises(Exception, zarr.open_group(storage.zarr_store(
+        os.path.join(ws, "embeddings.zarr")), mode="r").__getitem__, "labels").value)
+    assert line is not None and line.startswith(f"{os.path.join(ws, 'embeddings.zarr', 'labels')}") and \
+        "cannot be read (JSONDecodeError: " in line, line
+    arr = zarr.create_array(storage.zarr_store(str(tmp_path / "w.zarr")), shape=(4,), dtype="float32")
+    with pytest.raises(ValueError) as wrong:
+        arr[0:2] = np.zeros((2, 2), np.float32)
+    assert storage.zarr_read_error_line(wrong.value) is None
+
+
 # --------------------------------------------------------------------------- memory limits
 
 
