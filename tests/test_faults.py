@@ -198,8 +198,9 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
 
 
 def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
-    """A failed write() raises ENOSPC/EFBIG without a file name; zarr's local store, the atomic JSON writer
-    and the atomic output files (reshard tars, keys) name theirs, so the one line says which disk is full."""
+    """A failed write() raises ENOSPC/EFBIG without a file name; zarr's local store, the atomic JSON writer,
+    the atomic output files (reshard tars, keys), the score table and the report's plots name theirs, so the
+    one line says which disk is full."""
     ws = shutil.copytree(trained["ws"], str(tmp_path / "ws"))
     out = str(tmp_path / "out")
     code = (
@@ -207,6 +208,8 @@ def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
         "from streamprune import storage\n"
         "from streamprune.compute import disk_full_message\n"
         "from streamprune.prune import atomic_output\n"
+        "from streamprune.export import export_scores\n"
+        "from streamprune.report import _plt, _save\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "store = storage.zarr_store(%(out)r + '/a.zarr')\n"
         "assert pickle.loads(pickle.dumps(store)) == store\n"
@@ -215,16 +218,18 @@ def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
         "    with atomic_output(%(out)r + '/c.tar') as f:\n"
         "        f.write(bytes(8192))\n"
         "for write in (lambda: zarr.create_array(store, data=np.ones(4096), compressors=None),\n"
-        "              lambda: storage.write_bytes_atomic(%(out)r + '/b.json', bytes(8192)), tar):\n"
+        "              lambda: storage.write_bytes_atomic(%(out)r + '/b.json', bytes(8192)), tar,\n"
+        "              lambda: export_scores(%(ws)r, %(out)r + '/d.csv'),\n"
+        "              lambda: _save(_plt().figure(figsize=(8, 8)), %(out)r + '/e.png')):\n"
         "    try:\n"
         "        write()\n"
         "    except Exception as exc:\n"
-        "        print(disk_full_message(exc))\n") % {"out": out}
+        "        print(disk_full_message(exc))\n") % {"out": out, "ws": ws}
     got = _run_code(code, {})
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()
-    assert len(lines) == 3, got.stdout
-    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar")):
+    assert len(lines) == 5, got.stdout
+    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar", "d.csv", "e.png")):
         assert line.startswith(f"file too large (EFBIG) writing {os.path.join(out, name)}; free space"), line
     argv = ["subset", "-w", ws, "--fraction", "0.3", "--force"]
     got = _run_code(_fill_disk_code(os.path.join(ws, "*.json"), 1, 300, argv), {})
