@@ -199,8 +199,8 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
 
 def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
     """A failed write() raises ENOSPC/EFBIG without a file name; zarr's local store, the atomic JSON writer,
-    the atomic output files (reshard tars, keys), the score table and the report's plots name theirs, so the
-    one line says which disk is full."""
+    the atomic output files (reshard tars, keys), the score table, the report's plots and the leases name
+    theirs, so the one line says which disk is full."""
     ws = shutil.copytree(trained["ws"], str(tmp_path / "ws"))
     out = str(tmp_path / "out")
     code = (
@@ -210,6 +210,7 @@ def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
         "from streamprune.prune import atomic_output\n"
         "from streamprune.export import export_scores\n"
         "from streamprune.report import _plt, _save\n"
+        "from streamprune.leases import _create\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "store = storage.zarr_store(%(out)r + '/a.zarr')\n"
         "assert pickle.loads(pickle.dumps(store)) == store\n"
@@ -220,7 +221,8 @@ def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
         "for write in (lambda: zarr.create_array(store, data=np.ones(4096), compressors=None),\n"
         "              lambda: storage.write_bytes_atomic(%(out)r + '/b.json', bytes(8192)), tar,\n"
         "              lambda: export_scores(%(ws)r, %(out)r + '/d.csv'),\n"
-        "              lambda: _save(_plt().figure(figsize=(8, 8)), %(out)r + '/e.png')):\n"
+        "              lambda: _save(_plt().figure(figsize=(8, 8)), %(out)r + '/e.png'),\n"
+        "              lambda: _create(%(out)r + '/f.lease', bytes(8192), None)):\n"
         "    try:\n"
         "        write()\n"
         "    except Exception as exc:\n"
@@ -228,8 +230,8 @@ def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
     got = _run_code(code, {})
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()
-    assert len(lines) == 5, got.stdout
-    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar", "d.csv", "e.png")):
+    assert len(lines) == 6, got.stdout
+    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar", "d.csv", "e.png", "f.lease")):
         assert line.startswith(f"file too large (EFBIG) writing {os.path.join(out, name)}; free space"), line
     argv = ["subset", "-w", ws, "--fraction", "0.3", "--force"]
     got = _run_code(_fill_disk_code(os.path.join(ws, "*.json"), 1, 300, argv), {})
