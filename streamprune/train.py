@@ -562,7 +562,6 @@ def load_torch(url: str, storage_options: dict | None = None) -> dict:
                                "(and re-run the stage that wrote it, with --force) or use a new workspace") from None
 
 
-
 @releases_leases
 def train(workspace: str | Workspace, cfg: TrainConfig, decode: DecodeConfig, *, full: bool = False,
           replica: int = 0, on_error: str = "fail", scheduler: str | None = "local", force: bool = False,

@@ -551,8 +551,8 @@ class StageRun:
         creates the output (again) and records it.
 
         An output removed while the run's records stayed (deleted by hand after a failed run) makes them
-        describe rows that are gone: its records, and those of the chunks whose ids start with
-        ``chunks``, are dropped, and the chunks are done again.
+        describe rows that are gone: the layout record and those of the chunks whose ids start with
+        ``chunks`` are dropped, and the chunks are done again.
         """
         rec = self.chunk_done(record)
         if rec is not None and storage.exists(storage.join(url, "zarr.json"), self.ws.storage_options):
@@ -560,7 +560,8 @@ class StageRun:
         stale = sorted(c for c in self.done_chunks() if c.startswith(chunks) and c != record)
         if rec is not None:
             log.warning("%s: %s is gone; doing its %d recorded chunks again", self.key, url, len(stale))
-        for chunk in stale + [record] * (rec is not None):
+            stale.append(record)
+        for chunk in stale:
             self.forget_chunk(chunk)
         return None
 
