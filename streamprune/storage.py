@@ -354,6 +354,18 @@ def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
 _ZARR_WRITES = frozenset({"_set_selection", "write", "write_batch", "set", "_save_metadata", "save_metadata"})
 
 
+def _zarr_location(store_path: Any) -> str:
+    """The path or URL of a zarr StorePath, as the user gave the workspace (its str() names the store class)."""
+    store, key = store_path.store, store_path.path
+    if isinstance(getattr(store, "root", None), os.PathLike):  # a local store
+        base = str(store.root)
+    else:
+        proto = getattr(getattr(store, "fs", None), "protocol", "")
+        proto = proto[0] if isinstance(proto, (tuple, list)) else proto
+        base = f"{proto}://{getattr(store, 'path', '')}" if proto else str(store_path)
+    return join(base, key) if key else base
+
+
 def zarr_read_error_line(exc: BaseException) -> str | None:
     """One line for zarr data that cannot be decoded (a chunk or ``zarr.json`` cut short, overwritten or
     written by another tool), else None.
@@ -373,7 +385,7 @@ def zarr_read_error_line(exc: BaseException) -> str | None:
             writing = writing or code.co_name in _ZARR_WRITES
             path = tb.tb_frame.f_locals.get("store_path")
             if type(path).__name__ == "StorePath":
-                where = str(path).removeprefix("file://")
+                where = _zarr_location(path)
                 if code.co_name.startswith(("_from_bytes", "_read_metadata")):
                     where = join(where, "zarr.json")
         tb = tb.tb_next
