@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ _PATH_PARAMS = ("output", "workspace", "reshard", "config_path", "shards", "test
 
 
 def _one_line(exc: Exception, params: dict | None = None) -> str | None:
-    """The line for a storage failure raised inside zarr/s3fs, or a full disk anywhere; None for a bug.
+    """The line for a storage failure raised inside zarr/s3fs, zarr data that cannot be decoded, or a full
+    disk anywhere; None for a bug.
 
     ``params`` (a command's options) name the paths the user gave, for an error that carries no file name.
     """
@@ -32,7 +34,7 @@ def _one_line(exc: Exception, params: dict | None = None) -> str | None:
     for name in _PATH_PARAMS:
         value = (params or {}).get(name)
         given += [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, str)]
-    line = disk_full_message(exc) or storage.error_line(exc, given)
+    line = disk_full_message(exc) or storage.error_line(exc, given) or storage.zarr_read_error_line(exc)
     return None if line is None else storage.redact(line)
 
 
@@ -68,9 +70,27 @@ class _Group(click.Group):
             if line is None:
                 raise
             raise click.ClickException(line) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated):
+                click.echo("terminated (SIGTERM); re-run the same command to resume", err=True)
+                sys.exit(128 + signal.SIGTERM)
             click.echo("interrupted; re-run the same command to resume", err=True)
             sys.exit(130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler preempting or cancelling the job), unwound as Ctrl-C is.
+
+    The default action ended the process on the spot: no line said why, and the leases of the running
+    stages stayed behind; a re-run on another host (a rescheduled pod, the next node of a batch
+    queue) was refused until they expired.  Unwinding releases them, and each chunk is either
+    recorded complete or redone.
+    """
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -672,6 +692,7 @@ def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, qu
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="streamprune")
 
 

@@ -34,13 +34,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import DISK_FULL_ERRNOS, StreamPruneError
 
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("local", "threads", "sync", "processes")
 MEMORY_SHARE = 0.25  # of a worker's memory limit that one task's chunk-sized arrays may take
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class _Failed:
@@ -206,13 +205,26 @@ def shared_local_cluster() -> Iterator[None]:
 LOCAL_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
+def dask_setup(worker: Any) -> None:
+    """Preload of the local clusters' worker processes (dask calls it at each worker's start): ignore SIGINT.
+
+    Ctrl-C in a terminal reaches every process of its process group, the workers too; each printed its
+    KeyboardInterrupt traceback above the command's one line.  The stage's process, interrupted, closes
+    its cluster as it unwinds, and a worker whose parent is gone exits by itself.
+    """
+    import signal
+
+    if threading.current_thread() is threading.main_thread():  # a worker's event loop runs there
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _local_cluster(n_workers: int, limit: int | None):
     import dask
     from dask.distributed import LocalCluster
 
     with dask.config.set(LOCAL_WORKER_CONFIG):  # the nannies hand this config to their worker processes
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit=limit or "auto",
-                            dashboard_address=":0", silence_logs=logging.ERROR)
+                            dashboard_address=":0", silence_logs=logging.ERROR, preload=[__name__])
 
 
 def check_scheduler(scheduler: str | None) -> None:

@@ -248,7 +248,7 @@ def write_encoded(ws: Workspace, encoded: dict, spec: dict) -> dict:
     r1 = r0 + len(labels)
     url = ws.path("embeddings.zarr")
     t0 = time.perf_counter()
-    with disk_errors(f"embed: writing rows {r0}-{r1} of {url}"):
+    with disk_errors(f"embed: rows {r0}-{r1}"):
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
         write_chunk(group, r0, emb, labels, valid)
     return {"n": len(labels), "n_valid": int(valid.sum()), "errors": encoded["errors"],
@@ -358,7 +358,7 @@ def _embed(ws: Workspace, *, encoder: str, dtype: str, batch_size: int, chunk_ro
         return run.previous | {"skipped": True}
     t0 = time.time()
     url = ws.path("embeddings.zarr")
-    layout = run.chunk_done("layout")
+    layout = run.layout("layout", url)
     if layout is None:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("emb", shape=(n, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=0,
@@ -459,11 +459,9 @@ def _kept_chunk_rows(ws: Workspace, config: dict) -> int | None:
 
 
 def _load_pseudo(ws: Workspace) -> list:
-    import io
+    from streamprune.train import load_torch
 
-    state = torch.load(io.BytesIO(storage.read_bytes(ws.path("train", "pseudo.pt"), ws.storage_options)),
-                       map_location="cpu", weights_only=False)
-    return state["centroids"].numpy().tolist()
+    return load_torch(ws.path("train", "pseudo.pt"), ws.storage_options)["centroids"].numpy().tolist()
 
 
 def open_embeddings(ws: Workspace) -> zarr.Group:

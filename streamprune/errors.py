@@ -3,11 +3,16 @@ checks that raise them."""
 
 from __future__ import annotations
 
+import errno
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""A full disk, a quota, a file-size limit: a write failed for want of space."""
 
 
 class StreamPruneError(Exception):

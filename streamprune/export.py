@@ -132,7 +132,8 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
     # object storage, then uploaded in parts): memory holds one shard, never the whole table.
     target = _local_tmp(output)
     try:
-        _write_table(cat, cols, labels, schema, fmt, target)
+        with storage.naming(target if storage.is_remote(output) else output):  # the disk that fills
+            _write_table(cat, cols, labels, schema, fmt, target)
         storage.upload_file(target, output, ws.storage_options)
     finally:
         if os.path.exists(target):

@@ -1430,7 +1430,10 @@ def _search_phase(ws: Workspace, run: StageRun, plan: _Plan, params: dict, sched
     url = ws.path("graph", f"{plan.name}.zarr")
     n, k, cr = plan.n, plan.k, plan.chunk_rows
     layout = _phase_record(run, "graph-layout", plan)
-    if layout is None:  # new, or begun by another engine: start over
+    if layout is not None and not storage.exists(storage.join(url, "zarr.json"), ws.storage_options):
+        log.warning("%s: %s is gone; searching again", run.key, url)
+        layout = None
+    if layout is None:  # new, begun by another engine, or removed: start over
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("neighbors", shape=(n, k), chunks=(cr, k), dtype="int64", fill_value=-1,
                             compressors=graph_codec())

@@ -259,7 +259,7 @@ def _create(url: str, data: bytes, storage_options: dict | None) -> bool:
         directory = os.path.dirname(url)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(url)}")
-        with open(tmp, "wb") as f:
+        with storage.naming(url), open(tmp, "wb") as f:
             f.write(data)
         try:
             os.link(tmp, url)

@@ -615,7 +615,7 @@ def atomic_output(url: str, storage_options: dict | None = None, block_size: int
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(url)}.partial")
         try:
-            with open(tmp, "wb") as f:
+            with storage.naming(url), open(tmp, "wb") as f:
                 yield f
                 f.flush()
                 if durable:

@@ -26,6 +26,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str) -> None:
+    """Write a figure to ``path`` and close it; a full disk's error names the file."""
+    try:
+        with storage.naming(path):
+            fig.savefig(path, dpi=110)
+    finally:
+        _plt().close(fig)
+
+
 def plot_histograms(arrays: dict[str, np.ndarray], path: str, score: str) -> None:
     """Score distributions: seed vs each extrapolation (and full-data when known)."""
     plt = _plt()
@@ -46,8 +55,7 @@ def plot_histograms(arrays: dict[str, np.ndarray], path: str, score: str) -> Non
     ax.set_title(f"{score}: measured seed scores vs extrapolated rows")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_scatter(arrays: dict[str, np.ndarray], path: str, score: str, max_points: int = 4000) -> None:
@@ -69,8 +77,7 @@ def plot_scatter(arrays: dict[str, np.ndarray], path: str, score: str, max_point
         ax.set_ylabel(f"{m} {score}")
         ax.set_title(f"{m}: Pearson {pearson(arrays[m][ok], full[ok]):.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pruning_curve(pc: dict, path: str) -> None:
@@ -89,8 +96,7 @@ def plot_pruning_curve(pc: dict, path: str) -> None:
     ax.set_title(f"pruning curve ({pc['seeds']} seed(s), {pc['epochs']} epochs)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_kept_per_class(per_class: dict[str, list[float]], path: str) -> None:
@@ -107,8 +113,7 @@ def plot_kept_per_class(per_class: dict[str, list[float]], path: str) -> None:
     ax.set_xticks(np.arange(n_classes) + 0.4 - width / 2, [str(c) for c in range(n_classes)])
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)  # outside: bars fill the axes
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _prune_stats(ws: Workspace) -> dict[str, dict]:
@@ -163,7 +168,8 @@ def _write_report(ws: Workspace, local_dir: str, score: str) -> list[str]:
             stale = ws.outdated_line(f"prune-{name}", markers)  # None for a set without a marker too
             md += [f"### {name}", ""] + ([f"**Out of date:** {stale}.", ""] if stale else [])
             md += ["```json", json.dumps(st, indent=1, default=str)[:3000], "```", ""]
-    with open(os.path.join(local_dir, "report.md"), "w") as f:
+    path = os.path.join(local_dir, "report.md")
+    with storage.naming(path), open(path, "w") as f:
         f.write("\n".join(md))
     files.append("report.md")
     return files

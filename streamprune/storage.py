@@ -24,14 +24,15 @@ import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import DISK_FULL_ERRNOS, StreamPruneError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -350,6 +351,52 @@ def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
     return msg + (" (gave up after retries)" if is_transient(exc) or _retry_code(exc) else "")
 
 
+_ZARR_WRITES = frozenset({"_set_selection", "write", "write_batch", "set", "_save_metadata", "save_metadata"})
+
+
+def _zarr_location(store_path: Any) -> str:
+    """The path or URL of a zarr StorePath, as the user gave the workspace (its str() names the store class)."""
+    store, key = store_path.store, store_path.path
+    if isinstance(getattr(store, "root", None), os.PathLike):  # a local store
+        base = str(store.root)
+    else:
+        proto = getattr(getattr(store, "fs", None), "protocol", "")
+        proto = proto[0] if isinstance(proto, (tuple, list)) else proto
+        base = f"{proto}://{getattr(store, 'path', '')}" if proto else str(store_path)
+    return join(base, key) if key else base
+
+
+def zarr_read_error_line(exc: BaseException) -> str | None:
+    """One line for zarr data that cannot be decoded (a chunk or ``zarr.json`` cut short, overwritten or
+    written by another tool), else None.
+
+    zarr raises what its codecs raise (a zstd or blosc error, a reshape to the chunk's shape, a JSON
+    error) without the file's name; it is read from the innermost zarr frame that holds a
+    ``store_path`` (the array, or the group whose zarr.json failed).  Errors of zarr's writes (a
+    wrong shape given by a caller) and storage errors (:func:`error_line`) are not this.
+    """
+    if isinstance(exc, (OSError, StreamPruneError)):
+        return None
+    tb, in_zarr, where, writing = exc.__traceback__, False, None, False
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if f"{os.sep}zarr{os.sep}" in code.co_filename:
+            in_zarr = True
+            writing = writing or code.co_name in _ZARR_WRITES
+            path = tb.tb_frame.f_locals.get("store_path")
+            if type(path).__name__ == "StorePath":
+                where = _zarr_location(path)
+                if code.co_name.startswith(("_from_bytes", "_read_metadata")):
+                    where = join(where, "zarr.json")
+        tb = tb.tb_next
+    if not in_zarr or writing:
+        return None
+    first = (str(exc).splitlines() or [""])[0]
+    return (f"{where or 'zarr data of the workspace'} cannot be read ({type(exc).__name__}: {first}): it is damaged or "
+            "was written by another tool; remove the output of the stage that wrote it and re-run that stage with "
+            "--force, or use a new workspace")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether an error from storage is worth retrying."""
     if isinstance(exc, _PERMANENT):
@@ -541,7 +588,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(url)}")
         try:
-            with open(tmp, "wb") as f:
+            with naming(url), open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -638,7 +685,48 @@ def zarr_store(url: str, storage_options: dict | None = None):
     if is_remote(url):
         fs = get_fs(url, storage_options, asynchronous=True)  # the same retry policy as every other request
         return zarr.storage.FsspecStore(fs, path=fs._strip_protocol(url))
-    return zarr.storage.LocalStore(url)
+    return _local_store_class()(url)
+
+
+@contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Give a full disk's OSError (ENOSPC, EDQUOT, EFBIG) raised without a file name the name ``path``: a
+    failed ``write()`` carries none, and its one line could not say which file (so which disk) it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in DISK_FULL_ERRNOS:
+            exc.filename = path
+        raise
+
+
+_LOCAL_STORE: list[type] = []
+
+
+def _local_store_class() -> type:
+    """zarr's LocalStore whose failed writes name their file (:func:`naming`); made on first use, so that
+    importing this module does not import zarr."""
+    if not _LOCAL_STORE:
+        import zarr
+
+        class NamingLocalStore(zarr.storage.LocalStore):
+            async def set(self, key: str, value: Any) -> None:
+                with naming(os.path.join(str(self.root), key)):
+                    await super().set(key, value)
+
+            async def set_if_not_exists(self, key: str, value: Any) -> None:
+                with naming(os.path.join(str(self.root), key)):
+                    await super().set_if_not_exists(key, value)
+
+        NamingLocalStore.__module__, NamingLocalStore.__qualname__ = __name__, "NamingLocalStore"  # picklable
+        _LOCAL_STORE.append(NamingLocalStore)
+    return _LOCAL_STORE[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NamingLocalStore":  # what a pickled store names
+        return _local_store_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def buffered(data: bytes) -> io.BytesIO:

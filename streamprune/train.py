@@ -183,7 +183,7 @@ def build_cache(ws: Workspace, run: StageRun, key: str, rows: np.ndarray, decode
     if shape is None:
         raise StreamPruneError(f"{key}: no decodable sample among {m} rows")
     url = ws.path(key, "cache.zarr")
-    info = run.chunk_done("cache-layout")
+    info = run.layout("cache-layout", url, "cache-")
     if info is None or tuple(info["shape"]) != shape:
         group = zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="w")
         group.create_array("x", shape=(m, *shape), chunks=(chunk_rows, *shape), dtype=dtype, fill_value=0,
@@ -551,8 +551,15 @@ def _save(url: str, obj: dict, storage_options: dict) -> None:
     storage.write_bytes_atomic(url, buf.getvalue(), storage_options)
 
 
-def _load(url: str, storage_options: dict) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=False)
+def load_torch(url: str, storage_options: dict | None = None) -> dict:
+    """A checkpoint the workspace holds (a model, a resume point), on the CPU; a damaged one is one line."""
+    data = storage.read_bytes(url, storage_options)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises several kinds (zip, pickle, EOF) for damaged files
+        first = (str(exc).splitlines() or [""])[0].split(". ")[0]  # torch adds sentences of advice
+        raise StreamPruneError(f"{url} is damaged or not a checkpoint ({type(exc).__name__}: {first}); remove it "
+                               "(and re-run the stage that wrote it, with --force) or use a new workspace") from None
 
 
 @releases_leases
@@ -753,7 +760,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     start_epoch = 0
     ckpts = sorted(n for n in storage.listdir(ckpt_dir, ws.storage_options) if n.startswith("ckpt-"))
     if ckpts:
-        state = _load(storage.join(ckpt_dir, ckpts[-1]), ws.storage_options)
+        state = load_torch(storage.join(ckpt_dir, ckpts[-1]), ws.storage_options)
         model.load_state_dict(state["model"])
         load_optimizer_state(opt, state["opt"], _on_cuda(model))
         sched.load_state_dict(state["sched"])
@@ -851,7 +858,7 @@ def _npy(arr: np.ndarray) -> bytes:
 def load_model(ws: Workspace, key: str = "train") -> tuple[torch.nn.Module, dict]:
     """The trained model of stage ``key`` (eval mode, CPU) and its metadata."""
     ws.require(key, "load model")
-    state = _load(ws.path(key, "model.pt"), ws.storage_options)
+    state = load_torch(ws.path(key, "model.pt"), ws.storage_options)
     model = build_from_spec(state["spec"])
     model.load_state_dict(state["state_dict"])
     model.eval()

@@ -502,8 +502,17 @@ class Workspace:
         url = self.path("errors.jsonl")
         if not storage.exists(url, self.storage_options):
             return []
-        text = storage.read_bytes(url, self.storage_options).decode()
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(storage.read_bytes(url, self.storage_options).decode(errors="replace").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise StreamPruneError(f"{url} line {i + 1} is not valid JSON ({exc.msg}); it was damaged or "
+                                       "edited: fix or remove that line (a stage that runs again rewrites its own "
+                                       "lines)") from None
+        return out
 
     def _replace_errors(self, stage_key: str, records: list[dict]) -> None:
         kept = [e for e in self.errors() if e.get("stage_key", e.get("stage")) != stage_key]
@@ -551,6 +560,25 @@ class StageRun:
         storage.write_json_atomic(storage.join(self._dir, "chunks", f"{chunk}.json"),
                                   {"chunk": str(chunk), "n_errors": len(errors), **(info or {})},
                                   self.ws.storage_options)
+
+    def layout(self, record: str, url: str, chunks: str = "") -> dict | None:
+        """The record ``record`` of the zarr output at ``url`` that this run created, or None: the caller
+        creates the output (again) and records it.
+
+        An output removed while the run's records stayed (deleted by hand after a failed run) makes them
+        describe rows that are gone: the layout record and those of the chunks whose ids start with
+        ``chunks`` are dropped, and the chunks are done again.
+        """
+        rec = self.chunk_done(record)
+        if rec is not None and storage.exists(storage.join(url, "zarr.json"), self.ws.storage_options):
+            return rec
+        stale = sorted(c for c in self.done_chunks() if c.startswith(chunks) and c != record)
+        if rec is not None:
+            log.warning("%s: %s is gone; doing its %d recorded chunks again", self.key, url, len(stale))
+            stale.append(record)
+        for chunk in stale:
+            self.forget_chunk(chunk)
+        return None
 
     def forget_chunks(self) -> None:
         """Drop the chunk records of this run: their outputs are known to be gone or replaced."""

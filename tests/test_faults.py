@@ -126,8 +126,8 @@ def test_disk_full_during_embed_fails_cleanly_and_resumes(trained, tmp_path):
     out = _run_code(_fill_disk_code(pattern, 3, 2048, argv), {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip()
-    assert "\n" not in line and line.startswith("Error: embed: writing rows ")
-    assert f"of {os.path.join(ws, 'embeddings.zarr')}: file too large (EFBIG); " in line
+    assert "\n" not in line and line.startswith("Error: embed: rows ")
+    assert f": file too large (EFBIG) writing {os.path.join(ws, 'embeddings.zarr', 'emb', 'c')}{os.sep}" in line
     assert line.endswith("re-run the same command to resume")
     assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
     done = [int(c) for c in _records(ws, "embed")]
@@ -164,7 +164,7 @@ def test_disk_full_during_client_path_embed_fails_cleanly_and_resumes(trained, t
     out = _run_code(code, {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("Error: embed: writing rows ") and "file too large (EFBIG)" in line, out.stderr
+    assert line.startswith("Error: embed: rows ") and "file too large (EFBIG) writing " in line, out.stderr
     assert not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
     done = [int(c) for c in _records(ws, "embed")]
     assert 3 <= len(done) < N_ROWS // CHUNK
@@ -186,7 +186,7 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
                     {"STREAMPRUNE_TASK_DELAY": "0.2"})
     assert out.returncode == 1, out.stderr
     line = out.stderr.strip()
-    assert "\n" not in line and line.startswith("Error: catalog: file too large (EFBIG); ")
+    assert "\n" not in line and line.startswith(f"Error: catalog: file too large (EFBIG) writing {parts}{os.sep}")
     written = glob.glob(os.path.join(parts, "*.parquet"))
     assert 3 <= len(written) < 8 and not _leftovers(ws)
     for p in written:  # a part (the catalog's chunk record) exists only complete
@@ -195,6 +195,48 @@ def test_disk_full_during_catalog_fails_cleanly_and_resumes(trained, tmp_path):
     a, b = Catalog(Workspace(ws)), Catalog(Workspace(trained["ws"]))
     assert np.array_equal(a.keys(), b.keys())
     pd.testing.assert_frame_equal(a.shards[["url", "n_samples", "row_start"]], b.shards[["url", "n_samples", "row_start"]])
+
+
+def test_disk_full_names_the_file_whose_write_failed(trained, tmp_path):
+    """A failed write() raises ENOSPC/EFBIG without a file name; zarr's local store, the atomic JSON writer,
+    the atomic output files (reshard tars, keys), the score table, the report's plots and the leases name
+    theirs, so the one line says which disk is full."""
+    ws = shutil.copytree(trained["ws"], str(tmp_path / "ws"))
+    out = str(tmp_path / "out")
+    code = (
+        "import pickle, resource, signal, numpy as np, zarr\n"
+        "from streamprune import storage\n"
+        "from streamprune.compute import disk_full_message\n"
+        "from streamprune.prune import atomic_output\n"
+        "from streamprune.export import export_scores\n"
+        "from streamprune.report import _plt, _save\n"
+        "from streamprune.leases import _create\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "store = storage.zarr_store(%(out)r + '/a.zarr')\n"
+        "assert pickle.loads(pickle.dumps(store)) == store\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "def tar():\n"
+        "    with atomic_output(%(out)r + '/c.tar') as f:\n"
+        "        f.write(bytes(8192))\n"
+        "for write in (lambda: zarr.create_array(store, data=np.ones(4096), compressors=None),\n"
+        "              lambda: storage.write_bytes_atomic(%(out)r + '/b.json', bytes(8192)), tar,\n"
+        "              lambda: export_scores(%(ws)r, %(out)r + '/d.csv'),\n"
+        "              lambda: _save(_plt().figure(figsize=(8, 8)), %(out)r + '/e.png'),\n"
+        "              lambda: _create(%(out)r + '/f.lease', bytes(8192), None)):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except Exception as exc:\n"
+        "        print(disk_full_message(exc))\n") % {"out": out, "ws": ws}
+    got = _run_code(code, {})
+    assert got.returncode == 0, got.stderr
+    lines = got.stdout.splitlines()
+    assert len(lines) == 6, got.stdout
+    for line, name in zip(lines, ("a.zarr/c/0", "b.json", "c.tar", "d.csv", "e.png", "f.lease")):
+        assert line.startswith(f"file too large (EFBIG) writing {os.path.join(out, name)}; free space"), line
+    argv = ["subset", "-w", ws, "--fraction", "0.3", "--force"]
+    got = _run_code(_fill_disk_code(os.path.join(ws, "*.json"), 1, 300, argv), {})
+    assert got.returncode == 1 and got.stderr.startswith(
+        f"Error: file too large (EFBIG) writing {os.path.join(ws, 'subset', 'rows.zarr')}{os.sep}"), got.stderr
 
 
 def test_disk_full_message_names_the_target_file():
@@ -230,6 +272,141 @@ def test_disk_full_message_names_the_target_file():
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(PermissionError), disk_errors("stage"):
         raise PermissionError(errno.EACCES, "denied")
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _signal_mid_embed(ws: str, sig: int, scheduler: str, group: bool = False) -> subprocess.CompletedProcess:
+    """Run `embed` through the CLI; once 3 chunks are recorded send ``sig`` to it (to its whole process
+    group with ``group``, as a terminal's Ctrl-C or a batch scheduler's cancel does)."""
+    import signal
+
+    argv = [sys.executable, "-m", "streamprune.cli", "embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler",
+            scheduler]
+    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.2"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(_records(ws, "embed")) < 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        (os.killpg if group else os.kill)(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_sigterm_mid_stage_is_one_line_and_releases_the_lease(trained, tmp_path):
+    """SIGTERM (kill, a batch scheduler preempting the job) unwinds like Ctrl-C: one line, exit 143, the
+    stage's lease released (a re-run on another host need not wait for it to expire), and the re-run
+    resumes to the embeddings of an uninterrupted run."""
+    import signal
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    out = _signal_mid_embed(ws, signal.SIGTERM, "sync")
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert out.stderr.strip() == "terminated (SIGTERM); re-run the same command to resume"
+    assert not glob.glob(os.path.join(ws, "_stages", "*.lease")) and not _leftovers(ws)
+    done = _records(ws, "embed")
+    assert 3 <= len(done) < N_ROWS // CHUNK and not os.path.exists(os.path.join(ws, "_stages", "embed.json"))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+def test_local_cluster_workers_ignore_sigint():
+    """Ctrl-C reaches every process of the terminal's group: the local cluster's workers ignore it (each
+    printed a KeyboardInterrupt traceback above the command's line) and the stage's process stops them."""
+    import signal
+
+    from streamprune import compute
+
+    with compute.client_for("local", 2) as client:
+        assert set(client.run(lambda: signal.getsignal(signal.SIGINT) is signal.SIG_IGN).values()) == {True}
+        pids = client.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+        assert sorted(map_tasks(_square, [(i,) for i in range(4)], scheduler=client.scheduler.address)) == [0, 1, 4, 9]
+        assert client.run(os.getpid) == pids  # the same processes: none was interrupted
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_local_cluster_is_one_line(trained, tmp_path):
+    import signal
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    out = _signal_mid_embed(ws, signal.SIGINT, "local", group=True)
+    assert out.returncode == 130 and out.stderr.strip() == "interrupted; re-run the same command to resume", \
+        out.stderr
+    assert not glob.glob(os.path.join(ws, "_stages", "*.lease"))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+# --------------------------------------------------------------------------- damaged workspace files
+
+
+def test_damaged_checkpoint_and_errors_file_are_one_line_and_repairable(trained, tmp_path):
+    """A damaged model.pt or errors.jsonl (a copy cut short, an edit) stops the stage with one line naming
+    the file and saying what to do, instead of torch's or json's traceback; doing it repairs the workspace."""
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    model = os.path.join(ws, "train", "model.pt")
+    with open(model, "r+b") as f:
+        f.truncate(100)
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (f"Error: {model} is damaged or not a checkpoint (RuntimeError: PytorchStreamReader "
+                                  "failed reading zip archive: failed finding central directory); remove it (and "
+                                  "re-run the stage that wrote it, with --force) or use a new workspace")
+    os.unlink(model)
+    train(ws, TrainConfig(model="mlp", epochs=1, batch_size=32), DecodeConfig(), scheduler="sync", force=True)
+
+    errors = os.path.join(ws, "errors.jsonl")
+    with open(errors, "a") as f:
+        f.write('{"stage": "embed", "key": \n')
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    n = len(open(errors).read().splitlines())
+    assert out.stderr.strip() == (f"Error: {errors} line {n} is not valid JSON (Expecting value); it was damaged or "
+                                  "edited: fix or remove that line (a stage that runs again rewrites its own lines)")
+    with open(errors) as f:
+        lines = f.read().splitlines()[:-1]
+    with open(errors, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")  # resumes and commits
+    _assert_same_embeddings(trained["ref"], ws)
+
+
+def test_damaged_zarr_data_is_one_line_naming_the_array(trained, tmp_path):
+    """A zarr chunk or zarr.json cut short raised its codec's error (zstd, blosc, a reshape, JSON) with a
+    traceback; it is one line naming the array.  A caller's wrong write inside zarr stays a bug (no line)."""
+    from streamprune import storage
+
+    ws = shutil.copytree(trained["tmp"] / "clean", str(tmp_path / "ws"))
+    chunk = os.path.join(ws, "embeddings.zarr", "emb", "c", "0", "0")
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    out = run_cli("index", "-w", ws, "--graph", "all", "--k", "5", "--scheduler", "sync", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().startswith(f"Error: {os.path.join(ws, 'embeddings.zarr', 'emb')} cannot be read "
+                                         "(ValueError: cannot reshape array of size 25 into shape ("), out.stderr
+    assert out.stderr.strip().endswith("): it is damaged or was written by another tool; remove the output of the "
+                                       "stage that wrote it and re-run that stage with --force, or use a new workspace")
+    meta = os.path.join(ws, "embeddings.zarr", "labels", "zarr.json")
+    with open(meta, "r+b") as f:
+        f.truncate(40)
+    line = storage.zarr_read_error_line(pytest.raises(Exception, zarr.open_group(storage.zarr_store(
+        os.path.join(ws, "embeddings.zarr")), mode="r").__getitem__, "labels").value)
+    assert line is not None and line.startswith(f"{os.path.join(ws, 'embeddings.zarr', 'labels')}") and \
+        "cannot be read (JSONDecodeError: " in line, line
+    arr = zarr.create_array(storage.zarr_store(str(tmp_path / "w.zarr")), shape=(4,), dtype="float32")
+    with pytest.raises(ValueError) as wrong:
+        arr[0:2] = np.zeros((2, 2), np.float32)
+    assert storage.zarr_read_error_line(wrong.value) is None
 
 
 # --------------------------------------------------------------------------- memory limits
@@ -472,6 +649,35 @@ def test_killed_ondisk_index_add_resumes_identically(tmp_path):
     assert killed.marker("index-all") is None and len(_records(killed.url, "index-all", "shard-")) < 6
     m = build_index(killed, **opts)["all"]
     assert m["counts"]["ondisk"]
+    for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
+        np.testing.assert_array_equal(a[:], b[:])
+
+
+def test_output_removed_by_hand_mid_run_is_written_again(trained, tmp_path):
+    """A user who deletes the half-written output of a killed run (to "start clean") and runs the same
+    command again gets the output of an uninterrupted run: the chunk records that described the removed
+    rows are dropped, not trusted (they said: not found, naming the workspace; or left rows empty)."""
+    from streamprune.index import build_index, read_graph
+
+    ws = _copy_without_embed(trained["ws"], str(tmp_path / "ws"))
+    code = f"from streamprune.embed import embed; embed({ws!r}, chunk_rows={CHUNK}, scheduler='sync')"
+    kill_python_when(code, lambda: len(_records(ws, "embed")) >= 3, env={"STREAMPRUNE_TASK_DELAY": "0.2"},
+                     timeout=120)
+    shutil.rmtree(os.path.join(ws, "embeddings.zarr"))
+    out = run_cli("embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler", "sync")
+    assert f"embed: {os.path.join(ws, 'embeddings.zarr')} is gone; doing its " in out.stderr
+    _assert_same_embeddings(trained["ref"], ws)
+
+    x = np.random.default_rng(5).standard_normal((600, 8)).astype(np.float32)
+    opts = dict(graph="all", k=4, factory="Flat", refine=0, scheduler="sync", chunk_rows=50, recall_queries=50)
+    clean = _embedding_workspace(str(tmp_path / "clean"), x, 100)
+    killed = _embedding_workspace(str(tmp_path / "killed"), x, 100)
+    build_index(clean, **opts)
+    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
+    kill_python_when(code, lambda: len(_records(killed.url, "index-all", "search-")) >= 2,
+                     env={"STREAMPRUNE_TASK_DELAY": "0.2"}, timeout=120)
+    shutil.rmtree(os.path.join(killed.url, "graph", "all.zarr"))
+    build_index(killed, **opts)
     for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
         np.testing.assert_array_equal(a[:], b[:])
 

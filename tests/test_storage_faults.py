@@ -275,3 +275,15 @@ def test_workspace_faults_on_s3_are_one_line(s3server, root, data, proxy):
     assert re.fullmatch(rf"cannot access s3://{root}/ws/\S+: (S3 error InternalError|HTTP 500): .* \(gave up "
                         r"after 4 attempts\)", str(err.value)), str(err.value)
     assert not s3server.fs().exists(f"{root}/ws/_stages/catalog.json")
+
+
+def test_damaged_zarr_chunk_on_s3_is_one_line_naming_the_array(s3server, root):
+    """A chunk object overwritten with other bytes: one line naming the array by its s3:// URL."""
+    url = f"s3://{root}/z.zarr"
+    opts = s3server.storage_options
+    zarr.create_array(storage.zarr_store(url, opts), data=np.arange(1000, dtype=np.float32), chunks=(100,))
+    s3server.fs().pipe_file(f"{root}/z.zarr/c/3", b"not a chunk")
+    with pytest.raises(Exception) as err:
+        zarr.open_array(storage.zarr_store(url, opts), mode="r")[:]
+    line = storage.zarr_read_error_line(err.value)
+    assert line is not None and line.startswith(f"{url} cannot be read ("), line

@@ -271,7 +271,7 @@ def open_output(ws: Workspace, run: StageRun, score: str, method: str, n: int, c
     configuration) starts the output afresh, and forgets the rows it recorded in the old layout.
     """
     url = ws.path(output_path(score, method))
-    rec = run.chunk_done("output-layout")
+    rec = run.layout("output-layout", url, "rows-")
     if rec is not None and rec.get("n") == n and rec.get("chunk_rows") == chunk_rows:
         return zarr.open_group(storage.zarr_store(url, ws.storage_options), mode="r+")
     for chunk in run.done_chunks():

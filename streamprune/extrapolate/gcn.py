@@ -798,7 +798,9 @@ def load_checkpoint(ws: str | Workspace, score: str = "du") -> tuple[GCN, dict]:
     url = ws.path(f"gcn/{score}/model.pt")
     if not storage.exists(url, ws.storage_options):
         raise StreamPruneError(f"no trained GCN for score '{score}' in {ws.url}")
-    ckpt = torch.load(io.BytesIO(storage.read_bytes(url, ws.storage_options)), map_location="cpu", weights_only=False)
+    from streamprune.train import load_torch
+
+    ckpt = load_torch(url, ws.storage_options)
     model = GCN(ckpt["in_dim"], ckpt["widths"], ckpt["dropout"], residual=bool(ckpt.get("prior")))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
