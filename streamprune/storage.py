@@ -351,7 +351,7 @@ def error_line(exc: BaseException, given: Iterable[str] = ()) -> str | None:
     return msg + (" (gave up after retries)" if is_transient(exc) or _retry_code(exc) else "")
 
 
-_ZARR_WRITES = frozenset({"_set_selection", "write", "write_batch", "set", "_save_metadata", "save_metadata"})
+_ZARR_DECODING = ("_decode", "decode", "decompress", "_read_metadata")  # zarr's and numcodecs' frames that read data
 
 
 def _zarr_location(store_path: Any) -> str:
@@ -373,23 +373,24 @@ def zarr_read_error_line(exc: BaseException) -> str | None:
     zarr raises what its codecs raise (a zstd or blosc error, a reshape to the chunk's shape, a JSON
     error) without the file's name; it is read from the innermost zarr frame that holds a
     ``store_path`` (the array, or the group whose zarr.json failed).  Errors of zarr's writes (a
-    wrong shape given by a caller) and storage errors (:func:`error_line`) are not this.
+    wrong shape given by a caller), errors of a selection (an index out of bounds: a bug of the caller)
+    and storage errors (:func:`error_line`) are not this: only an error raised while a codec decodes a
+    chunk or while metadata is parsed.
     """
     if isinstance(exc, (OSError, StreamPruneError)):
         return None
-    tb, in_zarr, where, writing = exc.__traceback__, False, None, False
+    tb, where, decoding = exc.__traceback__, None, False
     while tb is not None:
         code = tb.tb_frame.f_code
-        if f"{os.sep}zarr{os.sep}" in code.co_filename:
-            in_zarr = True
-            writing = writing or code.co_name in _ZARR_WRITES
+        if f"{os.sep}zarr{os.sep}" in code.co_filename or f"{os.sep}numcodecs{os.sep}" in code.co_filename:
+            decoding = decoding or code.co_name.startswith(_ZARR_DECODING)
             path = tb.tb_frame.f_locals.get("store_path")
             if type(path).__name__ == "StorePath":
                 where = _zarr_location(path)
                 if code.co_name.startswith(("_from_bytes", "_read_metadata")):
                     where = join(where, "zarr.json")
         tb = tb.tb_next
-    if not in_zarr or writing:
+    if not decoding:
         return None
     first = (str(exc).splitlines() or [""])[0]
     return (f"{where or 'zarr data of the workspace'} cannot be read ({type(exc).__name__}: {first}): it is damaged or "

@@ -407,6 +407,11 @@ def test_damaged_zarr_data_is_one_line_naming_the_array(trained, tmp_path):
     with pytest.raises(ValueError) as wrong:
         arr[0:2] = np.zeros((2, 2), np.float32)
     assert storage.zarr_read_error_line(wrong.value) is None
+    arr[:] = 1
+    for bad_read in (lambda: arr[9], lambda: arr.get_orthogonal_selection((np.array([1, 9]),)), lambda: arr["f"]):
+        with pytest.raises(IndexError) as wrong:  # a caller's selection out of bounds: a bug, not damaged data
+            bad_read()
+        assert storage.zarr_read_error_line(wrong.value) is None
 
 
 # --------------------------------------------------------------------------- memory limits
