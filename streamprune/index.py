@@ -77,6 +77,7 @@ TRAIN_MEMORY = 256 << 20  # a larger training sample is streamed through a spill
 PQ_TRAIN_ROWS = 1 << 16  # what faiss's PQ training uses at most (256 points x 256 centroids)
 INDEX_MEMORY_BUDGET = 4 << 30  # in-memory index above this (codes + ids) is built on disk
 TARGET_RECALL = 0.95
+NPROBE_PLATEAU = 0.002  # recall gained by doubling nprobe below which the tuning stops: the codes limit it
 NPROBE_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_NPROBE = 32  # when no tuning queries are available
 DEFAULT_REFINE = 4
@@ -1404,6 +1405,8 @@ def _tune_phase(ws: Workspace, run: StageRun, plan: _Plan, emb, mask, nprobe: in
                 set_search_params(index, {"nprobe": p})
                 ids, _ = search_rows(index, q[:n_tune], tune_rows, plan.k, plan.refine, emb)
                 table[str(p)] = round(recall_at_k(ids, gt_ids[:n_tune]), 4)
+                if chosen is not None and table[str(p)] - table[str(chosen)] < NPROBE_PLATEAU:
+                    break  # twice the probes find no more neighbours (PQ without a re-rank): keep the cheaper
                 chosen = p
                 if table[str(p)] >= TARGET_RECALL:
                     break
