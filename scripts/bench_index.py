@@ -128,7 +128,7 @@ def run_child(code: str, env: dict | None = None) -> dict:
 BUILD = """
 import json
 from streamprune.index import build_index
-m = build_index({ws!r}, graph={graph!r}, k={k}, scheduler={sched!r})[{graph!r}]
+m = build_index({ws!r}, graph={graph!r}, k={k}, scheduler={sched!r}, refine={refine!r})[{graph!r}]
 print(json.dumps({{"counts": m["counts"], "timings": m["timings"], "fingerprint": m["fingerprint"]}}))
 """
 
@@ -185,7 +185,7 @@ from streamprune.extrapolate.knn import extrapolate_knn, knn_predict, pearson
 from streamprune.extrapolate.common import seed_scores, read_extrapolated
 ws = Workspace({ws!r})
 t = time.time()
-mi = build_index(ws, graph="seeds", k={k}, scheduler={sched!r})["seeds"]
+mi = build_index(ws, graph="seeds", k={k}, scheduler={sched!r}, refine={refine!r})["seeds"]
 index_s = time.time() - t
 t = time.time()
 mk = extrapolate_knn(ws, "du", k="auto")
@@ -208,8 +208,8 @@ print(json.dumps({{"pearson_ann_exact": pearson(ann, exact), "k": kk, "validatio
 """
 
 
-def bench_build(ws: str, n: int, k: int, sched: str) -> dict:
-    r = run_child(BUILD.format(ws=ws, graph="all", k=k, sched=sched))
+def bench_build(ws: str, n: int, k: int, sched: str, refine: int | None = None) -> dict:
+    r = run_child(BUILD.format(ws=ws, graph="all", k=k, sched=sched, refine=refine))
     t = r["timings"]
     r["build_rows_s"] = n / max(1e-9, t["train_s"] + t["add_s"])
     r["search_rows_s"] = n / max(1e-9, t["search_s"])
@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-small", action="store_true", help="skip the N/4 run (RSS comparison)")
     ap.add_argument("--pearson-sample", type=int, default=10_000)
+    ap.add_argument("--refine", type=int, default=None, help="the graphs' --refine (default: the stage's auto)")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="bench_index_")
     rows = []
@@ -241,7 +242,7 @@ def main() -> None:
             t = time.time()
             write_dataset(ws, n)
             print(f"[data] {n} rows written in {time.time() - t:.0f} s", flush=True)
-        results[n] = r = bench_build(ws, n, args.k, args.scheduler)
+        results[n] = r = bench_build(ws, n, args.k, args.scheduler, args.refine)
         c, t = r["counts"], r["timings"]
         report(f"N={n}: factory", c["factory"])
         report(f"N={n}: nprobe / refine", f"{c['nprobe']} / {c['refine']}")
@@ -260,7 +261,7 @@ def main() -> None:
         report(f"search-stage RSS N={sizes[1]} / N={sizes[0]}", f"{b / max(a, 1):.3f}", "<= 1.10")
 
     ws = os.path.join(work, f"n{args.n}")
-    r = run_child(PEARSON.format(ws=ws, k=100, sched=args.scheduler, sample=args.pearson_sample))
+    r = run_child(PEARSON.format(ws=ws, k=100, sched=args.scheduler, sample=args.pearson_sample, refine=args.refine))
     report("seeds index factory / recall@100", f"{r['factory_seeds']} / {r['recall_seeds']}")
     report("kNN k (auto) / validation Pearson", f"{r['k']} / {r['validation'][str(r['k'])]:.3f}")
     report("seeds index + graph s / knn extrapolation s", f"{r['seeds_index_s']:.0f} / {r['knn_s']:.0f}")
