@@ -610,6 +610,8 @@ def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, o
     prune_m = out["outputs"].get("prune")
     if prune_m:
         click.echo(f"shards.txt: {workspace.rstrip('/')}/{prune_m['outputs']['shards']}")
+        if prune_m["outputs"].get("reshard"):  # what a training job reads when the kept samples were re-written
+            click.echo(f"re-written shards: {prune_m['outputs']['reshard']}")
 
 
 @cli.command()

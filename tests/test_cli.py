@@ -436,6 +436,20 @@ def test_run_flags_override_the_config_file(tmp_path, monkeypatch):
         "strategy": "easy", "keep_fraction": 0.4, "reshard": str(tmp_path / "out")}
 
 
+def test_run_ends_with_the_shards_txt_of_the_rewritten_shards(tmp_path, monkeypatch):
+    """With a reshard, `run` names the re-written shards' list as well as the pruned set's: it is what a
+    training job reads, and it lies outside the workspace."""
+    import streamprune.pipeline
+
+    outputs = {"shards": "prune/p/shards.txt", "reshard": str(tmp_path / "out" / "shards.txt")}
+    monkeypatch.setattr(streamprune.pipeline, "run_pipeline",
+                        lambda *args, **kwargs: {"outputs": {"prune": {"outputs": outputs}}})
+    result = _invoke("run", "a.tar", "-w", str(tmp_path / "ws"), "--reshard", str(tmp_path / "out"))
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[-2:] == [f"shards.txt: {tmp_path / 'ws'}/prune/p/shards.txt",
+                                               f"re-written shards: {tmp_path / 'out' / 'shards.txt'}"]
+
+
 def test_interrupted_command_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C in a stage is one line saying that the same command resumes, and the shell's exit status 130."""
     import streamprune.subset
