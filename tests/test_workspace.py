@@ -257,6 +257,18 @@ def test_status_text_leaves_long_counts_to_json():
     assert "history" not in text and max(len(line) for line in text.splitlines()) < 200
 
 
+def test_status_text_rounds_float_counts():
+    """A float count is shown to 4 significant digits (`status --json` keeps every digit)."""
+    from streamprune.status import format_status
+
+    info = {"workspace": "ws", "version": "x", "n_samples": 10, "n_shards": 1, "pending": [],
+            "errors": {"total": 0, "by_stage": {}, "file": "errors.jsonl"},
+            "stages": {"subset": {"wall_s": 1.0, "outputs": {}, "stale": None, "counts": {
+                "n_subset": 1179, "realised_fraction": 0.20497218358831712, "mean": 2.0508997440338135e-07}}}}
+    row = [line for line in format_status(info).splitlines() if line.startswith("  done")][0]
+    assert row.split()[-3:] == ["n_subset=1179,", "realised_fraction=0.205,", "mean=2.051e-07"]
+
+
 def test_status_text_columns_fit_long_stage_names():
     """A stage name longer than the usual column (extrapolate-du-label-aware) widens the column for every row."""
     from streamprune.status import format_status
