@@ -215,11 +215,12 @@ def test_extrapolate_warns_of_options_no_chosen_method_uses(tmp_path):
     assert not result.stderr.startswith("warning")
 
 
-def test_report_names_itself_when_the_workspace_is_empty(tmp_path):
+@pytest.mark.parametrize("command", [["report"], ["scores", "-o", "scores.csv"]])
+def test_report_and_scores_name_themselves_when_the_workspace_is_empty(tmp_path, command):
     ws = str(tmp_path / "ws")
-    result = _invoke("report", "-w", ws)
+    result = _invoke(command[0], "-w", ws, *(str(tmp_path / a) if a.endswith(".csv") else a for a in command[1:]))
     assert result.exit_code == 1 and result.stderr.splitlines() == [
-        f"Error: report: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"]
+        f"Error: {command[0]}: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"]
 
 
 def test_scheduler_address_check():
