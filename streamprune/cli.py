@@ -36,6 +36,27 @@ def _one_line(exc: Exception, params: dict | None = None) -> str | None:
     return None if line is None else storage.redact(line)
 
 
+def _stdout_closed(exc: Exception) -> bool:
+    """Whether ``exc`` is printing into a pipe whose reader has gone (`streamprune status | head`)."""
+    tb = exc.__traceback__ if isinstance(exc, BrokenPipeError) else None
+    while tb is not None:
+        if tb.tb_frame.f_code is click.echo.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _leave_quietly() -> None:
+    """Exit as a program killed by SIGPIPE does (status 141, nothing printed): the work is done or
+    resumable, and the reader asked for no more.  Output still buffered goes to /dev/null, not to a
+    second BrokenPipeError at interpreter exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test runner's)
+        pass
+    sys.exit(141)
+
+
 class _Command(click.Command):
     """A command whose storage errors name the path the user gave when the error itself names none."""
 
@@ -45,6 +66,8 @@ class _Command(click.Command):
         except (StreamPruneError, click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
+            if _stdout_closed(exc):
+                _leave_quietly()
             line = _one_line(exc, ctx.params)
             if line is None:
                 raise

@@ -451,6 +451,21 @@ def test_run_ends_with_the_shards_txt_of_the_rewritten_shards(tmp_path, monkeypa
                                                f"re-written shards: {tmp_path / 'out' / 'shards.txt'}"]
 
 
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`streamprune status | head` (or a demo piped into head): the reader has gone, so the command stops
+    as a program killed by SIGPIPE does, instead of "Error: cannot access object storage: BrokenPipeError"."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ws").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "streamprune.cli", "status", "-w", str(tmp_path / "ws")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "STREAMPRUNE_PROGRESS": "0"})
+    proc.stdout.close()  # before the interpreter has started: its first line meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
 def test_interrupted_command_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
     """Ctrl-C in a stage is one line saying that the same command resumes, and the shell's exit status 130."""
     import streamprune.subset
