@@ -137,6 +137,11 @@ def run_options(fn):
     return fn
 
 
+def _in_workspace(workspace: str, path: str) -> str:
+    """A marker's output (relative to the workspace) as the user can open it: under the -w they gave."""
+    return f"{workspace.rstrip('/')}/{path}"
+
+
 def _report(marker: dict, what: str) -> None:
     if marker.get("skipped"):
         click.echo(f"{what}: already done with this configuration; nothing to do")
@@ -312,7 +317,8 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, im
                                  storage_options=storage_options):
             c = sm["counts"]
             click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}{run_tag}: {c['n_valid']} rows, "
-                       f"mean {c['mean']:.4f}, std {c['std']:.4f} -> {sm['outputs']['score']}")
+                       f"mean {c['mean']:.4f}, std {c['std']:.4f} -> "
+                       f"{_in_workspace(workspace, sm['outputs']['score'])}")
 
 
 @cli.command()
@@ -372,7 +378,7 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
         _report(m, f"index {name}")
         c = m["counts"]
         click.echo(f"index {name}: {c['n_index']} rows indexed ({c['factory']}), {c['n']} queries, "
-                   f"recall@{c['k']} {c['recall_at_k']:.4f} -> {m['outputs']['graph']}")
+                   f"recall@{c['k']} {c['recall_at_k']:.4f} -> {_in_workspace(workspace, m['outputs']['graph'])}")
 
 
 @cli.command()
@@ -435,7 +441,7 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
         _report(m, f"extrapolate {method}")
         c = m["counts"]
         click.echo(f"extrapolate {score_name} ({method}): {c.get('n_predicted', '?')} rows predicted, "
-                   f"{c.get('n_seed', '?')} seed rows kept -> {m['outputs']['extrapolated']}")
+                   f"{c.get('n_seed', '?')} seed rows kept -> {_in_workspace(workspace, m['outputs']['extrapolated'])}")
 
 
 def _cache_memory(value) -> dict:
@@ -543,7 +549,7 @@ def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fra
         click.echo("prune: selection already done with this configuration; re-wrote the shards")
     c = m["counts"]
     click.echo(f"prune: kept {c['n_kept']} of {c['n_eligible']} eligible rows ({c['keep_fraction']:.3f}) in "
-               f"{c['n_shards']} shards -> {workspace.rstrip('/')}/{m['outputs']['shards']}")
+               f"{c['n_shards']} shards -> {_in_workspace(workspace, m['outputs']['shards'])}")
     if m["outputs"].get("reshard"):
         click.echo(f"prune: re-written shards -> {m['outputs']['reshard']}")
 
@@ -632,7 +638,7 @@ def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, o
     out = run_pipeline(list(shards), workspace, cfg, until=until, storage_options=storage_options, echo=click.echo)
     prune_m = out["outputs"].get("prune")
     if prune_m:
-        click.echo(f"shards.txt: {workspace.rstrip('/')}/{prune_m['outputs']['shards']}")
+        click.echo(f"shards.txt: {_in_workspace(workspace, prune_m['outputs']['shards'])}")
         if prune_m["outputs"].get("reshard"):  # what a training job reads when the kept samples were re-written
             click.echo(f"re-written shards: {prune_m['outputs']['reshard']}")
 

@@ -451,6 +451,19 @@ def test_run_ends_with_the_shards_txt_of_the_rewritten_shards(tmp_path, monkeypa
                                                f"re-written shards: {tmp_path / 'out' / 'shards.txt'}"]
 
 
+def test_stage_lines_name_outputs_under_the_given_workspace(tmp_path, monkeypatch):
+    """`-> extrapolated/du-knn.zarr` read as a path from the current directory, where nothing is: every
+    stage line names its output under the -w the user gave, as prune's does."""
+    import streamprune.extrapolate
+
+    marker = {"outputs": {"extrapolated": "extrapolated/du-knn.zarr"}, "counts": {"n_predicted": 8, "n_seed": 2}}
+    monkeypatch.setattr(streamprune.extrapolate, "extrapolate", lambda *args, **kwargs: marker)
+    ws = str(tmp_path / "ws")
+    result = _invoke("extrapolate", "-w", ws)
+    assert result.stdout.splitlines() == [
+        f"extrapolate du (knn): 8 rows predicted, 2 seed rows kept -> {ws}/extrapolated/du-knn.zarr"]
+
+
 def test_output_into_a_closed_pipe_exits_quietly(tmp_path):
     """`streamprune status | head` (or a demo piped into head): the reader has gone, so the command stops
     as a program killed by SIGPIPE does, instead of "Error: cannot access object storage: BrokenPipeError"."""
