@@ -38,6 +38,27 @@ def _one_line(exc: Exception, params: dict | None = None) -> str | None:
     return None if line is None else storage.redact(line)
 
 
+def _stdout_closed(exc: Exception) -> bool:
+    """Whether ``exc`` is printing into a pipe whose reader has gone (`streamprune status | head`)."""
+    tb = exc.__traceback__ if isinstance(exc, BrokenPipeError) else None
+    while tb is not None:
+        if tb.tb_frame.f_code is click.echo.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _leave_quietly() -> None:
+    """Exit as a program killed by SIGPIPE does (status 141, nothing printed): the work is done or
+    resumable, and the reader asked for no more.  Output still buffered goes to /dev/null, not to a
+    second BrokenPipeError at interpreter exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test runner's)
+        pass
+    sys.exit(141)
+
+
 class _Command(click.Command):
     """A command whose storage errors name the path the user gave when the error itself names none."""
 
@@ -47,6 +68,8 @@ class _Command(click.Command):
         except (StreamPruneError, click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
+            if _stdout_closed(exc):
+                _leave_quietly()
             line = _one_line(exc, ctx.params)
             if line is None:
                 raise
@@ -132,6 +155,11 @@ def run_options(fn):
     fn = click.option("--scheduler", default="local", show_default=True,
                       help="dask scheduler: local (worker processes), threads, sync, or tcp://host:8786.")(fn)
     return fn
+
+
+def _in_workspace(workspace: str, path: str) -> str:
+    """A marker's output (relative to the workspace) as the user can open it: under the -w they gave."""
+    return f"{workspace.rstrip('/')}/{path}"
 
 
 def _report(marker: dict, what: str) -> None:
@@ -309,7 +337,8 @@ def score(workspace, storage_options, scheduler, on_error, force, image_size, im
                                  storage_options=storage_options):
             c = sm["counts"]
             click.echo(f"score {sm['config']['score']}{' (full)' if full else ''}{run_tag}: {c['n_valid']} rows, "
-                       f"mean {c['mean']:.4f}, std {c['std']:.4f} -> {sm['outputs']['score']}")
+                       f"mean {c['mean']:.4f}, std {c['std']:.4f} -> "
+                       f"{_in_workspace(workspace, sm['outputs']['score'])}")
 
 
 @cli.command()
@@ -370,7 +399,7 @@ def index_cmd(workspace, storage_options, graph, k, factory, nprobe, refine, chu
         _report(m, f"index {name}")
         c = m["counts"]
         click.echo(f"index {name}: {c['n_index']} rows indexed ({c['factory']}), {c['n']} queries, "
-                   f"recall@{c['k']} {c['recall_at_k']:.4f} -> {m['outputs']['graph']}")
+                   f"recall@{c['k']} {c['recall_at_k']:.4f} -> {_in_workspace(workspace, m['outputs']['graph'])}")
 
 
 @cli.command()
@@ -433,7 +462,7 @@ def extrapolate(workspace, storage_options, score_name, methods, k, epochs, hidd
         _report(m, f"extrapolate {method}")
         c = m["counts"]
         click.echo(f"extrapolate {score_name} ({method}): {c.get('n_predicted', '?')} rows predicted, "
-                   f"{c.get('n_seed', '?')} seed rows kept -> {m['outputs']['extrapolated']}")
+                   f"{c.get('n_seed', '?')} seed rows kept -> {_in_workspace(workspace, m['outputs']['extrapolated'])}")
 
 
 def _cache_memory(value) -> dict:
@@ -541,7 +570,7 @@ def prune_cmd(workspace, storage_options, score_name, source, strategy, keep_fra
         click.echo("prune: selection already done with this configuration; re-wrote the shards")
     c = m["counts"]
     click.echo(f"prune: kept {c['n_kept']} of {c['n_eligible']} eligible rows ({c['keep_fraction']:.3f}) in "
-               f"{c['n_shards']} shards -> {workspace.rstrip('/')}/{m['outputs']['shards']}")
+               f"{c['n_shards']} shards -> {_in_workspace(workspace, m['outputs']['shards'])}")
     if m["outputs"].get("reshard"):
         click.echo(f"prune: re-written shards -> {m['outputs']['reshard']}")
 
@@ -630,7 +659,9 @@ def run_cmd(shards, workspace, storage_options, config_path, until, scheduler, o
     out = run_pipeline(list(shards), workspace, cfg, until=until, storage_options=storage_options, echo=click.echo)
     prune_m = out["outputs"].get("prune")
     if prune_m:
-        click.echo(f"shards.txt: {workspace.rstrip('/')}/{prune_m['outputs']['shards']}")
+        click.echo(f"shards.txt: {_in_workspace(workspace, prune_m['outputs']['shards'])}")
+        if prune_m["outputs"].get("reshard"):  # what a training job reads when the kept samples were re-written
+            click.echo(f"re-written shards: {prune_m['outputs']['reshard']}")
 
 
 @cli.command()

@@ -218,13 +218,33 @@ def dask_setup(worker: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+SCRIPT_GUARD_HINT = 'call streamprune under `if __name__ == "__main__":`, or pass scheduler="threads"'
+
+
+def refuse_in_main_reimport() -> None:
+    """Stop a stage called while a worker process imports the user's script (a script without a
+    ``__main__`` guard): it would run the script's stages a second time, beside the parent's."""
+    import multiprocessing
+
+    # multiprocessing's own test for "importing main in a spawned child" (spawn._check_not_importing_main)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise StreamPruneError("streamprune called while a worker process starts: the local scheduler's worker "
+                               f"processes import the main script again; in a script, {SCRIPT_GUARD_HINT}")
+
+
 def _local_cluster(n_workers: int, limit: int | None):
     import dask
     from dask.distributed import LocalCluster
 
-    with dask.config.set(LOCAL_WORKER_CONFIG):  # the nannies hand this config to their worker processes
-        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, memory_limit=limit or "auto",
-                            dashboard_address=":0", silence_logs=logging.ERROR, preload=[__name__])
+    refuse_in_main_reimport()
+    try:
+        with dask.config.set(LOCAL_WORKER_CONFIG):  # the nannies hand this config to their worker processes
+            return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                memory_limit=limit or "auto", dashboard_address=":0", silence_logs=logging.ERROR,
+                                preload=[__name__])
+    except RuntimeError as exc:  # "Nanny failed to start": the worker's own error is printed above it
+        raise StreamPruneError(f"could not start local dask workers ({exc}); if this runs from a script without a "
+                               f"main guard, {SCRIPT_GUARD_HINT}") from None
 
 
 def check_scheduler(scheduler: str | None) -> None:

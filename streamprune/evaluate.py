@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from streamprune import storage
 from streamprune.errors import StreamPruneError
@@ -282,6 +284,10 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
     higher = get_score(score).higher_is_harder
     results: dict = {"keeps": keeps, "seeds": seeds, "epochs": epochs, "runs": {}, "selection": {}}
     preds: dict = {}
+    # Every (source x strategy, random) x keep x seed, plus the all-rows runs: minutes of training
+    # that would otherwise pass in silence.  Sources with too few scored rows are taken off below.
+    bar = tqdm(total=(len(keeps) * (len(strategies) * len(sources) + 1) + 1) * seeds, desc="pruning curve",
+               unit="model", disable=os.environ.get("STREAMPRUNE_PROGRESS", "1") == "0")
 
     def run(label: str, mask: np.ndarray, seed: int, keep: float) -> dict:
         key = fingerprint({"label": label, "rows": hashlib.sha256(np.packbits(mask).tobytes()).hexdigest(),
@@ -295,6 +301,7 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
             cached = {"label": label, "keep": keep, "seed": seed, "n_train": int(mask.sum()),
                       "accuracy": float((pred == y_test).mean()), "pred": pred.tolist()}
             ws.write_json(cached, "eval", "runs", f"{key}.json")
+        bar.update(1)
         return cached
 
     for keep in keeps:
@@ -304,6 +311,7 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
             for src in sources:
                 s = np.where(valid, arrays[src], np.nan)
                 if np.isfinite(s).sum() < n_keep:
+                    bar.total -= seeds
                     continue
                 opts = {}
                 if strategy == "hard-clean":
@@ -340,6 +348,7 @@ def pruning_curve(ws: Workspace, score: str, keeps: list[float], epochs: int, te
                     "retained_recall": retained_recall(mask, ref), "error_jaccard": mean_std(jac),
                     "agreement": mean_std(agr)}
     all_accs = [run("all rows", valid, seed, 1.0)["accuracy"] for seed in range(seeds)]
+    bar.close()
     results["all_rows"] = {"accuracy": mean_std(all_accs), "n_train": int(valid.sum())}
     results["per_class_accuracy"] = {
         label: per_class_accuracy(preds[(label, keeps[-1], 0)], y_test, num_classes)

@@ -121,6 +121,7 @@ def export_scores(workspace: str | Workspace, output: str, *, storage_options: d
         raise StreamPruneError(f"--output must end with .parquet or .csv: {output}")
     if not storage.is_remote(output) and os.path.isdir(output):
         raise StreamPruneError(f"--output {output} is a directory; give a file name ending in .{fmt}")
+    ws.require("catalog", "scores")  # the command's own name in the error of an empty workspace
     cat = Catalog(ws)
     markers = ws.markers()  # one read of the markers for the columns and the labels
     cols = score_columns(ws, markers)

@@ -187,7 +187,13 @@ def report(workspace: str | Workspace, output: str | None = None, score: str = "
             for name in files:
                 storage.upload_file(os.path.join(local_dir, name), storage.join(out_dir, name), ws.storage_options)
     else:
+        made = not os.path.isdir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        files = _write_report(ws, out_dir, score)
+        try:
+            files = _write_report(ws, out_dir, score)
+        except BaseException:
+            if made and not os.listdir(out_dir):  # a refused report (no scores yet) leaves no empty folder
+                os.rmdir(out_dir)
+            raise
     return {"dir": out_dir, "files": [storage.join(out_dir, f) for f in files],
             "report": storage.join(out_dir, "report.md")}

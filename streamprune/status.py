@@ -76,7 +76,8 @@ def format_status(info: dict) -> str:
     pad = " " * (11 + width)
     for name, st in info["stages"].items():
         # short values only: a long one (the GCN's per-epoch training history) is in `status --json`
-        counts = ", ".join(f"{k}={v}" for k, v in st["counts"].items() if len(str(v)) <= 80)
+        counts = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"  # 4 digits: 0.205, not 0.20497218...
+                           for k, v in st["counts"].items() if len(str(v)) <= 80)
         state = "stale" if st.get("stale") else "done"
         lines.append(f"  {state:<8} {name:<{width}} {st['wall_s'] or 0:8.1f}s  {counts}")
         if st.get("stale"):

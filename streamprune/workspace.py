@@ -261,6 +261,9 @@ class Workspace:
     def __init__(self, url: str, storage_options: dict | None = None):
         if not url:
             raise StreamPruneError("a workspace is required (-w/--workspace)")
+        from streamprune.compute import refuse_in_main_reimport
+
+        refuse_in_main_reimport()
         self.url = storage.normalize(url)
         self.storage_options = dict(storage_options or {})
 

@@ -215,11 +215,12 @@ def test_extrapolate_warns_of_options_no_chosen_method_uses(tmp_path):
     assert not result.stderr.startswith("warning")
 
 
-def test_report_names_itself_when_the_workspace_is_empty(tmp_path):
+@pytest.mark.parametrize("command", [["report"], ["scores", "-o", "scores.csv"]])
+def test_report_and_scores_name_themselves_when_the_workspace_is_empty(tmp_path, command):
     ws = str(tmp_path / "ws")
-    result = _invoke("report", "-w", ws)
+    result = _invoke(command[0], "-w", ws, *(str(tmp_path / a) if a.endswith(".csv") else a for a in command[1:]))
     assert result.exit_code == 1 and result.stderr.splitlines() == [
-        f"Error: report: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"]
+        f"Error: {command[0]}: stage 'catalog' has not run in {ws}; run `streamprune catalog` first"]
 
 
 def test_scheduler_address_check():
@@ -434,6 +435,48 @@ def test_run_flags_override_the_config_file(tmp_path, monkeypatch):
         "scores": ["du", "el2n"], "epochs": 12, "model": "mlp", "full": True, "full_runs": 2}
     assert {k: s["prune"][k] for k in ("strategy", "keep_fraction", "reshard")} == {
         "strategy": "easy", "keep_fraction": 0.4, "reshard": str(tmp_path / "out")}
+
+
+def test_run_ends_with_the_shards_txt_of_the_rewritten_shards(tmp_path, monkeypatch):
+    """With a reshard, `run` names the re-written shards' list as well as the pruned set's: it is what a
+    training job reads, and it lies outside the workspace."""
+    import streamprune.pipeline
+
+    outputs = {"shards": "prune/p/shards.txt", "reshard": str(tmp_path / "out" / "shards.txt")}
+    monkeypatch.setattr(streamprune.pipeline, "run_pipeline",
+                        lambda *args, **kwargs: {"outputs": {"prune": {"outputs": outputs}}})
+    result = _invoke("run", "a.tar", "-w", str(tmp_path / "ws"), "--reshard", str(tmp_path / "out"))
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[-2:] == [f"shards.txt: {tmp_path / 'ws'}/prune/p/shards.txt",
+                                               f"re-written shards: {tmp_path / 'out' / 'shards.txt'}"]
+
+
+def test_stage_lines_name_outputs_under_the_given_workspace(tmp_path, monkeypatch):
+    """`-> extrapolated/du-knn.zarr` read as a path from the current directory, where nothing is: every
+    stage line names its output under the -w the user gave, as prune's does."""
+    import streamprune.extrapolate
+
+    marker = {"outputs": {"extrapolated": "extrapolated/du-knn.zarr"}, "counts": {"n_predicted": 8, "n_seed": 2}}
+    monkeypatch.setattr(streamprune.extrapolate, "extrapolate", lambda *args, **kwargs: marker)
+    ws = str(tmp_path / "ws")
+    result = _invoke("extrapolate", "-w", ws)
+    assert result.stdout.splitlines() == [
+        f"extrapolate du (knn): 8 rows predicted, 2 seed rows kept -> {ws}/extrapolated/du-knn.zarr"]
+
+
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`streamprune status | head` (or a demo piped into head): the reader has gone, so the command stops
+    as a program killed by SIGPIPE does, instead of "Error: cannot access object storage: BrokenPipeError"."""
+    import subprocess
+    import sys
+
+    (tmp_path / "ws").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "streamprune.cli", "status", "-w", str(tmp_path / "ws")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "STREAMPRUNE_PROGRESS": "0"})
+    proc.stdout.close()  # before the interpreter has started: its first line meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
 
 
 def test_interrupted_command_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):

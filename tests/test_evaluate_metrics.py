@@ -121,3 +121,37 @@ def test_test_shards_of_another_input_shape_are_one_line(tmp_path):
         _test_data(images, DecodeConfig(), None, (1, 16, 16))
     x, y = _test_data(images, DecodeConfig(), None, (3, 8, 8))
     assert x.shape == (3, 3, 8, 8) and np.array_equal(x[:, 0], x[:, 2]) and y.tolist() == [0, 1, 2]
+
+
+def test_pruning_curve_shows_its_progress(tmp_path, monkeypatch, capsys):
+    """The curve trains one model per source x strategy (and random) x keep x seed, plus the all-rows
+    ones: minutes of work, so a progress bar counts them off (a source with too few scores is not counted)."""
+    import dataclasses
+    import types
+
+    import torch
+
+    import streamprune.evaluate as ev
+    import streamprune.train as train
+    from streamprune.decode import DecodeConfig
+    from streamprune.train import TrainConfig
+    from streamprune.workspace import Workspace
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("train", {"train": dataclasses.asdict(TrainConfig()), "decode": dataclasses.asdict(DecodeConfig())},
+             {}).commit({}, {})
+    n = 40
+    labels = np.arange(n) % 4
+    rows = types.SimpleNamespace(x=torch.zeros(n, 2), labels=labels, valid=np.ones(n, bool), shape=(2,))
+    few = np.full(n, np.nan, np.float32)
+    few[:3] = 1.0  # too few scored rows to keep half: no runs for this source
+    monkeypatch.setattr(ev, "_rows_data", lambda w: rows)
+    monkeypatch.setattr(ev, "_test_data", lambda *a: (np.zeros((5, 2), np.float32), np.arange(5) % 4))
+    monkeypatch.setattr(ev, "score_sources", lambda w, s: {"full": np.linspace(0, 1, n), "knn": np.linspace(1, 0, n),
+                                                           "gcn": few})
+    monkeypatch.setattr(train, "fit_and_predict", lambda x, y, x_test, cfg, c, seed: np.zeros((len(x_test), c)))
+    monkeypatch.setenv("STREAMPRUNE_PROGRESS", "1")
+    ev.pruning_curve(ws, "du", [0.5], 1, ["unused"], seeds=2, strategies=("hard",))
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    # (full, knn and random) x 2 seeds + 2 all-rows models
+    assert any(line.startswith("pruning curve: 100%") and "8/8" in line for line in bar), bar

@@ -469,6 +469,19 @@ def test_auto_k_with_fewer_than_three_scored_seeds_takes_the_smallest_k(tmp_path
     np.testing.assert_allclose(score, ref_score, rtol=1e-5, atol=1e-5)
 
 
+def test_k_over_the_graph_names_the_index_command_that_works(tmp_path):
+    """The graph exists with a smaller k, so the index command the error names needs --force: without it
+    that command is refused too, and a user following one error only met the next."""
+    ws, *_ = scored_workspace(tmp_path / "ws", n=200)
+    with pytest.raises(StreamPruneError, match=r"k=50 exceeds the graph's k=20; rebuild it with "
+                                               r"`streamprune index --k 50 --force`$"):
+        extrapolate_knn(ws, "du", k=50)
+    with pytest.raises(StreamPruneError, match=r"changed: k 20 -> 50"):
+        build_index(ws, graph="seeds", k=50, scheduler="sync", chunk_rows=100)
+    build_index(ws, graph="seeds", k=50, scheduler="sync", chunk_rows=100, force=True)
+    assert extrapolate_knn(ws, "du", k=50)["counts"]["k"] == 50
+
+
 def test_k_over_the_graph_with_force_keeps_the_finished_result(tmp_path):
     """A refused --k leaves the workspace as it was, --force or not (the finished result was removed first)."""
     ws, *_ = scored_workspace(tmp_path / "ws", n=200)

@@ -425,7 +425,8 @@ def test_label_aware_force_replaces_the_disagreement_and_a_refused_k_keeps_it(tm
     extrapolate(ws, "du", "label-aware", k=10)
     m = extrapolate(ws, "du", "label-aware", k=15, force=True)
     assert w.marker("score-label_disagreement")["config"]["k"] == 15 and m["config"]["k"] == 15
-    with pytest.raises(StreamPruneError, match="k=30 but the all-rows graph has only 20 neighbours"):
+    with pytest.raises(StreamPruneError, match=r"k=30 but the all-rows graph has only 20 neighbours; re-run "
+                                               r"`streamprune index --k 30 --force`$"):
         extrapolate(ws, "du", "label-aware", k=30, force=True)
     assert w.marker("score-label_disagreement")["config"]["k"] == 15
     assert w.marker("extrapolate-du-label-aware")["fingerprint"] == m["fingerprint"]

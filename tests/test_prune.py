@@ -1208,3 +1208,14 @@ def test_reshard_through_a_copy_buffer_that_fills_within_a_source_shard(tmp_path
     monkeypatch.setattr(prune_module, "READ_BLOCK", 20_000)
     reshard(ws, "du-knn-hard-0.7", str(tmp_path / "b"), shard_size=60_000, scheduler="sync", force=True)
     assert tars_in(str(tmp_path / "b")) == ref and len(ref) >= 2
+
+
+def test_a_refused_report_leaves_no_empty_folder(tmp_path):
+    """`streamprune report` before any score is refused in one line, and leaves no empty WS/report behind."""
+    from streamprune.report import report
+
+    ws = Workspace(str(tmp_path / "ws"))
+    ws.begin("catalog", {}, {}).commit({}, {"n_samples": 0})
+    with pytest.raises(StreamPruneError, match="no du scores"):
+        report(ws)
+    assert not os.path.exists(ws.path("report"))

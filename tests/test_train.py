@@ -246,7 +246,7 @@ def test_full_data_replica_killed_mid_epoch_resumes_identically(tmp_path):
     for w in (ref, ws):
         run_cli("catalog", *shards, "-w", w, "--scheduler", "sync")
     out = run_cli("score", "-w", ref, *args).stdout
-    assert "train (run 2 of 2)" in out and "-> scores/du-full-r1.zarr" in out
+    assert "train (run 2 of 2)" in out and f"-> {ref}/scores/du-full-r1.zarr" in out
 
     def mid_replica():
         d = os.path.join(ws, "_stages", "train-full-r1")

@@ -257,6 +257,18 @@ def test_status_text_leaves_long_counts_to_json():
     assert "history" not in text and max(len(line) for line in text.splitlines()) < 200
 
 
+def test_status_text_rounds_float_counts():
+    """A float count is shown to 4 significant digits (`status --json` keeps every digit)."""
+    from streamprune.status import format_status
+
+    info = {"workspace": "ws", "version": "x", "n_samples": 10, "n_shards": 1, "pending": [],
+            "errors": {"total": 0, "by_stage": {}, "file": "errors.jsonl"},
+            "stages": {"subset": {"wall_s": 1.0, "outputs": {}, "stale": None, "counts": {
+                "n_subset": 1179, "realised_fraction": 0.20497218358831712, "mean": 2.0508997440338135e-07}}}}
+    row = [line for line in format_status(info).splitlines() if line.startswith("  done")][0]
+    assert row.split()[-3:] == ["n_subset=1179,", "realised_fraction=0.205,", "mean=2.051e-07"]
+
+
 def test_status_text_columns_fit_long_stage_names():
     """A stage name longer than the usual column (extrapolate-du-label-aware) widens the column for every row."""
     from streamprune.status import format_status
@@ -666,3 +678,24 @@ def test_a_chunk_whose_errors_could_not_be_written_is_not_done(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         run.mark_chunk(0, errors=[{"key": "k0", "reason": "bad"}])
     assert run.done_chunks() == set()
+
+
+def test_a_script_without_a_main_guard_gets_the_reason_not_a_failed_nanny(tmp_path):
+    """The local scheduler's worker processes import the user's script again.  Unguarded, the script's
+    stage calls ran a second time in each worker (where they met the parent's lease, or failed to start
+    processes of their own) and the parent saw only "Nanny failed to start"; now both say what to do."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "prune_job.py"
+    script.write_text("from streamprune.compute import client_for\nfrom streamprune.workspace import Workspace\n\n"
+                      f"Workspace({str(tmp_path / 'ws')!r})\nwith client_for('local', n_tasks=1):\n    pass\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "streamprune called while a worker process starts" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamprune.errors.StreamPruneError: could not start local dask workers") and (
+        'call streamprune under `if __name__ == "__main__":`, or pass scheduler="threads"' in last)

@@ -858,7 +858,7 @@ def extrapolate_gcn(ws: str | Workspace, score: str = "du", *, k: int = 10, hidd
     emb_g, graph, n = _inputs(ws, key)
     if k > graph["neighbors"].shape[1]:
         raise StreamPruneError(f"{key}: k={k} but graph/all.zarr holds {graph['neighbors'].shape[1]} neighbours per "
-                               f"row; rebuild it with `streamprune index --k {k}`")
+                               f"row; rebuild it with `streamprune index --k {k} --force`")
     widths = tuple(int(h) for h in hidden) + (1,)
     fanouts = parse_fanout(fanout, len(widths), k)
     num_classes = _num_classes(emb_g["labels"])

@@ -160,7 +160,7 @@ def extrapolate_knn(ws: str | Workspace, score: str = "du", *, k: int | str = "a
     n, graph_k = nbr_arr.shape
     if k != "auto" and k > graph_k:  # before begin: a refused option leaves a --force run's old results in place
         raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
-                               f"rebuild it with `streamprune index --k {k}`")
+                               f"rebuild it with `streamprune index --k {k} --force`")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
     config = {"score": score, "method": "knn", "k": k, "graph": graph, "chunk_rows": chunk_rows}
     run = ws.begin("extrapolate", config, inputs, force=force, key=key)

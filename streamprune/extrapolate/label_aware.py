@@ -208,7 +208,7 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
         k = min(20, int(graph_m["counts"]["k"]))
     if graph["neighbors"].shape[1] < k:  # before begin: a refused option leaves a --force run's old results in place
         raise StreamPruneError(f"label disagreement: k={k} but the all-rows graph has only "
-                               f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k}`")
+                               f"{graph['neighbors'].shape[1]} neighbours; re-run `streamprune index --k {k} --force`")
     run = ws.begin("score", {"score": "label_disagreement", "rows": "all", "k": k},
                    {"embed": emb_m["fingerprint"], "graph": graph_m["fingerprint"]}, force=force,
                    key="score-label_disagreement")

@@ -366,7 +366,7 @@ def extrapolate_propagate(ws: str | Workspace, score: str = "du", *, tol: float 
     n, graph_k = nbr_arr.shape
     if k is not None and k > graph_k:  # before begin: a refused option leaves a --force run's old results in place
         raise StreamPruneError(f"{key}: k={k} exceeds the graph's k={graph_k}; "
-                               f"rebuild it with `streamprune index --graph all --k {k}`")
+                               f"rebuild it with `streamprune index --graph all --k {k} --force`")
     inputs = {"graph": index_marker["fingerprint"], "score": score_fingerprint(ws, score, key)}
     config = {"score": score, "method": "propagate", "tol": float(tol), "max_iter": int(max_iter),
               "k": None if k is None else int(k), "chunk_rows": chunk_rows}
