@@ -123,7 +123,8 @@ def _check_window(n_epochs: int, window: int, minimum: int, fn: str) -> None:
     if window < minimum:
         raise ValueError(f"{fn}: window must be >= {minimum}, got {window}")
     if n_epochs < window:
-        raise ValueError(f"{fn}: need at least window={window} epochs, got E={n_epochs}")
+        raise ValueError(f"{fn}: need at least window={window} epochs, got E={n_epochs} "
+                         "(train for more epochs, or give a smaller window)")
 
 
 # --------------------------------------------------------------------------- numerics
