@@ -13,14 +13,16 @@ Conventions shared by every strategy:
   raises ``ValueError`` with the numbers.
 
 Memory per row, besides the inputs and the 1 B output mask (``scripts/bench_select.py``):
-``keep_hardest`` 5 B (one float copy for a partition), ``keep_easiest`` 9 B, ``random`` 14 B (numpy's
-draw without replacement holds a permutation of the eligible rows), ``hard_clean`` 12 B,
-``influence_budget`` 10 B (one sort order), ``ccs`` 11 B (its drop of the hardest rows partitions
-a negated copy), ``balanced`` 4 B.  Only ``influence_budget`` holds a sort order over all rows:
-``ccs`` and ``balanced`` find the rows of each stratum or class in a few passes, each holding the
-row ids of at most ``max(GROUP_ROWS, N / 16)`` rows (or of one larger stratum or class), and every
-other temporary is one chunk of ``CHUNK_ROWS`` rows.  Those figures hold from N = 16 x GROUP_ROWS
-(67M rows) on; below, one group or chunk of up to 4M rows adds at most ~130 MB.
+``keep_hardest`` 5 B (one float copy for a partition), ``keep_easiest`` 9 B, ``random`` 14 B
+(numpy's draw without replacement holds a permutation of the eligible rows), ``hard_clean`` 2 B
+beside its noise ranks (two masks: its drop and keep select by :func:`top_k_in_passes`, without a
+copy of the values; the noise ranks' table takes 5 B and is read a chunk at a time),
+``influence_budget`` 10 B (one sort order), ``ccs`` 11 B (its drop of the hardest rows partitions a
+negated copy), ``balanced`` 4 B.  Only ``influence_budget`` holds a sort order over all rows: ``ccs``
+and ``balanced`` find the rows of each stratum or class in a few passes, each holding the row ids of
+at most ``max(GROUP_ROWS, N / 16)`` rows (or of one larger stratum or class), and every other
+temporary is one chunk of ``CHUNK_ROWS`` rows.  Those figures hold from N = 16 x GROUP_ROWS (67M
+rows) on; below, one group or chunk of up to 4M rows adds at most ~130 MB.
 """
 
 from __future__ import annotations

@@ -133,8 +133,7 @@ class NoiseRanks:
         sums, seed = self.rank_sums[rows], self.seed[rows]
         out = sums.astype(np.float64)
         out *= 0.5  # (mid-rank - 0.5) = (left + 1 + right) / 2 - 0.5, exact in float64 as within_quantiles has it
-        np.divide(out, max(self.n_seed, 1), out=out, where=seed)  # n = 0: no row of it has a rank
-        np.divide(out, max(self.n_other, 1), out=out, where=~seed)
+        out /= np.where(seed, float(max(self.n_seed, 1)), float(max(self.n_other, 1)))  # n = 0: no row has a rank
         out[sums == self.missing] = np.nan
         return out
 
