@@ -798,3 +798,15 @@ def test_top_k_in_passes_matches_a_partitioned_copy(dtype, chunk_rows, data):
         mp.setattr(sel, "CHUNK_ROWS", chunk_rows)
         got = sel.top_k_in_passes(s, eligible, k)
     np.testing.assert_array_equal(got, _reference_top_k(s, eligible, k))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_top_k_in_passes_takes_zero_and_negative_zero_as_one_value(dtype):
+    """-0.0 == 0.0: a tie broken by row id, not by the sign bit."""
+    from streamprune import select as sel
+
+    s = np.array([-0.0, 0.0, -0.0, 0.0, 1.0, -1.0, np.nan], dtype)
+    eligible = ~np.isnan(s)
+    for k in range(int(eligible.sum()) + 1):
+        np.testing.assert_array_equal(sel.top_k_in_passes(s, eligible, k), _reference_top_k(s, eligible, k))
+    assert np.flatnonzero(sel.top_k_in_passes(s, eligible, 2)).tolist() == [0, 4]
