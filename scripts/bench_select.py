@@ -4,13 +4,16 @@
         [--strategies hard,easy,random,ccs,balanced,hard-clean,influence-budget] [--json out.json]
 
 For each scale the script makes the per-row inputs the prune stage holds (float32 scores with 1 %
-NaN, int32 labels over ``--classes`` classes, float64 noise ranks for ``hard-clean``) and runs, per
-strategy, ``select.select`` and then ``prune.selection_stats`` (stats.json's quantiles and per-class
-counts).  It reports the peak of numpy's traced allocations (tracemalloc) above the inputs, in
-bytes per row, for each of the two, and their wall time.  Chunked passes hold one chunk of
-``select.CHUNK_ROWS`` rows and ccs/balanced at most ``max(GROUP_ROWS, N / 16)`` row ids, so
-the bytes per row fall with N until N is large against those constants; ``--chunk-rows`` and
-``--group-rows`` set them lower to show large-N behaviour at a size this machine holds.
+NaN, int32 labels over ``--classes`` classes) and runs, per strategy, ``select.select`` and then
+``prune.selection_stats`` (stats.json's quantiles and per-class counts).  ``hard-clean`` counts its
+noise ranks in its selection: from float32 label disagreement (21 levels, as with k = 20 neighbours,
+0.5 % NaN; an input, as prune reads its zarr array a chunk at a time), a 20 % subset and the seed
+rows' float32 margins, it makes the seed mask and ``label_aware.noise_table`` inside the measurement.
+It reports the peak of numpy's traced allocations (tracemalloc) above the inputs, in bytes per row,
+for each of the two, and their wall time.  Chunked passes hold one chunk of ``select.CHUNK_ROWS``
+rows and ccs/balanced at most ``max(GROUP_ROWS, N / 16)`` row ids, so the bytes per row fall with N
+until N is large against those constants; ``--chunk-rows`` and ``--group-rows`` set them lower to
+show large-N behaviour at a size this machine holds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import tracemalloc
 import numpy as np
 
 from streamprune import select as sel
+from streamprune.extrapolate.label_aware import noise_table
 from streamprune.prune import selection_stats
 
 STRATEGIES = ("hard", "easy", "random", "ccs", "balanced", "hard-clean", "influence-budget")
@@ -32,8 +36,22 @@ def inputs(n: int, classes: int) -> dict:
     rng = np.random.default_rng(0)
     scores = rng.random(n, dtype=np.float32)
     scores[rng.random(n, dtype=np.float32) < 0.01] = np.nan
-    return {"scores": scores, "labels": rng.integers(0, classes, n, dtype=np.int32),
-            "noise": rng.random(n)}
+    labels = rng.integers(0, classes, n, dtype=np.int32)
+    disagreement = (rng.integers(0, 21, n) / 20).astype(np.float32)
+    disagreement[rng.random(n, dtype=np.float32) < 0.005] = np.nan
+    seed_rows = np.flatnonzero(rng.random(n, dtype=np.float32) < 0.2)
+    return {"scores": scores, "labels": labels, "disagreement": disagreement, "seed_rows": seed_rows,
+            "margin": rng.normal(size=len(seed_rows)).astype(np.float32)}
+
+
+def hard_clean(data: dict, k: int) -> np.ndarray:
+    """The prune stage's hard-clean: the seed mask and the seed margins read, the noise table, the selection."""
+    n = len(data["scores"])
+    seed = np.zeros(n, bool)
+    seed[data["seed_rows"]] = True
+    noise = noise_table(data["disagreement"], seed, data["margin"].copy())
+    del seed
+    return sel.select("hard-clean", data["scores"], data["labels"], k, noise=noise, drop_count=n // 10)
 
 
 def measure(strategy: str, data: dict, keep: float) -> dict:
@@ -46,7 +64,7 @@ def measure(strategy: str, data: dict, keep: float) -> dict:
     if strategy == "influence-budget":
         mask = sel.influence_budget(s, eps=float(np.nansum(s)) * (1 - keep))[0]
     elif strategy == "hard-clean":
-        mask = sel.select(strategy, s, labels, k, noise=data["noise"], drop_count=n // 10)
+        mask = hard_clean(data, k)
     else:
         mask = sel.select(strategy, s, labels, k)
     t_select = time.perf_counter() - t0

@@ -38,7 +38,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,9 @@ from streamprune.errors import StreamPruneError, check_seed, finite
 from streamprune.heap import bound_heap
 from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
+
+if TYPE_CHECKING:
+    from streamprune.extrapolate.label_aware import NoiseRanks
 
 log = logging.getLogger(__name__)
 
@@ -341,36 +344,35 @@ def seed_margin_marker(ws: Workspace) -> dict | None:
 
 
 def _noise_for_hard_clean(ws: Workspace, scores: np.ndarray, noise_fraction, margin_marker: dict | None
-                          ) -> tuple[np.ndarray, int, dict]:
-    """Noise ranks per row (:func:`~streamprune.extrapolate.label_aware.noise_ranks`: seed rows and other
+                          ) -> tuple[NoiseRanks, int, dict]:
+    """Noise ranks per row (:func:`~streamprune.extrapolate.label_aware.noise_table`: seed rows and other
     rows ranked apart) and how many eligible rows to drop as likely mislabelled.  ``margin_marker``
     is :func:`seed_margin_marker`'s result (None: seeds rank by disagreement alone).
 
     ``auto`` estimates the count from the data: eligible rows whose exp(-d)-weighted neighbour
-    majority carries another label.  A number is a fraction of the eligible rows.
+    majority carries another label.  A number is a fraction of the eligible rows.  The disagreement
+    is read from its zarr array one chunk at a time, never whole.
     """
     from streamprune.extrapolate.common import seed_scores
-    from streamprune.extrapolate.label_aware import noise_estimate, noise_ranks, read_disagreement
+    from streamprune.extrapolate.label_aware import disagreement_array, noise_estimate, noise_table
     from streamprune.subset import subset_rows
 
     eligible = ~np.isnan(scores)
     n_eligible = int(eligible.sum())
-    if noise_fraction == "auto":  # a count only: estimated before the (N,) ranks exist
+    if noise_fraction == "auto":  # a count only: estimated before the ranks exist
         k = int(ws.marker("score-label_disagreement")["config"]["k"])
         drop = int(np.count_nonzero(noise_estimate(ws, k=k) & eligible))
     else:
         drop = int(round(float(noise_fraction) * n_eligible))
     del eligible
-    dis = read_disagreement(ws)
-    seed = np.zeros(len(dis), bool)
+    dis = disagreement_array(ws)
+    seed = np.zeros(dis.shape[0], bool)
     margin = None
     if ws.marker("subset") is not None:
         seed[subset_rows(ws)] = True
-        if margin_marker is not None:
-            aum = seed_scores(ws, "aum")
-            margin = np.full(len(dis), np.nan, np.float32)
-            margin[aum.rows] = aum.values
-    noise = noise_ranks(dis, seed, margin)
+        if margin_marker is not None:  # the seed rows' AUM, in row order (not kept in seed_scores' cache)
+            margin = seed_scores(ws, "aum", cache=False).values
+    noise = noise_table(dis, seed, margin)
     info = {"noise_fraction": noise_fraction, "noise_estimate": round(drop / max(1, n_eligible), 6),
             "drop_target": drop, "seed_rows_ranked_apart": int(seed.sum()),
             "seed_signal": "disagreement+aum" if margin is not None else "disagreement"}

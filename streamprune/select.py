@@ -13,14 +13,16 @@ Conventions shared by every strategy:
   raises ``ValueError`` with the numbers.
 
 Memory per row, besides the inputs and the 1 B output mask (``scripts/bench_select.py``):
-``keep_hardest`` 5 B (one float copy for a partition), ``keep_easiest`` 9 B, ``random`` 14 B (numpy's
-draw without replacement holds a permutation of the eligible rows), ``hard_clean`` 12 B,
-``influence_budget`` 10 B (one sort order), ``ccs`` 11 B (its drop of the hardest rows partitions
-a negated copy), ``balanced`` 4 B.  Only ``influence_budget`` holds a sort order over all rows:
-``ccs`` and ``balanced`` find the rows of each stratum or class in a few passes, each holding the
-row ids of at most ``max(GROUP_ROWS, N / 16)`` rows (or of one larger stratum or class), and every
-other temporary is one chunk of ``CHUNK_ROWS`` rows.  Those figures hold from N = 16 x GROUP_ROWS
-(67M rows) on; below, one group or chunk of up to 4M rows adds at most ~130 MB.
+``keep_hardest`` 5 B (one float copy for a partition), ``keep_easiest`` 9 B, ``random`` 14 B
+(numpy's draw without replacement holds a permutation of the eligible rows), ``hard_clean`` 2 B
+beside its noise ranks (two masks: its drop and keep select by :func:`top_k_in_passes`, without a
+copy of the values; the noise ranks' table takes 5 B and is read a chunk at a time),
+``influence_budget`` 10 B (one sort order), ``ccs`` 11 B (its drop of the hardest rows partitions a
+negated copy), ``balanced`` 4 B.  Only ``influence_budget`` holds a sort order over all rows: ``ccs``
+and ``balanced`` find the rows of each stratum or class in a few passes, each holding the row ids of
+at most ``max(GROUP_ROWS, N / 16)`` rows (or of one larger stratum or class), and every other
+temporary is one chunk of ``CHUNK_ROWS`` rows.  Those figures hold from N = 16 x GROUP_ROWS (67M
+rows) on; below, one group or chunk of up to 4M rows adds at most ~130 MB.
 """
 
 from __future__ import annotations
@@ -111,6 +113,64 @@ def _top_k_of(s: np.ndarray, eligible: np.ndarray, k: int) -> np.ndarray:
     need = k - int(mask.sum())
     if need:
         mask[np.flatnonzero((s == threshold) & eligible)[:need]] = True
+    return mask
+
+
+def _order_keys(v: np.ndarray) -> np.ndarray:
+    """Unsigned integers in the order of the floats ``v`` (no NaN); equal floats, 0.0 and -0.0 too, get equal keys."""
+    bits = 8 * v.dtype.itemsize
+    keys = (v + v.dtype.type(0)).view(f"u{v.dtype.itemsize}")  # a copy; + 0 turns -0.0 into 0.0
+    flip = keys >> keys.dtype.type(bits - 1)  # 1 where negative
+    np.negative(flip, out=flip)  # negative: all bits set, to flip them all; others: 0 ...
+    flip |= keys.dtype.type(1) << keys.dtype.type(bits - 1)  # ... and the sign bit, to put them above
+    keys ^= flip
+    return keys
+
+
+def top_k_in_passes(values: Any, eligible: np.ndarray, k: int, dtype: Any = None) -> np.ndarray:
+    """:func:`_top_k_of` without a copy of the eligible values: the same mask, in a few passes over the rows.
+
+    ``values`` is an (N,) float array or anything that gives a slice of rows at a time (read as
+    ``dtype``).  The k-th largest value is found 16 bits at a time (radix select over the
+    float's bits: 2 passes for float32, 4 for float64), each pass counting the eligible rows
+    whose value shares the bits found so far; a last pass marks the rows above it and, among the
+    rows equal to it, the lower row ids first.  Beside the 1 B mask, one chunk of ``CHUNK_ROWS``.
+    """
+    n_eligible = int(np.count_nonzero(eligible))
+    k = _check_count(k, n_eligible)
+    mask = np.zeros(len(eligible), bool)
+    if k == 0:
+        return mask
+    itemsize = np.dtype(dtype or values.dtype).itemsize
+    if itemsize not in (2, 4, 8):  # no unsigned type of its width: one copy of the eligible values
+        return _top_k_of(np.asarray(values, dtype), eligible, k)
+
+    def keys_of(a: int) -> np.ndarray:  # of the chunk at row a; meaningless at rows that are not eligible
+        return _order_keys(np.asarray(values[a:a + CHUNK_ROWS], dtype))
+
+    kind = np.dtype(f"u{itemsize}").type
+    bits = 8 * itemsize
+    prefix, rest = kind(0), k  # the threshold's leading bits found so far; rows still to take at or below them
+    for done in range(0, bits, 16):
+        counts = np.zeros(1 << 16, np.int64)
+        for a in range(0, len(eligible), CHUNK_ROWS):
+            keys = keys_of(a)[eligible[a:a + CHUNK_ROWS]]
+            if done:
+                keys = keys[(keys >> kind(bits - done)) == prefix]
+            keys >>= kind(bits - done - 16)
+            keys &= kind(0xFFFF)  # the next 16 bits: below 2^16, so read as int64 for bincount
+            counts += np.bincount(keys.view(np.int64) if itemsize == 8 else keys.astype(np.intp), minlength=1 << 16)
+        from_top = np.cumsum(counts[::-1])
+        i = int(np.searchsorted(from_top, rest))  # rows of digits above 0xFFFF - i: fewer than rest
+        rest -= int(from_top[i - 1]) if i else 0
+        prefix = kind((int(prefix) << 16) | (0xFFFF - i))
+    for a in range(0, len(eligible), CHUNK_ROWS):
+        keys, e = keys_of(a), eligible[a:a + CHUNK_ROWS]
+        mask[a:a + CHUNK_ROWS] = e & (keys > prefix)
+        if rest:  # ties at the threshold: the lower row ids first
+            ties = np.flatnonzero(e & (keys == prefix))[:rest]
+            mask[a + ties] = True
+            rest -= len(ties)
     return mask
 
 
@@ -349,25 +409,34 @@ def influence_budget(norms: np.ndarray, eps: float) -> tuple[np.ndarray, float]:
 
 
 # dispatch --------------------------------------------------------------------------------------
-def hard_clean(scores: np.ndarray, noise: np.ndarray, keep_count: int, drop_count: int) -> np.ndarray:
+def hard_clean(scores: np.ndarray, noise: Any, keep_count: int, drop_count: int) -> np.ndarray:
     """Drop the ``drop_count`` rows most likely mislabelled (highest ``noise``), then keep the hardest.
 
     The drop is capped so that ``keep_count`` eligible rows remain: the realised count is exact.
     Rows with NaN noise are never dropped; ties break by row id like :func:`keep_hardest`.
+    ``noise`` is an (N,) array or anything that gives one slice of rows at a time as floats
+    (:class:`~streamprune.extrapolate.label_aware.NoiseRanks`); it is read in float64, chunk by chunk.
     """
     s = _as_scores(scores)
     eligible = ~np.isnan(s)
     n_eligible = int(eligible.sum())
     _check_count(keep_count, n_eligible)
     drop_count = int(max(0, min(drop_count, n_eligible - keep_count)))
-    noise = np.asarray(noise, np.float64)
-    if noise.shape != s.shape:
-        raise ValueError(f"hard-clean: noise scores have shape {noise.shape}, scores {s.shape}")
-    if drop_count:
-        candidates = eligible & np.isfinite(noise)  # a mask, not a copy of the noise scores
-        drop = _top_k_of(noise, candidates, min(drop_count, int(candidates.sum())))
-        s = np.where(drop, np.nan, s)
-    return keep_hardest(s, keep_count)
+    if not hasattr(noise, "shape"):
+        noise = np.asarray(noise, np.float64)
+    if tuple(noise.shape) != s.shape:
+        raise ValueError(f"hard-clean: noise scores have shape {tuple(noise.shape)}, scores {s.shape}")
+    if drop_count:  # the candidates are the eligible rows with a noise rank: narrowed in place ...
+        candidates = eligible
+        for a in range(0, len(s), CHUNK_ROWS):
+            candidates[a:a + CHUNK_ROWS] &= np.isfinite(np.asarray(noise[a:a + CHUNK_ROWS], np.float64))
+        drop = top_k_in_passes(noise, candidates, min(drop_count, int(candidates.sum())), np.float64)
+        # ... and the rows left are the eligible ones that were not dropped, rebuilt in the drop mask's bytes
+        eligible = np.logical_not(drop, out=drop)
+        del candidates
+        for a in range(0, len(s), CHUNK_ROWS):
+            eligible[a:a + CHUNK_ROWS] &= ~np.isnan(s[a:a + CHUNK_ROWS])
+    return top_k_in_passes(s, eligible, keep_count)
 
 
 def canonical(strategy: str) -> str:

@@ -683,3 +683,131 @@ def test_hard_clean_reports_the_drop_its_keep_count_allows(tmp_path):
     n = stats["n_eligible"]
     assert stats["hard_clean"]["drop_target"] == round(0.5 * n) > n - stats["n_kept"]
     assert stats["hard_clean"]["dropped"] == m["counts"]["hard_clean_dropped"] == n - stats["n_kept"] > 0
+
+
+# hard-clean without (N,) float64 arrays: the same rows as the whole-array code it replaced -----------------------
+def _reference_quantiles(v):
+    """within_quantiles of all finite values, as the (N,) float64 ranking did it."""
+    v = np.asarray(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else np.asarray(v, np.float64)
+    ok = np.isfinite(v)
+    srt = np.sort(v[ok])
+    out = np.full(v.shape, np.nan)
+    out[ok] = ((np.searchsorted(srt, v[ok], "left") + 1 + np.searchsorted(srt, v[ok], "right")) / 2.0 - 0.5) / len(srt)
+    return out
+
+
+def _reference_noise_ranks(d, seed, margin=None):
+    """noise_ranks as it was: each population ranked into an (N,) float64 array."""
+    out = np.full(len(d), np.nan)
+    other = np.flatnonzero(~seed)
+    out[other] = _reference_quantiles(d[other])  # NaN rows are left out of the ranks, as within_quantiles' mask did
+    rows = np.flatnonzero(seed)
+    q = _reference_quantiles(d[rows])
+    if margin is not None:
+        qm = _reference_quantiles(-np.asarray(margin)[rows].astype(np.float64))
+        q = np.where(np.isnan(qm), q, (q + qm) / 2)
+    out[rows] = _reference_quantiles(q)
+    return out
+
+
+def _reference_top_k(s, eligible, k):
+    """select._top_k_of: one copy of the eligible values, partitioned."""
+    if k == 0:
+        return np.zeros(len(s), bool)
+    vals = s[eligible]
+    vals.partition(len(vals) - k)
+    threshold = vals[len(vals) - k]
+    mask = (s > threshold) & eligible
+    mask[np.flatnonzero((s == threshold) & eligible)[:k - int(mask.sum())]] = True
+    return mask
+
+
+def _reference_hard_clean(scores, noise, keep_count, drop_count):
+    """select.hard_clean as it was: a float64 copy of the candidates' noise partitioned, then keep_hardest."""
+    s = np.asarray(scores)
+    eligible = ~np.isnan(s)
+    drop_count = int(max(0, min(drop_count, int(eligible.sum()) - keep_count)))
+    noise = np.asarray(noise, np.float64)
+    if drop_count:
+        candidates = eligible & np.isfinite(noise)
+        s = np.where(_reference_top_k(noise, candidates, min(drop_count, int(candidates.sum()))), np.nan, s)
+    return _reference_top_k(s, ~np.isnan(s), keep_count)
+
+
+_tied = st.sampled_from([0.0, -0.0, 0.25, 0.5, 1.0, 3.0, -2.0, math.nan])
+
+
+@st.composite
+def _hard_clean_case(draw):
+    n = draw(st.integers(1, 60))
+    column = st.lists(_tied, min_size=n, max_size=n).map(np.array)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    scores, dis = draw(column).astype(dtype), np.abs(draw(column)).astype(np.float32)
+    seed = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    margin = None
+    if draw(st.booleans()):
+        margin = np.full(n, np.nan, np.float32)
+        margin[seed] = draw(column)[seed]
+    eligible = int((~np.isnan(scores)).sum())
+    keep = draw(st.integers(0, eligible))
+    return scores, dis, seed, margin, keep, draw(st.integers(0, n + 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_hard_clean_case(), st.integers(1, 12), st.integers(1, 12), st.booleans())
+def test_hard_clean_keeps_what_the_whole_array_code_kept(case, chunk_rows, group_rows, higher_is_harder):
+    """The noise table (rank sums, 5 B a row) and the radix-select drop and keep give exactly the rows that the
+    (N,) float64 noise ranks and a partitioned copy gave: ties, NaN scores and noise, seed rows with and
+    without a margin, chunks of a few rows."""
+    from streamprune import select as sel
+    from streamprune.extrapolate import label_aware
+    from streamprune.extrapolate.label_aware import noise_table
+
+    scores, dis, seed, margin, keep, drop = case
+    ranks = _reference_noise_ranks(dis, seed, margin)
+    want = _reference_hard_clean(scores if higher_is_harder else -scores, ranks, keep, drop)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sel, "CHUNK_ROWS", chunk_rows)
+        mp.setattr(sel, "GROUP_ROWS", group_rows)
+        mp.setattr(label_aware, "RANK_ROWS", group_rows)
+        table = noise_table(dis, seed, None if margin is None else margin[seed])
+        np.testing.assert_array_equal(table[:], ranks)  # bit for bit, NaN where no rank
+        for a in range(0, len(dis), chunk_rows):
+            np.testing.assert_array_equal(table[a:a + chunk_rows], ranks[a:a + chunk_rows])
+        np.testing.assert_array_equal(noise_ranks(dis, seed, margin), ranks)
+        got = sel.select("hard-clean", scores, None, keep, higher_is_harder=higher_is_harder, noise=table,
+                         drop_count=drop)
+        from_array = sel.hard_clean(scores if higher_is_harder else -scores, ranks, keep, drop)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(from_array, want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([np.float16, np.float32, np.float64]), st.integers(1, 12), st.data())
+def test_top_k_in_passes_matches_a_partitioned_copy(dtype, chunk_rows, data):
+    """Radix select over the float's bits: the k largest eligible values, ties (0.0 and -0.0 equal) to the lower
+    row, at any magnitude and sign."""
+    from streamprune import select as sel
+
+    width = np.finfo(dtype).bits
+    values = data.draw(st.lists(st.one_of(st.floats(width=width, allow_infinity=False), _tied), min_size=1,
+                                max_size=60))
+    s = np.array(values, dtype)
+    eligible = np.array(data.draw(st.lists(st.booleans(), min_size=len(s), max_size=len(s)))) & ~np.isnan(s)
+    k = data.draw(st.integers(0, int(eligible.sum())))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sel, "CHUNK_ROWS", chunk_rows)
+        got = sel.top_k_in_passes(s, eligible, k)
+    np.testing.assert_array_equal(got, _reference_top_k(s, eligible, k))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_top_k_in_passes_takes_zero_and_negative_zero_as_one_value(dtype):
+    """-0.0 == 0.0: a tie broken by row id, not by the sign bit."""
+    from streamprune import select as sel
+
+    s = np.array([-0.0, 0.0, -0.0, 0.0, 1.0, -1.0, np.nan], dtype)
+    eligible = ~np.isnan(s)
+    for k in range(int(eligible.sum()) + 1):
+        np.testing.assert_array_equal(sel.top_k_in_passes(s, eligible, k), _reference_top_k(s, eligible, k))
+    assert np.flatnonzero(sel.top_k_in_passes(s, eligible, 2)).tolist() == [0, 4]

@@ -194,8 +194,8 @@ def lookup(seed_rows: np.ndarray, seed_values: np.ndarray, rows: np.ndarray) -> 
     return out
 
 
-def seed_scores(ws: Workspace, score: str) -> SeedScores:
-    """Seed rows and measured scores of ``score`` (cached per process and score marker).
+def seed_scores(ws: Workspace, score: str, cache: bool = True) -> SeedScores:
+    """Seed rows and measured scores of ``score`` (cached per process and score marker unless ``cache`` is False).
 
     m int64 + m float32 held in memory: per-row arrays of a few bytes, seed rows only.
     """
@@ -225,8 +225,9 @@ def seed_scores(ws: Workspace, score: str) -> SeedScores:
     if len(rows) > 1 and not (np.diff(rows) > 0).all():
         raise StreamPruneError("extrapolate: subset/rows.zarr is not strictly increasing; re-run `streamprune subset`")
     seeds = SeedScores(rows, values, marker["fingerprint"])
-    with _SEEDS_LOCK:
-        _SEEDS[key] = seeds
+    if cache:
+        with _SEEDS_LOCK:
+            _SEEDS[key] = seeds
     return seeds
 
 

@@ -20,6 +20,7 @@ from the same embedding (neighbours then agree by construction).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,6 +32,7 @@ from streamprune.leases import releases_leases
 from streamprune.workspace import Workspace
 
 OPTIONS = {"k": Rule(whole(1), "a whole number >= 1")}
+RANK_ROWS = 1 << 16  # values ranked by binary search at a time (each needs a few int64 temporaries)
 
 
 # pure functions --------------------------------------------------------------------------------
@@ -102,22 +104,123 @@ def noise_ranks(disagreement: np.ndarray, seed: np.ndarray, seed_margin: np.ndar
     model's AUM from its recorded logits, (N,) with NaN off the seeds; a row without one ranks
     by disagreement alone).  A row with NaN disagreement gets NaN.
 
-    Memory: the (N,) float64 result plus about 9 bytes per row for float32 disagreement, as stored
-    (measured at 2M rows with a 20 % subset: 17 bytes per row in all, 55 when it ranked in float64
-    without chunks).
+    The (N,) float64 array of :func:`noise_table`'s ranks; the prune stage keeps the table instead.
     """
     d = np.asarray(disagreement)
     seed = np.asarray(seed, bool)
     if seed.shape != d.shape:
         raise ValueError(f"noise_ranks: seed mask has shape {seed.shape}, disagreement {d.shape}")
-    out = within_quantiles(d, ~seed)
-    seed_rows = np.flatnonzero(seed)
-    q = within_quantiles(d[seed_rows])
-    if seed_margin is not None:
-        qm = within_quantiles(-np.asarray(seed_margin)[seed_rows].astype(np.float64))
-        q = np.where(np.isnan(qm), q, (q + qm) / 2)  # stays NaN where the disagreement is
-    out[seed_rows] = within_quantiles(q)
+    return noise_table(d, seed, None if seed_margin is None else np.asarray(seed_margin)[seed])[:]
+
+
+class NoiseRanks:
+    """:func:`noise_ranks` in 5 bytes a row instead of 8: each row's rank as the sum of the two ends of its
+    value's run in its population's sorted values (4 B below 2^31 rows) and the seed flag.  A slice of
+    rows gives their float64 ranks, computed as :func:`within_quantiles` computes them."""
+
+    def __init__(self, rank_sums: np.ndarray, seed: np.ndarray, n_other: int, n_seed: int):
+        self.rank_sums, self.seed, self.n_other, self.n_seed = rank_sums, seed, n_other, n_seed
+        self.missing = np.iinfo(rank_sums.dtype).max  # NaN disagreement: no rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rank_sums.shape
+
+    def __len__(self) -> int:
+        return len(self.rank_sums)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        sums, seed = self.rank_sums[rows], self.seed[rows]
+        out = sums.astype(np.float64)
+        out *= 0.5  # (mid-rank - 0.5) = (left + 1 + right) / 2 - 0.5, exact in float64 as within_quantiles has it
+        out /= np.where(seed, float(max(self.n_seed, 1)), float(max(self.n_other, 1)))  # n = 0: no row has a rank
+        out[sums == self.missing] = np.nan
+        return out
+
+
+def _as_floats(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values)
+    return v if np.issubdtype(v.dtype, np.floating) else v.astype(np.float64)
+
+
+def _rank_sums(srt: np.ndarray, v: np.ndarray, dtype: Any) -> np.ndarray:
+    """Per value of ``v``, the sum of the two ends of its run in sorted ``srt`` (its mid-rank, doubled, minus
+    one), as ``dtype``; searched ``RANK_ROWS`` values at a time, so the int64 positions stay small."""
+    out = np.empty(len(v), dtype)
+    for a in range(0, len(v), RANK_ROWS):
+        part = v[a:a + RANK_ROWS]
+        out[a:a + RANK_ROWS] = np.searchsorted(srt, part, "left") + np.searchsorted(srt, part, "right")
     return out
+
+
+def noise_table(disagreement: Any, seed: np.ndarray, seed_margin: np.ndarray | None = None) -> NoiseRanks:
+    """:func:`noise_ranks` as a :class:`NoiseRanks`: the same ranks, without an (N,) float64 array.
+
+    ``disagreement`` is an (N,) array or a zarr array, read ``select.CHUNK_ROWS`` rows at a time (four
+    passes); ``seed_margin`` holds the margins of the seed rows only, in row order.  Beside the table's
+    5 bytes per row it holds first a sorted copy of the other rows' finite disagreement (4 B each for
+    float32), then 17 bytes per seed row (their float64 mean quantiles, a sorted copy, a mask).
+    """
+    from streamprune.select import CHUNK_ROWS  # read at call time: tests shrink it
+
+    seed = np.asarray(seed, bool)
+    n = len(seed)
+    if tuple(disagreement.shape) != seed.shape:
+        raise ValueError(f"noise_ranks: seed mask has shape {seed.shape}, disagreement {tuple(disagreement.shape)}")
+    n_seeds = int(np.count_nonzero(seed))
+    if seed_margin is not None and len(seed_margin) != n_seeds:
+        raise ValueError(f"noise_ranks: {len(seed_margin)} seed margins for {n_seeds} seed rows")
+    starts = range(0, n, CHUNK_ROWS)
+    kind = np.uint32 if 2 * n < np.iinfo(np.uint32).max else np.uint64  # a sum of two ends is below 2n
+    sums = np.full(n, np.iinfo(kind).max, kind)
+
+    def chunk(a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # disagreement, seed flags, ranked other rows
+        v, s = _as_floats(disagreement[a:a + CHUNK_ROWS]), seed[a:a + CHUNK_ROWS]
+        return v, s, np.isfinite(v) & ~s
+
+    # other rows: by disagreement, among themselves
+    dtype = _as_floats(disagreement[:0]).dtype
+    srt = np.empty(sum(int(np.count_nonzero(chunk(a)[2])) for a in starts), dtype)
+    at = 0
+    for a in starts:
+        v, _, ok = chunk(a)
+        srt[at:at + np.count_nonzero(ok)] = v[ok]
+        at += np.count_nonzero(ok)
+    srt.sort()
+    for a in starts:
+        v, _, ok = chunk(a)
+        sums[a:a + CHUNK_ROWS][ok] = _rank_sums(srt, v[ok], kind)
+    n_other = len(srt)
+    del srt
+
+    # seed rows: by the mean of their disagreement and low-margin quantiles among the seeds, ranked again
+    seed_dis = np.empty(n_seeds, dtype)
+    at = 0
+    for a in starts:
+        v, s, _ = chunk(a)
+        seed_dis[at:at + np.count_nonzero(s)] = v[s]
+        at += np.count_nonzero(s)
+    q = within_quantiles(seed_dis, chunk_rows=RANK_ROWS)
+    del seed_dis
+    if seed_margin is not None:
+        low = -_as_floats(seed_margin)
+        srt = low[np.isfinite(low)]
+        srt.sort()
+        for a in range(0, n_seeds if len(srt) else 0, RANK_ROWS):
+            m, qd = low[a:a + RANK_ROWS], q[a:a + RANK_ROWS]
+            ok = np.isfinite(m) & ~np.isnan(qd)  # a seed without a margin keeps its disagreement quantile
+            qd[ok] = (qd[ok] + (_mid_ranks(srt, m[ok]) - 0.5) / len(srt)) / 2
+        del low, srt
+    ok = np.isfinite(q)
+    srt = q[ok]
+    srt.sort()
+    at = 0
+    for a in starts:
+        rows = np.flatnonzero(seed[a:a + CHUNK_ROWS])
+        qs, good = q[at:at + len(rows)], ok[at:at + len(rows)]
+        sums[a + rows[good]] = _rank_sums(srt, qs[good], kind)
+        at += len(rows)
+    return NoiseRanks(sums, seed, n_other, len(srt))
 
 
 def quantile_mapper(values: np.ndarray, reference: np.ndarray, reverse: bool = False):
@@ -239,10 +342,15 @@ def compute_disagreement(workspace: str | Workspace, *, k: int | None = None, ch
                       timings={"compute_s": round(time.time() - t0, 3)})
 
 
+def disagreement_array(ws: Workspace) -> zarr.Array:
+    """The (N,) label-disagreement zarr array, unread: slice it to read rows."""
+    ws.require("score-label_disagreement", "read label disagreement")
+    return zarr.open_array(storage.zarr_store(ws.path(disagreement_path()), ws.storage_options), mode="r")
+
+
 def read_disagreement(ws: Workspace) -> np.ndarray:
     """The (N,) label-disagreement array."""
-    ws.require("score-label_disagreement", "read label disagreement")
-    return zarr.open_array(storage.zarr_store(ws.path(disagreement_path()), ws.storage_options), mode="r")[:]
+    return disagreement_array(ws)[:]
 
 
 def noise_estimate(ws: Workspace, k: int = 20, chunk_rows: int | None = None) -> np.ndarray:
