@@ -645,17 +645,26 @@ def test_killed_ondisk_index_add_resumes_identically(tmp_path):
     x = x.astype(np.float32)
     opts = dict(graph="all", k=6, factory="IVF32,PQ4", refine=0, nprobe=8, scheduler="sync", chunk_rows=1000,
                 recall_queries=100, ondisk_threshold=1000)
-    clean = _embedding_workspace(str(tmp_path / "clean"), x, 500)
-    killed = _embedding_workspace(str(tmp_path / "killed"), x, 500)
-    build_index(clean, **opts)
-    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
-    kill_python_when(code, lambda: len(_records(killed.url, "index-all", "shard-")) >= 2,
-                     env={"STREAMPRUNE_TASK_DELAY": "0.3"}, timeout=120)
+    clean, killed = _index_killed_midway(tmp_path, x, 500, opts, "shard-", delay=0.3)
     assert killed.marker("index-all") is None and len(_records(killed.url, "index-all", "shard-")) < 6
     m = build_index(killed, **opts)["all"]
     assert m["counts"]["ondisk"]
     for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
         np.testing.assert_array_equal(a[:], b[:])
+
+
+def _index_killed_midway(tmp_path, x: np.ndarray, emb_chunk: int, opts: dict, records: str, delay: float):
+    """Two workspaces of embeddings ``x``: one indexed without interruption, one killed (SIGKILL) once two
+    chunk records starting with ``records`` are written."""
+    from streamprune.index import build_index
+
+    clean = _embedding_workspace(str(tmp_path / "clean"), x, emb_chunk)
+    killed = _embedding_workspace(str(tmp_path / "killed"), x, emb_chunk)
+    build_index(clean, **opts)
+    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
+    kill_python_when(code, lambda: len(_records(killed.url, "index-all", records)) >= 2,
+                     env={"STREAMPRUNE_TASK_DELAY": str(delay)}, timeout=120)
+    return clean, killed
 
 
 def test_output_removed_by_hand_mid_run_is_written_again(trained, tmp_path):
@@ -675,12 +684,7 @@ def test_output_removed_by_hand_mid_run_is_written_again(trained, tmp_path):
 
     x = np.random.default_rng(5).standard_normal((600, 8)).astype(np.float32)
     opts = dict(graph="all", k=4, factory="Flat", refine=0, scheduler="sync", chunk_rows=50, recall_queries=50)
-    clean = _embedding_workspace(str(tmp_path / "clean"), x, 100)
-    killed = _embedding_workspace(str(tmp_path / "killed"), x, 100)
-    build_index(clean, **opts)
-    code = f"from streamprune.index import build_index; build_index({killed.url!r}, **{opts!r})"
-    kill_python_when(code, lambda: len(_records(killed.url, "index-all", "search-")) >= 2,
-                     env={"STREAMPRUNE_TASK_DELAY": "0.2"}, timeout=120)
+    clean, killed = _index_killed_midway(tmp_path, x, 100, opts, "search-", delay=0.2)
     shutil.rmtree(os.path.join(killed.url, "graph", "all.zarr"))
     build_index(killed, **opts)
     for a, b in zip(read_graph(clean, "all"), read_graph(killed, "all")):
