@@ -310,7 +310,7 @@ def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_
     it), the older ones removed; a failed write is raised in the training thread."""
     import torch
 
-    from streamprune.train import _CheckpointWriter, _host_copy, _load
+    from streamprune.train import _CheckpointWriter, _host_copy, load_torch
 
     ckpt_dir = str(tmp_path / "ckpt")
     os.makedirs(ckpt_dir)
@@ -322,7 +322,7 @@ def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_
     w += 100  # after the snapshot: not in the checkpoint
     writer.close()
     assert sorted(os.listdir(ckpt_dir)) == ["ckpt-0002.pt"]
-    state = _load(os.path.join(ckpt_dir, "ckpt-0002.pt"), {})
+    state = load_torch(os.path.join(ckpt_dir, "ckpt-0002.pt"), {})
     assert state["epoch"] == 2 and state["model"]["w"].tolist() == [3.0] * 3 and state["opt"][0]["m"].tolist() == [6.0] * 3
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("")
