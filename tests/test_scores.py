@@ -695,6 +695,8 @@ def test_float32_logits_are_scored_in_float64():
     np.testing.assert_allclose(el2n(z, y), el2n(z64, y), rtol=1e-14)
     np.testing.assert_allclose(margin(z, y), margin(z64, y), rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(tdds(z, window=2), tdds(z64, window=2), rtol=1e-13)
+    p = (rng.random((12, 50)) * 0.01 + 0.5).astype(np.float32)  # small moves around 0.5
+    np.testing.assert_allclose(du(p, window=4), du(p.astype(np.float64), window=4), rtol=1e-12)
 
 
 def test_parameter_edges_are_refused():
@@ -706,6 +708,8 @@ def test_parameter_edges_are_refused():
         du(x, window=4)
     with pytest.raises(ValueError, match=r"^tdds: need at least window=4 epochs, got E=3"):
         tdds(np.zeros((3, 2, 2)), window=4)
+    with pytest.raises(ValueError, match=r"^du: window must be an integer, got True$"):
+        du(x, window=True)
     with pytest.raises(ValueError, match=r"^du: ddof must be a finite number >= 0, got -0\.5$"):
         du(x, window=2, ddof=-0.5)
     with pytest.raises(ValueError, match=r"^tdds: decay must be in \(0, 1\], got 1\.5$"):
@@ -771,3 +775,12 @@ def test_score_stage_options_reach_only_the_scores_that_take_them():
         check_scores(["du"], {"window": 7}, 6)
     with pytest.raises(StreamPruneError, match=r"^give a list of at least one score name"):
         check_scores("du")
+
+
+def test_influence_cg_reaches_its_tolerance_on_an_ill_conditioned_head():
+    """A large-logit head with little damping is ill-conditioned: CG must still run to its 1e-10 relative
+    residual (a looser stop leaves errors of 1e-5 here), matching the exact solve to 1e-8."""
+    features, labels, weight, bias = random_head(1, n=60, d=12, c=6, scale=3.0)
+    exact = influence(features, labels, weight, bias, damping=1e-4, exact_max_params=10_000)
+    cg = influence(features, labels, weight, bias, damping=1e-4, exact_max_params=0, cg_max_iter=2000)
+    np.testing.assert_allclose(cg, exact, rtol=1e-8)

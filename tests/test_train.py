@@ -45,6 +45,10 @@ def test_train_records_dynamics_and_scores(vec_ws):
     assert g["logits"].shape == (6, n, 4) and g["true_prob"].shape == (6, n)
     tp = g["true_prob"][:]
     assert np.isfinite(tp).all() and tp[-1].mean() > 0.8  # the model learns the separable classes
+    # every score's options are checked before any score is computed
+    with pytest.raises(StreamPruneError, match=r"^score tdds: decay must be in \(0, 1\], got 2\.0$"):
+        compute_scores(vec_ws, ["du", "tdds"], params={"window": 3, "decay": 2.0})
+    assert Workspace(vec_ws).marker("score-du") is None
     markers = compute_scores(vec_ws, ["du", "el2n", "forgetting", "aum"], params={"window": 3})
     du = read_score(Workspace(vec_ws), "du")
     assert du.shape == (n,) and np.isfinite(du).all() and markers[0]["config"]["params"] == {"window": 3}
