@@ -728,9 +728,17 @@ def test_parameter_edges_are_refused():
     for value in (-1, 0.5):
         with pytest.raises(ValueError, match=r"^forgetting: correct must be boolean or 0/1"):
             forgetting(np.array([[1, 0], [value, 1]]))
+    with pytest.raises(ValueError, match=r"^el2n: epochs must be None, an int, a slice or a 1-D integer sequence"):
+        el2n(z, y, epochs=np.array([[0, 1]]))
     features, labels, weight, bias = random_head(5)
     with pytest.raises(ValueError, match=r"^influence: damping must be a finite number > 0, got 0\.0$"):
         influence(features, labels, weight, bias, damping=0.0)
+    with pytest.raises(ValueError, match=r"^influence: n_total must be a positive integer, got True$"):
+        influence(features, labels, weight, bias, n_total=True)
+    with pytest.raises(ValueError, match=r"^influence: features must hold at least one sample, got shape \(0, 4\)$"):
+        influence(features[:0], labels[:0], weight, bias)
+    with pytest.raises(ValueError, match=r"^unknown score \['du'\]; known scores: "):
+        get_score(["du"])
 
 
 def test_influence_in_many_blocks_matches_brute_force(monkeypatch):

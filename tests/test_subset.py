@@ -64,6 +64,10 @@ def test_subset_stage_stable_when_shards_appended(tmp_path):
     first = write_shards(d, 5, 40)
     ws = str(tmp_path / "ws")
     catalog(first, ws, scheduler="sync")
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="^read subset: stage .subset. has not run"):  # not a storage error
+        subset_rows(Workspace(ws))
     m = subset(ws, fraction=0.3, seed=3)
     rows_a = subset_rows(Workspace(ws))
     counts = {"n_subset": len(rows_a), "n_samples": 200, "realised_fraction": len(rows_a) / 200}

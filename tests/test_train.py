@@ -314,6 +314,7 @@ def test_label_out_of_range_and_undecodable_skipped(tmp_path):
     counts = Workspace(ws).marker("score-du")["counts"]  # over the scored rows only
     assert counts["n"] == 25 and counts["n_valid"] == 20
     assert counts["mean"] == pytest.approx(float(np.nanmean(du)), rel=1e-6)
+    assert counts["std"] == pytest.approx(float(np.nanstd(du)), rel=1e-5)
 
 
 def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_path):
