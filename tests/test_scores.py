@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -657,3 +658,137 @@ def test_el2n_score_over_the_first_k_epochs():
     check_scores(["el2n", "du"], {"window": 3, "el2n_epochs": 6}, 6)
     with pytest.raises(StreamPruneError, match="el2n_epochs must be"):
         check_scores(["el2n"], {"el2n_epochs": 7}, 6)
+
+
+# --------------------------------------------------------------------------- edges pinned by mutation testing
+
+
+def test_nan_message_names_the_first_offending_entry():
+    """With several NaN/inf entries the message names the first in row-major order, not any other."""
+    x = np.full((4, 3), 0.5)
+    x[1, 2] = np.nan
+    x[3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^du: true_prob contains NaN/inf at epoch 1, sample 2 \(value nan\)$"):
+        du(x, window=2)
+
+
+def test_huge_logits_do_not_overflow():
+    """Softmax and log-softmax are shifted by the row maximum: logits of 1000 (exp overflows float64) still
+    give the scores of a fully confident prediction, not NaN."""
+    z = np.array([[[1000.0, 0.0, -1000.0]], [[0.0, 1000.0, 0.0]], [[-1000.0, 0.0, 1000.0]]])
+    y = np.array([0])
+    assert el2n(z, y, epochs=0) == pytest.approx([0.0], abs=1e-12)
+    assert el2n(z, y, epochs=1) == pytest.approx([math.sqrt(2)], rel=1e-12)
+    assert entropy(z) == pytest.approx([0.0], abs=1e-12)
+    assert margin(z, y) == pytest.approx([-1.0], abs=1e-12)
+    np.testing.assert_allclose(tdds(z, window=3), tdds_ref(z, 3, 0.9), rtol=1e-10)
+    assert tdds(z, window=3) == pytest.approx([0.0], abs=1e-6)  # two equal changes: one class to another
+    assert aum(z, y) == pytest.approx([(1000.0 - 1000.0 - 2000.0) / 3])
+
+
+def test_float32_logits_are_scored_in_float64():
+    """float32 dynamics (as recorded) are scored in float64: the same values as the float64 copy."""
+    rng = np.random.default_rng(11)
+    z = (rng.normal(size=(3, 50, 10)) * 8).astype(np.float32)
+    y = rng.integers(0, 10, 50)
+    z64 = z.astype(np.float64)
+    np.testing.assert_allclose(el2n(z, y), el2n(z64, y), rtol=1e-14)
+    np.testing.assert_allclose(margin(z, y), margin(z64, y), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(tdds(z, window=2), tdds(z64, window=2), rtol=1e-13)
+    p = (rng.random((12, 50)) * 0.01 + 0.5).astype(np.float32)  # small moves around 0.5
+    np.testing.assert_allclose(du(p, window=4), du(p.astype(np.float64), window=4), rtol=1e-12)
+
+
+def test_parameter_edges_are_refused():
+    """A window one epoch longer than the run, a negative ddof, a decay above 1, epochs just outside [-E, E),
+    logits with no epoch, bool labels, a correctness value outside {0, 1} and damping 0 are each refused
+    naming the parameter (not scored, nor failing later with another error)."""
+    x = np.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"^du: need at least window=4 epochs, got E=3"):
+        du(x, window=4)
+    with pytest.raises(ValueError, match=r"^tdds: need at least window=4 epochs, got E=3"):
+        tdds(np.zeros((3, 2, 2)), window=4)
+    with pytest.raises(ValueError, match=r"^du: window must be an integer, got True$"):
+        du(x, window=True)
+    with pytest.raises(ValueError, match=r"^du: ddof must be a finite number >= 0, got -0\.5$"):
+        du(x, window=2, ddof=-0.5)
+    with pytest.raises(ValueError, match=r"^tdds: decay must be in \(0, 1\], got 1\.5$"):
+        tdds(np.zeros((3, 2, 2)), window=2, decay=1.5)
+    z = np.random.default_rng(0).normal(size=(4, 3, 2))
+    y = np.array([0, 1, 1])
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=rf"^el2n: epoch {bad} is out of range for E=4$"):
+            el2n(z, y, epochs=[bad])
+    np.testing.assert_array_equal(el2n(z, y, epochs=[-4]), el2n(z, y, epochs=[0]))
+    with pytest.raises(ValueError, match=r"^el2n: logits need at least one epoch and one class, got shape "
+                                         r"\(0, 3, 2\)$"):
+        el2n(np.zeros((0, 3, 2)), y)
+    with pytest.raises(ValueError, match=r"^aum: labels must be an integer array, got dtype bool$"):
+        aum(z, np.array([True, False, True]))
+    for value in (-1, 0.5):
+        with pytest.raises(ValueError, match=r"^forgetting: correct must be boolean or 0/1"):
+            forgetting(np.array([[1, 0], [value, 1]]))
+    with pytest.raises(ValueError, match=r"^el2n: epochs must be None, an int, a slice or a 1-D integer sequence"):
+        el2n(z, y, epochs=np.array([[0, 1]]))
+    features, labels, weight, bias = random_head(5)
+    with pytest.raises(ValueError, match=r"^influence: damping must be a finite number > 0, got 0\.0$"):
+        influence(features, labels, weight, bias, damping=0.0)
+    with pytest.raises(ValueError, match=r"^influence: n_total must be a positive integer, got True$"):
+        influence(features, labels, weight, bias, n_total=True)
+    with pytest.raises(ValueError, match=r"^influence: features must hold at least one sample, got shape \(0, 4\)$"):
+        influence(features[:0], labels[:0], weight, bias)
+    with pytest.raises(ValueError, match=r"^unknown score \['du'\]; known scores: "):
+        get_score(["du"])
+
+
+def test_influence_in_many_blocks_matches_brute_force(monkeypatch):
+    """With temporaries capped at a few elements, the Hessian, the exact solve and conjugate gradient run
+    over many blocks of samples (the path of large subsets) and give the brute-force scores."""
+    from streamprune import scores
+
+    features, labels, weight, bias = random_head(2, n=23)
+    ref = influence_ref(features, labels, weight, bias, 1e-2)
+    monkeypatch.setattr(scores, "_MAX_BLOCK_ELEMS", 40)  # exact path: 2 samples per block; CG: 1
+    assert len(scores._chunks(23, 15)) == 12
+    np.testing.assert_allclose(influence(features, labels, weight, bias, damping=1e-2), ref, rtol=1e-8, atol=1e-12)
+    cg = influence(features, labels, weight, bias, damping=1e-2, exact_max_params=0, cg_max_iter=200)
+    np.testing.assert_allclose(cg, ref, rtol=1e-5, atol=1e-10)
+
+
+def test_influence_is_exact_up_to_exact_max_params():
+    """P = C (D + 1) parameters equal to exact_max_params are still solved exactly (no CG warning even with one
+    CG iteration allowed); one parameter fewer allowed goes to CG."""
+    features, labels, weight, bias = random_head(7, n=20, d=4, c=3)  # P = 15
+    ref = influence_ref(features, labels, weight, bias, 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact = influence(features, labels, weight, bias, exact_max_params=15, cg_max_iter=1)
+    np.testing.assert_allclose(exact, ref, rtol=1e-8, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        influence(features, labels, weight, bias, exact_max_params=14, cg_max_iter=1)
+
+
+def test_score_stage_options_reach_only_the_scores_that_take_them():
+    """score_kwargs passes a score the options its function takes and that are set (None = unset); check_scores
+    names the score once in its message, refuses a bare string, and accepts unset options."""
+    from streamprune.errors import StreamPruneError
+    from streamprune.scoring import check_scores, score_kwargs
+
+    params = {"window": 3, "ddof": None, "decay": 0.5, "el2n_epochs": None}
+    assert score_kwargs(get_score("du"), params) == {"window": 3}
+    assert score_kwargs(get_score("tdds"), params) == {"window": 3, "decay": 0.5}
+    assert score_kwargs(get_score("el2n"), params) == {}
+    check_scores(["du", "tdds", "el2n"], params, 6)
+    with pytest.raises(StreamPruneError, match=r"^score du: need at least window=7 epochs, got E=6 "):
+        check_scores(["du"], {"window": 7}, 6)
+    with pytest.raises(StreamPruneError, match=r"^give a list of at least one score name"):
+        check_scores("du")
+
+
+def test_influence_cg_reaches_its_tolerance_on_an_ill_conditioned_head():
+    """A large-logit head with little damping is ill-conditioned: CG must still run to its 1e-10 relative
+    residual (a looser stop leaves errors of 1e-5 here), matching the exact solve to 1e-8."""
+    features, labels, weight, bias = random_head(1, n=60, d=12, c=6, scale=3.0)
+    exact = influence(features, labels, weight, bias, damping=1e-4, exact_max_params=10_000)
+    cg = influence(features, labels, weight, bias, damping=1e-4, exact_max_params=0, cg_max_iter=2000)
+    np.testing.assert_allclose(cg, exact, rtol=1e-8)

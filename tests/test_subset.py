@@ -33,6 +33,18 @@ def test_reproducible_and_seed_dependent():
     assert u.min() >= 0 and u.max() < 1
 
 
+def test_fraction_bounds():
+    """fraction is in (0, 1]: 1 keeps every key; 0, a negative, above 1 or NaN is refused naming --fraction."""
+    from streamprune.errors import StreamPruneError
+
+    keys = [f"sample-{i}" for i in range(1000)]
+    assert in_subset(keys, 1.0, 3).all()
+    assert in_subset(keys, 1e-9, 3).sum() == 0
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(StreamPruneError, match=r"^--fraction must be in \(0, 1\], got "):
+            in_subset(keys, bad, 3)
+
+
 @pytest.mark.parametrize("seed", [0, 7, -3])
 def test_key_uniform_is_the_keyed_blake2b_of_each_key(seed):
     """Membership must not change between versions: u(key) is the keyed 64-bit BLAKE2b of the key
@@ -52,9 +64,15 @@ def test_subset_stage_stable_when_shards_appended(tmp_path):
     first = write_shards(d, 5, 40)
     ws = str(tmp_path / "ws")
     catalog(first, ws, scheduler="sync")
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match="^read subset: stage .subset. has not run"):  # not a storage error
+        subset_rows(Workspace(ws))
     m = subset(ws, fraction=0.3, seed=3)
     rows_a = subset_rows(Workspace(ws))
-    assert m["counts"]["n_subset"] == len(rows_a) and np.all(np.diff(rows_a) > 0)
+    counts = {"n_subset": len(rows_a), "n_samples": 200, "realised_fraction": len(rows_a) / 200}
+    assert {k: m["counts"][k] for k in counts} == counts
+    assert np.all(np.diff(rows_a) > 0)
     assert len(rows_a) and np.array_equal(rows_a, np.flatnonzero(in_subset([f"s{i:07d}" for i in range(200)], 0.3, 3)))
     more = write_shards(d, 3, 40, first=5)
     catalog(first + more, ws, scheduler="sync")
@@ -79,8 +97,28 @@ def test_a_seed_outside_64_bits_is_refused_before_force_replaces_the_subset(tmp_
                                                    rf"not {seed}$"):
             subset(ws, fraction=0.5, seed=seed, force=True)
     assert subset(ws, fraction=0.5, seed=-3)["fingerprint"] == done["fingerprint"]
+    for fraction in (0.0, 1.5):  # refused before --force drops the finished subset too
+        with pytest.raises(StreamPruneError, match=r"^--fraction must be in \(0, 1\]"):
+            subset(ws, fraction=fraction, seed=-3, force=True)
     assert subset(ws, fraction=0.5, seed=-3).get("skipped")
     subset(ws, fraction=0.5, seed=2**63 - 1, force=True)  # the bounds themselves are seeds
+
+
+@pytest.mark.parametrize("change", [{"seed": 4}, {"fraction": 0.6}])
+def test_another_seed_or_fraction_is_another_subset(tmp_path, change):
+    """Seed and fraction are the subset's configuration: changing either is refused without --force (not
+    answered with the old rows), and with --force gives the rows of the new choice."""
+    from streamprune.errors import StreamPruneError
+
+    ws = str(tmp_path / "ws")
+    catalog(write_shards(str(tmp_path / "data"), 2, 50), ws, scheduler="sync")
+    subset(ws, fraction=0.3, seed=3)
+    new = {"fraction": 0.3, "seed": 3, **change}
+    with pytest.raises(StreamPruneError, match="another configuration"):
+        subset(ws, **new)
+    m = subset(ws, **new, force=True)
+    want = np.flatnonzero(in_subset([f"s{i:07d}" for i in range(100)], new["fraction"], new["seed"]))
+    assert not m.get("skipped") and np.array_equal(subset_rows(Workspace(ws)), want)
 
 
 def test_subset_writes_in_chunks(tmp_path):

@@ -45,9 +45,16 @@ def test_train_records_dynamics_and_scores(vec_ws):
     assert g["logits"].shape == (6, n, 4) and g["true_prob"].shape == (6, n)
     tp = g["true_prob"][:]
     assert np.isfinite(tp).all() and tp[-1].mean() > 0.8  # the model learns the separable classes
+    # every score's options are checked before any score is computed
+    with pytest.raises(StreamPruneError, match=r"^score tdds: decay must be in \(0, 1\], got 2\.0$"):
+        compute_scores(vec_ws, ["du", "tdds"], params={"window": 3, "decay": 2.0})
+    assert Workspace(vec_ws).marker("score-du") is None
     markers = compute_scores(vec_ws, ["du", "el2n", "forgetting", "aum"], params={"window": 3})
     du = read_score(Workspace(vec_ws), "du")
     assert du.shape == (n,) and np.isfinite(du).all() and markers[0]["config"]["params"] == {"window": 3}
+    for name, harder in (("du", True), ("aum", False)):  # the direction travels with the array
+        attrs = dict(zarr.open_array(os.path.join(vec_ws, "scores", f"{name}.zarr"), mode="r").attrs)
+        assert attrs == {"score": name, "rows": "subset", "higher_is_harder": harder}
     # A second request re-uses training and the finished scores.
     again = compute_scores(vec_ws, ["du", "tdds"], params={"window": 3})
     assert again[0].get("skipped") and not again[1].get("skipped")
@@ -131,6 +138,7 @@ def test_full_training_writes_full_scores(vec_ws):
     compute_scores(vec_ws, ["el2n"], full=True)
     full = read_score(Workspace(vec_ws), "el2n", full=True)
     assert full.shape == (480,) and np.isfinite(full).all()
+    assert zarr.open_array(os.path.join(vec_ws, "scores", "el2n-full.zarr"), mode="r").attrs["rows"] == "all"
 
 
 def test_full_data_replicas_train_with_other_seeds_on_the_same_cache(vec_ws):
@@ -303,6 +311,10 @@ def test_label_out_of_range_and_undecodable_skipped(tmp_path):
     assert sorted(e["key"] for e in errors if e["stage"] == "train") == [f"s{i:07d}" for i in range(40, 45)]
     du = read_score(Workspace(ws), "du")
     assert np.isnan(du).sum() == 5 and np.isfinite(du).sum() == 20
+    counts = Workspace(ws).marker("score-du")["counts"]  # over the scored rows only
+    assert counts["n"] == 25 and counts["n_valid"] == 20
+    assert counts["mean"] == pytest.approx(float(np.nanmean(du)), rel=1e-6)
+    assert counts["std"] == pytest.approx(float(np.nanstd(du)), rel=1e-5)
 
 
 def test_checkpoint_writer_keeps_the_last_snapshot_and_raises_failed_writes(tmp_path):
@@ -676,6 +688,8 @@ def test_score_chunks_stay_within_their_memory_whatever_the_classes(vec_ws, monk
     assert rows % 2097 == 0 and rows * 30 * 1000 * 4 <= SCORE_CHUNK_BYTES
     assert score_chunk_rows(30, 10, ("true_prob",), 209715) == scoring.SCORE_CHUNK_ROWS  # small rows: the cap
     assert score_chunk_rows(10**6, 10**4, ("logits",), 5) == 1  # one row over the budget: one at a time
+    # labels are not read from the dynamics, so they take none of the budget
+    assert score_chunk_rows(30, 1000, ("logits", "labels"), 1) == SCORE_CHUNK_BYTES // (4 * 30 * 1000)
     # Scores computed in chunks of a few rows equal the score functions over the whole dynamics.
     from streamprune.scores import get_score
 
@@ -683,10 +697,17 @@ def test_score_chunks_stay_within_their_memory_whatever_the_classes(vec_ws, monk
     monkeypatch.setattr(scoring, "SCORE_CHUNK_BYTES", 6 * 4 * 4 * 7)  # 7 rows of 6 epochs x 4 classes
     seen = []
     real = scoring.score_chunk_rows
-    monkeypatch.setattr(scoring, "score_chunk_rows", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(scoring, "score_chunk_rows", lambda *a: seen.append((a, real(*a))) or seen[-1][1])
     compute_scores(vec_ws, ["el2n", "aum"])
-    assert len(seen) == 2 and all(1 <= r <= 7 for r in seen)
     g = _dyn(vec_ws)
+    assert len(seen) == 2 and all(1 <= r <= 7 for _, r in seen)
+    assert [a for a, _ in seen] == [(6, 4, ("logits", "labels"), g["logits"].chunks[1])] * 2  # rows per zarr chunk
+    # an explicit chunk is used as given
+    monkeypatch.setattr(scoring, "score_chunk_rows", lambda *a: pytest.fail("chunk was given"))
+    compute_scores(vec_ws, ["forgetting"], chunk=5)
+    from streamprune.scores import forgetting
+
+    np.testing.assert_array_equal(read_score(Workspace(vec_ws), "forgetting"), forgetting(g["correct"][:]))
     labels = np.load(os.path.join(vec_ws, "train", "labels.npy"))
     for name in ("el2n", "aum"):
         spec = get_score(name)
