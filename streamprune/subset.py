@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def key_uniform(keys: Iterable[str], seed: int) -> np.ndarray:
-    """Uniform [0, 1) value per key, deterministic for ``seed``.
+    """Uniform value in [0, 1] per key, deterministic for ``seed`` (its 64-bit hash / 2^64: the top 2^10
+    hashes round to exactly 1.0 in float64, so :func:`in_subset` keeps every key at fraction 1).
 
     Each key's hash continues a copy of one keyed state (the key block is compressed once, not per
     sample) and the digests are read as little-endian uint64 in one buffer: the same values as
@@ -47,7 +48,8 @@ def in_subset(keys: Iterable[str], fraction: float, seed: int) -> np.ndarray:
     """Boolean membership of each key in the ``fraction`` subset for ``seed``."""
     if not 0.0 < fraction <= 1.0:
         raise StreamPruneError(f"--fraction must be in (0, 1], got {fraction}")
-    return key_uniform(keys, seed) < fraction
+    u = key_uniform(keys, seed)
+    return np.ones(len(u), bool) if fraction >= 1.0 else u < fraction
 
 
 TASK_ROWS = 1 << 20  # catalog rows hashed per task

@@ -45,6 +45,16 @@ def test_fraction_bounds():
             in_subset(keys, bad, 3)
 
 
+def test_fraction_one_keeps_a_key_whose_hash_rounds_to_one(monkeypatch):
+    """The top 2^10 of 2^64 hashes read as exactly 1.0 in float64: fraction 1 keeps those keys too."""
+    import streamprune.subset as subset_mod
+
+    monkeypatch.setattr(subset_mod, "key_uniform", lambda keys, seed: np.array([0.5, 1.0]))
+    assert in_subset(["a", "b"], 1.0, 0).tolist() == [True, True]
+    assert in_subset(["a", "b"], 0.75, 0).tolist() == [True, False]
+    assert float(np.float64(np.uint64(2**64 - 1)) / 2.0**64) == 1.0  # what makes such a key
+
+
 @pytest.mark.parametrize("seed", [0, 7, -3])
 def test_key_uniform_is_the_keyed_blake2b_of_each_key(seed):
     """Membership must not change between versions: u(key) is the keyed 64-bit BLAKE2b of the key
