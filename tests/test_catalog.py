@@ -398,3 +398,36 @@ def test_a_brace_range_with_a_digit_too_many_is_one_line_not_a_hang(shards, tmp_
     assert str(err.value) == (f"shard pattern {pattern!r} expands to 100,000,000,000 names, more than the "
                               f"{MAX_BRACE_NAMES:,} allowed; check its {{first..last}} range")
     assert not os.path.exists(os.path.join(ws, "_stages"))
+
+
+def test_shard_rewritten_with_the_same_size_is_catalogued_again(tmp_path):
+    """The catalog's inputs include each shard's version tag (local: mtime), not only its size: a shard
+    rewritten in place with the same size is scanned again, not served from the old part."""
+    path = str(tmp_path / "s.tar")
+    write_tar(path, [("a", {"cls": b"0"}), ("b", {"cls": b"1"})])
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync")
+    size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+    write_tar(path, [("x", {"cls": b"0"}), ("y", {"cls": b"1"})])
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert os.path.getsize(path) == size
+    m = catalog([path], ws, scheduler="sync")
+    assert not m.get("skipped") and Catalog(Workspace(ws)).keys().tolist() == ["x", "y"]
+
+
+def test_reading_rows_back_uses_the_catalogs_member_limit(tmp_path):
+    """Rows are read back under the --max-member-bytes they were catalogued with: a member grown past it since
+    (shard rewritten with the same layout) is reported, not read."""
+    from streamprune.shards import ErrorPolicy, read_rows
+
+    path = str(tmp_path / "s.tar")
+    write_tar(path, [("a", {"bin": b"x" * 900}), ("b", {"cls": b"1"})])
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync", max_member_bytes=1000)
+    cat = Catalog(Workspace(ws))
+    assert cat.max_member_bytes == 1000
+    write_tar(path, [("a", {"bin": b"x" * 1020}), ("b", {"cls": b"1"})])  # 1020 bytes: the same padded blocks
+    policy = ErrorPolicy("skip")
+    assert [s.key for _, s in read_rows(cat, np.arange(2), policy)] == ["b"]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [("a", "changed_shard")]
+    assert "1020 bytes, over the limit of 1000" in policy.records[0]["message"]
