@@ -431,3 +431,18 @@ def test_reading_rows_back_uses_the_catalogs_member_limit(tmp_path):
     assert [s.key for _, s in read_rows(cat, np.arange(2), policy)] == ["b"]
     assert [(r["key"], r["reason"]) for r in policy.records] == [("a", "changed_shard")]
     assert "1020 bytes, over the limit of 1000" in policy.records[0]["message"]
+
+
+def test_a_folder_of_shards_is_searched_for_tar_files_at_every_depth(tmp_path):
+    """A folder given as the shards means every regular file named *.tar below it, at any depth; a folder
+    named like a shard ('x.tar/') is searched, not taken for a shard, and other files are left alone."""
+    from streamprune.storage import expand_shards
+
+    d = tmp_path / "data"
+    for rel in ("a.tar", "sub/b.tar", "x.tar/c.tar", "notes.txt"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_tar(str(d / rel), make_samples(1, start=len(rel)))
+    assert expand_shards([str(d)]) == [str(d / r) for r in ("a.tar", "sub/b.tar", "x.tar/c.tar")]
+    assert expand_shards([str(d / "*.tar")]) == [str(d / "a.tar")]
+    m = catalog([str(d)], str(tmp_path / "ws"), scheduler="sync")
+    assert m["counts"]["n_shards"] == 3
