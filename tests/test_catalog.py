@@ -92,6 +92,7 @@ def test_catalog_from_s3_equals_local(shards, tmp_path, s3server, s3bucket):
     fs = s3server.fs()
     for s in shards:
         fs.put_file(s, f"{s3bucket}/data/{os.path.basename(s)}")
+    fs.pipe_file(f"{s3bucket}/data/README.txt", b"not a shard")  # a prefix means the *.tar objects below it
     opts = s3server.storage_options
     catalog(shards, str(tmp_path / "local"), scheduler="sync")
     catalog([f"s3://{s3bucket}/data/"], f"s3://{s3bucket}/ws", storage_options=opts, scheduler="threads")

@@ -336,3 +336,29 @@ def test_retry_passes_a_finished_one_line_error_through_unretried():
     with pytest.raises(StreamPruneError) as err:
         storage.retry(gave_up, "s3://b/k", {"retries": 3, "retry_backoff": 0})
     assert err.value is inner and len(calls) == 1
+
+
+def test_a_failed_read_is_not_taken_for_a_missing_file(tmp_path):
+    """Only "not found" reads as absent: any other failure (here a folder where a JSON file should be) is
+    raised, never reported as a missing marker or part (which would make a stage redo or skip work)."""
+    (tmp_path / "marker.json").mkdir()
+    assert storage.read_json(str(tmp_path / "absent.json")) is None
+    with pytest.raises(StreamPruneError, match="marker.json"):
+        storage.read_json(str(tmp_path / "marker.json"))
+
+    def denied():
+        raise StreamPruneError("permission denied: s3://b/k") from PermissionError("denied")
+
+    with pytest.raises(StreamPruneError, match="permission denied"):
+        storage.none_if_missing(denied)
+
+
+def test_listing_on_s3_sees_objects_written_by_other_clients(s3server, s3bucket):
+    """A listing is never served from a cache: parts written by other workers since the last listing of the
+    same prefix (a resumed or parallel run) are seen."""
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/parts"
+    storage.write_bytes_atomic(f"{url}/a.parquet", b"a", opts)
+    assert storage.listdir(url, opts) == ["a.parquet"]
+    s3server.fs().pipe_file(f"{s3bucket}/ws/parts/b.parquet", b"b")  # another client
+    assert storage.listdir(url, opts) == ["a.parquet", "b.parquet"]
