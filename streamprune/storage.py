@@ -476,8 +476,9 @@ def _expand_one(pattern: str, storage_options: dict | None) -> list[str]:
         path = normalize(pattern)
         if globlib.has_magic(path):
             return [p for p in sorted(globlib.glob(path)) if os.path.isfile(p)]
-        if os.path.isdir(path):
-            return sorted(globlib.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+        if os.path.isdir(path):  # a folder named like a shard ('x.tar/') is a folder, not a shard
+            return [p for p in sorted(globlib.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+                    if os.path.isfile(p)]
         if os.path.isfile(path):
             return [path]
         raise StreamPruneError(f"shard not found: {path}")

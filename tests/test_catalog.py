@@ -92,6 +92,7 @@ def test_catalog_from_s3_equals_local(shards, tmp_path, s3server, s3bucket):
     fs = s3server.fs()
     for s in shards:
         fs.put_file(s, f"{s3bucket}/data/{os.path.basename(s)}")
+    fs.pipe_file(f"{s3bucket}/data/README.txt", b"not a shard")  # a prefix means the *.tar objects below it
     opts = s3server.storage_options
     catalog(shards, str(tmp_path / "local"), scheduler="sync")
     catalog([f"s3://{s3bucket}/data/"], f"s3://{s3bucket}/ws", storage_options=opts, scheduler="threads")
@@ -398,3 +399,51 @@ def test_a_brace_range_with_a_digit_too_many_is_one_line_not_a_hang(shards, tmp_
     assert str(err.value) == (f"shard pattern {pattern!r} expands to 100,000,000,000 names, more than the "
                               f"{MAX_BRACE_NAMES:,} allowed; check its {{first..last}} range")
     assert not os.path.exists(os.path.join(ws, "_stages"))
+
+
+def test_shard_rewritten_with_the_same_size_is_catalogued_again(tmp_path):
+    """The catalog's inputs include each shard's version tag (local: mtime), not only its size: a shard
+    rewritten in place with the same size is scanned again, not served from the old part."""
+    path = str(tmp_path / "s.tar")
+    write_tar(path, [("a", {"cls": b"0"}), ("b", {"cls": b"1"})])
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync")
+    size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+    write_tar(path, [("x", {"cls": b"0"}), ("y", {"cls": b"1"})])
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert os.path.getsize(path) == size
+    m = catalog([path], ws, scheduler="sync")
+    assert not m.get("skipped") and Catalog(Workspace(ws)).keys().tolist() == ["x", "y"]
+
+
+def test_reading_rows_back_uses_the_catalogs_member_limit(tmp_path):
+    """Rows are read back under the --max-member-bytes they were catalogued with: a member grown past it since
+    (shard rewritten with the same layout) is reported, not read."""
+    from streamprune.shards import ErrorPolicy, read_rows
+
+    path = str(tmp_path / "s.tar")
+    write_tar(path, [("a", {"bin": b"x" * 900}), ("b", {"cls": b"1"})])
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync", max_member_bytes=1000)
+    cat = Catalog(Workspace(ws))
+    assert cat.max_member_bytes == 1000
+    write_tar(path, [("a", {"bin": b"x" * 1020}), ("b", {"cls": b"1"})])  # 1020 bytes: the same padded blocks
+    policy = ErrorPolicy("skip")
+    assert [s.key for _, s in read_rows(cat, np.arange(2), policy)] == ["b"]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [("a", "changed_shard")]
+    assert "1020 bytes, over the limit of 1000" in policy.records[0]["message"]
+
+
+def test_a_folder_of_shards_is_searched_for_tar_files_at_every_depth(tmp_path):
+    """A folder given as the shards means every regular file named *.tar below it, at any depth; a folder
+    named like a shard ('x.tar/') is searched, not taken for a shard, and other files are left alone."""
+    from streamprune.storage import expand_shards
+
+    d = tmp_path / "data"
+    for rel in ("a.tar", "sub/b.tar", "x.tar/c.tar", "notes.txt"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_tar(str(d / rel), make_samples(1, start=len(rel)))
+    assert expand_shards([str(d)]) == [str(d / r) for r in ("a.tar", "sub/b.tar", "x.tar/c.tar")]
+    assert expand_shards([str(d / "*.tar")]) == [str(d / "a.tar")]
+    m = catalog([str(d)], str(tmp_path / "ws"), scheduler="sync")
+    assert m["counts"]["n_shards"] == 3

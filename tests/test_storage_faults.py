@@ -81,6 +81,8 @@ def test_retry_policy_from_environment_and_options(monkeypatch):
     p = RetryPolicy.from_options({"retry_backoff": 0.1})
     assert (p.retries, p.attempts, p.timeout, p.retry_backoff) == (7, 8, 2.5, 0.1)
     assert RetryPolicy.from_options({"retries": 0}).attempts == 1  # options win over the environment
+    monkeypatch.setenv("STREAMPRUNE_RETRY_BACKOFF", "")  # set but empty: as if unset
+    assert RetryPolicy.from_options({}).retry_backoff == RetryPolicy().retry_backoff
     random.seed(0)
     p = RetryPolicy(retries=10, retry_backoff=0.5, retry_max_backoff=3.0)
     for n in range(1, 11):
@@ -90,6 +92,8 @@ def test_retry_policy_from_environment_and_options(monkeypatch):
         RetryPolicy.from_options({"retries": "many"})
     with pytest.raises(StreamPruneError, match="non-negative"):
         RetryPolicy.from_options({"retries": -1})
+    with pytest.raises(StreamPruneError, match="timeout positive"):  # a zero timeout would fail every request
+        RetryPolicy.from_options({"timeout": 0})
     # streamprune's keys never reach s3fs, and a policy change gives another filesystem.
     fs = storage.get_fs("s3://b/x", {"anon": True, "retries": 2, "timeout": 3})
     assert fs.config_kwargs["read_timeout"] == 3 and fs.retries == 1 and "retries" not in fs.storage_options
@@ -287,3 +291,74 @@ def test_damaged_zarr_chunk_on_s3_is_one_line_naming_the_array(s3server, root):
         zarr.open_array(storage.zarr_store(url, opts), mode="r")[:]
     line = storage.zarr_read_error_line(err.value)
     assert line is not None and line.startswith(f"{url} cannot be read ("), line
+
+
+def test_redact_hides_every_known_credential_whole(monkeypatch):
+    """Credentials of 4 characters or more are replaced whole, a longer one before a shorter one it contains
+    (no tail of it left behind), and a SigV4 'Credential=' scope is hidden even for an unknown key id."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    opts = {"key": "AKIDEXAMPLE12", "secret": "s3cr", "token": "abc"}
+    text = "key AKIDEXAMPLE12 id AKIDEXAMPLE secret s3cr token abc Credential=OTHERKEY/20240101/us-east-1/s3"
+    assert storage.redact(text, opts) == "key *** id *** secret *** token abc Credential=***/20240101/us-east-1/s3"
+    # credentials of storage options once used are hidden in later lines that do not pass them (log records)
+    storage.get_fs("s3://b/x", {"key": "kq7z", "secret": "sq7zsecret"})
+    assert storage.redact("denied for kq7z with sq7zsecret") == "denied for *** with ***"
+
+
+def test_s3_error_code_is_found_anywhere_in_the_exception_chain():
+    """An error raised while a botocore error was being handled (its __context__, not a 'from' cause) is
+    described by that error's S3 code: an access problem says to check the credentials."""
+    from botocore.exceptions import ClientError
+
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    try:
+        try:
+            raise denied
+        except ClientError:
+            raise OSError("reading the object failed")
+    except OSError as exc:
+        line = storage.describe_storage_error(exc, "s3://b/k.tar")
+    assert line == "permission denied: s3://b/k.tar (AccessDenied: reading the object failed); check the credentials"
+
+
+def test_retry_passes_a_finished_one_line_error_through_unretried():
+    """A StreamPruneError raised inside a retried call is already the final one-line report (an inner retry
+    gave up, or a validation failed): it is neither retried again, multiplying the attempts, nor re-worded."""
+    calls = []
+    inner = StreamPruneError("cannot access s3://b/k: ReadTimeoutError: timed out (gave up after 5 attempts)")
+
+    def gave_up():
+        calls.append(1)
+        raise inner
+
+    with pytest.raises(StreamPruneError) as err:
+        storage.retry(gave_up, "s3://b/k", {"retries": 3, "retry_backoff": 0})
+    assert err.value is inner and len(calls) == 1
+
+
+def test_a_failed_read_is_not_taken_for_a_missing_file(tmp_path):
+    """Only "not found" reads as absent: any other failure (here a folder where a JSON file should be) is
+    raised, never reported as a missing marker or part (which would make a stage redo or skip work)."""
+    (tmp_path / "marker.json").mkdir()
+    assert storage.read_json(str(tmp_path / "absent.json")) is None
+    with pytest.raises(StreamPruneError, match="marker.json"):
+        storage.read_json(str(tmp_path / "marker.json"))
+
+    def denied():
+        raise StreamPruneError("permission denied: s3://b/k") from PermissionError("denied")
+
+    with pytest.raises(StreamPruneError, match="permission denied"):
+        storage.none_if_missing(denied)
+
+
+def test_listing_on_s3_sees_objects_written_by_other_clients(s3server, s3bucket):
+    """A listing is never served from a cache: parts written by other workers since the last listing of the
+    same prefix (a resumed or parallel run) are seen."""
+    opts = s3server.storage_options
+    url = f"s3://{s3bucket}/ws/parts"
+    storage.write_bytes_atomic(f"{url}/a.parquet", b"a", opts)
+    assert storage.listdir(url, opts) == ["a.parquet"]
+    s3server.fs().pipe_file(f"{s3bucket}/ws/parts/b.parquet", b"b")  # another client
+    assert storage.listdir(url, opts) == ["a.parquet", "b.parquet"]

@@ -1,6 +1,7 @@
 """The tar reader against Python's tarfile and webdataset, and on broken input."""
 
 import io
+import re
 import tarfile
 
 import pytest
@@ -343,3 +344,201 @@ def test_read_rows_plain_fast_path_equals_the_general_reader(tmp_path, monkeypat
     assert fast[1][4] == {"png": b"\x01" * 300, "cls": b"1", "json": b"{}"}
     # plain ustar/GNU samples took the fast path; long names (extended headers) did not
     assert any(used) and (fmt == tarfile.PAX_FORMAT or used.count(True) >= 6)
+
+
+def _with_header_fix(member: bytes, start: int, field: bytes, signed: bool = False) -> bytes:
+    """``member`` with header bytes from ``start`` replaced by ``field`` and the checksum redone (as a sum of
+    signed bytes when ``signed``, as some old tar writers did)."""
+    blob = bytearray(member)
+    blob[start:start + len(field)] = field
+    blob[148:156] = b"        "
+    total = sum((b - 256 if signed and b > 127 else b) for b in blob[:512])
+    blob[148:155] = b"%06o\0" % total
+    return bytes(blob)
+
+
+def test_octal_field_with_leading_spaces_and_signed_checksum():
+    """Headers of older tar writers read as tarfile reads them: an octal size padded with spaces, and a
+    checksum summed over signed bytes (a name with non-ASCII bytes makes it differ from the unsigned one)."""
+    member = _member_bytes("ünï.cls", b"0123456789abcde")
+    spaced = _with_header_fix(member, 124, b"         17 ")
+    signed = _with_header_fix(member, 0, b"", signed=True)
+    assert signed[148:156] != member[148:156]  # the two sums differ for this name
+    for blob in (spaced, signed):
+        with tarfile.open(fileobj=io.BytesIO(blob + b"\0" * 1024)) as tar:
+            ref = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        assert ref == [("ünï.cls", b"0123456789abcde")]
+        assert [(m.name, m.data) for m in iter_tar(io.BytesIO(blob))] == ref
+
+
+def test_contiguous_file_type_is_a_regular_member():
+    """Type '7' (contiguous file) is a regular file to tarfile and webdataset, and so here."""
+    blob = _member_bytes("k.cls", b"7", tarfile.CONTTYPE) + _member_bytes("k.png", b"p") + b"\0" * 1024
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(blob))] == [("k.cls", b"7"), ("k.png", b"p")]
+    assert [(s.key, s.members) for s in _samples(blob)] == [("k", {"cls": b"7", "png": b"p"})]
+
+
+def test_a_member_of_exactly_the_size_limit_is_read():
+    """--max-member-bytes is the largest size read: a member of exactly that many bytes is read, one byte
+    more is rejected (reading whole payloads or skipping them)."""
+    blob = _tar_bytes([("a.bin", b"x" * 1000), ("a.cls", b"1"), ("b.bin", b"y" * 1001), ("c.bin", b"z")])
+    for read_data in (True, False):
+        policy = ErrorPolicy("skip")
+        got = [(s.key, sorted(s.members)) for s in _samples(blob, policy, read_data, 1000)]
+        assert got == [("a", ["bin", "cls"]), ("c", ["bin"])]
+        assert [(r["key"], r["reason"]) for r in policy.records] == [("b", "too_large")]
+    assert [m.data for m in iter_tar(io.BytesIO(blob), max_member_bytes=1000)][:2] == [b"x" * 1000, b"1"]
+
+
+def _samples(blob: bytes, policy: ErrorPolicy | None = None, read_data: bool = True, limit: int = 1 << 20):
+    """The samples of an in-memory tar, through the shard reader's generator stages."""
+    from streamprune.shards import group_samples, iter_members
+
+    policy = policy or ErrorPolicy("fail")
+    members = iter_members(io.BytesIO(blob), "t.tar", policy, read_data=read_data, max_member_bytes=limit)
+    return list(group_samples(members, "t.tar", policy))
+
+
+def test_pax_value_may_hold_an_equals_sign():
+    """A pax record splits at its first '=' (keywords have none; values may, e.g. 'path=id=5/k.cls')."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k.cls")
+        info.size, info.pax_headers = 1, {"path": "id=5/k.cls", "comment": "a=b"}
+        tar.addfile(info, io.BytesIO(b"1"))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["id=5/k.cls"]
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == [("id=5/k.cls", b"1")]
+
+
+def test_a_tar_cut_inside_its_first_member_is_truncated_not_not_a_tar(tmp_path):
+    """Damage after a valid first header is a truncated tar, even before any member was complete; only a
+    first header that does not parse is 'not a tar file'."""
+    data = _tar_bytes([("a.bin", b"x" * 3000), ("b.bin", b"y")])
+    cut = r"^corrupt or truncated tar \(truncated tar inside member a\.bin at byte 2000\)"
+    for blob, expect in ((data[:2000], cut), (b"garbage" * 100, r"^not a tar file \(bad tar header checksum")):
+        path = tmp_path / "t.tar"
+        path.write_bytes(blob)
+        policy = ErrorPolicy("skip")
+        assert list(iter_samples(str(path), policy)) == []
+        assert [r["reason"] for r in policy.records] == ["corrupt_tar"]
+        assert re.match(expect, policy.records[0]["message"]), policy.records[0]["message"]
+
+
+def test_read_rows_coalesces_nearby_samples_into_one_ranged_read(tmp_path, monkeypatch):
+    """Requested samples of a shard less than ``coalesce_gap`` bytes apart are fetched by one ranged read
+    (one request on object storage); a larger gap starts a new read. The samples are the same either way."""
+    import numpy as np
+
+    from streamprune import storage
+    from streamprune.shards import Catalog, catalog, read_rows
+    from streamprune.workspace import Workspace
+
+    path = str(tmp_path / "s.tar")
+    write_tar(path, make_samples(20))
+    ws = str(tmp_path / "ws")
+    catalog([path], ws, scheduler="sync")
+    cat = Catalog(Workspace(ws))
+    reads = []
+    real = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda url, a, b, so=None: reads.append((a, b)) or real(url, a, b, so))
+    rows = np.array([0, 1, 2, 10, 19])
+    part = cat.part(0)
+    want = [(f"s{r:07d}", int(part.offset[r]), int(part.end[r])) for r in rows]
+    for gap, n_reads in ((1 << 20, 1), (0, 3)):
+        reads.clear()
+        got = [(s.key, s.offset, s.end) for _, s in read_rows(cat, rows, ErrorPolicy(), coalesce_gap=gap)]
+        assert got == want and len(reads) == n_reads
+    assert reads == [(want[0][1], want[2][2]), (want[3][1], want[3][2]), (want[4][1], want[4][2])]
+
+
+def test_only_an_all_zero_block_ends_the_archive():
+    """A block starting with NUL but not all zeros is a damaged header (reported), not the end of the archive
+    (which would drop every member after it without a word)."""
+    good = _member_bytes("a.cls", b"1")
+    damaged = b"\0" + b"junk" * 127 + b"\0\0\0"
+    got = []
+    with pytest.raises(TarError, match="bad tar header checksum .* at byte 1024"):
+        for m in iter_tar(io.BytesIO(good + damaged + _member_bytes("b.cls", b"2"))):
+            got.append(m.name)
+    assert got == ["a.cls"]
+    assert [m.name for m in iter_tar(io.BytesIO(good + b"\0" * 512 + _member_bytes("b.cls", b"2")))] == ["a.cls"]
+
+
+def test_ustar_prefix_joins_the_name_with_a_slash():
+    """A ustar name too long for the name field is split at a '/' into prefix and name; read back whole."""
+    name = "d" * 90 + "/" + "e" * 40 + "/k.cls"
+    data = _tar_bytes([(name, b"1")], tarfile.USTAR_FORMAT)
+    assert data[345:346] == b"d" and data[:1] == b"e"  # stored split
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == [(name, b"1")]
+
+
+def test_extended_header_over_the_bound_is_refused_unread():
+    """A pax or long-name header is read into memory, so one over MAX_EXTENDED_HEADER is corruption."""
+    from streamprune.tario import MAX_EXTENDED_HEADER
+
+    for kind in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+        ext = _with_size_field(_member_bytes("././@LongLink", b"", kind), b"%011o\0" % (MAX_EXTENDED_HEADER + 1))
+        with pytest.raises(TarError, match=f"extended header of {MAX_EXTENDED_HEADER + 1} bytes"):
+            list(iter_tar(io.BytesIO(ext + b"\0" * 1024)))
+
+
+def test_read_rows_reports_a_rewritten_sample_holding_a_member_twice(tmp_path):
+    """A catalogued sample whose bytes now hold the same member twice (shard rewritten in place, same sizes)
+    is a changed shard, not a sample whose second copy silently wins; the samples after it are still read."""
+    import numpy as np
+
+    from streamprune.shards import Catalog, catalog, read_rows
+    from streamprune.workspace import Workspace
+
+    path = tmp_path / "s.tar"
+    long = "l" * 120  # a long name: read back by the general reader, after the damaged sample
+    path.write_bytes(_tar_bytes([("a.cls", b"0"), ("k.cls", b"1"), ("k.txt", b"2"), (f"{long}.cls", b"3")]))
+    ws = str(tmp_path / "ws")
+    catalog([str(path)], ws, scheduler="sync")
+    path.write_bytes(_tar_bytes([("a.cls", b"0"), ("k.cls", b"1"), ("k.cls", b"2"), (f"{long}.cls", b"3")]))
+    policy = ErrorPolicy("skip")
+    got = [(s.key, s.members) for _, s in read_rows(Catalog(Workspace(ws)), np.arange(3), policy)]
+    assert got == [("a", {"cls": b"0"}), (long, {"cls": b"3"})]
+    assert [(r["key"], r["reason"]) for r in policy.records] == [("k", "changed_shard")]
+
+
+def test_links_and_directories_are_not_members():
+    """Only regular files are members: a symlink or hard link named like a sample file, and a directory,
+    are skipped (webdataset reads regular files only), the members around them are read."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, data in (("k.cls", tarfile.REGTYPE, b"1"), ("k.lnk", tarfile.SYMTYPE, b""),
+                                 ("k.hard", tarfile.LNKTYPE, b""), ("k.d", tarfile.DIRTYPE, b""),
+                                 ("k.png", tarfile.REGTYPE, b"p")):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, len(data), "k.cls" if kind != tarfile.REGTYPE else ""
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    assert [(m.name, m.data) for m in iter_tar(io.BytesIO(data))] == [("k.cls", b"1"), ("k.png", b"p")]
+    assert [(s.key, s.members) for s in _samples(data)] == [("k", {"cls": b"1", "png": b"p"})]
+
+
+def test_read_rows_reports_a_header_damaged_since_catalog(tmp_path):
+    """A catalogued sample whose member header no longer checks out (a byte flipped on disk) is reported as a
+    changed shard by the fast plain-sample path too, never returned; a header cut short is a truncation."""
+    import numpy as np
+
+    from streamprune.shards import Catalog, catalog, read_rows
+    from streamprune.workspace import Workspace
+
+    path = tmp_path / "s.tar"
+    data = _tar_bytes([("a.cls", b"0"), ("k.cls", b"1"), ("z.cls", b"3")])
+    path.write_bytes(data)
+    ws = str(tmp_path / "ws")
+    catalog([str(path)], ws, scheduler="sync")
+    damaged = bytearray(data)
+    damaged[1024 + 136] ^= 0x01  # k.cls's mtime field: the header's checksum no longer matches
+    path.write_bytes(bytes(damaged))
+    policy = ErrorPolicy("skip")
+    got = [s.key for _, s in read_rows(Catalog(Workspace(ws)), np.arange(3), policy)]
+    assert got == ["a", "z"] and [(r["key"], r["reason"]) for r in policy.records] == [("k", "changed_shard")]
+    assert "bad tar header checksum" in policy.records[0]["message"]
+    with pytest.raises(TarError, match="truncated tar header at byte 2048"):
+        list(iter_tar(io.BytesIO(data[:2048 + 300])))
