@@ -724,7 +724,12 @@ def demo(directory, scheduler, fraction, epochs, pruning_curve, curve_epochs, qu
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)
-    cli(prog_name="streamprune")
+    try:
+        cli(prog_name="streamprune")
+    finally:
+        # A failed command can leave zarr's concurrent reads pending on its I/O loop; destroyed at exit,
+        # each logged "Task was destroyed but it is pending!" with its repr below the command's one line.
+        logging.getLogger("asyncio").disabled = True
 
 
 if __name__ == "__main__":
