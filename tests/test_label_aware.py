@@ -168,6 +168,38 @@ def test_hard_clean_drops_noise_then_keeps_hardest():
     assert np.array_equal(select("hard-clean", scores, None, 2, noise=noise, drop_count=2), keep)
 
 
+def test_hard_clean_reads_noise_in_float64_whatever_its_dtype():
+    """Noise is read in float64, chunk by chunk: noise scores that differ only beyond float32's precision still
+    rank apart (given as an array or a list), and float32 noise drops the rows float64 noise of the same values
+    drops."""
+    from streamprune import select as sel
+
+    scores = np.array([4.0, 3.0, 2.0, 1.0, 0.0])
+    close = [0.5, 0.5 + 1e-12, 0.25, 0.1, 0.0]  # equal in float32: the tie would drop row 0
+    for noise in (np.array(close), close):
+        assert np.flatnonzero(sel.hard_clean(scores, noise, keep_count=3, drop_count=1)).tolist() == [0, 2, 3]
+    rng = np.random.default_rng(4)
+    noise32 = rng.normal(size=300).astype(np.float32)
+    scores = rng.random(300)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sel, "CHUNK_ROWS", 64)
+        got = sel.hard_clean(scores, noise32, keep_count=150, drop_count=40)
+    dropped = np.argsort(-noise32.astype(np.float64), kind="stable")[:40]
+    assert got.sum() == 150 and not got[dropped].any()
+    np.testing.assert_array_equal(got, sel.hard_clean(scores, noise32.astype(np.float64), 150, 40))
+
+
+def test_hard_clean_without_a_drop_count_drops_nothing():
+    """``select('hard-clean', ...)`` without ``drop_count`` keeps what keep-hardest keeps: no row is dropped
+    as noisy unless a drop is asked for."""
+    from streamprune.select import select
+
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    noise = np.array([0.9, 0.8, 0.7, 0.1, 0.0])
+    assert np.flatnonzero(select("hard-clean", scores, None, 2, noise=noise)).tolist() == [0, 1]
+    assert np.flatnonzero(select("hard-clean", scores, None, 2, noise=noise, drop_count=1)).tolist() == [1, 2]
+
+
 def test_noise_ranks_rank_seeds_apart_and_use_their_margin():
     # seeds (rows 0-3) have low disagreement (memorised); ranked together with the others they would
     # never be dropped first
@@ -197,6 +229,36 @@ def test_noise_ranks_rank_seeds_apart_and_use_their_margin():
     assert np.isnan(r[1]) and np.isfinite(r[[0, 2, 3]]).all()
     with pytest.raises(ValueError, match="seed mask"):
         noise_ranks(dis, seed[:5])
+    from streamprune.extrapolate.label_aware import noise_table
+
+    for wrong in (3, 5):  # the table takes the seed rows' margins only, one per seed row
+        with pytest.raises(ValueError, match=f"{wrong} seed margins for 4 seed rows"):
+            noise_table(dis, seed, margin[:wrong])
+
+
+def test_noise_ranks_of_more_rows_than_16_bit_rank_sums_hold():
+    """Past 2^15 rows a rank's doubled value no longer fits 16 bits: the ranks of 70,000 rows (tied
+    disagreement, NaN rows, seeds ranked apart) are still each population's average-rank quantiles."""
+    rng = np.random.default_rng(8)
+    n = 70_000
+    dis = (rng.integers(0, 21, n) / 20).astype(np.float32)  # k = 20 neighbours: many ties
+    dis[rng.random(n) < 0.02] = np.nan
+    seed = rng.random(n) < 0.3
+    want = np.where(seed, within_quantiles(dis, seed), within_quantiles(dis, ~seed))
+    np.testing.assert_array_equal(noise_ranks(dis, seed), want)
+
+
+def test_noise_ranks_when_no_seed_has_a_disagreement():
+    """Seed rows none of which has a disagreement get no rank (NaN), quietly; the other rows rank as usual."""
+    import warnings
+
+    dis = np.array([np.nan, np.nan, 0.2, 0.7, 0.4])
+    seed = np.array([True, True, False, False, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = noise_ranks(dis, seed)
+    assert np.isnan(r[:2]).all()
+    np.testing.assert_allclose(r[2:], [1 / 6, 5 / 6, 3 / 6])
 
 
 @settings(max_examples=60, deadline=None)
@@ -573,6 +635,8 @@ def test_hard_clean_prune_drops_the_same_share_of_seed_and_other_rows(tmp_path):
     assert info["seed_signal"] == "disagreement+aum" and info["seed_rows_ranked_apart"] == len(rows)
     assert info["drop_target"] == info["dropped"] == 40
     assert w.marker("score-aum") is not None  # computed from the recorded logits
+    # the AUM that ranked the seeds is one of its inputs: an AUM made again since makes it out of date
+    assert m["inputs"]["seed_margin"] == w.marker("score-aum")["fingerprint"]
     assert m["counts"]["n_kept"] == 200
     # which rows were dropped: recompute the ranks and check both populations lose ~10 %
     from streamprune.extrapolate.label_aware import noise_ranks, read_disagreement
@@ -811,3 +875,95 @@ def test_top_k_in_passes_takes_zero_and_negative_zero_as_one_value(dtype):
     for k in range(int(eligible.sum()) + 1):
         np.testing.assert_array_equal(sel.top_k_in_passes(s, eligible, k), _reference_top_k(s, eligible, k))
     assert np.flatnonzero(sel.top_k_in_passes(s, eligible, 2)).tolist() == [0, 4]
+
+
+def test_hard_clean_prune_on_a_low_is_hard_score_with_a_set_or_estimated_noise_fraction(tmp_path):
+    """hard-clean on the seed rows' AUM (low = hard; rows without a score are not eligible): a noise fraction
+    drops round(fraction x eligible rows) of the eligible rows with the highest noise ranks, then keeps the
+    lowest AUM of the rest (ties: the lower row).  ``auto`` (the default) drops as many eligible rows as the
+    exp(-d)-weighted majority of their k neighbours (k of the label disagreement) says are mislabelled, and
+    reports that count as a share of the eligible rows."""
+    import json
+
+    import pandas as pd
+    import zarr
+
+    from streamprune.extrapolate.label_aware import compute_disagreement, noise_ranks, read_disagreement
+    from streamprune.prune import prune
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    w = Workspace(ws)
+    compute_disagreement(ws, k=5)  # of the graph's 20 neighbours
+    subset(ws, fraction=0.3, seed=0)
+    rows = subset_rows(w)
+    rng = np.random.default_rng(2)
+    aum = np.round(rng.normal(size=len(rows)), 1).astype(np.float32)  # ties
+    aum[::10] = np.nan  # seed rows without a score
+    add_scores(w, "aum", aum)
+    scores = np.full(400, np.nan)
+    scores[rows] = aum
+    eligible = np.isfinite(scores)
+    n_eligible = int(eligible.sum())
+    seed = np.zeros(400, bool)
+    seed[rows] = True
+    g = zarr.open_group(f"{ws}/graph/all.zarr")
+    labels = zarr.open_group(f"{ws}/embeddings.zarr")["labels"][:]
+    nb, dist = g["neighbors"][:], g["distances"][:]
+    majority_other = _brute_majority(labels, labels[nb[:, :5]], dist[:, :5], 3)
+    assert (majority_other & ~eligible).sum() > 10  # flagged rows outside the eligible ones must not count
+    assert (majority_other & eligible).sum() != (_brute_majority(labels, labels[nb], dist, 3) & eligible).sum()
+
+    def expected(drop, keep):
+        noise = noise_ranks(read_disagreement(w), seed)
+        cand = np.flatnonzero(eligible & np.isfinite(noise))
+        dropped = cand[np.lexsort((cand, -noise[cand]))][:drop]
+        rest = np.flatnonzero(eligible & ~np.isin(np.arange(400), dropped))
+        return set(dropped.tolist()), set(rest[np.lexsort((rest, scores[rest]))][:keep].tolist())
+
+    assert round(0.045 * n_eligible) != int(0.045 * n_eligible)  # the set fraction is rounded, not floored
+    for name, opts, drop in (("set", {"noise_fraction": 0.045}, round(0.045 * n_eligible)),
+                             ("auto", {}, int((majority_other & eligible).sum()))):  # auto: the default
+        m = prune(ws, score="aum", source="seed", strategy="hard-clean", keep_count=50, name=name, scheduler="sync",
+                  **opts)
+        info = json.loads(open(f"{ws}/prune/{name}/stats.json").read())["hard_clean"]
+        assert info["noise_fraction"] == opts.get("noise_fraction", "auto")
+        assert info["drop_target"] == info["dropped"] == drop > 0
+        assert info["noise_estimate"] == round(drop / n_eligible, 6)
+        assert info["seed_signal"] == "disagreement" and m["inputs"]["seed_margin"] is None  # no training run
+        dropped, kept = expected(drop, 50)
+        got = set(pd.read_parquet(f"{ws}/prune/{name}/keys.parquet").row.tolist())
+        assert got == kept and not got & dropped
+
+
+def test_label_aware_gives_seed_rows_without_a_measured_score_a_mapped_one(tmp_path):
+    """A seed row whose measured score is NaN has nothing to keep: like every other valid row it gets its
+    disagreement rank (among the rows without a measured score) mapped onto the measured seed scores."""
+    from scipy.stats import rankdata
+
+    from streamprune.extrapolate import extrapolate, read_extrapolated
+    from streamprune.extrapolate.label_aware import read_disagreement
+    from streamprune.subset import subset, subset_rows
+    from streamprune.workspace import Workspace
+    from test_knn import add_scores
+
+    ws, _ = _vector_workspace(tmp_path, flip=0.1)
+    subset(ws, fraction=0.3, seed=0)
+    w = Workspace(ws)
+    rows = subset_rows(w)
+    measured = np.random.default_rng(1).random(len(rows)).astype(np.float32)
+    measured[::6] = np.nan
+    add_scores(w, "mine", measured)
+    m = extrapolate(ws, "mine", "label-aware", k=20)
+    score, source = (a[:] for a in read_extrapolated(w, "mine", "label-aware"))
+    kept = rows[np.isfinite(measured)]
+    np.testing.assert_array_equal(score[kept], measured[np.isfinite(measured)])
+    mapped = np.setdiff1d(np.arange(400), kept)  # the other rows and the seed rows without a measured score
+    assert (source[rows[::6]] == 3).all() and np.isfinite(score[mapped]).all()
+    dis = read_disagreement(w)[mapped]
+    q = (rankdata(dis) - 0.5) / len(dis)
+    want = np.quantile(np.sort(measured[np.isfinite(measured)].astype(np.float64)), q)
+    np.testing.assert_allclose(score[mapped], want, rtol=1e-6, atol=1e-6)
+    assert m["counts"]["n_predicted"] == len(mapped) and m["counts"]["n_nan"] == 0

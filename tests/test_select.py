@@ -143,6 +143,8 @@ def test_malformed_arguments_name_what_is_wrong():
         (lambda: sel.balanced(s, np.zeros(3), 1), r"balanced: labels shape \(3,\) does not match scores shape "
                                                   r"\(4,\)"),
         (lambda: sel.hard_clean(s, np.zeros(5), 1, 1), r"hard-clean: noise scores have shape \(5,\), scores \(4,\)"),
+        (lambda: sel.hard_clean(s, np.zeros(4), None, 1), "keep count must be an integer, got None"),
+        (lambda: sel.hard_clean(s, np.zeros(4), "2", 1), "keep count must be an integer, got '2'"),
         (lambda: sel.select("influence-budget", s), "influence-budget needs eps"),
         (lambda: sel.select("random", None, None, 1), "random: give scores .* or an eligible mask"),
         (lambda: sel.select("ccs", s, None, None), "strategy ccs needs a keep count"),
