@@ -224,9 +224,10 @@ def test_mislabelled_demo_samples_stand_out(tmp_path):
     assert forg[noisy].mean() > forg[~noisy].mean()
 
 
-def test_training_killed_mid_epoch_resumes_identically(tmp_path):
-    shards = write_shards(str(tmp_path / "data"), 4, 100, kind="npy", dim=16)
-    args = ["--score", "du,el2n", "--epochs", "6", "--model", "mlp", "--batch-size", "16", "--window", "3",
+@pytest.mark.parametrize("model, kind", [("mlp", "npy"), ("cnn", "png")])  # cnn: BatchNorm's recomputed statistics
+def test_training_killed_mid_epoch_resumes_identically(tmp_path, model, kind):
+    shards = write_shards(str(tmp_path / "data"), 4, 100, kind=kind, dim=16 if kind == "npy" else 8)
+    args = ["--score", "du,el2n", "--epochs", "6", "--model", model, "--batch-size", "16", "--window", "3",
             "--scheduler", "sync", "--fraction", "0.8", "--checkpoint-every", "0"]
     ref, ws = str(tmp_path / "ref"), str(tmp_path / "ws")
     for w in (ref, ws):
@@ -730,3 +731,81 @@ def test_checkpoint_rng_state_round_trips_on_the_cpu():
     torch.rand(4)
     _set_rng_state(state, cpu)
     assert torch.equal(torch.rand(9), expected)
+
+
+def _digits_ws(tmp_path, fraction):
+    from streamprune.demo import make_demo
+
+    info = make_demo(str(tmp_path / "demo"), n_shards=4, augment=1)
+    ws = str(tmp_path / "ws")
+    catalog(info["train"], ws, scheduler="sync")
+    subset(ws, fraction=fraction, seed=0)
+    return ws
+
+
+def test_eval_pass_measures_the_model_not_batchnorm_statistics_that_lag_it(tmp_path):
+    """A small subset trains few steps an epoch, and BatchNorm's moving averages lag the weights: the
+    eval-mode model was near chance after two epochs (accuracy 0.12 / 0.15 here) while it fitted its
+    batches.  The statistics are recomputed after each epoch, so the eval pass, the saved model and the
+    embeddings measure the trained weights."""
+    from streamprune.train import load_model
+
+    ws = _digits_ws(tmp_path, 0.2)
+    train(ws, TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05), DecodeConfig(), scheduler="sync")
+    correct = _dyn(ws)["correct"][:]
+    assert correct.shape[1] > 500 and correct[0].mean() > 0.4 and correct[1].mean() > 0.5
+    # the saved model is the one the eval pass measured: its buffers hold the recomputed statistics
+    model, _ = load_model(Workspace(ws))
+    x = torch.from_numpy(zarr.open_group(os.path.join(ws, "train", "cache.zarr"), mode="r")["x"][:]).float() / 255
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    assert np.array_equal(pred == load_labels(Workspace(ws)), correct[-1])
+
+
+def test_recomputing_batchnorm_statistics_leaves_training_unchanged(tmp_path, monkeypatch):
+    """Train mode normalises by each batch's own statistics, so the recomputation changes no step: the
+    training pass's dynamics (``--dynamics train``) are those of a run without it, bit for bit."""
+    import streamprune.train as T
+
+    ref, ws = _digits_ws(tmp_path / "ref", 0.1), _digits_ws(tmp_path / "ws", 0.1)
+    cfg = TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05, dynamics="train")
+    train(ref, cfg, DecodeConfig(), scheduler="sync")
+    with_it = {name: _dyn(ref)[name][:] for name in ("logits", "loss")}
+    calls = []
+    monkeypatch.setattr(T, "recalibrate_bn", lambda *a, **k: calls.append(1) or 0)
+    train(ws, cfg, DecodeConfig(), scheduler="sync")
+    assert calls == [1, 1]
+    for name, values in with_it.items():
+        np.testing.assert_array_equal(values, _dyn(ws)[name][:])
+
+
+def test_recalibrate_bn_averages_the_batches_statistics_and_restores_the_model():
+    """Each BatchNorm layer's running mean / variance become the equal-weight averages of the batches'
+    means / unbiased variances; momentum and mode are restored, other layers stay in eval mode (dropout
+    draws nothing), and a model without BatchNorm is left alone."""
+    from streamprune.train import RecentInputs, recalibrate_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.3),
+                                torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    model.train()
+    batches = [torch.randn(5, 2, 2, 2) * (i + 1) + i for i in range(3)]
+    rng = torch.get_rng_state()
+    assert recalibrate_bn(model, batches, lambda t: t, torch.device("cpu"), False) == 1
+    assert torch.equal(rng, torch.get_rng_state()) and model.training and model[1].momentum == 0.3
+    with torch.no_grad():
+        acts = [model[0](b) for b in batches]
+    mean = torch.stack([a.mean((0, 2, 3)) for a in acts]).mean(0)
+    var = torch.stack([a.var((0, 2, 3), unbiased=True) for a in acts]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert recalibrate_bn(torch.nn.Linear(2, 2), batches, lambda t: t, torch.device("cpu"), False) == 0
+    # the inputs kept: the most recent batches, within the row and byte bounds, and always the last one
+    recent = RecentInputs(rows=10, nbytes=1 << 20)
+    for i in range(4):
+        recent.add(torch.full((4, 2), float(i)))
+    assert [float(b[0, 0]) for b in recent.batches] == [2.0, 3.0]
+    recent = RecentInputs(rows=100, nbytes=64)
+    recent.add(torch.zeros(3, 4))
+    recent.add(torch.ones(5, 4))
+    assert [len(b) for b in recent.batches] == [5]
