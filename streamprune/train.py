@@ -426,7 +426,10 @@ class RecentInputs:
         self._rows = self._bytes = 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.batches.append(x.detach())
+        x = x.detach()
+        if x.untyped_storage().nbytes() > x.nelement() * x.element_size():
+            x = x.clone()  # a streamed batch is a view of its whole block of chunks: keep only its rows
+        self.batches.append(x)
         self._rows += len(x)
         self._bytes += x.nelement() * x.element_size()
         while len(self.batches) > 1 and (self._rows > self.rows or self._bytes > self.nbytes):
@@ -843,6 +846,7 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
     # training steps, and eval passes with BatchNorm's recomputed statistics, summed over this run's epochs
     parts_s = {"steps_s": 0.0, "eval_s": 0.0}
     last_ckpt = time.time()
+    n_rows = int(data.valid.sum())  # an epoch's rows
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.time()
@@ -860,7 +864,8 @@ def _fit(ws: Workspace, run: StageRun, key: str, cfg: TrainConfig, data: SubsetD
                 autotune(device, len(idx), cfg.batch_size)
                 if attack is not None:
                     xb = pgd(model, xb, yb, attack, generator=gen)
-                recent.add(stored if attack is None else xb)  # uint8 images as stored: a quarter of float32
+                if n_rows - seen <= recent.rows:  # the epoch's last rows; uint8 images as stored (a quarter of float32)
+                    recent.add(stored if attack is None else xb)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(_layout(xb, device))
                 loss_each = F.cross_entropy(out.float(), yb, reduction="none")

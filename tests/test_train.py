@@ -743,7 +743,8 @@ def _digits_ws(tmp_path, fraction):
     return ws
 
 
-def test_eval_pass_measures_the_model_not_batchnorm_statistics_that_lag_it(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_eval_pass_measures_the_model_not_batchnorm_statistics_that_lag_it(tmp_path, streamed):
     """A small subset trains few steps an epoch, and BatchNorm's moving averages lag the weights: the
     eval-mode model was near chance after two epochs (accuracy 0.12 / 0.15 here) while it fitted its
     batches.  The statistics are recomputed after each epoch, so the eval pass, the saved model and the
@@ -751,7 +752,9 @@ def test_eval_pass_measures_the_model_not_batchnorm_statistics_that_lag_it(tmp_p
     from streamprune.train import load_model
 
     ws = _digits_ws(tmp_path, 0.2)
-    train(ws, TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05), DecodeConfig(), scheduler="sync")
+    stream = {"memory_budget": 1000, "chunk_rows": 64} if streamed else {}
+    m = train(ws, TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05, **stream), DecodeConfig(), scheduler="sync")
+    assert m["timings"]["in_memory"] is not streamed
     correct = _dyn(ws)["correct"][:]
     assert correct.shape[1] > 500 and correct[0].mean() > 0.4 and correct[1].mean() > 0.5
     # the saved model is the one the eval pass measured: its buffers hold the recomputed statistics
@@ -809,3 +812,10 @@ def test_recalibrate_bn_averages_the_batches_statistics_and_restores_the_model()
     recent.add(torch.zeros(3, 4))
     recent.add(torch.ones(5, 4))
     assert [len(b) for b in recent.batches] == [5]
+    # a batch that views a larger block (streamed batches) is copied, so that the block is not kept alive
+    block, gathered = torch.zeros(100, 2), torch.ones(4, 2)
+    recent = RecentInputs()
+    recent.add(block[10:14])
+    recent.add(gathered)
+    assert recent.batches[0].untyped_storage().nbytes() == 4 * 2 * 4
+    assert recent.batches[1].data_ptr() == gathered.data_ptr()
