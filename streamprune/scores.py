@@ -124,7 +124,8 @@ def _check_window(n_epochs: int, window: int, minimum: int, fn: str) -> None:
         raise ValueError(f"{fn}: window must be >= {minimum}, got {window}")
     if n_epochs < window:
         raise ValueError(f"{fn}: need at least window={window} epochs, got E={n_epochs} "
-                         "(train for more epochs, or give a smaller window)")
+                         "(train for more epochs, or give a smaller window: --window, or window in [score] "
+                         "of a run config)")
 
 
 # --------------------------------------------------------------------------- numerics

@@ -131,7 +131,8 @@ KNOWN_SCORES = "aum, du, el2n, entropy, forgetting, influence, margin, tdds"
     (["score", "--window", "1"],
      "score du: window must be >= 2 for a std with ddof=1 (it divides by window - ddof), got 1"),
     (["score", "--epochs", "2"],
-     "score du: need at least window=10 epochs, got E=2 (train for more epochs, or give a smaller window)"),
+     "score du: need at least window=10 epochs, got E=2 (train for more epochs, or give a smaller window: "
+     "--window, or window in [score] of a run config)"),
     (["score", "--score", "tdds", "--decay", "0"], "score tdds: decay must be in (0, 1], got 0.0"),
     (["score", "--label-key", "json."], "--label-key must be 'cls', 'json.<field>' or 'none', not 'json.'"),
     (["score", "--device", "gpu"], "--device must be auto, cpu or cuda (cuda:N), not 'gpu'"),

@@ -215,7 +215,8 @@ def test_config_lists_may_be_strings_like_the_flags(tmp_path):
     ({"score": {"scores": "du,nosuch"}},
      "unknown score 'nosuch'; known scores: aum, du, el2n, entropy, forgetting, influence, margin, tdds"),
     ({"score": {"epochs": 3}}, "score du: need at least window=10 epochs, got E=3 "
-                               "(train for more epochs, or give a smaller window)"),
+                               "(train for more epochs, or give a smaller window: --window, or window in "
+                               "[score] of a run config)"),
     ({"score": {"window": 0}}, "score du: window must be >= 1, got 0"),
     ({"score": {"batch_size": 0}}, "--batch-size must be a whole number >= 1, not 0"),
     ({"embed": {"memory_limit": "lots"}}, "embed.memory_limit must be a size such as 4GiB or 500MB, not 'lots'"),
