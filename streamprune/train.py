@@ -751,7 +751,6 @@ def fit_and_predict(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, cfg:
     scale = (lambda t: t.float().div_(255.0)) if x.dtype == torch.uint8 else (lambda t: t.float())
     model = build_model(cfg.model, tuple(x.shape[1:]), num_classes, **cfg.model_kwargs).to(device)
     opt, sched = make_optimizer(model, cfg, len(x))
-    recent = RecentInputs()
     for epoch in range(cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         model.train()
