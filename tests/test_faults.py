@@ -284,7 +284,9 @@ def _signal_mid_embed(ws: str, sig: int, scheduler: str, group: bool = False) ->
 
     argv = [sys.executable, "-m", "streamprune.cli", "embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler",
             scheduler]
-    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.2"}
+    # 0.5 s a task: 13 tasks after the third record leave the test >= 3 s to signal a stage still running
+    # (with 0.2 s, on a loaded machine, a local cluster's stage once finished first and exited 0)
+    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.5"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
