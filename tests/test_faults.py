@@ -284,11 +284,11 @@ def _signal_mid_embed(ws: str, sig: int, scheduler: str, group: bool = False) ->
 
     argv = [sys.executable, "-m", "streamprune.cli", "embed", "-w", ws, "--chunk-rows", str(CHUNK), "--scheduler",
             scheduler]
-    # 0.5 s a task: 13 tasks after the third record leave the test >= 3 s to signal a stage still running
-    # (with 0.2 s, on a loaded machine, a local cluster's stage once finished first and exited 0)
-    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.5"}
+    env = {**os.environ, "STREAMPRUNE_PROGRESS": "0", "STREAMPRUNE_TASK_DELAY": "0.2"}
+    # SIGINT's default action, as in a terminal: a test run started in the background by a shell without
+    # job control ignores SIGINT, and the stage would inherit that (and finish, exit 0, despite the signal)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while len(_records(ws, "embed")) < 3 and proc.poll() is None and time.time() < deadline:
