@@ -199,13 +199,19 @@ def test_adversarial_training_changes_dynamics(vec_ws, tmp_path):
     assert np.isfinite(robust).all() and robust[-1].mean() < clean[-1].mean()  # recorded on attacked inputs
 
 
-def test_mislabelled_demo_samples_stand_out(tmp_path):
+def _digits_ws(tmp_path, fraction):
+    """A catalogued demo set (digits, 10 % flipped labels) with a ``fraction`` subset."""
     from streamprune.demo import make_demo
 
     info = make_demo(str(tmp_path / "demo"), n_shards=4, augment=1)
     ws = str(tmp_path / "ws")
     catalog(info["train"], ws, scheduler="sync")
-    subset(ws, fraction=0.6, seed=0)
+    subset(ws, fraction=fraction, seed=0)
+    return ws
+
+
+def test_mislabelled_demo_samples_stand_out(tmp_path):
+    ws = _digits_ws(tmp_path, 0.6)
     train(ws, TrainConfig(model="cnn", epochs=10, batch_size=64, lr=0.05), DecodeConfig(), scheduler="sync")
     compute_scores(ws, ["el2n", "aum", "forgetting", "du"], params={"window": 5})
     w = Workspace(ws)
@@ -733,27 +739,18 @@ def test_checkpoint_rng_state_round_trips_on_the_cpu():
     assert torch.equal(torch.rand(9), expected)
 
 
-def _digits_ws(tmp_path, fraction):
-    from streamprune.demo import make_demo
-
-    info = make_demo(str(tmp_path / "demo"), n_shards=4, augment=1)
-    ws = str(tmp_path / "ws")
-    catalog(info["train"], ws, scheduler="sync")
-    subset(ws, fraction=fraction, seed=0)
-    return ws
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_eval_pass_measures_the_model_not_batchnorm_statistics_that_lag_it(tmp_path, streamed):
     """A small subset trains few steps an epoch, and BatchNorm's moving averages lag the weights: the
     eval-mode model was near chance after its first epoch (accuracy 0.13 here, 0.33 streamed) while it
-    fitted its batches.  The statistics are recomputed after each epoch, so the eval pass, the saved model and the
-    embeddings measure the trained weights."""
+    fitted its batches.  The statistics are recomputed after each epoch, so the eval pass, the saved
+    model and the embeddings measure the trained weights."""
     from streamprune.train import load_model
 
     ws = _digits_ws(tmp_path, 0.2)
     stream = {"memory_budget": 1000, "chunk_rows": 64} if streamed else {}
-    m = train(ws, TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05, **stream), DecodeConfig(), scheduler="sync")
+    m = train(ws, TrainConfig(model="cnn", epochs=2, batch_size=64, lr=0.05, **stream), DecodeConfig(),
+              scheduler="sync")
     assert m["timings"]["in_memory"] is not streamed
     correct = _dyn(ws)["correct"][:]
     assert correct.shape[1] > 500 and correct[0].mean() > 0.4 and correct[1].mean() > 0.5
