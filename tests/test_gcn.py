@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -274,6 +276,22 @@ def test_small_helpers():
         assert rows % c == 0 or c == n
     assert activation_chunk_rows(200_000, 8192, 10, 512) == 8192
     assert activation_chunk_rows(10**9, 8192, 10, 512) == 8
+
+
+def test_building_a_gcn_leaves_no_generated_file_in_the_temp_directory(tmp_path):
+    """torch_geometric writes each conv class's propagate() to a file in the temp directory and
+    keeps it; a process that builds a GCN removes it once loaded, and the model still works."""
+    code = ("import torch\n"
+            "from streamprune.extrapolate.gcn import GCN\n"
+            "m = GCN(4, (8, 1))\n"
+            "GCN(4, (3, 1))  # a second model of the same class: the file is gone already\n"
+            "adj = torch.eye(5).to_sparse_csr()\n"
+            "print(tuple(m(torch.ones(5, 4), [adj, adj]).shape))\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(5, 1)"
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix == ".py"]
 
 
 # ------------------------------------------------------------------------------- the stage

@@ -28,6 +28,9 @@ import copy
 import io
 import logging
 import math
+import os
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -63,6 +66,25 @@ _CHUNK_BUDGET = 256 << 20  # working-set target of one inference chunk (bytes) f
 
 
 # --------------------------------------------------------------------------------------- model
+def remove_generated_source(conv_class: type) -> None:
+    """Remove the file torch_geometric wrote ``conv_class``'s ``propagate()`` into, once it is loaded.
+
+    torch_geometric renders a message-passing class's ``propagate()`` from a template into a
+    ``.py`` file in the temporary directory, imports it, and never removes it: one file per class
+    in every process that builds a layer (each dask worker, each run), piling up in ``/tmp``.
+    Nothing reads it again here (the model is not scripted); a traceback through it shows no
+    source lines.
+    """
+    module = sys.modules.get(f"{conv_class.__module__}_{conv_class.__name__}_propagate")
+    path = getattr(module, "__file__", None)
+    if (path and os.path.dirname(os.path.abspath(path)) == os.path.abspath(tempfile.gettempdir())
+            and os.path.basename(path).startswith(f"{module.__name__}_")):
+        try:
+            os.remove(path)
+        except OSError:  # removed already (another layer of this process) or not ours
+            pass
+
+
 class GCN(nn.Module):
     """``len(widths)`` GCNConv layers over precomputed CSR adjacencies; ReLU + dropout between."""
 
@@ -74,6 +96,7 @@ class GCN(nn.Module):
         dims = [int(in_dim), *map(int, widths)]
         self.convs = nn.ModuleList(GCNConv(a, b, normalize=False, add_self_loops=False)
                                    for a, b in zip(dims[:-1], dims[1:]))
+        remove_generated_source(GCNConv)
         self.dropout = float(dropout)
         self.residual = bool(residual)  # output += the last input column (the standardised kNN prior)
 
