@@ -45,8 +45,38 @@ MEMORY_SHARE = 0.25  # of a worker's memory limit that one task's chunk-sized ar
 class _Failed:
     """A user-facing error raised inside a task, shipped back as a value."""
 
-    def __init__(self, exc: StreamPruneError):
+    def __init__(self, exc: StreamPruneError, worker: str | None = None):
         self.exc = exc
+        self.worker = worker  # the address of the dask worker that raised it (None: not on a worker)
+
+    def error(self, scheduler: str | None) -> StreamPruneError:
+        """The error, naming the worker when it ran on a cluster the user started (``scheduler`` an address).
+
+        Such workers need not share the client's environment: a storage error there most often means
+        they lack the AWS credentials or endpoint the client has, so that is said too.
+        """
+        worker = getattr(self, "worker", None)  # None also from a worker running an older streamprune
+        if worker is None or scheduler is None or scheduler in LOCAL_SCHEDULERS:
+            return self.exc
+        message, where = str(self.exc), f"on dask worker {worker}"
+        if STORAGE_ERROR.search(message):
+            where += (", which reaches storage with its own environment: it needs the credentials, endpoint "
+                      "(or --storage-options) and paths this client uses")
+        self.exc.args = (f"{message} ({where})",)
+        return self.exc
+
+
+STORAGE_ERROR = re.compile(r"(^|: )(cannot access|permission denied:|not found:) ")  # describe_storage_error's
+
+
+def _worker_address() -> str | None:
+    """The address of the dask worker running this task, None outside one."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None
 
 
 def _call(fn: Callable, args: tuple, what: str = "") -> Any:
@@ -54,7 +84,7 @@ def _call(fn: Callable, args: tuple, what: str = "") -> Any:
         with disk_errors(what):
             result = fn(*args)
     except StreamPruneError as exc:
-        return _Failed(exc)
+        return _Failed(exc, _worker_address())
     delay = float(os.environ.get("STREAMPRUNE_TASK_DELAY", "0") or 0)
     if delay:  # fault-injection knob for crash/resume tests: widen the window to kill a run
         time.sleep(delay)
@@ -373,7 +403,7 @@ def map_tasks(fn: Callable, args_list: Sequence[tuple], *, scheduler: str | None
 
     def _done(i: int, value: Any) -> None:
         if isinstance(value, _Failed):
-            raise value.exc
+            raise value.error(scheduler)
         if keep:
             results[i] = value
         bar.update(weights[i])

@@ -120,6 +120,45 @@ def test_missing_bucket_is_one_line(s3server, tmp_path):
     assert len(lines) == 1 and "no-such-bucket-xyz" in lines[0] and "Traceback" not in out.stderr
 
 
+def test_a_storage_error_on_a_users_cluster_names_the_worker_and_its_environment(shards, tmp_path, s3server,
+                                                                                   s3bucket, monkeypatch):
+    """Workers the user started read storage with their own environment: one that lacks the credentials
+    the client has fails, and the line says where and why instead of only "Unable to locate credentials"."""
+    from dask.distributed import LocalCluster
+
+    fs = s3server.fs()
+    for s in shards[:2]:
+        fs.put_file(s, f"{s3bucket}/data/{os.path.basename(s)}")
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)  # the workers start without any AWS settings; the CLI below gets them
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        worker = next(iter(cluster.scheduler_info["workers"]))
+        out = run_cli("catalog", f"s3://{s3bucket}/data/", "-w", str(tmp_path / "ws"), "--scheduler",
+                      cluster.scheduler_address, env=s3server.env, check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert f"cannot access s3://{s3bucket}/data/" in line
+    assert line.endswith(f"(on dask worker {worker}, which reaches storage with its own environment: it needs the "
+                         "credentials, endpoint (or --storage-options) and paths this client uses)")
+    # The same shards through the client's own scheduler: the client's environment, no error.
+    assert "2 shards" in run_cli("catalog", f"s3://{s3bucket}/data/", "-w", str(tmp_path / "ws"), "--scheduler",
+                                 "sync", env=s3server.env).stdout
+
+
+def test_task_errors_name_the_worker_only_on_a_users_cluster():
+    from streamprune.compute import _Failed
+
+    def failed(message):
+        return _Failed(StreamPruneError(message), "tcp://10.0.0.7:40123")
+
+    for scheduler in ("local", None, "threads"):  # a cluster this process started shares its environment
+        assert str(failed("not found: s3://b/x.tar").error(scheduler)) == "not found: s3://b/x.tar"
+    assert str(failed("embed: shard a.tar: bad label").error("tcp://10.0.0.1:8786")) == \
+        "embed: shard a.tar: bad label (on dask worker tcp://10.0.0.7:40123)"
+    assert "its own environment" in str(failed("catalog: permission denied: s3://b/x.tar").error("tcp://h:1"))
+    assert str(_Failed(StreamPruneError("x")).error("tcp://h:1")) == "x"  # raised in this process
+
+
 def _bad_shards(d):
     os.makedirs(d, exist_ok=True)
     good = os.path.join(d, "a-good.tar")
