@@ -121,3 +121,21 @@ def test_bench_select_measures_every_strategy(tmp_path):
                 assert abs(r["kept"] - 0.5 * eligible) < 0.01 * int(n), (n, name, r)
             assert r["select_b_per_row"] > 0 and r["stats_b_per_row"] > 0
         assert f"| {name} |" in out.stdout
+
+
+def test_bench_omp_wait_trains_under_each_policy(tmp_path):
+    """bench_omp_wait trains each model under each policy beside a busy process, and prints the ratios."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_omp_wait.py"), "--vector-rows", "500",
+                          "--image-rows", "500", "--epochs", "2", "--repeats", "1", "--busy", "1", "--loads", "busy",
+                          "--policies", "default,passive"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("mlp ", "cnn "))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(m, "busy", p) for m in ("mlp", "cnn")
+                                                for p in ("default", "passive", "passive")]
+    for r in rows:
+        if r[3] == "/":  # passive / default: the ratio of the two runs' samples/s
+            assert r[4] == "default" and float(r[5]) > 0
+        else:  # samples/s, steps s, eval s, process s
+            assert len(r) == 7 and all(float(v) > 0 for v in r[3:])
