@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--loads", default="idle,busy", help="comma-separated: idle, busy")
     args = ap.parse_args()
     policies = args.policies.split(",")
+    for policy in policies:
+        if policy not in ("default", "passive") and not (policy.startswith("spin:") and policy[5:].isdigit()):
+            ap.error(f"--policies: {policy!r} is not default, passive or spin:N")
 
     import torch
 
