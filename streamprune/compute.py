@@ -56,8 +56,8 @@ class _Failed:
         they lack the AWS credentials or endpoint the client has, so that is said too.
         """
         worker = getattr(self, "worker", None)  # None also from a worker running an older streamprune
-        if worker is None or scheduler is None or scheduler in LOCAL_SCHEDULERS:
-            return self.exc
+        if worker is None or worker.startswith("inproc://") or scheduler is None or scheduler in LOCAL_SCHEDULERS:
+            return self.exc  # a worker in this process shares its environment
         message, where = str(self.exc), f"on dask worker {worker}"
         if STORAGE_ERROR.search(message):
             where += (", which reaches storage with its own environment: it needs the credentials, endpoint "

@@ -157,6 +157,8 @@ def test_task_errors_name_the_worker_only_on_a_users_cluster():
         "embed: shard a.tar: bad label (on dask worker tcp://10.0.0.7:40123)"
     assert "its own environment" in str(failed("catalog: permission denied: s3://b/x.tar").error("tcp://h:1"))
     assert str(_Failed(StreamPruneError("x")).error("tcp://h:1")) == "x"  # raised in this process
+    in_process = _Failed(StreamPruneError("not found: s3://b/x.tar"), "inproc://192.0.2.2/1/2")
+    assert str(in_process.error("inproc://192.0.2.2/1/1")) == "not found: s3://b/x.tar"  # a worker in this process
 
 
 def _bad_shards(d):

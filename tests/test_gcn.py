@@ -616,6 +616,23 @@ def test_distributed_scheduler_streams(base, tmp_path, dask_cluster):
     np.testing.assert_allclose(read_out(ws)[0], read_out(ref)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_layer_tasks_on_worker_processes_leave_no_generated_file(base, tmp_path):
+    """Streamed inference on a cluster builds a GCNConv in each worker process; none leaves
+    torch_geometric's rendered propagate() behind in the temp directory."""
+    ws, tmp = clone(base, tmp_path), tmp_path / "tmp"
+    tmp.mkdir()
+    code = ("from dask.distributed import LocalCluster\n"
+            "from streamprune.extrapolate.gcn import extrapolate_gcn\n"
+            "with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=':0') as c:\n"
+            f"    m = extrapolate_gcn({ws!r}, 'du', k=8, chunk_rows=128, scheduler=c.scheduler_address, **{QUICK!r})\n"
+            "print(m['timings']['layer1']['in_memory'])\n")
+    env = {**os.environ, "TMPDIR": str(tmp), "STREAMPRUNE_PROGRESS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"  # the layers ran as tasks on the workers
+    assert not [p.name for p in tmp.rglob("*.py")]
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_missing_graph_and_bad_parameters(base, tmp_path):
     ws = clone(base, tmp_path)

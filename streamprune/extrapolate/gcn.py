@@ -99,7 +99,6 @@ class GCN(nn.Module):
         remove_generated_source(GCNConv)
         self.dropout = float(dropout)
         self.residual = bool(residual)  # output += the last input column (the standardised kNN prior)
-
     @property
     def n_layers(self) -> int:
         """Number of graph convolutions."""
@@ -742,6 +741,7 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     prev.take(sub.nodes[n_t:], out=x[n_t:])
     device = torch.device(job.device)
     conv = GCNConv(job.in_dim, job.out_dim, normalize=False, add_self_loops=False)
+    remove_generated_source(GCNConv)
     conv.load_state_dict({name: torch.from_numpy(v) for name, v in job.state.items()})
     conv = conv.to(device).eval()
     with torch.no_grad():
