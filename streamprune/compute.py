@@ -59,14 +59,13 @@ class _Failed:
         if worker is None or worker.startswith("inproc://") or scheduler is None or scheduler in LOCAL_SCHEDULERS:
             return self.exc  # a worker in this process shares its environment
         message, where = str(self.exc), f"on dask worker {worker}"
-        if STORAGE_ERROR.search(message):
+        from streamprune.storage import STORAGE_ERROR_LINE
+
+        if STORAGE_ERROR_LINE.search(message):
             where += (", which reaches storage with its own environment: it needs the credentials, endpoint "
                       "(or --storage-options) and paths this client uses")
         self.exc.args = (f"{message} ({where})",)
         return self.exc
-
-
-STORAGE_ERROR = re.compile(r"(^|: )(cannot access|permission denied:|not found:) ")  # describe_storage_error's
 
 
 def _worker_address() -> str | None:

@@ -282,6 +282,10 @@ def _with_protocol(url_like: str, proto: str) -> str:
     return url_like if proto == "file" or "://" in url_like else f"{proto}://{url_like}"
 
 
+STORAGE_ERROR_LINE = re.compile(r"(^|: )(cannot access|permission denied:|not found:) ")
+"""Matches a line :func:`describe_storage_error` made, also behind a stage's ``what: `` prefix."""
+
+
 def describe_storage_error(exc: BaseException, url: str, storage_options: dict | None = None) -> str:
     """One line saying what went wrong with ``url``, without credentials."""
     name = type(exc).__name__

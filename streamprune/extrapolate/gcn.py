@@ -85,20 +85,26 @@ def remove_generated_source(conv_class: type) -> None:
             pass
 
 
+def make_conv(in_dim: int, out_dim: int) -> nn.Module:
+    """A GCNConv over precomputed normalised adjacencies, its rendered ``propagate()`` file removed."""
+    from torch_geometric.nn import GCNConv
+
+    conv = GCNConv(int(in_dim), int(out_dim), normalize=False, add_self_loops=False)
+    remove_generated_source(GCNConv)
+    return conv
+
+
 class GCN(nn.Module):
     """``len(widths)`` GCNConv layers over precomputed CSR adjacencies; ReLU + dropout between."""
 
     def __init__(self, in_dim: int, widths: Sequence[int] = (512, 256, 1), dropout: float = 0.5,
                  residual: bool = False):
         super().__init__()
-        from torch_geometric.nn import GCNConv
-
         dims = [int(in_dim), *map(int, widths)]
-        self.convs = nn.ModuleList(GCNConv(a, b, normalize=False, add_self_loops=False)
-                                   for a, b in zip(dims[:-1], dims[1:]))
-        remove_generated_source(GCNConv)
+        self.convs = nn.ModuleList(make_conv(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.dropout = float(dropout)
         self.residual = bool(residual)  # output += the last input column (the standardised kNN prior)
+
     @property
     def n_layers(self) -> int:
         """Number of graph convolutions."""
@@ -725,8 +731,6 @@ def layer_sources(ws: Workspace, score: str, layer: int, k: int, kind: str, num_
 
 def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     """Layer ``job.layer`` (eval mode) of rows [r0, r1) from the previous layer of them and their neighbours."""
-    from torch_geometric.nn import GCNConv
-
     ws = Workspace(job.ws_url, job.storage_options)
     src = job.sources or layer_sources(ws, job.score, job.layer, job.k, job.kind, job.num_classes, 0, job.prior)
     if not src["in_memory"]:
@@ -740,8 +744,7 @@ def _compute_layer(job: _LayerJob, r0: int, r1: int) -> np.ndarray:
     x[:n_t] = prev.span(r0, r1)
     prev.take(sub.nodes[n_t:], out=x[n_t:])
     device = torch.device(job.device)
-    conv = GCNConv(job.in_dim, job.out_dim, normalize=False, add_self_loops=False)
-    remove_generated_source(GCNConv)
+    conv = make_conv(job.in_dim, job.out_dim)
     conv.load_state_dict({name: torch.from_numpy(v) for name, v in job.state.items()})
     conv = conv.to(device).eval()
     with torch.no_grad():
